@@ -1,0 +1,115 @@
+//! The decision vocabulary: plain values a policy answers with, which an executor carries out.
+//!
+//! Every executor (simulated or on real memory) consumes the same stream of decisions. A
+//! decision names everything an executor needs to act and to check independently: a `Free`
+//! repeats where the block lives, so an executor that disagrees notices.
+
+use serde::{Deserialize, Serialize};
+
+/// One allocation, named by the caller. The driver assigns ids densely from 0, in request order,
+/// so policies may index tables by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AllocId(pub u64);
+
+/// A reserved region of device memory: a physical segment (`Reserve`) or a virtual range
+/// (`ReserveVa`) whose pages are mapped on demand. Ids are assigned by the policy, never reused
+/// within one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SegmentId(pub u32);
+
+/// A place in device memory: an offset inside a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Loc {
+    pub segment: SegmentId,
+    pub offset: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    /// Obtain `bytes` of physical memory as a new segment (cudaMalloc). May be refused.
+    Reserve { segment: SegmentId, bytes: u64 },
+    /// Return a whole segment (cudaFree). It holds no live block.
+    Release { segment: SegmentId },
+    /// Reserve a virtual address range; no memory is committed until `Map`.
+    ReserveVa { segment: SegmentId, bytes: u64 },
+    /// Free a virtual range; all its pages are unmapped.
+    ReleaseVa { segment: SegmentId },
+    /// Back `[offset, offset + bytes)` of a virtual range with physical memory. May be refused.
+    Map {
+        segment: SegmentId,
+        offset: u64,
+        bytes: u64,
+    },
+    /// Return the physical memory behind `[offset, offset + bytes)`; no live block lies there.
+    Unmap {
+        segment: SegmentId,
+        offset: u64,
+        bytes: u64,
+    },
+    /// Allocation `id` now lives at `at`, occupying `bytes` (the rounded block size).
+    Place { id: AllocId, at: Loc, bytes: u64 },
+    /// Allocation `id`, which lived at `at` with `bytes`, is dead; its memory may be reused.
+    Free { id: AllocId, at: Loc, bytes: u64 },
+    /// Move the live allocation `id` from `from` to `to` (copy its bytes, then forget `from`).
+    Move {
+        id: AllocId,
+        from: Loc,
+        to: Loc,
+        bytes: u64,
+    },
+}
+
+/// Why an executor could not carry out a `Reserve` or `Map`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The configured capacity would be exceeded (the simulator's books say no).
+    Capacity,
+    /// The device itself refused although the books had room.
+    Device,
+    /// A seeded fault injection refused it.
+    Injected,
+}
+
+impl Decision {
+    /// A short name per kind, for per-kind timing tables.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Decision::Reserve { .. } => "reserve",
+            Decision::Release { .. } => "release",
+            Decision::ReserveVa { .. } => "reserve_va",
+            Decision::ReleaseVa { .. } => "release_va",
+            Decision::Map { .. } => "map",
+            Decision::Unmap { .. } => "unmap",
+            Decision::Place { .. } => "place",
+            Decision::Free { .. } => "free",
+            Decision::Move { .. } => "move",
+        }
+    }
+
+    /// Stable index per kind (digest tag and table position).
+    pub fn kind_index(&self) -> usize {
+        match self {
+            Decision::Reserve { .. } => 0,
+            Decision::Release { .. } => 1,
+            Decision::ReserveVa { .. } => 2,
+            Decision::ReleaseVa { .. } => 3,
+            Decision::Map { .. } => 4,
+            Decision::Unmap { .. } => 5,
+            Decision::Place { .. } => 6,
+            Decision::Free { .. } => 7,
+            Decision::Move { .. } => 8,
+        }
+    }
+
+    pub const KIND_NAMES: [&'static str; 9] = [
+        "reserve",
+        "release",
+        "reserve_va",
+        "release_va",
+        "map",
+        "unmap",
+        "place",
+        "free",
+        "move",
+    ];
+}

@@ -1,0 +1,294 @@
+//! The executor side of the contract: `Memory` carries out decisions, `Books` keeps the
+//! accounts every executor shares (capacity, reserved and allocated bytes, where each live
+//! allocation is) and checks that a decision stream is well formed.
+
+use std::collections::BTreeMap;
+
+use crate::decision::{AllocId, Decision, Loc, Refusal, SegmentId};
+
+/// Something that carries out decisions: the simulator's books, or real memory.
+/// Only `Reserve` and `Map` may be refused; the policy must then act as if they never happened.
+pub trait Memory {
+    fn apply(&mut self, d: Decision) -> Result<(), Refusal>;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum SegmentBook {
+    Physical { bytes: u64 },
+    Virtual { bytes: u64, mapped: BTreeMap<u64, u64> },
+}
+
+impl SegmentBook {
+    fn size_bytes(&self) -> u64 {
+        match self {
+            SegmentBook::Physical { bytes } | SegmentBook::Virtual { bytes, .. } => *bytes,
+        }
+    }
+}
+
+/// Accounts of one run. Panics on a malformed decision stream: that is a policy bug, never an
+/// input error.
+#[derive(Clone, Debug)]
+pub struct Books {
+    pub capacity_bytes: u64,
+    pub reserved_bytes: u64,
+    pub reserved_bytes_peak: u64,
+    pub allocated_bytes: u64,
+    pub allocated_bytes_peak: u64,
+    pub live_count: u64,
+    segments: BTreeMap<SegmentId, SegmentBook>,
+    live: Vec<Option<(Loc, u64)>>,
+}
+
+impl Books {
+    pub fn new(capacity_bytes: u64) -> Self {
+        Books {
+            capacity_bytes,
+            reserved_bytes: 0,
+            reserved_bytes_peak: 0,
+            allocated_bytes: 0,
+            allocated_bytes_peak: 0,
+            live_count: 0,
+            segments: BTreeMap::new(),
+            live: Vec::new(),
+        }
+    }
+
+    /// Where allocation `id` lives now, if it is live.
+    pub fn location(&self, id: AllocId) -> Option<(Loc, u64)> {
+        self.live.get(id.0 as usize).copied().flatten()
+    }
+
+    /// Live allocations in id order.
+    pub fn live(&self) -> impl Iterator<Item = (AllocId, Loc, u64)> + '_ {
+        self.live
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.map(|(loc, bytes)| (AllocId(i as u64), loc, bytes)))
+    }
+
+    /// Size of a segment's range (physical bytes, or the virtual range's length).
+    pub fn segment_bytes(&self, segment: SegmentId) -> Option<u64> {
+        self.segments.get(&segment).map(SegmentBook::size_bytes)
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether the capacity admits `d`, without applying it: an executor asks before it touches
+    /// the device, so that a device refusal leaves the books as they were.
+    pub fn admits(&self, d: &Decision) -> Result<(), Refusal> {
+        let bytes = match *d {
+            Decision::Reserve { bytes, .. } | Decision::Map { bytes, .. } => bytes,
+            _ => return Ok(()),
+        };
+        match self.reserved_bytes.checked_add(bytes) {
+            Some(after) if after <= self.capacity_bytes => Ok(()),
+            _ => Err(Refusal::Capacity),
+        }
+    }
+
+    fn charge(&mut self, bytes: u64) -> Result<(), Refusal> {
+        let after = self.reserved_bytes.checked_add(bytes).ok_or(Refusal::Capacity)?;
+        if after > self.capacity_bytes {
+            return Err(Refusal::Capacity);
+        }
+        self.reserved_bytes = after;
+        self.reserved_bytes_peak = self.reserved_bytes_peak.max(after);
+        Ok(())
+    }
+
+    fn check_backed(&self, at: Loc, bytes: u64) {
+        let seg = self
+            .segments
+            .get(&at.segment)
+            .unwrap_or_else(|| panic!("block placed in unknown segment {:?}", at.segment));
+        let end = at.offset.checked_add(bytes).expect("block end overflows");
+        assert!(end <= seg.size_bytes(), "block {at:?}+{bytes} outside its segment");
+        if let SegmentBook::Virtual { mapped, .. } = seg {
+            let covered = mapped
+                .range(..=at.offset)
+                .next_back()
+                .is_some_and(|(&start, &len)| start <= at.offset && end <= start + len);
+            assert!(
+                covered || bytes == 0,
+                "block {at:?}+{bytes} not inside one mapped range"
+            );
+        }
+    }
+
+    fn map(&mut self, segment: SegmentId, offset: u64, bytes: u64) -> Result<(), Refusal> {
+        let Some(SegmentBook::Virtual { bytes: size, mapped }) = self.segments.get(&segment)
+        else {
+            panic!("map in {segment:?}, which is not a virtual range");
+        };
+        let end = offset.checked_add(bytes).expect("map end overflows");
+        assert!(end <= *size && bytes > 0, "map outside its range");
+        let before = mapped.range(..end).next_back();
+        assert!(
+            before.is_none_or(|(&s, &l)| s + l <= offset),
+            "map over mapped memory"
+        );
+        self.charge(bytes)?;
+        let Some(SegmentBook::Virtual { mapped, .. }) = self.segments.get_mut(&segment) else {
+            unreachable!()
+        };
+        // Coalesce with touching neighbours so that a block may span pages mapped separately.
+        let mut start = offset;
+        let mut len = bytes;
+        if let Some((&s, &l)) = mapped.range(..offset).next_back() {
+            if s + l == offset {
+                mapped.remove(&s);
+                start = s;
+                len += l;
+            }
+        }
+        if let Some(&l) = mapped.get(&end) {
+            mapped.remove(&end);
+            len += l;
+        }
+        mapped.insert(start, len);
+        Ok(())
+    }
+
+    fn unmap(&mut self, segment: SegmentId, offset: u64, bytes: u64) {
+        let Some(SegmentBook::Virtual { mapped, .. }) = self.segments.get_mut(&segment) else {
+            panic!("unmap in {segment:?}, which is not a virtual range");
+        };
+        let end = offset + bytes;
+        let (&s, &l) = mapped
+            .range(..=offset)
+            .next_back()
+            .filter(|(&s, &l)| s <= offset && end <= s + l)
+            .unwrap_or_else(|| panic!("unmap of memory that is not mapped: {offset}+{bytes}"));
+        mapped.remove(&s);
+        if s < offset {
+            mapped.insert(s, offset - s);
+        }
+        if end < s + l {
+            mapped.insert(end, s + l - end);
+        }
+        self.reserved_bytes -= bytes;
+    }
+
+    fn set_live(&mut self, id: AllocId, value: Option<(Loc, u64)>) {
+        let i = id.0 as usize;
+        if i >= self.live.len() {
+            self.live.resize(i + 1, None);
+        }
+        self.live[i] = value;
+    }
+}
+
+impl Memory for Books {
+    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
+        match d {
+            Decision::Reserve { segment, bytes } => {
+                assert!(!self.segments.contains_key(&segment), "{segment:?} reused");
+                self.charge(bytes)?;
+                self.segments.insert(segment, SegmentBook::Physical { bytes });
+            }
+            Decision::Release { segment } => match self.segments.remove(&segment) {
+                Some(SegmentBook::Physical { bytes }) => self.reserved_bytes -= bytes,
+                other => panic!("release of {segment:?}: {other:?}"),
+            },
+            Decision::ReserveVa { segment, bytes } => {
+                assert!(!self.segments.contains_key(&segment), "{segment:?} reused");
+                let mapped = BTreeMap::new();
+                self.segments
+                    .insert(segment, SegmentBook::Virtual { bytes, mapped });
+            }
+            Decision::ReleaseVa { segment } => match self.segments.remove(&segment) {
+                Some(SegmentBook::Virtual { mapped, .. }) => {
+                    self.reserved_bytes -= mapped.values().sum::<u64>()
+                }
+                other => panic!("release_va of {segment:?}: {other:?}"),
+            },
+            Decision::Map {
+                segment,
+                offset,
+                bytes,
+            } => self.map(segment, offset, bytes)?,
+            Decision::Unmap {
+                segment,
+                offset,
+                bytes,
+            } => self.unmap(segment, offset, bytes),
+            Decision::Place { id, at, bytes } => {
+                assert!(self.location(id).is_none(), "{id:?} placed twice");
+                self.check_backed(at, bytes);
+                self.set_live(id, Some((at, bytes)));
+                self.live_count += 1;
+                self.allocated_bytes += bytes;
+                self.allocated_bytes_peak = self.allocated_bytes_peak.max(self.allocated_bytes);
+            }
+            Decision::Free { id, at, bytes } => {
+                assert_eq!(self.location(id), Some((at, bytes)), "free of {id:?}");
+                self.set_live(id, None);
+                self.live_count -= 1;
+                self.allocated_bytes -= bytes;
+            }
+            Decision::Move {
+                id,
+                from,
+                to,
+                bytes,
+            } => {
+                assert_eq!(self.location(id), Some((from, bytes)), "move of {id:?}");
+                self.check_backed(to, bytes);
+                self.set_live(id, Some((to, bytes)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_refuses_and_leaves_books_unchanged() {
+        let mut books = Books::new(1000);
+        let s0 = SegmentId(0);
+        assert_eq!(books.apply(Decision::Reserve { segment: s0, bytes: 600 }), Ok(()));
+        let s1 = SegmentId(1);
+        let refused = books.apply(Decision::Reserve { segment: s1, bytes: 401 });
+        assert_eq!(refused, Err(Refusal::Capacity));
+        assert_eq!(books.reserved_bytes, 600);
+        assert_eq!(books.segment_count(), 1);
+        let too_big = books.apply(Decision::Reserve { segment: s1, bytes: u64::MAX });
+        assert_eq!(too_big, Err(Refusal::Capacity));
+    }
+
+    #[test]
+    fn map_coalesces_and_unmap_splits() {
+        let mut books = Books::new(1 << 30);
+        let s = SegmentId(3);
+        books.apply(Decision::ReserveVa { segment: s, bytes: 1 << 20 }).unwrap();
+        for offset in [0, 4096] {
+            let d = Decision::Map { segment: s, offset, bytes: 4096 };
+            books.apply(d).unwrap();
+        }
+        // A block spanning both pages is backed because the two mappings touch.
+        let at = Loc { segment: s, offset: 100 };
+        books.apply(Decision::Place { id: AllocId(0), at, bytes: 5000 }).unwrap();
+        books.apply(Decision::Free { id: AllocId(0), at, bytes: 5000 }).unwrap();
+        books.apply(Decision::Unmap { segment: s, offset: 0, bytes: 4096 }).unwrap();
+        assert_eq!(books.reserved_bytes, 4096);
+        assert_eq!(books.reserved_bytes_peak, 8192);
+        books.apply(Decision::ReleaseVa { segment: s }).unwrap();
+        assert_eq!(books.reserved_bytes, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "not inside one mapped range")]
+    fn place_in_unmapped_memory_is_a_policy_bug() {
+        let mut books = Books::new(1 << 30);
+        let s = SegmentId(0);
+        books.apply(Decision::ReserveVa { segment: s, bytes: 1 << 20 }).unwrap();
+        let at = Loc { segment: s, offset: 0 };
+        let _ = books.apply(Decision::Place { id: AllocId(0), at, bytes: 512 });
+    }
+}
