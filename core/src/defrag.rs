@@ -32,7 +32,10 @@ pub fn plan_segment(blocks: &[LiveBlock], base: u64, alignment_bytes: u64) -> Ve
         if i > 0 {
             let prev = &blocks[i - 1];
             assert_eq!(prev.at.segment, block.at.segment, "one segment at a time");
-            assert!(prev.at.offset + prev.bytes <= block.at.offset, "blocks overlap or unsorted");
+            assert!(
+                prev.at.offset + prev.bytes <= block.at.offset,
+                "blocks overlap or unsorted"
+            );
         }
         let target = align_up(cursor, alignment_bytes).expect("offset overflow");
         if block.pinned || target >= block.at.offset {

@@ -29,8 +29,13 @@ impl Digest {
 
     #[inline]
     pub fn word(&mut self, w: u64) {
-        self.lane_a = (self.lane_a ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
-        self.lane_b = mix(self.lane_b.wrapping_add(w).wrapping_add(0x9e37_79b9_7f4a_7c15));
+        self.lane_a = (self.lane_a ^ w)
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(29);
+        self.lane_b = mix(self
+            .lane_b
+            .wrapping_add(w)
+            .wrapping_add(0x9e37_79b9_7f4a_7c15));
         self.words += 1;
     }
 
@@ -92,7 +97,11 @@ impl Digest {
     }
 
     pub fn hex(&self) -> String {
-        format!("{:016x}{:016x}", mix(self.lane_a ^ self.words), mix(self.lane_b))
+        format!(
+            "{:016x}{:016x}",
+            mix(self.lane_a ^ self.words),
+            mix(self.lane_b)
+        )
     }
 }
 

@@ -14,8 +14,13 @@ pub trait Memory {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum SegmentBook {
-    Physical { bytes: u64 },
-    Virtual { bytes: u64, mapped: BTreeMap<u64, u64> },
+    Physical {
+        bytes: u64,
+    },
+    Virtual {
+        bytes: u64,
+        mapped: BTreeMap<u64, u64>,
+    },
 }
 
 impl SegmentBook {
@@ -90,7 +95,10 @@ impl Books {
     }
 
     fn charge(&mut self, bytes: u64) -> Result<(), Refusal> {
-        let after = self.reserved_bytes.checked_add(bytes).ok_or(Refusal::Capacity)?;
+        let after = self
+            .reserved_bytes
+            .checked_add(bytes)
+            .ok_or(Refusal::Capacity)?;
         if after > self.capacity_bytes {
             return Err(Refusal::Capacity);
         }
@@ -105,7 +113,10 @@ impl Books {
             .get(&at.segment)
             .unwrap_or_else(|| panic!("block placed in unknown segment {:?}", at.segment));
         let end = at.offset.checked_add(bytes).expect("block end overflows");
-        assert!(end <= seg.size_bytes(), "block {at:?}+{bytes} outside its segment");
+        assert!(
+            end <= seg.size_bytes(),
+            "block {at:?}+{bytes} outside its segment"
+        );
         if let SegmentBook::Virtual { mapped, .. } = seg {
             let covered = mapped
                 .range(..=at.offset)
@@ -119,7 +130,10 @@ impl Books {
     }
 
     fn map(&mut self, segment: SegmentId, offset: u64, bytes: u64) -> Result<(), Refusal> {
-        let Some(SegmentBook::Virtual { bytes: size, mapped }) = self.segments.get(&segment)
+        let Some(SegmentBook::Virtual {
+            bytes: size,
+            mapped,
+        }) = self.segments.get(&segment)
         else {
             panic!("map in {segment:?}, which is not a virtual range");
         };
@@ -187,7 +201,8 @@ impl Memory for Books {
             Decision::Reserve { segment, bytes } => {
                 assert!(!self.segments.contains_key(&segment), "{segment:?} reused");
                 self.charge(bytes)?;
-                self.segments.insert(segment, SegmentBook::Physical { bytes });
+                self.segments
+                    .insert(segment, SegmentBook::Physical { bytes });
             }
             Decision::Release { segment } => match self.segments.remove(&segment) {
                 Some(SegmentBook::Physical { bytes }) => self.reserved_bytes -= bytes,
@@ -252,13 +267,25 @@ mod tests {
     fn capacity_refuses_and_leaves_books_unchanged() {
         let mut books = Books::new(1000);
         let s0 = SegmentId(0);
-        assert_eq!(books.apply(Decision::Reserve { segment: s0, bytes: 600 }), Ok(()));
+        assert_eq!(
+            books.apply(Decision::Reserve {
+                segment: s0,
+                bytes: 600
+            }),
+            Ok(())
+        );
         let s1 = SegmentId(1);
-        let refused = books.apply(Decision::Reserve { segment: s1, bytes: 401 });
+        let refused = books.apply(Decision::Reserve {
+            segment: s1,
+            bytes: 401,
+        });
         assert_eq!(refused, Err(Refusal::Capacity));
         assert_eq!(books.reserved_bytes, 600);
         assert_eq!(books.segment_count(), 1);
-        let too_big = books.apply(Decision::Reserve { segment: s1, bytes: u64::MAX });
+        let too_big = books.apply(Decision::Reserve {
+            segment: s1,
+            bytes: u64::MAX,
+        });
         assert_eq!(too_big, Err(Refusal::Capacity));
     }
 
@@ -266,16 +293,46 @@ mod tests {
     fn map_coalesces_and_unmap_splits() {
         let mut books = Books::new(1 << 30);
         let s = SegmentId(3);
-        books.apply(Decision::ReserveVa { segment: s, bytes: 1 << 20 }).unwrap();
+        books
+            .apply(Decision::ReserveVa {
+                segment: s,
+                bytes: 1 << 20,
+            })
+            .unwrap();
         for offset in [0, 4096] {
-            let d = Decision::Map { segment: s, offset, bytes: 4096 };
+            let d = Decision::Map {
+                segment: s,
+                offset,
+                bytes: 4096,
+            };
             books.apply(d).unwrap();
         }
         // A block spanning both pages is backed because the two mappings touch.
-        let at = Loc { segment: s, offset: 100 };
-        books.apply(Decision::Place { id: AllocId(0), at, bytes: 5000 }).unwrap();
-        books.apply(Decision::Free { id: AllocId(0), at, bytes: 5000 }).unwrap();
-        books.apply(Decision::Unmap { segment: s, offset: 0, bytes: 4096 }).unwrap();
+        let at = Loc {
+            segment: s,
+            offset: 100,
+        };
+        books
+            .apply(Decision::Place {
+                id: AllocId(0),
+                at,
+                bytes: 5000,
+            })
+            .unwrap();
+        books
+            .apply(Decision::Free {
+                id: AllocId(0),
+                at,
+                bytes: 5000,
+            })
+            .unwrap();
+        books
+            .apply(Decision::Unmap {
+                segment: s,
+                offset: 0,
+                bytes: 4096,
+            })
+            .unwrap();
         assert_eq!(books.reserved_bytes, 4096);
         assert_eq!(books.reserved_bytes_peak, 8192);
         books.apply(Decision::ReleaseVa { segment: s }).unwrap();
@@ -287,8 +344,20 @@ mod tests {
     fn place_in_unmapped_memory_is_a_policy_bug() {
         let mut books = Books::new(1 << 30);
         let s = SegmentId(0);
-        books.apply(Decision::ReserveVa { segment: s, bytes: 1 << 20 }).unwrap();
-        let at = Loc { segment: s, offset: 0 };
-        let _ = books.apply(Decision::Place { id: AllocId(0), at, bytes: 512 });
+        books
+            .apply(Decision::ReserveVa {
+                segment: s,
+                bytes: 1 << 20,
+            })
+            .unwrap();
+        let at = Loc {
+            segment: s,
+            offset: 0,
+        };
+        let _ = books.apply(Decision::Place {
+            id: AllocId(0),
+            at,
+            bytes: 512,
+        });
     }
 }

@@ -1,1 +1,12 @@
+//! gpumem's deterministic driver: replays traces through policies against an executor, keeps
+//! modelled time, and renders reports.
+//!
+//! Runs are single-threaded and deterministic; only whole runs go in parallel.
 
+pub mod alloc_replay;
+pub mod executor;
+pub mod plot;
+pub mod report;
+
+pub use alloc_replay::{replay, DefragMode, ReplayConfig, ReplayError, StrategyResult};
+pub use executor::{AllocCostModel, Executor, SimExecutor};

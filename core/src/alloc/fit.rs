@@ -158,8 +158,12 @@ impl Allocator for FitAllocator {
         });
         self.allocated_bytes += bytes;
         let at = Arena::loc(offset);
-        mem.apply(Decision::Place { id: req.id, at, bytes })
-            .expect("place is never refused");
+        mem.apply(Decision::Place {
+            id: req.id,
+            at,
+            bytes,
+        })
+        .expect("place is never refused");
         Ok(at)
     }
 
@@ -168,8 +172,12 @@ impl Allocator for FitAllocator {
         self.live[id.0 as usize] = None;
         self.allocated_bytes -= b.bytes;
         let at = Arena::loc(b.offset);
-        mem.apply(Decision::Free { id, at, bytes: b.bytes })
-            .expect("free is never refused");
+        mem.apply(Decision::Free {
+            id,
+            at,
+            bytes: b.bytes,
+        })
+        .expect("free is never refused");
         let mut start = b.offset;
         let mut len = b.bytes;
         if let Some((&p_off, &p_len)) = self.free_by_offset.range(..start).next_back() {
@@ -261,7 +269,10 @@ impl Allocator for FitAllocator {
         check_blocks(&blocks, self.alignment_bytes, self.arena.mapped_bytes)?;
         let allocated: u64 = blocks.iter().map(|b| b.bytes).sum();
         if allocated != self.allocated_bytes {
-            return Err(format!("allocated {} but blocks sum to {allocated}", self.allocated_bytes));
+            return Err(format!(
+                "allocated {} but blocks sum to {allocated}",
+                self.allocated_bytes
+            ));
         }
         Ok(())
     }
@@ -275,7 +286,9 @@ impl Allocator for FitAllocator {
         let moves = plan_segment(&self.live_blocks(), 0, self.alignment_bytes);
         let mut bytes_moved = 0;
         for m in &moves {
-            let slot = self.live[m.block.id.0 as usize].as_mut().expect("planned block is live");
+            let slot = self.live[m.block.id.0 as usize]
+                .as_mut()
+                .expect("planned block is live");
             slot.offset = m.to.offset;
             bytes_moved += m.block.bytes;
             mem.apply(Decision::Move {
@@ -328,7 +341,9 @@ pub fn check_tiling(pieces: &[(u64, u64, bool)], range: u64) -> Result<(), Strin
     let mut prev_free = false;
     for &(offset, len, live) in pieces {
         if offset != cursor {
-            return Err(format!("gap or overlap at {cursor}: next piece starts at {offset}"));
+            return Err(format!(
+                "gap or overlap at {cursor}: next piece starts at {offset}"
+            ));
         }
         if len == 0 {
             return Err(format!("empty piece at {offset}"));
@@ -350,7 +365,10 @@ pub fn check_blocks(blocks: &[LiveBlock], alignment: u64, mapped: u64) -> Result
     let mut end = 0;
     for b in blocks {
         if b.at.offset % alignment != 0 || b.bytes % alignment != 0 {
-            return Err(format!("{:?} misaligned at {}+{}", b.id, b.at.offset, b.bytes));
+            return Err(format!(
+                "{:?} misaligned at {}+{}",
+                b.id, b.at.offset, b.bytes
+            ));
         }
         if b.at.offset < end {
             return Err(format!("{:?} overlaps the block before it", b.id));

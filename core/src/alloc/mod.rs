@@ -46,7 +46,10 @@ impl Default for AllocConfig {
 impl AllocConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !self.alignment_bytes.is_power_of_two() {
-            return Err(format!("alignment {} is not a power of two", self.alignment_bytes));
+            return Err(format!(
+                "alignment {} is not a power of two",
+                self.alignment_bytes
+            ));
         }
         if !self.page_bytes.is_power_of_two() || self.page_bytes < self.alignment_bytes {
             return Err(format!(
@@ -61,7 +64,10 @@ impl AllocConfig {
             ));
         }
         if self.capacity_bytes > 1 << 60 {
-            return Err(format!("capacity {} exceeds 2^60 bytes", self.capacity_bytes));
+            return Err(format!(
+                "capacity {} exceeds 2^60 bytes",
+                self.capacity_bytes
+            ));
         }
         Ok(())
     }

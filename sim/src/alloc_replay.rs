@@ -1,0 +1,369 @@
+//! Replays an allocation trace through one strategy against an executor.
+//!
+//! The driver owns the mapping from trace ids to allocation ids, classifies failures, samples
+//! statistics after every operation and, on request, defragments when an allocation fails.
+
+use std::collections::HashMap;
+
+use gpumem_core::alloc::{
+    build, AllocConfig, AllocError, AllocRequest, Allocator, SegmentLayout, Strategy,
+};
+use gpumem_core::decision::AllocId;
+use gpumem_traces::{AllocTrace, OpKind, RecordedSegment};
+use serde::Serialize;
+
+use crate::executor::Executor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefragMode {
+    Off,
+    /// When an allocation fails, compact and retry once.
+    OnFailure,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayConfig {
+    pub alloc: AllocConfig,
+    pub defrag: DefragMode,
+    /// Run the strategy's full invariant walk every this many operations (0: never).
+    pub check_every_ops: u64,
+    /// Ask the executor to re-check every live block every this many operations (0: never).
+    pub checkpoint_every_ops: u64,
+}
+
+impl ReplayConfig {
+    pub fn new(alloc: AllocConfig) -> Self {
+        ReplayConfig {
+            alloc,
+            defrag: DefragMode::Off,
+            check_every_ops: 0,
+            checkpoint_every_ops: 0,
+        }
+    }
+}
+
+/// A point of the reserved/allocated curve, for plots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Sample {
+    pub t_ns: u64,
+    pub bytes_reserved: u64,
+    pub bytes_allocated: u64,
+}
+
+/// How the simulated segments compare with those a snapshot recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SegmentMatch {
+    pub recorded: usize,
+    pub simulated: usize,
+    /// Segments whose size and block layout appear on both sides (as a multiset).
+    pub identical: usize,
+    pub matches: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StrategyResult {
+    pub strategy: &'static str,
+    pub ops: u64,
+    pub allocs: u64,
+    pub frees: u64,
+    pub empty_cache_calls: u64,
+    pub bytes_requested_peak: u64,
+    pub bytes_allocated_peak: u64,
+    pub bytes_reserved_peak: u64,
+    pub bytes_reserved_end: u64,
+    /// Largest allocated − requested seen (rounding waste).
+    pub rounding_waste_bytes_peak: u64,
+    pub inactive_split_bytes_peak: u64,
+    pub fragmentation_max: f64,
+    pub fragmentation_mean: f64,
+    pub fragmentation_failures: u64,
+    pub ooms: u64,
+    pub unknown_frees: u64,
+    pub frees_of_failed_allocs: u64,
+    pub defrag_runs: u64,
+    pub defrag_moves: u64,
+    pub bytes_moved: u64,
+    pub modelled_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments_match: Option<SegmentMatch>,
+    pub digest: String,
+    #[serde(skip)]
+    pub timeline: Vec<Sample>,
+}
+
+/// Bad input met while replaying: the trace is well formed but inconsistent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayError {
+    pub line: u64,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.line, self.reason)
+    }
+}
+
+impl std::error::Error for ReplayError {}
+
+enum Tracked {
+    Live(AllocId, u64),
+    Failed,
+}
+
+const TIMELINE_POINTS: u64 = 2000;
+const PROGRESS_EVERY_OPS: u64 = 1 << 16;
+
+struct Driver<'a, E: Executor> {
+    alloc: Box<dyn Allocator>,
+    exec: &'a mut E,
+    config: ReplayConfig,
+    ids: HashMap<u64, Tracked>,
+    next_id: u64,
+    bytes_requested: u64,
+    result: StrategyResult,
+    frag_area: f64,
+    frag_ops_sum: f64,
+    last: (u64, f64),
+}
+
+/// Replays `trace` through `strategy`, carrying its decisions out on `exec`.
+pub fn replay<E: Executor>(
+    trace: &AllocTrace,
+    strategy: Strategy,
+    config: &ReplayConfig,
+    exec: &mut E,
+    progress: &mut dyn FnMut(u64),
+) -> Result<StrategyResult, ReplayError> {
+    config
+        .alloc
+        .validate()
+        .map_err(|reason| ReplayError { line: 0, reason })?;
+    let mut d = Driver {
+        alloc: build(strategy, &config.alloc),
+        exec,
+        config: *config,
+        ids: HashMap::new(),
+        next_id: 0,
+        bytes_requested: 0,
+        result: empty_result(strategy),
+        frag_area: 0.0,
+        frag_ops_sum: 0.0,
+        last: (trace.ops.first().map_or(0, |op| op.t_ns), 0.0),
+    };
+    let sample_every = (trace.ops.len() as u64 / TIMELINE_POINTS).max(1);
+    for (i, op) in trace.ops.iter().enumerate() {
+        let n = i as u64 + 1;
+        d.step(&op.kind).map_err(|reason| ReplayError {
+            line: op.line,
+            reason,
+        })?;
+        d.observe(op.t_ns, n % sample_every == 0);
+        if d.config.check_every_ops > 0 && n % d.config.check_every_ops == 0 {
+            d.alloc.check_invariants().map_err(|e| ReplayError {
+                line: op.line,
+                reason: format!("internal invariant broken in {}: {e}", strategy.name()),
+            })?;
+        }
+        if d.config.checkpoint_every_ops > 0 && n % d.config.checkpoint_every_ops == 0 {
+            d.exec.checkpoint();
+        }
+        if n % PROGRESS_EVERY_OPS == 0 {
+            progress(n);
+        }
+    }
+    progress(trace.ops.len() as u64);
+    Ok(d.finish(trace))
+}
+
+fn empty_result(strategy: Strategy) -> StrategyResult {
+    StrategyResult {
+        strategy: strategy.name(),
+        ops: 0,
+        allocs: 0,
+        frees: 0,
+        empty_cache_calls: 0,
+        bytes_requested_peak: 0,
+        bytes_allocated_peak: 0,
+        bytes_reserved_peak: 0,
+        bytes_reserved_end: 0,
+        rounding_waste_bytes_peak: 0,
+        inactive_split_bytes_peak: 0,
+        fragmentation_max: 0.0,
+        fragmentation_mean: 0.0,
+        fragmentation_failures: 0,
+        ooms: 0,
+        unknown_frees: 0,
+        frees_of_failed_allocs: 0,
+        defrag_runs: 0,
+        defrag_moves: 0,
+        bytes_moved: 0,
+        modelled_ns: 0,
+        segments_match: None,
+        digest: String::new(),
+        timeline: Vec::new(),
+    }
+}
+
+impl<E: Executor> Driver<'_, E> {
+    fn step(&mut self, op: &OpKind) -> Result<(), String> {
+        self.result.ops += 1;
+        match *op {
+            OpKind::Alloc {
+                id,
+                bytes,
+                stream,
+                pinned,
+            } => self.alloc_op(id, bytes, stream, pinned),
+            OpKind::Free { id } => {
+                self.free_op(id);
+                Ok(())
+            }
+            OpKind::EmptyCache => {
+                self.result.empty_cache_calls += 1;
+                self.alloc.empty_cache(self.exec);
+                Ok(())
+            }
+        }
+    }
+
+    fn alloc_op(&mut self, id: u64, bytes: u64, stream: u32, pinned: bool) -> Result<(), String> {
+        if let Some(Tracked::Live(..)) = self.ids.get(&id) {
+            return Err(format!(
+                "allocation id {id} is allocated again while still live"
+            ));
+        }
+        self.result.allocs += 1;
+        let req = AllocRequest {
+            id: AllocId(self.next_id),
+            bytes,
+            stream,
+            pinned,
+        };
+        self.next_id += 1;
+        let mut outcome = self.alloc.alloc(req, self.exec);
+        if outcome.is_err() && self.config.defrag == DefragMode::OnFailure {
+            if let Some(c) = self.alloc.compact(self.exec) {
+                self.result.defrag_runs += 1;
+                self.result.defrag_moves += c.moves;
+                self.result.bytes_moved += c.bytes_moved;
+                outcome = self.alloc.alloc(req, self.exec);
+            }
+        }
+        match outcome {
+            Ok(_) => {
+                self.ids.insert(id, Tracked::Live(req.id, bytes));
+                self.bytes_requested += bytes;
+                self.result.bytes_requested_peak =
+                    self.result.bytes_requested_peak.max(self.bytes_requested);
+            }
+            Err(AllocError::OutOfMemory { rounded_bytes }) => {
+                self.ids.insert(id, Tracked::Failed);
+                let books = self.exec.books();
+                let free = books.capacity_bytes - books.allocated_bytes;
+                if free >= rounded_bytes {
+                    self.result.fragmentation_failures += 1;
+                } else {
+                    self.result.ooms += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn free_op(&mut self, id: u64) {
+        match self.ids.remove(&id) {
+            Some(Tracked::Live(alloc_id, bytes)) => {
+                self.result.frees += 1;
+                self.bytes_requested -= bytes;
+                self.alloc.free(alloc_id, self.exec);
+            }
+            Some(Tracked::Failed) => self.result.frees_of_failed_allocs += 1,
+            None => self.result.unknown_frees += 1,
+        }
+    }
+
+    fn observe(&mut self, t_ns: u64, sample: bool) {
+        let books = self.exec.books();
+        let (reserved, allocated) = (books.reserved_bytes, books.allocated_bytes);
+        let free = self.alloc.free_summary();
+        let frag = free.external_fragmentation();
+        let r = &mut self.result;
+        r.rounding_waste_bytes_peak = r
+            .rounding_waste_bytes_peak
+            .max(allocated.saturating_sub(self.bytes_requested));
+        r.inactive_split_bytes_peak = r.inactive_split_bytes_peak.max(free.inactive_split_bytes);
+        r.fragmentation_max = r.fragmentation_max.max(frag);
+        // Fragmentation holds from this op until the next: weight the previous value by the time
+        // it lasted, and also by op count for traces whose clock does not move.
+        let (t_prev, frag_prev) = self.last;
+        self.frag_area += frag_prev * t_ns.saturating_sub(t_prev) as f64;
+        self.frag_ops_sum += frag;
+        self.last = (t_ns.max(t_prev), frag);
+        if sample {
+            r.timeline.push(Sample {
+                t_ns,
+                bytes_reserved: reserved,
+                bytes_allocated: allocated,
+            });
+        }
+    }
+
+    fn finish(mut self, trace: &AllocTrace) -> StrategyResult {
+        let first_t = trace.ops.first().map_or(0, |op| op.t_ns);
+        let span = self.last.0.saturating_sub(first_t);
+        let r = &mut self.result;
+        r.fragmentation_mean = if span > 0 {
+            self.frag_area / span as f64
+        } else if r.ops > 0 {
+            self.frag_ops_sum / r.ops as f64
+        } else {
+            0.0
+        };
+        let books = self.exec.books();
+        r.bytes_allocated_peak = books.allocated_bytes_peak;
+        r.bytes_reserved_peak = books.reserved_bytes_peak;
+        r.bytes_reserved_end = books.reserved_bytes;
+        if let (Some(recorded), true) =
+            (&trace.recorded_segments, self.alloc.strategy().is_caching())
+        {
+            r.segments_match = Some(compare_segments(recorded, &self.alloc.layout()));
+        }
+        r.digest = self.exec.digest_hex();
+        self.result
+    }
+}
+
+/// Compares layouts as multisets of (segment bytes, block layout): addresses differ between a
+/// real device and the simulator, sizes and splits must not.
+pub fn compare_segments(recorded: &[RecordedSegment], simulated: &[SegmentLayout]) -> SegmentMatch {
+    let mut rec: Vec<(u64, &[(u64, bool)])> = recorded
+        .iter()
+        .map(|s| (s.total_bytes, s.blocks.as_slice()))
+        .collect();
+    let mut sim: Vec<(u64, &[(u64, bool)])> = simulated
+        .iter()
+        .map(|s| (s.bytes, s.blocks.as_slice()))
+        .collect();
+    rec.sort();
+    sim.sort();
+    let (mut i, mut j, mut identical) = (0, 0, 0);
+    while i < rec.len() && j < sim.len() {
+        match rec[i].cmp(&sim[j]) {
+            std::cmp::Ordering::Equal => {
+                identical += 1;
+                i += 1;
+                j += 1;
+            }
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+        }
+    }
+    SegmentMatch {
+        recorded: rec.len(),
+        simulated: sim.len(),
+        identical,
+        matches: identical == rec.len() && identical == sim.len(),
+    }
+}

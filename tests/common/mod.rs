@@ -1,0 +1,68 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The shared real traces. Missing traces fail the test: they must run in CI, never be skipped.
+pub fn shared_traces() -> PathBuf {
+    let dir = std::env::var_os("GPUMEM_SHARED_TRACES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/traces"));
+    assert!(
+        dir.join("torch-snapshots").is_dir(),
+        "shared traces not found at {} (set GPUMEM_SHARED_TRACES)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn snapshot(name: &str) -> PathBuf {
+    shared_traces().join("torch-snapshots").join(name)
+}
+
+pub const SNAPSHOTS: [&str; 5] = [
+    "cs336_magma27_memory_snapshot.pickle",
+    "cs336_bcrafton_memory_snapshot.pickle",
+    "sketchkv2_my_snapshot.pickle",
+    "yiyi_oom_snapshot.pickle",
+    "yiyi_1.3b_snapshot.pickle",
+];
+
+pub fn gpumem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpumem"))
+        .args(args)
+        .output()
+        .expect("gpumem runs")
+}
+
+/// A fresh scratch directory under the system's temp dir.
+pub fn scratch_dir() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "gpumem-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8(out.stderr.clone()).expect("utf-8 stderr")
+}
+
+/// The run failed cleanly: exit code 2 (bad input), an error message, no panic.
+pub fn assert_clean_error(out: &Output, must_mention: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "expected exit 2, stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    for needle in must_mention {
+        assert!(err.contains(needle), "stderr lacks '{needle}': {err}");
+    }
+}
