@@ -1,8 +1,6 @@
 //! Property tests run against every strategy: one body, every allocator.
 
-use gpumem_core::alloc::{
-    build, AllocConfig, AllocRequest, Allocator, Strategy as AllocStrategy, MIB,
-};
+use gpumem_core::alloc::{build, AllocConfig, AllocRequest, Allocator, Strategy as AllocStrategy, MIB};
 use gpumem_core::decision::{AllocId, Decision, Refusal};
 use gpumem_core::memory::{Books, Memory};
 use proptest::prelude::*;
@@ -24,11 +22,7 @@ impl Memory for Recorder {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Alloc {
-        bytes: u64,
-        stream: u32,
-        pinned: bool,
-    },
+    Alloc { bytes: u64, stream: u32, pinned: bool },
     /// Frees the live allocation at this index (mod the number live).
     Free(usize),
     EmptyCache,
@@ -82,19 +76,10 @@ impl Run {
 
     fn step(&mut self, op: &Op) {
         match *op {
-            Op::Alloc {
-                bytes,
-                stream,
-                pinned,
-            } => {
+            Op::Alloc { bytes, stream, pinned } => {
                 let id = AllocId(self.next_id);
                 self.next_id += 1;
-                let req = AllocRequest {
-                    id,
-                    bytes,
-                    stream,
-                    pinned,
-                };
+                let req = AllocRequest { id, bytes, stream, pinned };
                 if self.alloc.alloc(req, &mut self.mem).is_ok() {
                     self.live.push((id, bytes));
                 }
@@ -136,12 +121,7 @@ impl Run {
             let seg = books.segment_bytes(b.at.segment).expect("segment exists");
             prop_assert!(b.at.offset + b.bytes <= seg);
         }
-        prop_assert_eq!(
-            self.alloc.reserved_bytes(),
-            books.reserved_bytes,
-            "{}",
-            name
-        );
+        prop_assert_eq!(self.alloc.reserved_bytes(), books.reserved_bytes, "{}", name);
         let free = self.alloc.free_summary();
         prop_assert_eq!(
             books.allocated_bytes + free.free_bytes(),
@@ -156,7 +136,7 @@ impl Run {
 }
 
 fn strategies() -> impl Strategy<Value = AllocStrategy> {
-    proptest::sample::select(AllocStrategy::ALL[..2].to_vec())
+    proptest::sample::select(AllocStrategy::ALL[..5].to_vec())
 }
 
 proptest! {
@@ -241,23 +221,13 @@ proptest! {
 
 #[test]
 fn a_request_larger_than_capacity_is_refused_not_a_panic() {
-    for strategy in &AllocStrategy::ALL[..2] {
-        let strategy = *strategy;
+    for strategy in &AllocStrategy::ALL[..5] { let strategy = *strategy;
         let mut run = Run::new(strategy);
         for bytes in [u64::MAX, u64::MAX - 511, 1 << 62, 600 * MIB] {
             let id = AllocId(run.next_id);
             run.next_id += 1;
-            let req = AllocRequest {
-                id,
-                bytes,
-                stream: 0,
-                pinned: false,
-            };
-            assert!(
-                run.alloc.alloc(req, &mut run.mem).is_err(),
-                "{}",
-                strategy.name()
-            );
+            let req = AllocRequest { id, bytes, stream: 0, pinned: false };
+            assert!(run.alloc.alloc(req, &mut run.mem).is_err(), "{}", strategy.name());
         }
         run.check().unwrap();
     }

@@ -1,1 +1,16 @@
+//! gpumem's device executor: carries out the decisions of `gpumem-core` policies on real
+//! memory through the [`device::Device`] trait — host memory ([`host::HostDevice`]) anywhere,
+//! CUDA ([`cuda::CudaDevice`]) where a driver and a GPU are present — verifies the bytes of
+//! every block, measures the time of every decision, and keeps the same books and digest as
+//! the simulator ([`executor::DeviceExecutor`]).
 
+pub mod cuda;
+pub mod device;
+pub mod executor;
+pub mod host;
+pub mod pattern;
+
+pub use cuda::CudaDevice;
+pub use device::{Check, Device, DeviceError, DeviceErrorKind};
+pub use executor::{DeviceExecutor, ExecReport, Inject, KindTiming, Mismatch, ParseInjectError};
+pub use host::HostDevice;

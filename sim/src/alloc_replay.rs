@@ -85,6 +85,8 @@ pub struct StrategyResult {
     pub defrag_moves: u64,
     pub bytes_moved: u64,
     pub modelled_ns: u64,
+    /// Per kind of decision: how many, and their modelled time.
+    pub modelled: Vec<crate::executor::KindCost>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segments_match: Option<SegmentMatch>,
     pub digest: String,
@@ -200,6 +202,7 @@ fn empty_result(strategy: Strategy) -> StrategyResult {
         defrag_moves: 0,
         bytes_moved: 0,
         modelled_ns: 0,
+        modelled: Vec::new(),
         segments_match: None,
         digest: String::new(),
         timeline: Vec::new(),

@@ -31,6 +31,7 @@ pub fn simulate_all(
             let mut exec = SimExecutor::new(config.alloc.capacity_bytes, AllocCostModel::default());
             let mut result = replay(trace, s, config, &mut exec, &mut |n| progress(s, n))?;
             result.modelled_ns = exec.modelled_ns_total();
+            result.modelled = exec.costs();
             Ok(result)
         })
         .collect();

@@ -1,51 +1,491 @@
-//! PLACEHOLDER: replaced by the real strategy before this lands.
-use super::*;
-use crate::decision::{AllocId, Loc};
-use crate::defrag::Compaction;
-use crate::memory::Memory;
+//! `buddy`: the binary buddy system (Knowlton 1965) over the arena.
+//!
+//! Block sizes are powers of two, `alignment << order`, from the alignment (order 0) up to the
+//! largest power of two no larger than the range. The range (capacity rounded down to pages) is
+//! covered by top-level blocks of decreasing power-of-two sizes, e.g. 80 GiB = 64 GiB + 16 GiB at
+//! offsets 0 and 64 GiB, so all of it is usable. Each top-level block starts at a multiple of its
+//! size, hence every block of every order is aligned to its size, its buddy is at
+//! `offset ^ size`, and a block may merge with its buddy exactly when their parent
+//! `[offset & !(2·size − 1), +2·size)` ends inside the range (an aligned block that ends inside
+//! the range never straddles two top-level blocks).
+//!
+//! `alloc` takes the lowest-address free block of the smallest sufficient order and splits it
+//! down, keeping the lower half each time; `free` merges with the buddy while it is free, upward.
+
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
+use super::arena::Arena;
+use super::fit::{arena_layout, check_blocks, check_tiling};
+use super::{
+    align_up, AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary,
+    LiveBlock, PoolFree, SegmentLayout, Strategy,
+};
+use crate::decision::{AllocId, Decision, Loc};
+use crate::defrag::Compaction;
+use crate::memory::Memory;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Live {
+    offset: u64,
+    order: u32,
+    requested_bytes: u64,
+    pinned: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Buddy {}
+pub struct Buddy {
+    alignment_bytes: u64,
+    align_log2: u32,
+    max_order: u32,
+    arena: Arena,
+    /// `free[k]`: offsets of the free blocks of `alignment << k` bytes, by address.
+    free: Vec<BTreeSet<u64>>,
+    /// Indexed by `AllocId`.
+    live: Vec<Option<Live>>,
+    /// Live blocks by offset.
+    by_offset: BTreeMap<u64, AllocId>,
+    allocated_bytes: u64,
+}
 
 impl Buddy {
-    pub fn new(_config: &AllocConfig) -> Self {
-        unimplemented!()
+    pub fn new(config: &AllocConfig) -> Self {
+        let arena = Arena::new(config);
+        let align_log2 = config.alignment_bytes.trailing_zeros();
+        let range = arena.range_bytes;
+        let max_order = (63 - range.leading_zeros()) - align_log2;
+        let mut free = vec![BTreeSet::new(); max_order as usize + 1];
+        let mut offset = 0;
+        for bit in (align_log2..64).rev() {
+            if range & (1 << bit) != 0 {
+                free[(bit - align_log2) as usize].insert(offset);
+                offset += 1 << bit;
+            }
+        }
+        debug_assert_eq!(offset, range);
+        Buddy {
+            alignment_bytes: config.alignment_bytes,
+            align_log2,
+            max_order,
+            arena,
+            free,
+            live: Vec::new(),
+            by_offset: BTreeMap::new(),
+            allocated_bytes: 0,
+        }
+    }
+
+    #[inline]
+    fn size(&self, order: u32) -> u64 {
+        self.alignment_bytes << order
+    }
+
+    /// The order of the smallest block that holds `bytes`, if any block does.
+    fn order_for(&self, bytes: u64) -> Option<u32> {
+        let units = align_up(bytes.max(1), self.alignment_bytes)? >> self.align_log2;
+        let order = units.checked_next_power_of_two()?.trailing_zeros();
+        (order <= self.max_order).then_some(order)
+    }
+
+    /// Whether the block of `order` at `offset` may merge with its buddy: its parent lies
+    /// inside one top-level block.
+    fn has_parent(&self, offset: u64, order: u32) -> bool {
+        if order >= self.max_order {
+            return false;
+        }
+        let parent_size = self.size(order + 1);
+        (offset & !(parent_size - 1)) + parent_size <= self.arena.range_bytes
+    }
+
+    fn live_at(&self, id: AllocId) -> Live {
+        self.live
+            .get(id.0 as usize)
+            .copied()
+            .flatten()
+            .unwrap_or_else(|| panic!("free of {id:?}, which is not live"))
+    }
+
+    /// End of the highest live block (0 when none).
+    fn top(&self) -> u64 {
+        self.by_offset.last_key_value().map_or(0, |(_, &id)| {
+            let b = self.live_at(id);
+            b.offset + self.size(b.order)
+        })
+    }
+
+    /// The mapped part of the largest free block. Per order, only the lowest free block that
+    /// starts in mapped memory can matter (the one after it, if any, starts above the first's
+    /// end); a fully mapped block of order k beats every smaller order.
+    fn largest_free(&self) -> u64 {
+        let mapped = self.arena.mapped_bytes;
+        let mut best = 0;
+        for k in (0..=self.max_order).rev() {
+            let size = self.size(k);
+            if size <= best {
+                break;
+            }
+            if let Some(&offset) = self.free[k as usize].range(..mapped).next() {
+                let part = self.arena.mapped_part(offset, size);
+                best = best.max(part);
+            }
+        }
+        best
     }
 }
 
 impl Allocator for Buddy {
     fn strategy(&self) -> Strategy {
-        unimplemented!()
+        Strategy::Buddy
     }
-    fn alloc(&mut self, _req: AllocRequest, _mem: &mut dyn Memory) -> Result<Loc, AllocError> {
-        unimplemented!()
+
+    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Memory) -> Result<Loc, AllocError> {
+        let order = self.order_for(req.bytes).ok_or(AllocError::OutOfMemory {
+            rounded_bytes: req.bytes,
+        })?;
+        let bytes = self.size(order);
+        let oom = AllocError::OutOfMemory {
+            rounded_bytes: bytes,
+        };
+        let (from, offset) = (order..=self.max_order)
+            .find_map(|k| self.free[k as usize].first().map(|&o| (k, o)))
+            .ok_or(oom)?;
+        self.arena
+            .ensure_mapped(offset + bytes, mem)
+            .map_err(|_| oom)?;
+        let slot = req.id.0 as usize;
+        if slot >= self.live.len() {
+            self.live.resize(slot + 1, None);
+        }
+        assert!(self.live[slot].is_none(), "{:?} allocated twice", req.id);
+        self.free[from as usize].remove(&offset);
+        for k in (order..from).rev() {
+            let upper = offset + self.size(k);
+            self.free[k as usize].insert(upper);
+        }
+        self.live[slot] = Some(Live {
+            offset,
+            order,
+            requested_bytes: req.bytes,
+            pinned: req.pinned,
+        });
+        self.by_offset.insert(offset, req.id);
+        self.allocated_bytes += bytes;
+        let at = Arena::loc(offset);
+        mem.apply(Decision::Place {
+            id: req.id,
+            at,
+            bytes,
+        })
+        .expect("place is never refused");
+        Ok(at)
     }
-    fn free(&mut self, _id: AllocId, _mem: &mut dyn Memory) {
-        unimplemented!()
+
+    fn free(&mut self, id: AllocId, mem: &mut dyn Memory) {
+        let b = self.live_at(id);
+        let bytes = self.size(b.order);
+        self.live[id.0 as usize] = None;
+        self.by_offset.remove(&b.offset);
+        self.allocated_bytes -= bytes;
+        mem.apply(Decision::Free {
+            id,
+            at: Arena::loc(b.offset),
+            bytes,
+        })
+        .expect("free is never refused");
+        let (mut offset, mut order) = (b.offset, b.order);
+        while self.has_parent(offset, order) {
+            let size = self.size(order);
+            if !self.free[order as usize].remove(&(offset ^ size)) {
+                break;
+            }
+            offset &= !(2 * size - 1);
+            order += 1;
+        }
+        self.free[order as usize].insert(offset);
     }
-    fn empty_cache(&mut self, _mem: &mut dyn Memory) {
-        unimplemented!()
+
+    fn empty_cache(&mut self, mem: &mut dyn Memory) {
+        let top = self.top();
+        self.arena.trim(top, mem);
     }
+
+    /// Free bytes in mapped memory, and the mapped part of the largest free *block*: adjacent
+    /// free blocks that are not buddies cannot serve one request together.
     fn free_summary(&self) -> FreeSummary {
-        unimplemented!()
+        FreeSummary {
+            pools: [
+                PoolFree {
+                    free_bytes: self.arena.mapped_bytes - self.allocated_bytes,
+                    largest_free_bytes: self.largest_free(),
+                },
+                PoolFree::default(),
+            ],
+            inactive_split_bytes: 0,
+        }
     }
+
     fn live_blocks(&self) -> Vec<LiveBlock> {
-        unimplemented!()
+        self.by_offset
+            .values()
+            .map(|&id| {
+                let b = self.live_at(id);
+                LiveBlock {
+                    id,
+                    at: Arena::loc(b.offset),
+                    bytes: self.size(b.order),
+                    requested_bytes: b.requested_bytes,
+                    pinned: b.pinned,
+                }
+            })
+            .collect()
     }
+
     fn reserved_bytes(&self) -> u64 {
-        unimplemented!()
+        self.arena.mapped_bytes
     }
+
     fn layout(&self) -> Vec<SegmentLayout> {
-        unimplemented!()
+        arena_layout(&self.arena, &self.live_blocks())
     }
+
     fn check_invariants(&self) -> Result<(), String> {
-        unimplemented!()
+        let range = self.arena.range_bytes;
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+        for (k, set) in self.free.iter().enumerate() {
+            let k = k as u32;
+            let size = self.size(k);
+            for &offset in set {
+                if offset % size != 0 || offset + size > range {
+                    return Err(format!("free block {offset} of order {k} misplaced"));
+                }
+                if self.has_parent(offset, k) && set.contains(&(offset ^ size)) {
+                    return Err(format!(
+                        "free buddies {offset} and {} not merged",
+                        offset ^ size
+                    ));
+                }
+                pieces.push((offset, size, false));
+            }
+        }
+        let mut live_count = 0;
+        for (i, l) in self.live.iter().enumerate() {
+            let Some(l) = l else { continue };
+            live_count += 1;
+            let size = self.size(l.order);
+            if l.offset % size != 0 || l.offset + size > range || l.order > self.max_order {
+                return Err(format!(
+                    "live block {i} at {} of order {} misplaced",
+                    l.offset, l.order
+                ));
+            }
+            if self.by_offset.get(&l.offset) != Some(&AllocId(i as u64)) {
+                return Err(format!("live block {i} missing from the offset index"));
+            }
+            pieces.push((l.offset, size, true));
+        }
+        if live_count != self.by_offset.len() {
+            return Err(format!(
+                "{live_count} live, {} in the offset index",
+                self.by_offset.len()
+            ));
+        }
+        pieces.sort_unstable();
+        // Neighbouring free blocks that are not buddies touch legitimately; tile their unions.
+        let mut merged: Vec<(u64, u64, bool)> = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match merged.last_mut() {
+                Some(last) if !last.2 && !p.2 && last.0 + last.1 == p.0 => last.1 += p.1,
+                _ => merged.push(p),
+            }
+        }
+        check_tiling(&merged, range)?;
+        let blocks = self.live_blocks();
+        check_blocks(&blocks, self.alignment_bytes, self.arena.mapped_bytes)?;
+        let allocated: u64 = blocks.iter().map(|b| b.bytes).sum();
+        if allocated != self.allocated_bytes {
+            return Err(format!(
+                "allocated {} but blocks sum to {allocated}",
+                self.allocated_bytes
+            ));
+        }
+        Ok(())
     }
+
     fn snapshot(&self) -> AllocatorState {
-        unimplemented!()
+        AllocatorState::Buddy(self.clone())
     }
+
+    /// Buddy blocks cannot slide freely: a block must sit at a multiple of its own size and the
+    /// free space it leaves merges only with its buddy, so the sliding planner does not apply.
     fn compact(&mut self, _mem: &mut dyn Memory) -> Option<Compaction> {
-        unimplemented!()
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::{GIB, MIB};
+    use crate::memory::Books;
+
+    fn req(id: u64, bytes: u64) -> AllocRequest {
+        AllocRequest {
+            id: AllocId(id),
+            bytes,
+            stream: 0,
+            pinned: false,
+        }
+    }
+
+    /// 12 KiB of 4 KiB pages, 512 B alignment: top-level blocks 8 KiB at 0 and 4 KiB at 8 KiB.
+    fn small() -> (Buddy, Books) {
+        let config = AllocConfig {
+            capacity_bytes: 12 * 1024,
+            alignment_bytes: 512,
+            page_bytes: 4096,
+        };
+        (Buddy::new(&config), Books::new(config.capacity_bytes))
+    }
+
+    fn free_sets(b: &Buddy) -> Vec<Vec<u64>> {
+        b.free.iter().map(|s| s.iter().copied().collect()).collect()
+    }
+
+    #[test]
+    fn the_range_is_covered_by_decreasing_powers_of_two() {
+        let (b, _) = small();
+        assert_eq!(b.max_order, 4);
+        assert_eq!(
+            free_sets(&b),
+            vec![vec![], vec![], vec![], vec![8192], vec![0]]
+        );
+        let config = AllocConfig::default();
+        let b = Buddy::new(&config);
+        let top: Vec<(u32, Vec<u64>)> = (0..=b.max_order)
+            .filter(|&k| !b.free[k as usize].is_empty())
+            .map(|k| (k, free_sets(&b)[k as usize].clone()))
+            .collect();
+        // 80 GiB = 64 GiB at 0 + 16 GiB at 64 GiB (orders counted from 512 B = 2^9).
+        assert_eq!(top, vec![(25, vec![64 * GIB]), (27, vec![0])]);
+    }
+
+    #[test]
+    fn split_keeps_the_lower_half_and_files_the_upper_halves() {
+        let (mut b, mut mem) = small();
+        // The smallest sufficient order with a free block is the 4 KiB block at 8 KiB.
+        assert_eq!(b.alloc(req(0, 1), &mut mem).unwrap().offset, 8192);
+        assert_eq!(
+            free_sets(&b),
+            vec![vec![8704], vec![9216], vec![10240], vec![], vec![0]]
+        );
+        // 1000 B rounds to 1 KiB: the 1 KiB block at 9 KiB.
+        assert_eq!(b.alloc(req(1, 1000), &mut mem).unwrap().offset, 9216);
+        // 3 KiB rounds to 4 KiB: none free, the 8 KiB block at 0 splits.
+        assert_eq!(b.alloc(req(2, 3 * 1024), &mut mem).unwrap().offset, 0);
+        assert_eq!(
+            free_sets(&b),
+            vec![vec![8704], vec![], vec![10240], vec![4096], vec![]]
+        );
+        assert_eq!(mem.allocated_bytes, 512 + 1024 + 4096);
+        b.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn free_merges_with_free_buddies_upward_but_not_across_top_level_blocks() {
+        let (mut b, mut mem) = small();
+        b.alloc(req(0, 1), &mut mem).unwrap(); // 8192
+        b.alloc(req(1, 1000), &mut mem).unwrap(); // 9216
+        b.alloc(req(2, 3 * 1024), &mut mem).unwrap(); // 0
+        b.free(AllocId(0), &mut mem);
+        // 8192 merges with 8704 into 1 KiB at 8192; its buddy 9216 is live: stops there.
+        assert_eq!(
+            free_sets(&b),
+            vec![vec![], vec![8192], vec![10240], vec![4096], vec![]]
+        );
+        b.free(AllocId(1), &mut mem);
+        // Back to one 4 KiB block at 8 KiB, which has no buddy (its parent would end at 16 KiB).
+        assert_eq!(
+            free_sets(&b),
+            vec![vec![], vec![], vec![], vec![4096, 8192], vec![]]
+        );
+        b.check_invariants().unwrap();
+        // The largest free block is 4 KiB, though 8 KiB at 4 KiB.. is contiguous free memory.
+        let s = b.free_summary().pools[0];
+        assert_eq!((s.free_bytes, s.largest_free_bytes), (8192, 4096));
+        b.free(AllocId(2), &mut mem);
+        assert_eq!(
+            free_sets(&b),
+            vec![vec![], vec![], vec![], vec![8192], vec![0]]
+        );
+        b.empty_cache(&mut mem);
+        assert_eq!(mem.reserved_bytes, 0);
+    }
+
+    #[test]
+    fn requests_beyond_the_largest_block_are_refused() {
+        let config = AllocConfig {
+            capacity_bytes: 80 * GIB,
+            ..AllocConfig::default()
+        };
+        let mut b = Buddy::new(&config);
+        let mut mem = Books::new(config.capacity_bytes);
+        assert!(b.alloc(req(0, 64 * GIB + 1), &mut mem).is_err());
+        assert!(b.alloc(req(1, u64::MAX), &mut mem).is_err());
+        assert_eq!(
+            b.alloc(req(2, 16 * GIB), &mut mem).unwrap().offset,
+            64 * GIB
+        );
+        assert_eq!(b.alloc(req(3, 20 * GIB), &mut mem).unwrap().offset, 0);
+        assert_eq!(
+            b.alloc(req(4, 32 * GIB), &mut mem).unwrap().offset,
+            32 * GIB
+        );
+        assert!(b.alloc(req(5, 2 * MIB), &mut mem).is_err());
+        b.check_invariants().unwrap();
+        assert_eq!(mem.reserved_bytes, 80 * GIB);
+    }
+
+    #[test]
+    fn largest_free_counts_only_mapped_memory() {
+        let config = AllocConfig {
+            capacity_bytes: 64 * MIB,
+            ..AllocConfig::default()
+        };
+        let mut b = Buddy::new(&config);
+        let mut mem = Books::new(config.capacity_bytes);
+        b.alloc(req(0, 512), &mut mem).unwrap();
+        // 2 MiB mapped; free blocks 512 B .. 1 MiB below it, then 2, 4, .. 32 MiB above.
+        let s = b.free_summary().pools[0];
+        assert_eq!((s.free_bytes, s.largest_free_bytes), (2 * MIB - 512, MIB));
+    }
+    #[test]
+    fn a_refused_map_changes_nothing() {
+        struct Refuse(Books);
+        impl Memory for Refuse {
+            fn apply(&mut self, d: Decision) -> Result<(), crate::decision::Refusal> {
+                if matches!(d, Decision::Map { .. }) {
+                    return Err(crate::decision::Refusal::Injected);
+                }
+                self.0.apply(d)
+            }
+        }
+        let config = AllocConfig {
+            capacity_bytes: 128 * MIB,
+            ..AllocConfig::default()
+        };
+        let mut b = Buddy::new(&config);
+        let before = serde_json::to_string(&b.snapshot()).unwrap();
+        let mut mem = Refuse(Books::new(config.capacity_bytes));
+        assert!(b.alloc(req(0, 4096), &mut mem).is_err());
+        assert!(b.alloc(req(1, 65 * MIB), &mut mem).is_err());
+        b.check_invariants().unwrap();
+        assert_eq!(mem.0.reserved_bytes, 0);
+        // Only the arena's address-space flag may differ.
+        let after = serde_json::to_string(&b.snapshot()).unwrap();
+        assert_eq!(
+            before.replace("\"va_reserved\":false", "\"va_reserved\":true"),
+            after
+        );
     }
 }

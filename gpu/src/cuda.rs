@@ -1,0 +1,638 @@
+//! [`CudaDevice`]: decisions carried out on CUDA device memory through the driver API (cudarc,
+//! loaded dynamically, so that a machine without a driver still builds and runs everything
+//! else).
+//!
+//! - `reserve`/`release`: `cuMemAlloc_v2`/`cuMemFree_v2` (not the stream-ordered pool, so that
+//!   the driver's free memory follows reservations at once);
+//! - `reserve_va`/`map`/`unmap`/`release_va`: the virtual memory API. `map` backs every
+//!   granularity page with its own physical allocation (`cuMemCreate`, `cuMemMap`,
+//!   `cuMemSetAccess`), so that any whole pages can be unmapped later on their own. The handle
+//!   is released right after mapping: the mapping keeps the memory alive and `cuMemUnmap` frees
+//!   it, as the driver documents, so no handle has to be remembered;
+//! - `fill`/`verify`: the pattern through an 8 MiB pinned host staging buffer;
+//! - `copy`: `cuMemcpyDtoD_v2`, through a device scratch buffer in the safe direction when the
+//!   two ranges overlap;
+//! - `resident_bytes`: total − free from `cuMemGetInfo_v2`.
+//!
+//! Like [`crate::host::HostDevice`], every range is checked against what was reserved and
+//! mapped before the driver is asked to touch it.
+
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaContext, DriverError};
+
+use crate::device::{range_end, Check, Device, DeviceError, DeviceErrorKind, Ranges};
+use crate::pattern::{self, STAGING_BYTES};
+
+/// Message of the error [`CudaDevice::open`] returns where libcuda cannot be loaded.
+pub const NO_DRIVER: &str =
+    "no CUDA driver: libcuda could not be loaded on this machine; use --execute host";
+
+/// Device bytes kept for copies between overlapping ranges.
+const SCRATCH_BYTES: u64 = 8 << 20;
+
+fn driver_error(what: impl FnOnce() -> String, e: DriverError) -> DeviceError {
+    let kind = if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        DeviceErrorKind::OutOfMemory
+    } else {
+        DeviceErrorKind::Driver
+    };
+    DeviceError::new(kind, format!("{}: {e}", what()))
+}
+
+fn check(r: sys::CUresult, what: impl FnOnce() -> String) -> Result<(), DeviceError> {
+    r.result().map_err(|e| driver_error(what, e))
+}
+
+/// Whether a CUDA driver library can be loaded here. Never panics.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to load the library (and unloads it again); no CUDA call is made.
+    unsafe { sys::is_culib_present() }
+}
+
+struct CudaRegion {
+    /// Bytes of address space (a virtual range, rounded up to the granularity) or bytes
+    /// allocated (a physical segment).
+    len: u64,
+    is_virtual: bool,
+    /// Accessible ranges: the whole of a physical segment, the mapped pages of a virtual range.
+    access: Ranges,
+}
+
+enum Staging {
+    /// Page-locked host memory from `cuMemAllocHost_v2` (not write-combined: it is read back).
+    Pinned(*mut u8),
+    /// Fallback where pinned memory could not be had.
+    Pageable(Vec<u8>),
+}
+
+/// One CUDA device as a [`Device`].
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    name: String,
+    cu_device: sys::CUdevice,
+    granularity: u64,
+    regions: BTreeMap<u64, CudaRegion>,
+    staging: Staging,
+    scratch: sys::CUdeviceptr,
+}
+
+// SAFETY: the context is `Send`; the staging buffer and every device pointer are owned
+// exclusively by this value and used only through `&mut self`, and every call binds the
+// context to the calling thread first.
+unsafe impl Send for CudaDevice {}
+
+impl CudaDevice {
+    /// Opens device `ordinal`. Where no driver can be loaded this returns an error saying so
+    /// (cudarc would panic on first use).
+    pub fn open(ordinal: usize) -> Result<CudaDevice, DeviceError> {
+        if !driver_present() {
+            return Err(DeviceError::new(DeviceErrorKind::NoDriver, NO_DRIVER));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| driver_error(|| format!("cuda:{ordinal}: cannot open the device"), e))?;
+        let name = ctx
+            .name()
+            .map_err(|e| driver_error(|| format!("cuda:{ordinal}: device name"), e))?;
+        let cu_device = ctx.cu_device();
+        let mut dev = CudaDevice {
+            ctx,
+            name: format!("cuda:{ordinal} {name}"),
+            cu_device,
+            granularity: 0,
+            regions: BTreeMap::new(),
+            staging: Staging::Pageable(Vec::new()),
+            scratch: 0,
+        };
+        let prop = dev.prop();
+        let mut granularity = 0usize;
+        // SAFETY: both pointers point to live locals of the right types.
+        check(
+            unsafe {
+                sys::cuMemGetAllocationGranularity(
+                    &mut granularity,
+                    &prop,
+                    sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+                )
+            },
+            || format!("{}: cuMemGetAllocationGranularity", dev.name),
+        )?;
+        dev.granularity = (granularity as u64).max(1);
+
+        let mut host: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `host` is a valid out-pointer; on success it owns STAGING_BYTES bytes that
+        // `Drop` frees with cuMemFreeHost.
+        let pinned = unsafe { sys::cuMemAllocHost_v2(&mut host, STAGING_BYTES) };
+        dev.staging = if pinned == sys::CUresult::CUDA_SUCCESS && !host.is_null() {
+            Staging::Pinned(host.cast())
+        } else {
+            Staging::Pageable(vec![0u8; STAGING_BYTES])
+        };
+
+        let mut scratch: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; on success `Drop` frees it with cuMemFree_v2.
+        check(
+            unsafe { sys::cuMemAlloc_v2(&mut scratch, SCRATCH_BYTES as usize) },
+            || format!("{}: scratch buffer", dev.name),
+        )?;
+        dev.scratch = scratch;
+        Ok(dev)
+    }
+
+    fn prop(&self) -> sys::CUmemAllocationProp {
+        sys::CUmemAllocationProp {
+            type_: sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
+            requestedHandleTypes: sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE,
+            location: sys::CUmemLocation {
+                type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                id: self.cu_device,
+            },
+            win32HandleMetaData: std::ptr::null_mut(),
+            allocFlags: sys::CUmemAllocationProp_st__bindgen_ty_1 {
+                compressionType: 0,
+                gpuDirectRDMACapable: 0,
+                usage: 0,
+                reserved: [0; 4],
+            },
+        }
+    }
+
+    fn bind(&self) -> Result<(), DeviceError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_error(|| format!("{}: bind context", self.name), e))
+    }
+
+    fn staging(&mut self) -> &mut [u8] {
+        match &mut self.staging {
+            // SAFETY: the pointer owns STAGING_BYTES bytes of pinned host memory, exclusively
+            // ours; the returned borrow is tied to `&mut self`.
+            Staging::Pinned(p) => unsafe { std::slice::from_raw_parts_mut(*p, STAGING_BYTES) },
+            Staging::Pageable(v) => v,
+        }
+    }
+
+    /// Device address of `[offset, offset + bytes)` of `base`, after checking that the whole
+    /// range is accessible; `None` for an empty range (of a known base).
+    fn span(
+        &self,
+        base: u64,
+        offset: u64,
+        bytes: u64,
+        what: &str,
+    ) -> Result<Option<sys::CUdeviceptr>, DeviceError> {
+        let region = self.regions.get(&base).ok_or_else(|| {
+            DeviceError::invalid(format!("{} {what}: unknown base {base:#x}", self.name))
+        })?;
+        let end = range_end(what, offset, bytes)?;
+        if bytes == 0 {
+            return Ok(None);
+        }
+        if !region.access.covers(offset, end) {
+            return Err(DeviceError::invalid(format!(
+                "{} {what}: [{offset}, {end}) of {base:#x} is not inside one mapped range",
+                self.name
+            )));
+        }
+        Ok(Some(base + offset))
+    }
+
+    fn virtual_range(
+        &self,
+        base: u64,
+        offset: u64,
+        bytes: u64,
+        what: &str,
+    ) -> Result<u64, DeviceError> {
+        let name = &self.name;
+        let g = self.granularity;
+        let region = self.regions.get(&base).ok_or_else(|| {
+            DeviceError::invalid(format!("{name} {what}: unknown base {base:#x}"))
+        })?;
+        if !region.is_virtual {
+            return Err(DeviceError::invalid(format!(
+                "{name} {what}: {base:#x} is a physical segment, not a virtual range"
+            )));
+        }
+        let end = range_end(what, offset, bytes)?;
+        if bytes == 0 {
+            return Err(DeviceError::invalid(format!("{name} {what}: empty range")));
+        }
+        if offset % g != 0 || bytes % g != 0 {
+            return Err(DeviceError::new(
+                DeviceErrorKind::Unsupported,
+                format!(
+                    "{name} {what}: [{offset}, {end}) is not aligned to the device's \
+                     {g}-byte allocation granularity"
+                ),
+            ));
+        }
+        if end > region.len {
+            return Err(DeviceError::invalid(format!(
+                "{name} {what}: [{offset}, {end}) outside the {}-byte range {base:#x}",
+                region.len
+            )));
+        }
+        Ok(end)
+    }
+
+    /// Unmaps the pages of `[offset, end)`, each mapped on its own by `map_pages`.
+    fn unmap_pages(&self, base: u64, offset: u64, end: u64) -> Result<(), DeviceError> {
+        let g = self.granularity;
+        let mut first_err = Ok(());
+        for page in (offset..end).step_by(g as usize) {
+            // SAFETY: [base + page, +g) is one whole mapping created by `map_pages`.
+            let r = unsafe { sys::cuMemUnmap(base + page, g as usize) };
+            if first_err.is_ok() {
+                first_err = check(r, || format!("{} cuMemUnmap {base:#x}+{page}", self.name));
+            }
+        }
+        first_err
+    }
+
+    /// Backs the one page at `addr` with a fresh physical allocation, readable and writable.
+    fn map_page(&self, prop: &sys::CUmemAllocationProp, addr: u64) -> Result<(), DeviceError> {
+        let g = self.granularity as usize;
+        let name = &self.name;
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        // SAFETY: valid out-pointer and property struct; `g` is the granularity.
+        check(unsafe { sys::cuMemCreate(&mut handle, g, prop, 0) }, || {
+            format!("{name} map: cuMemCreate of {g} bytes")
+        })?;
+        // SAFETY: [addr, addr + g) lies in our reserved, unmapped address range (checked by the
+        // caller); `handle` is a fresh allocation of `g` bytes.
+        let mapped = check(unsafe { sys::cuMemMap(addr, g, 0, handle, 0) }, || {
+            format!("{name} map: cuMemMap at {addr:#x}")
+        });
+        // The mapping holds its own reference to the memory, so the handle can go now; if the
+        // mapping failed, this frees the allocation.
+        // SAFETY: `handle` came from cuMemCreate above and is released exactly once.
+        let released = check(unsafe { sys::cuMemRelease(handle) }, || {
+            format!("{name} map: cuMemRelease")
+        });
+        mapped?;
+        let access = sys::CUmemAccessDesc {
+            location: prop.location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: [addr, addr + g) is the mapping just made; `access` is one valid descriptor.
+        let accessible = check(unsafe { sys::cuMemSetAccess(addr, g, &access, 1) }, || {
+            format!("{name} map: cuMemSetAccess at {addr:#x}")
+        });
+        if let Err(e) = released.and(accessible) {
+            // SAFETY: undo the mapping just made; nothing else refers to it.
+            unsafe { sys::cuMemUnmap(addr, g) };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Maps one physical allocation per page over `[offset, end)`; on failure, unmaps what it
+    /// mapped and reports the error.
+    fn map_pages(&self, base: u64, offset: u64, end: u64) -> Result<(), DeviceError> {
+        let prop = self.prop();
+        for page in (offset..end).step_by(self.granularity as usize) {
+            if let Err(e) = self.map_page(&prop, base + page) {
+                let _ = self.unmap_pages(base, offset, page);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies between two overlapping ranges chunk by chunk through the scratch buffer, in the
+    /// direction that never overwrites source bytes not yet read.
+    fn copy_overlapping(&self, src: u64, dst: u64, bytes: u64) -> Result<(), DeviceError> {
+        let mut chunks: Vec<(u64, u64)> = (0..bytes)
+            .step_by(SCRATCH_BYTES as usize)
+            .map(|at| (at, SCRATCH_BYTES.min(bytes - at)))
+            .collect();
+        if dst > src {
+            chunks.reverse();
+        }
+        for (at, n) in chunks {
+            // SAFETY: both ranges were checked to be accessible device memory of this device;
+            // the scratch buffer holds SCRATCH_BYTES >= n bytes and overlaps neither.
+            unsafe {
+                check(
+                    sys::cuMemcpyDtoD_v2(self.scratch, src + at, n as usize),
+                    || format!("{} copy: cuMemcpyDtoD (to scratch)", self.name),
+                )?;
+                check(
+                    sys::cuMemcpyDtoD_v2(dst + at, self.scratch, n as usize),
+                    || format!("{} copy: cuMemcpyDtoD (from scratch)", self.name),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Device for CudaDevice {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn granularity_bytes(&self) -> u64 {
+        self.granularity
+    }
+
+    fn reserve(&mut self, bytes: u64) -> Result<u64, DeviceError> {
+        self.bind()?;
+        let size = usize::try_from(bytes.max(1)).map_err(|_| {
+            DeviceError::new(
+                DeviceErrorKind::OutOfMemory,
+                format!("reserve of {bytes} bytes"),
+            )
+        })?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; the allocation is owned by `regions` and freed once.
+        check(unsafe { sys::cuMemAlloc_v2(&mut ptr, size) }, || {
+            format!("{} reserve of {bytes} bytes (cuMemAlloc)", self.name)
+        })?;
+        let region = CudaRegion {
+            len: bytes,
+            is_virtual: false,
+            access: Ranges::whole(bytes),
+        };
+        self.regions.insert(ptr, region);
+        Ok(ptr)
+    }
+
+    fn release(&mut self, base: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        match self.regions.get(&base) {
+            Some(r) if !r.is_virtual => {}
+            _ => {
+                return Err(DeviceError::invalid(format!(
+                    "{} release: {base:#x} is not a physical segment",
+                    self.name
+                )))
+            }
+        }
+        self.regions.remove(&base);
+        // SAFETY: `base` came from cuMemAlloc_v2 and was just removed from the table.
+        check(unsafe { sys::cuMemFree_v2(base) }, || {
+            format!("{} release {base:#x} (cuMemFree)", self.name)
+        })
+    }
+
+    fn reserve_va(&mut self, bytes: u64) -> Result<u64, DeviceError> {
+        self.bind()?;
+        let len = bytes
+            .max(1)
+            .checked_next_multiple_of(self.granularity)
+            .filter(|&l| usize::try_from(l).is_ok())
+            .ok_or_else(|| {
+                DeviceError::new(
+                    DeviceErrorKind::OutOfMemory,
+                    format!("{} reserve_va of {bytes} bytes: too large", self.name),
+                )
+            })?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; the range is owned by `regions` and freed once.
+        check(
+            unsafe { sys::cuMemAddressReserve(&mut ptr, len as usize, 0, 0, 0) },
+            || {
+                format!(
+                    "{} reserve_va of {bytes} bytes (cuMemAddressReserve)",
+                    self.name
+                )
+            },
+        )?;
+        let region = CudaRegion {
+            len,
+            is_virtual: true,
+            access: Ranges::default(),
+        };
+        self.regions.insert(ptr, region);
+        Ok(ptr)
+    }
+
+    fn map(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        let end = self.virtual_range(base, offset, bytes, "map")?;
+        if self.regions[&base].access.touches(offset, end) {
+            return Err(DeviceError::invalid(format!(
+                "{} map: [{offset}, {end}) of {base:#x} overlaps mapped pages",
+                self.name
+            )));
+        }
+        self.map_pages(base, offset, end)?;
+        self.regions
+            .get_mut(&base)
+            .expect("checked")
+            .access
+            .insert(offset, end);
+        Ok(())
+    }
+
+    fn unmap(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        let end = self.virtual_range(base, offset, bytes, "unmap")?;
+        if !self.regions[&base].access.covers(offset, end) {
+            return Err(DeviceError::invalid(format!(
+                "{} unmap: [{offset}, {end}) of {base:#x} is not all mapped",
+                self.name
+            )));
+        }
+        // Synchronous copies only, but be sure no earlier work still uses these pages.
+        // SAFETY: no arguments.
+        check(unsafe { sys::cuCtxSynchronize() }, || {
+            format!("{} unmap: cuCtxSynchronize", self.name)
+        })?;
+        self.regions
+            .get_mut(&base)
+            .expect("checked")
+            .access
+            .remove(offset, end);
+        self.unmap_pages(base, offset, end)
+    }
+
+    fn release_va(&mut self, base: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        match self.regions.get(&base) {
+            Some(r) if r.is_virtual => {}
+            _ => {
+                return Err(DeviceError::invalid(format!(
+                    "{} release_va: {base:#x} is not a virtual range",
+                    self.name
+                )))
+            }
+        }
+        let region = self.regions.remove(&base).expect("checked");
+        let mut result = Ok(());
+        for (s, l) in region.access.iter() {
+            result = result.and(self.unmap_pages(base, s, s + l));
+        }
+        // SAFETY: the range came from cuMemAddressReserve with this length, is unmapped now,
+        // and was removed from the table.
+        let freed = check(
+            unsafe { sys::cuMemAddressFree(base, region.len as usize) },
+            || format!("{} release_va {base:#x} (cuMemAddressFree)", self.name),
+        );
+        result.and(freed)
+    }
+
+    fn fill(&mut self, base: u64, offset: u64, bytes: u64, seed: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        let Some(dptr) = self.span(base, offset, bytes, "fill")? else {
+            return Ok(());
+        };
+        let mut done = 0u64;
+        while done < bytes {
+            let n = (bytes - done).min(STAGING_BYTES as u64) as usize;
+            let buf = &mut self.staging()[..n];
+            pattern::fill(buf, seed, done);
+            let src = buf.as_ptr().cast::<c_void>();
+            // SAFETY: `src` holds `n` initialised bytes; [dptr + done, + n) was checked to be
+            // accessible device memory of this device. The call returns once the staging
+            // buffer has been read, so it may be reused.
+            check(unsafe { sys::cuMemcpyHtoD_v2(dptr + done, src, n) }, || {
+                format!("{} fill (cuMemcpyHtoD)", self.name)
+            })?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn verify(
+        &mut self,
+        base: u64,
+        offset: u64,
+        bytes: u64,
+        seed: u64,
+    ) -> Result<Check, DeviceError> {
+        self.bind()?;
+        let Some(dptr) = self.span(base, offset, bytes, "verify")? else {
+            return Ok(Check::default());
+        };
+        let mut result = Check::default();
+        let mut done = 0u64;
+        let name = self.name.clone();
+        while done < bytes {
+            let n = (bytes - done).min(STAGING_BYTES as u64) as usize;
+            let buf = &mut self.staging()[..n];
+            // SAFETY: `buf` has room for `n` bytes; [dptr + done, + n) was checked to be
+            // accessible device memory. The copy is complete when the call returns.
+            check(
+                unsafe { sys::cuMemcpyDtoH_v2(buf.as_mut_ptr().cast(), dptr + done, n) },
+                || format!("{name} verify (cuMemcpyDtoH)"),
+            )?;
+            let bad = pattern::count_mismatches(buf, seed, done);
+            if bad > 0 && result.first_mismatch.is_none() {
+                result.first_mismatch =
+                    pattern::first_mismatch(buf, seed, done).map(|i| done + i as u64);
+            }
+            result.mismatched_bytes += bad;
+            done += n as u64;
+        }
+        Ok(result)
+    }
+
+    fn copy(&mut self, from: (u64, u64), to: (u64, u64), bytes: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        let src = self.span(from.0, from.1, bytes, "copy source")?;
+        let dst = self.span(to.0, to.1, bytes, "copy destination")?;
+        let (Some(src), Some(dst)) = (src, dst) else {
+            return Ok(());
+        };
+        if src == dst {
+            return Ok(());
+        }
+        if src < dst + bytes && dst < src + bytes {
+            self.copy_overlapping(src, dst, bytes)?;
+        } else {
+            // SAFETY: two disjoint ranges, both checked to be accessible device memory.
+            check(
+                unsafe { sys::cuMemcpyDtoD_v2(dst, src, bytes as usize) },
+                || format!("{} copy (cuMemcpyDtoD)", self.name),
+            )?;
+        }
+        // Device-to-device copies are asynchronous: wait, so the measured time is the copy's.
+        // SAFETY: no arguments.
+        check(unsafe { sys::cuCtxSynchronize() }, || {
+            format!("{} copy: cuCtxSynchronize", self.name)
+        })
+    }
+
+    fn corrupt(&mut self, base: u64, offset: u64) -> Result<(), DeviceError> {
+        self.bind()?;
+        let Some(dptr) = self.span(base, offset, 1, "corrupt")? else {
+            return Ok(());
+        };
+        let mut byte = 0u8;
+        // SAFETY: one byte each way between a local and a checked device byte.
+        unsafe {
+            check(
+                sys::cuMemcpyDtoH_v2((&mut byte as *mut u8).cast(), dptr, 1),
+                || format!("{} corrupt (read)", self.name),
+            )?;
+            byte = !byte;
+            check(
+                sys::cuMemcpyHtoD_v2(dptr, (&byte as *const u8).cast(), 1),
+                || format!("{} corrupt (write)", self.name),
+            )
+        }
+    }
+
+    fn resident_bytes(&mut self) -> Option<u64> {
+        self.bind().ok()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: valid out-pointers.
+        unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }
+            .result()
+            .ok()?;
+        Some(total.saturating_sub(free) as u64)
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        let _ = self.bind();
+        // SAFETY: no arguments; let outstanding work finish before memory goes away.
+        unsafe { sys::cuCtxSynchronize() };
+        for (base, region) in std::mem::take(&mut self.regions) {
+            if region.is_virtual {
+                for (s, l) in region.access.iter() {
+                    let _ = self.unmap_pages(base, s, s + l);
+                }
+                // SAFETY: a range this device reserved with this length, now unmapped.
+                unsafe { sys::cuMemAddressFree(base, region.len as usize) };
+            } else {
+                // SAFETY: an allocation this device made and still owned.
+                unsafe { sys::cuMemFree_v2(base) };
+            }
+        }
+        if self.scratch != 0 {
+            // SAFETY: allocated in `open`, freed once here.
+            unsafe { sys::cuMemFree_v2(self.scratch) };
+        }
+        if let Staging::Pinned(p) = self.staging {
+            // SAFETY: allocated with cuMemAllocHost_v2 in `open`, freed once here.
+            unsafe { sys::cuMemFreeHost(p.cast()) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_without_a_driver_is_an_error_not_a_panic() {
+        match CudaDevice::open(0) {
+            Err(e) if !driver_present() => {
+                assert_eq!(e.kind, DeviceErrorKind::NoDriver);
+                assert!(e.to_string().contains("no CUDA driver"), "{e}");
+                assert!(e.to_string().contains("--execute host"), "{e}");
+            }
+            Ok(_) => assert!(driver_present()),
+            // A driver but no usable device: a clean error is all that is asked.
+            Err(e) => assert_ne!(e.kind, DeviceErrorKind::NoDriver, "{e}"),
+        }
+    }
+}

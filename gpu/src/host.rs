@@ -1,0 +1,462 @@
+//! [`HostDevice`]: decisions carried out on real host memory through `mmap`.
+//!
+//! A physical segment is an anonymous private mapping; a virtual range is address space mapped
+//! `PROT_NONE` whose pages become readable and writable on `map` and are dropped
+//! (`MADV_DONTNEED`) and made inaccessible again on `unmap`. Pages are committed lazily, as the
+//! OS does for any anonymous memory, so the resident memory grows when blocks are written.
+//!
+//! Every access is checked against a table of what was mapped (base → length and accessible
+//! ranges) before a pointer is formed: a wrong base, offset or size becomes a [`DeviceError`],
+//! never a read or write of memory this device does not hold.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use crate::device::{range_end, Check, Device, DeviceError, DeviceErrorKind, Ranges};
+use crate::pattern;
+
+struct Region {
+    /// Start of the mapping, as `mmap` returned it.
+    ptr: *mut u8,
+    /// Length of the mapping: the bytes asked for rounded up to whole pages (at least one).
+    len: u64,
+    /// Address space only: pages are accessible where `map` made them so.
+    is_virtual: bool,
+    /// Accessible ranges: the bytes asked for of a physical segment, the mapped pages of a
+    /// virtual range.
+    access: Ranges,
+}
+
+/// Size of a transparent huge page on x86-64 and most arm64 kernels; the usual GPU allocation
+/// granularity, and the page size of the policies' virtual ranges.
+const HUGE_PAGE: u64 = 2 << 20;
+
+/// Asks for transparent huge pages over `[ptr, ptr + len)`: a first touch then faults in 2 MiB
+/// at a time instead of 4 KiB (more than ten times faster to fill fresh memory). Advisory only.
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(ptr: *mut u8, len: u64) {
+    // SAFETY: `ptr`/`len` are a page-aligned part of one of our own mappings; the advice only
+    // changes how the kernel backs it.
+    unsafe { libc::madvise(ptr.cast(), len as usize, libc::MADV_HUGEPAGE) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages(_ptr: *mut u8, _len: u64) {}
+
+/// Host memory as a [`Device`].
+pub struct HostDevice {
+    page: u64,
+    regions: BTreeMap<u64, Region>,
+}
+
+// SAFETY: a `HostDevice` exclusively owns the mappings its raw pointers point into; nothing
+// about them is tied to the thread that created them, and all access goes through `&mut self`.
+unsafe impl Send for HostDevice {}
+
+impl Default for HostDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn os_error(what: String) -> DeviceError {
+    let err = io::Error::last_os_error();
+    let kind = match err.raw_os_error() {
+        Some(libc::ENOMEM) | Some(libc::EAGAIN) => DeviceErrorKind::OutOfMemory,
+        _ => DeviceErrorKind::Driver,
+    };
+    DeviceError::new(kind, format!("{what}: {err}"))
+}
+
+impl HostDevice {
+    pub fn new() -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        HostDevice {
+            page: u64::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096),
+            regions: BTreeMap::new(),
+        }
+    }
+
+    /// Number of regions (segments and virtual ranges) currently held.
+    pub fn region_count(&self) -> usize {
+        self.regions.len()
+    }
+
+    fn mmap(&mut self, bytes: u64, prot: libc::c_int, what: &str) -> Result<u64, DeviceError> {
+        let too_large = || {
+            DeviceError::new(
+                DeviceErrorKind::OutOfMemory,
+                format!("host {what} of {bytes} bytes: larger than the address space"),
+            )
+        };
+        let len = bytes
+            .max(1)
+            .checked_next_multiple_of(self.page)
+            .filter(|&l| l <= isize::MAX as u64)
+            .ok_or_else(too_large)?;
+        // Regions of a huge page or more start on a huge-page boundary (map a little more, trim
+        // the ends), so that 2 MiB pages of a policy are 2 MiB pages of the OS.
+        let huge = len >= HUGE_PAGE && self.page < HUGE_PAGE;
+        let span = if huge {
+            len.checked_add(HUGE_PAGE - self.page)
+                .filter(|&l| l <= isize::MAX as u64)
+                .ok_or_else(too_large)?
+        } else {
+            len
+        };
+        // SAFETY: an anonymous private mapping at an address the kernel chooses aliases no
+        // existing memory; `span` is non-zero and fits in isize.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span as usize,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(os_error(format!("host {what} of {bytes} bytes (mmap)")));
+        }
+        let mut ptr = raw.cast::<u8>();
+        if huge {
+            let head = (ptr as u64).next_multiple_of(HUGE_PAGE) - ptr as u64;
+            let tail = span - head - len;
+            // SAFETY: `head + len + tail == span`: the head and the tail are page-aligned parts
+            // of the mapping just made, which nothing refers to; `ptr + head` stays inside it.
+            unsafe {
+                if head > 0 {
+                    libc::munmap(ptr.cast(), head as usize);
+                }
+                ptr = ptr.add(head as usize);
+                if tail > 0 {
+                    libc::munmap(ptr.add(len as usize).cast(), tail as usize);
+                }
+            }
+            advise_huge_pages(ptr, len);
+        }
+        let base = ptr as u64;
+        let is_virtual = prot == libc::PROT_NONE;
+        let access = if is_virtual {
+            Ranges::default()
+        } else {
+            Ranges::whole(bytes)
+        };
+        let region = Region {
+            ptr,
+            len,
+            is_virtual,
+            access,
+        };
+        self.regions.insert(base, region);
+        Ok(base)
+    }
+
+    fn region(&self, base: u64, what: &str) -> Result<&Region, DeviceError> {
+        self.regions
+            .get(&base)
+            .ok_or_else(|| DeviceError::invalid(format!("host {what}: unknown base {base:#x}")))
+    }
+
+    /// A pointer to `[offset, offset + bytes)` of `base`, after checking that the whole range
+    /// is accessible; `None` for an empty range (of a known base).
+    fn span(
+        &self,
+        base: u64,
+        offset: u64,
+        bytes: u64,
+        what: &str,
+    ) -> Result<Option<*mut u8>, DeviceError> {
+        let region = self.region(base, what)?;
+        let end = range_end(what, offset, bytes)?;
+        if bytes == 0 {
+            return Ok(None);
+        }
+        if !region.access.covers(offset, end) {
+            return Err(DeviceError::invalid(format!(
+                "host {what}: [{offset}, {end}) of {base:#x} is not inside one mapped range"
+            )));
+        }
+        // SAFETY: `end <= len` (accessible ranges lie inside the mapping), so `ptr + offset` is
+        // inside the mapping that `ptr` points to.
+        Ok(Some(unsafe { region.ptr.add(offset as usize) }))
+    }
+
+    fn virtual_range(
+        &mut self,
+        base: u64,
+        offset: u64,
+        bytes: u64,
+        what: &str,
+    ) -> Result<(&mut Region, u64), DeviceError> {
+        let page = self.page;
+        let region = self
+            .regions
+            .get_mut(&base)
+            .ok_or_else(|| DeviceError::invalid(format!("host {what}: unknown base {base:#x}")))?;
+        if !region.is_virtual {
+            return Err(DeviceError::invalid(format!(
+                "host {what}: {base:#x} is a physical segment, not a virtual range"
+            )));
+        }
+        let end = range_end(what, offset, bytes)?;
+        if bytes == 0 {
+            return Err(DeviceError::invalid(format!("host {what}: empty range")));
+        }
+        if offset % page != 0 || bytes % page != 0 {
+            return Err(DeviceError::new(
+                DeviceErrorKind::Unsupported,
+                format!("host {what}: [{offset}, {end}) is not aligned to the {page}-byte page"),
+            ));
+        }
+        if end > region.len {
+            return Err(DeviceError::invalid(format!(
+                "host {what}: [{offset}, {end}) outside the {}-byte range {base:#x}",
+                region.len
+            )));
+        }
+        Ok((region, end))
+    }
+
+    fn munmap(&mut self, base: u64, want_virtual: bool, what: &str) -> Result<(), DeviceError> {
+        let region = self.region(base, what)?;
+        if region.is_virtual != want_virtual {
+            return Err(DeviceError::invalid(format!(
+                "host {what}: {base:#x} is a {}",
+                if region.is_virtual {
+                    "virtual range"
+                } else {
+                    "physical segment"
+                }
+            )));
+        }
+        let region = self.regions.remove(&base).expect("checked above");
+        // SAFETY: `ptr`/`len` are exactly a mapping this device created and still owns; it was
+        // just removed from the table, so no later call can reach it.
+        if unsafe { libc::munmap(region.ptr.cast(), region.len as usize) } != 0 {
+            return Err(os_error(format!("host {what} of {base:#x} (munmap)")));
+        }
+        Ok(())
+    }
+}
+
+impl Device for HostDevice {
+    fn name(&self) -> String {
+        "host".to_string()
+    }
+
+    fn granularity_bytes(&self) -> u64 {
+        self.page
+    }
+
+    fn reserve(&mut self, bytes: u64) -> Result<u64, DeviceError> {
+        self.mmap(bytes, libc::PROT_READ | libc::PROT_WRITE, "reserve")
+    }
+
+    fn release(&mut self, base: u64) -> Result<(), DeviceError> {
+        self.munmap(base, false, "release")
+    }
+
+    fn reserve_va(&mut self, bytes: u64) -> Result<u64, DeviceError> {
+        self.mmap(bytes, libc::PROT_NONE, "reserve_va")
+    }
+
+    fn map(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
+        let (region, end) = self.virtual_range(base, offset, bytes, "map")?;
+        if region.access.touches(offset, end) {
+            return Err(DeviceError::invalid(format!(
+                "host map: [{offset}, {end}) of {base:#x} overlaps mapped pages"
+            )));
+        }
+        // SAFETY: the page-aligned range [offset, end) lies inside this device's own mapping
+        // (checked by `virtual_range`); changing its protection affects no other memory.
+        let rc = unsafe {
+            libc::mprotect(
+                region.ptr.add(offset as usize).cast(),
+                bytes as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(os_error(format!("host map [{offset}, {end}) of {base:#x}")));
+        }
+        region.access.insert(offset, end);
+        Ok(())
+    }
+
+    fn unmap(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
+        let (region, end) = self.virtual_range(base, offset, bytes, "unmap")?;
+        if !region.access.covers(offset, end) {
+            return Err(DeviceError::invalid(format!(
+                "host unmap: [{offset}, {end}) of {base:#x} is not all mapped"
+            )));
+        }
+        // SAFETY: as in `map`: a page-aligned range inside our own mapping. Dropping its pages
+        // (they read as zero afterwards) and then revoking access touches nothing else; no
+        // reference into the range outlives a `&mut self` call.
+        unsafe {
+            let p = region.ptr.add(offset as usize).cast();
+            if libc::madvise(p, bytes as usize, libc::MADV_DONTNEED) != 0 {
+                return Err(os_error(format!("host unmap [{offset}, {end}) (madvise)")));
+            }
+            if libc::mprotect(p, bytes as usize, libc::PROT_NONE) != 0 {
+                return Err(os_error(format!("host unmap [{offset}, {end}) (mprotect)")));
+            }
+        }
+        region.access.remove(offset, end);
+        Ok(())
+    }
+
+    fn release_va(&mut self, base: u64) -> Result<(), DeviceError> {
+        self.munmap(base, true, "release_va")
+    }
+
+    fn fill(&mut self, base: u64, offset: u64, bytes: u64, seed: u64) -> Result<(), DeviceError> {
+        if let Some(p) = self.span(base, offset, bytes, "fill")? {
+            // SAFETY: `span` checked that all `bytes` from `p` are mapped read-write and belong
+            // to this device; `&mut self` guarantees no other reference into them exists.
+            let block = unsafe { std::slice::from_raw_parts_mut(p, bytes as usize) };
+            pattern::fill(block, seed, 0);
+        }
+        Ok(())
+    }
+
+    fn verify(
+        &mut self,
+        base: u64,
+        offset: u64,
+        bytes: u64,
+        seed: u64,
+    ) -> Result<Check, DeviceError> {
+        let Some(p) = self.span(base, offset, bytes, "verify")? else {
+            return Ok(Check::default());
+        };
+        // SAFETY: as in `fill`; the slice is only read.
+        let block = unsafe { std::slice::from_raw_parts(p, bytes as usize) };
+        let mismatched_bytes = pattern::count_mismatches(block, seed, 0);
+        let first_mismatch = if mismatched_bytes > 0 {
+            pattern::first_mismatch(block, seed, 0).map(|i| i as u64)
+        } else {
+            None
+        };
+        Ok(Check {
+            mismatched_bytes,
+            first_mismatch,
+        })
+    }
+
+    fn copy(&mut self, from: (u64, u64), to: (u64, u64), bytes: u64) -> Result<(), DeviceError> {
+        let src = self.span(from.0, from.1, bytes, "copy source")?;
+        let dst = self.span(to.0, to.1, bytes, "copy destination")?;
+        if let (Some(src), Some(dst)) = (src, dst) {
+            // SAFETY: both ranges were checked to be mapped read-write memory of this device;
+            // `ptr::copy` is a memmove, correct for overlapping ranges.
+            unsafe { std::ptr::copy(src, dst, bytes as usize) };
+        }
+        Ok(())
+    }
+
+    fn corrupt(&mut self, base: u64, offset: u64) -> Result<(), DeviceError> {
+        if let Some(p) = self.span(base, offset, 1, "corrupt")? {
+            // SAFETY: `span` checked that this one byte is mapped read-write memory we own.
+            unsafe { *p = !*p };
+        }
+        Ok(())
+    }
+
+    fn resident_bytes(&mut self) -> Option<u64> {
+        // /proc/self/statm: size resident shared text lib data dt, in pages.
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        resident.checked_mul(self.page)
+    }
+}
+
+impl Drop for HostDevice {
+    fn drop(&mut self) {
+        for (_, region) in std::mem::take(&mut self.regions) {
+            // SAFETY: each region is a mapping this device created and still owns; the table
+            // is emptied, so nothing can reach them afterwards.
+            unsafe { libc::munmap(region.ptr.cast(), region.len as usize) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn physical_segment_fill_verify_copy_corrupt() {
+        let mut d = HostDevice::new();
+        let base = d.reserve(3 * MIB + 5).unwrap();
+        d.fill(base, 100, 1000, 7).unwrap();
+        assert_eq!(d.verify(base, 100, 1000, 7).unwrap(), Check::default());
+        // Overlapping copy up by 10 bytes keeps the block's bytes.
+        d.copy((base, 100), (base, 110), 1000).unwrap();
+        assert_eq!(d.verify(base, 110, 1000, 7).unwrap().mismatched_bytes, 0);
+        d.corrupt(base, 110 + 999).unwrap();
+        let check = d.verify(base, 110, 1000, 7).unwrap();
+        assert_eq!(check.mismatched_bytes, 1);
+        assert_eq!(check.first_mismatch, Some(999));
+        // The last requested byte is accessible, the next one is not.
+        d.fill(base, 3 * MIB + 4, 1, 1).unwrap();
+        let err = d.fill(base, 3 * MIB + 4, 2, 1).unwrap_err();
+        assert_eq!(err.kind, DeviceErrorKind::Invalid);
+        assert!(d.verify(base + 1, 0, 1, 1).is_err());
+        assert!(d.fill(base, u64::MAX, 2, 1).is_err());
+        assert!(d.map(base, 0, MIB).is_err(), "map of a physical segment");
+        assert!(d.release_va(base).is_err());
+        d.release(base).unwrap();
+        assert!(d.verify(base, 0, 1, 1).is_err(), "released memory is gone");
+        assert_eq!(d.region_count(), 0);
+    }
+
+    #[test]
+    fn virtual_range_map_unmap() {
+        let mut d = HostDevice::new();
+        let base = d.reserve_va(64 * MIB).unwrap();
+        assert!(d.fill(base, 0, 8, 1).is_err(), "nothing is mapped yet");
+        d.map(base, 2 * MIB, 2 * MIB).unwrap();
+        d.map(base, 4 * MIB, 2 * MIB).unwrap();
+        // A block spanning two separately mapped pages.
+        d.fill(base, 3 * MIB, 2 * MIB, 9).unwrap();
+        assert_eq!(
+            d.verify(base, 3 * MIB, 2 * MIB, 9)
+                .unwrap()
+                .mismatched_bytes,
+            0
+        );
+        assert!(d.map(base, 4 * MIB, 2 * MIB).is_err(), "mapped twice");
+        assert!(d.map(base, 6 * MIB + 1, 2 * MIB).is_err(), "unaligned");
+        assert!(d.map(base, 64 * MIB, 2 * MIB).is_err(), "outside the range");
+        assert!(d.unmap(base, 0, 4 * MIB).is_err(), "not all mapped");
+        d.unmap(base, 4 * MIB, 2 * MIB).unwrap();
+        assert!(d.verify(base, 3 * MIB, 2 * MIB, 9).is_err());
+        // Remapped pages read as zeros: the old contents were dropped.
+        d.map(base, 4 * MIB, 2 * MIB).unwrap();
+        let check = d.verify(base, 4 * MIB, MIB, 9).unwrap();
+        assert!(check.mismatched_bytes > MIB - MIB / 64);
+        assert!(d.release(base).is_err(), "release of a virtual range");
+        d.release_va(base).unwrap();
+    }
+
+    #[test]
+    fn refusal_of_impossible_reservations() {
+        let mut d = HostDevice::new();
+        let err = d.reserve(u64::MAX).unwrap_err();
+        assert_eq!(err.kind, DeviceErrorKind::OutOfMemory);
+        let err = d.reserve(1 << 62).unwrap_err();
+        assert_eq!(err.kind, DeviceErrorKind::OutOfMemory, "{err}");
+        assert!(err.to_string().contains("mmap"), "{err}");
+        // Zero bytes still gives a distinct base.
+        let a = d.reserve(0).unwrap();
+        let b = d.reserve(0).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(d.verify(a, 0, 0, 0).unwrap(), Check::default());
+    }
+}
