@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use gpumem_core::alloc::{AllocConfig, Strategy};
+use gpumem_gpu::{CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject};
 use gpumem_sim::report::{render_table, simulate_all, AllocReport};
 use gpumem_sim::{DefragMode, ReplayConfig};
 use gpumem_traces::generate::{llm_serving, occupancy, LlmServingParams, OccupancyParams};
@@ -88,6 +89,28 @@ pub struct AllocArgs {
     /// Walk every strategy's full invariants after every operation (slow; for debugging).
     #[arg(long)]
     check: bool,
+
+    /// Also carry the decisions out on real memory and check them: `host` (anywhere) or `cuda`
+    /// (needs an NVIDIA driver). Every live block holds a pattern unique to it, verified when it
+    /// is freed or moved, at checkpoints and at the end; digests must equal the simulation's.
+    #[arg(long, value_enum, value_name = "DEVICE")]
+    execute: Option<ExecuteArg>,
+
+    /// With --execute: re-verify every live block every N operations (0: only at the end).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    checkpoint_every: u64,
+
+    /// With --execute: seeded fault injection, to prove the checks can fail: `corrupt-block`
+    /// flips a byte of a placed block, `refuse-alloc` makes the device refuse a reservation;
+    /// `:N` picks the N-th candidate, else --seed picks one. Repeatable.
+    #[arg(long, value_name = "FAULT")]
+    inject: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExecuteArg {
+    Host,
+    Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -124,10 +147,12 @@ pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
     if args.check {
         config.check_every_ops = 1;
     }
+    config.checkpoint_every_ops = args.checkpoint_every;
     let progress = Progress::new(
         Strategy::ALL.len(),
         trace.ops.len() as u64 * strategies.len() as u64,
     );
+    let faults = parse_faults(&args)?;
     let report = simulate_all(&trace, &strategies, &config, &|s, n| {
         progress.update(s as usize, n)
     })
@@ -143,15 +168,177 @@ pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
         std::fs::write(path, svg)
             .map_err(|e| format!("{}: cannot write the plot: {e}", path.display()))?;
     }
+    let executed = match args.execute {
+        Some(device) => Some(execute_all(
+            &trace,
+            &strategies,
+            &config,
+            device,
+            &faults,
+            args.seed,
+        )?),
+        None => None,
+    };
     if args.json {
+        let mut value = serde_json::to_value(&report).expect("report serializes");
+        if let Some(runs) = &executed {
+            attach_execution(&mut value, runs);
+        }
         println!(
             "{}",
-            serde_json::to_string(&report).expect("report serializes")
+            serde_json::to_string(&value).expect("report serializes")
         );
     } else {
         print!("{}", render_text(&trace, &report, &config));
+        if let Some(runs) = &executed {
+            print!("{}", render_execution(&report, runs));
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    let failed = executed.as_ref().is_some_and(|runs| {
+        runs.iter()
+            .zip(&report.results)
+            .any(|(run, sim)| run.mismatches > 0 || run.digest != sim.digest)
+    });
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn parse_faults(args: &AllocArgs) -> Result<Vec<Inject>, String> {
+    if !args.inject.is_empty() && args.execute.is_none() {
+        return Err(
+            "--inject needs --execute host|cuda: faults are injected into real memory".into(),
+        );
+    }
+    args.inject
+        .iter()
+        .map(|f| Inject::parse(f).map_err(|e| format!("--inject {f}: {e}")))
+        .collect()
+}
+
+/// Replays every strategy again, one after the other (real memory is not shared), on the device.
+fn execute_all(
+    trace: &AllocTrace,
+    strategies: &[Strategy],
+    config: &ReplayConfig,
+    device: ExecuteArg,
+    faults: &[Inject],
+    seed: u64,
+) -> Result<Vec<ExecReport>, String> {
+    let mut runs = Vec::new();
+    for &strategy in strategies {
+        let report = match device {
+            ExecuteArg::Host => {
+                execute_one(trace, strategy, config, HostDevice::new(), faults, seed)?
+            }
+            ExecuteArg::Cuda => {
+                let cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
+                execute_one(trace, strategy, config, cuda, faults, seed)?
+            }
+        };
+        runs.push(report);
+    }
+    Ok(runs)
+}
+
+fn execute_one<D: Device>(
+    trace: &AllocTrace,
+    strategy: Strategy,
+    config: &ReplayConfig,
+    device: D,
+    faults: &[Inject],
+    seed: u64,
+) -> Result<ExecReport, String> {
+    let mut exec = DeviceExecutor::new(device, config.alloc.capacity_bytes, faults, seed);
+    gpumem_sim::replay(trace, strategy, config, &mut exec, &mut |_| {})
+        .map_err(|e| format!("{}:{e}", trace.name))?;
+    Ok(exec.finish())
+}
+
+fn attach_execution(value: &mut serde_json::Value, runs: &[ExecReport]) {
+    let results = value["results"].as_array_mut().expect("results array");
+    for (result, r) in results.iter_mut().zip(runs) {
+        result["bytes_verified"] = r.bytes_verified.into();
+        result["mismatches"] = r.mismatches.into();
+        result["digest_executed"] = r.digest.clone().into();
+        result["execution"] = serde_json::to_value(r).expect("execution report serializes");
+    }
+}
+
+fn sum_kind(runs: &[ExecReport], kind: &str) -> (u64, u64) {
+    runs.iter()
+        .flat_map(|r| &r.timings)
+        .filter(|t| t.kind == kind)
+        .fold((0, 0), |(c, ns), t| (c + t.count, ns + t.measured_ns_total))
+}
+
+fn render_execution(report: &AllocReport, runs: &[ExecReport]) -> String {
+    use gpumem_sim::report::human_bytes;
+    let device = runs.first().map_or("", |r| r.device.as_str());
+    let mut out = format!("\nexecuted on {device}\n");
+    out.push_str(
+        "strategy            digest       verified  mismatches  refused  measured / modelled\n",
+    );
+    for (sim, r) in report.results.iter().zip(runs) {
+        let digest = if r.digest == sim.digest {
+            "= simulated"
+        } else {
+            "DIFFERS"
+        };
+        let measured: u64 = r.timings.iter().map(|t| t.measured_ns_total).sum();
+        out.push_str(&format!(
+            "{:<18}  {:<11}  {:>9}  {:>10}  {:>7}  {:.1} ms / {:.1} ms\n",
+            sim.strategy,
+            digest,
+            human_bytes(r.bytes_verified),
+            r.mismatches,
+            r.device_refusals + r.injected_refusals,
+            measured as f64 / 1e6,
+            sim.modelled_ns as f64 / 1e6,
+        ));
+    }
+    out.push_str("\nper decision, all strategies     count    measured     modelled\n");
+    for kind in gpumem_core::decision::Decision::KIND_NAMES {
+        let (count, measured) = sum_kind(runs, kind);
+        if count == 0 {
+            continue;
+        }
+        let modelled: u64 = report
+            .results
+            .iter()
+            .flat_map(|r| &r.modelled)
+            .filter(|k| k.kind == kind)
+            .map(|k| k.modelled_ns)
+            .sum();
+        out.push_str(&format!(
+            "  {kind:<28} {count:>8}  {:>8.0} ns  {:>8.0} ns\n",
+            measured as f64 / count as f64,
+            modelled as f64 / count as f64
+        ));
+    }
+    for (sim, r) in report.results.iter().zip(runs) {
+        if r.mismatches > 0 {
+            out.push_str(&format!(
+                "{}: {} bytes did not hold their pattern; first: {:?}\n",
+                sim.strategy,
+                r.mismatches,
+                r.first_mismatches.first()
+            ));
+        }
+        for e in &r.device_errors {
+            out.push_str(&format!("{}: device: {e}\n", sim.strategy));
+        }
+        if !r.injections.is_empty() {
+            out.push_str(&format!(
+                "{}: injected {}\n",
+                sim.strategy,
+                r.injections.join(", ")
+            ));
+        }
+    }
+    out
 }
 
 fn parse_strategies(text: &str) -> Result<Vec<Strategy>, String> {

@@ -1,6 +1,8 @@
 //! Property tests run against every strategy: one body, every allocator.
 
-use gpumem_core::alloc::{build, AllocConfig, AllocRequest, Allocator, Strategy as AllocStrategy, MIB};
+use gpumem_core::alloc::{
+    build, AllocConfig, AllocRequest, Allocator, Strategy as AllocStrategy, MIB,
+};
 use gpumem_core::decision::{AllocId, Decision, Refusal};
 use gpumem_core::memory::{Books, Memory};
 use proptest::prelude::*;
@@ -22,7 +24,11 @@ impl Memory for Recorder {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Alloc { bytes: u64, stream: u32, pinned: bool },
+    Alloc {
+        bytes: u64,
+        stream: u32,
+        pinned: bool,
+    },
     /// Frees the live allocation at this index (mod the number live).
     Free(usize),
     EmptyCache,
@@ -76,10 +82,19 @@ impl Run {
 
     fn step(&mut self, op: &Op) {
         match *op {
-            Op::Alloc { bytes, stream, pinned } => {
+            Op::Alloc {
+                bytes,
+                stream,
+                pinned,
+            } => {
                 let id = AllocId(self.next_id);
                 self.next_id += 1;
-                let req = AllocRequest { id, bytes, stream, pinned };
+                let req = AllocRequest {
+                    id,
+                    bytes,
+                    stream,
+                    pinned,
+                };
                 if self.alloc.alloc(req, &mut self.mem).is_ok() {
                     self.live.push((id, bytes));
                 }
@@ -121,7 +136,12 @@ impl Run {
             let seg = books.segment_bytes(b.at.segment).expect("segment exists");
             prop_assert!(b.at.offset + b.bytes <= seg);
         }
-        prop_assert_eq!(self.alloc.reserved_bytes(), books.reserved_bytes, "{}", name);
+        prop_assert_eq!(
+            self.alloc.reserved_bytes(),
+            books.reserved_bytes,
+            "{}",
+            name
+        );
         let free = self.alloc.free_summary();
         prop_assert_eq!(
             books.allocated_bytes + free.free_bytes(),
@@ -136,11 +156,11 @@ impl Run {
 }
 
 fn strategies() -> impl Strategy<Value = AllocStrategy> {
-    proptest::sample::select(AllocStrategy::ALL[..5].to_vec())
+    proptest::sample::select(AllocStrategy::ALL.to_vec())
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn invariants_hold_after_every_operation(
@@ -221,13 +241,22 @@ proptest! {
 
 #[test]
 fn a_request_larger_than_capacity_is_refused_not_a_panic() {
-    for strategy in &AllocStrategy::ALL[..5] { let strategy = *strategy;
+    for strategy in AllocStrategy::ALL {
         let mut run = Run::new(strategy);
         for bytes in [u64::MAX, u64::MAX - 511, 1 << 62, 600 * MIB] {
             let id = AllocId(run.next_id);
             run.next_id += 1;
-            let req = AllocRequest { id, bytes, stream: 0, pinned: false };
-            assert!(run.alloc.alloc(req, &mut run.mem).is_err(), "{}", strategy.name());
+            let req = AllocRequest {
+                id,
+                bytes,
+                stream: 0,
+                pinned: false,
+            };
+            assert!(
+                run.alloc.alloc(req, &mut run.mem).is_err(),
+                "{}",
+                strategy.name()
+            );
         }
         run.check().unwrap();
     }

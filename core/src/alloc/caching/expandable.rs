@@ -1,0 +1,226 @@
+//! Expandable segments (`expandable_segments:True`, notes §1.10).
+//!
+//! Each (stream, pool) gets a virtual range, created lazily (`ReserveVa`) when no existing one
+//! can fit a request, of ⌈1.125 × capacity / page⌉ pages (`totalGlobalMem + totalGlobalMem / 8`;
+//! the books do not charge address space). Pages are 2 MiB in the small pool and 20 MiB in the
+//! large one. A range starts as one unmapped block. A miss maps whole pages at the lowest address
+//! that can fit the rounded request (a run of free mapped and unmapped blocks), merges and splits
+//! with any remainder of at least 512 B; `empty_cache` unmaps the whole pages strictly inside
+//! free blocks and releases a range once it is entirely unmapped. Unmapped blocks therefore
+//! always start and end on page boundaries, and a block never spans two ranges.
+
+use super::{Block, Caching, PoolKind, Segment, State, NIL};
+use crate::decision::{Decision, SegmentId};
+use crate::memory::Memory;
+
+impl Caching {
+    /// Length of every expandable range of `pool`: whole pages covering 1⅛ × the capacity.
+    pub fn va_range_bytes(&self, pool: PoolKind) -> u64 {
+        let page = u128::from(pool.page_bytes());
+        let want = u128::from(self.capacity_bytes) + u128::from(self.capacity_bytes / 8);
+        let bytes = want.div_ceil(page) * page;
+        u64::try_from(bytes).unwrap_or(u64::MAX / (page as u64) * page as u64)
+    }
+
+    /// `try_allocate_expandable_block`: a free mapped block of at least `size` (the rounded
+    /// request), in no index, or `None` if a mapping was refused. Pages mapped before a refusal
+    /// stay mapped (as free memory), as in PyTorch.
+    ///
+    /// A request larger than a whole range fails without reserving one (PyTorch would reserve
+    /// a range and fail to map it).
+    pub(super) fn try_allocate_expandable_block(
+        &mut self,
+        stream: u32,
+        pool: PoolKind,
+        size: u64,
+        mem: &mut dyn Memory,
+    ) -> Option<u32> {
+        if size > self.va_range_bytes(pool) {
+            return None;
+        }
+        let mut candidate = match self.find_expandable_block(stream, pool, size) {
+            Some(c) => c,
+            None => self.new_va_range(stream, pool, mem)?,
+        };
+        if self.b(candidate).state == State::Unmapped {
+            let bytes = size.min(self.b(candidate).size);
+            candidate = self.map_block(candidate, bytes, mem)?;
+        }
+        while self.b(candidate).size < size {
+            // Invariant: free → unmapped → … covers `size`.
+            let next = self.b(candidate).next;
+            assert!(
+                next != NIL && self.b(next).state == State::Unmapped,
+                "expandable run ends before {size} bytes"
+            );
+            let remaining = size - self.b(candidate).size;
+            let bytes = remaining.min(self.b(next).size);
+            candidate = self.map_block(next, bytes, mem)?;
+        }
+        self.remove_free(candidate);
+        Some(candidate)
+    }
+
+    /// `find_expandable_block`: for each unmapped block of `stream` in address order, a run
+    /// starting at it (or at the free mapped block right before it) of free and unmapped blocks
+    /// totalling at least `size`. Returns the run's first block.
+    fn find_expandable_block(&self, stream: u32, pool: PoolKind, size: u64) -> Option<u32> {
+        let allocatable = |i: u32| i != NIL && self.b(i).state.is_free_space();
+        let unmapped = &self.pools[pool.index()].unmapped;
+        for &(s, _, _, u) in unmapped.range((stream, 0, 0, 0)..) {
+            if s != stream {
+                break;
+            }
+            let prev = self.b(u).prev;
+            let start = if allocatable(prev) { prev } else { u };
+            let mut bytes = 0u64;
+            let mut b = start;
+            while bytes < size && allocatable(b) {
+                bytes += self.b(b).size;
+                b = self.b(b).next;
+            }
+            if bytes >= size {
+                return Some(start);
+            }
+        }
+        None
+    }
+
+    /// Reserves a new range for (stream, pool): one unmapped block, indexed.
+    fn new_va_range(&mut self, stream: u32, pool: PoolKind, mem: &mut dyn Memory) -> Option<u32> {
+        let bytes = self.va_range_bytes(pool);
+        let id = self.take_segment_id()?;
+        let reserve = Decision::ReserveVa {
+            segment: SegmentId(id),
+            bytes,
+        };
+        mem.apply(reserve).ok()?;
+        let block = Block {
+            segment: id,
+            stream,
+            pool,
+            offset: 0,
+            size: bytes,
+            prev: NIL,
+            next: NIL,
+            state: State::Unmapped,
+        };
+        let first = self.new_block(block);
+        let segment = Segment {
+            stream,
+            pool,
+            bytes,
+            expandable: true,
+            first,
+            mapped_bytes: 0,
+            live_count: 0,
+            live_bytes: 0,
+        };
+        self.segments.insert(id, segment);
+        self.insert_unmapped(first);
+        Some(first)
+    }
+
+    /// `map_block`: maps ⌈bytes / page⌉ pages at the start of unmapped block `i`, leaving the
+    /// rest unmapped; the mapped part merges with free mapped neighbours and is indexed as free.
+    /// Returns the merged block, or `None` (nothing changed) if the mapping was refused.
+    fn map_block(&mut self, i: u32, bytes: u64, mem: &mut dyn Memory) -> Option<u32> {
+        let b = *self.b(i);
+        debug_assert_eq!(b.state, State::Unmapped);
+        let page = b.pool.page_bytes();
+        let bytes = bytes.div_ceil(page) * page;
+        debug_assert_eq!(b.offset % page, 0, "unmapped block off a page boundary");
+        debug_assert!(bytes <= b.size && bytes > 0);
+        let map = Decision::Map {
+            segment: SegmentId(b.segment),
+            offset: b.offset,
+            bytes,
+        };
+        mem.apply(map).ok()?;
+        self.remove_unmapped(i);
+        if bytes < b.size {
+            let rest = self.new_block(Block {
+                offset: b.offset + bytes,
+                size: b.size - bytes,
+                ..b
+            });
+            self.link(b.segment, rest, b.next);
+            self.link(b.segment, i, rest);
+            self.bm(i).size = bytes;
+            self.insert_unmapped(rest);
+        }
+        self.bm(i).state = State::Free;
+        let (prev, next) = (self.b(i).prev, self.b(i).next);
+        self.try_merge(i, prev);
+        self.try_merge(i, next);
+        self.insert_free(i);
+        self.charge(bytes);
+        self.seg_mut(b.segment).mapped_bytes += bytes;
+        Some(i)
+    }
+
+    /// `unmap_block`: unmaps the whole pages strictly inside free block `i`; the partial pages
+    /// at its ends stay free and mapped. The unmapped part merges with unmapped neighbours.
+    pub(super) fn unmap_block(&mut self, i: u32, mem: &mut dyn Memory) {
+        let b = *self.b(i);
+        debug_assert_eq!(b.state, State::Free);
+        let page = b.pool.page_bytes();
+        let end = b.offset + b.size;
+        let begin = b.offset.div_ceil(page) * page;
+        let stop = end / page * page;
+        if begin >= stop {
+            return;
+        }
+        let unmap = Decision::Unmap {
+            segment: SegmentId(b.segment),
+            offset: begin,
+            bytes: stop - begin,
+        };
+        mem.apply(unmap).expect("unmap is never refused");
+        self.remove_free(i);
+        if begin > b.offset {
+            let before = self.new_block(Block {
+                size: begin - b.offset,
+                ..b
+            });
+            self.link(b.segment, b.prev, before);
+            self.link(b.segment, before, i);
+            self.insert_free(before);
+        }
+        if stop < end {
+            let after = self.new_block(Block {
+                offset: stop,
+                size: end - stop,
+                ..b
+            });
+            self.link(b.segment, after, b.next);
+            self.link(b.segment, i, after);
+            self.insert_free(after);
+        }
+        let m = self.bm(i);
+        m.offset = begin;
+        m.size = stop - begin;
+        m.state = State::Unmapped;
+        let (prev, next) = (m.prev, m.next);
+        self.try_merge(i, prev);
+        self.try_merge(i, next);
+        self.insert_unmapped(i);
+        self.reserved_bytes -= stop - begin;
+        self.seg_mut(b.segment).mapped_bytes -= stop - begin;
+        self.counters.num_device_free += 1;
+    }
+
+    /// `release_expandable_segment`: frees the range whose only block is the unmapped `i`.
+    pub(super) fn release_va_range(&mut self, i: u32, mem: &mut dyn Memory) {
+        let segment = self.b(i).segment;
+        self.remove_unmapped(i);
+        self.drop_block(i);
+        let seg = self.segments.remove(&segment).expect("segment of a block");
+        debug_assert_eq!(seg.mapped_bytes, 0);
+        let release = Decision::ReleaseVa {
+            segment: SegmentId(segment),
+        };
+        mem.apply(release)
+            .expect("releasing address space is never refused");
+    }
+}
