@@ -9,8 +9,9 @@
 //! `[offset & !(2·size − 1), +2·size)` ends inside the range (an aligned block that ends inside
 //! the range never straddles two top-level blocks).
 //!
-//! `alloc` takes the lowest-address free block of the smallest sufficient order and splits it
-//! down, keeping the lower half each time; `free` merges with the buddy while it is free, upward.
+//! `alloc` takes the lowest-address free block of the smallest sufficient order that lies in
+//! mapped memory (else the lowest-address sufficient block) and splits it down, keeping the
+//! lower half each time; `free` merges with the buddy while it is free, upward.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -106,6 +107,26 @@ impl Buddy {
             .unwrap_or_else(|| panic!("free of {id:?}, which is not live"))
     }
 
+    /// The free block to split for a block of `order`: the smallest sufficient order whose
+    /// lowest free block fits in mapped memory (classic buddy), else the lowest-address free
+    /// block of any sufficient order, so that the mapped heap grows from the bottom instead of
+    /// jumping to a higher, smaller top-level block (80 GiB = 64 GiB + 16 GiB).
+    fn choose(&self, order: u32, bytes: u64) -> Option<(u32, u64)> {
+        let mapped = self.arena.mapped_bytes;
+        let candidates =
+            (order..=self.max_order).filter_map(|k| self.free[k as usize].first().map(|&o| (k, o)));
+        let mut lowest: Option<(u32, u64)> = None;
+        for (k, offset) in candidates {
+            if offset + bytes <= mapped {
+                return Some((k, offset));
+            }
+            if lowest.is_none_or(|(_, o)| offset < o) {
+                lowest = Some((k, offset));
+            }
+        }
+        lowest
+    }
+
     /// End of the highest live block (0 when none).
     fn top(&self) -> u64 {
         self.by_offset.last_key_value().map_or(0, |(_, &id)| {
@@ -147,9 +168,7 @@ impl Allocator for Buddy {
         let oom = AllocError::OutOfMemory {
             rounded_bytes: bytes,
         };
-        let (from, offset) = (order..=self.max_order)
-            .find_map(|k| self.free[k as usize].first().map(|&o| (k, o)))
-            .ok_or(oom)?;
+        let (from, offset) = self.choose(order, bytes).ok_or(oom)?;
         self.arena
             .ensure_mapped(offset + bytes, mem)
             .map_err(|_| oom)?;
@@ -373,19 +392,20 @@ mod tests {
     #[test]
     fn split_keeps_the_lower_half_and_files_the_upper_halves() {
         let (mut b, mut mem) = small();
-        // The smallest sufficient order with a free block is the 4 KiB block at 8 KiB.
-        assert_eq!(b.alloc(req(0, 1), &mut mem).unwrap().offset, 8192);
+        // Nothing is mapped: the lowest sufficient block, the 8 KiB one at 0, splits down.
+        assert_eq!(b.alloc(req(0, 1), &mut mem).unwrap().offset, 0);
         assert_eq!(
             free_sets(&b),
-            vec![vec![8704], vec![9216], vec![10240], vec![], vec![0]]
+            vec![vec![512], vec![1024], vec![2048], vec![4096, 8192], vec![]]
         );
-        // 1000 B rounds to 1 KiB: the 1 KiB block at 9 KiB.
-        assert_eq!(b.alloc(req(1, 1000), &mut mem).unwrap().offset, 9216);
-        // 3 KiB rounds to 4 KiB: none free, the 8 KiB block at 0 splits.
-        assert_eq!(b.alloc(req(2, 3 * 1024), &mut mem).unwrap().offset, 0);
+        // 1000 B rounds to 1 KiB: the 1 KiB block at 1 KiB lies in mapped memory.
+        assert_eq!(b.alloc(req(1, 1000), &mut mem).unwrap().offset, 1024);
+        // 3 KiB rounds to 4 KiB: no sufficient block is mapped, the lowest (4 KiB) is taken
+        // rather than the equally sized top-level block at 8 KiB.
+        assert_eq!(b.alloc(req(2, 3 * 1024), &mut mem).unwrap().offset, 4096);
         assert_eq!(
             free_sets(&b),
-            vec![vec![8704], vec![], vec![10240], vec![4096], vec![]]
+            vec![vec![512], vec![], vec![2048], vec![8192], vec![]]
         );
         assert_eq!(mem.allocated_bytes, 512 + 1024 + 4096);
         b.check_invariants().unwrap();
@@ -394,26 +414,27 @@ mod tests {
     #[test]
     fn free_merges_with_free_buddies_upward_but_not_across_top_level_blocks() {
         let (mut b, mut mem) = small();
-        b.alloc(req(0, 1), &mut mem).unwrap(); // 8192
-        b.alloc(req(1, 1000), &mut mem).unwrap(); // 9216
-        b.alloc(req(2, 3 * 1024), &mut mem).unwrap(); // 0
+        b.alloc(req(0, 1), &mut mem).unwrap(); // 0
+        b.alloc(req(1, 1000), &mut mem).unwrap(); // 1024
+        b.alloc(req(2, 3 * 1024), &mut mem).unwrap(); // 4096
         b.free(AllocId(0), &mut mem);
-        // 8192 merges with 8704 into 1 KiB at 8192; its buddy 9216 is live: stops there.
+        // 0 merges with 512 into 1 KiB at 0; its buddy at 1024 is live: stops there.
         assert_eq!(
             free_sets(&b),
-            vec![vec![], vec![8192], vec![10240], vec![4096], vec![]]
+            vec![vec![], vec![0], vec![2048], vec![8192], vec![]]
         );
         b.free(AllocId(1), &mut mem);
-        // Back to one 4 KiB block at 8 KiB, which has no buddy (its parent would end at 16 KiB).
+        // Up to 4 KiB at 0, whose buddy at 4096 is live.
         assert_eq!(
             free_sets(&b),
-            vec![vec![], vec![], vec![], vec![4096, 8192], vec![]]
+            vec![vec![], vec![], vec![], vec![0, 8192], vec![]]
         );
         b.check_invariants().unwrap();
-        // The largest free block is 4 KiB, though 8 KiB at 4 KiB.. is contiguous free memory.
         let s = b.free_summary().pools[0];
-        assert_eq!((s.free_bytes, s.largest_free_bytes), (8192, 4096));
+        assert_eq!((s.free_bytes, s.largest_free_bytes), (4096, 4096));
         b.free(AllocId(2), &mut mem);
+        // 8 KiB at 0 is whole again; the 4 KiB top-level block at 8 KiB never joins it (their
+        // parent would end at 16 KiB, beyond the range).
         assert_eq!(
             free_sets(&b),
             vec![vec![], vec![], vec![], vec![8192], vec![0]]
@@ -432,16 +453,23 @@ mod tests {
         let mut mem = Books::new(config.capacity_bytes);
         assert!(b.alloc(req(0, 64 * GIB + 1), &mut mem).is_err());
         assert!(b.alloc(req(1, u64::MAX), &mut mem).is_err());
+        // The heap grows from the bottom: 16 GiB comes from the 64 GiB block at 0, not from
+        // the 16 GiB top-level block at 64 GiB.
+        assert_eq!(b.alloc(req(2, 16 * GIB), &mut mem).unwrap().offset, 0);
         assert_eq!(
-            b.alloc(req(2, 16 * GIB), &mut mem).unwrap().offset,
-            64 * GIB
-        );
-        assert_eq!(b.alloc(req(3, 20 * GIB), &mut mem).unwrap().offset, 0);
-        assert_eq!(
-            b.alloc(req(4, 32 * GIB), &mut mem).unwrap().offset,
+            b.alloc(req(3, 20 * GIB), &mut mem).unwrap().offset,
             32 * GIB
         );
-        assert!(b.alloc(req(5, 2 * MIB), &mut mem).is_err());
+        assert_eq!(
+            b.alloc(req(4, 16 * GIB), &mut mem).unwrap().offset,
+            16 * GIB
+        );
+        assert!(b.alloc(req(5, 32 * GIB), &mut mem).is_err());
+        assert_eq!(
+            b.alloc(req(6, 16 * GIB), &mut mem).unwrap().offset,
+            64 * GIB
+        );
+        assert!(b.alloc(req(7, 2 * MIB), &mut mem).is_err());
         b.check_invariants().unwrap();
         assert_eq!(mem.reserved_bytes, 80 * GIB);
     }
