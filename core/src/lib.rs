@@ -8,6 +8,7 @@ pub mod alloc;
 pub mod decision;
 pub mod defrag;
 pub mod digest;
+pub mod kv;
 pub mod memory;
 
 pub use decision::{AllocId, Decision, Loc, Refusal, SegmentId};

@@ -7,6 +7,7 @@ pub mod alloc_replay;
 pub mod executor;
 pub mod plot;
 pub mod report;
+pub mod serve;
 
 pub use alloc_replay::{replay, DefragMode, ReplayConfig, ReplayError, StrategyResult};
 pub use executor::{AllocCostModel, Executor, SimExecutor};

@@ -1,0 +1,192 @@
+//! vLLM's `FreeKVCacheBlockQueue`: an intrusive doubly linked list of free blocks, kept as two
+//! index arrays over the block slab with a fake head and a fake tail, so that every operation
+//! (pop from the head, push at either end, unlink from the middle) is O(1) and allocation-free.
+
+use serde::{Deserialize, Serialize};
+
+use super::BlockId;
+
+const NONE: u32 = u32::MAX;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreeQueue {
+    /// `prev[i]` / `next[i]` for block `i`; `NONE` when the block is not in the queue.
+    /// Index `n` is the fake head, `n + 1` the fake tail.
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    len: u32,
+}
+
+impl FreeQueue {
+    /// A queue over `num_blocks` blocks holding `initial` in that order (head first).
+    pub fn new(num_blocks: u32, initial: impl IntoIterator<Item = BlockId>) -> Self {
+        let n = num_blocks as usize;
+        let mut q = FreeQueue {
+            prev: vec![NONE; n + 2],
+            next: vec![NONE; n + 2],
+            len: 0,
+        };
+        let (head, tail) = (q.head(), q.tail());
+        q.next[head as usize] = tail;
+        q.prev[tail as usize] = head;
+        for b in initial {
+            q.push_back(b);
+        }
+        q
+    }
+
+    #[inline]
+    fn head(&self) -> u32 {
+        (self.prev.len() - 2) as u32
+    }
+
+    #[inline]
+    fn tail(&self) -> u32 {
+        (self.prev.len() - 1) as u32
+    }
+
+    #[inline]
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[inline]
+    pub fn contains(&self, b: BlockId) -> bool {
+        self.next[b as usize] != NONE
+    }
+
+    #[inline]
+    fn link(&mut self, after: u32, b: u32) {
+        let before = self.next[after as usize];
+        self.prev[b as usize] = after;
+        self.next[b as usize] = before;
+        self.next[after as usize] = b;
+        self.prev[before as usize] = b;
+        self.len += 1;
+    }
+
+    /// Appends at the tail.
+    #[inline]
+    pub fn push_back(&mut self, b: BlockId) {
+        debug_assert!(!self.contains(b), "block {b} already free");
+        let last = self.prev[self.tail() as usize];
+        self.link(last, b);
+    }
+
+    /// Puts `blocks` at the head, keeping their order: `blocks[0]` becomes the new head.
+    pub fn prepend(&mut self, blocks: &[BlockId]) {
+        let mut after = self.head();
+        for &b in blocks {
+            debug_assert!(!self.contains(b), "block {b} already free");
+            self.link(after, b);
+            after = b;
+        }
+    }
+
+    /// Unlinks `b`, which must be in the queue.
+    #[inline]
+    pub fn remove(&mut self, b: BlockId) {
+        let (p, n) = (self.prev[b as usize], self.next[b as usize]);
+        assert!(
+            p != NONE && n != NONE,
+            "remove of block {b}, which is not free"
+        );
+        self.next[p as usize] = n;
+        self.prev[n as usize] = p;
+        self.prev[b as usize] = NONE;
+        self.next[b as usize] = NONE;
+        self.len -= 1;
+    }
+
+    /// Takes the head block.
+    #[inline]
+    pub fn pop_front(&mut self) -> Option<BlockId> {
+        let first = self.next[self.head() as usize];
+        if first == self.tail() {
+            return None;
+        }
+        self.remove(first);
+        Some(first)
+    }
+
+    /// The blocks from head to tail.
+    pub fn iter(&self) -> impl Iterator<Item = BlockId> + '_ {
+        let tail = self.tail();
+        let mut cur = self.next[self.head() as usize];
+        std::iter::from_fn(move || {
+            if cur == tail {
+                return None;
+            }
+            let b = cur;
+            cur = self.next[b as usize];
+            Some(b)
+        })
+    }
+
+    /// Full walk: links are symmetric and the length matches.
+    pub fn check(&self) -> Result<(), String> {
+        let mut count = 0u32;
+        let mut prev = self.head();
+        for b in self.iter() {
+            if self.prev[b as usize] != prev {
+                return Err(format!("free queue: block {b} has a broken back link"));
+            }
+            count += 1;
+            if count > self.len {
+                return Err("free queue: longer than its length (cycle?)".into());
+            }
+            prev = b;
+        }
+        if self.prev[self.tail() as usize] != prev {
+            return Err("free queue: tail link broken".into());
+        }
+        if count != self.len {
+            return Err(format!(
+                "free queue: {count} linked, length says {}",
+                self.len
+            ));
+        }
+        let linked = self.next[..self.prev.len() - 2]
+            .iter()
+            .filter(|&&n| n != NONE)
+            .count() as u32;
+        if linked != self.len {
+            return Err(format!(
+                "free queue: {linked} blocks have links, {count} reachable"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_of_operations() {
+        let mut q = FreeQueue::new(10, 1..10);
+        assert_eq!(q.len(), 9);
+        assert_eq!(q.pop_front(), Some(1));
+        assert_eq!(q.pop_front(), Some(2));
+        q.remove(5);
+        q.prepend(&[2, 1]);
+        q.push_back(5);
+        assert_eq!(
+            q.iter().collect::<Vec<_>>(),
+            vec![2, 1, 3, 4, 6, 7, 8, 9, 5]
+        );
+        q.check().unwrap();
+        while q.pop_front().is_some() {}
+        assert!(q.is_empty());
+        q.check().unwrap();
+        q.prepend(&[]);
+        q.push_back(3);
+        assert_eq!(q.iter().collect::<Vec<_>>(), vec![3]);
+    }
+}

@@ -1,0 +1,540 @@
+//! vLLM 0.33.0's `BlockPool`: every block's reference count and hash, the prefix-cache map
+//! from hash to the blocks holding it, and the free blocks (ordered by an [`EvictionPolicy`]).
+//!
+//! Semantics reproduced exactly:
+//! - block 0 is the null block, taken at start-up; it is never free and never counted;
+//! - new blocks come from the policy (vLLM: the head of the free queue); a block handed out
+//!   that still holds a hash is evicted then, lazily: its map entry is removed and counted as
+//!   one removed hash (vLLM's `BlockRemoved`);
+//! - `touch` takes a free block that a prefix lookup hit out of the free blocks (its count
+//!   goes 0 → 1) and otherwise only increments the count;
+//! - `free_blocks` decrements counts in the given order and hands the blocks that reach 0 to
+//!   the policy, split into uncached (reuse first) and cached (reuse last);
+//! - only full blocks are cached, by `cache_full_blocks`; the same hash may be held by several
+//!   blocks (block tables are append-only), a lookup returns the one inserted first;
+//! - `reset_prefix_cache` succeeds only when every block is free.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use serde::{Deserialize, Serialize};
+
+use super::eviction::{EvictionPolicy, VllmLru};
+use super::hash::BlockHash;
+use super::{BlockId, PoolSummary, NULL_BLOCK};
+
+/// Stored and removed hash counts (vLLM's `BlockStored` / `BlockRemoved` events, counted by
+/// hashes), since they were last taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepCounters {
+    pub stored: u64,
+    pub removed: u64,
+}
+
+/// The KV-cache events vLLM publishes, with gpumem's hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvEvent {
+    /// Newly full blocks cached by one request in one call; `parent` is the hash of the block
+    /// before the first one (None at the start of the prompt).
+    Stored {
+        parent: Option<BlockHash>,
+        hashes: Vec<BlockHash>,
+    },
+    /// One hash evicted from one block.
+    Removed { hash: BlockHash },
+    /// `reset_prefix_cache` succeeded.
+    AllCleared,
+}
+
+/// Identity hasher for keys that are already well-mixed 64-bit hashes.
+#[derive(Default, Clone, Copy)]
+pub struct HashKeyHasher(u64);
+
+impl Hasher for HashKeyHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+type HashKeyMap<V> = HashMap<BlockHash, V, BuildHasherDefault<HashKeyHasher>>;
+
+/// The blocks holding one hash, in insertion order (vLLM keeps a single block or a dict).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Holders {
+    One(BlockId),
+    Many(Vec<BlockId>),
+}
+
+impl Holders {
+    #[inline]
+    fn first(&self) -> BlockId {
+        match self {
+            Holders::One(b) => *b,
+            Holders::Many(v) => v[0],
+        }
+    }
+
+    fn as_slice(&self) -> &[BlockId] {
+        match self {
+            Holders::One(b) => std::slice::from_ref(b),
+            Holders::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BlockPool<P: EvictionPolicy = VllmLru> {
+    num_blocks: u32,
+    enable_caching: bool,
+    ref_cnt: Vec<u32>,
+    hash: Vec<Option<BlockHash>>,
+    cached: HashKeyMap<Holders>,
+    policy: P,
+    counters: StepCounters,
+    totals: StepCounters,
+    events: Option<Vec<KvEvent>>,
+    reuse_first: Vec<BlockId>,
+    reuse_last: Vec<BlockId>,
+}
+
+impl BlockPool<VllmLru> {
+    /// vLLM's pool: `num_blocks` includes the null block 0.
+    pub fn new(num_blocks: u32, enable_caching: bool) -> Self {
+        Self::with_policy(num_blocks, enable_caching, VllmLru::new(num_blocks))
+    }
+}
+
+impl<P: EvictionPolicy> BlockPool<P> {
+    /// A pool over `num_blocks` blocks whose `policy` holds blocks `1..num_blocks` as free.
+    pub fn with_policy(num_blocks: u32, enable_caching: bool, policy: P) -> Self {
+        assert!(num_blocks >= 1, "a pool needs at least the null block");
+        assert!(num_blocks < u32::MAX - 2, "too many blocks");
+        assert_eq!(
+            policy.len(),
+            num_blocks - 1,
+            "policy must start with every block free"
+        );
+        BlockPool {
+            num_blocks,
+            enable_caching,
+            ref_cnt: vec![0; num_blocks as usize],
+            hash: vec![None; num_blocks as usize],
+            cached: HashKeyMap::default(),
+            policy,
+            counters: StepCounters::default(),
+            totals: StepCounters::default(),
+            events: None,
+            reuse_first: Vec::new(),
+            reuse_last: Vec::new(),
+        }
+    }
+
+    /// Also record [`KvEvent`]s (drained by [`take_events`](Self::take_events)).
+    pub fn record_events(&mut self, on: bool) {
+        self.events = on.then(Vec::new);
+    }
+
+    pub fn num_blocks(&self) -> u32 {
+        self.num_blocks
+    }
+
+    pub fn caching_enabled(&self) -> bool {
+        self.enable_caching
+    }
+
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
+    /// vLLM's `get_num_free_blocks` (cached free blocks count as free).
+    #[inline]
+    pub fn num_free(&self) -> u32 {
+        self.policy.len()
+    }
+
+    /// vLLM's `get_usage`: 1 − free / (num_blocks − 1).
+    pub fn usage(&self) -> f64 {
+        let total = self.num_blocks - 1;
+        if total == 0 {
+            return 0.0;
+        }
+        1.0 - self.num_free() as f64 / total as f64
+    }
+
+    #[inline]
+    pub fn ref_cnt(&self, b: BlockId) -> u32 {
+        self.ref_cnt[b as usize]
+    }
+
+    #[inline]
+    pub fn block_hash(&self, b: BlockId) -> Option<BlockHash> {
+        self.hash[b as usize]
+    }
+
+    /// The block to serve a hit on `h`: the first inserted of the blocks holding it.
+    #[inline]
+    pub fn get_cached(&self, h: BlockHash) -> Option<BlockId> {
+        self.cached.get(&h).map(Holders::first)
+    }
+
+    /// Takes `n` blocks from the free blocks (evicting cached content lazily), each with a
+    /// reference count of 1, and appends them to `out`. Panics if fewer than `n` are free:
+    /// callers check first.
+    pub fn get_new_blocks(&mut self, n: usize, out: &mut Vec<BlockId>) {
+        assert!(
+            n <= self.num_free() as usize,
+            "get_new_blocks({n}) with {} free",
+            self.num_free()
+        );
+        out.reserve(n);
+        for _ in 0..n {
+            let b = self.policy.pop().expect("free count out of sync");
+            if self.enable_caching {
+                self.maybe_evict(b);
+            }
+            let r = &mut self.ref_cnt[b as usize];
+            debug_assert_eq!(*r, 0, "free block {b} is referenced");
+            *r = 1;
+            out.push(b);
+        }
+    }
+
+    /// Removes every map entry that points at `b` and clears its hash. Returns whether it held
+    /// a hash.
+    fn maybe_evict(&mut self, b: BlockId) -> bool {
+        let Some(h) = self.hash[b as usize].take() else {
+            return false;
+        };
+        if self.remove_holder(h, b) {
+            self.counters.removed += 1;
+            self.totals.removed += 1;
+            if let Some(ev) = &mut self.events {
+                ev.push(KvEvent::Removed { hash: h });
+            }
+        }
+        true
+    }
+
+    fn remove_holder(&mut self, h: BlockHash, b: BlockId) -> bool {
+        use std::collections::hash_map::Entry;
+        let Entry::Occupied(mut e) = self.cached.entry(h) else {
+            return false;
+        };
+        match e.get_mut() {
+            Holders::One(x) => {
+                if *x != b {
+                    return false;
+                }
+                e.remove();
+            }
+            Holders::Many(v) => {
+                let Some(i) = v.iter().position(|&x| x == b) else {
+                    return false;
+                };
+                v.remove(i);
+                if v.is_empty() {
+                    e.remove();
+                }
+            }
+        }
+        true
+    }
+
+    /// vLLM's `touch`: each block hit by a prefix lookup gains a reference; a free one leaves
+    /// the free blocks.
+    pub fn touch(&mut self, blocks: &[BlockId]) {
+        for &b in blocks {
+            if b == NULL_BLOCK {
+                continue;
+            }
+            let r = &mut self.ref_cnt[b as usize];
+            if *r == 0 {
+                self.policy.take(b);
+            }
+            *r += 1;
+        }
+    }
+
+    /// vLLM's `free_blocks`: `ordered` is in eviction priority (first evicted first).
+    pub fn free_blocks(&mut self, ordered: impl IntoIterator<Item = BlockId>) {
+        let mut first = std::mem::take(&mut self.reuse_first);
+        let mut last = std::mem::take(&mut self.reuse_last);
+        first.clear();
+        last.clear();
+        for b in ordered {
+            if b == NULL_BLOCK {
+                continue;
+            }
+            let r = &mut self.ref_cnt[b as usize];
+            assert!(*r > 0, "free of block {b}, which is not referenced");
+            *r -= 1;
+            if *r == 0 {
+                if self.hash[b as usize].is_none() || !self.enable_caching {
+                    first.push(b);
+                } else {
+                    last.push(b);
+                }
+            }
+        }
+        self.policy.release(&first, &last);
+        self.reuse_first = first;
+        self.reuse_last = last;
+    }
+
+    /// vLLM's `cache_full_blocks`: gives blocks `num_cached..num_full` of a request's table
+    /// their hashes (`hashes[i]` for block `i`) and enters them in the map. One `Stored` event
+    /// for the call.
+    pub fn cache_full_blocks(
+        &mut self,
+        blocks: &[BlockId],
+        hashes: &[BlockHash],
+        num_cached: usize,
+        num_full: usize,
+    ) {
+        if num_cached >= num_full || !self.enable_caching {
+            return;
+        }
+        assert!(num_full <= blocks.len() && num_full <= hashes.len());
+        let mut stored = 0u64;
+        for i in num_cached..num_full {
+            let b = blocks[i];
+            if b == NULL_BLOCK {
+                continue;
+            }
+            let h = hashes[i];
+            stored += 1;
+            match self.hash[b as usize] {
+                Some(old) if old == h => continue,
+                Some(old) => panic!("block {b} already holds hash {old:?}"),
+                None => {}
+            }
+            self.hash[b as usize] = Some(h);
+            match self.cached.entry(h) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Holders::One(b));
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let holders = e.get_mut();
+                    match holders {
+                        Holders::One(x) => *holders = Holders::Many(vec![*x, b]),
+                        Holders::Many(v) => v.push(b),
+                    }
+                }
+            }
+        }
+        self.counters.stored += stored;
+        self.totals.stored += stored;
+        if let Some(ev) = &mut self.events {
+            ev.push(KvEvent::Stored {
+                parent: num_cached.checked_sub(1).map(|i| hashes[i]),
+                hashes: hashes[num_cached..num_full].to_vec(),
+            });
+        }
+    }
+
+    /// vLLM's `evict_blocks`: drops the cached content of these blocks (in use or free).
+    pub fn evict_blocks(&mut self, blocks: &[BlockId]) {
+        for &b in blocks {
+            assert!(b < self.num_blocks, "evict of unknown block {b}");
+            self.maybe_evict(b);
+        }
+    }
+
+    /// vLLM's `reset_prefix_cache`: clears every hash if no block is in use; false otherwise.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if self.num_blocks - self.num_free() != 1 {
+            return false;
+        }
+        self.cached.clear();
+        self.hash.iter_mut().for_each(|h| *h = None);
+        if let Some(ev) = &mut self.events {
+            ev.push(KvEvent::AllCleared);
+        }
+        true
+    }
+
+    /// Stored/removed hash counts since the last call.
+    pub fn take_counters(&mut self) -> StepCounters {
+        std::mem::take(&mut self.counters)
+    }
+
+    /// Stored/removed hash counts since the start.
+    pub fn totals(&self) -> StepCounters {
+        self.totals
+    }
+
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub fn summary(&self) -> PoolSummary {
+        PoolSummary {
+            num_blocks: self.num_blocks,
+            free_blocks: self.num_free(),
+            cached_blocks: self.hash.iter().filter(|h| h.is_some()).count() as u32,
+            cached_hashes: self.cached.len() as u32,
+        }
+    }
+
+    /// Full walk of the pool's invariants: the policy's structure; a block is free exactly
+    /// when nothing references it; free + used + null = total; every map entry points at a
+    /// block holding that hash and every hashed block is in the map.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.policy.check()?;
+        if self.policy.contains(NULL_BLOCK) || self.ref_cnt[0] != 0 || self.hash[0].is_some() {
+            return Err("null block is free, referenced or hashed".into());
+        }
+        let mut used = 0u32;
+        for b in 1..self.num_blocks {
+            let free = self.policy.contains(b);
+            let r = self.ref_cnt[b as usize];
+            if free == (r > 0) {
+                return Err(format!("block {b}: free {free} with {r} references"));
+            }
+            used += (r > 0) as u32;
+            if let Some(h) = self.hash[b as usize] {
+                let held = self
+                    .cached
+                    .get(&h)
+                    .is_some_and(|hs| hs.as_slice().contains(&b));
+                if !held {
+                    return Err(format!(
+                        "block {b} holds {h:?}, which the map does not name"
+                    ));
+                }
+            }
+        }
+        if used + self.num_free() + 1 != self.num_blocks {
+            return Err(format!(
+                "{used} used + {} free + null != {} blocks",
+                self.num_free(),
+                self.num_blocks
+            ));
+        }
+        let mut entries = 0usize;
+        for (h, hs) in &self.cached {
+            let s = hs.as_slice();
+            if s.is_empty() {
+                return Err(format!("{h:?} maps to no block"));
+            }
+            for (i, &b) in s.iter().enumerate() {
+                if self.hash.get(b as usize).copied().flatten() != Some(*h) {
+                    return Err(format!("{h:?} maps to block {b}, which does not hold it"));
+                }
+                if s[..i].contains(&b) {
+                    return Err(format!("{h:?} names block {b} twice"));
+                }
+            }
+            entries += s.len();
+        }
+        let hashed = self.hash.iter().filter(|h| h.is_some()).count();
+        if entries != hashed {
+            return Err(format!("{entries} map entries for {hashed} hashed blocks"));
+        }
+        if !self.enable_caching && hashed > 0 {
+            return Err("hashes with prefix caching off".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(x: u64) -> BlockHash {
+        BlockHash(x)
+    }
+
+    /// vLLM's own example (notes §1.5): block size 4, 10 blocks, a 14-token request gets blocks
+    /// [1,2,3,4], caches 3, and after its free the queue is [4,5,6,7,8,9,3,2,1].
+    #[test]
+    fn free_order_matches_vllm() {
+        let mut p = BlockPool::new(10, true);
+        let mut got = Vec::new();
+        p.get_new_blocks(4, &mut got);
+        assert_eq!(got, vec![1, 2, 3, 4]);
+        p.cache_full_blocks(&got, &[h(10), h(11), h(12)], 0, 3);
+        assert_eq!(
+            p.take_counters(),
+            StepCounters {
+                stored: 3,
+                removed: 0
+            }
+        );
+        p.free_blocks(got.iter().rev().copied());
+        assert_eq!(p.policy().order(), vec![4, 5, 6, 7, 8, 9, 3, 2, 1]);
+        p.check_invariants().unwrap();
+        // A hit on block 2 takes it out of the queue without reordering the rest.
+        p.touch(&[p.get_cached(h(10)).unwrap(), p.get_cached(h(11)).unwrap()]);
+        assert_eq!(p.policy().order(), vec![4, 5, 6, 7, 8, 9, 3]);
+        assert_eq!(p.ref_cnt(1), 1);
+        // Taking 7 blocks evicts block 3 lazily: one removed hash.
+        let mut more = Vec::new();
+        p.get_new_blocks(7, &mut more);
+        assert_eq!(more, vec![4, 5, 6, 7, 8, 9, 3]);
+        assert_eq!(
+            p.take_counters(),
+            StepCounters {
+                stored: 0,
+                removed: 1
+            }
+        );
+        assert_eq!(p.get_cached(h(12)), None);
+        assert_eq!(p.num_free(), 0);
+        assert!(!p.reset_prefix_cache());
+        p.check_invariants().unwrap();
+        p.free_blocks(more.iter().rev().copied());
+        p.free_blocks([2, 1]);
+        assert!(p.reset_prefix_cache());
+        assert_eq!(p.get_cached(h(10)), None);
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn duplicates_and_caching_off() {
+        let mut p = BlockPool::new(6, true);
+        p.record_events(true);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        p.get_new_blocks(1, &mut a);
+        p.get_new_blocks(1, &mut b);
+        p.cache_full_blocks(&a, &[h(7)], 0, 1);
+        p.cache_full_blocks(&b, &[h(7)], 0, 1);
+        assert_eq!(p.get_cached(h(7)), Some(a[0]));
+        p.free_blocks(a.clone());
+        p.free_blocks(b.clone());
+        p.check_invariants().unwrap();
+        let mut all = Vec::new();
+        p.get_new_blocks(5, &mut all);
+        assert_eq!(p.take_counters().removed, 2, "one removal per holder");
+        let ev = p.take_events();
+        assert_eq!(
+            ev.iter()
+                .filter(|e| matches!(e, KvEvent::Removed { .. }))
+                .count(),
+            2
+        );
+        p.free_blocks(all.iter().rev().copied());
+
+        let mut off = BlockPool::new(6, false);
+        let mut x = Vec::new();
+        off.get_new_blocks(3, &mut x);
+        off.cache_full_blocks(&x, &[h(1), h(2), h(3)], 0, 3);
+        off.free_blocks(x.iter().rev().copied());
+        assert_eq!(off.policy().order(), vec![3, 2, 1, 4, 5]);
+        assert_eq!(off.take_counters(), StepCounters::default());
+        off.check_invariants().unwrap();
+    }
+}

@@ -1,0 +1,486 @@
+//! Engine personality `vllm-0.33`: vLLM 0.33.0's v1 `Scheduler` in synchronous mode over the
+//! KV manager of `gpumem_core::kv`, for one full-attention text model.
+//!
+//! Reproduced: FCFS waiting queue with head-of-line blocking; the RUNNING loop first (in
+//! admission order), then the WAITING loop only if nothing was preempted this step; chunked
+//! prefill under the token budget; `max_num_seqs`; preemption by recompute with the FCFS
+//! victim `running[-1]` (possibly the request itself); the full-sequence admission gate
+//! (`scheduler_reserve_full_isl`); prefix lookups only at admission; blocks cached at
+//! scheduling time; one sampled token per request whose prefill is complete; stop at
+//! `max_tokens` or `max_model_len`; finished requests freed in output order. Time follows the
+//! conformance clock of `../shared/conformance/README.md` with a fixed step cost.
+
+use std::collections::VecDeque;
+
+use gpumem_core::kv::hash::{hash_request_block, ExtraKeys};
+use gpumem_core::kv::{
+    BlockHash, BlockId, KvCacheManager, KvConfig, PrefixCacheStats, SlotRequest,
+};
+use serde::{Deserialize, Serialize};
+
+use super::workload::{ConformanceConfig, Workload, WorkloadRequest};
+use super::{ServeError, StepRecord};
+
+/// The scheduler and cache knobs of the personality.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// vLLM's `num_gpu_blocks`, the null block included.
+    pub num_gpu_blocks: u32,
+    pub block_size: u32,
+    pub max_num_seqs: u64,
+    pub max_num_batched_tokens: u64,
+    pub max_model_len: u64,
+    pub enable_prefix_caching: bool,
+    /// Fixed cost of one engine step (the `fixed:STEP_US` cost model).
+    pub step_us: u64,
+    /// vLLM's `watermark` as blocks (`int(watermark * num_gpu_blocks)`); 0 in the contract.
+    pub watermark_blocks: u32,
+}
+
+impl EngineConfig {
+    /// The contract's config, checked as vLLM checks it at start-up.
+    /// Fails on configs vLLM refuses at start-up and on values beyond gpumem's limits.
+    pub fn from_conformance(c: &ConformanceConfig) -> Result<EngineConfig, ServeError> {
+        let errors = c.startup_errors();
+        if !errors.is_empty() {
+            return Err(ServeError::Input(errors.join("; ")));
+        }
+        Ok(EngineConfig {
+            num_gpu_blocks: c.num_gpu_blocks as u32,
+            block_size: c.block_size as u32,
+            max_num_seqs: c.max_num_seqs,
+            max_num_batched_tokens: c.max_num_batched_tokens,
+            max_model_len: c.max_model_len,
+            enable_prefix_caching: c.enable_prefix_caching,
+            step_us: c.step_us,
+            watermark_blocks: 0,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    NotArrived,
+    Waiting,
+    Running,
+    Preempted,
+    Finished,
+}
+
+#[derive(Clone, Debug)]
+struct Req {
+    num_prompt: u64,
+    num_tokens: u64,
+    num_computed: u64,
+    num_output: u64,
+    max_tokens: u64,
+    hashes: Vec<BlockHash>,
+    status: Status,
+    num_preemptions: u32,
+    first_token_us: Option<u64>,
+    finish_us: Option<u64>,
+}
+
+/// What became of one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestOutcome {
+    pub arrival_us: u64,
+    /// End of the step that sampled its first token.
+    pub first_token_us: Option<u64>,
+    /// End of the step that finished it.
+    pub finish_us: Option<u64>,
+    pub output_tokens: u64,
+    pub preemptions: u32,
+}
+
+/// Totals of one run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub requests: u64,
+    pub requests_finished: u64,
+    /// Engine steps that scheduled or preempted something (lines of the step log).
+    pub steps: u64,
+    /// Last step index that was logged.
+    pub last_step: Option<u64>,
+    pub sim_time_us: u64,
+    pub scheduled_tokens: u64,
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    pub preemptions: u64,
+    pub admissions: u64,
+    /// Hit tokens over all admissions (re-admissions of preempted requests included).
+    pub admitted_hit_tokens: u64,
+    pub prefix_cache: PrefixCacheStats,
+    /// Hashes evicted from blocks handed out again (vLLM's removed events).
+    pub blocks_evicted: u64,
+    pub blocks_stored: u64,
+    pub kv_blocks: u32,
+    pub kv_blocks_used_peak: u32,
+    pub outcomes: Vec<RequestOutcome>,
+}
+
+fn slot_of(reqs: &[Req], r: usize) -> SlotRequest<'_> {
+    let q = &reqs[r];
+    SlotRequest {
+        req: r,
+        num_tokens: q.num_tokens,
+        num_computed_tokens: q.num_computed,
+        block_hashes: &q.hashes,
+        waiting: matches!(q.status, Status::Waiting | Status::Preempted),
+    }
+}
+
+pub struct VllmEngine<'w> {
+    cfg: EngineConfig,
+    workload: &'w Workload,
+    kv: KvCacheManager,
+    reqs: Vec<Req>,
+    waiting: VecDeque<usize>,
+    running: Vec<usize>,
+    hit_buf: Vec<BlockId>,
+    tok_buf: Vec<u32>,
+    check_every: u64,
+}
+
+impl<'w> VllmEngine<'w> {
+    /// Checks the workload against the config (vLLM's input checks) and builds the engine.
+    pub fn new(workload: &'w Workload, cfg: EngineConfig) -> Result<Self, ServeError> {
+        use super::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS, MAX_MODEL_LEN, MAX_STEP_US};
+        if cfg.num_gpu_blocks < 2 || cfg.block_size == 0 || cfg.step_us == 0 {
+            return Err(ServeError::Input(
+                "num_gpu_blocks >= 2, block_size >= 1 and step_us >= 1 are required".into(),
+            ));
+        }
+        if cfg.num_gpu_blocks as u64 > MAX_GPU_BLOCKS
+            || cfg.block_size as u64 > MAX_BLOCK_SIZE
+            || cfg.max_model_len > MAX_MODEL_LEN
+            || cfg.step_us > MAX_STEP_US
+        {
+            return Err(ServeError::Input(format!(
+                "config beyond gpumem's limits (num_gpu_blocks <= {MAX_GPU_BLOCKS}, block_size <= {MAX_BLOCK_SIZE}, max_model_len <= {MAX_MODEL_LEN}, step_us <= {MAX_STEP_US})"
+            )));
+        }
+        if cfg.max_model_len > (cfg.num_gpu_blocks as u64 - 1) * cfg.block_size as u64 {
+            return Err(ServeError::Input(format!(
+                "max_model_len {} exceeds the KV pool ({} usable blocks x {} tokens)",
+                cfg.max_model_len,
+                cfg.num_gpu_blocks - 1,
+                cfg.block_size
+            )));
+        }
+        if cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens < cfg.max_num_seqs {
+            return Err(ServeError::Input(
+                "max_num_seqs must be >= 1 and max_num_batched_tokens >= max_num_seqs".into(),
+            ));
+        }
+        workload
+            .validate(cfg.max_model_len)
+            .map_err(|e| ServeError::Input(e.0))?;
+        let kv = KvCacheManager::new(KvConfig {
+            num_blocks: cfg.num_gpu_blocks,
+            block_size: cfg.block_size,
+            max_model_len: cfg.max_model_len,
+            enable_prefix_caching: cfg.enable_prefix_caching,
+            watermark_blocks: cfg.watermark_blocks,
+        });
+        let reqs = workload
+            .requests
+            .iter()
+            .map(|w| Req {
+                num_prompt: w.prompt.len(),
+                num_tokens: w.prompt.len(),
+                num_computed: 0,
+                num_output: 0,
+                max_tokens: w.max_tokens,
+                hashes: Vec::new(),
+                status: Status::NotArrived,
+                num_preemptions: 0,
+                first_token_us: None,
+                finish_us: None,
+            })
+            .collect();
+        Ok(VllmEngine {
+            cfg,
+            workload,
+            kv,
+            reqs,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            hit_buf: Vec::new(),
+            tok_buf: Vec::new(),
+            check_every: 0,
+        })
+    }
+
+    /// Run the KV manager's full invariant walk after every `every`-th step (0: never; it is
+    /// O(blocks), for tests).
+    pub fn with_invariant_checks(mut self, every: u64) -> Self {
+        self.check_every = every;
+        self
+    }
+
+    pub fn kv(&self) -> &KvCacheManager {
+        &self.kv
+    }
+
+    /// Tokens `start..end` of request `r` into `tok_buf` (prompt, then generated tokens by the contract's rule).
+    fn fill_tokens(&mut self, r: usize, start: u64, end: u64) {
+        self.tok_buf.clear();
+        let w: &WorkloadRequest = &self.workload.requests[r];
+        let np = self.reqs[r].num_prompt;
+        if start < np {
+            w.prompt.fill(start, end.min(np), &mut self.tok_buf);
+        }
+        for j in start.max(np)..end {
+            self.tok_buf
+                .push(WorkloadRequest::generated_token(r, j - np));
+        }
+    }
+
+    /// Hashes the request's full blocks not hashed yet (vLLM's request block hasher).
+    fn update_hashes(&mut self, r: usize) {
+        if !self.cfg.enable_prefix_caching {
+            return;
+        }
+        let bs = self.cfg.block_size as u64;
+        loop {
+            let i = self.reqs[r].hashes.len();
+            let start = i as u64 * bs;
+            if start + bs > self.reqs[r].num_tokens {
+                break;
+            }
+            self.fill_tokens(r, start, start + bs);
+            let parent = self.reqs[r].hashes.last().copied();
+            let h = hash_request_block(parent, i, &self.tok_buf, &ExtraKeys::NONE);
+            self.reqs[r].hashes.push(h);
+        }
+    }
+
+    fn add_request(&mut self, r: usize) {
+        self.reqs[r].status = Status::Waiting;
+        self.update_hashes(r);
+        self.waiting.push_back(r);
+    }
+
+    fn preempt(&mut self, r: usize) {
+        self.kv.free(r);
+        let q = &mut self.reqs[r];
+        debug_assert_eq!(q.status, Status::Running);
+        q.status = Status::Preempted;
+        q.num_computed = 0;
+        q.num_preemptions += 1;
+        self.waiting.push_front(r);
+    }
+
+    /// Engine step `step` (it starts at `step * step_us`): `schedule()`, the fake model output and
+    /// `update_from_output()`. Fills `rec`.
+    fn step(&mut self, step: u64, rec: &mut StepRecord) {
+        rec.clear();
+        rec.step = step;
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let max_len = self.cfg.max_model_len;
+
+        // RUNNING requests, in admission order.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let r = self.running[i];
+            let q = &self.reqs[r];
+            let n = (q.num_tokens - q.num_computed)
+                .min(budget)
+                .min(max_len.saturating_sub(q.num_computed + 1));
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            let scheduled = loop {
+                if self
+                    .kv
+                    .allocate_slots(slot_of(&self.reqs, r), n, 0, &[], false, true)
+                {
+                    break true;
+                }
+                // Preempt the most recently admitted running request (FCFS), maybe `r`.
+                let victim = self.running.pop().expect("running request in the loop");
+                debug_assert!(self.running.len() >= i, "victim already scheduled");
+                self.preempt(victim);
+                rec.preempted.push(victim);
+                if victim == r {
+                    break false;
+                }
+            };
+            if !scheduled {
+                break;
+            }
+            rec.scheduled.push((r, n));
+            budget -= n;
+            i += 1;
+        }
+
+        // WAITING requests, only if nothing was preempted; head-of-line blocking.
+        if rec.preempted.is_empty() {
+            while budget > 0 {
+                let Some(&r) = self.waiting.front() else {
+                    break;
+                };
+                if self.running.len() as u64 >= self.cfg.max_num_seqs {
+                    break;
+                }
+                let q = &self.reqs[r];
+                debug_assert_eq!(q.num_computed, 0);
+                let mut hits = std::mem::take(&mut self.hit_buf);
+                let hit_tokens = self
+                    .kv
+                    .get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
+                let n = (q.num_tokens - hit_tokens).min(budget);
+                let has_running = !self.running.is_empty();
+                let slot = slot_of(&self.reqs, r);
+                let ok = self
+                    .kv
+                    .allocate_slots(slot, n, hit_tokens, &hits, true, has_running);
+                self.hit_buf = hits;
+                if !ok {
+                    break;
+                }
+                let q = &mut self.reqs[r];
+                let preempted_before = q.num_preemptions > 0;
+                let num_tokens = q.num_tokens;
+                q.status = Status::Running;
+                q.num_computed = hit_tokens;
+                self.kv
+                    .record_prefix_cache_stats(num_tokens, hit_tokens, preempted_before);
+                self.waiting.pop_front();
+                self.running.push(r);
+                rec.admitted.push((r, hit_tokens));
+                rec.scheduled.push((r, n));
+                budget -= n;
+            }
+        }
+
+        // _update_after_schedule: optimistic computed counts.
+        for &(r, n) in &rec.scheduled {
+            self.reqs[r].num_computed += n;
+        }
+
+        // update_from_output: one token for each request whose prefill is complete.
+        let end_us = (step + 1) * self.cfg.step_us;
+        for k in 0..rec.scheduled.len() {
+            let r = rec.scheduled[k].0;
+            let q = &mut self.reqs[r];
+            if q.num_computed < q.num_tokens {
+                continue;
+            }
+            q.num_tokens += 1;
+            q.num_output += 1;
+            if q.first_token_us.is_none() {
+                q.first_token_us = Some(end_us);
+            }
+            let stop = q.num_tokens >= max_len || q.num_output >= q.max_tokens;
+            if self.cfg.enable_prefix_caching
+                && q.num_tokens.is_multiple_of(self.cfg.block_size as u64)
+            {
+                self.update_hashes(r);
+            }
+            if stop {
+                let q = &mut self.reqs[r];
+                q.status = Status::Finished;
+                q.finish_us = Some(end_us);
+                q.hashes = Vec::new();
+                self.kv.free(r);
+                rec.finished.push(r);
+            }
+        }
+        if !rec.finished.is_empty() {
+            let reqs = &self.reqs;
+            self.running.retain(|&r| reqs[r].status != Status::Finished);
+        }
+        rec.free_blocks = self.kv.num_free_blocks();
+        let c = self.kv.pool_mut().take_counters();
+        rec.stored = c.stored;
+        rec.removed = c.removed;
+    }
+
+    /// Runs the workload to the end under the conformance clock, calling `on_step` for every
+    /// step that scheduled or preempted something (one step-log line each).
+    pub fn run(
+        &mut self,
+        mut on_step: impl FnMut(&StepRecord) -> Result<(), ServeError>,
+    ) -> Result<RunSummary, ServeError> {
+        let n = self.workload.requests.len();
+        let step_us = self.cfg.step_us;
+        let mut sum = RunSummary {
+            requests: n as u64,
+            kv_blocks: self.cfg.num_gpu_blocks,
+            ..RunSummary::default()
+        };
+        let usable = self.cfg.num_gpu_blocks - 1;
+        let mut rec = StepRecord::default();
+        let mut next = 0usize;
+        let mut k = 0u64;
+        let mut finished_last = false;
+        loop {
+            let now = k * step_us;
+            while next < n && self.workload.requests[next].arrival_us <= now {
+                self.add_request(next);
+                next += 1;
+            }
+            if self.waiting.is_empty() && self.running.is_empty() && !finished_last {
+                if next >= n {
+                    break;
+                }
+                // Idle: jump to the step of the next arrival.
+                k = self.workload.requests[next].arrival_us.div_ceil(step_us);
+                continue;
+            }
+            self.step(k, &mut rec);
+            if self.check_every > 0 && k.is_multiple_of(self.check_every) {
+                self.kv
+                    .check_invariants()
+                    .map_err(|e| ServeError::Internal(format!("step {k}: {e}")))?;
+            }
+            finished_last = !rec.finished.is_empty();
+            sum.kv_blocks_used_peak = sum.kv_blocks_used_peak.max(usable - rec.free_blocks);
+            if !rec.scheduled.is_empty() || !rec.preempted.is_empty() {
+                sum.steps += 1;
+                sum.last_step = Some(k);
+                sum.preemptions += rec.preempted.len() as u64;
+                sum.admissions += rec.admitted.len() as u64;
+                sum.admitted_hit_tokens += rec.admitted.iter().map(|a| a.1).sum::<u64>();
+                sum.scheduled_tokens += rec.scheduled.iter().map(|s| s.1).sum::<u64>();
+                sum.requests_finished += rec.finished.len() as u64;
+                sum.sim_time_us = (k + 1) * step_us;
+                on_step(&rec)?;
+            } else if !self.waiting.is_empty() || !self.running.is_empty() {
+                let head = self.waiting.front().copied();
+                return Err(ServeError::Stall(match head {
+                    Some(r) => format!(
+                        "step {k}: request {} ({} tokens) cannot be admitted with {} free blocks and nothing running",
+                        self.workload.requests[r].id,
+                        self.reqs[r].num_tokens,
+                        self.kv.num_free_blocks()
+                    ),
+                    None => format!("step {k}: no progress"),
+                }));
+            }
+            k += 1;
+        }
+        let totals = self.kv.pool().totals();
+        sum.blocks_evicted = totals.removed;
+        sum.blocks_stored = totals.stored;
+        sum.prefix_cache = *self.kv.stats();
+        sum.outcomes = self
+            .reqs
+            .iter()
+            .zip(&self.workload.requests)
+            .map(|(q, w)| RequestOutcome {
+                arrival_us: w.arrival_us,
+                first_token_us: q.first_token_us,
+                finish_us: q.finish_us,
+                output_tokens: q.num_output,
+                preemptions: q.num_preemptions,
+            })
+            .collect();
+        sum.prompt_tokens = self.reqs.iter().map(|q| q.num_prompt).sum();
+        sum.output_tokens = self.reqs.iter().map(|q| q.num_output).sum();
+        Ok(sum)
+    }
+}

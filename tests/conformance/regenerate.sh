@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Regenerate the conformance fixtures: workload.jsonl + config.json per case,
+# and steps.jsonl from vLLM 0.33.0's own scheduler (the oracle in
+# ../shared/conformance/vllm-oracle; run its setup.sh once first).
+# A case whose inputs the oracle refuses (exit 2) gets expected_error.txt (the
+# oracle's stderr) instead of steps.jsonl.
+#
+#   tests/conformance/regenerate.sh            # from the repository root
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SHARED="${GPUMEM_SHARED:-$HERE/../../../shared}"
+ORACLE="$SHARED/conformance/vllm-oracle"
+PY="${GPUMEM_ORACLE_HOME:-$HOME/.cache/gpumem-vllm-oracle}/venv/bin/python"
+TRACE="$SHARED/traces/mooncake/conversation_trace.jsonl"
+
+# 1. explicit-prompt cases
+python3 "$HERE/gen_cases.py" "$HERE" >/dev/null
+
+# 2. Mooncake: the first 500 requests of the conversation trace, arrivals
+#    compressed 10x. The logs of the full output lengths are 2-3 MB, so
+#    max_tokens is divided by D (rounded up) to keep each fixture under 1 MB.
+#    The small pool (1200 blocks of 16 = 19184 tokens) forces preemptions;
+#    requests that can never fit it are dropped by --max-seq-tokens.
+mooncake() { # name num_gpu_blocks max_model_len D
+    local d="$HERE/$1"
+    mkdir -p "$d"
+    python3 "$ORACLE/mooncake_to_workload.py" "$TRACE" --limit 500 --time-scale 0.1 \
+        --max-seq-tokens "$3" -o "$d/workload.full.jsonl"
+    python3 - "$d/workload.full.jsonl" "$d/workload.jsonl" "$4" <<'PYEOF'
+import json, sys
+with open(sys.argv[1]) as f, open(sys.argv[2], "w") as g:
+    for line in f:
+        r = json.loads(line)
+        r["max_tokens"] = -(-r["max_tokens"] // int(sys.argv[3]))
+        g.write(json.dumps(r, separators=(",", ":")) + "\n")
+PYEOF
+    rm "$d/workload.full.jsonl"
+    cat >"$d/config.json" <<CFG
+{"num_gpu_blocks": $2, "block_size": 16, "max_num_seqs": 64, "max_num_batched_tokens": 8192,
+ "max_model_len": $3, "enable_prefix_caching": true, "step_us": 20000}
+CFG
+}
+mooncake mooncake-500-large 20000 131072 8
+mooncake mooncake-500-small 1200 19184 16
+
+# 3. step logs
+for d in "$HERE"/*/; do
+    name="$(basename "$d")"
+    rm -f "$d/steps.jsonl" "$d/expected_error.txt"
+    set +e
+    "$PY" "$ORACLE/oracle.py" --workload "$d/workload.jsonl" --config "$d/config.json" \
+        --out "$d/steps.jsonl" 2>"$d/oracle.stderr"
+    rc=$?
+    set -e
+    if [[ $rc -eq 2 ]]; then
+        grep 'error' "$d/oracle.stderr" >"$d/expected_error.txt"
+        rm -f "$d/steps.jsonl"
+    elif [[ $rc -ne 0 ]]; then
+        echo "$name: oracle exit $rc" >&2; cat "$d/oracle.stderr" >&2; exit 1
+    fi
+    echo "$name: $(tail -n1 "$d/oracle.stderr")"
+    rm "$d/oracle.stderr"
+done
