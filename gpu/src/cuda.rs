@@ -221,7 +221,7 @@ impl CudaDevice {
         if bytes == 0 {
             return Err(DeviceError::invalid(format!("{name} {what}: empty range")));
         }
-        if offset % g != 0 || bytes % g != 0 {
+        if !offset.is_multiple_of(g) || !bytes.is_multiple_of(g) {
             return Err(DeviceError::new(
                 DeviceErrorKind::Unsupported,
                 format!(

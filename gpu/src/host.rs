@@ -205,7 +205,7 @@ impl HostDevice {
         if bytes == 0 {
             return Err(DeviceError::invalid(format!("host {what}: empty range")));
         }
-        if offset % page != 0 || bytes % page != 0 {
+        if !offset.is_multiple_of(page) || !bytes.is_multiple_of(page) {
             return Err(DeviceError::new(
                 DeviceErrorKind::Unsupported,
                 format!("host {what}: [{offset}, {end}) is not aligned to the {page}-byte page"),

@@ -161,17 +161,17 @@ pub fn replay<E: Executor>(
             line: op.line,
             reason,
         })?;
-        d.observe(op.t_ns, n % sample_every == 0);
-        if d.config.check_every_ops > 0 && n % d.config.check_every_ops == 0 {
+        d.observe(op.t_ns, n.is_multiple_of(sample_every));
+        if d.config.check_every_ops > 0 && n.is_multiple_of(d.config.check_every_ops) {
             d.alloc.check_invariants().map_err(|e| ReplayError {
                 line: op.line,
                 reason: format!("internal invariant broken in {}: {e}", strategy.name()),
             })?;
         }
-        if d.config.checkpoint_every_ops > 0 && n % d.config.checkpoint_every_ops == 0 {
+        if d.config.checkpoint_every_ops > 0 && n.is_multiple_of(d.config.checkpoint_every_ops) {
             d.exec.checkpoint();
         }
-        if n % PROGRESS_EVERY_OPS == 0 {
+        if n.is_multiple_of(PROGRESS_EVERY_OPS) {
             progress(n);
         }
     }
