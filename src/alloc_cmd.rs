@@ -299,7 +299,7 @@ fn render_execution(report: &AllocReport, runs: &[ExecReport]) -> String {
             sim.modelled_ns as f64 / 1e6,
         ));
     }
-    out.push_str("\nper decision, all strategies     count    measured     modelled\n");
+    out.push_str("\nper decision, all strategies     count    measured     modelled   (measured includes writing and checking the patterns)\n");
     for kind in gpumem_core::decision::Decision::KIND_NAMES {
         let (count, measured) = sum_kind(runs, kind);
         if count == 0 {
