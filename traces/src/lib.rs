@@ -4,6 +4,7 @@
 //! - [`pickle`]: a minimal, safe reader of Python pickles of plain values;
 //! - [`torch`]: `torch.cuda.memory._dump_snapshot` pickles → [`AllocTrace`];
 //! - [`jsonl`]: gpumem's own JSON Lines allocation trace, read and written;
+//! - [`kv_events`]: vLLM KV-cache event streams (msgpack batches, JSON Lines) → a router's cache index;
 //! - [`generate`]: seeded generators (LLM serving, fixed occupancy).
 //!
 //! Importers never panic on malformed input: they answer a [`TraceError`] with file, location
@@ -13,6 +14,7 @@ pub mod alloc_trace;
 pub mod error;
 pub mod generate;
 pub mod jsonl;
+pub mod kv_events;
 pub mod pickle;
 pub mod torch;
 

@@ -2,10 +2,22 @@
 //! hash of block `i - 1`, the block's tokens and its extra keys, so one hash names the whole
 //! prefix through that block. Only full blocks are hashed.
 //!
-//! The hash function itself is gpumem's own (fast, deterministic, 64-bit, wyhash-style
-//! multiply-fold), not vLLM's SHA-256 over pickle/CBOR: equal prefixes give equal hashes on
-//! any machine, but the values differ from the ones in vLLM's KV events. (vLLM's
-//! `sha256_cbor` byte format is not reproduced here.)
+//! Two algorithms ([`HashAlgo`], by name with [`parse_hash_algo`]):
+//! - `fast` (the default): gpumem's own function (deterministic, 64-bit, wyhash-style
+//!   multiply-fold; [`hash_block`], [`extend_block_hashes`]). Equal prefixes give equal
+//!   hashes on any machine, but the values are not vLLM's.
+//! - `sha256_cbor`: vLLM 0.33's `prefix_caching_hash_algo="sha256_cbor"` byte for byte
+//!   ([`Sha256Cbor`]): SHA-256 over the canonical CBOR encoding of the tuple
+//!   `(parent digest, tuple(token ids), extra keys)`, with `NONE_HASH = sha256(cbor(seed))`
+//!   as the parent of the first block (seed `"vllm-none-hash"`, or `PYTHONHASHSEED` when set).
+//!   [`BlockHash::from_digest`] gives the value vLLM publishes in its KV events (the digest's
+//!   last 8 bytes as a big-endian u64). vLLM's default `sha256` pickles the tuple instead,
+//!   which is not reproduced.
+//!
+//! [`BlockHasher`] and [`ChainHash`] let an engine hash with either algorithm through one API.
+
+pub mod cbor;
+pub mod sha256;
 
 use serde::{Deserialize, Serialize};
 
@@ -132,6 +144,293 @@ pub fn hash_request_block(
     hash_block(parent, tokens, extra.word(block_index))
 }
 
+/// Which function chains block hashes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashAlgo {
+    /// gpumem's own 64-bit hash (not vLLM's values).
+    #[default]
+    Fast,
+    /// vLLM's `sha256_cbor`, byte for byte.
+    Sha256Cbor,
+}
+
+impl HashAlgo {
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlgo::Fast => "fast",
+            HashAlgo::Sha256Cbor => "sha256_cbor",
+        }
+    }
+}
+
+impl std::fmt::Display for HashAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The hash algorithm named `name`: `fast` or `sha256_cbor` (also `sha256-cbor`).
+pub fn parse_hash_algo(name: &str) -> Result<HashAlgo, String> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "fast" | "gpumem" => Ok(HashAlgo::Fast),
+        "sha256_cbor" | "sha256-cbor" => Ok(HashAlgo::Sha256Cbor),
+        "sha256" | "xxhash" | "xxhash_cbor" => Err(format!(
+            "hash algorithm {name:?} (vLLM's, over Python pickles or xxh3) is not reproduced; \
+             use sha256_cbor for vLLM's exact hash values, or fast"
+        )),
+        _ => Err(format!(
+            "unknown hash algorithm {name:?} (expected fast or sha256_cbor)"
+        )),
+    }
+}
+
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+
+/// vLLM's `DEFAULT_NONE_HASH_SEED`: the seed of `NONE_HASH` for its SHA-256 algorithms when
+/// `PYTHONHASHSEED` is not set.
+pub const DEFAULT_NONE_HASH_SEED: &str = "vllm-none-hash";
+
+impl BlockHash {
+    /// The hash vLLM publishes in KV events for a digest (`VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`,
+    /// on by default): `int.from_bytes(digest, "big") & (2**64 - 1)`, i.e. its last 8 bytes.
+    pub fn from_digest(digest: &[u8]) -> BlockHash {
+        let tail = &digest[digest.len().saturating_sub(8)..];
+        BlockHash(tail.iter().fold(0u64, |acc, &b| acc << 8 | b as u64))
+    }
+}
+
+/// vLLM 0.33's extra keys of a request, as strings (what [`Sha256Cbor`] hashes): the LoRA
+/// adapter enters every block as `("lora", name, path)`, a non-empty cache salt the first
+/// block as `("cache_salt", salt)`; the block's extra keys are the tuple of those that apply,
+/// or `None`. Multimodal and prompt-embedding keys are not modelled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VllmExtraKeys<'a> {
+    /// LoRA name and path.
+    pub lora: Option<(&'a str, &'a str)>,
+    pub cache_salt: Option<&'a str>,
+}
+
+impl<'a> VllmExtraKeys<'a> {
+    pub const NONE: VllmExtraKeys<'static> = VllmExtraKeys {
+        lora: None,
+        cache_salt: None,
+    };
+
+    fn salt_applies(&self, block_index: usize) -> Option<&'a str> {
+        self.cache_salt
+            .filter(|s| block_index == 0 && !s.is_empty())
+    }
+
+    /// Writes block `block_index`'s extra keys as vLLM's `generate_block_hash_extra_keys`
+    /// returns them (the tuple, or `None`).
+    pub fn write_cbor(&self, block_index: usize, out: &mut impl cbor::Sink) {
+        let salt = self.salt_applies(block_index);
+        let n = self.lora.is_some() as usize + salt.is_some() as usize;
+        if n == 0 {
+            cbor::write_null(out);
+            return;
+        }
+        cbor::write_array_head(out, n);
+        if let Some((name, path)) = self.lora {
+            cbor::write_array_head(out, 3);
+            cbor::write_text(out, "lora");
+            cbor::write_text(out, name);
+            cbor::write_text(out, path);
+        }
+        if let Some(s) = salt {
+            cbor::write_array_head(out, 2);
+            cbor::write_text(out, "cache_salt");
+            cbor::write_text(out, s);
+        }
+    }
+
+    /// The same keys for the `fast` algorithm ([`ExtraKeys`]).
+    pub fn fast(&self) -> ExtraKeys {
+        ExtraKeys {
+            lora: self.lora.map(|(name, path)| {
+                let mut b = Vec::with_capacity(name.len() + path.len() + 1);
+                b.extend_from_slice(name.as_bytes());
+                b.push(0);
+                b.extend_from_slice(path.as_bytes());
+                hash_bytes(&b)
+            }),
+            cache_salt: self
+                .cache_salt
+                .filter(|s| !s.is_empty())
+                .map(|s| hash_bytes(s.as_bytes())),
+        }
+    }
+}
+
+/// vLLM's `sha256_cbor` block hash, with its `NONE_HASH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sha256Cbor {
+    none_hash: Digest,
+}
+
+impl Default for Sha256Cbor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sha256Cbor {
+    /// vLLM's default: `NONE_HASH = sha256(cbor("vllm-none-hash"))` (`PYTHONHASHSEED` unset).
+    pub fn new() -> Self {
+        Self::with_seed(DEFAULT_NONE_HASH_SEED)
+    }
+
+    /// `NONE_HASH` from the seed string, as vLLM derives it when `PYTHONHASHSEED=seed`.
+    pub fn with_seed(seed: &str) -> Self {
+        let mut h = sha256::Sha256::new();
+        cbor::write_text(&mut h, seed);
+        Sha256Cbor {
+            none_hash: h.finish(),
+        }
+    }
+
+    /// The parent of every first block.
+    pub fn none_hash(&self) -> &Digest {
+        &self.none_hash
+    }
+
+    /// vLLM's `hash_block_tokens(sha256_cbor, parent, tokens, extra_keys)` for block
+    /// `block_index` of a request (the index decides whether the cache salt applies).
+    pub fn hash_block(
+        &self,
+        parent: Option<&Digest>,
+        block_index: usize,
+        tokens: &[u32],
+        extra: &VllmExtraKeys<'_>,
+    ) -> Digest {
+        let mut h = sha256::Sha256::new();
+        cbor::write_array_head(&mut h, 3);
+        cbor::write_bytes(&mut h, parent.unwrap_or(&self.none_hash));
+        cbor::write_array_head(&mut h, tokens.len());
+        // Token heads are at most 5 bytes: batch them to keep the hasher's calls few.
+        let mut buf = [0u8; 5 * 64];
+        for chunk in tokens.chunks(64) {
+            let mut n = 0;
+            for &t in chunk {
+                n += put_uint(&mut buf[n..], t);
+            }
+            h.update(&buf[..n]);
+        }
+        extra.write_cbor(block_index, &mut h);
+        h.finish()
+    }
+
+    /// Appends the digests of the full blocks of `tokens` that `digests` does not cover yet
+    /// (vLLM's request block hasher: append-only, full blocks only).
+    pub fn extend(
+        &self,
+        digests: &mut Vec<Digest>,
+        tokens: &[u32],
+        block_size: usize,
+        extra: &VllmExtraKeys<'_>,
+    ) {
+        let mut start = digests.len() * block_size;
+        while block_size > 0 && start + block_size <= tokens.len() {
+            let i = digests.len();
+            let d = self.hash_block(digests.last(), i, &tokens[start..start + block_size], extra);
+            digests.push(d);
+            start += block_size;
+        }
+    }
+}
+
+/// A CBOR unsigned-integer head for a u32 into `out`; returns its length.
+#[inline]
+fn put_uint(out: &mut [u8], t: u32) -> usize {
+    if t < 24 {
+        out[0] = t as u8;
+        1
+    } else if t <= 0xff {
+        out[0] = 24;
+        out[1] = t as u8;
+        2
+    } else if t <= 0xffff {
+        out[0] = 25;
+        out[1..3].copy_from_slice(&(t as u16).to_be_bytes());
+        3
+    } else {
+        out[0] = 26;
+        out[1..5].copy_from_slice(&t.to_be_bytes());
+        5
+    }
+}
+
+/// A block hash in full, as the chain needs it: the `fast` 64-bit value, or the SHA-256 digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChainHash {
+    Fast(BlockHash),
+    Sha256(Digest),
+}
+
+impl ChainHash {
+    /// The 64-bit key the pool and the events use.
+    #[inline]
+    pub fn block_hash(&self) -> BlockHash {
+        match self {
+            ChainHash::Fast(h) => *h,
+            ChainHash::Sha256(d) => BlockHash::from_digest(d),
+        }
+    }
+}
+
+/// One block hasher for either algorithm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockHasher {
+    Fast,
+    Sha256Cbor(Sha256Cbor),
+}
+
+impl BlockHasher {
+    /// The algorithm with vLLM's default `NONE_HASH` seed.
+    pub fn new(algo: HashAlgo) -> Self {
+        match algo {
+            HashAlgo::Fast => BlockHasher::Fast,
+            HashAlgo::Sha256Cbor => BlockHasher::Sha256Cbor(Sha256Cbor::new()),
+        }
+    }
+
+    pub fn algo(&self) -> HashAlgo {
+        match self {
+            BlockHasher::Fast => HashAlgo::Fast,
+            BlockHasher::Sha256Cbor(_) => HashAlgo::Sha256Cbor,
+        }
+    }
+
+    /// Hash of block `block_index` given its parent's full hash (None for the first block).
+    /// Panics when the parent came from the other algorithm.
+    pub fn hash_block(
+        &self,
+        parent: Option<&ChainHash>,
+        block_index: usize,
+        tokens: &[u32],
+        extra: &VllmExtraKeys<'_>,
+    ) -> ChainHash {
+        match self {
+            BlockHasher::Fast => {
+                let p = parent.map(|p| match p {
+                    ChainHash::Fast(h) => *h,
+                    ChainHash::Sha256(_) => panic!("a sha256_cbor parent for the fast hasher"),
+                });
+                ChainHash::Fast(hash_request_block(p, block_index, tokens, &extra.fast()))
+            }
+            BlockHasher::Sha256Cbor(h) => {
+                let p = parent.map(|p| match p {
+                    ChainHash::Sha256(d) => d,
+                    ChainHash::Fast(_) => panic!("a fast parent for the sha256_cbor hasher"),
+                });
+                ChainHash::Sha256(h.hash_block(p, block_index, tokens, extra))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +486,122 @@ mod tests {
         extend_block_hashes(&mut l, &toks, 4, &lora);
         assert_ne!(l[1], hash_block(Some(l[0]), &toks[4..], 0));
         assert_ne!(hash_bytes(b"a"), hash_bytes(b"b"));
+    }
+
+    fn hex(d: &[u8]) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Values computed with vLLM 0.33.0's own `vllm.utils.hashing.sha256_cbor` (cbor2 6.3,
+    /// canonical=True) on the same Python values.
+    #[test]
+    fn sha256_cbor_matches_vllm() {
+        let h = Sha256Cbor::new();
+        assert_eq!(
+            hex(h.none_hash()),
+            "9bd96a485ad84efdafb72ee48a1d7a69bcead0f8f0433173941b276b9581eef0"
+        );
+        let b0 = h.hash_block(None, 0, &[1, 2, 3, 4], &VllmExtraKeys::NONE);
+        assert_eq!(
+            hex(&b0),
+            "58d0879dff3800f65f8c5fd449d73048c0f7699dd238a03b84b146b151d55111"
+        );
+        assert_eq!(
+            BlockHash::from_digest(&b0),
+            BlockHash(0x84b1_46b1_51d5_5111)
+        );
+        let b1 = h.hash_block(Some(&b0), 1, &[5, 6, 7, 8], &VllmExtraKeys::NONE);
+        assert_eq!(
+            hex(&b1),
+            "e1bc29393a2da9fd798f35ff04d215f846aee6df4b803ce3d43b57df56b58fb1"
+        );
+        let wide = h.hash_block(
+            None,
+            0,
+            &[0, 23, 24, 255, 256, 65535, 65536, u32::MAX],
+            &VllmExtraKeys::NONE,
+        );
+        assert_eq!(
+            hex(&wide),
+            "deaa46fcabbf6b126d28ad1292550fb894177c76c7b8e270e04824cbf674d83f"
+        );
+        let long: Vec<u32> = (100..124).collect();
+        assert_eq!(
+            hex(&h.hash_block(None, 0, &long, &VllmExtraKeys::NONE)),
+            "4100327c81de908bc85378ee3ed53eb3a25961ff3cad70b6f45a8a2973426f63"
+        );
+        // Extra keys: LoRA on every block, the salt on the first only.
+        let keys = VllmExtraKeys {
+            lora: Some(("adapter-a", "/models/a")),
+            cache_salt: Some("tenant-1"),
+        };
+        let l0 = h.hash_block(None, 0, &[1, 2, 3, 4], &keys);
+        assert_eq!(
+            hex(&l0),
+            "1601aba86f5534d3e6e2d8f63a287170fb71c245c10070cb68a70bc8f93f6b34"
+        );
+        assert_eq!(
+            hex(&h.hash_block(Some(&l0), 1, &[5, 6, 7, 8], &keys)),
+            "47607f64aa620740eca389815566bc1b2c993fd5e0915a7b85cf52cd2e54de86"
+        );
+        let salt = VllmExtraKeys {
+            lora: None,
+            cache_salt: Some("tenant-1"),
+        };
+        assert_eq!(
+            hex(&h.hash_block(None, 0, &[1, 2, 3, 4], &salt)),
+            "661fd7e0daba8647d1ebef0b2b242e2db6c40bfc5520c31d046e0b71bef06cf3"
+        );
+        // PYTHONHASHSEED=42.
+        assert_eq!(
+            hex(Sha256Cbor::with_seed("42").none_hash()),
+            "9fa6eb003f14425eb9c8e6baacfbcaab26257357b829c7bfa74ffcc4f31c1780"
+        );
+        // The encoding hashed is exactly cbor2's.
+        let mut enc = Vec::new();
+        cbor::write_array_head(&mut enc, 3);
+        cbor::write_bytes(&mut enc, h.none_hash());
+        cbor::Value::Array((1..=4).map(cbor::Value::Int).collect()).encode(&mut enc);
+        VllmExtraKeys::NONE.write_cbor(0, &mut enc);
+        assert_eq!(
+            hex(&enc),
+            "8358209bd96a485ad84efdafb72ee48a1d7a69bcead0f8f0433173941b276b9581eef08401020304f6"
+        );
+        assert_eq!(sha256::sha256(&enc), b0);
+    }
+
+    #[test]
+    fn chain_hashers_and_names() {
+        let toks: Vec<u32> = (1..=12).collect();
+        let mut d = Vec::new();
+        Sha256Cbor::new().extend(&mut d, &toks[..9], 4, &VllmExtraKeys::NONE);
+        assert_eq!(d.len(), 2);
+        Sha256Cbor::new().extend(&mut d, &toks, 4, &VllmExtraKeys::NONE);
+        assert_eq!(d.len(), 3);
+        for algo in [HashAlgo::Fast, HashAlgo::Sha256Cbor] {
+            let hasher = BlockHasher::new(algo);
+            assert_eq!(hasher.algo(), algo);
+            assert_eq!(parse_hash_algo(algo.name()), Ok(algo));
+            let mut parent = None;
+            let mut got = Vec::new();
+            for (i, c) in toks.chunks(4).enumerate() {
+                let h = hasher.hash_block(parent.as_ref(), i, c, &VllmExtraKeys::NONE);
+                got.push(h.block_hash());
+                parent = Some(h);
+            }
+            let want: Vec<BlockHash> = match algo {
+                HashAlgo::Fast => {
+                    let mut v = Vec::new();
+                    extend_block_hashes(&mut v, &toks, 4, &ExtraKeys::NONE);
+                    v
+                }
+                HashAlgo::Sha256Cbor => d.iter().map(|x| BlockHash::from_digest(x)).collect(),
+            };
+            assert_eq!(got, want);
+        }
+        assert!(parse_hash_algo("sha256").is_err());
+        assert!(parse_hash_algo("md5").is_err());
+        assert_eq!(parse_hash_algo("SHA256-CBOR"), Ok(HashAlgo::Sha256Cbor));
+        assert_eq!(BlockHash::from_digest(&[1, 2]), BlockHash(0x0102));
     }
 }

@@ -13,6 +13,10 @@
 //! - only full blocks are cached, by `cache_full_blocks`; the same hash may be held by several
 //!   blocks (block tables are append-only), a lookup returns the one inserted first;
 //! - `reset_prefix_cache` succeeds only when every block is free.
+//!
+//! The policy hears of cached content through its hooks (`on_cached` with the block before it
+//! in the request's table, `on_hit` on every touch, `on_evicted` whenever a hash leaves a
+//! block, `on_reset`); vLLM's LRU ignores them.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -217,6 +221,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
         let Some(h) = self.hash[b as usize].take() else {
             return false;
         };
+        self.policy.on_evicted(b, h);
         if self.remove_holder(h, b) {
             self.counters.removed += 1;
             self.totals.removed += 1;
@@ -264,6 +269,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
                 self.policy.take(b);
             }
             *r += 1;
+            self.policy.on_hit(b);
         }
     }
 
@@ -321,6 +327,11 @@ impl<P: EvictionPolicy> BlockPool<P> {
                 None => {}
             }
             self.hash[b as usize] = Some(h);
+            let parent = i
+                .checked_sub(1)
+                .map(|j| blocks[j])
+                .filter(|&p| p != NULL_BLOCK);
+            self.policy.on_cached(b, h, parent);
             match self.cached.entry(h) {
                 std::collections::hash_map::Entry::Vacant(e) => {
                     e.insert(Holders::One(b));
@@ -359,6 +370,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
         }
         self.cached.clear();
         self.hash.iter_mut().for_each(|h| *h = None);
+        self.policy.on_reset();
         if let Some(ev) = &mut self.events {
             ev.push(KvEvent::AllCleared);
         }
