@@ -17,11 +17,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::arena::Arena;
-use super::fit::{arena_layout, check_blocks, check_tiling};
+use super::arena::{check_tiling, sorted_blocks, Arena};
 use super::{
     align_up, AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary,
-    LiveBlock, PoolFree, SegmentLayout, Strategy,
+    LiveBlock, SegmentLayout, Strategy,
 };
 use crate::decision::{AllocId, Decision, Loc};
 use crate::defrag::Compaction;
@@ -232,32 +231,23 @@ impl Allocator for Buddy {
     /// Free bytes in mapped memory, and the mapped part of the largest free *block*: adjacent
     /// free blocks that are not buddies cannot serve one request together.
     fn free_summary(&self) -> FreeSummary {
-        FreeSummary {
-            pools: [
-                PoolFree {
-                    free_bytes: self.arena.mapped_bytes - self.allocated_bytes,
-                    largest_free_bytes: self.largest_free(),
-                },
-                PoolFree::default(),
-            ],
-            inactive_split_bytes: 0,
-        }
+        FreeSummary::single(
+            self.arena.mapped_bytes - self.allocated_bytes,
+            self.largest_free(),
+        )
     }
 
     fn live_blocks(&self) -> Vec<LiveBlock> {
-        self.by_offset
-            .values()
-            .map(|&id| {
-                let b = self.live_at(id);
-                LiveBlock {
-                    id,
-                    at: Arena::loc(b.offset),
-                    bytes: self.size(b.order),
-                    requested_bytes: b.requested_bytes,
-                    pinned: b.pinned,
-                }
-            })
-            .collect()
+        sorted_blocks(self.by_offset.values().map(|&id| {
+            let b = self.live_at(id);
+            (
+                id,
+                b.offset,
+                self.size(b.order),
+                b.requested_bytes,
+                b.pinned,
+            )
+        }))
     }
 
     fn reserved_bytes(&self) -> u64 {
@@ -265,7 +255,7 @@ impl Allocator for Buddy {
     }
 
     fn layout(&self) -> Vec<SegmentLayout> {
-        arena_layout(&self.arena, &self.live_blocks())
+        self.arena.layout(&self.live_blocks())
     }
 
     fn check_invariants(&self) -> Result<(), String> {
@@ -319,16 +309,11 @@ impl Allocator for Buddy {
             }
         }
         check_tiling(&merged, range)?;
-        let blocks = self.live_blocks();
-        check_blocks(&blocks, self.alignment_bytes, self.arena.mapped_bytes)?;
-        let allocated: u64 = blocks.iter().map(|b| b.bytes).sum();
-        if allocated != self.allocated_bytes {
-            return Err(format!(
-                "allocated {} but blocks sum to {allocated}",
-                self.allocated_bytes
-            ));
-        }
-        Ok(())
+        self.arena.check_blocks(
+            &self.live_blocks(),
+            self.alignment_bytes,
+            self.allocated_bytes,
+        )
     }
 
     fn snapshot(&self) -> AllocatorState {

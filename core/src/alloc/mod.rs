@@ -8,6 +8,7 @@
 pub mod arena;
 pub mod buddy;
 pub mod caching;
+pub mod extents;
 pub mod fit;
 pub mod pool;
 pub mod tlsf;
@@ -107,6 +108,20 @@ pub struct FreeSummary {
 }
 
 impl FreeSummary {
+    /// Free memory of a strategy with one pool (the arena strategies).
+    pub fn single(free_bytes: u64, largest_free_bytes: u64) -> Self {
+        FreeSummary {
+            pools: [
+                PoolFree {
+                    free_bytes,
+                    largest_free_bytes,
+                },
+                PoolFree::default(),
+            ],
+            inactive_split_bytes: 0,
+        }
+    }
+
     pub fn free_bytes(&self) -> u64 {
         self.pools.iter().map(|p| p.free_bytes).sum()
     }

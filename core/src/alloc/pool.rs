@@ -16,11 +16,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::arena::Arena;
-use super::fit::{arena_layout, check_blocks, check_tiling};
+use super::arena::{check_tiling, sorted_blocks, Arena};
+use super::extents::FreeExtents;
 use super::{
     align_up, AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary,
-    LiveBlock, PoolFree, SegmentLayout, Strategy, MIB,
+    LiveBlock, SegmentLayout, Strategy, MIB,
 };
 use crate::decision::{AllocId, Decision, Loc};
 use crate::defrag::Compaction;
@@ -105,10 +105,8 @@ pub struct Pool {
     alignment_bytes: u64,
     arena: Arena,
     classes: Vec<u64>,
-    /// Heap free extents, offset → length, maximal (never touching).
-    heap_by_offset: BTreeMap<u64, u64>,
-    /// (length, offset) of every heap free extent.
-    heap_by_size: BTreeSet<(u64, u64)>,
+    /// Heap free extents.
+    heap: FreeExtents,
     /// Slabs by offset.
     slabs: BTreeMap<u64, Slab>,
     /// Per class: offsets of its slabs with at least one free block.
@@ -122,19 +120,16 @@ impl Pool {
     pub fn new(config: &AllocConfig) -> Self {
         let arena = Arena::new(config);
         let classes = class_sizes(config.alignment_bytes);
-        let mut p = Pool {
+        Pool {
             alignment_bytes: config.alignment_bytes,
             partial: vec![BTreeSet::new(); classes.len()],
             classes,
-            heap_by_offset: BTreeMap::new(),
-            heap_by_size: BTreeSet::new(),
+            heap: FreeExtents::between(&[], arena.range_bytes),
             slabs: BTreeMap::new(),
             live: Vec::new(),
             allocated_bytes: 0,
             arena,
-        };
-        p.heap_insert(0, p.arena.range_bytes);
-        p
+        }
     }
 
     /// Index of the smallest class holding `bytes` (already aligned), if any.
@@ -143,59 +138,13 @@ impl Pool {
         (i < self.classes.len()).then_some(i)
     }
 
-    fn heap_insert(&mut self, offset: u64, len: u64) {
-        debug_assert!(len > 0);
-        self.heap_by_offset.insert(offset, len);
-        self.heap_by_size.insert((len, offset));
-    }
-
-    fn heap_remove(&mut self, offset: u64, len: u64) {
-        let removed = self.heap_by_offset.remove(&offset);
-        debug_assert_eq!(removed, Some(len));
-        self.heap_by_size.remove(&(len, offset));
-    }
-
-    /// Best fit: the smallest extent holding `bytes`, lowest address on ties.
-    fn heap_find(&self, bytes: u64) -> Option<(u64, u64)> {
-        self.heap_by_size
-            .range((bytes, 0)..)
-            .next()
-            .map(|&(len, offset)| (offset, len))
-    }
-
-    /// Takes `bytes` from the front of the free extent `(offset, len)`.
-    fn heap_take(&mut self, offset: u64, len: u64, bytes: u64) {
-        self.heap_remove(offset, len);
-        if len > bytes {
-            self.heap_insert(offset + bytes, len - bytes);
-        }
-    }
-
-    /// Returns `[offset, offset + len)` to the heap, coalescing with its neighbours.
-    fn heap_give(&mut self, offset: u64, len: u64) {
-        let mut start = offset;
-        let mut total = len;
-        if let Some((&p_off, &p_len)) = self.heap_by_offset.range(..offset).next_back() {
-            if p_off + p_len == offset {
-                self.heap_remove(p_off, p_len);
-                start = p_off;
-                total += p_len;
-            }
-        }
-        if let Some(&n_len) = self.heap_by_offset.get(&(offset + len)) {
-            self.heap_remove(offset + len, n_len);
-            total += n_len;
-        }
-        self.heap_insert(start, total);
-    }
-
     /// Finds room in the heap for `bytes`, maps it, takes it. On failure nothing changed.
     fn heap_alloc(&mut self, bytes: u64, mem: &mut dyn Memory) -> Result<u64, ()> {
-        let (offset, len) = self.heap_find(bytes).ok_or(())?;
+        let (offset, len) = self.heap.best_fit(bytes).ok_or(())?;
         self.arena
             .ensure_mapped(offset + bytes, mem)
             .map_err(|_| ())?;
-        self.heap_take(offset, len, bytes);
+        self.heap.take(offset, len, bytes);
         Ok(offset)
     }
 
@@ -213,7 +162,7 @@ impl Pool {
             return Ok((s_off, s_off + i * c));
         }
         let full = slab_blocks(c);
-        let blocks = if self.heap_find(full * c).is_some() {
+        let blocks = if self.heap.best_fit(full * c).is_some() {
             full
         } else {
             1
@@ -243,28 +192,17 @@ impl Pool {
 
     /// Start of the heap extent that runs to the end of the range, i.e. the top.
     fn top(&self) -> u64 {
-        match self.heap_by_offset.last_key_value() {
-            Some((&offset, &len)) if offset + len == self.arena.range_bytes => offset,
-            _ => self.arena.range_bytes,
-        }
+        self.heap.top(self.arena.range_bytes)
     }
 
-    /// The largest of: a heap hole (all mapped but the top), the mapped part of the top, and
-    /// the largest class with a free slab block (which counts only its own size).
+    /// The largest of: the largest mapped heap extent and the largest class with a free slab
+    /// block (which counts only its own size).
     fn largest_free(&self) -> u64 {
-        let top = self.top();
-        let tail = self.arena.mapped_part(top, self.arena.range_bytes - top);
-        let hole = self
-            .heap_by_size
-            .iter()
-            .rev()
-            .find(|&&(_, offset)| offset != top)
-            .map_or(0, |&(len, _)| len);
         let block = (0..self.classes.len())
             .rev()
             .find(|&ci| !self.partial[ci].is_empty())
             .map_or(0, |ci| self.classes[ci]);
-        hole.max(tail).max(block)
+        self.heap.largest_mapped(&self.arena).max(block)
     }
 }
 
@@ -274,11 +212,7 @@ impl Allocator for Pool {
     }
 
     fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Memory) -> Result<Loc, AllocError> {
-        let aligned = align_up(req.bytes.max(1), self.alignment_bytes)
-            .filter(|&b| b <= self.arena.range_bytes)
-            .ok_or(AllocError::OutOfMemory {
-                rounded_bytes: req.bytes,
-            })?;
+        let aligned = self.arena.round_request(req.bytes, self.alignment_bytes)?;
         let slot = req.id.0 as usize;
         assert!(
             self.live.get(slot).is_none_or(|l| l.is_none()),
@@ -334,7 +268,7 @@ impl Allocator for Pool {
         })
         .expect("free is never refused");
         let Some(s_off) = b.slab else {
-            self.heap_give(b.offset, b.bytes);
+            self.heap.insert(b.offset, b.bytes);
             return;
         };
         let slab = self.slabs.get_mut(&s_off).expect("slab of a live block");
@@ -348,7 +282,7 @@ impl Allocator for Pool {
             let len = slab.blocks * b.bytes;
             self.slabs.remove(&s_off);
             self.partial[ci].remove(&s_off);
-            self.heap_give(s_off, len);
+            self.heap.insert(s_off, len);
         }
     }
 
@@ -358,35 +292,19 @@ impl Allocator for Pool {
     }
 
     fn free_summary(&self) -> FreeSummary {
-        FreeSummary {
-            pools: [
-                PoolFree {
-                    free_bytes: self.arena.mapped_bytes - self.allocated_bytes,
-                    largest_free_bytes: self.largest_free(),
-                },
-                PoolFree::default(),
-            ],
-            inactive_split_bytes: 0,
-        }
+        FreeSummary::single(
+            self.arena.mapped_bytes - self.allocated_bytes,
+            self.largest_free(),
+        )
     }
 
     fn live_blocks(&self) -> Vec<LiveBlock> {
-        let mut blocks: Vec<LiveBlock> = self
-            .live
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| {
-                l.map(|l| LiveBlock {
-                    id: AllocId(i as u64),
-                    at: Arena::loc(l.offset),
-                    bytes: l.bytes,
-                    requested_bytes: l.requested_bytes,
-                    pinned: l.pinned,
-                })
+        sorted_blocks(self.live.iter().enumerate().filter_map(|(i, l)| {
+            l.map(|l| {
+                let id = AllocId(i as u64);
+                (id, l.offset, l.bytes, l.requested_bytes, l.pinned)
             })
-            .collect();
-        blocks.sort_by_key(|b| b.at);
-        blocks
+        }))
     }
 
     fn reserved_bytes(&self) -> u64 {
@@ -394,24 +312,14 @@ impl Allocator for Pool {
     }
 
     fn layout(&self) -> Vec<SegmentLayout> {
-        arena_layout(&self.arena, &self.live_blocks())
+        self.arena.layout(&self.live_blocks())
     }
 
     fn check_invariants(&self) -> Result<(), String> {
-        if self.heap_by_offset.len() != self.heap_by_size.len() {
-            return Err("heap indexes differ in length".into());
-        }
-        for &(len, offset) in &self.heap_by_size {
-            if self.heap_by_offset.get(&offset) != Some(&len) {
-                return Err(format!("heap extent {offset}+{len} missing by offset"));
-            }
-        }
+        self.heap.check()?;
         // Heap extents, slabs and large blocks tile the range.
-        let mut pieces: Vec<(u64, u64, bool)> = self
-            .heap_by_offset
-            .iter()
-            .map(|(&o, &l)| (o, l, false))
-            .collect();
+        let mut pieces: Vec<(u64, u64, bool)> =
+            self.heap.iter().map(|(o, l)| (o, l, false)).collect();
         let mut slab_live: BTreeMap<u64, u64> = BTreeMap::new();
         for (i, l) in self.live.iter().enumerate() {
             let Some(l) = l else { continue };
@@ -475,16 +383,11 @@ impl Allocator for Pool {
         }
         pieces.sort_unstable();
         check_tiling(&pieces, self.arena.range_bytes)?;
-        let blocks = self.live_blocks();
-        check_blocks(&blocks, self.alignment_bytes, self.arena.mapped_bytes)?;
-        let allocated: u64 = blocks.iter().map(|b| b.bytes).sum();
-        if allocated != self.allocated_bytes {
-            return Err(format!(
-                "allocated {} but blocks sum to {allocated}",
-                self.allocated_bytes
-            ));
-        }
-        Ok(())
+        self.arena.check_blocks(
+            &self.live_blocks(),
+            self.alignment_bytes,
+            self.allocated_bytes,
+        )
     }
 
     fn snapshot(&self) -> AllocatorState {
@@ -567,10 +470,7 @@ mod tests {
         assert_eq!(big.offset, 4 * MIB);
         // Emptying the 512 B slab returns it to the heap as a hole between the others.
         p.free(AllocId(2), &mut mem);
-        assert_eq!(
-            p.heap_by_offset.first_key_value(),
-            Some((&(2 * MIB), &(2 * MIB)))
-        );
+        assert_eq!(p.heap.first(), Some((2 * MIB, 2 * MIB)));
         let s = p.free_summary().pools[0];
         assert_eq!(s.free_bytes, mem.reserved_bytes - mem.allocated_bytes);
         assert_eq!(s.largest_free_bytes, 2 * MIB);
@@ -579,7 +479,7 @@ mod tests {
         }
         p.check_invariants().unwrap();
         assert!(p.slabs.is_empty());
-        assert_eq!(p.heap_by_offset.len(), 1);
+        assert_eq!(p.heap.len(), 1);
         p.empty_cache(&mut mem);
         assert_eq!(mem.reserved_bytes, 0);
     }

@@ -19,14 +19,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::arena::Arena;
-use super::fit::{arena_layout, check_blocks, check_tiling};
+use super::arena::{check_tiling, slide_down, tile, Arena};
 use super::{
-    align_up, AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary,
-    LiveBlock, PoolFree, SegmentLayout, Strategy,
+    AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary, LiveBlock,
+    SegmentLayout, Strategy,
 };
 use crate::decision::{AllocId, Decision, Loc};
-use crate::defrag::{plan_segment, Compaction};
+use crate::defrag::Compaction;
 use crate::memory::Memory;
 
 /// log2 of the number of second-level classes per first-level class.
@@ -343,44 +342,34 @@ impl Tlsf {
         self.live_count = 0;
         self.allocated_bytes = 0;
         let mut prev = NIL;
-        let mut cursor = 0;
-        let mut push = |t: &mut Tlsf, offset: u64, bytes: u64, live: Option<&LiveBlock>| {
-            let i = t.take_slot();
-            t.blocks[i as usize] = BlockHeader {
+        let range = self.arena.range_bytes;
+        tile(blocks, range, |offset, bytes, live| {
+            let i = self.take_slot();
+            self.blocks[i as usize] = BlockHeader {
                 offset,
                 bytes,
                 prev_phys: prev,
                 ..BlockHeader::VACANT
             };
             if prev != NIL {
-                t.blocks[prev as usize].next_phys = i;
+                self.blocks[prev as usize].next_phys = i;
             }
             match live {
                 Some(l) => {
-                    t.blocks[i as usize].prev_free = LIVE;
-                    t.owners[i as usize] = Owner {
+                    self.blocks[i as usize].prev_free = LIVE;
+                    self.owners[i as usize] = Owner {
                         id: l.id.0,
                         requested_bytes: l.requested_bytes,
                         pinned: l.pinned,
                     };
-                    t.live[l.id.0 as usize] = i;
-                    t.live_count += 1;
-                    t.allocated_bytes += bytes;
+                    self.live[l.id.0 as usize] = i;
+                    self.live_count += 1;
+                    self.allocated_bytes += bytes;
                 }
-                None => t.insert_free(i),
+                None => self.insert_free(i),
             }
             prev = i;
-        };
-        for b in blocks {
-            if b.at.offset > cursor {
-                push(self, cursor, b.at.offset - cursor, None);
-            }
-            push(self, b.at.offset, b.bytes, Some(b));
-            cursor = b.at.offset + b.bytes;
-        }
-        if cursor < self.arena.range_bytes {
-            push(self, cursor, self.arena.range_bytes - cursor, None);
-        }
+        });
         self.first = 0;
         self.last = prev;
     }
@@ -392,14 +381,7 @@ impl Allocator for Tlsf {
     }
 
     fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Memory) -> Result<Loc, AllocError> {
-        let bytes = match align_up(req.bytes.max(1), self.alignment_bytes) {
-            Some(b) if b <= self.arena.range_bytes => b,
-            _ => {
-                return Err(AllocError::OutOfMemory {
-                    rounded_bytes: req.bytes,
-                })
-            }
-        };
+        let bytes = self.arena.round_request(req.bytes, self.alignment_bytes)?;
         let oom = AllocError::OutOfMemory {
             rounded_bytes: bytes,
         };
@@ -507,16 +489,10 @@ impl Allocator for Tlsf {
     }
 
     fn free_summary(&self) -> FreeSummary {
-        FreeSummary {
-            pools: [
-                PoolFree {
-                    free_bytes: self.arena.mapped_bytes - self.allocated_bytes,
-                    largest_free_bytes: self.largest_free(),
-                },
-                PoolFree::default(),
-            ],
-            inactive_split_bytes: 0,
-        }
+        FreeSummary::single(
+            self.arena.mapped_bytes - self.allocated_bytes,
+            self.largest_free(),
+        )
     }
 
     fn live_blocks(&self) -> Vec<LiveBlock> {
@@ -544,7 +520,7 @@ impl Allocator for Tlsf {
     }
 
     fn layout(&self) -> Vec<SegmentLayout> {
-        arena_layout(&self.arena, &self.live_blocks())
+        self.arena.layout(&self.live_blocks())
     }
 
     fn check_invariants(&self) -> Result<(), String> {
@@ -669,15 +645,11 @@ impl Allocator for Tlsf {
                 self.live_count
             ));
         }
-        let blocks = self.live_blocks();
-        check_blocks(&blocks, self.alignment_bytes, self.arena.mapped_bytes)?;
-        let allocated: u64 = blocks.iter().map(|b| b.bytes).sum();
-        if allocated != self.allocated_bytes {
-            return Err(format!(
-                "allocated {} but blocks sum to {allocated}",
-                self.allocated_bytes
-            ));
-        }
+        self.arena.check_blocks(
+            &self.live_blocks(),
+            self.alignment_bytes,
+            self.allocated_bytes,
+        )?;
         if self.arena.mapped_bytes & (self.arena.page_bytes - 1) != 0 {
             return Err(format!(
                 "mapped {} is not whole pages",
@@ -694,26 +666,10 @@ impl Allocator for Tlsf {
     fn compact(&mut self, mem: &mut dyn Memory) -> Option<Compaction> {
         let before = self.largest_free();
         let mut blocks = self.live_blocks();
-        let moves = plan_segment(&blocks, 0, self.alignment_bytes);
-        let mut bytes_moved = 0;
-        let mut k = 0;
-        for m in &moves {
-            mem.apply(Decision::Move {
-                id: m.block.id,
-                from: m.block.at,
-                to: m.to,
-                bytes: m.block.bytes,
-            })
-            .expect("move is never refused");
-            bytes_moved += m.block.bytes;
-            while blocks[k].id != m.block.id {
-                k += 1;
-            }
-            blocks[k].at = m.to;
-        }
+        let (moves, bytes_moved) = slide_down(&mut blocks, self.alignment_bytes, mem);
         self.rebuild(&blocks);
         Some(Compaction {
-            moves: moves.len() as u64,
+            moves,
             bytes_moved,
             largest_free_bytes_before: before,
             largest_free_bytes_after: self.largest_free(),
