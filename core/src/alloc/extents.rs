@@ -11,8 +11,10 @@ use super::LiveBlock;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreeExtents {
-    /// offset → length of every free extent.
-    by_offset: BTreeMap<u64, u64>,
+    /// end → length of every free extent. Keyed by the end, so that carving the front of an
+    /// extent (every allocation) updates it in place; disjoint extents sort the same by end as
+    /// by start.
+    by_end: BTreeMap<u64, u64>,
     /// (length, offset) of every free extent.
     by_size: BTreeSet<(u64, u64)>,
 }
@@ -30,30 +32,30 @@ impl FreeExtents {
     }
 
     pub fn len(&self) -> usize {
-        self.by_offset.len()
+        self.by_end.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_offset.is_empty()
+        self.by_end.is_empty()
     }
 
     /// (offset, length) of every extent, by address.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.by_offset.iter().map(|(&offset, &len)| (offset, len))
+        self.by_end.iter().map(|(&end, &len)| (end - len, len))
     }
 
     /// The lowest extent.
     pub fn first(&self) -> Option<(u64, u64)> {
-        self.by_offset
+        self.by_end
             .first_key_value()
-            .map(|(&offset, &len)| (offset, len))
+            .map(|(&end, &len)| (end - len, len))
     }
 
     /// The highest extent.
     pub fn last(&self) -> Option<(u64, u64)> {
-        self.by_offset
+        self.by_end
             .last_key_value()
-            .map(|(&offset, &len)| (offset, len))
+            .map(|(&end, &len)| (end - len, len))
     }
 
     /// Start of the extent that runs to `end` (the top of the heap), else `end`.
@@ -93,39 +95,53 @@ impl FreeExtents {
 
     /// Frees `[offset, offset + len)`, coalescing with the extents that touch it.
     pub fn insert(&mut self, offset: u64, len: u64) {
-        let mut start = offset;
-        let mut total = len;
-        if let Some((&p_off, &p_len)) = self.by_offset.range(..offset).next_back() {
-            if p_off + p_len == offset {
-                self.remove(p_off, p_len);
-                start = p_off;
-                total += p_len;
+        let end = offset + len;
+        let prev = self.by_end.get(&offset).map(|&l| (offset - l, l));
+        let next = self
+            .by_end
+            .range(end + 1..)
+            .next()
+            .map(|(&e, &l)| (e - l, l))
+            .filter(|&(start, _)| start == end);
+        let start = prev.map_or(offset, |(p_off, _)| p_off);
+        if let Some((p_off, p_len)) = prev {
+            self.remove(p_off, p_len);
+        }
+        match next {
+            // Growing the extent after keeps its key (its end): update it in place.
+            Some((n_off, n_len)) => {
+                let total = n_off + n_len - start;
+                self.by_size.remove(&(n_len, n_off));
+                self.by_size.insert((total, start));
+                *self.by_end.get_mut(&(n_off + n_len)).expect("extent after") = total;
             }
+            None => self.put(start, end - start),
         }
-        if let Some(&n_len) = self.by_offset.get(&(offset + len)) {
-            self.remove(offset + len, n_len);
-            total += n_len;
-        }
-        self.put(start, total);
     }
 
     /// Takes `bytes` from the front of the extent `(offset, len)`.
     pub fn take(&mut self, offset: u64, len: u64, bytes: u64) {
         debug_assert!(bytes <= len);
-        self.remove(offset, len);
-        if len > bytes {
-            self.put(offset + bytes, len - bytes);
+        if len == bytes {
+            self.remove(offset, len);
+            return;
         }
+        self.by_size.remove(&(len, offset));
+        self.by_size.insert((len - bytes, offset + bytes));
+        *self
+            .by_end
+            .get_mut(&(offset + len))
+            .expect("extent taken from") = len - bytes;
     }
 
     /// Indexes agree, and no extent is empty or touches or overlaps the next.
     pub fn check(&self) -> Result<(), String> {
-        if self.by_offset.len() != self.by_size.len() {
+        if self.by_end.len() != self.by_size.len() {
             return Err("free extent indexes differ in length".into());
         }
         for &(len, offset) in &self.by_size {
-            if self.by_offset.get(&offset) != Some(&len) {
-                return Err(format!("free extent {offset}+{len} missing by offset"));
+            if self.by_end.get(&(offset + len)) != Some(&len) {
+                return Err(format!("free extent {offset}+{len} missing by end"));
             }
         }
         let mut end = None;
@@ -144,12 +160,12 @@ impl FreeExtents {
     /// Files an extent that touches no other.
     fn put(&mut self, offset: u64, len: u64) {
         debug_assert!(len > 0);
-        self.by_offset.insert(offset, len);
+        self.by_end.insert(offset + len, len);
         self.by_size.insert((len, offset));
     }
 
     fn remove(&mut self, offset: u64, len: u64) {
-        let removed = self.by_offset.remove(&offset);
+        let removed = self.by_end.remove(&(offset + len));
         debug_assert_eq!(removed, Some(len));
         self.by_size.remove(&(len, offset));
     }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::arena::{check_tiling, slide_down, sorted_blocks, Arena};
 use super::extents::FreeExtents;
+use super::live::LiveTable;
 use super::{
     AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary, LiveBlock,
     SegmentLayout, Strategy,
@@ -33,8 +34,7 @@ pub struct FitAllocator {
     alignment_bytes: u64,
     arena: Arena,
     free: FreeExtents,
-    /// Indexed by `AllocId`.
-    live: Vec<Option<Live>>,
+    live: LiveTable<Live>,
     allocated_bytes: u64,
 }
 
@@ -45,7 +45,7 @@ impl FitAllocator {
             policy,
             alignment_bytes: config.alignment_bytes,
             free: FreeExtents::between(&[], arena.range_bytes),
-            live: Vec::new(),
+            live: LiveTable::default(),
             allocated_bytes: 0,
             arena,
         }
@@ -56,14 +56,6 @@ impl FitAllocator {
             FitPolicy::Best => self.free.best_fit(bytes),
             FitPolicy::First => self.free.first_fit(bytes),
         }
-    }
-
-    fn live_at(&self, id: AllocId) -> Live {
-        self.live
-            .get(id.0 as usize)
-            .copied()
-            .flatten()
-            .unwrap_or_else(|| panic!("free of {id:?}, which is not live"))
     }
 
     /// Start of the free extent that runs to the end of the range, i.e. the top of the heap.
@@ -90,17 +82,13 @@ impl Allocator for FitAllocator {
             .ensure_mapped(offset + bytes, mem)
             .map_err(|_| oom)?;
         self.free.take(offset, len, bytes);
-        let slot = req.id.0 as usize;
-        if slot >= self.live.len() {
-            self.live.resize(slot + 1, None);
-        }
-        assert!(self.live[slot].is_none(), "{:?} allocated twice", req.id);
-        self.live[slot] = Some(Live {
+        let live = Live {
             offset,
             bytes,
             requested_bytes: req.bytes,
             pinned: req.pinned,
-        });
+        };
+        self.live.insert(req.id, live);
         self.allocated_bytes += bytes;
         let at = Arena::loc(offset);
         mem.apply(Decision::Place {
@@ -113,8 +101,7 @@ impl Allocator for FitAllocator {
     }
 
     fn free(&mut self, id: AllocId, mem: &mut dyn Memory) {
-        let b = self.live_at(id);
-        self.live[id.0 as usize] = None;
+        let b = self.live.remove(id);
         self.allocated_bytes -= b.bytes;
         let at = Arena::loc(b.offset);
         mem.apply(Decision::Free {
@@ -139,12 +126,11 @@ impl Allocator for FitAllocator {
     }
 
     fn live_blocks(&self) -> Vec<LiveBlock> {
-        sorted_blocks(self.live.iter().enumerate().filter_map(|(i, l)| {
-            l.map(|l| {
-                let id = AllocId(i as u64);
-                (id, l.offset, l.bytes, l.requested_bytes, l.pinned)
-            })
-        }))
+        sorted_blocks(
+            self.live
+                .iter()
+                .map(|(id, l)| (id, l.offset, l.bytes, l.requested_bytes, l.pinned)),
+        )
     }
 
     fn reserved_bytes(&self) -> u64 {
@@ -176,7 +162,7 @@ impl Allocator for FitAllocator {
         let mut blocks = self.live_blocks();
         let (moves, bytes_moved) = slide_down(&mut blocks, self.alignment_bytes, mem);
         for b in &blocks {
-            let slot = self.live[b.id.0 as usize].as_mut().expect("block is live");
+            let slot = self.live.get_mut(b.id).expect("block is live");
             slot.offset = b.at.offset;
         }
         self.free = FreeExtents::between(&blocks, self.arena.range_bytes);

@@ -10,6 +10,7 @@ pub mod buddy;
 pub mod caching;
 pub mod extents;
 pub mod fit;
+pub mod live;
 pub mod pool;
 pub mod tlsf;
 
