@@ -111,7 +111,7 @@ fn run(ops: Vec<Op>, num_blocks: u32, caching: bool) -> Result<(), TestCaseError
                 let n_tok = r.tokens.len() as u64;
                 let hit = kv.get_computed_blocks(&r.hashes, n_tok, &mut hits);
                 // Never the last token; whole blocks; each hit holds the request's hash.
-                prop_assert!(hit < n_tok && hit.is_multiple_of(BS));
+                prop_assert!(hit < n_tok && hit % BS == 0);
                 prop_assert_eq!(hit, hits.len() as u64 * BS);
                 for (i, &b) in hits.iter().enumerate() {
                     prop_assert_eq!(kv.pool().block_hash(b), Some(r.hashes[i]));

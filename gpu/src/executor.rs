@@ -628,6 +628,20 @@ impl<D: Device> Memory for DeviceExecutor<D> {
     }
 }
 
+impl<D: Device> gpumem_sim::Executor for DeviceExecutor<D> {
+    fn books(&self) -> &Books {
+        DeviceExecutor::books(self)
+    }
+
+    fn digest_hex(&self) -> String {
+        DeviceExecutor::digest_hex(self)
+    }
+
+    fn checkpoint(&mut self) {
+        DeviceExecutor::checkpoint(self);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -676,19 +690,5 @@ mod tests {
         }
         let differ = (0..20).any(|s| Faults::new(&faults, s).plan != a.plan);
         assert!(differ, "the seed chooses");
-    }
-}
-
-impl<D: Device> gpumem_sim::Executor for DeviceExecutor<D> {
-    fn books(&self) -> &Books {
-        DeviceExecutor::books(self)
-    }
-
-    fn digest_hex(&self) -> String {
-        DeviceExecutor::digest_hex(self)
-    }
-
-    fn checkpoint(&mut self) {
-        DeviceExecutor::checkpoint(self);
     }
 }
