@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod alloc_cmd;
+mod kv_cmd;
 mod progress;
 mod units;
 
@@ -16,7 +17,8 @@ mod units;
     about = "Replay LLM-serving memory traces through memory-management policies, in a deterministic simulator and on real memory",
     long_about = "gpumem replays recorded traces through memory-management policies and answers: \
 how much memory is reserved at the peak, how fragmented it gets, how many requests fail, and \
-whether another policy pays off. The same decisions can be carried out on real memory \
+whether another policy pays off; and for serving, what prefix-cache hit rate, how many \
+preemptions, what latency and throughput a request trace gets on a GPU and model. The same decisions can be carried out on real memory \
 (--execute host|cuda) and checked byte for byte.\n\n\
 Same inputs, config and seed give a byte-identical report and digest."
 )]
@@ -30,12 +32,17 @@ enum Command {
     /// Replay an allocation trace through allocation strategies (PyTorch caching allocator,
     /// TLSF, best fit, buddy, ...) and compare peak memory and fragmentation.
     Alloc(alloc_cmd::AllocArgs),
+    /// Replay a request trace through a serving engine's paged KV cache with prefix caching
+    /// (vLLM 0.33's scheduler and block pool) and report hit rate, preemptions, latency and
+    /// KV usage.
+    Kv(Box<kv_cmd::KvArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Alloc(args) => alloc_cmd::run(args),
+        Command::Kv(args) => kv_cmd::run(*args),
     };
     match outcome {
         Ok(code) => code,

@@ -11,16 +11,23 @@ pub struct Progress {
     done: Vec<AtomicU64>,
     last_drawn_permille: AtomicU64,
     lock: Mutex<()>,
+    unit: &'static str,
 }
 
 impl Progress {
     pub fn new(label_count: usize, total_ops: u64) -> Self {
+        Self::with_unit(label_count, total_ops, "ops")
+    }
+
+    /// Counts `unit` (e.g. "tokens") instead of ops.
+    pub fn with_unit(label_count: usize, total_ops: u64, unit: &'static str) -> Self {
         Progress {
             enabled: std::io::stderr().is_terminal() && total_ops >= 200_000,
             total_ops: total_ops.max(1),
             done: (0..label_count).map(|_| AtomicU64::new(0)).collect(),
             last_drawn_permille: AtomicU64::new(u64::MAX),
             lock: Mutex::new(()),
+            unit,
         }
     }
 
@@ -39,12 +46,13 @@ impl Progress {
         let mut err = std::io::stderr();
         let _ = write!(
             err,
-            "\r[{}{}] {:>5.1}%  {} of {} ops",
+            "\r[{}{}] {:>5.1}%  {} of {} {}",
             "=".repeat(filled),
             " ".repeat(40 - filled.min(40)),
             permille as f64 / 10.0,
             sum,
-            self.total_ops
+            self.total_ops,
+            self.unit
         );
         let _ = err.flush();
     }

@@ -4,6 +4,7 @@ use std::fmt::Write;
 
 use crate::alloc_replay::StrategyResult;
 use crate::report::human_bytes;
+use crate::serve::TimelinePoint;
 
 const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 540.0;
@@ -116,4 +117,128 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// A line of a panel: name, colour, value at a point.
+type Series = (&'static str, &'static str, fn(&TimelinePoint) -> f64);
+
+/// One panel of [`kv_timeline_svg`].
+struct Panel {
+    name: &'static str,
+    y_max: f64,
+    percent: bool,
+    series: Vec<Series>,
+}
+
+/// Three stacked panels over simulated time: KV blocks in use (of `usable_blocks`), running
+/// and waiting requests, and the prefix-cache hit rate so far (re-admissions included).
+pub fn kv_timeline_svg(title: &str, samples: &[TimelinePoint], usable_blocks: u64) -> String {
+    const PANEL_H: f64 = 170.0;
+    const GAP: f64 = 50.0;
+    let points = crate::serve::report::downsample(samples, 1200);
+    let t_max = points.last().map_or(1, |p| p.t_us).max(1);
+    let plot_w = WIDTH - MARGIN_LEFT - MARGIN_RIGHT;
+    let height = MARGIN_Y + 3.0 * (PANEL_H + GAP) + 10.0;
+    let x = |t: u64| MARGIN_LEFT + t as f64 / t_max as f64 * plot_w;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{MARGIN_LEFT}" y="24" font-size="15">{}</text>"#,
+        escape(title)
+    );
+    let running_max = points
+        .iter()
+        .map(|p| p.running.max(p.waiting))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let panels: [Panel; 3] = [
+        Panel {
+            name: "KV blocks in use",
+            y_max: usable_blocks.max(1) as f64,
+            percent: false,
+            series: vec![("used", COLOURS[0], |p| p.kv_blocks_used as f64)],
+        },
+        Panel {
+            name: "requests",
+            y_max: running_max as f64,
+            percent: false,
+            series: vec![
+                ("running", COLOURS[2], |p| p.running as f64),
+                ("waiting", COLOURS[1], |p| p.waiting as f64),
+            ],
+        },
+        Panel {
+            name: "prefix hit rate so far",
+            y_max: 1.0,
+            percent: true,
+            series: vec![("hit rate", COLOURS[4], |p| {
+                if p.prefix_query_tokens == 0 {
+                    0.0
+                } else {
+                    p.prefix_hit_tokens as f64 / p.prefix_query_tokens as f64
+                }
+            })],
+        },
+    ];
+    for (i, panel) in panels.iter().enumerate() {
+        let (name, y_max) = (panel.name, panel.y_max);
+        let top = MARGIN_Y + i as f64 * (PANEL_H + GAP) + 10.0;
+        let y = |v: f64| top + PANEL_H - v / y_max * PANEL_H;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{MARGIN_LEFT}" y="{:.1}" font-size="13">{name}</text>"#,
+            top - 6.0
+        );
+        for k in 0..=4 {
+            let v = y_max * k as f64 / 4.0;
+            let yy = y(v);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{MARGIN_LEFT}" x2="{:.1}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                MARGIN_LEFT + plot_w,
+                MARGIN_LEFT - 6.0,
+                yy + 4.0,
+                if panel.percent {
+                    format!("{:.0}%", v * 100.0)
+                } else {
+                    format!("{v:.0}")
+                }
+            );
+        }
+        for (j, (sname, colour, value)) in panel.series.iter().enumerate() {
+            let mut pts = String::new();
+            for p in &points {
+                let _ = write!(pts, "{:.1},{:.1} ", x(p.t_us), y(value(p)));
+            }
+            let _ = writeln!(
+                svg,
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#,
+                pts.trim_end()
+            );
+            let ly = top + 18.0 * j as f64 + 8.0;
+            let lx = WIDTH - MARGIN_RIGHT + 12.0;
+            let _ = writeln!(
+                svg,
+                r#"<line x1="{lx}" x2="{:.1}" y1="{ly:.1}" y2="{ly:.1}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{sname}</text>"#,
+                lx + 20.0,
+                lx + 26.0,
+                ly + 4.0
+            );
+        }
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">simulated time, {:.3} s in all</text>"#,
+        MARGIN_LEFT + plot_w / 2.0,
+        height - 8.0,
+        t_max as f64 / 1e6
+    );
+    svg.push_str("</svg>\n");
+    svg
 }

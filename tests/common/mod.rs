@@ -66,3 +66,17 @@ pub fn assert_clean_error(out: &Output, must_mention: &[&str]) {
         assert!(err.contains(needle), "stderr lacks '{needle}': {err}");
     }
 }
+
+/// The Mooncake FAST'25 conversation trace (12,031 requests).
+pub fn mooncake_conversation() -> PathBuf {
+    let p = shared_traces().join("mooncake/conversation_trace.jsonl");
+    assert!(p.is_file(), "{} missing", p.display());
+    p
+}
+
+/// An Azure LLM inference 2023 trace: `code` or `conv`.
+pub fn azure_trace(kind: &str) -> PathBuf {
+    let p = shared_traces().join(format!("azure-llm-2023/AzureLLMInferenceTrace_{kind}.csv"));
+    assert!(p.is_file(), "{} missing", p.display());
+    p
+}

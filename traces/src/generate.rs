@@ -31,7 +31,7 @@ fn scaled(min: u64, step: u32) -> u128 {
 /// Approximately log-uniform integers in `[min, max]`: the range is cut into bins of 1/16
 /// octave (the last one partial), a bin is drawn uniformly, then a value uniformly inside it.
 #[derive(Clone, Copy, Debug)]
-struct LogUniform {
+pub(crate) struct LogUniform {
     min: u64,
     max: u64,
     bins: u32,
@@ -39,7 +39,7 @@ struct LogUniform {
 
 impl LogUniform {
     /// `min` is raised to 1 and `max` to `min` if needed.
-    fn new(min: u64, max: u64) -> Self {
+    pub(crate) fn new(min: u64, max: u64) -> Self {
         let min = min.max(1);
         let max = max.max(min);
         let mut s = 0u32;
@@ -53,7 +53,7 @@ impl LogUniform {
         }
     }
 
-    fn sample(&self, rng: &mut ChaCha8Rng) -> u64 {
+    pub(crate) fn sample(&self, rng: &mut ChaCha8Rng) -> u64 {
         let s = rng.gen_range(0..u64::from(self.bins)) as u32;
         let lo = scaled(self.min, s) as u64;
         let hi = if s + 1 < self.bins {

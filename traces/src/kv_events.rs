@@ -465,7 +465,7 @@ fn hash(n: &Node, ty: &str, what: &str, info: &mut StreamInfo) -> DecodeResult<E
 
 fn parse_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.strip_prefix("0x").unwrap_or(s);
-    if s.len() % 2 != 0 || s.len() > 2 * MAX_HASH_BYTES {
+    if !s.len().is_multiple_of(2) || s.len() > 2 * MAX_HASH_BYTES {
         return None;
     }
     (0..s.len())

@@ -5,7 +5,9 @@
 //! - [`torch`]: `torch.cuda.memory._dump_snapshot` pickles → [`AllocTrace`];
 //! - [`jsonl`]: gpumem's own JSON Lines allocation trace, read and written;
 //! - [`kv_events`]: vLLM KV-cache event streams (msgpack batches, JSON Lines) → a router's cache index;
-//! - [`generate`]: seeded generators (LLM serving, fixed occupancy).
+//! - [`generate`]: seeded generators of allocation traces (LLM serving, fixed occupancy);
+//! - [`serving`]: serving workloads (requests for a serving engine): the conformance workload,
+//!   Mooncake, Qwen-Bailian, Azure LLM 2023 and BurstGPT importers, seeded generators.
 //!
 //! Importers never panic on malformed input: they answer a [`TraceError`] with file, location
 //! and reason, and bound what they allocate (sizes above [`MAX_BYTES`] are errors).
@@ -16,6 +18,7 @@ pub mod generate;
 pub mod jsonl;
 pub mod kv_events;
 pub mod pickle;
+pub mod serving;
 pub mod torch;
 
 pub use alloc_trace::*;

@@ -3,16 +3,28 @@
 //!
 //! Personality `vllm-0.33` ([`vllm::VllmEngine`]) reproduces vLLM 0.33.0's synchronous
 //! scheduler; with the `fixed:STEP_US` cost model it writes exactly the step log of
-//! `../shared/conformance/README.md`.
+//! `../shared/conformance/README.md`. [`report::simulate`] runs a workload through it and
+//! measures what `gpumem kv` reports; [`profile`] sizes the KV pool from GPU and model
+//! profiles; [`cost`] holds the cost models.
 
+pub mod cost;
+pub mod profile;
+pub mod report;
 pub mod vllm;
 pub mod workload;
 
 use std::fmt::{self, Write as _};
 use std::path::Path;
 
+pub use cost::{CostModel, Roofline, StepWork};
+pub use gpumem_traces::TraceError;
+pub use profile::{kv_sizing, GpuProfile, KvSizing, ModelProfile};
+pub use report::{simulate, KvReport, Percentiles, RunInfo, TimelinePoint};
 pub use vllm::{EngineConfig, RequestOutcome, RunSummary, VllmEngine};
-pub use workload::{ConformanceConfig, InputError, Prompt, Workload, WorkloadRequest};
+pub use workload::{ConformanceConfig, Prompt, Workload, WorkloadRequest};
+
+/// The KV block eviction policy of a run (`--eviction`): `lru` (vLLM's), `arc`, `leaf-lru`.
+pub use gpumem_core::kv::eviction::EvictionKind;
 
 /// Why a run did not complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,31 +63,9 @@ impl fmt::Display for ServeError {
 
 impl std::error::Error for ServeError {}
 
-impl From<InputError> for ServeError {
-    fn from(e: InputError) -> Self {
-        ServeError::Input(e.0)
-    }
-}
-
-/// Time per engine step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CostModel {
-    /// Every step takes the same time (`fixed:STEP_US`); the conformance clock.
-    Fixed { step_us: u64 },
-}
-
-impl CostModel {
-    /// Parses `fixed:STEP_US`.
-    pub fn parse(s: &str) -> Result<CostModel, String> {
-        match s.split_once(':') {
-            Some(("fixed", us)) => match us.parse::<u64>() {
-                Ok(step_us) if step_us > 0 => Ok(CostModel::Fixed { step_us }),
-                _ => Err(format!(
-                    "cost model {s:?}: STEP_US must be a positive integer"
-                )),
-            },
-            _ => Err(format!("unknown cost model {s:?} (expected fixed:STEP_US)")),
-        }
+impl From<TraceError> for ServeError {
+    fn from(e: TraceError) -> Self {
+        ServeError::Input(e.to_string())
     }
 }
 
@@ -96,6 +86,14 @@ pub struct StepRecord {
     /// Hashes stored / removed during the step.
     pub stored: u64,
     pub removed: u64,
+    /// When the step started and ended (ns of simulated time).
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Requests running and waiting after the step.
+    pub running: u64,
+    pub waiting: u64,
+    /// Prompt (and recomputed) tokens of the requests admitted in this step.
+    pub admitted_tokens: u64,
 }
 
 impl StepRecord {
@@ -107,6 +105,11 @@ impl StepRecord {
         self.free_blocks = 0;
         self.stored = 0;
         self.removed = 0;
+        self.start_ns = 0;
+        self.end_ns = 0;
+        self.running = 0;
+        self.waiting = 0;
+        self.admitted_tokens = 0;
     }
 }
 

@@ -7,19 +7,32 @@
 //! victim `running[-1]` (possibly the request itself); the full-sequence admission gate
 //! (`scheduler_reserve_full_isl`); prefix lookups only at admission; blocks cached at
 //! scheduling time; one sampled token per request whose prefill is complete; stop at
-//! `max_tokens` or `max_model_len`; finished requests freed in output order. Time follows the
-//! conformance clock of `../shared/conformance/README.md` with a fixed step cost.
+//! `max_tokens` or `max_model_len`; finished requests freed in output order.
+//!
+//! Time is integer nanoseconds. With the `fixed:STEP_US` cost model it is the conformance
+//! clock of `../shared/conformance/README.md` (step k starts at `k × STEP_US`; an idle engine
+//! jumps to the first step at or after the next arrival); with `roofline` each step lasts what
+//! its batch costs and an idle engine jumps to the next arrival itself.
+//!
+//! Every step's decisions (scheduled, preempted, admitted, finished, the newest block of each
+//! scheduled request, free blocks, stored and removed hashes) feed a [`Digest`].
 
 use std::collections::VecDeque;
 
+use gpumem_core::digest::Digest;
 use gpumem_core::kv::hash::{hash_request_block, ExtraKeys};
 use gpumem_core::kv::{
     BlockHash, BlockId, KvCacheManager, KvConfig, PrefixCacheStats, SlotRequest,
 };
 use serde::{Deserialize, Serialize};
 
+use super::cost::{CostModel, StepWork};
 use super::workload::{ConformanceConfig, Workload, WorkloadRequest};
-use super::{ServeError, StepRecord};
+use super::{EvictionKind, ServeError, StepRecord};
+use gpumem_core::kv::eviction::Eviction;
+
+/// Latest arrival the nanosecond clock takes (about 292 years).
+pub const MAX_CLOCK_US: u64 = u64::MAX / 2000;
 
 /// The scheduler and cache knobs of the personality.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,8 +44,10 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: u64,
     pub max_model_len: u64,
     pub enable_prefix_caching: bool,
-    /// Fixed cost of one engine step (the `fixed:STEP_US` cost model).
-    pub step_us: u64,
+    /// Time per engine step.
+    pub cost: CostModel,
+    /// Which free block is handed out next.
+    pub eviction: EvictionKind,
     /// vLLM's `watermark` as blocks (`int(watermark * num_gpu_blocks)`); 0 in the contract.
     pub watermark_blocks: u32,
 }
@@ -52,7 +67,8 @@ impl EngineConfig {
             max_num_batched_tokens: c.max_num_batched_tokens,
             max_model_len: c.max_model_len,
             enable_prefix_caching: c.enable_prefix_caching,
-            step_us: c.step_us,
+            cost: CostModel::Fixed { step_us: c.step_us },
+            eviction: EvictionKind::Lru,
             watermark_blocks: 0,
         })
     }
@@ -77,18 +93,18 @@ struct Req {
     hashes: Vec<BlockHash>,
     status: Status,
     num_preemptions: u32,
-    first_token_us: Option<u64>,
-    finish_us: Option<u64>,
+    first_token_ns: Option<u64>,
+    finish_ns: Option<u64>,
 }
 
 /// What became of one request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestOutcome {
-    pub arrival_us: u64,
+    pub arrival_ns: u64,
     /// End of the step that sampled its first token.
-    pub first_token_us: Option<u64>,
+    pub first_token_ns: Option<u64>,
     /// End of the step that finished it.
-    pub finish_us: Option<u64>,
+    pub finish_ns: Option<u64>,
     pub output_tokens: u64,
     pub preemptions: u32,
 }
@@ -117,6 +133,8 @@ pub struct RunSummary {
     pub kv_blocks: u32,
     pub kv_blocks_used_peak: u32,
     pub outcomes: Vec<RequestOutcome>,
+    /// Hex digest of the engine's decisions.
+    pub digest: String,
 }
 
 fn slot_of(reqs: &[Req], r: usize) -> SlotRequest<'_> {
@@ -133,20 +151,25 @@ fn slot_of(reqs: &[Req], r: usize) -> SlotRequest<'_> {
 pub struct VllmEngine<'w> {
     cfg: EngineConfig,
     workload: &'w Workload,
-    kv: KvCacheManager,
+    kv: KvCacheManager<Eviction>,
     reqs: Vec<Req>,
     waiting: VecDeque<usize>,
     running: Vec<usize>,
     hit_buf: Vec<BlockId>,
     tok_buf: Vec<u32>,
     check_every: u64,
+    digest: Digest,
 }
 
 impl<'w> VllmEngine<'w> {
     /// Checks the workload against the config (vLLM's input checks) and builds the engine.
     pub fn new(workload: &'w Workload, cfg: EngineConfig) -> Result<Self, ServeError> {
         use super::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS, MAX_MODEL_LEN, MAX_STEP_US};
-        if cfg.num_gpu_blocks < 2 || cfg.block_size == 0 || cfg.step_us == 0 {
+        let step_us = match cfg.cost {
+            CostModel::Fixed { step_us } => step_us,
+            CostModel::Roofline(_) => 1,
+        };
+        if cfg.num_gpu_blocks < 2 || cfg.block_size == 0 || step_us == 0 {
             return Err(ServeError::Input(
                 "num_gpu_blocks >= 2, block_size >= 1 and step_us >= 1 are required".into(),
             ));
@@ -154,7 +177,7 @@ impl<'w> VllmEngine<'w> {
         if cfg.num_gpu_blocks as u64 > MAX_GPU_BLOCKS
             || cfg.block_size as u64 > MAX_BLOCK_SIZE
             || cfg.max_model_len > MAX_MODEL_LEN
-            || cfg.step_us > MAX_STEP_US
+            || step_us > MAX_STEP_US
         {
             return Err(ServeError::Input(format!(
                 "config beyond gpumem's limits (num_gpu_blocks <= {MAX_GPU_BLOCKS}, block_size <= {MAX_BLOCK_SIZE}, max_model_len <= {MAX_MODEL_LEN}, step_us <= {MAX_STEP_US})"
@@ -173,16 +196,25 @@ impl<'w> VllmEngine<'w> {
                 "max_num_seqs must be >= 1 and max_num_batched_tokens >= max_num_seqs".into(),
             ));
         }
-        workload
-            .validate(cfg.max_model_len)
-            .map_err(|e| ServeError::Input(e.0))?;
-        let kv = KvCacheManager::new(KvConfig {
+        workload.validate(cfg.max_model_len)?;
+        if let Some(r) = workload
+            .requests
+            .iter()
+            .find(|r| r.arrival_us > MAX_CLOCK_US)
+        {
+            return Err(ServeError::Input(format!(
+                "{}:{}: arrival_us {} is beyond the simulated clock ({MAX_CLOCK_US} us)",
+                workload.source, r.line, r.arrival_us
+            )));
+        }
+        let kv_config = KvConfig {
             num_blocks: cfg.num_gpu_blocks,
             block_size: cfg.block_size,
             max_model_len: cfg.max_model_len,
             enable_prefix_caching: cfg.enable_prefix_caching,
             watermark_blocks: cfg.watermark_blocks,
-        });
+        };
+        let kv = KvCacheManager::with_policy(kv_config, cfg.eviction.build(cfg.num_gpu_blocks));
         let reqs = workload
             .requests
             .iter()
@@ -195,8 +227,8 @@ impl<'w> VllmEngine<'w> {
                 hashes: Vec::new(),
                 status: Status::NotArrived,
                 num_preemptions: 0,
-                first_token_us: None,
-                finish_us: None,
+                first_token_ns: None,
+                finish_ns: None,
             })
             .collect();
         Ok(VllmEngine {
@@ -209,6 +241,7 @@ impl<'w> VllmEngine<'w> {
             hit_buf: Vec::new(),
             tok_buf: Vec::new(),
             check_every: 0,
+            digest: Digest::new(),
         })
     }
 
@@ -219,7 +252,7 @@ impl<'w> VllmEngine<'w> {
         self
     }
 
-    pub fn kv(&self) -> &KvCacheManager {
+    pub fn kv(&self) -> &KvCacheManager<Eviction> {
         &self.kv
     }
 
@@ -272,11 +305,12 @@ impl<'w> VllmEngine<'w> {
         self.waiting.push_front(r);
     }
 
-    /// Engine step `step` (it starts at `step * step_us`): `schedule()`, the fake model output and
+    /// Engine step `step`, starting at `start_ns`: `schedule()`, the fake model output and
     /// `update_from_output()`. Fills `rec`.
-    fn step(&mut self, step: u64, rec: &mut StepRecord) {
+    fn step(&mut self, step: u64, start_ns: u64, rec: &mut StepRecord) {
         rec.clear();
         rec.step = step;
+        rec.start_ns = start_ns;
         let mut budget = self.cfg.max_num_batched_tokens;
         let max_len = self.cfg.max_model_len;
 
@@ -350,19 +384,31 @@ impl<'w> VllmEngine<'w> {
                     .record_prefix_cache_stats(num_tokens, hit_tokens, preempted_before);
                 self.waiting.pop_front();
                 self.running.push(r);
+                rec.admitted_tokens += num_tokens;
                 rec.admitted.push((r, hit_tokens));
                 rec.scheduled.push((r, n));
                 budget -= n;
             }
         }
 
-        // _update_after_schedule: optimistic computed counts.
+        // _update_after_schedule: optimistic computed counts. The step's cost follows.
+        let mut work = StepWork::default();
+        let d = &mut self.digest;
+        d.word(step);
+        d.word(rec.scheduled.len() as u64);
         for &(r, n) in &rec.scheduled {
+            work.add(self.reqs[r].num_computed, n);
             self.reqs[r].num_computed += n;
+            let table = self.kv.blocks(r);
+            d.word(r as u64);
+            d.word(n);
+            d.word(table.len() as u64);
+            d.word(table.last().map_or(0, |&b| b as u64));
         }
+        rec.end_ns = start_ns.saturating_add(self.cfg.cost.step_ns(&work));
 
         // update_from_output: one token for each request whose prefill is complete.
-        let end_us = (step + 1) * self.cfg.step_us;
+        let end_ns = rec.end_ns;
         for k in 0..rec.scheduled.len() {
             let r = rec.scheduled[k].0;
             let q = &mut self.reqs[r];
@@ -371,19 +417,17 @@ impl<'w> VllmEngine<'w> {
             }
             q.num_tokens += 1;
             q.num_output += 1;
-            if q.first_token_us.is_none() {
-                q.first_token_us = Some(end_us);
+            if q.first_token_ns.is_none() {
+                q.first_token_ns = Some(end_ns);
             }
             let stop = q.num_tokens >= max_len || q.num_output >= q.max_tokens;
-            if self.cfg.enable_prefix_caching
-                && q.num_tokens.is_multiple_of(self.cfg.block_size as u64)
-            {
+            if self.cfg.enable_prefix_caching && q.num_tokens.is_multiple_of(self.cfg.block_size as u64) {
                 self.update_hashes(r);
             }
             if stop {
                 let q = &mut self.reqs[r];
                 q.status = Status::Finished;
-                q.finish_us = Some(end_us);
+                q.finish_ns = Some(end_ns);
                 q.hashes = Vec::new();
                 self.kv.free(r);
                 rec.finished.push(r);
@@ -397,16 +441,30 @@ impl<'w> VllmEngine<'w> {
         let c = self.kv.pool_mut().take_counters();
         rec.stored = c.stored;
         rec.removed = c.removed;
+        rec.running = self.running.len() as u64;
+        rec.waiting = self.waiting.len() as u64;
+        let d = &mut self.digest;
+        d.word(rec.preempted.len() as u64);
+        rec.preempted.iter().for_each(|&r| d.word(r as u64));
+        d.word(rec.admitted.len() as u64);
+        for &(r, h) in &rec.admitted {
+            d.word(r as u64);
+            d.word(h);
+        }
+        d.word(rec.finished.len() as u64);
+        rec.finished.iter().for_each(|&r| d.word(r as u64));
+        d.word(rec.free_blocks as u64);
+        d.word(c.stored);
+        d.word(c.removed);
     }
 
-    /// Runs the workload to the end under the conformance clock, calling `on_step` for every
-    /// step that scheduled or preempted something (one step-log line each).
+    /// Runs the workload to the end, calling `on_step` for every step that scheduled or
+    /// preempted something (one step-log line each).
     pub fn run(
         &mut self,
         mut on_step: impl FnMut(&StepRecord) -> Result<(), ServeError>,
     ) -> Result<RunSummary, ServeError> {
         let n = self.workload.requests.len();
-        let step_us = self.cfg.step_us;
         let mut sum = RunSummary {
             requests: n as u64,
             kv_blocks: self.cfg.num_gpu_blocks,
@@ -416,10 +474,10 @@ impl<'w> VllmEngine<'w> {
         let mut rec = StepRecord::default();
         let mut next = 0usize;
         let mut k = 0u64;
+        let mut now_ns = 0u64;
         let mut finished_last = false;
         loop {
-            let now = k * step_us;
-            while next < n && self.workload.requests[next].arrival_us <= now {
+            while next < n && self.workload.requests[next].arrival_us * 1000 <= now_ns {
                 self.add_request(next);
                 next += 1;
             }
@@ -427,11 +485,23 @@ impl<'w> VllmEngine<'w> {
                 if next >= n {
                     break;
                 }
-                // Idle: jump to the step of the next arrival.
-                k = self.workload.requests[next].arrival_us.div_ceil(step_us);
+                // Idle: jump to the next arrival (on the fixed clock, to the step at or after it).
+                let arrival_us = self.workload.requests[next].arrival_us;
+                now_ns = match self.cfg.cost {
+                    CostModel::Fixed { step_us } => {
+                        k = arrival_us.div_ceil(step_us);
+                        k * step_us * 1000
+                    }
+                    CostModel::Roofline(_) => arrival_us * 1000,
+                };
                 continue;
             }
-            self.step(k, &mut rec);
+            self.step(k, now_ns, &mut rec);
+            if rec.end_ns == u64::MAX {
+                return Err(ServeError::Input(format!(
+                    "step {k}: the simulated clock overflows 2^64 ns"
+                )));
+            }
             if self.check_every > 0 && k.is_multiple_of(self.check_every) {
                 self.kv
                     .check_invariants()
@@ -447,7 +517,7 @@ impl<'w> VllmEngine<'w> {
                 sum.admitted_hit_tokens += rec.admitted.iter().map(|a| a.1).sum::<u64>();
                 sum.scheduled_tokens += rec.scheduled.iter().map(|s| s.1).sum::<u64>();
                 sum.requests_finished += rec.finished.len() as u64;
-                sum.sim_time_us = (k + 1) * step_us;
+                sum.sim_time_us = rec.end_ns / 1000;
                 on_step(&rec)?;
             } else if !self.waiting.is_empty() || !self.running.is_empty() {
                 let head = self.waiting.front().copied();
@@ -462,6 +532,7 @@ impl<'w> VllmEngine<'w> {
                 }));
             }
             k += 1;
+            now_ns = rec.end_ns;
         }
         let totals = self.kv.pool().totals();
         sum.blocks_evicted = totals.removed;
@@ -472,15 +543,16 @@ impl<'w> VllmEngine<'w> {
             .iter()
             .zip(&self.workload.requests)
             .map(|(q, w)| RequestOutcome {
-                arrival_us: w.arrival_us,
-                first_token_us: q.first_token_us,
-                finish_us: q.finish_us,
+                arrival_ns: w.arrival_us * 1000,
+                first_token_ns: q.first_token_ns,
+                finish_ns: q.finish_ns,
                 output_tokens: q.num_output,
                 preemptions: q.num_preemptions,
             })
             .collect();
         sum.prompt_tokens = self.reqs.iter().map(|q| q.num_prompt).sum();
         sum.output_tokens = self.reqs.iter().map(|q| q.num_output).sum();
+        sum.digest = self.digest.hex();
         Ok(sum)
     }
 }

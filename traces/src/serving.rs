@@ -1,0 +1,511 @@
+//! Serving workloads: the requests an LLM-serving engine replays. Every source becomes one
+//! [`Workload`] (requests in arrival order, each a prompt and a number of tokens to generate):
+//!
+//! - the conformance workload (JSON Lines) of `../shared/conformance/README.md`, read by
+//!   [`Workload::read`] with the same checks as vLLM's oracle;
+//! - Mooncake JSONL, Qwen-Bailian JSONL, Azure LLM 2023 CSV and BurstGPT CSV ([`import`]);
+//! - seeded generators ([`generate`]), the workload of a run without a trace.
+//!
+//! [`load`] reads a file in a given [`WorkloadFormat`] or detects it from the content. Every
+//! refusal names the file and line ([`TraceError`]), never panics, and nothing is simulated
+//! from bad input. Prompts are never expanded into memory: [`Prompt::fill`] produces any token
+//! range on demand by the contract's rule.
+
+pub mod generate;
+pub mod import;
+#[cfg(test)]
+mod tests;
+
+use std::io::BufRead;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::TraceError;
+
+/// The contract's token expansion constants.
+pub const PROMPT_MOD: i128 = 1_000_000_007;
+pub const GEN_BASE: u64 = 2_000_000_000;
+pub const GEN_STRIDE: u64 = 10_000;
+pub const DEFAULT_HASH_BLOCK: u64 = 512;
+/// Longest prompt gpumem accepts (bounds what a hostile workload can make it allocate).
+pub const MAX_PROMPT_TOKENS: u64 = 1 << 32;
+/// Latest arrival time accepted (keeps the simulated clock far from overflow).
+pub const MAX_ARRIVAL_US: u64 = 1 << 60;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    /// Explicit token ids.
+    Tokens(Vec<u32>),
+    /// The Mooncake form: token `j` is `(hash_ids[j / hash_block] * hash_block + j % hash_block)
+    /// mod 1_000_000_007`.
+    HashIds {
+        hash_ids: Vec<i64>,
+        input_length: u64,
+        hash_block: u64,
+    },
+    /// A prompt that shares nothing (traces without prefix information): the Mooncake form with
+    /// `hash_ids = first_hash_id, first_hash_id + 1, …` over 512-token blocks, without storing
+    /// them. Requests given disjoint id ranges share no token.
+    Unique {
+        first_hash_id: i64,
+        input_length: u64,
+    },
+}
+
+/// Appends tokens `start..end` of a prompt in the Mooncake form whose block `b` has id `id(b)`.
+fn fill_hashed(id: impl Fn(u64) -> i64, hb: u64, start: u64, end: u64, out: &mut Vec<u32>) {
+    let mut j = start;
+    while j < end {
+        let b = j / hb;
+        let o = j % hb;
+        let run_end = end.min((b + 1) * hb);
+        let base = (id(b) as i128 * hb as i128 + o as i128).rem_euclid(PROMPT_MOD) as u64;
+        // Consecutive offsets in one hash block: no division per token.
+        let n = run_end - j;
+        if base + n <= PROMPT_MOD as u64 {
+            out.extend((base..base + n).map(|t| t as u32));
+        } else {
+            out.extend((base..base + n).map(|t| (t % PROMPT_MOD as u64) as u32));
+        }
+        j = run_end;
+    }
+}
+
+impl Prompt {
+    pub fn len(&self) -> u64 {
+        match self {
+            Prompt::Tokens(t) => t.len() as u64,
+            Prompt::HashIds { input_length, .. } | Prompt::Unique { input_length, .. } => {
+                *input_length
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends prompt tokens `start..end` to `out`.
+    pub fn fill(&self, start: u64, end: u64, out: &mut Vec<u32>) {
+        debug_assert!(start <= end && end <= self.len());
+        match self {
+            Prompt::Tokens(t) => out.extend_from_slice(&t[start as usize..end as usize]),
+            Prompt::HashIds {
+                hash_ids,
+                hash_block,
+                ..
+            } => fill_hashed(|b| hash_ids[b as usize], *hash_block, start, end, out),
+            Prompt::Unique { first_hash_id, .. } => fill_hashed(
+                |b| first_hash_id.wrapping_add(b as i64),
+                DEFAULT_HASH_BLOCK,
+                start,
+                end,
+                out,
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadRequest {
+    pub id: String,
+    pub arrival_us: u64,
+    pub prompt: Prompt,
+    pub max_tokens: u64,
+    /// 1-based line in the workload file (for error messages).
+    pub line: u64,
+}
+
+impl WorkloadRequest {
+    /// The `k`-th generated token of the request on 0-based line `index` of the workload.
+    #[inline]
+    pub fn generated_token(index: usize, k: u64) -> u32 {
+        (GEN_BASE + index as u64 * GEN_STRIDE + k) as u32
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// Where it was read from (for error messages).
+    pub source: String,
+    /// Requests in arrival order (the 0-based position is the request's index).
+    pub requests: Vec<WorkloadRequest>,
+    /// Unknown fields that were ignored and records that were skipped, one message each.
+    pub warnings: Vec<String>,
+}
+
+fn is_int(v: &Value) -> bool {
+    v.is_i64() || v.is_u64()
+}
+
+fn req_u64(r: &Map<String, Value>, key: &str, min: u64, where_: &str) -> Result<u64, String> {
+    match r.get(key) {
+        Some(v) if is_int(v) => match v.as_u64() {
+            Some(x) if x >= min => Ok(x),
+            _ => Err(format!("{where_}: '{key}' must be an integer >= {min}")),
+        },
+        _ => Err(format!("{where_}: '{key}' must be an integer >= {min}")),
+    }
+}
+
+/// A conformance error: the message already starts with `source:line`.
+fn conf_err(source: &str, line: u64, message: String) -> TraceError {
+    let prefix = format!("{source}:{line}: ");
+    let reason = message
+        .strip_prefix(&prefix)
+        .unwrap_or(&message)
+        .to_string();
+    TraceError::at_line(source, line, reason)
+}
+
+impl Workload {
+    /// Reads a conformance workload file.
+    pub fn read_file(path: &Path) -> Result<Workload, TraceError> {
+        Self::read_file_limited(path, None)
+    }
+
+    /// Reads at most `limit` requests of a conformance workload file.
+    pub fn read_file_limited(path: &Path, limit: Option<u64>) -> Result<Workload, TraceError> {
+        let f = std::fs::File::open(path).map_err(|e| TraceError::in_file(path, e.to_string()))?;
+        Self::read_limited(
+            std::io::BufReader::new(f),
+            &path.display().to_string(),
+            limit,
+        )
+    }
+
+    /// Parses a conformance workload; `source` names it in errors.
+    pub fn read(input: impl BufRead, source: &str) -> Result<Workload, TraceError> {
+        Self::read_limited(input, source, None)
+    }
+
+    /// Parses the first `limit` requests of a conformance workload.
+    pub fn read_limited(
+        input: impl BufRead,
+        source: &str,
+        limit: Option<u64>,
+    ) -> Result<Workload, TraceError> {
+        const KNOWN: [&str; 7] = [
+            "id",
+            "arrival_us",
+            "prompt",
+            "hash_ids",
+            "input_length",
+            "hash_block",
+            "max_tokens",
+        ];
+        let mut w = Workload {
+            source: source.to_string(),
+            ..Workload::default()
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut warned = std::collections::BTreeSet::new();
+        let mut last_arrival = 0u64;
+        for (i, line) in input.lines().enumerate() {
+            if limit.is_some_and(|n| w.requests.len() as u64 >= n) {
+                break;
+            }
+            let lineno = i as u64 + 1;
+            let where_ = format!("{source}:{lineno}");
+            let err = |m: String| conf_err(source, lineno, m);
+            let line = line.map_err(|e| err(format!("{where_}: {e}")))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value =
+                serde_json::from_str(&line).map_err(|e| err(format!("{where_}: bad JSON: {e}")))?;
+            let Value::Object(r) = v else {
+                return Err(err(format!("{where_}: each line must be a JSON object")));
+            };
+            for k in r.keys() {
+                if !KNOWN.contains(&k.as_str()) && warned.insert(k.clone()) {
+                    w.warnings
+                        .push(format!("ignoring unknown workload field {k:?}"));
+                }
+            }
+            let id = match r.get("id") {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                _ => return Err(err(format!("{where_}: 'id' must be a non-empty string"))),
+            };
+            if !seen.insert(id.clone()) {
+                return Err(err(format!("{where_}: duplicate id {id:?}")));
+            }
+            let arrival_us = req_u64(&r, "arrival_us", 0, &where_).map_err(err)?;
+            if arrival_us > MAX_ARRIVAL_US {
+                return Err(err(format!(
+                    "{where_}: 'arrival_us' {arrival_us} exceeds gpumem's limit of {MAX_ARRIVAL_US}"
+                )));
+            }
+            if arrival_us < last_arrival {
+                return Err(err(format!(
+                    "{where_}: requests must be in arrival order ({arrival_us} < {last_arrival})"
+                )));
+            }
+            last_arrival = arrival_us;
+            let max_tokens = req_u64(&r, "max_tokens", 1, &where_).map_err(err)?;
+            let prompt = if let Some(p) = r.get("prompt") {
+                if r.contains_key("hash_ids") || r.contains_key("input_length") {
+                    return Err(err(format!(
+                        "{where_}: give either 'prompt' or 'hash_ids'+'input_length', not both"
+                    )));
+                }
+                let Value::Array(items) = p else {
+                    return Err(err(format!(
+                        "{where_}: 'prompt' must be a list of integers"
+                    )));
+                };
+                let mut toks = Vec::with_capacity(items.len());
+                for t in items {
+                    if !is_int(t) {
+                        return Err(err(format!(
+                            "{where_}: 'prompt' must be a list of integers"
+                        )));
+                    }
+                    match t.as_u64().and_then(|x| u32::try_from(x).ok()) {
+                        Some(x) => toks.push(x),
+                        None => {
+                            return Err(err(format!(
+                            "{where_}: prompt token {t} is outside 0..2^32 (gpumem's token range)"
+                        )))
+                        }
+                    }
+                }
+                Prompt::Tokens(toks)
+            } else {
+                let hash_ids = match r.get("hash_ids") {
+                    Some(Value::Array(items)) if items.iter().all(is_int) => {
+                        let mut ids = Vec::with_capacity(items.len());
+                        for h in items {
+                            match h.as_i64() {
+                                Some(x) => ids.push(x),
+                                None => {
+                                    return Err(err(format!(
+                                        "{where_}: hash id {h} is outside the 64-bit signed range"
+                                    )))
+                                }
+                            }
+                        }
+                        ids
+                    }
+                    _ => {
+                        return Err(err(format!(
+                            "{where_}: 'hash_ids' must be a list of integers"
+                        )))
+                    }
+                };
+                let input_length = match r.get("input_length") {
+                    Some(v) if is_int(v) => v.as_u64().unwrap_or(0),
+                    _ => return Err(err(format!("{where_}: 'input_length' must be an integer"))),
+                };
+                let hash_block = match r.get("hash_block") {
+                    None => DEFAULT_HASH_BLOCK,
+                    Some(v) if is_int(v) && v.as_u64().is_some_and(|x| x >= 1) => {
+                        v.as_u64().unwrap()
+                    }
+                    Some(_) => {
+                        return Err(err(format!(
+                            "{where_}: 'hash_block' must be a positive integer"
+                        )))
+                    }
+                };
+                let capacity = (hash_ids.len() as u128) * hash_block as u128;
+                if input_length as u128 > capacity {
+                    return Err(err(format!(
+                        "{where_}: input_length {input_length} needs {} hash_ids of {hash_block} tokens, got {}",
+                        input_length.div_ceil(hash_block),
+                        hash_ids.len()
+                    )));
+                }
+                Prompt::HashIds {
+                    hash_ids,
+                    input_length,
+                    hash_block,
+                }
+            };
+            if prompt.is_empty() {
+                return Err(err(format!("{where_}: empty prompt (vLLM rejects it)")));
+            }
+            if prompt.len() > MAX_PROMPT_TOKENS {
+                return Err(err(format!(
+                    "{where_}: prompt of {} tokens exceeds gpumem's limit of {MAX_PROMPT_TOKENS}",
+                    prompt.len()
+                )));
+            }
+            let index = w.requests.len() as u64;
+            let last_gen =
+                GEN_BASE as u128 + index as u128 * GEN_STRIDE as u128 + (max_tokens - 1) as u128;
+            if last_gen > u32::MAX as u128 {
+                return Err(err(format!(
+                    "{where_}: generated token ids of this request exceed 2^32 (line index {index}, max_tokens {max_tokens})"
+                )));
+            }
+            w.requests.push(WorkloadRequest {
+                id,
+                arrival_us,
+                prompt,
+                max_tokens,
+                line: lineno,
+            });
+        }
+        Ok(w)
+    }
+
+    /// vLLM's input-processor checks against a config: every prompt shorter than
+    /// `max_model_len`. The first refusal names the request's file and line.
+    pub fn validate(&self, max_model_len: u64) -> Result<(), TraceError> {
+        match self.requests.iter().find(|r| r.prompt.len() >= max_model_len) {
+            None => Ok(()),
+            Some(r) => Err(TraceError::at_line(
+                &self.source,
+                r.line,
+                format!(
+                    "prompt length {} >= max_model_len {max_model_len} (vLLM's input processor rejects it)",
+                    r.prompt.len()
+                ),
+            )),
+        }
+    }
+
+    /// Takes out the requests vLLM's input processor would reject (prompt of `max_model_len`
+    /// tokens or more), keeping the others in order, and returns them.
+    pub fn take_too_long(&mut self, max_model_len: u64) -> Vec<WorkloadRequest> {
+        if self.validate(max_model_len).is_ok() {
+            return Vec::new();
+        }
+        let (keep, rejected) = std::mem::take(&mut self.requests)
+            .into_iter()
+            .partition(|r| r.prompt.len() < max_model_len);
+        self.requests = keep;
+        rejected
+    }
+}
+
+/// The workload formats gpumem reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadFormat {
+    /// `../shared/conformance/README.md`: `{"id", "arrival_us", "prompt" | "hash_ids" +
+    /// "input_length", "max_tokens"}`.
+    Conformance,
+    /// Mooncake (FAST'25): `{"timestamp" (ms), "input_length", "output_length", "hash_ids"}`.
+    Mooncake,
+    /// Qwen-Bailian: `{"chat_id", "parent_chat_id", "timestamp" (s), "input_length",
+    /// "output_length", "hash_ids" (16-token blocks), ...}`.
+    QwenBailian,
+    /// Azure LLM inference 2023: `TIMESTAMP,ContextTokens,GeneratedTokens`.
+    Azure,
+    /// BurstGPT: `Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type`.
+    BurstGpt,
+}
+
+impl WorkloadFormat {
+    pub const ALL: [WorkloadFormat; 5] = [
+        WorkloadFormat::Conformance,
+        WorkloadFormat::Mooncake,
+        WorkloadFormat::QwenBailian,
+        WorkloadFormat::Azure,
+        WorkloadFormat::BurstGpt,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadFormat::Conformance => "conformance",
+            WorkloadFormat::Mooncake => "mooncake",
+            WorkloadFormat::QwenBailian => "qwen-bailian",
+            WorkloadFormat::Azure => "azure",
+            WorkloadFormat::BurstGpt => "burstgpt",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<WorkloadFormat> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The format of a file whose first non-blank line is `first_line`: JSON Lines by their
+    /// keys, CSV by their header.
+    pub fn detect(path: &Path, line: u64, first_line: &str) -> Result<WorkloadFormat, TraceError> {
+        let undecided = |why: &str| {
+            let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
+            TraceError::at_line(
+                path,
+                line,
+                format!(
+                    "cannot tell the workload format ({why}); pass --format {}",
+                    names.join("|")
+                ),
+            )
+        };
+        let text = first_line.trim();
+        if text.starts_with('{') {
+            let v: Value = serde_json::from_str(text)
+                .map_err(|e| undecided(&format!("the first line is not JSON: {e}")))?;
+            let has = |k: &str| v.get(k).is_some();
+            return if has("chat_id") || has("parent_chat_id") {
+                Ok(WorkloadFormat::QwenBailian)
+            } else if has("arrival_us") || has("id") || has("prompt") {
+                Ok(WorkloadFormat::Conformance)
+            } else if has("timestamp") && has("hash_ids") {
+                Ok(WorkloadFormat::Mooncake)
+            } else {
+                Err(undecided("unknown JSON keys"))
+            };
+        }
+        let header: Vec<&str> = text
+            .split(',')
+            .map(|c| c.trim().trim_matches('"'))
+            .collect();
+        if header.contains(&"ContextTokens") {
+            Ok(WorkloadFormat::Azure)
+        } else if header.contains(&"Request tokens") {
+            Ok(WorkloadFormat::BurstGpt)
+        } else {
+            Err(undecided("neither JSON Lines nor a known CSV header"))
+        }
+    }
+}
+
+/// Reads a workload file in `format`, or in the format [`WorkloadFormat::detect`] finds;
+/// at most `limit` requests. Returns the workload and its format.
+pub fn load(
+    path: &Path,
+    format: Option<WorkloadFormat>,
+    limit: Option<u64>,
+) -> Result<(Workload, WorkloadFormat), TraceError> {
+    let open = || {
+        std::fs::File::open(path)
+            .map(std::io::BufReader::new)
+            .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))
+    };
+    let format = match format {
+        Some(f) => f,
+        None => {
+            let mut input = open()?;
+            let mut line = String::new();
+            let mut n = 0u64;
+            loop {
+                line.clear();
+                n += 1;
+                let read = std::io::Read::take(&mut input, 1 << 24)
+                    .read_line(&mut line)
+                    .map_err(|e| TraceError::at_line(path, n, e.to_string()))?;
+                if read == 0 {
+                    return Err(TraceError::in_file(path, "the file is empty"));
+                }
+                if !line.trim().is_empty() {
+                    break;
+                }
+            }
+            WorkloadFormat::detect(path, n, &line)?
+        }
+    };
+    let source = path.display().to_string();
+    let input = open()?;
+    let w = match format {
+        WorkloadFormat::Conformance => Workload::read_limited(input, &source, limit)?,
+        WorkloadFormat::Mooncake => import::mooncake(input, &source, limit)?,
+        WorkloadFormat::QwenBailian => import::qwen_bailian(input, &source, limit)?,
+        WorkloadFormat::Azure => import::azure(input, &source, limit)?,
+        WorkloadFormat::BurstGpt => import::burstgpt(input, &source, limit)?,
+    };
+    Ok((w, format))
+}

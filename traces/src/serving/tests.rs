@@ -1,0 +1,289 @@
+use super::import::*;
+use super::*;
+
+#[test]
+fn expansion_rule() {
+    let p = Prompt::HashIds {
+        hash_ids: vec![3, 1_000_000_000],
+        input_length: 6,
+        hash_block: 4,
+    };
+    let mut out = Vec::new();
+    p.fill(0, 6, &mut out);
+    let want: Vec<u32> = (0..6u64)
+        .map(|j| {
+            let h = [3i128, 1_000_000_000][(j / 4) as usize];
+            ((h * 4 + (j % 4) as i128) % PROMPT_MOD) as u32
+        })
+        .collect();
+    assert_eq!(out, want);
+    out.clear();
+    p.fill(3, 5, &mut out);
+    assert_eq!(out, want[3..5]);
+    assert_eq!(WorkloadRequest::generated_token(2, 5), 2_000_020_005);
+}
+
+#[test]
+fn unique_prompts_expand_like_consecutive_hash_ids() {
+    let u = Prompt::Unique {
+        first_hash_id: 7,
+        input_length: 1100,
+    };
+    let h = Prompt::HashIds {
+        hash_ids: vec![7, 8, 9],
+        input_length: 1100,
+        hash_block: 512,
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    u.fill(0, 1100, &mut a);
+    h.fill(0, 1100, &mut b);
+    assert_eq!(a, b);
+    a.clear();
+    u.fill(500, 530, &mut a);
+    assert_eq!(a, b[500..530]);
+}
+
+#[test]
+fn errors_name_file_and_line() {
+    let bad = [
+        ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1],\"max_tokens\":1}\nnot json", "w:2: bad JSON"),
+        ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1],\"max_tokens\":0}", "w:1: 'max_tokens'"),
+        ("{\"id\":\"a\",\"arrival_us\":-1,\"prompt\":[1],\"max_tokens\":1}", "w:1: 'arrival_us'"),
+        ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[],\"max_tokens\":1}", "w:1: empty prompt"),
+        ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":\"x\",\"max_tokens\":1}", "w:1: 'prompt'"),
+        ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1.5],\"max_tokens\":1}", "w:1: 'prompt'"),
+        ("{\"id\":\"a\",\"arrival_us\":5,\"prompt\":[1],\"max_tokens\":1}\n{\"id\":\"b\",\"arrival_us\":4,\"prompt\":[1],\"max_tokens\":1}", "w:2: requests must be in arrival order"),
+        ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1],\"max_tokens\":1}\n{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1],\"max_tokens\":1}", "w:2: duplicate id"),
+        ("{\"id\":\"a\",\"arrival_us\":0,\"hash_ids\":[1],\"input_length\":513,\"max_tokens\":1}", "w:1: input_length 513 needs 2"),
+        ("{\"id\":\"a\",\"arrival_us\":0,\"hash_ids\":[1],\"input_length\":\"3\",\"max_tokens\":1}", "w:1: 'input_length'"),
+        ("[1,2]", "w:1: each line must be a JSON object"),
+    ];
+    for (text, want) in bad {
+        let err = Workload::read(text.as_bytes(), "w").unwrap_err();
+        assert!(err.to_string().starts_with(want), "{text:?}: got {err}");
+    }
+    let ok = Workload::read(
+        "{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1,2],\"max_tokens\":1,\"x\":1}\n\n".as_bytes(),
+        "w",
+    )
+    .unwrap();
+    assert_eq!(ok.requests.len(), 1);
+    assert_eq!(ok.warnings.len(), 1);
+    assert!(ok
+        .validate(2)
+        .unwrap_err()
+        .to_string()
+        .starts_with("w:1: prompt length 2 >= max_model_len 2"));
+}
+
+#[test]
+fn limit_and_too_long() {
+    let text = "{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1,2,3],\"max_tokens\":1}\n\
+                {\"id\":\"b\",\"arrival_us\":1,\"prompt\":[1],\"max_tokens\":1}\n\
+                not even json";
+    let mut w = Workload::read_limited(text.as_bytes(), "w", Some(2)).unwrap();
+    assert_eq!(w.requests.len(), 2);
+    let rejected = w.take_too_long(3);
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].id, "a");
+    assert_eq!(w.requests.len(), 1);
+    assert_eq!(w.requests[0].id, "b");
+}
+
+#[test]
+fn mooncake_reads_like_the_oracles_converter() {
+    let text = "{\"timestamp\": 0, \"input_length\": 600, \"output_length\": 0, \"hash_ids\": [0, 1]}\n\
+                {\"timestamp\": 3000, \"input_length\": 10, \"output_length\": 5, \"hash_ids\": [0], \"session_id\": 4}\n";
+    let w = mooncake(text.as_bytes(), "m", None).unwrap();
+    assert!(w.warnings.is_empty());
+    let conf = "{\"id\":\"r0\",\"arrival_us\":0,\"hash_ids\":[0,1],\"input_length\":600,\"max_tokens\":1}\n\
+                {\"id\":\"r1\",\"arrival_us\":3000000,\"hash_ids\":[0],\"input_length\":10,\"max_tokens\":5}\n";
+    assert_eq!(
+        w.requests,
+        Workload::read(conf.as_bytes(), "m").unwrap().requests
+    );
+    assert_eq!(
+        mooncake(text.as_bytes(), "m", Some(1))
+            .unwrap()
+            .requests
+            .len(),
+        1
+    );
+
+    let bad = [
+        (
+            "{\"timestamp\": 0, \"input_length\": -5, \"output_length\": 1, \"hash_ids\": [0]}",
+            "m:1: 'input_length' is negative (-5)",
+        ),
+        (
+            "{\"timestamp\": 0, \"input_length\": \"5\", \"output_length\": 1, \"hash_ids\": [0]}",
+            "m:1: 'input_length' must be a non-negative integer",
+        ),
+        (
+            "{\"timestamp\": -1, \"input_length\": 5, \"output_length\": 1, \"hash_ids\": [0]}",
+            "m:1: 'timestamp' is negative",
+        ),
+        (
+            "{\"timestamp\": 0, \"input_length\": 5, \"output_length\": 1, \"hash_ids\": [\"x\"]}",
+            "m:1: hash id \"x\"",
+        ),
+        (
+            "{\"timestamp\": 0, \"input_length\": 513, \"output_length\": 1, \"hash_ids\": [0]}",
+            "m:1: input_length 513 needs 2",
+        ),
+        (
+            "{\"timestamp\": 0, \"input_length\": 0, \"output_length\": 1, \"hash_ids\": []}",
+            "m:1: empty prompt",
+        ),
+        (
+            "{\"timestamp\": 0, \"input_length\": 5, \"hash_ids\": [0]}",
+            "m:1: missing 'output_length'",
+        ),
+        ("\n{\"timestamp\": 0,", "m:2: bad JSON"),
+    ];
+    for (text, want) in bad {
+        let err = mooncake(text.as_bytes(), "m", None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(want), "{text:?}: got {err}");
+    }
+}
+
+#[test]
+fn qwen_bailian_uses_16_token_blocks_and_seconds() {
+    let text = "{\"chat_id\": 10, \"parent_chat_id\": -1, \"timestamp\": 100.25, \"input_length\": 20, \"output_length\": 3, \"type\": \"text\", \"turn\": 1, \"hash_ids\": [5, 6]}\n\
+                {\"chat_id\": 11, \"parent_chat_id\": 10, \"timestamp\": 100.5, \"input_length\": 40, \"output_length\": 3, \"type\": \"text\", \"turn\": 2, \"hash_ids\": [5, 6, 7]}\n";
+    let w = qwen_bailian(text.as_bytes(), "q", None).unwrap();
+    assert_eq!(w.requests[0].id, "10");
+    assert_eq!(w.requests[0].arrival_us, 0);
+    assert_eq!(w.requests[1].arrival_us, 250_000);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    w.requests[0].prompt.fill(0, 20, &mut a);
+    w.requests[1].prompt.fill(0, 20, &mut b);
+    assert_eq!(a, b);
+    assert_eq!(a[16], ((6i128 * 16) % PROMPT_MOD) as u32);
+    let err = qwen_bailian(
+        "{\"chat_id\": 1.5, \"timestamp\": 1, \"input_length\": 2, \"output_length\": 1, \"hash_ids\": [1]}".as_bytes(),
+        "q",
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("q:1: 'chat_id'"), "{err}");
+}
+
+#[test]
+fn azure_csv() {
+    let text = "TIMESTAMP,ContextTokens,GeneratedTokens\n\
+                2023-11-16 18:17:03.9799600,4808,10\n\
+                2023-11-16 18:17:04.0319600,3180,8\r\n\
+                2023-11-16 18:17:05.0000000,100,0";
+    let w = azure(text.as_bytes(), "a", None).unwrap();
+    let arrivals: Vec<u64> = w.requests.iter().map(|r| r.arrival_us).collect();
+    assert_eq!(arrivals, [0, 52_000, 1_020_040]);
+    assert_eq!(w.requests[2].max_tokens, 1);
+    assert_eq!(w.requests[1].line, 3);
+    // No prefix information: no two prompts share a token block.
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    w.requests[0].prompt.fill(0, 512, &mut a);
+    w.requests[1].prompt.fill(0, 512, &mut b);
+    assert_ne!(a[..16], b[..16]);
+    let bad = [
+        (
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,-4,10",
+            "a:2: ContextTokens is negative (-4)",
+        ),
+        (
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,4.5,10",
+            "a:2: ContextTokens must be a non-negative integer",
+        ),
+        (
+            "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,4,10",
+            "a:2: TIMESTAMP \"yesterday\"",
+        ),
+        (
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,4",
+            "a:2: expected 3 fields, got 2",
+        ),
+        (
+            "TIMESTAMP,Tokens\n",
+            "a:1: the header lacks the column 'ContextTokens'",
+        ),
+    ];
+    for (text, want) in bad {
+        let err = azure(text.as_bytes(), "a", None).unwrap_err().to_string();
+        assert!(err.starts_with(want), "{text:?}: got {err}");
+    }
+}
+
+#[test]
+fn burstgpt_csv_skips_failed_requests() {
+    let text = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n\
+                5,ChatGPT,472,18,490,Conversation log\n\
+                45,ChatGPT,1087,0,1087,Conversation log\n\
+                118.5,GPT-4,417,276,693,API log\n";
+    let w = burstgpt(text.as_bytes(), "b", None).unwrap();
+    assert_eq!(w.requests.len(), 2);
+    assert_eq!(w.requests[1].id, "r2");
+    assert_eq!(w.requests[1].arrival_us, 113_500_000);
+    assert_eq!(w.warnings.len(), 1);
+}
+
+#[test]
+fn timestamps_and_decimals() {
+    assert_eq!(parse_decimal("3000", 3), Some(3_000_000));
+    assert_eq!(parse_decimal("1.5", 6), Some(1_500_000));
+    assert_eq!(parse_decimal("0.0000001", 6), Some(0));
+    assert_eq!(parse_decimal("1e3", 0), Some(1000));
+    assert_eq!(parse_decimal("1.25e-1", 3), Some(125));
+    assert_eq!(parse_decimal("-1", 0), None);
+    assert_eq!(parse_decimal("1e30", 0), None);
+    assert_eq!(parse_decimal("", 0), None);
+    let t = parse_datetime_ns("2023-11-16 18:17:03.9799600").unwrap();
+    assert_eq!(t, 1_700_158_623_979_960_000);
+    assert_eq!(
+        parse_datetime_ns("2023-11-16T19:17:03.97996+01:00"),
+        Some(t)
+    );
+    assert_eq!(parse_datetime_ns("1970-01-01 00:00:00"), Some(0));
+    assert_eq!(parse_datetime_ns("2023-13-16 18:17:03"), None);
+}
+
+#[test]
+fn formats_are_detected_by_content() {
+    let p = std::path::Path::new("x");
+    let cases = [
+        (
+            "{\"id\":\"a\",\"arrival_us\":0}",
+            WorkloadFormat::Conformance,
+        ),
+        (
+            "{\"timestamp\": 0, \"hash_ids\": [1]}",
+            WorkloadFormat::Mooncake,
+        ),
+        (
+            "{\"chat_id\": 1, \"timestamp\": 0, \"hash_ids\": [1]}",
+            WorkloadFormat::QwenBailian,
+        ),
+        (
+            "TIMESTAMP,ContextTokens,GeneratedTokens",
+            WorkloadFormat::Azure,
+        ),
+        (
+            "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type",
+            WorkloadFormat::BurstGpt,
+        ),
+    ];
+    for (line, want) in cases {
+        assert_eq!(WorkloadFormat::detect(p, 1, line).unwrap(), want, "{line}");
+    }
+    let err = WorkloadFormat::detect(p, 3, "a,b,c")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("x:3: cannot tell the workload format"),
+        "{err}"
+    );
+    for f in WorkloadFormat::ALL {
+        assert_eq!(WorkloadFormat::parse(f.name()), Some(f));
+    }
+}
