@@ -108,7 +108,8 @@ pub struct KvArgs {
     #[arg(long, value_name = "MODEL", default_value = "roofline")]
     cost: String,
 
-    /// Which free cached block is reused first: lru (vLLM's).
+    /// Which free cached block is reused first: lru (vLLM's free queue), arc (adaptive
+    /// replacement: recency and frequency), leaf-lru (leaves of the prefix tree first, LRU among them).
     #[arg(long, value_name = "POLICY", default_value = "lru", value_parser = parse_eviction)]
     eviction: EvictionKind,
 
