@@ -96,13 +96,16 @@ impl FreeExtents {
     /// Frees `[offset, offset + len)`, coalescing with the extents that touch it.
     pub fn insert(&mut self, offset: u64, len: u64) {
         let end = offset + len;
-        let prev = self.by_end.get(&offset).map(|&l| (offset - l, l));
-        let next = self
-            .by_end
-            .range(end + 1..)
-            .next()
-            .map(|(&e, &l)| (e - l, l))
-            .filter(|&(start, _)| start == end);
+        // One descent finds both neighbours: the first extent ending at or after `offset` is
+        // the one before if it ends exactly there, and the one after it may start at `end`.
+        let mut around = self.by_end.range(offset..).map(|(&e, &l)| (e - l, l));
+        let (prev, after) = match around.next() {
+            Some((p_off, p_len)) if p_off + p_len == offset => {
+                (Some((p_off, p_len)), around.next())
+            }
+            first => (None, first),
+        };
+        let next = after.filter(|&(start, _)| start == end);
         let start = prev.map_or(offset, |(p_off, _)| p_off);
         if let Some((p_off, p_len)) = prev {
             self.remove(p_off, p_len);

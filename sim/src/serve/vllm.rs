@@ -421,7 +421,9 @@ impl<'w> VllmEngine<'w> {
                 q.first_token_ns = Some(end_ns);
             }
             let stop = q.num_tokens >= max_len || q.num_output >= q.max_tokens;
-            if self.cfg.enable_prefix_caching && q.num_tokens.is_multiple_of(self.cfg.block_size as u64) {
+            if self.cfg.enable_prefix_caching
+                && q.num_tokens.is_multiple_of(self.cfg.block_size as u64)
+            {
                 self.update_hashes(r);
             }
             if stop {
