@@ -108,7 +108,7 @@ pub struct AllocArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum ExecuteArg {
+pub enum ExecuteArg {
     Host,
     Cuda,
 }
@@ -152,7 +152,7 @@ pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
         Strategy::ALL.len(),
         trace.ops.len() as u64 * strategies.len() as u64,
     );
-    let faults = parse_faults(&args)?;
+    let faults = parse_faults(&args.inject, args.execute.is_some())?;
     let report = simulate_all(&trace, &strategies, &config, &|s, n| {
         progress.update(s as usize, n)
     })
@@ -206,13 +206,14 @@ pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
     })
 }
 
-fn parse_faults(args: &AllocArgs) -> Result<Vec<Inject>, String> {
-    if !args.inject.is_empty() && args.execute.is_none() {
+/// `--inject` values, which only make sense with `--execute`.
+pub fn parse_faults(inject: &[String], execute: bool) -> Result<Vec<Inject>, String> {
+    if !inject.is_empty() && !execute {
         return Err(
             "--inject needs --execute host|cuda: faults are injected into real memory".into(),
         );
     }
-    args.inject
+    inject
         .iter()
         .map(|f| Inject::parse(f).map_err(|e| format!("--inject {f}: {e}")))
         .collect()

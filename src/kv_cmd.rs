@@ -15,6 +15,9 @@ use gpumem_traces::serving::import::parse_decimal;
 use gpumem_traces::serving::{load, Workload, WorkloadFormat};
 
 use crate::progress::Progress;
+use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice};
+use gpumem_sim::serve::report::simulate_on;
+use gpumem_sim::{AllocCostModel, Executor, SimExecutor};
 
 #[derive(Args)]
 #[command(after_help = "Examples:
@@ -134,9 +137,26 @@ pub struct KvArgs {
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
 
-    /// Seed of the built-in workload.
+    /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+
+    /// Also run the KV pool on real memory: `host` (anywhere) or `cuda` (needs an NVIDIA
+    /// driver). Every block the policy computes is written with a pattern of its prefix hash,
+    /// and every prefix hit is read back before it counts; the digests must equal the
+    /// simulation's.
+    #[arg(long, value_enum, value_name = "DEVICE")]
+    execute: Option<crate::alloc_cmd::ExecuteArg>,
+
+    /// With --execute: bytes per KV block (default: what the model's KV needs per block). A
+    /// smaller value keeps a test run inside host memory.
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_bytes)]
+    bytes_per_block: Option<u64>,
+
+    /// With --execute: `corrupt-block[:N]` flips a byte of the N-th KV block written, to prove
+    /// a prefix hit on wrong bytes is caught and not counted.
+    #[arg(long, value_name = "FAULT")]
+    inject: Vec<String>,
 }
 
 fn parse_format(s: &str) -> Result<WorkloadFormat, String> {
@@ -291,19 +311,50 @@ pub fn run(args: KvArgs) -> Result<ExitCode, String> {
         &workload,
         engine,
         rejected,
-        info,
+        info.clone(),
         log_file.as_mut().map(|f| f as &mut dyn Write),
         &mut |done| progress.update(0, done.min(total_tokens)),
     );
     progress.finish();
     let report = match result {
         Ok(r) => r,
-        Err(ServeError::Input(m)) => return Err(m),
-        Err(e) => {
-            eprintln!("gpumem: error: {e}");
-            return Ok(ExitCode::from(e.exit_code() as u8));
-        }
+        Err(e) => return serve_failure(e),
     };
+    let faults = crate::alloc_cmd::parse_faults(&args.inject, args.execute.is_some())?;
+    if let Some(device) = args.execute {
+        let block_bytes = args
+            .bytes_per_block
+            .or(sizing.map(|s| s.bytes_per_block))
+            .ok_or("--execute with --kv-blocks needs --bytes-per-block")?;
+        let run = |mem: &mut dyn gpumem_core::memory::Memory| {
+            simulate_on(
+                &workload,
+                engine,
+                rejected,
+                info.clone(),
+                None,
+                &mut |_| {},
+                Some((mem, block_bytes)),
+            )
+        };
+        let capacity = (engine.num_gpu_blocks as u64).saturating_mul(block_bytes);
+        let mut sim = SimExecutor::new(capacity, AllocCostModel::default());
+        let simulated = run(&mut sim).map_err(|e| e.to_string())?;
+        let executed = match device {
+            crate::alloc_cmd::ExecuteArg::Host => {
+                let mut exec = DeviceExecutor::new(HostDevice::new(), capacity, &faults, args.seed);
+                let r = run(&mut exec).map_err(|e| e.to_string())?;
+                (r, exec.finish())
+            }
+            crate::alloc_cmd::ExecuteArg::Cuda => {
+                let cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
+                let mut exec = DeviceExecutor::new(cuda, capacity, &faults, args.seed);
+                let r = run(&mut exec).map_err(|e| e.to_string())?;
+                (r, exec.finish())
+            }
+        };
+        return report_execution(&args, &report, &simulated, &sim, executed);
+    }
     if let Some(path) = &args.plot {
         write_plot(path, &report)?;
     }
@@ -316,6 +367,70 @@ pub fn run(args: KvArgs) -> Result<ExitCode, String> {
         print!("{}", gpumem_sim::serve::report::render_text(&report));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn serve_failure(e: ServeError) -> Result<ExitCode, String> {
+    match e {
+        ServeError::Input(m) => Err(m),
+        e => {
+            eprintln!("gpumem: error: {e}");
+            Ok(ExitCode::from(e.exit_code() as u8))
+        }
+    }
+}
+
+/// Prints the simulated report with what the device observed, and fails the run (exit 1) when
+/// the device saw other bytes than the policy expected or the decision streams differ.
+fn report_execution(
+    args: &KvArgs,
+    report: &KvReport,
+    simulated: &KvReport,
+    sim: &SimExecutor,
+    (executed, exec): (KvReport, ExecReport),
+) -> Result<ExitCode, String> {
+    let digests_equal = exec.digest == sim.digest_hex() && executed.digest == simulated.digest;
+    if args.json {
+        let mut value = serde_json::to_value(&executed).expect("report serializes");
+        value["digest_simulated"] = report.digest.clone().into();
+        value["bytes_verified"] = exec.bytes_verified.into();
+        value["mismatches"] = exec.mismatches.into();
+        value["execution"] = serde_json::to_value(&exec).expect("report serializes");
+        println!(
+            "{}",
+            serde_json::to_string(&value).expect("report serializes")
+        );
+    } else {
+        print!("{}", gpumem_sim::serve::report::render_text(&executed));
+        let (writes, reads) = ["write_kv", "read_kv"]
+            .map(|k| {
+                exec.timings
+                    .iter()
+                    .find(|t| t.kind == k)
+                    .map_or((0, 0), |t| (t.count, t.measured_ns_total))
+            })
+            .into();
+        println!(
+            "\nexecuted on {}: digests {}, {} verified, {} mismatched bytes, {} prefix hits refused",
+            exec.device,
+            if digests_equal { "equal to the simulation's" } else { "DIFFER from the simulation's" },
+            gpumem_sim::report::human_bytes(exec.bytes_verified),
+            exec.mismatches,
+            executed.prefix_hits_refused
+        );
+        println!(
+            "  {} KV block writes, {:.0} ns each; {} prefix-hit reads, {:.0} ns each (measured, patterns included)",
+            writes.0,
+            writes.1 as f64 / writes.0.max(1) as f64,
+            reads.0,
+            reads.1 as f64 / reads.0.max(1) as f64
+        );
+    }
+    let failed = exec.mismatches > 0 || !digests_equal;
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn write_plot(path: &Path, r: &KvReport) -> Result<(), String> {

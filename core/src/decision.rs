@@ -57,6 +57,13 @@ pub enum Decision {
         to: Loc,
         bytes: u64,
     },
+    /// A KV block at `at` now holds the keys and values of `content` (its chained prefix hash
+    /// when full, a per-request value while it fills).
+    WriteKv { at: Loc, bytes: u64, content: u64 },
+    /// The policy is about to serve the block at `at` as a prefix hit, expecting `content`. An
+    /// executor that finds other bytes there refuses with `Refusal::Mismatch`: the hit must not
+    /// count.
+    ReadKv { at: Loc, bytes: u64, content: u64 },
 }
 
 /// Why an executor could not carry out a `Reserve` or `Map`.
@@ -68,6 +75,8 @@ pub enum Refusal {
     Device,
     /// A seeded fault injection refused it.
     Injected,
+    /// A `ReadKv` found bytes other than the content the policy expected.
+    Mismatch,
 }
 
 impl Decision {
@@ -83,6 +92,8 @@ impl Decision {
             Decision::Place { .. } => "place",
             Decision::Free { .. } => "free",
             Decision::Move { .. } => "move",
+            Decision::WriteKv { .. } => "write_kv",
+            Decision::ReadKv { .. } => "read_kv",
         }
     }
 
@@ -98,10 +109,12 @@ impl Decision {
             Decision::Place { .. } => 6,
             Decision::Free { .. } => 7,
             Decision::Move { .. } => 8,
+            Decision::WriteKv { .. } => 9,
+            Decision::ReadKv { .. } => 10,
         }
     }
 
-    pub const KIND_NAMES: [&'static str; 9] = [
+    pub const KIND_NAMES: [&'static str; 11] = [
         "reserve",
         "release",
         "reserve_va",
@@ -111,5 +124,7 @@ impl Decision {
         "place",
         "free",
         "move",
+        "write_kv",
+        "read_kv",
     ];
 }

@@ -85,6 +85,11 @@ impl Digest {
                 self.loc(to);
                 self.word(bytes);
             }
+            Decision::WriteKv { at, bytes, content } | Decision::ReadKv { at, bytes, content } => {
+                self.loc(at);
+                self.word(bytes);
+                self.word(content);
+            }
         }
         // Capacity refusals are part of the policy's world; a device refusal is an observation
         // that the simulator could not make, and it must change the digest.
@@ -93,6 +98,7 @@ impl Digest {
             Err(Refusal::Capacity) => 1,
             Err(Refusal::Device) => 2,
             Err(Refusal::Injected) => 3,
+            Err(Refusal::Mismatch) => 4,
         });
     }
 

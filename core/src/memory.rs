@@ -254,6 +254,9 @@ impl Memory for Books {
                 self.check_backed(to, bytes);
                 self.set_live(id, Some((to, bytes)));
             }
+            Decision::WriteKv { at, bytes, .. } | Decision::ReadKv { at, bytes, .. } => {
+                self.check_backed(at, bytes)
+            }
         }
         Ok(())
     }

@@ -266,6 +266,8 @@ pub struct DeviceExecutor<D: Device> {
     bases: BTreeMap<SegmentId, Base>,
     /// Live blocks by place: (segment, offset, id) → bytes.
     placed: BTreeMap<(SegmentId, u64, AllocId), u64>,
+    /// KV blocks written: (segment, offset) → (bytes, content), re-checked at checkpoints.
+    kv_written: BTreeMap<(SegmentId, u64), (u64, u64)>,
     faults: Faults,
     stats: Stats,
 }
@@ -280,6 +282,7 @@ impl<D: Device> DeviceExecutor<D> {
             device,
             bases: BTreeMap::new(),
             placed: BTreeMap::new(),
+            kv_written: BTreeMap::new(),
             faults: Faults::new(faults, seed),
             stats: Stats::default(),
         };
@@ -313,6 +316,12 @@ impl<D: Device> DeviceExecutor<D> {
         let mut found = 0;
         for (id, at, bytes) in live {
             found += self.check_block(id, at, bytes, "checkpoint");
+        }
+        let kv: Vec<((SegmentId, u64), (u64, u64))> =
+            self.kv_written.iter().map(|(&k, &v)| (k, v)).collect();
+        for ((segment, offset), (bytes, content)) in kv {
+            let at = Loc { segment, offset };
+            found += self.check_block(AllocId(content), at, bytes, "checkpoint-kv");
         }
         self.stats.checkpoints += 1;
         self.stats.checkpoint_ns += started.elapsed().as_nanos() as u64;
@@ -381,6 +390,7 @@ impl<D: Device> DeviceExecutor<D> {
         )
     }
 
+    /// Verifies the pattern of `seed` (an allocation's id, or a KV block's content) at `at`.
     fn check_block(&mut self, id: AllocId, at: Loc, bytes: u64, check: &str) -> u64 {
         let base = self.base(at.segment);
         let result = self
@@ -546,16 +556,7 @@ impl<D: Device> DeviceExecutor<D> {
                     .fill(base, at.offset, bytes, id.0)
                     .unwrap_or_else(|e| self.fail(&d, e));
                 self.stats.bytes_written += bytes;
-                if bytes > 0 {
-                    self.faults.places += 1;
-                    if self.faults.corrupt.contains(&self.faults.places) {
-                        let byte = self.faults.rng.gen_range(0..bytes);
-                        self.device
-                            .corrupt(base, at.offset + byte)
-                            .unwrap_or_else(|e| self.fail(&d, e));
-                        self.stats.injected_corruptions += 1;
-                    }
-                }
+                self.maybe_corrupt(&d, base, at.offset, bytes);
             }
             Decision::Free { id, at, bytes } => {
                 // The books assert that the block lived exactly there.
@@ -581,8 +582,41 @@ impl<D: Device> DeviceExecutor<D> {
                 self.stats.bytes_copied += bytes;
                 self.check_block(id, to, bytes, "move-to");
             }
+            Decision::WriteKv { at, bytes, content } => {
+                self.books_apply(d);
+                self.kv_written
+                    .insert((at.segment, at.offset), (bytes, content));
+                let base = self.base(at.segment);
+                self.device
+                    .fill(base, at.offset, bytes, content)
+                    .unwrap_or_else(|e| self.fail(&d, e));
+                self.stats.bytes_written += bytes;
+                self.maybe_corrupt(&d, base, at.offset, bytes);
+            }
+            Decision::ReadKv { at, bytes, content } => {
+                self.books_apply(d);
+                // A hit is served only from bytes that hold exactly the expected content.
+                if self.check_block(AllocId(content), at, bytes, "prefix-hit") > 0 {
+                    return Err(Refusal::Mismatch);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Fault injection: flips one byte of the N-th block written (placed, or a KV block).
+    fn maybe_corrupt(&mut self, d: &Decision, base: u64, offset: u64, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        self.faults.places += 1;
+        if self.faults.corrupt.contains(&self.faults.places) {
+            let byte = self.faults.rng.gen_range(0..bytes);
+            self.device
+                .corrupt(base, offset + byte)
+                .unwrap_or_else(|e| self.fail(d, e));
+            self.stats.injected_corruptions += 1;
+        }
     }
 
     fn sample_resident(&mut self) {

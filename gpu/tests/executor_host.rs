@@ -168,7 +168,7 @@ fn run_stream<D: Device>(device: D) {
     assert_eq!(report.checkpoints, 1);
     assert_eq!(report.device_refusals + report.capacity_refusals, 0);
     let counts: Vec<u64> = report.timings.iter().map(|t| t.count).collect();
-    let mut want = [0u64; 9];
+    let mut want = [0u64; Decision::KIND_NAMES.len()];
     for d in &decisions {
         want[d.kind_index()] += 1;
     }

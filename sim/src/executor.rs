@@ -52,6 +52,9 @@ impl AllocCostModel {
             Decision::Map { bytes, .. } => bytes.div_ceil(TWO_MIB) * self.map_ns_per_2mib,
             Decision::Unmap { bytes, .. } => bytes.div_ceil(TWO_MIB) * self.unmap_ns_per_2mib,
             Decision::Place { .. } | Decision::Free { .. } => self.bookkeeping_ns,
+            Decision::WriteKv { bytes, .. } | Decision::ReadKv { bytes, .. } => {
+                bytes.saturating_mul(1000) / self.copy_bytes_per_us.max(1)
+            }
             Decision::Move { bytes, .. } => {
                 // Read and write: twice the bytes cross the memory bus.
                 (2 * bytes).saturating_mul(1000) / self.copy_bytes_per_us.max(1)
@@ -73,7 +76,7 @@ pub struct SimExecutor {
     books: Books,
     digest: Digest,
     cost: AllocCostModel,
-    kinds: [KindCost; 9],
+    kinds: [KindCost; Decision::KIND_NAMES.len()],
 }
 
 impl SimExecutor {

@@ -121,6 +121,9 @@ pub struct KvReport {
     pub waiting_peak: u64,
     /// Digest of the engine's decision stream.
     pub digest: String,
+    /// Prefix hits an executor refused because the block did not hold what it should (0 when
+    /// simulated).
+    pub prefix_hits_refused: u64,
     pub config: RunInfo,
     /// The state at [`TIMELINE_POINTS`] evenly spaced times.
     pub timeline: Vec<TimelinePoint>,
@@ -171,10 +174,27 @@ pub fn simulate(
     cfg: EngineConfig,
     rejected: u64,
     info: RunInfo,
-    mut step_log: Option<&mut dyn Write>,
+    step_log: Option<&mut dyn Write>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<KvReport, ServeError> {
+    simulate_on(w, cfg, rejected, info, step_log, progress, None)
+}
+
+/// [`simulate`], with the KV pool carried out on an executor (`block_bytes` per block): every
+/// computed block is written there and every prefix hit read back before it counts.
+pub fn simulate_on(
+    w: &Workload,
+    cfg: EngineConfig,
+    rejected: u64,
+    info: RunInfo,
+    mut step_log: Option<&mut dyn Write>,
+    progress: &mut dyn FnMut(u64),
+    exec: Option<(&mut dyn gpumem_core::memory::Memory, u64)>,
+) -> Result<KvReport, ServeError> {
     let mut engine = VllmEngine::new(w, cfg)?;
+    if let Some((mem, block_bytes)) = exec {
+        engine = engine.with_executor(mem, block_bytes);
+    }
     let mut writer = step_log.as_ref().map(|_| StepLogWriter::new(w));
     let usable = cfg.num_gpu_blocks as u64 - 1;
     let mut samples: Vec<TimelinePoint> = Vec::new();
@@ -201,7 +221,9 @@ pub fn simulate(
     if let Some(log) = step_log {
         log.flush().map_err(|e| ServeError::Io(e.to_string()))?;
     }
-    Ok(report(&sum, rejected, info, samples))
+    let mut r = report(&sum, rejected, info, samples);
+    r.prefix_hits_refused = engine.hits_refused();
+    Ok(r)
 }
 
 fn report(sum: &RunSummary, rejected: u64, info: RunInfo, samples: Vec<TimelinePoint>) -> KvReport {
@@ -248,6 +270,7 @@ fn report(sum: &RunSummary, rejected: u64, info: RunInfo, samples: Vec<TimelineP
         running_peak: samples.iter().map(|s| s.running).max().unwrap_or(0),
         waiting_peak: samples.iter().map(|s| s.waiting).max().unwrap_or(0),
         digest: sum.digest.clone(),
+        prefix_hits_refused: 0,
         config: info,
         timeline: downsample(&samples, TIMELINE_POINTS),
         samples,

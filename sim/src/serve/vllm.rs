@@ -19,11 +19,13 @@
 
 use std::collections::VecDeque;
 
+use gpumem_core::decision::{Decision, Loc, SegmentId};
 use gpumem_core::digest::Digest;
 use gpumem_core::kv::hash::{hash_request_block, ExtraKeys};
 use gpumem_core::kv::{
     BlockHash, BlockId, KvCacheManager, KvConfig, PrefixCacheStats, SlotRequest,
 };
+use gpumem_core::memory::Memory;
 use serde::{Deserialize, Serialize};
 
 use super::cost::{CostModel, StepWork};
@@ -159,6 +161,36 @@ pub struct VllmEngine<'w> {
     tok_buf: Vec<u32>,
     check_every: u64,
     digest: Digest,
+    exec: Option<KvExec<'w>>,
+}
+
+/// The KV pool carried out on an executor: block `b` lives at `b × block_bytes` of one
+/// segment; every computed block is written and every prefix hit read back before it counts.
+struct KvExec<'w> {
+    mem: &'w mut dyn Memory,
+    block_bytes: u64,
+    hits_refused: u64,
+}
+
+/// The segment that holds the KV pool on an executor.
+pub const KV_SEGMENT: SegmentId = SegmentId(0);
+
+impl KvExec<'_> {
+    fn at(&self, block: BlockId) -> Loc {
+        Loc {
+            segment: KV_SEGMENT,
+            offset: block as u64 * self.block_bytes,
+        }
+    }
+}
+
+/// What a block holds while it fills: a value of (request, block index, tokens computed),
+/// never equal to a prefix hash by more than chance.
+fn partial_content(req: usize, block: usize, computed: u64) -> u64 {
+    let mut x = (req as u64) << 40 ^ (block as u64) << 20 ^ computed ^ 0x5bd1_e995_0000_0000;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^ (x >> 33)
 }
 
 impl<'w> VllmEngine<'w> {
@@ -242,6 +274,7 @@ impl<'w> VllmEngine<'w> {
             tok_buf: Vec::new(),
             check_every: 0,
             digest: Digest::new(),
+            exec: None,
         })
     }
 
@@ -250,6 +283,40 @@ impl<'w> VllmEngine<'w> {
     pub fn with_invariant_checks(mut self, every: u64) -> Self {
         self.check_every = every;
         self
+    }
+
+    /// Carries the KV pool out on `mem` (`block_bytes` per block): reserved when the run
+    /// starts, every computed block written, every prefix hit read back before it counts.
+    pub fn with_executor(mut self, mem: &'w mut dyn Memory, block_bytes: u64) -> Self {
+        self.exec = Some(KvExec {
+            mem,
+            block_bytes,
+            hits_refused: 0,
+        });
+        self
+    }
+
+    /// Writes the blocks that the `n` tokens scheduled after `computed` fall in, as soon as
+    /// they are scheduled: a request admitted later in the same step may hit them (the same
+    /// forward pass computes them).
+    fn write_scheduled(&mut self, r: usize, computed: u64, n: u64) {
+        if let Some(x) = self.exec.as_mut() {
+            let bs = self.cfg.block_size as u64;
+            write_blocks(
+                x,
+                self.kv.blocks(r),
+                &self.reqs[r].hashes,
+                r,
+                computed,
+                n,
+                bs,
+            );
+        }
+    }
+
+    /// Prefix hits the executor refused because the block did not hold what it should.
+    pub fn hits_refused(&self) -> u64 {
+        self.exec.as_ref().map_or(0, |x| x.hits_refused)
     }
 
     pub fn kv(&self) -> &KvCacheManager<Eviction> {
@@ -345,6 +412,7 @@ impl<'w> VllmEngine<'w> {
             if !scheduled {
                 break;
             }
+            self.write_scheduled(r, self.reqs[r].num_computed, n);
             rec.scheduled.push((r, n));
             budget -= n;
             i += 1;
@@ -362,9 +430,18 @@ impl<'w> VllmEngine<'w> {
                 let q = &self.reqs[r];
                 debug_assert_eq!(q.num_computed, 0);
                 let mut hits = std::mem::take(&mut self.hit_buf);
-                let hit_tokens = self
-                    .kv
-                    .get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
+                let mut hit_tokens =
+                    self.kv
+                        .get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
+                if let Some(x) = self.exec.as_mut() {
+                    let served = verified_hits(x, &hits, &q.hashes);
+                    if served < hits.len() {
+                        // The block's bytes are wrong: not a hit, and never again.
+                        self.kv.pool_mut().evict_blocks(&[hits[served]]);
+                        hits.truncate(served);
+                        hit_tokens = served as u64 * self.cfg.block_size as u64;
+                    }
+                }
                 let n = (q.num_tokens - hit_tokens).min(budget);
                 let has_running = !self.running.is_empty();
                 let slot = slot_of(&self.reqs, r);
@@ -375,6 +452,7 @@ impl<'w> VllmEngine<'w> {
                 if !ok {
                     break;
                 }
+                self.write_scheduled(r, hit_tokens, n);
                 let q = &mut self.reqs[r];
                 let preempted_before = q.num_preemptions > 0;
                 let num_tokens = q.num_tokens;
@@ -472,6 +550,21 @@ impl<'w> VllmEngine<'w> {
             kv_blocks: self.cfg.num_gpu_blocks,
             ..RunSummary::default()
         };
+        if let Some(x) = self.exec.as_mut() {
+            let bytes = (self.cfg.num_gpu_blocks as u64)
+                .checked_mul(x.block_bytes)
+                .ok_or_else(|| ServeError::Input("KV pool size overflows 64 bits".into()))?;
+            x.mem
+                .apply(Decision::Reserve {
+                    segment: KV_SEGMENT,
+                    bytes,
+                })
+                .map_err(|why| {
+                    ServeError::Input(format!(
+                        "the executor refused the KV pool of {bytes} bytes ({why:?})"
+                    ))
+                })?;
+        }
         let usable = self.cfg.num_gpu_blocks - 1;
         let mut rec = StepRecord::default();
         let mut next = 0usize;
@@ -556,5 +649,52 @@ impl<'w> VllmEngine<'w> {
         sum.output_tokens = self.reqs.iter().map(|q| q.num_output).sum();
         sum.digest = self.digest.hex();
         Ok(sum)
+    }
+}
+
+/// Reads back the hit blocks in order; returns how many hold what they should.
+fn verified_hits(x: &mut KvExec<'_>, hits: &[BlockId], hashes: &[BlockHash]) -> usize {
+    for (i, (&block, hash)) in hits.iter().zip(hashes).enumerate() {
+        let read = Decision::ReadKv {
+            at: x.at(block),
+            bytes: x.block_bytes,
+            content: hash.0,
+        };
+        if x.mem.apply(read).is_err() {
+            x.hits_refused += 1;
+            return i;
+        }
+    }
+    hits.len()
+}
+
+/// Writes the blocks of `table` that tokens `computed..computed + n` fall in: a full block
+/// holds its prefix hash, a filling one a value of the request and its progress.
+fn write_blocks(
+    x: &mut KvExec<'_>,
+    table: &[BlockId],
+    hashes: &[BlockHash],
+    req: usize,
+    computed: u64,
+    n: u64,
+    block_size: u64,
+) {
+    let end = computed + n;
+    let (first, last) = (
+        (computed / block_size) as usize,
+        ((end - 1) / block_size) as usize,
+    );
+    for (b, &block) in table.iter().enumerate().take(last + 1).skip(first) {
+        let full = end >= (b as u64 + 1) * block_size;
+        let content = match hashes.get(b) {
+            Some(h) if full => h.0,
+            _ => partial_content(req, b, end),
+        };
+        let write = Decision::WriteKv {
+            at: x.at(block),
+            bytes: x.block_bytes,
+            content,
+        };
+        x.mem.apply(write).expect("a KV write is never refused");
     }
 }
