@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gpumem_core::kv::{BlockHash, BlockId, BlockPool};
 use gpumem_sim::serve::{
     run_conformance, simulate, ConformanceConfig, CostModel, EngineConfig, EvictionKind,
-    GpuProfile, ModelProfile, Roofline, RunInfo, Workload,
+    GpuProfile, ModelProfile, Roofline, RunInfo, SchedulingPolicy, Workload,
 };
 use gpumem_traces::serving::generate::{serving, ServingParams};
 
@@ -122,6 +122,7 @@ fn bench_engine(c: &mut Criterion) {
         cost: CostModel::Roofline(Roofline::new(&gpu, &model)),
         eviction: EvictionKind::Lru,
         watermark_blocks: 0,
+        policy: SchedulingPolicy::Fcfs,
     };
     group.bench_function("default_workload_roofline_h100", |b| {
         b.iter(|| {

@@ -17,6 +17,7 @@ use gpumem_traces::serving::{load, Workload, WorkloadFormat};
 use crate::progress::Progress;
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice};
 use gpumem_sim::serve::report::simulate_on;
+use gpumem_sim::serve::SchedulingPolicy;
 use gpumem_sim::{AllocCostModel, Executor, SimExecutor};
 
 #[derive(Args)]
@@ -136,6 +137,11 @@ pub struct KvArgs {
     /// Write KV usage, running and waiting requests and the hit rate over time as SVG.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+
+    /// vLLM's scheduling policy: fcfs, or priority (lower `priority` of a request first; the
+    /// highest running one is preempted). Only the conformance format carries priorities.
+    #[arg(long, value_name = "POLICY", default_value = "fcfs", value_parser = SchedulingPolicy::parse)]
+    scheduling_policy: SchedulingPolicy,
 
     /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
@@ -268,6 +274,7 @@ pub fn run(args: KvArgs) -> Result<ExitCode, String> {
         cost,
         eviction: args.eviction,
         watermark_blocks: 0,
+        policy: args.scheduling_policy,
     };
     let uses_profiles = matches!(cost, CostModel::Roofline(_)) || sizing.is_some();
     let info = RunInfo {

@@ -56,6 +56,9 @@ fn conformance_args(dir: &Path, step_log: &Path) -> Vec<String> {
     if c["enable_prefix_caching"] == false {
         args.push("--no-prefix-caching".into());
     }
+    if let Some(policy) = c["policy"].as_str() {
+        args.extend(["--scheduling-policy".into(), policy.into()]);
+    }
     args
 }
 
@@ -69,6 +72,7 @@ fn the_conformance_command_line_writes_vllms_step_logs() {
         "no-prefix-caching",
         "random-3",
         "mooncake-500-small",
+        "priority-pressure-2",
     ] {
         let case = fixture(name);
         let log = dir.join(format!("{name}.jsonl"));

@@ -61,3 +61,15 @@ for d in "$HERE"/*/; do
     echo "$name: $(tail -n1 "$d/oracle.stderr")"
     rm "$d/oracle.stderr"
 done
+
+# Priority scheduling (priority-*): the same workloads as pressure-0..2 and random-3 with a
+# seeded `priority` per request and `"policy": "priority"` in config.json. The shared oracle
+# runs FCFS only; these logs come from a scratch copy of it changed in three places, so that
+# vLLM's own Scheduler runs with policy "priority" and each Request gets its priority:
+#   cp ../shared/conformance/vllm-oracle/*.py /tmp/prio/
+#   sed -i 's/        policy="fcfs",/        policy=cfg.get("policy", "fcfs"),/' /tmp/prio/oracle.py
+#   sed -i 's/    return {k: cfg\[k\] for k in CONFIG_KEYS}/    out = {k: cfg[k] for k in CONFIG_KEYS}\n    out["policy"] = cfg.get("policy", "fcfs")\n    return out/' /tmp/prio/oracle.py
+#   sed -i 's/                    "index": len(reqs)}/                    "index": len(reqs), "priority": r.get("priority", 0)}/' /tmp/prio/oracle.py
+#   sed -i 's|            arrival_time=spec\["arrival_us"\] / 1e6, block_hasher=self.block_hasher)|            arrival_time=spec["arrival_us"] / 1e6, block_hasher=self.block_hasher,\n            priority=spec.get("priority", 0))|' /tmp/prio/oracle.py
+#   $PY /tmp/prio/oracle.py --workload priority-X/workload.jsonl --config priority-X/config.json --out priority-X/steps.jsonl
+# (priorities: Python random.Random(sum of the base name's character codes).choice([-1, 0, 0, 1, 2]) per line)

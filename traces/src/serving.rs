@@ -113,6 +113,8 @@ pub struct WorkloadRequest {
     pub arrival_us: u64,
     pub prompt: Prompt,
     pub max_tokens: u64,
+    /// vLLM's request priority: lower is served first under `--scheduling-policy priority`.
+    pub priority: i64,
     /// 1-based line in the workload file (for error messages).
     pub line: u64,
 }
@@ -186,8 +188,9 @@ impl Workload {
         source: &str,
         limit: Option<u64>,
     ) -> Result<Workload, TraceError> {
-        const KNOWN: [&str; 7] = [
+        const KNOWN: [&str; 8] = [
             "id",
+            "priority",
             "arrival_us",
             "prompt",
             "hash_ids",
@@ -244,6 +247,13 @@ impl Workload {
             }
             last_arrival = arrival_us;
             let max_tokens = req_u64(&r, "max_tokens", 1, &where_).map_err(err)?;
+            let priority = match r.get("priority") {
+                None => 0,
+                Some(v) if is_int(v) && v.as_i64().is_some() => v.as_i64().unwrap_or(0),
+                Some(_) => {
+                    return Err(err(format!("{where_}: 'priority' must be an integer")));
+                }
+            };
             let prompt = if let Some(p) = r.get("prompt") {
                 if r.contains_key("hash_ids") || r.contains_key("input_length") {
                     return Err(err(format!(
@@ -345,6 +355,7 @@ impl Workload {
                 arrival_us,
                 prompt,
                 max_tokens,
+                priority,
                 line: lineno,
             });
         }

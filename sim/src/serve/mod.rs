@@ -20,7 +20,7 @@ pub use cost::{CostModel, Roofline, StepWork};
 pub use gpumem_traces::TraceError;
 pub use profile::{kv_sizing, GpuProfile, KvSizing, ModelProfile};
 pub use report::{simulate, KvReport, Percentiles, RunInfo, TimelinePoint};
-pub use vllm::{EngineConfig, RequestOutcome, RunSummary, VllmEngine};
+pub use vllm::{EngineConfig, RequestOutcome, RunSummary, SchedulingPolicy, VllmEngine};
 pub use workload::{ConformanceConfig, Prompt, Workload, WorkloadRequest};
 
 /// The KV block eviction policy of a run (`--eviction`): `lru` (vLLM's), `arc`, `leaf-lru`.

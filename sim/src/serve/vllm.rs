@@ -52,6 +52,29 @@ pub struct EngineConfig {
     pub eviction: EvictionKind,
     /// vLLM's `watermark` as blocks (`int(watermark * num_gpu_blocks)`); 0 in the contract.
     pub watermark_blocks: u32,
+    pub policy: SchedulingPolicy,
+}
+
+/// vLLM's scheduling policies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulingPolicy {
+    /// First come, first served; the most recently admitted running request is preempted.
+    Fcfs,
+    /// Lowest (priority, arrival, id) first; the highest one running is preempted.
+    Priority,
+}
+
+impl SchedulingPolicy {
+    pub fn parse(name: &str) -> Result<SchedulingPolicy, String> {
+        match name {
+            "fcfs" => Ok(SchedulingPolicy::Fcfs),
+            "priority" => Ok(SchedulingPolicy::Priority),
+            other => Err(format!(
+                "unknown scheduling policy '{other}'; known: fcfs, priority"
+            )),
+        }
+    }
 }
 
 impl EngineConfig {
@@ -72,6 +95,11 @@ impl EngineConfig {
             cost: CostModel::Fixed { step_us: c.step_us },
             eviction: EvictionKind::Lru,
             watermark_blocks: 0,
+            policy: if c.priority_policy {
+                SchedulingPolicy::Priority
+            } else {
+                SchedulingPolicy::Fcfs
+            },
         })
     }
 }
@@ -359,7 +387,49 @@ impl<'w> VllmEngine<'w> {
     fn add_request(&mut self, r: usize) {
         self.reqs[r].status = Status::Waiting;
         self.update_hashes(r);
-        self.waiting.push_back(r);
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_back(r),
+            SchedulingPolicy::Priority => self.enqueue_by_priority(r),
+        }
+    }
+
+    /// vLLM's `Request.__lt__`: priority, then arrival time, then request id.
+    fn priority_key(&self, r: usize) -> (i64, u64, &str) {
+        let w = &self.workload.requests[r];
+        (w.priority, w.arrival_us, w.id.as_str())
+    }
+
+    /// The priority queue (a heap in vLLM): requests are popped in key order.
+    fn enqueue_by_priority(&mut self, r: usize) {
+        let key = self.priority_key(r);
+        let at = self
+            .waiting
+            .partition_point(|&x| self.priority_key(x) < key);
+        self.waiting.insert(at, r);
+    }
+
+    /// Takes the request to preempt out of `running`: the last admitted (FCFS) or the one with
+    /// the highest priority key. Returns it and its index.
+    fn take_victim(&mut self) -> (usize, usize) {
+        let index = match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.running.len() - 1,
+            // vLLM's `max(running, key=(priority, arrival_time))`: no id in the key, and the
+            // first of equal keys in running order wins.
+            SchedulingPolicy::Priority => {
+                let key = |r: usize| {
+                    let (priority, arrival, _) = self.priority_key(r);
+                    (priority, arrival)
+                };
+                let mut best = 0;
+                for k in 1..self.running.len() {
+                    if key(self.running[k]) > key(self.running[best]) {
+                        best = k;
+                    }
+                }
+                best
+            }
+        };
+        (self.running.remove(index), index)
     }
 
     fn preempt(&mut self, r: usize) {
@@ -369,7 +439,10 @@ impl<'w> VllmEngine<'w> {
         q.status = Status::Preempted;
         q.num_computed = 0;
         q.num_preemptions += 1;
-        self.waiting.push_front(r);
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_front(r),
+            SchedulingPolicy::Priority => self.enqueue_by_priority(r),
+        }
     }
 
     /// Engine step `step`, starting at `start_ns`: `schedule()`, the fake model output and
@@ -400,9 +473,17 @@ impl<'w> VllmEngine<'w> {
                 {
                     break true;
                 }
-                // Preempt the most recently admitted running request (FCFS), maybe `r`.
-                let victim = self.running.pop().expect("running request in the loop");
-                debug_assert!(self.running.len() >= i, "victim already scheduled");
+                // Preempt the lowest-priority running request (under FCFS the most recently
+                // admitted), maybe `r` itself.
+                let (victim, index) = self.take_victim();
+                if index < i {
+                    i -= 1;
+                }
+                // Under priority a victim may have been scheduled earlier in this step: its
+                // tokens go back to the budget.
+                if let Some(pos) = rec.scheduled.iter().position(|&(x, _)| x == victim) {
+                    budget += rec.scheduled.remove(pos).1;
+                }
                 self.preempt(victim);
                 rec.preempted.push(victim);
                 if victim == r {
@@ -410,6 +491,11 @@ impl<'w> VllmEngine<'w> {
                 }
             };
             if !scheduled {
+                // Under priority the requests after `r` rank higher and may still fit (`r`
+                // freed its blocks); `i` already points at the next one.
+                if self.cfg.policy == SchedulingPolicy::Priority {
+                    continue;
+                }
                 break;
             }
             self.write_scheduled(r, self.reqs[r].num_computed, n);

@@ -33,6 +33,8 @@ pub struct ConformanceConfig {
     pub max_model_len: u64,
     pub enable_prefix_caching: bool,
     pub step_us: u64,
+    /// vLLM's scheduling policy: `fcfs` (the default) or `priority` (optional key `policy`).
+    pub priority_policy: bool,
 }
 
 const CONFIG_KEYS: [&str; 7] = [
@@ -73,7 +75,7 @@ impl ConformanceConfig {
         let mut warnings = Vec::new();
         let unknown: Vec<&String> = m
             .keys()
-            .filter(|k| !CONFIG_KEYS.contains(&k.as_str()))
+            .filter(|k| !CONFIG_KEYS.contains(&k.as_str()) && k.as_str() != "policy")
             .collect();
         if !unknown.is_empty() {
             let names: Vec<&str> = unknown.iter().map(|s| s.as_str()).collect();
@@ -108,6 +110,17 @@ impl ConformanceConfig {
             max_model_len: int("max_model_len")?,
             enable_prefix_caching,
             step_us: int("step_us")?,
+            priority_policy: match m.get("policy").and_then(Value::as_str) {
+                None if !m.contains_key("policy") => false,
+                Some("fcfs") => false,
+                Some("priority") => true,
+                _ => {
+                    return Err(TraceError::in_file(
+                        source,
+                        "policy must be \"fcfs\" or \"priority\"",
+                    ))
+                }
+            },
         };
         if c.num_gpu_blocks < 2 {
             return Err(TraceError::in_file(

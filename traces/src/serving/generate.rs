@@ -335,6 +335,7 @@ pub fn serving(p: &ServingParams) -> Workload {
         let output = p.output_tokens.sample(&mut rng).max(1);
         let sess = &mut open[s];
         w.requests.push(WorkloadRequest {
+            priority: 0,
             id: format!("r{i}"),
             arrival_us: t_us,
             prompt: Prompt::HashIds {

@@ -226,6 +226,7 @@ impl<'a> Builder<'a> {
         self.records.push((
             time,
             WorkloadRequest {
+                priority: 0,
                 id,
                 arrival_us: 0,
                 prompt,
