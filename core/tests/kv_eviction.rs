@@ -1,20 +1,20 @@
 //! Eviction policies behind `EvictionPolicy` (`lru`, `arc`, `leaf-lru`): under random
-//! operation sequences (the op model of `kv_pool.rs`) every policy keeps the pool's invariants
-//! and its own, never hands out a block that is referenced, and serves only correct hits;
+//! operation sequences (the op model of `common::kv_model`, shared with `kv_pool.rs`) every
+//! policy keeps the pool's invariants and its own, never hands out a block that is
+//! referenced, and serves only correct hits;
 //! `lru` through the run-time [`Eviction`] enum is vLLM's free queue exactly; with prefix
 //! caching off every policy is LRU; and on crafted sequences each other policy serves
 //! different hits than LRU.
 
+mod common;
+
+use common::kv_model::{config, op, slot, Op, Req, Step, BS, SLOTS};
 use gpumem_core::kv::eviction::{parse_eviction, Eviction, EvictionKind};
 use gpumem_core::kv::hash::{extend_block_hashes, ExtraKeys};
-use gpumem_core::kv::{
-    BlockHash, BlockId, EvictionPolicy, KvCacheManager, KvConfig, SlotRequest, VllmLru,
-};
+use gpumem_core::kv::{BlockHash, BlockId, EvictionPolicy, KvCacheManager, VllmLru};
 use proptest::prelude::*;
 use std::cell::RefCell;
 use std::rc::Rc;
-
-const BS: u64 = 4;
 
 /// A policy that records every block it hands out, to check them against reference counts.
 #[derive(Clone, Debug)]
@@ -89,68 +89,6 @@ impl<P: EvictionPolicy> EvictionPolicy for Audited<P> {
     }
 }
 
-#[derive(Clone, Debug)]
-enum Op {
-    Admit {
-        slot: usize,
-        prefix: usize,
-        tail: Vec<u32>,
-        budget: u64,
-        gate: bool,
-    },
-    Grow {
-        pick: usize,
-        n: u64,
-    },
-    Sample {
-        pick: usize,
-    },
-    Free {
-        pick: usize,
-    },
-    ResetPrefixCache,
-    EvictBlocks(Vec<u32>),
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        4 => (0usize..6, 0usize..4, proptest::collection::vec(0u32..3, 0..14), 1u64..24, any::<bool>())
-            .prop_map(|(slot, prefix, tail, budget, gate)| Op::Admit { slot, prefix, tail, budget, gate }),
-        4 => (any::<usize>(), 1u64..10).prop_map(|(pick, n)| Op::Grow { pick, n }),
-        3 => any::<usize>().prop_map(|pick| Op::Sample { pick }),
-        3 => any::<usize>().prop_map(|pick| Op::Free { pick }),
-        1 => Just(Op::ResetPrefixCache),
-        1 => proptest::collection::vec(1u32..20, 0..4).prop_map(Op::EvictBlocks),
-    ]
-}
-
-#[derive(Clone, Debug)]
-struct Req {
-    tokens: Vec<u32>,
-    hashes: Vec<BlockHash>,
-    computed: u64,
-}
-
-fn slot(r: &Req, idx: usize, waiting: bool) -> SlotRequest<'_> {
-    SlotRequest {
-        req: idx,
-        num_tokens: r.tokens.len() as u64,
-        num_computed_tokens: r.computed,
-        block_hashes: &r.hashes,
-        waiting,
-    }
-}
-
-fn config(num_blocks: u32, caching: bool) -> KvConfig {
-    KvConfig {
-        num_blocks,
-        block_size: BS as u32,
-        max_model_len: (num_blocks as u64 - 1) * BS,
-        enable_prefix_caching: caching,
-        watermark_blocks: 0,
-    }
-}
-
 /// What one run observed, to compare policies in lockstep.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Trace {
@@ -160,137 +98,35 @@ struct Trace {
     free_order: Vec<Vec<BlockId>>,
 }
 
-/// Runs `ops` on a manager over `policy`, checking after every op the full invariant walk,
-/// that every block handed out was unreferenced before the op and not one of its hits, and
-/// that every hit holds the request's hash.
+/// Runs `ops` (the model of `common::kv_model`) on a manager over `policy` behind [`Audited`],
+/// checking besides the model's own checks that every block handed out was unreferenced
+/// before the op and not one of its hits.
 fn run<P: EvictionPolicy + Clone>(
     policy: P,
     ops: &[Op],
     num_blocks: u32,
     caching: bool,
 ) -> Result<Trace, TestCaseError> {
-    let cfg = config(num_blocks, caching);
     let popped = Rc::new(RefCell::new(Vec::new()));
-    let mut kv = KvCacheManager::with_policy(
-        cfg,
-        Audited {
-            inner: policy,
-            popped: popped.clone(),
-        },
-    );
-    let prefixes: [Vec<u32>; 4] = [
-        vec![1, 2, 1, 2, 1, 2, 1, 2, 7],
-        vec![1, 2, 1, 2, 5],
-        vec![3],
-        vec![1, 2, 1, 2],
-    ];
-    let mut reqs: Vec<Option<Req>> = vec![None; 6];
-    let mut hits = Vec::new();
+    let audited = Audited {
+        inner: policy,
+        popped: popped.clone(),
+    };
     let mut trace = Trace::default();
-    for op in ops {
-        let refs: Vec<u32> = (0..num_blocks).map(|b| kv.pool().ref_cnt(b)).collect();
-        hits.clear();
-        match op {
-            Op::Admit {
-                slot: s,
-                prefix,
-                tail,
-                budget,
-                gate,
-            } => {
-                let s = *s;
-                if reqs[s].is_some() {
-                    continue;
-                }
-                let mut tokens = prefixes[*prefix].clone();
-                tokens.extend(tail);
-                if tokens.len() as u64 >= cfg.max_model_len {
-                    continue;
-                }
-                let mut hashes = Vec::new();
-                if caching {
-                    extend_block_hashes(&mut hashes, &tokens, BS as usize, &ExtraKeys::NONE);
-                }
-                let r = Req {
-                    tokens,
-                    hashes,
-                    computed: 0,
-                };
-                let n_tok = r.tokens.len() as u64;
-                let hit = kv.get_computed_blocks(&r.hashes, n_tok, &mut hits);
-                for (i, &b) in hits.iter().enumerate() {
-                    prop_assert_eq!(kv.pool().block_hash(b), Some(r.hashes[i]));
-                }
-                let n = (n_tok - hit).min(*budget);
-                let any_running = reqs.iter().any(Option::is_some);
-                if kv.allocate_slots(slot(&r, s, true), n, hit, &hits, *gate, any_running) {
-                    trace.hits.push(hit);
-                    let mut r = r;
-                    r.computed = hit + n;
-                    reqs[s] = Some(r);
-                }
-            }
-            Op::Grow { pick, n } => {
-                let live: Vec<usize> = (0..6).filter(|&i| reqs[i].is_some()).collect();
-                if live.is_empty() {
-                    continue;
-                }
-                let i = live[pick % live.len()];
-                let r = reqs[i].as_ref().unwrap();
-                let todo = (r.tokens.len() as u64).saturating_sub(r.computed).min(*n);
-                if todo == 0 {
-                    continue;
-                }
-                if kv.allocate_slots(slot(r, i, false), todo, 0, &[], false, true) {
-                    reqs[i].as_mut().unwrap().computed += todo;
-                }
-            }
-            Op::Sample { pick } => {
-                let live: Vec<usize> = (0..6).filter(|&i| reqs[i].is_some()).collect();
-                if live.is_empty() {
-                    continue;
-                }
-                let i = live[pick % live.len()];
-                let r = reqs[i].as_mut().unwrap();
-                if r.computed < r.tokens.len() as u64
-                    || r.tokens.len() as u64 + 1 >= cfg.max_model_len
-                {
-                    continue;
-                }
-                r.tokens.push(9 + (pick % 2) as u32);
-                if caching {
-                    extend_block_hashes(&mut r.hashes, &r.tokens, BS as usize, &ExtraKeys::NONE);
-                }
-            }
-            Op::Free { pick } => {
-                let live: Vec<usize> = (0..6).filter(|&i| reqs[i].is_some()).collect();
-                if live.is_empty() {
-                    continue;
-                }
-                let i = live[pick % live.len()];
-                kv.free(i);
-                reqs[i] = None;
-            }
-            Op::ResetPrefixCache => {
-                let all_free = kv.num_free_blocks() == num_blocks - 1;
-                prop_assert_eq!(kv.reset_prefix_cache(), all_free);
-            }
-            Op::EvictBlocks(ids) => {
-                let ids: Vec<u32> = ids.iter().copied().filter(|&b| b < num_blocks).collect();
-                kv.pool_mut().evict_blocks(&ids);
-            }
+    common::kv_model::run(audited, ops, num_blocks, caching, |kv, step: Step<'_>| {
+        if let Some(hit) = step.admitted {
+            trace.hits.push(hit);
         }
-        kv.check_invariants().map_err(TestCaseError::fail)?;
         let popped = std::mem::take(&mut *popped.borrow_mut());
         for b in popped {
             prop_assert_eq!(
-                refs[b as usize],
+                step.refs_before[b as usize],
                 0,
                 "handed out block {} with references",
                 b
             );
             prop_assert!(
-                !hits.contains(&b),
+                !step.hits.contains(&b),
                 "handed out block {} that was just hit",
                 b
             );
@@ -298,14 +134,10 @@ fn run<P: EvictionPolicy + Clone>(
         }
         trace
             .tables
-            .push((0..6).map(|i| kv.blocks(i).to_vec()).collect());
+            .push((0..SLOTS).map(|i| kv.blocks(i).to_vec()).collect());
         trace.free_order.push(kv.pool().policy().order());
-    }
-    for i in 0..6 {
-        kv.free(i);
-    }
-    kv.check_invariants().map_err(TestCaseError::fail)?;
-    prop_assert_eq!(kv.num_free_blocks(), num_blocks - 1);
+        Ok(())
+    })?;
     Ok(trace)
 }
 
@@ -315,7 +147,7 @@ proptest! {
     /// Every policy keeps the invariants and never evicts a referenced block.
     #[test]
     fn every_policy_keeps_the_invariants(
-        ops in proptest::collection::vec(op(), 1..140),
+        ops in proptest::collection::vec(op(4, 3), 1..140),
         blocks in 6u32..20,
         caching in prop_oneof![4 => Just(true), 1 => Just(false)],
     ) {
@@ -327,7 +159,7 @@ proptest! {
     /// `lru` through the run-time enum is vLLM's free queue, decision for decision.
     #[test]
     fn lru_kind_is_vllms_free_queue(
-        ops in proptest::collection::vec(op(), 1..140),
+        ops in proptest::collection::vec(op(4, 3), 1..140),
         blocks in 6u32..20,
     ) {
         let a = run(VllmLru::new(blocks), &ops, blocks, true)?;
@@ -338,7 +170,7 @@ proptest! {
     /// Without prefix caching no block holds content: every policy is LRU.
     #[test]
     fn without_caching_every_policy_is_lru(
-        ops in proptest::collection::vec(op(), 1..100),
+        ops in proptest::collection::vec(op(4, 3), 1..100),
         blocks in 6u32..20,
     ) {
         let lru = run(VllmLru::new(blocks), &ops, blocks, false)?;
