@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod alloc_cmd;
 mod kv_cmd;
+mod kv_events_cmd;
 mod progress;
 mod units;
 
@@ -36,6 +37,10 @@ enum Command {
     /// (vLLM 0.33's scheduler and block pool) and report hit rate, preemptions, latency and
     /// KV usage.
     Kv(Box<kv_cmd::KvArgs>),
+    /// Import a recorded vLLM KV-event stream (msgpack or JSON Lines) and report the cache
+    /// index a KV-aware router would hold: blocks stored, removed and live, longest prefix
+    /// chain, per medium.
+    KvEvents(kv_events_cmd::KvEventsArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Alloc(args) => alloc_cmd::run(args),
         Command::Kv(args) => kv_cmd::run(*args),
+        Command::KvEvents(args) => kv_events_cmd::run(args),
     };
     match outcome {
         Ok(code) => code,
