@@ -37,8 +37,9 @@ enum Command {
     /// (vLLM 0.33's scheduler and block pool) and report hit rate, preemptions, latency and
     /// KV usage.
     Kv(Box<kv_cmd::KvArgs>),
-    /// Rebuild, from a recorded vLLM KV-event stream (msgpack or JSON Lines), the prefix-cache
-    /// index a KV-aware router would hold, and report it.
+    /// Import a recorded vLLM KV-event stream (msgpack or JSON Lines) and report the cache
+    /// index a KV-aware router would hold: blocks stored, removed and live, longest prefix
+    /// chain, per medium.
     KvEvents(kv_events_cmd::KvEventsArgs),
 }
 

@@ -136,10 +136,20 @@ pub fn looks_like_msgpack_events(bytes: &[u8]) -> bool {
 pub fn for_each_event(
     path: &Path,
     bytes: &[u8],
+    f: impl FnMut(&EventMeta, Option<KvCacheEvent>),
+) -> Result<StreamInfo, TraceError> {
+    for_each_event_as(path, bytes, detect_format(bytes), f)
+}
+
+/// [`for_each_event`] with the encoding given rather than detected.
+pub fn for_each_event_as(
+    path: &Path,
+    bytes: &[u8],
+    format: StreamFormat,
     mut f: impl FnMut(&EventMeta, Option<KvCacheEvent>),
 ) -> Result<StreamInfo, TraceError> {
     let mut info = StreamInfo {
-        format: detect_format(bytes),
+        format,
         ..Default::default()
     };
     match info.format {
@@ -945,13 +955,22 @@ pub struct KvEventsReport {
     pub media: Vec<MediumReport>,
 }
 
-/// Imports a stream (either encoding) into a fresh index and reports it.
+/// Imports a stream (either encoding, detected) into a fresh index and reports it.
 pub fn import_bytes(path: &Path, bytes: &[u8]) -> Result<(CacheIndex, KvEventsReport), TraceError> {
+    import_bytes_as(path, bytes, detect_format(bytes))
+}
+
+/// [`import_bytes`] with the encoding given rather than detected.
+pub fn import_bytes_as(
+    path: &Path,
+    bytes: &[u8],
+    format: StreamFormat,
+) -> Result<(CacheIndex, KvEventsReport), TraceError> {
     let mut index = CacheIndex::new();
     let mut err: Option<TraceError> = None;
     let (mut first_ts, mut last_ts) = (None, None);
     let mut ranks: Vec<i64> = Vec::new();
-    let info = for_each_event(path, bytes, |meta, ev| {
+    let info = for_each_event_as(path, bytes, format, |meta, ev| {
         if err.is_some() {
             return;
         }
