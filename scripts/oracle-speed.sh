@@ -32,6 +32,11 @@ for f in "$ORACLE" "$PY"; do
     [[ -e "$f" ]] || { echo "$0: $f not found (set GPUMEM_SHARED / GPUMEM_ORACLE_HOME, run the oracle's setup.sh)" >&2; exit 2; }
 done
 
+if grep -q '"policy": *"priority"' "$FIX/config.json"; then
+    echo "$0: $FIX uses the priority policy; the shared oracle runs FCFS only" >&2
+    exit 2
+fi
+
 # The gpumem command line from the oracle's config.
 mapfile -t CFG < <("$PY" - "$FIX/config.json" <<'PYEOF'
 import json, sys
