@@ -6,8 +6,10 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gpumem_core::alloc::{build, AllocConfig, AllocRequest, Strategy, GIB};
+use gpumem_core::books::Books;
 use gpumem_core::decision::{AllocId, Decision, Refusal};
-use gpumem_core::memory::Memory;
+use gpumem_core::digest::Digest;
+use gpumem_core::executor::Executor;
 use gpumem_sim::{replay, AllocCostModel, ReplayConfig, SimExecutor};
 use gpumem_traces::generate::{occupancy, OccupancyParams};
 use gpumem_traces::{AllocTrace, OpKind};
@@ -32,25 +34,26 @@ fn config() -> AllocConfig {
     }
 }
 
-/// Only what a strategy needs to be told: whether a reservation fits.
+/// Only what a strategy needs to be told: whether a reservation fits. Its books see segments
+/// and mappings only (no per-allocation bookkeeping) and it keeps no digest, so that the
+/// strategy's own cost shows.
 struct CapacityOnly {
-    capacity_bytes: u64,
-    reserved_bytes: u64,
+    books: Books,
+    digest: Digest,
 }
 
-impl Memory for CapacityOnly {
+impl Executor for CapacityOnly {
     fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
         match d {
-            Decision::Reserve { bytes, .. } | Decision::Map { bytes, .. } => {
-                if self.reserved_bytes + bytes > self.capacity_bytes {
-                    return Err(Refusal::Capacity);
-                }
-                self.reserved_bytes += bytes;
-            }
-            Decision::Unmap { bytes, .. } => self.reserved_bytes -= bytes,
-            _ => {}
+            Decision::Place { .. } | Decision::Free { .. } | Decision::Move { .. } => Ok(()),
+            _ => self.books.apply(d),
         }
-        Ok(())
+    }
+    fn books(&self) -> &Books {
+        &self.books
+    }
+    fn digest(&self) -> &Digest {
+        &self.digest
     }
 }
 
@@ -59,8 +62,8 @@ impl Memory for CapacityOnly {
 fn strategy_alone(strategy: Strategy, trace: &AllocTrace, id_count: usize) -> u64 {
     let mut alloc = build(strategy, &config());
     let mut mem = CapacityOnly {
-        capacity_bytes: GIB,
-        reserved_bytes: 0,
+        books: Books::new(GIB),
+        digest: Digest::new(),
     };
     let mut live: Vec<Option<AllocId>> = vec![None; id_count];
     let mut refused = 0;

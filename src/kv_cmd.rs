@@ -18,7 +18,7 @@ use crate::progress::Progress;
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice};
 use gpumem_sim::serve::report::simulate_on;
 use gpumem_sim::serve::SchedulingPolicy;
-use gpumem_sim::{AllocCostModel, Executor, SimExecutor};
+use gpumem_sim::{AllocCostModel, SimExecutor};
 
 #[derive(Args)]
 #[command(after_help = "Examples:
@@ -333,7 +333,7 @@ pub fn run(args: KvArgs) -> Result<ExitCode, String> {
             .bytes_per_block
             .or(sizing.map(|s| s.bytes_per_block))
             .ok_or("--execute with --kv-blocks needs --bytes-per-block")?;
-        let run = |mem: &mut dyn gpumem_core::memory::Memory| {
+        let run = |mem: &mut dyn gpumem_core::executor::Executor| {
             simulate_on(
                 &workload,
                 engine,

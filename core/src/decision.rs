@@ -6,18 +6,55 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::place::{pack, Owner, Place};
+
 /// One allocation, named by the caller. The driver assigns ids densely from 0, in request order,
 /// so policies may index tables by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct AllocId(pub u64);
 
-/// A reserved region of device memory: a physical segment (`Reserve`) or a virtual range
-/// (`ReserveVa`) whose pages are mapped on demand. Ids are assigned by the policy, never reused
+/// A reserved region of memory: a physical segment (`Reserve`) or a virtual range
+/// (`ReserveVa`) whose pages are mapped on demand. It names where it lives (device and tier)
+/// and which policy owns it; each owner numbers its segments from 0 and never reuses an index
 /// within one run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct SegmentId(pub u32);
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SegmentId {
+    pub place: Place,
+    pub owner: Owner,
+    pub index: u32,
+}
 
-/// A place in device memory: an offset inside a segment.
+impl SegmentId {
+    pub const fn new(place: Place, owner: Owner, index: u32) -> SegmentId {
+        SegmentId {
+            place,
+            owner,
+            index,
+        }
+    }
+
+    /// Segment `index` of an allocation strategy, in device 0's GPU memory.
+    pub const fn arena(index: u32) -> SegmentId {
+        SegmentId::new(Place::GPU0, Owner::Arena, index)
+    }
+
+    /// One word naming the segment (for digests); distinct segments pack differently.
+    pub fn packed(self) -> u64 {
+        pack(self.place, self.owner, self.index)
+    }
+}
+
+impl std::fmt::Debug for SegmentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.owner.name(), self.index)?;
+        if self.place != Place::GPU0 {
+            write!(f, "@{}", self.place)?;
+        }
+        Ok(())
+    }
+}
+
+/// A place in memory: an offset inside a segment (which names the device and tier).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Loc {
     pub segment: SegmentId,
@@ -64,9 +101,20 @@ pub enum Decision {
     /// executor that finds other bytes there refuses with `Refusal::Mismatch`: the hit must not
     /// count.
     ReadKv { at: Loc, bytes: u64, content: u64 },
+    /// Copy `bytes` that hold `content` from `from` to `to`: tier to tier or device to device.
+    /// The source keeps its bytes; the destination holds `content` afterwards. An executor
+    /// that finds other bytes at the source, or in the copy, refuses with
+    /// `Refusal::Mismatch`: the copy must not be used.
+    Transfer {
+        from: Loc,
+        to: Loc,
+        bytes: u64,
+        content: u64,
+    },
 }
 
-/// Why an executor could not carry out a `Reserve` or `Map`.
+/// Why an executor could not carry out a `Reserve` or `Map` (or, for `ReadKv` and
+/// `Transfer`, why their bytes cannot be used).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refusal {
     /// The configured capacity would be exceeded (the simulator's books say no).
@@ -75,7 +123,7 @@ pub enum Refusal {
     Device,
     /// A seeded fault injection refused it.
     Injected,
-    /// A `ReadKv` found bytes other than the content the policy expected.
+    /// A `ReadKv` or `Transfer` found bytes other than the content the policy expected.
     Mismatch,
 }
 
@@ -94,6 +142,7 @@ impl Decision {
             Decision::Move { .. } => "move",
             Decision::WriteKv { .. } => "write_kv",
             Decision::ReadKv { .. } => "read_kv",
+            Decision::Transfer { .. } => "transfer",
         }
     }
 
@@ -111,10 +160,11 @@ impl Decision {
             Decision::Move { .. } => 8,
             Decision::WriteKv { .. } => 9,
             Decision::ReadKv { .. } => 10,
+            Decision::Transfer { .. } => 11,
         }
     }
 
-    pub const KIND_NAMES: [&'static str; 11] = [
+    pub const KIND_NAMES: [&'static str; 12] = [
         "reserve",
         "release",
         "reserve_va",
@@ -126,5 +176,6 @@ impl Decision {
         "move",
         "write_kv",
         "read_kv",
+        "transfer",
     ];
 }

@@ -61,7 +61,7 @@ mod tests {
         LiveBlock {
             id: AllocId(id),
             at: Loc {
-                segment: SegmentId(0),
+                segment: SegmentId::arena(0),
                 offset,
             },
             bytes,

@@ -40,7 +40,7 @@ impl Digest {
     }
 
     fn loc(&mut self, loc: Loc) {
-        self.word(loc.segment.0 as u64);
+        self.word(loc.segment.packed());
         self.word(loc.offset);
     }
 
@@ -49,11 +49,11 @@ impl Digest {
         self.word(d.kind_index() as u64);
         match *d {
             Decision::Reserve { segment, bytes } | Decision::ReserveVa { segment, bytes } => {
-                self.word(segment.0 as u64);
+                self.word(segment.packed());
                 self.word(bytes);
             }
             Decision::Release { segment } | Decision::ReleaseVa { segment } => {
-                self.word(segment.0 as u64)
+                self.word(segment.packed())
             }
             Decision::Map {
                 segment,
@@ -65,7 +65,7 @@ impl Digest {
                 offset,
                 bytes,
             } => {
-                self.word(segment.0 as u64);
+                self.word(segment.packed());
                 self.word(offset);
                 self.word(bytes);
             }
@@ -87,6 +87,17 @@ impl Digest {
             }
             Decision::WriteKv { at, bytes, content } | Decision::ReadKv { at, bytes, content } => {
                 self.loc(at);
+                self.word(bytes);
+                self.word(content);
+            }
+            Decision::Transfer {
+                from,
+                to,
+                bytes,
+                content,
+            } => {
+                self.loc(from);
+                self.loc(to);
                 self.word(bytes);
                 self.word(content);
             }
@@ -129,7 +140,7 @@ mod tests {
         Decision::Place {
             id: AllocId(1),
             at: Loc {
-                segment: SegmentId(0),
+                segment: SegmentId::arena(0),
                 offset,
             },
             bytes: 512,

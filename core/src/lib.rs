@@ -1,15 +1,21 @@
 //! gpumem's policies: pure state machines. A policy receives inputs and answers with
-//! [`decision::Decision`]s carried out by an executor through [`memory::Memory`].
+//! [`decision::Decision`]s, carried out by an [`executor::Executor`] — the one contract between
+//! policies, drivers and executors.
 //!
 //! Nothing here performs I/O, reads a clock, spawns a thread or draws a random number it was
 //! not given.
 
 pub mod alloc;
+pub mod books;
 pub mod decision;
 pub mod defrag;
 pub mod digest;
+pub mod executor;
 pub mod kv;
-pub mod memory;
+pub mod link;
+pub mod place;
 
+pub use books::{Account, Books};
 pub use decision::{AllocId, Decision, Loc, Refusal, SegmentId};
-pub use memory::{Books, Memory};
+pub use executor::{Executor, Ledger};
+pub use place::{DeviceId, Owner, Place, Tier};

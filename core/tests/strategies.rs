@@ -3,22 +3,32 @@
 use gpumem_core::alloc::{
     build, AllocConfig, AllocRequest, Allocator, Strategy as AllocStrategy, MIB,
 };
+use gpumem_core::books::Books;
 use gpumem_core::decision::{AllocId, Decision, Refusal};
-use gpumem_core::memory::{Books, Memory};
+use gpumem_core::digest::Digest;
+use gpumem_core::executor::Executor;
 use proptest::prelude::*;
 
 /// Books that also remember every decision and its outcome.
 #[derive(Clone)]
 struct Recorder {
     books: Books,
+    digest: Digest,
     log: Vec<(Decision, Result<(), Refusal>)>,
 }
 
-impl Memory for Recorder {
+impl Executor for Recorder {
     fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
         let outcome = self.books.apply(d);
+        self.digest.decision(&d, outcome);
         self.log.push((d, outcome));
         outcome
+    }
+    fn books(&self) -> &Books {
+        &self.books
+    }
+    fn digest(&self) -> &Digest {
+        &self.digest
     }
 }
 
@@ -73,6 +83,7 @@ impl Run {
             alloc: build(strategy, &config),
             mem: Recorder {
                 books: Books::new(config.capacity_bytes),
+                digest: Digest::new(),
                 log: Vec::new(),
             },
             live: Vec::new(),
@@ -138,14 +149,14 @@ impl Run {
         }
         prop_assert_eq!(
             self.alloc.reserved_bytes(),
-            books.reserved_bytes,
+            books.reserved_bytes(),
             "{}",
             name
         );
         let free = self.alloc.free_summary();
         prop_assert_eq!(
             books.allocated_bytes + free.free_bytes(),
-            books.reserved_bytes,
+            books.reserved_bytes(),
             "{}: allocated + free != reserved",
             name
         );
@@ -196,7 +207,7 @@ proptest! {
             prop_assert!(layout.iter().all(|s| s.blocks.len() == 1 && !s.blocks[0].1));
         }
         run.alloc.empty_cache(&mut run.mem);
-        prop_assert_eq!(run.mem.books.reserved_bytes, 0, "{}", strategy.name());
+        prop_assert_eq!(run.mem.books.reserved_bytes(), 0, "{}", strategy.name());
         prop_assert_eq!(run.alloc.reserved_bytes(), 0);
         // Fresh and emptied allocators now answer the same request at the same place.
         let mut fresh = Run::new(strategy);

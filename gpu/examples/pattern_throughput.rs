@@ -27,7 +27,7 @@ fn main() {
     assert_eq!(bad, 0);
 
     let mut host = HostDevice::new();
-    let base = host.reserve(bytes).unwrap();
+    let base = host.reserve(gpumem_core::place::Tier::Gpu, bytes).unwrap();
     let first = rate(bytes, || host.fill(base, 0, bytes, 9).unwrap());
     let again = rate(bytes, || host.fill(base, 0, bytes, 9).unwrap());
     let check = rate(bytes, || {
@@ -37,7 +37,7 @@ fn main() {
         host.copy((base, 0), (base, 4096), bytes / 2).unwrap()
     });
     host.release(base).unwrap();
-    let base = host.reserve(bytes).unwrap();
+    let base = host.reserve(gpumem_core::place::Tier::Gpu, bytes).unwrap();
     let fresh = rate(bytes, || host.fill(base, 0, bytes, 9).unwrap());
     println!(
         "HostDevice {mib} MiB: fill {first:.2} GB/s first touch, {again:.2} GB/s touched, \

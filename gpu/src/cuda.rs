@@ -10,8 +10,12 @@
 //!   is released right after mapping: the mapping keeps the memory alive and `cuMemUnmap` frees
 //!   it, as the driver documents, so no handle has to be remembered;
 //! - `fill`/`verify`: the pattern through an 8 MiB pinned host staging buffer;
-//! - `copy`: `cuMemcpyDtoD_v2`, through a device scratch buffer in the safe direction when the
-//!   two ranges overlap;
+//! - host tiers: pinned host memory from `cuMemAllocHost_v2`, pageable host memory from the
+//!   Rust allocator; patterns are written and checked there directly;
+//! - `copy`: `cuMemcpyDtoD_v2` within device memory (through a device scratch buffer in the
+//!   safe direction when the two ranges overlap), `cuMemcpyAsync` on the null stream between
+//!   device and pinned host memory, `cuMemcpyHtoD_v2`/`DtoH_v2` with pageable memory, and a
+//!   plain copy between host tiers; every copy is complete when `copy` returns;
 //! - `resident_bytes`: total − free from `cuMemGetInfo_v2`.
 //!
 //! Like [`crate::host::HostDevice`], every range is checked against what was reserved and
@@ -24,7 +28,9 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, DriverError};
 
-use crate::device::{range_end, Check, Device, DeviceError, DeviceErrorKind, Ranges};
+use gpumem_core::place::{DeviceId, Tier};
+
+use crate::device::{Check, Device, DeviceError, DeviceErrorKind, Region, Regions, VaOp};
 use crate::pattern::{self, STAGING_BYTES};
 
 /// Message of the error [`CudaDevice::open`] returns where libcuda cannot be loaded.
@@ -53,15 +59,6 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-struct CudaRegion {
-    /// Bytes of address space (a virtual range, rounded up to the granularity) or bytes
-    /// allocated (a physical segment).
-    len: u64,
-    is_virtual: bool,
-    /// Accessible ranges: the whole of a physical segment, the mapped pages of a virtual range.
-    access: Ranges,
-}
-
 enum Staging {
     /// Page-locked host memory from `cuMemAllocHost_v2` (not write-combined: it is read back).
     Pinned(*mut u8),
@@ -75,7 +72,9 @@ pub struct CudaDevice {
     name: String,
     cu_device: sys::CUdevice,
     granularity: u64,
-    regions: BTreeMap<u64, CudaRegion>,
+    regions: Regions,
+    /// Pageable host regions by base (their address).
+    pageable: BTreeMap<u64, Vec<u8>>,
     staging: Staging,
     scratch: sys::CUdeviceptr,
 }
@@ -98,12 +97,14 @@ impl CudaDevice {
             .name()
             .map_err(|e| driver_error(|| format!("cuda:{ordinal}: device name"), e))?;
         let cu_device = ctx.cu_device();
+        let name = format!("cuda:{ordinal} {name}");
         let mut dev = CudaDevice {
             ctx,
-            name: format!("cuda:{ordinal} {name}"),
+            regions: Regions::new(name.clone()),
+            pageable: BTreeMap::new(),
+            name,
             cu_device,
             granularity: 0,
-            regions: BTreeMap::new(),
             staging: Staging::Pageable(Vec::new()),
             scratch: 0,
         };
@@ -175,68 +176,17 @@ impl CudaDevice {
         }
     }
 
-    /// Device address of `[offset, offset + bytes)` of `base`, after checking that the whole
-    /// range is accessible; `None` for an empty range (of a known base).
+    /// Address of `[offset, offset + bytes)` of `base` (device memory or host memory, as the
+    /// tier says), after `Regions` checked the whole range is accessible; `None` for an empty
+    /// range (of a known base).
     fn span(
         &self,
         base: u64,
         offset: u64,
         bytes: u64,
         what: &str,
-    ) -> Result<Option<sys::CUdeviceptr>, DeviceError> {
-        let region = self.regions.get(&base).ok_or_else(|| {
-            DeviceError::invalid(format!("{} {what}: unknown base {base:#x}", self.name))
-        })?;
-        let end = range_end(what, offset, bytes)?;
-        if bytes == 0 {
-            return Ok(None);
-        }
-        if !region.access.covers(offset, end) {
-            return Err(DeviceError::invalid(format!(
-                "{} {what}: [{offset}, {end}) of {base:#x} is not inside one mapped range",
-                self.name
-            )));
-        }
-        Ok(Some(base + offset))
-    }
-
-    fn virtual_range(
-        &self,
-        base: u64,
-        offset: u64,
-        bytes: u64,
-        what: &str,
-    ) -> Result<u64, DeviceError> {
-        let name = &self.name;
-        let g = self.granularity;
-        let region = self.regions.get(&base).ok_or_else(|| {
-            DeviceError::invalid(format!("{name} {what}: unknown base {base:#x}"))
-        })?;
-        if !region.is_virtual {
-            return Err(DeviceError::invalid(format!(
-                "{name} {what}: {base:#x} is a physical segment, not a virtual range"
-            )));
-        }
-        let end = range_end(what, offset, bytes)?;
-        if bytes == 0 {
-            return Err(DeviceError::invalid(format!("{name} {what}: empty range")));
-        }
-        if !offset.is_multiple_of(g) || !bytes.is_multiple_of(g) {
-            return Err(DeviceError::new(
-                DeviceErrorKind::Unsupported,
-                format!(
-                    "{name} {what}: [{offset}, {end}) is not aligned to the device's \
-                     {g}-byte allocation granularity"
-                ),
-            ));
-        }
-        if end > region.len {
-            return Err(DeviceError::invalid(format!(
-                "{name} {what}: [{offset}, {end}) outside the {}-byte range {base:#x}",
-                region.len
-            )));
-        }
-        Ok(end)
+    ) -> Result<(Option<sys::CUdeviceptr>, Tier), DeviceError> {
+        self.regions.span(base, offset, bytes, what)
     }
 
     /// Unmaps the pages of `[offset, end)`, each mapped on its own by `map_pages`.
@@ -303,6 +253,25 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Frees the memory of a physical region already taken out of the table.
+    fn free_region(&mut self, base: u64, region: &Region) -> Result<(), DeviceError> {
+        let name = &self.name;
+        match region.tier {
+            // SAFETY: `base` came from cuMemAlloc_v2 and is no longer in the table.
+            Tier::Gpu => check(unsafe { sys::cuMemFree_v2(base) }, || {
+                format!("{name} release {base:#x} (cuMemFree)")
+            }),
+            // SAFETY: `base` came from cuMemAllocHost_v2 and is no longer in the table.
+            Tier::PinnedHost => check(unsafe { sys::cuMemFreeHost(base as *mut c_void) }, || {
+                format!("{name} release {base:#x} (cuMemFreeHost)")
+            }),
+            Tier::PageableHost | Tier::Disk => {
+                self.pageable.remove(&base);
+                Ok(())
+            }
+        }
+    }
+
     /// Copies between two overlapping ranges chunk by chunk through the scratch buffer, in the
     /// direction that never overwrites source bytes not yet read.
     fn copy_overlapping(&self, src: u64, dst: u64, bytes: u64) -> Result<(), DeviceError> {
@@ -340,7 +309,15 @@ impl Device for CudaDevice {
         self.granularity
     }
 
-    fn reserve(&mut self, bytes: u64) -> Result<u64, DeviceError> {
+    fn serves(&self, device: DeviceId) -> bool {
+        device == DeviceId(0)
+    }
+
+    fn resident_includes(&self, tier: Tier) -> bool {
+        tier == Tier::Gpu
+    }
+
+    fn reserve(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError> {
         self.bind()?;
         let size = usize::try_from(bytes.max(1)).map_err(|_| {
             DeviceError::new(
@@ -348,39 +325,67 @@ impl Device for CudaDevice {
                 format!("reserve of {bytes} bytes"),
             )
         })?;
-        let mut ptr: sys::CUdeviceptr = 0;
-        // SAFETY: valid out-pointer; the allocation is owned by `regions` and freed once.
-        check(unsafe { sys::cuMemAlloc_v2(&mut ptr, size) }, || {
-            format!("{} reserve of {bytes} bytes (cuMemAlloc)", self.name)
-        })?;
-        let region = CudaRegion {
-            len: bytes,
-            is_virtual: false,
-            access: Ranges::whole(bytes),
+        let base = match tier {
+            Tier::Gpu => {
+                let mut ptr: sys::CUdeviceptr = 0;
+                // SAFETY: valid out-pointer; the allocation is owned by `regions`, freed once.
+                check(unsafe { sys::cuMemAlloc_v2(&mut ptr, size) }, || {
+                    format!("{} reserve of {bytes} bytes (cuMemAlloc)", self.name)
+                })?;
+                ptr
+            }
+            Tier::PinnedHost => {
+                let mut host: *mut c_void = std::ptr::null_mut();
+                // SAFETY: valid out-pointer; the memory is owned by `regions`, freed once.
+                check(unsafe { sys::cuMemAllocHost_v2(&mut host, size) }, || {
+                    format!(
+                        "{} reserve of {bytes} pinned host bytes (cuMemAllocHost)",
+                        self.name
+                    )
+                })?;
+                host as u64
+            }
+            Tier::PageableHost => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(size).map_err(|e| {
+                    DeviceError::new(
+                        DeviceErrorKind::OutOfMemory,
+                        format!("{} reserve of {bytes} pageable host bytes: {e}", self.name),
+                    )
+                })?;
+                v.resize(size, 0);
+                let base = v.as_ptr() as u64;
+                self.pageable.insert(base, v);
+                base
+            }
+            Tier::Disk => {
+                return Err(DeviceError::new(
+                    DeviceErrorKind::Unsupported,
+                    format!("{}: the disk tier is not executed on memory", self.name),
+                ))
+            }
         };
-        self.regions.insert(ptr, region);
-        Ok(ptr)
+        self.regions.insert(base, Region::physical(tier, bytes));
+        Ok(base)
     }
 
     fn release(&mut self, base: u64) -> Result<(), DeviceError> {
         self.bind()?;
-        match self.regions.get(&base) {
-            Some(r) if !r.is_virtual => {}
-            _ => {
-                return Err(DeviceError::invalid(format!(
-                    "{} release: {base:#x} is not a physical segment",
-                    self.name
-                )))
-            }
-        }
-        self.regions.remove(&base);
-        // SAFETY: `base` came from cuMemAlloc_v2 and was just removed from the table.
-        check(unsafe { sys::cuMemFree_v2(base) }, || {
-            format!("{} release {base:#x} (cuMemFree)", self.name)
-        })
+        let region = self.regions.remove(base, false, "release")?;
+        self.free_region(base, &region)
     }
 
-    fn reserve_va(&mut self, bytes: u64) -> Result<u64, DeviceError> {
+    fn reserve_va(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError> {
+        if tier != Tier::Gpu {
+            return Err(DeviceError::new(
+                DeviceErrorKind::Unsupported,
+                format!(
+                    "{}: virtual ranges are device memory only, not {}",
+                    self.name,
+                    tier.name()
+                ),
+            ));
+        }
         self.bind()?;
         let len = bytes
             .max(1)
@@ -403,28 +408,19 @@ impl Device for CudaDevice {
                 )
             },
         )?;
-        let region = CudaRegion {
-            len,
-            is_virtual: true,
-            access: Ranges::default(),
-        };
-        self.regions.insert(ptr, region);
+        self.regions
+            .insert(ptr, Region::virtual_range(Tier::Gpu, len));
         Ok(ptr)
     }
 
     fn map(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
         self.bind()?;
-        let end = self.virtual_range(base, offset, bytes, "map")?;
-        if self.regions[&base].access.touches(offset, end) {
-            return Err(DeviceError::invalid(format!(
-                "{} map: [{offset}, {end}) of {base:#x} overlaps mapped pages",
-                self.name
-            )));
-        }
+        let end = self
+            .regions
+            .virtual_span(base, offset, bytes, self.granularity, VaOp::Map)?;
         self.map_pages(base, offset, end)?;
         self.regions
-            .get_mut(&base)
-            .expect("checked")
+            .get_mut(base, "map")?
             .access
             .insert(offset, end);
         Ok(())
@@ -432,21 +428,16 @@ impl Device for CudaDevice {
 
     fn unmap(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
         self.bind()?;
-        let end = self.virtual_range(base, offset, bytes, "unmap")?;
-        if !self.regions[&base].access.covers(offset, end) {
-            return Err(DeviceError::invalid(format!(
-                "{} unmap: [{offset}, {end}) of {base:#x} is not all mapped",
-                self.name
-            )));
-        }
+        let end = self
+            .regions
+            .virtual_span(base, offset, bytes, self.granularity, VaOp::Unmap)?;
         // Synchronous copies only, but be sure no earlier work still uses these pages.
         // SAFETY: no arguments.
         check(unsafe { sys::cuCtxSynchronize() }, || {
             format!("{} unmap: cuCtxSynchronize", self.name)
         })?;
         self.regions
-            .get_mut(&base)
-            .expect("checked")
+            .get_mut(base, "unmap")?
             .access
             .remove(offset, end);
         self.unmap_pages(base, offset, end)
@@ -454,16 +445,7 @@ impl Device for CudaDevice {
 
     fn release_va(&mut self, base: u64) -> Result<(), DeviceError> {
         self.bind()?;
-        match self.regions.get(&base) {
-            Some(r) if r.is_virtual => {}
-            _ => {
-                return Err(DeviceError::invalid(format!(
-                    "{} release_va: {base:#x} is not a virtual range",
-                    self.name
-                )))
-            }
-        }
-        let region = self.regions.remove(&base).expect("checked");
+        let region = self.regions.remove(base, true, "release_va")?;
         let mut result = Ok(());
         for (s, l) in region.access.iter() {
             result = result.and(self.unmap_pages(base, s, s + l));
@@ -479,9 +461,16 @@ impl Device for CudaDevice {
 
     fn fill(&mut self, base: u64, offset: u64, bytes: u64, seed: u64) -> Result<(), DeviceError> {
         self.bind()?;
-        let Some(dptr) = self.span(base, offset, bytes, "fill")? else {
+        let (Some(dptr), tier) = self.span(base, offset, bytes, "fill")? else {
             return Ok(());
         };
+        if tier.is_host() {
+            // SAFETY: `span` checked that all `bytes` from `dptr` are host memory this device
+            // holds; `&mut self` guarantees no other reference into them.
+            let block = unsafe { std::slice::from_raw_parts_mut(dptr as *mut u8, bytes as usize) };
+            pattern::fill(block, seed, 0);
+            return Ok(());
+        }
         let mut done = 0u64;
         while done < bytes {
             let n = (bytes - done).min(STAGING_BYTES as u64) as usize;
@@ -507,9 +496,14 @@ impl Device for CudaDevice {
         seed: u64,
     ) -> Result<Check, DeviceError> {
         self.bind()?;
-        let Some(dptr) = self.span(base, offset, bytes, "verify")? else {
+        let (Some(dptr), tier) = self.span(base, offset, bytes, "verify")? else {
             return Ok(Check::default());
         };
+        if tier.is_host() {
+            // SAFETY: as in `fill`; the slice is only read.
+            let block = unsafe { std::slice::from_raw_parts(dptr as *const u8, bytes as usize) };
+            return Ok(pattern::check(block, seed));
+        }
         let mut result = Check::default();
         let mut done = 0u64;
         let name = self.name.clone();
@@ -535,24 +529,45 @@ impl Device for CudaDevice {
 
     fn copy(&mut self, from: (u64, u64), to: (u64, u64), bytes: u64) -> Result<(), DeviceError> {
         self.bind()?;
-        let src = self.span(from.0, from.1, bytes, "copy source")?;
-        let dst = self.span(to.0, to.1, bytes, "copy destination")?;
+        let (src, src_tier) = self.span(from.0, from.1, bytes, "copy source")?;
+        let (dst, dst_tier) = self.span(to.0, to.1, bytes, "copy destination")?;
         let (Some(src), Some(dst)) = (src, dst) else {
             return Ok(());
         };
         if src == dst {
             return Ok(());
         }
-        if src < dst + bytes && dst < src + bytes {
-            self.copy_overlapping(src, dst, bytes)?;
-        } else {
-            // SAFETY: two disjoint ranges, both checked to be accessible device memory.
-            check(
-                unsafe { sys::cuMemcpyDtoD_v2(dst, src, bytes as usize) },
-                || format!("{} copy (cuMemcpyDtoD)", self.name),
-            )?;
+        let name = &self.name;
+        let n = bytes as usize;
+        // SAFETY (every arm): both ranges were checked to be accessible memory of this device
+        // in the tiers named; each call copies exactly `n` bytes between them.
+        match (src_tier.is_host(), dst_tier.is_host()) {
+            (true, true) => unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, n) },
+            (false, false) if src < dst + bytes && dst < src + bytes => {
+                self.copy_overlapping(src, dst, bytes)?
+            }
+            (false, false) => check(unsafe { sys::cuMemcpyDtoD_v2(dst, src, n) }, || {
+                format!("{name} copy (cuMemcpyDtoD)")
+            })?,
+            _ if src_tier == Tier::PinnedHost || dst_tier == Tier::PinnedHost => {
+                // Unified addressing: a pinned host pointer is a valid address for the copy
+                // engine, which reaches it at the link's full bandwidth.
+                check(
+                    unsafe { sys::cuMemcpyAsync(dst, src, n, std::ptr::null_mut()) },
+                    || format!("{name} copy (cuMemcpyAsync)"),
+                )?
+            }
+            (true, false) => check(
+                unsafe { sys::cuMemcpyHtoD_v2(dst, src as *const c_void, n) },
+                || format!("{name} copy (cuMemcpyHtoD)"),
+            )?,
+            (false, true) => check(
+                unsafe { sys::cuMemcpyDtoH_v2(dst as *mut c_void, src, n) },
+                || format!("{name} copy (cuMemcpyDtoH)"),
+            )?,
         }
-        // Device-to-device copies are asynchronous: wait, so the measured time is the copy's.
+        // Device copies may be asynchronous: wait, so the bytes are there and the measured time
+        // is the copy's.
         // SAFETY: no arguments.
         check(unsafe { sys::cuCtxSynchronize() }, || {
             format!("{} copy: cuCtxSynchronize", self.name)
@@ -561,9 +576,14 @@ impl Device for CudaDevice {
 
     fn corrupt(&mut self, base: u64, offset: u64) -> Result<(), DeviceError> {
         self.bind()?;
-        let Some(dptr) = self.span(base, offset, 1, "corrupt")? else {
+        let (Some(dptr), tier) = self.span(base, offset, 1, "corrupt")? else {
             return Ok(());
         };
+        if tier.is_host() {
+            // SAFETY: `span` checked that this one byte is host memory this device holds.
+            unsafe { *(dptr as *mut u8) = !*(dptr as *mut u8) };
+            return Ok(());
+        }
         let mut byte = 0u8;
         // SAFETY: one byte each way between a local and a checked device byte.
         unsafe {
@@ -595,7 +615,7 @@ impl Drop for CudaDevice {
         let _ = self.bind();
         // SAFETY: no arguments; let outstanding work finish before memory goes away.
         unsafe { sys::cuCtxSynchronize() };
-        for (base, region) in std::mem::take(&mut self.regions) {
+        for (base, region) in self.regions.take_all() {
             if region.is_virtual {
                 for (s, l) in region.access.iter() {
                     let _ = self.unmap_pages(base, s, s + l);
@@ -603,8 +623,7 @@ impl Drop for CudaDevice {
                 // SAFETY: a range this device reserved with this length, now unmapped.
                 unsafe { sys::cuMemAddressFree(base, region.len as usize) };
             } else {
-                // SAFETY: an allocation this device made and still owned.
-                unsafe { sys::cuMemFree_v2(base) };
+                let _ = self.free_region(base, &region);
             }
         }
         if self.scratch != 0 {

@@ -2,10 +2,16 @@
 //!
 //! A device hands out *bases*: opaque `u64` handles (host or device addresses) naming a
 //! reserved region. Every other call names a base and a byte range inside it; a device checks
-//! each range against what it reserved and mapped, and answers an error for anything outside,
-//! never touching memory it does not own.
+//! each range against what it reserved and mapped ([`Regions`], the one place where bounds are
+//! checked), and answers an error for anything outside, never touching memory it does not own.
+//!
+//! A device holds every tier of one accelerator: its own memory and the host memory beside it
+//! (pinned and pageable), each region in the tier it was reserved in.
 
+use std::collections::BTreeMap;
 use std::fmt;
+
+use gpumem_core::place::{DeviceId, Tier};
 
 /// What kind of failure a [`DeviceError`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,12 +78,17 @@ pub trait Device {
     fn name(&self) -> String;
     /// Alignment that `map`/`unmap` offsets and sizes must have.
     fn granularity_bytes(&self) -> u64;
+    /// Whether this device carries out decisions placed on `device` (host memory stands in
+    /// for any number of devices; a GPU is device 0 of its executor).
+    fn serves(&self, device: DeviceId) -> bool;
+    /// Whether memory of `tier` shows in [`Device::resident_bytes`].
+    fn resident_includes(&self, tier: Tier) -> bool;
 
-    /// Obtains `bytes` of physical memory; returns its base.
-    fn reserve(&mut self, bytes: u64) -> Result<u64, DeviceError>;
+    /// Obtains `bytes` of physical memory in `tier`; returns its base.
+    fn reserve(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError>;
     fn release(&mut self, base: u64) -> Result<(), DeviceError>;
-    /// Reserves `bytes` of address space only; returns its base.
-    fn reserve_va(&mut self, bytes: u64) -> Result<u64, DeviceError>;
+    /// Reserves `bytes` of address space in `tier` only; returns its base.
+    fn reserve_va(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError>;
     fn map(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError>;
     fn unmap(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError>;
     /// Frees a virtual range, unmapping whatever is still mapped in it.
@@ -93,7 +104,8 @@ pub trait Device {
         bytes: u64,
         seed: u64,
     ) -> Result<Check, DeviceError>;
-    /// Copies `bytes` from `(base, offset)` to `(base, offset)`; the ranges may overlap.
+    /// Copies `bytes` from `(base, offset)` to `(base, offset)`, in any tiers; the ranges may
+    /// overlap.
     fn copy(&mut self, from: (u64, u64), to: (u64, u64), bytes: u64) -> Result<(), DeviceError>;
     /// Flips one byte (fault injection).
     fn corrupt(&mut self, base: u64, offset: u64) -> Result<(), DeviceError>;
@@ -110,14 +122,20 @@ impl<D: Device + ?Sized> Device for Box<D> {
     fn granularity_bytes(&self) -> u64 {
         (**self).granularity_bytes()
     }
-    fn reserve(&mut self, bytes: u64) -> Result<u64, DeviceError> {
-        (**self).reserve(bytes)
+    fn serves(&self, device: DeviceId) -> bool {
+        (**self).serves(device)
+    }
+    fn resident_includes(&self, tier: Tier) -> bool {
+        (**self).resident_includes(tier)
+    }
+    fn reserve(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError> {
+        (**self).reserve(tier, bytes)
     }
     fn release(&mut self, base: u64) -> Result<(), DeviceError> {
         (**self).release(base)
     }
-    fn reserve_va(&mut self, bytes: u64) -> Result<u64, DeviceError> {
-        (**self).reserve_va(bytes)
+    fn reserve_va(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError> {
+        (**self).reserve_va(tier, bytes)
     }
     fn map(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
         (**self).map(base, offset, bytes)
@@ -223,6 +241,200 @@ impl Ranges {
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.0.iter().map(|(&s, &l)| (s, l))
+    }
+}
+
+/// What a virtual span is checked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum VaOp {
+    Map,
+    Unmap,
+}
+
+impl VaOp {
+    fn name(self) -> &'static str {
+        match self {
+            VaOp::Map => "map",
+            VaOp::Unmap => "unmap",
+        }
+    }
+}
+
+/// One reserved region: a physical segment or a virtual range, in one tier.
+#[derive(Clone, Debug)]
+pub(crate) struct Region {
+    /// Bytes of the region: the bytes asked for of a physical segment, the (rounded) length of
+    /// a virtual range.
+    pub(crate) len: u64,
+    pub(crate) is_virtual: bool,
+    pub(crate) tier: Tier,
+    /// Accessible ranges: the whole of a physical segment, the mapped pages of a virtual range.
+    pub(crate) access: Ranges,
+}
+
+impl Region {
+    pub(crate) fn physical(tier: Tier, bytes: u64) -> Region {
+        Region {
+            len: bytes,
+            is_virtual: false,
+            tier,
+            access: Ranges::whole(bytes),
+        }
+    }
+
+    pub(crate) fn virtual_range(tier: Tier, len: u64) -> Region {
+        Region {
+            len,
+            is_virtual: true,
+            tier,
+            access: Ranges::default(),
+        }
+    }
+}
+
+/// The regions of one device by base, and every bounds check a device makes before it forms
+/// an address: the only place where ranges are checked.
+#[derive(Debug, Default)]
+pub(crate) struct Regions {
+    /// How errors name the device (`host`, `cuda:0 …`).
+    pub(crate) device: String,
+    map: BTreeMap<u64, Region>,
+}
+
+impl Regions {
+    pub(crate) fn new(device: impl Into<String>) -> Self {
+        Regions {
+            device: device.into(),
+            map: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) fn insert(&mut self, base: u64, region: Region) {
+        let old = self.map.insert(base, region);
+        assert!(
+            old.is_none(),
+            "{}: base {base:#x} handed out twice",
+            self.device
+        );
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn take_all(&mut self) -> BTreeMap<u64, Region> {
+        std::mem::take(&mut self.map)
+    }
+
+    pub(crate) fn get(&self, base: u64, what: &str) -> Result<&Region, DeviceError> {
+        self.map.get(&base).ok_or_else(|| {
+            DeviceError::invalid(format!("{} {what}: unknown base {base:#x}", self.device))
+        })
+    }
+
+    pub(crate) fn get_mut(&mut self, base: u64, what: &str) -> Result<&mut Region, DeviceError> {
+        let device = &self.device;
+        self.map
+            .get_mut(&base)
+            .ok_or_else(|| DeviceError::invalid(format!("{device} {what}: unknown base {base:#x}")))
+    }
+
+    /// Removes the region at `base`, which must be virtual or not as asked.
+    pub(crate) fn remove(
+        &mut self,
+        base: u64,
+        want_virtual: bool,
+        what: &str,
+    ) -> Result<Region, DeviceError> {
+        let region = self.get(base, what)?;
+        if region.is_virtual != want_virtual {
+            return Err(DeviceError::invalid(format!(
+                "{} {what}: {base:#x} is a {}",
+                self.device,
+                if region.is_virtual {
+                    "virtual range"
+                } else {
+                    "physical segment"
+                }
+            )));
+        }
+        Ok(self.map.remove(&base).expect("checked above"))
+    }
+
+    /// The address `base + offset` of `[offset, offset + bytes)`, after checking that the whole
+    /// range is accessible, and the region's tier; `None` for an empty range (of a known base).
+    pub(crate) fn span(
+        &self,
+        base: u64,
+        offset: u64,
+        bytes: u64,
+        what: &str,
+    ) -> Result<(Option<u64>, Tier), DeviceError> {
+        let region = self.get(base, what)?;
+        let end = range_end(what, offset, bytes)?;
+        if bytes == 0 {
+            return Ok((None, region.tier));
+        }
+        if !region.access.covers(offset, end) {
+            return Err(DeviceError::invalid(format!(
+                "{} {what}: [{offset}, {end}) of {base:#x} is not inside one mapped range",
+                self.device
+            )));
+        }
+        Ok((Some(base + offset), region.tier))
+    }
+
+    /// Checks `[offset, offset + bytes)` of the virtual range `base` for a map (nothing mapped
+    /// there yet) or an unmap (all of it mapped): not empty, aligned to `granularity`, inside
+    /// the range. Returns the end.
+    pub(crate) fn virtual_span(
+        &self,
+        base: u64,
+        offset: u64,
+        bytes: u64,
+        granularity: u64,
+        op: VaOp,
+    ) -> Result<u64, DeviceError> {
+        let what = op.name();
+        let device = &self.device;
+        let region = self.get(base, what)?;
+        if !region.is_virtual {
+            return Err(DeviceError::invalid(format!(
+                "{device} {what}: {base:#x} is a physical segment, not a virtual range"
+            )));
+        }
+        let end = range_end(what, offset, bytes)?;
+        if bytes == 0 {
+            return Err(DeviceError::invalid(format!(
+                "{device} {what}: empty range"
+            )));
+        }
+        if !offset.is_multiple_of(granularity) || !bytes.is_multiple_of(granularity) {
+            return Err(DeviceError::new(
+                DeviceErrorKind::Unsupported,
+                format!(
+                    "{device} {what}: [{offset}, {end}) is not aligned to the \
+                     {granularity}-byte allocation granularity"
+                ),
+            ));
+        }
+        if end > region.len {
+            return Err(DeviceError::invalid(format!(
+                "{device} {what}: [{offset}, {end}) outside the {}-byte range {base:#x}",
+                region.len
+            )));
+        }
+        if op == VaOp::Map && region.access.touches(offset, end) {
+            return Err(DeviceError::invalid(format!(
+                "{device} map: [{offset}, {end}) of {base:#x} overlaps mapped pages"
+            )));
+        }
+        if op == VaOp::Unmap && !region.access.covers(offset, end) {
+            return Err(DeviceError::invalid(format!(
+                "{device} unmap: [{offset}, {end}) of {base:#x} is not all mapped"
+            )));
+        }
+        Ok(end)
     }
 }
 

@@ -1,119 +1,42 @@
 //! [`DeviceExecutor`]: carries out a policy's decisions on a real [`Device`] and checks
 //! independently that the policy's picture of memory is true.
 //!
-//! It keeps the same [`Books`] and [`Digest`] as the simulator, so the two digests agree
+//! It keeps the same [`Ledger`] (books and digest) as the simulator, so the two digests agree
 //! whenever the device did what the simulator assumed. On top of that it
 //! - fills every placed block with the pattern of [`crate::pattern`] seeded by its allocation id,
 //!   and checks the pattern where a decision says the block is when it is freed or moved, and
 //!   for every live block at checkpoints and at the end: a block that is not where the books say,
 //!   or that another block's write disturbed, shows up as mismatched bytes;
+//! - writes every content block (`WriteKv`) with the pattern of its content, checks it when a
+//!   prefix hit reads it (`ReadKv`), and re-checks all of them at checkpoints;
+//! - copies every `Transfer` for real, between tiers and devices, after checking that the source
+//!   holds the content and before checking that the destination does; a transfer whose bytes
+//!   are wrong on either side is refused (`Refusal::Mismatch`) and never counts;
 //! - reports a device that refuses memory the books had room for as [`Refusal::Device`] (which
 //!   changes the digest) and counts it;
 //! - refuses to release or unmap memory under a live block (a policy bug: it panics);
 //! - measures the time of every decision by kind (measurement only; it never decides anything);
 //! - takes seeded fault injection ([`Inject`]) so that tests prove the checks can fail.
 //!
-//! Only `Reserve` and `Map` can be refused. Any other device failure, and any decision the
-//! books reject, is a policy bug or a broken device: it panics with a message saying which.
+//! Only `Reserve` and `Map` can be refused for want of memory (and `ReadKv`/`Transfer` for
+//! wrong bytes). Any other device failure, and any decision the books reject, is a policy bug
+//! or a broken device: it panics with a message saying which.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::str::FromStr;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
+use gpumem_core::books::Books;
 use gpumem_core::decision::{AllocId, Decision, Loc, Refusal, SegmentId};
 use gpumem_core::digest::Digest;
-use gpumem_core::memory::{Books, Memory};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use gpumem_core::executor::{Executor, Ledger};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::device::{Device, DeviceError, DeviceErrorKind};
+use crate::inject::{Candidate, Faults, Inject};
 
 /// How many mismatches and device errors a report lists in full.
 pub const REPORT_FIRST: usize = 16;
-
-/// Without an explicit `:N`, an injection hits one of this many first candidates, drawn from
-/// the seed.
-pub const INJECT_WINDOW: u64 = 64;
-
-/// A seeded fault, as the CLI names it: `corrupt-block[:N]` or `refuse-alloc[:N]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Inject {
-    /// Flip one byte of the `nth` placed block (1-based, counting `Place`s of at least one
-    /// byte) right after it was filled; its next check must report a mismatch.
-    CorruptBlock { nth: Option<u64> },
-    /// Refuse the `nth` `Reserve` or `Map` (1-based, counting those the capacity admits) as if
-    /// the device had; it returns [`Refusal::Injected`].
-    RefuseAlloc { nth: Option<u64> },
-}
-
-/// Why an `--inject` value could not be parsed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParseInjectError(pub String);
-
-impl fmt::Display for ParseInjectError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ParseInjectError {}
-
-impl Inject {
-    /// Parses `corrupt-block`, `corrupt-block:N`, `refuse-alloc` or `refuse-alloc:N` (N ≥ 1).
-    pub fn parse(s: &str) -> Result<Inject, ParseInjectError> {
-        let expected = "expected corrupt-block, corrupt-block:N, refuse-alloc or refuse-alloc:N \
-                        with N a whole number from 1";
-        let (name, nth) = match s.split_once(':') {
-            None => (s, None),
-            Some((name, n)) => match n.parse::<u64>() {
-                Ok(n) if n >= 1 => (name, Some(n)),
-                _ => {
-                    return Err(ParseInjectError(format!(
-                        "fault injection `{s}`: `{n}` is not a count from 1; {expected}"
-                    )))
-                }
-            },
-        };
-        match name {
-            "corrupt-block" => Ok(Inject::CorruptBlock { nth }),
-            "refuse-alloc" => Ok(Inject::RefuseAlloc { nth }),
-            _ => Err(ParseInjectError(format!(
-                "unknown fault injection `{s}`: {expected}"
-            ))),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Inject::CorruptBlock { .. } => "corrupt-block",
-            Inject::RefuseAlloc { .. } => "refuse-alloc",
-        }
-    }
-
-    fn nth(self) -> Option<u64> {
-        match self {
-            Inject::CorruptBlock { nth } | Inject::RefuseAlloc { nth } => nth,
-        }
-    }
-}
-
-impl FromStr for Inject {
-    type Err = ParseInjectError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Inject::parse(s)
-    }
-}
-
-impl fmt::Display for Inject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.nth() {
-            Some(n) => write!(f, "{}:{n}", self.name()),
-            None => f.write_str(self.name()),
-        }
-    }
-}
 
 /// A block whose bytes were not what they should be.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,10 +44,13 @@ pub struct Mismatch {
     /// Number of decisions carried out before the check (the failing decision's index when a
     /// `Free` or `Move` found it).
     pub decision: u64,
-    /// Which check: `free`, `move-from`, `move-to` or `checkpoint`.
+    /// Which check: `free`, `move-from`, `move-to`, `prefix-hit`, `transfer-from`,
+    /// `transfer-to`, `checkpoint` or `checkpoint-content`.
     pub check: String,
+    /// The allocation id, or the content, whose pattern was expected.
     pub id: u64,
-    pub segment: u32,
+    /// The segment, as `owner#index` (and `@device N tier` off device 0's GPU memory).
+    pub segment: String,
     /// The block's offset in its segment.
     pub offset: u64,
     pub bytes: u64,
@@ -154,6 +80,11 @@ pub struct ExecReport {
     pub bytes_written: u64,
     /// Bytes copied (by `Move`).
     pub bytes_copied: u64,
+    /// Transfers carried out, and their bytes (each verified at both ends).
+    pub transfers: u64,
+    pub bytes_transferred: u64,
+    /// Transfers refused because the source or the copy held other bytes.
+    pub transfers_refused: u64,
     /// Bytes checked against their pattern (free, move, checkpoints).
     pub bytes_verified: u64,
     /// Block checks made.
@@ -172,6 +103,7 @@ pub struct ExecReport {
     pub device_errors: Vec<String>,
     pub injected_refusals: u64,
     pub injected_corruptions: u64,
+    pub injected_transfer_corruptions: u64,
     /// The injections as resolved for this run, e.g. `corrupt-block:17`.
     pub injections: Vec<String>,
     pub reserved_bytes_peak: u64,
@@ -204,6 +136,9 @@ struct Stats {
     decisions: u64,
     bytes_written: u64,
     bytes_copied: u64,
+    transfers: u64,
+    bytes_transferred: u64,
+    transfers_refused: u64,
     bytes_verified: u64,
     verifications: u64,
     mismatches: u64,
@@ -214,6 +149,7 @@ struct Stats {
     device_errors: Vec<String>,
     injected_refusals: u64,
     injected_corruptions: u64,
+    injected_transfer_corruptions: u64,
     resident_start: Option<u64>,
     resident_peak: Option<u64>,
     resident_gap_max: Option<u64>,
@@ -222,67 +158,36 @@ struct Stats {
     timings: [(u64, u64); Decision::KIND_NAMES.len()],
 }
 
-/// Resolved fault injections.
-#[derive(Clone, Debug)]
-struct Faults {
-    rng: ChaCha8Rng,
-    corrupt: BTreeSet<u64>,
-    refuse: BTreeSet<u64>,
-    places: u64,
-    allocs: u64,
-    plan: Vec<String>,
-}
-
-impl Faults {
-    fn new(faults: &[Inject], seed: u64) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut corrupt = BTreeSet::new();
-        let mut refuse = BTreeSet::new();
-        let mut plan = Vec::new();
-        for &f in faults {
-            let n = f.nth().unwrap_or_else(|| rng.gen_range(1..=INJECT_WINDOW));
-            match f {
-                Inject::CorruptBlock { .. } => corrupt.insert(n),
-                Inject::RefuseAlloc { .. } => refuse.insert(n),
-            };
-            plan.push(format!("{}:{n}", f.name()));
-        }
-        Faults {
-            rng,
-            corrupt,
-            refuse,
-            places: 0,
-            allocs: 0,
-            plan,
-        }
-    }
-}
-
 /// Carries out decisions on a [`Device`]; see the module documentation.
 pub struct DeviceExecutor<D: Device> {
-    books: Books,
-    digest: Digest,
+    ledger: Ledger,
     device: D,
     bases: BTreeMap<SegmentId, Base>,
     /// Live blocks by place: (segment, offset, id) → bytes.
     placed: BTreeMap<(SegmentId, u64, AllocId), u64>,
-    /// KV blocks written: (segment, offset) → (bytes, content), re-checked at checkpoints.
-    kv_written: BTreeMap<(SegmentId, u64), (u64, u64)>,
+    /// Content blocks (written by `WriteKv`, or the destination of a `Transfer`): (segment,
+    /// offset) → (bytes, content), never overlapping; re-checked at checkpoints.
+    contents: BTreeMap<(SegmentId, u64), (u64, u64)>,
     faults: Faults,
     stats: Stats,
 }
 
 impl<D: Device> DeviceExecutor<D> {
-    /// An executor over `device` with `capacity_bytes` of books, injecting `faults`; `seed`
-    /// chooses the injections given without `:N` and the corrupted byte.
+    /// An executor over `device` with `capacity_bytes` of device 0's GPU memory in its books,
+    /// injecting `faults`; `seed` chooses the injections given without `:N` and the corrupted
+    /// byte.
     pub fn new(device: D, capacity_bytes: u64, faults: &[Inject], seed: u64) -> Self {
+        Self::with_books(device, Books::new(capacity_bytes), faults, seed)
+    }
+
+    /// An executor over `device` whose books hold the capacities of every place it may use.
+    pub fn with_books(device: D, books: Books, faults: &[Inject], seed: u64) -> Self {
         let mut ex = DeviceExecutor {
-            books: Books::new(capacity_bytes),
-            digest: Digest::new(),
+            ledger: Ledger::new(books),
             device,
             bases: BTreeMap::new(),
             placed: BTreeMap::new(),
-            kv_written: BTreeMap::new(),
+            contents: BTreeMap::new(),
             faults: Faults::new(faults, seed),
             stats: Stats::default(),
         };
@@ -293,11 +198,11 @@ impl<D: Device> DeviceExecutor<D> {
     }
 
     pub fn books(&self) -> &Books {
-        &self.books
+        &self.ledger.books
     }
 
     pub fn digest_hex(&self) -> String {
-        self.digest.hex()
+        self.ledger.digest.hex()
     }
 
     pub fn device(&self) -> &D {
@@ -312,16 +217,16 @@ impl<D: Device> DeviceExecutor<D> {
     /// Re-checks the pattern of every live block; returns the wrong bytes found.
     pub fn checkpoint(&mut self) -> u64 {
         let started = Instant::now();
-        let live: Vec<(AllocId, Loc, u64)> = self.books.live().collect();
+        let live: Vec<(AllocId, Loc, u64)> = self.ledger.books.live().collect();
         let mut found = 0;
         for (id, at, bytes) in live {
             found += self.check_block(id, at, bytes, "checkpoint");
         }
-        let kv: Vec<((SegmentId, u64), (u64, u64))> =
-            self.kv_written.iter().map(|(&k, &v)| (k, v)).collect();
-        for ((segment, offset), (bytes, content)) in kv {
+        let contents: Vec<((SegmentId, u64), (u64, u64))> =
+            self.contents.iter().map(|(&k, &v)| (k, v)).collect();
+        for ((segment, offset), (bytes, content)) in contents {
             let at = Loc { segment, offset };
-            found += self.check_block(AllocId(content), at, bytes, "checkpoint-kv");
+            found += self.check_block(AllocId(content), at, bytes, "checkpoint-content");
         }
         self.stats.checkpoints += 1;
         self.stats.checkpoint_ns += started.elapsed().as_nanos() as u64;
@@ -334,10 +239,13 @@ impl<D: Device> DeviceExecutor<D> {
         ExecReport {
             device: self.device.name(),
             granularity_bytes: self.device.granularity_bytes(),
-            digest: self.digest.hex(),
+            digest: self.ledger.digest.hex(),
             decisions: s.decisions,
             bytes_written: s.bytes_written,
             bytes_copied: s.bytes_copied,
+            transfers: s.transfers,
+            bytes_transferred: s.bytes_transferred,
+            transfers_refused: s.transfers_refused,
             bytes_verified: s.bytes_verified,
             verifications: s.verifications,
             mismatches: s.mismatches,
@@ -348,9 +256,10 @@ impl<D: Device> DeviceExecutor<D> {
             device_errors: s.device_errors.clone(),
             injected_refusals: s.injected_refusals,
             injected_corruptions: s.injected_corruptions,
+            injected_transfer_corruptions: s.injected_transfer_corruptions,
             injections: self.faults.plan.clone(),
-            reserved_bytes_peak: self.books.reserved_bytes_peak,
-            allocated_bytes_peak: self.books.allocated_bytes_peak,
+            reserved_bytes_peak: self.ledger.books.reserved_bytes_peak(),
+            allocated_bytes_peak: self.ledger.books.allocated_bytes_peak,
             resident_bytes_start: s.resident_start,
             resident_bytes_peak: s.resident_peak,
             resident_gap_max_bytes: s.resident_gap_max,
@@ -413,7 +322,7 @@ impl<D: Device> DeviceExecutor<D> {
                     decision: s.decisions,
                     check: check.to_string(),
                     id: id.0,
-                    segment: at.segment.0,
+                    segment: format!("{:?}", at.segment),
                     offset: at.offset,
                     bytes,
                     mismatched_bytes: result.mismatched_bytes,
@@ -455,12 +364,11 @@ impl<D: Device> DeviceExecutor<D> {
 
     /// Capacity, then injection, then the device: the checks before a `Reserve` or `Map`.
     fn admit(&mut self, d: &Decision) -> Result<(), Refusal> {
-        if let Err(r) = self.books.admits(d) {
+        if let Err(r) = self.ledger.books.admits(d) {
             self.stats.capacity_refusals += 1;
             return Err(r);
         }
-        self.faults.allocs += 1;
-        if self.faults.refuse.contains(&self.faults.allocs) {
+        if self.faults.next(Candidate::Alloc) {
             self.stats.injected_refusals += 1;
             return Err(Refusal::Injected);
         }
@@ -481,7 +389,7 @@ impl<D: Device> DeviceExecutor<D> {
     }
 
     fn books_apply(&mut self, d: Decision) {
-        if let Err(r) = self.books.apply(d) {
+        if let Err(r) = self.ledger.books.apply(d) {
             panic!("books refused {d:?} ({r:?}) after admitting it");
         }
     }
@@ -491,9 +399,10 @@ impl<D: Device> DeviceExecutor<D> {
             Decision::Reserve { segment, bytes } => {
                 assert!(!self.bases.contains_key(&segment), "{segment:?} reused");
                 self.admit(&d)?;
+                self.served(&d, segment)?;
                 let base = self
                     .device
-                    .reserve(bytes)
+                    .reserve(segment.place.tier, bytes)
                     .map_err(|e| self.refused(&d, e))?;
                 self.books_apply(d);
                 let is_virtual = false;
@@ -504,7 +413,7 @@ impl<D: Device> DeviceExecutor<D> {
                 self.books_apply(d);
                 let base = self
                     .device
-                    .reserve_va(bytes)
+                    .reserve_va(segment.place.tier, bytes)
                     .unwrap_or_else(|e| self.fail(&d, e));
                 let is_virtual = true;
                 self.bases.insert(segment, Base { base, is_virtual });
@@ -512,6 +421,7 @@ impl<D: Device> DeviceExecutor<D> {
             Decision::Release { segment } | Decision::ReleaseVa { segment } => {
                 self.books_apply(d);
                 self.assert_no_live_block(&d, segment, None);
+                self.forget_contents(segment, 0, u64::MAX);
                 let b = self.bases.remove(&segment).expect("books knew the segment");
                 let done = if b.is_virtual {
                     self.device.release_va(b.base)
@@ -543,6 +453,7 @@ impl<D: Device> DeviceExecutor<D> {
             } => {
                 self.books_apply(d);
                 self.assert_no_live_block(&d, segment, Some((offset, offset + bytes)));
+                self.forget_contents(segment, offset, offset + bytes);
                 let base = self.base(segment);
                 self.device
                     .unmap(base, offset, bytes)
@@ -584,8 +495,7 @@ impl<D: Device> DeviceExecutor<D> {
             }
             Decision::WriteKv { at, bytes, content } => {
                 self.books_apply(d);
-                self.kv_written
-                    .insert((at.segment, at.offset), (bytes, content));
+                self.set_content(at, bytes, content);
                 let base = self.base(at.segment);
                 self.device
                     .fill(base, at.offset, bytes, content)
@@ -600,8 +510,99 @@ impl<D: Device> DeviceExecutor<D> {
                     return Err(Refusal::Mismatch);
                 }
             }
+            Decision::Transfer {
+                from,
+                to,
+                bytes,
+                content,
+            } => {
+                self.books_apply(d);
+                self.transfer(&d, from, to, bytes, content)?;
+            }
         }
         Ok(())
+    }
+
+    /// A real copy between two places, checked at both ends; see the module documentation.
+    fn transfer(
+        &mut self,
+        d: &Decision,
+        from: Loc,
+        to: Loc,
+        bytes: u64,
+        content: u64,
+    ) -> Result<(), Refusal> {
+        for segment in [from.segment, to.segment] {
+            if !self.device.serves(segment.place.device) {
+                panic!("{d:?}: {segment:?} has no memory on {}", self.device.name());
+            }
+        }
+        if self.check_block(AllocId(content), from, bytes, "transfer-from") > 0 {
+            self.stats.transfers_refused += 1;
+            return Err(Refusal::Mismatch);
+        }
+        let src = (self.base(from.segment), from.offset);
+        let dst = (self.base(to.segment), to.offset);
+        self.device
+            .copy(src, dst, bytes)
+            .unwrap_or_else(|e| self.fail(d, e));
+        if bytes > 0 && self.faults.next(Candidate::Transfer) {
+            let byte = self.faults.rng.gen_range(0..bytes);
+            self.device
+                .corrupt(dst.0, dst.1 + byte)
+                .unwrap_or_else(|e| self.fail(d, e));
+            self.stats.injected_transfer_corruptions += 1;
+        }
+        self.stats.transfers += 1;
+        self.stats.bytes_transferred += bytes;
+        if self.check_block(AllocId(content), to, bytes, "transfer-to") > 0 {
+            // The copy is garbage: nothing may read it as `content`.
+            self.forget_contents(to.segment, to.offset, to.offset + bytes);
+            self.stats.transfers_refused += 1;
+            return Err(Refusal::Mismatch);
+        }
+        self.set_content(to, bytes, content);
+        Ok(())
+    }
+
+    /// A `Reserve` on a device this executor does not drive is refused as the device would.
+    fn served(&mut self, d: &Decision, segment: SegmentId) -> Result<(), Refusal> {
+        if self.device.serves(segment.place.device) {
+            return Ok(());
+        }
+        let e = DeviceError::new(
+            DeviceErrorKind::Unsupported,
+            format!(
+                "{} does not drive device {}",
+                self.device.name(),
+                segment.place.device.0
+            ),
+        );
+        Err(self.refused(d, e))
+    }
+
+    /// `at` now holds `content` over `bytes`: replaces whatever content blocks it overlaps.
+    fn set_content(&mut self, at: Loc, bytes: u64, content: u64) {
+        self.forget_contents(at.segment, at.offset, at.offset.saturating_add(bytes));
+        if bytes > 0 {
+            self.contents
+                .insert((at.segment, at.offset), (bytes, content));
+        }
+    }
+
+    /// Drops the content blocks of `segment` that overlap `[start, end)`.
+    fn forget_contents(&mut self, segment: SegmentId, start: u64, end: u64) {
+        let lo = (segment, 0);
+        let hi = (segment, end);
+        let gone: Vec<(SegmentId, u64)> = self
+            .contents
+            .range(lo..hi)
+            .filter(|(&(_, o), &(b, _))| o.saturating_add(b) > start)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in gone {
+            self.contents.remove(&k);
+        }
     }
 
     /// Fault injection: flips one byte of the N-th block written (placed, or a KV block).
@@ -609,8 +610,7 @@ impl<D: Device> DeviceExecutor<D> {
         if bytes == 0 {
             return;
         }
-        self.faults.places += 1;
-        if self.faults.corrupt.contains(&self.faults.places) {
+        if self.faults.next(Candidate::Write) {
             let byte = self.faults.rng.gen_range(0..bytes);
             self.device
                 .corrupt(base, offset + byte)
@@ -627,13 +627,22 @@ impl<D: Device> DeviceExecutor<D> {
         s.resident_peak = Some(s.resident_peak.map_or(now, |p| p.max(now)));
         if let Some(start) = s.resident_start {
             let grown = now.saturating_sub(start);
-            let gap = grown.abs_diff(self.books.reserved_bytes);
+            let counted: u64 = self
+                .ledger
+                .books
+                .accounts()
+                .filter(|(p, _)| {
+                    self.device.serves(p.device) && self.device.resident_includes(p.tier)
+                })
+                .map(|(_, a)| a.reserved_bytes)
+                .sum();
+            let gap = grown.abs_diff(counted);
             s.resident_gap_max = Some(s.resident_gap_max.map_or(gap, |g| g.max(gap)));
         }
     }
 }
 
-impl<D: Device> Memory for DeviceExecutor<D> {
+impl<D: Device> Executor for DeviceExecutor<D> {
     fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
         // Memory in use peaks right before it is given back, and grows as it is obtained (or,
         // on the host, touched): sample before every release and after every reservation.
@@ -651,7 +660,7 @@ impl<D: Device> Memory for DeviceExecutor<D> {
         t.0 += 1;
         t.1 += ns;
         self.stats.decisions += 1;
-        self.digest.decision(&d, outcome);
+        self.ledger.digest.decision(&d, outcome);
         if matches!(
             d,
             Decision::Reserve { .. } | Decision::ReserveVa { .. } | Decision::Map { .. }
@@ -660,69 +669,16 @@ impl<D: Device> Memory for DeviceExecutor<D> {
         }
         outcome
     }
-}
 
-impl<D: Device> gpumem_sim::Executor for DeviceExecutor<D> {
     fn books(&self) -> &Books {
-        DeviceExecutor::books(self)
+        &self.ledger.books
     }
 
-    fn digest_hex(&self) -> String {
-        DeviceExecutor::digest_hex(self)
+    fn digest(&self) -> &Digest {
+        &self.ledger.digest
     }
 
-    fn checkpoint(&mut self) {
-        DeviceExecutor::checkpoint(self);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn inject_parses_the_cli_forms_and_round_trips() {
-        let cases = [
-            ("corrupt-block", Inject::CorruptBlock { nth: None }),
-            ("corrupt-block:3", Inject::CorruptBlock { nth: Some(3) }),
-            ("refuse-alloc", Inject::RefuseAlloc { nth: None }),
-            ("refuse-alloc:1", Inject::RefuseAlloc { nth: Some(1) }),
-        ];
-        for (text, want) in cases {
-            assert_eq!(text.parse::<Inject>(), Ok(want));
-            assert_eq!(want.to_string(), text);
-        }
-        for bad in [
-            "",
-            "corrupt",
-            "corrupt-block:",
-            "corrupt-block:0",
-            "corrupt-block:-1",
-            "refuse-alloc:x",
-            "refuse-alloc:1:2",
-            "Refuse-Alloc",
-        ] {
-            let err = Inject::parse(bad).unwrap_err().to_string();
-            assert!(err.contains(&format!("`{bad}`")), "{err}");
-            assert!(err.contains("refuse-alloc:N"), "{err}");
-        }
-    }
-
-    #[test]
-    fn injections_without_n_are_drawn_from_the_seed() {
-        let faults = [
-            Inject::CorruptBlock { nth: None },
-            Inject::RefuseAlloc { nth: None },
-            Inject::RefuseAlloc { nth: Some(99) },
-        ];
-        let a = Faults::new(&faults, 7);
-        let b = Faults::new(&faults, 7);
-        assert_eq!(a.plan, b.plan);
-        assert_eq!(a.plan[2], "refuse-alloc:99");
-        for n in a.corrupt.iter().chain(&a.refuse).filter(|&&n| n != 99) {
-            assert!((1..=INJECT_WINDOW).contains(n));
-        }
-        let differ = (0..20).any(|s| Faults::new(&faults, s).plan != a.plan);
-        assert!(differ, "the seed chooses");
+    fn checkpoint(&mut self) -> u64 {
+        DeviceExecutor::checkpoint(self)
     }
 }

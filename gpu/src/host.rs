@@ -9,23 +9,12 @@
 //! ranges) before a pointer is formed: a wrong base, offset or size becomes a [`DeviceError`],
 //! never a read or write of memory this device does not hold.
 
-use std::collections::BTreeMap;
 use std::io;
 
-use crate::device::{range_end, Check, Device, DeviceError, DeviceErrorKind, Ranges};
-use crate::pattern;
+use gpumem_core::place::{DeviceId, Tier};
 
-struct Region {
-    /// Start of the mapping, as `mmap` returned it.
-    ptr: *mut u8,
-    /// Length of the mapping: the bytes asked for rounded up to whole pages (at least one).
-    len: u64,
-    /// Address space only: pages are accessible where `map` made them so.
-    is_virtual: bool,
-    /// Accessible ranges: the bytes asked for of a physical segment, the mapped pages of a
-    /// virtual range.
-    access: Ranges,
-}
+use crate::device::{Check, Device, DeviceError, DeviceErrorKind, Region, Regions, VaOp};
+use crate::pattern;
 
 /// Size of a transparent huge page on x86-64 and most arm64 kernels; the usual GPU allocation
 /// granularity, and the page size of the policies' virtual ranges.
@@ -43,10 +32,11 @@ fn advise_huge_pages(ptr: *mut u8, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn advise_huge_pages(_ptr: *mut u8, _len: u64) {}
 
-/// Host memory as a [`Device`].
+/// Host memory as a [`Device`]. Every tier is host memory here, each region its own mapping
+/// (a region's base is its address), and it stands in for any number of devices.
 pub struct HostDevice {
     page: u64,
-    regions: BTreeMap<u64, Region>,
+    regions: Regions,
 }
 
 // SAFETY: a `HostDevice` exclusively owns the mappings its raw pointers point into; nothing
@@ -74,7 +64,7 @@ impl HostDevice {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         HostDevice {
             page: u64::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096),
-            regions: BTreeMap::new(),
+            regions: Regions::new("host"),
         }
     }
 
@@ -83,7 +73,19 @@ impl HostDevice {
         self.regions.len()
     }
 
-    fn mmap(&mut self, bytes: u64, prot: libc::c_int, what: &str) -> Result<u64, DeviceError> {
+    fn mmap(
+        &mut self,
+        tier: Tier,
+        bytes: u64,
+        prot: libc::c_int,
+        what: &str,
+    ) -> Result<u64, DeviceError> {
+        if tier == Tier::Disk {
+            return Err(DeviceError::new(
+                DeviceErrorKind::Unsupported,
+                format!("host {what} of {bytes} bytes: the disk tier is not executed on memory"),
+            ));
+        }
         let too_large = || {
             DeviceError::new(
                 DeviceErrorKind::OutOfMemory,
@@ -138,30 +140,22 @@ impl HostDevice {
             advise_huge_pages(ptr, len);
         }
         let base = ptr as u64;
-        let is_virtual = prot == libc::PROT_NONE;
-        let access = if is_virtual {
-            Ranges::default()
+        let region = if prot == libc::PROT_NONE {
+            Region::virtual_range(tier, len)
         } else {
-            Ranges::whole(bytes)
-        };
-        let region = Region {
-            ptr,
-            len,
-            is_virtual,
-            access,
+            Region::physical(tier, bytes)
         };
         self.regions.insert(base, region);
         Ok(base)
     }
 
-    fn region(&self, base: u64, what: &str) -> Result<&Region, DeviceError> {
-        self.regions
-            .get(&base)
-            .ok_or_else(|| DeviceError::invalid(format!("host {what}: unknown base {base:#x}")))
+    /// Length of the mapping behind a region: what was asked, in whole pages (at least one).
+    fn mapping_len(&self, region: &Region) -> u64 {
+        region.len.max(1).next_multiple_of(self.page)
     }
 
-    /// A pointer to `[offset, offset + bytes)` of `base`, after checking that the whole range
-    /// is accessible; `None` for an empty range (of a known base).
+    /// A pointer to `[offset, offset + bytes)` of `base`, after `Regions` checked that the
+    /// whole range is accessible; `None` for an empty range (of a known base).
     fn span(
         &self,
         base: u64,
@@ -169,73 +163,17 @@ impl HostDevice {
         bytes: u64,
         what: &str,
     ) -> Result<Option<*mut u8>, DeviceError> {
-        let region = self.region(base, what)?;
-        let end = range_end(what, offset, bytes)?;
-        if bytes == 0 {
-            return Ok(None);
-        }
-        if !region.access.covers(offset, end) {
-            return Err(DeviceError::invalid(format!(
-                "host {what}: [{offset}, {end}) of {base:#x} is not inside one mapped range"
-            )));
-        }
-        // SAFETY: `end <= len` (accessible ranges lie inside the mapping), so `ptr + offset` is
-        // inside the mapping that `ptr` points to.
-        Ok(Some(unsafe { region.ptr.add(offset as usize) }))
-    }
-
-    fn virtual_range(
-        &mut self,
-        base: u64,
-        offset: u64,
-        bytes: u64,
-        what: &str,
-    ) -> Result<(&mut Region, u64), DeviceError> {
-        let page = self.page;
-        let region = self
-            .regions
-            .get_mut(&base)
-            .ok_or_else(|| DeviceError::invalid(format!("host {what}: unknown base {base:#x}")))?;
-        if !region.is_virtual {
-            return Err(DeviceError::invalid(format!(
-                "host {what}: {base:#x} is a physical segment, not a virtual range"
-            )));
-        }
-        let end = range_end(what, offset, bytes)?;
-        if bytes == 0 {
-            return Err(DeviceError::invalid(format!("host {what}: empty range")));
-        }
-        if !offset.is_multiple_of(page) || !bytes.is_multiple_of(page) {
-            return Err(DeviceError::new(
-                DeviceErrorKind::Unsupported,
-                format!("host {what}: [{offset}, {end}) is not aligned to the {page}-byte page"),
-            ));
-        }
-        if end > region.len {
-            return Err(DeviceError::invalid(format!(
-                "host {what}: [{offset}, {end}) outside the {}-byte range {base:#x}",
-                region.len
-            )));
-        }
-        Ok((region, end))
+        let (addr, _) = self.regions.span(base, offset, bytes, what)?;
+        // The base is the address of our own mapping and the range was checked to lie in it.
+        Ok(addr.map(|a| a as *mut u8))
     }
 
     fn munmap(&mut self, base: u64, want_virtual: bool, what: &str) -> Result<(), DeviceError> {
-        let region = self.region(base, what)?;
-        if region.is_virtual != want_virtual {
-            return Err(DeviceError::invalid(format!(
-                "host {what}: {base:#x} is a {}",
-                if region.is_virtual {
-                    "virtual range"
-                } else {
-                    "physical segment"
-                }
-            )));
-        }
-        let region = self.regions.remove(&base).expect("checked above");
-        // SAFETY: `ptr`/`len` are exactly a mapping this device created and still owns; it was
-        // just removed from the table, so no later call can reach it.
-        if unsafe { libc::munmap(region.ptr.cast(), region.len as usize) } != 0 {
+        let region = self.regions.remove(base, want_virtual, what)?;
+        let len = self.mapping_len(&region);
+        // SAFETY: `base`/`len` are exactly a mapping this device created and still owned; it
+        // was just removed from the table, so no later call can reach it.
+        if unsafe { libc::munmap(base as *mut libc::c_void, len as usize) } != 0 {
             return Err(os_error(format!("host {what} of {base:#x} (munmap)")));
         }
         Ok(())
@@ -251,30 +189,35 @@ impl Device for HostDevice {
         self.page
     }
 
-    fn reserve(&mut self, bytes: u64) -> Result<u64, DeviceError> {
-        self.mmap(bytes, libc::PROT_READ | libc::PROT_WRITE, "reserve")
+    fn serves(&self, _device: DeviceId) -> bool {
+        true
+    }
+
+    fn resident_includes(&self, _tier: Tier) -> bool {
+        true
+    }
+
+    fn reserve(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError> {
+        self.mmap(tier, bytes, libc::PROT_READ | libc::PROT_WRITE, "reserve")
     }
 
     fn release(&mut self, base: u64) -> Result<(), DeviceError> {
         self.munmap(base, false, "release")
     }
 
-    fn reserve_va(&mut self, bytes: u64) -> Result<u64, DeviceError> {
-        self.mmap(bytes, libc::PROT_NONE, "reserve_va")
+    fn reserve_va(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError> {
+        self.mmap(tier, bytes, libc::PROT_NONE, "reserve_va")
     }
 
     fn map(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
-        let (region, end) = self.virtual_range(base, offset, bytes, "map")?;
-        if region.access.touches(offset, end) {
-            return Err(DeviceError::invalid(format!(
-                "host map: [{offset}, {end}) of {base:#x} overlaps mapped pages"
-            )));
-        }
+        let end = self
+            .regions
+            .virtual_span(base, offset, bytes, self.page, VaOp::Map)?;
         // SAFETY: the page-aligned range [offset, end) lies inside this device's own mapping
-        // (checked by `virtual_range`); changing its protection affects no other memory.
+        // (checked by `virtual_span`); changing its protection affects no other memory.
         let rc = unsafe {
             libc::mprotect(
-                region.ptr.add(offset as usize).cast(),
+                (base + offset) as *mut libc::c_void,
                 bytes as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
             )
@@ -282,22 +225,22 @@ impl Device for HostDevice {
         if rc != 0 {
             return Err(os_error(format!("host map [{offset}, {end}) of {base:#x}")));
         }
-        region.access.insert(offset, end);
+        self.regions
+            .get_mut(base, "map")?
+            .access
+            .insert(offset, end);
         Ok(())
     }
 
     fn unmap(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
-        let (region, end) = self.virtual_range(base, offset, bytes, "unmap")?;
-        if !region.access.covers(offset, end) {
-            return Err(DeviceError::invalid(format!(
-                "host unmap: [{offset}, {end}) of {base:#x} is not all mapped"
-            )));
-        }
+        let end = self
+            .regions
+            .virtual_span(base, offset, bytes, self.page, VaOp::Unmap)?;
         // SAFETY: as in `map`: a page-aligned range inside our own mapping. Dropping its pages
         // (they read as zero afterwards) and then revoking access touches nothing else; no
         // reference into the range outlives a `&mut self` call.
         unsafe {
-            let p = region.ptr.add(offset as usize).cast();
+            let p = (base + offset) as *mut libc::c_void;
             if libc::madvise(p, bytes as usize, libc::MADV_DONTNEED) != 0 {
                 return Err(os_error(format!("host unmap [{offset}, {end}) (madvise)")));
             }
@@ -305,7 +248,10 @@ impl Device for HostDevice {
                 return Err(os_error(format!("host unmap [{offset}, {end}) (mprotect)")));
             }
         }
-        region.access.remove(offset, end);
+        self.regions
+            .get_mut(base, "unmap")?
+            .access
+            .remove(offset, end);
         Ok(())
     }
 
@@ -335,16 +281,7 @@ impl Device for HostDevice {
         };
         // SAFETY: as in `fill`; the slice is only read.
         let block = unsafe { std::slice::from_raw_parts(p, bytes as usize) };
-        let mismatched_bytes = pattern::count_mismatches(block, seed, 0);
-        let first_mismatch = if mismatched_bytes > 0 {
-            pattern::first_mismatch(block, seed, 0).map(|i| i as u64)
-        } else {
-            None
-        };
-        Ok(Check {
-            mismatched_bytes,
-            first_mismatch,
-        })
+        Ok(pattern::check(block, seed))
     }
 
     fn copy(&mut self, from: (u64, u64), to: (u64, u64), bytes: u64) -> Result<(), DeviceError> {
@@ -376,10 +313,11 @@ impl Device for HostDevice {
 
 impl Drop for HostDevice {
     fn drop(&mut self) {
-        for (_, region) in std::mem::take(&mut self.regions) {
+        for (base, region) in self.regions.take_all() {
+            let len = self.mapping_len(&region);
             // SAFETY: each region is a mapping this device created and still owns; the table
             // is emptied, so nothing can reach them afterwards.
-            unsafe { libc::munmap(region.ptr.cast(), region.len as usize) };
+            unsafe { libc::munmap(base as *mut libc::c_void, len as usize) };
         }
     }
 }
@@ -393,7 +331,7 @@ mod tests {
     #[test]
     fn physical_segment_fill_verify_copy_corrupt() {
         let mut d = HostDevice::new();
-        let base = d.reserve(3 * MIB + 5).unwrap();
+        let base = d.reserve(Tier::Gpu, 3 * MIB + 5).unwrap();
         d.fill(base, 100, 1000, 7).unwrap();
         assert_eq!(d.verify(base, 100, 1000, 7).unwrap(), Check::default());
         // Overlapping copy up by 10 bytes keeps the block's bytes.
@@ -419,7 +357,7 @@ mod tests {
     #[test]
     fn virtual_range_map_unmap() {
         let mut d = HostDevice::new();
-        let base = d.reserve_va(64 * MIB).unwrap();
+        let base = d.reserve_va(Tier::Gpu, 64 * MIB).unwrap();
         assert!(d.fill(base, 0, 8, 1).is_err(), "nothing is mapped yet");
         d.map(base, 2 * MIB, 2 * MIB).unwrap();
         d.map(base, 4 * MIB, 2 * MIB).unwrap();
@@ -448,14 +386,14 @@ mod tests {
     #[test]
     fn refusal_of_impossible_reservations() {
         let mut d = HostDevice::new();
-        let err = d.reserve(u64::MAX).unwrap_err();
+        let err = d.reserve(Tier::Gpu, u64::MAX).unwrap_err();
         assert_eq!(err.kind, DeviceErrorKind::OutOfMemory);
-        let err = d.reserve(1 << 62).unwrap_err();
+        let err = d.reserve(Tier::Gpu, 1 << 62).unwrap_err();
         assert_eq!(err.kind, DeviceErrorKind::OutOfMemory, "{err}");
         assert!(err.to_string().contains("mmap"), "{err}");
         // Zero bytes still gives a distinct base.
-        let a = d.reserve(0).unwrap();
-        let b = d.reserve(0).unwrap();
+        let a = d.reserve(Tier::Gpu, 0).unwrap();
+        let b = d.reserve(Tier::Gpu, 0).unwrap();
         assert_ne!(a, b);
         assert_eq!(d.verify(a, 0, 0, 0).unwrap(), Check::default());
     }

@@ -2,15 +2,18 @@
 //! memory through the [`device::Device`] trait — host memory ([`host::HostDevice`]) anywhere,
 //! CUDA ([`cuda::CudaDevice`]) where a driver and a GPU are present — verifies the bytes of
 //! every block, measures the time of every decision, and keeps the same books and digest as
-//! the simulator ([`executor::DeviceExecutor`]).
+//! the simulator ([`executor::DeviceExecutor`]). It depends on `gpumem-core` only: the
+//! executor contract it implements is `gpumem_core::executor::Executor`.
 
 pub mod cuda;
 pub mod device;
 pub mod executor;
 pub mod host;
+pub mod inject;
 pub mod pattern;
 
 pub use cuda::CudaDevice;
 pub use device::{Check, Device, DeviceError, DeviceErrorKind};
-pub use executor::{DeviceExecutor, ExecReport, Inject, KindTiming, Mismatch, ParseInjectError};
+pub use executor::{DeviceExecutor, ExecReport, KindTiming, Mismatch};
 pub use host::HostDevice;
+pub use inject::{Inject, ParseInjectError, INJECT_WINDOW};

@@ -135,6 +135,21 @@ pub fn first_mismatch(buf: &[u8], seed: u64, start: u64) -> Option<usize> {
     None
 }
 
+/// Checks a whole block (its first byte at offset 0 of the pattern) against the pattern of
+/// `seed`: wrong bytes and where the first one is.
+pub fn check(block: &[u8], seed: u64) -> crate::device::Check {
+    let mismatched_bytes = count_mismatches(block, seed, 0);
+    let first_mismatch = if mismatched_bytes > 0 {
+        first_mismatch(block, seed, 0).map(|i| i as u64)
+    } else {
+        None
+    };
+    crate::device::Check {
+        mismatched_bytes,
+        first_mismatch,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,37 +5,25 @@
 use gpumem_core::alloc::{self, AllocConfig, AllocRequest, Strategy, MIB};
 use gpumem_core::decision::{AllocId, Decision, Loc, Refusal, SegmentId};
 use gpumem_core::digest::Digest;
-use gpumem_core::memory::{Books, Memory};
+use gpumem_core::executor::{Executor, Ledger};
+use gpumem_core::place::{DeviceId, Tier};
 use gpumem_gpu::{Check, Device, DeviceError, DeviceExecutor, HostDevice, Inject};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// What the simulator does: books and digest, nothing else.
-struct BooksOnly {
-    books: Books,
-    digest: Digest,
-}
+struct BooksOnly;
 
 impl BooksOnly {
-    fn new(capacity: u64) -> Self {
-        BooksOnly {
-            books: Books::new(capacity),
-            digest: Digest::new(),
-        }
-    }
-}
-
-impl Memory for BooksOnly {
-    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-        let outcome = self.books.apply(d);
-        self.digest.decision(&d, outcome);
-        outcome
+    #[allow(clippy::new_ret_no_self)]
+    fn new(capacity: u64) -> Ledger {
+        Ledger::new(gpumem_core::books::Books::new(capacity))
     }
 }
 
 fn loc(segment: u32, offset: u64) -> Loc {
     Loc {
-        segment: SegmentId(segment),
+        segment: SegmentId::arena(segment),
         offset,
     }
 }
@@ -46,8 +34,8 @@ const CAPACITY: u64 = 64 * MIB;
 /// source), frees and unmaps; a physical segment reserved, used and released; one block left
 /// live for the final checkpoint.
 fn stream() -> Vec<Decision> {
-    let s0 = SegmentId(0);
-    let s1 = SegmentId(1);
+    let s0 = SegmentId::arena(0);
+    let s1 = SegmentId::arena(1);
     let a = 3_000_001;
     let b = 4099;
     let c = MIB + 5;
@@ -147,7 +135,7 @@ fn run_stream<D: Device>(device: D) {
         sim.apply(d).unwrap();
     }
     assert_eq!(ex.digest_hex(), sim.digest.hex());
-    assert_eq!(ex.books().reserved_bytes, sim.books.reserved_bytes);
+    assert_eq!(ex.books().reserved_bytes(), sim.books.reserved_bytes());
     let report = ex.finish();
 
     let mut digest = Digest::new();
@@ -200,7 +188,7 @@ fn cuda_device_runs_the_same_stream_where_present() {
 
 fn place_many(ex: &mut DeviceExecutor<HostDevice>, blocks: u64, bytes: u64) {
     ex.apply(Decision::Reserve {
-        segment: SegmentId(0),
+        segment: SegmentId::arena(0),
         bytes: blocks * bytes,
     })
     .unwrap();
@@ -263,7 +251,7 @@ fn injected_refusal_is_reported_to_the_policy_and_changes_the_digest() {
     let mut ex = DeviceExecutor::new(HostDevice::new(), CAPACITY, &faults, 0);
     let mut clean = BooksOnly::new(CAPACITY);
     let reserve = |s: u32| Decision::Reserve {
-        segment: SegmentId(s),
+        segment: SegmentId::arena(s),
         bytes: MIB,
     };
     assert_eq!(ex.apply(reserve(0)), Ok(()));
@@ -275,7 +263,7 @@ fn injected_refusal_is_reported_to_the_policy_and_changes_the_digest() {
     assert_ne!(ex.digest_hex(), clean.digest.hex());
     // The refused reservation left no trace in the books or on the device.
     assert_eq!(ex.books().segment_count(), 2);
-    assert_eq!(ex.books().reserved_bytes, 2 * MIB);
+    assert_eq!(ex.books().reserved_bytes(), 2 * MIB);
     assert_eq!(ex.device().region_count(), 2);
     let mut digest = Digest::new();
     digest.decision(&reserve(0), Ok(()));
@@ -291,7 +279,7 @@ fn injected_refusal_is_reported_to_the_policy_and_changes_the_digest() {
 fn a_refused_map_is_counted_among_reserves() {
     let faults = [Inject::RefuseAlloc { nth: Some(2) }];
     let mut ex = DeviceExecutor::new(HostDevice::new(), CAPACITY, &faults, 0);
-    let s = SegmentId(0);
+    let s = SegmentId::arena(0);
     ex.apply(Decision::ReserveVa {
         segment: s,
         bytes: 8 * MIB,
@@ -310,7 +298,7 @@ fn a_refused_map_is_counted_among_reserves() {
     };
     assert_eq!(ex.apply(map), Err(Refusal::Injected));
     assert_eq!(ex.apply(map), Ok(()), "the policy may ask again");
-    assert_eq!(ex.books().reserved_bytes, 4 * MIB);
+    assert_eq!(ex.books().reserved_bytes(), 4 * MIB);
 }
 
 /// A host device that counts the calls that reach it.
@@ -326,17 +314,23 @@ impl Device for Counting {
     fn granularity_bytes(&self) -> u64 {
         self.inner.granularity_bytes()
     }
-    fn reserve(&mut self, bytes: u64) -> Result<u64, DeviceError> {
+    fn serves(&self, device: DeviceId) -> bool {
+        self.inner.serves(device)
+    }
+    fn resident_includes(&self, tier: Tier) -> bool {
+        self.inner.resident_includes(tier)
+    }
+    fn reserve(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError> {
         self.calls += 1;
-        self.inner.reserve(bytes)
+        self.inner.reserve(tier, bytes)
     }
     fn release(&mut self, base: u64) -> Result<(), DeviceError> {
         self.calls += 1;
         self.inner.release(base)
     }
-    fn reserve_va(&mut self, bytes: u64) -> Result<u64, DeviceError> {
+    fn reserve_va(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError> {
         self.calls += 1;
-        self.inner.reserve_va(bytes)
+        self.inner.reserve_va(tier, bytes)
     }
     fn map(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
         self.calls += 1;
@@ -380,10 +374,10 @@ fn capacity_refusal_never_reaches_the_device() {
     let capacity = 4 * MIB;
     let mut ex = DeviceExecutor::new(device, capacity, &[], 0);
     let mut sim = BooksOnly::new(capacity);
-    let s = SegmentId(0);
+    let s = SegmentId::arena(0);
     let stream = [
         Decision::Reserve {
-            segment: SegmentId(9),
+            segment: SegmentId::arena(9),
             bytes: 8 * MIB,
         },
         Decision::ReserveVa {
@@ -401,7 +395,7 @@ fn capacity_refusal_never_reaches_the_device() {
             bytes: 2 * MIB,
         },
         Decision::Reserve {
-            segment: SegmentId(9),
+            segment: SegmentId::arena(9),
             bytes: 1,
         },
     ];
@@ -435,13 +429,13 @@ fn a_device_refusal_is_reported_and_changes_the_digest() {
     let mut ex = DeviceExecutor::new(HostDevice::new(), u64::MAX, &[], 0);
     let mut sim = BooksOnly::new(u64::MAX);
     let huge = Decision::Reserve {
-        segment: SegmentId(0),
+        segment: SegmentId::arena(0),
         bytes: 1 << 62,
     };
     assert_eq!(ex.apply(huge), Err(Refusal::Device));
     assert_eq!(sim.apply(huge), Ok(()), "the books had room");
     assert_ne!(ex.digest_hex(), sim.digest.hex());
-    assert_eq!(ex.books().reserved_bytes, 0);
+    assert_eq!(ex.books().reserved_bytes(), 0);
     let report = ex.finish();
     assert_eq!(report.device_refusals, 1);
     assert!(
@@ -455,7 +449,7 @@ fn a_device_refusal_is_reported_and_changes_the_digest() {
 fn overlapping_placements_are_caught_by_the_patterns() {
     let mut ex = DeviceExecutor::new(HostDevice::new(), CAPACITY, &[], 0);
     ex.apply(Decision::Reserve {
-        segment: SegmentId(0),
+        segment: SegmentId::arena(0),
         bytes: MIB,
     })
     .unwrap();
@@ -484,7 +478,7 @@ fn overlapping_placements_are_caught_by_the_patterns() {
 fn a_free_at_the_wrong_place_is_a_policy_bug() {
     let mut ex = DeviceExecutor::new(HostDevice::new(), CAPACITY, &[], 0);
     ex.apply(Decision::Reserve {
-        segment: SegmentId(0),
+        segment: SegmentId::arena(0),
         bytes: MIB,
     })
     .unwrap();
@@ -505,7 +499,7 @@ fn a_free_at_the_wrong_place_is_a_policy_bug() {
 #[should_panic(expected = "policy bug")]
 fn unmapping_under_a_live_block_is_a_policy_bug() {
     let mut ex = DeviceExecutor::new(HostDevice::new(), CAPACITY, &[], 0);
-    let s = SegmentId(0);
+    let s = SegmentId::arena(0);
     ex.apply(Decision::ReserveVa {
         segment: s,
         bytes: 8 * MIB,
@@ -536,7 +530,7 @@ fn unmapping_under_a_live_block_is_a_policy_bug() {
 fn releasing_under_a_live_block_is_a_policy_bug() {
     let mut ex = DeviceExecutor::new(HostDevice::new(), CAPACITY, &[], 0);
     ex.apply(Decision::Reserve {
-        segment: SegmentId(0),
+        segment: SegmentId::arena(0),
         bytes: MIB,
     })
     .unwrap();
@@ -547,13 +541,13 @@ fn releasing_under_a_live_block_is_a_policy_bug() {
     })
     .unwrap();
     let _ = ex.apply(Decision::Release {
-        segment: SegmentId(0),
+        segment: SegmentId::arena(0),
     });
 }
 
 /// Random allocations, frees and compactions through a real strategy: once against the device,
 /// once against the books alone. Same digest, no wrong byte.
-fn replay<M: Memory>(strategy: Strategy, seed: u64, mem: &mut M) {
+fn replay<M: Executor>(strategy: Strategy, seed: u64, mem: &mut M) {
     let config = AllocConfig {
         capacity_bytes: 96 * MIB,
         alignment_bytes: 512,
@@ -600,7 +594,7 @@ fn real_strategies_run_clean_on_host_memory() {
         replay(strategy, 11, &mut ex);
         replay(strategy, 11, &mut sim);
         assert_eq!(ex.digest_hex(), sim.digest.hex(), "{strategy:?}");
-        assert_eq!(ex.books().reserved_bytes, sim.books.reserved_bytes);
+        assert_eq!(ex.books().reserved_bytes(), sim.books.reserved_bytes());
         let report = ex.finish();
         assert_eq!(
             report.mismatches, 0,

@@ -3,14 +3,15 @@
 
 use gpumem_core::alloc::MIB;
 use gpumem_core::decision::{AllocId, Decision, Loc, SegmentId};
-use gpumem_core::memory::Memory;
+use gpumem_core::executor::Executor;
+use gpumem_core::place::Tier;
 use gpumem_gpu::{Device, DeviceExecutor, HostDevice};
 
 const CAPACITY: u64 = 64 * MIB;
 
 fn loc(segment: u32, offset: u64) -> Loc {
     Loc {
-        segment: SegmentId(segment),
+        segment: SegmentId::arena(segment),
         offset,
     }
 }
@@ -18,7 +19,7 @@ fn loc(segment: u32, offset: u64) -> Loc {
 #[test]
 fn resident_bytes_grow_when_mapped_memory_is_touched() {
     let mut host = HostDevice::new();
-    let base = host.reserve_va(256 * MIB).unwrap();
+    let base = host.reserve_va(Tier::Gpu, 256 * MIB).unwrap();
     host.map(base, 0, 64 * MIB).unwrap();
     let before = host.resident_bytes().expect("/proc/self/statm");
     host.fill(base, 0, 64 * MIB, 3).unwrap();
@@ -30,7 +31,7 @@ fn resident_bytes_grow_when_mapped_memory_is_touched() {
 
     // The executor samples the same figure.
     let mut ex = DeviceExecutor::new(HostDevice::new(), CAPACITY, &[], 0);
-    let s = SegmentId(0);
+    let s = SegmentId::arena(0);
     ex.apply(Decision::ReserveVa {
         segment: s,
         bytes: 32 * MIB,

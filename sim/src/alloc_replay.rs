@@ -12,7 +12,7 @@ use gpumem_core::decision::AllocId;
 use gpumem_traces::{AllocTrace, OpKind, RecordedSegment};
 use serde::Serialize;
 
-use crate::executor::Executor;
+use gpumem_core::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -264,7 +264,7 @@ impl<E: Executor> Driver<'_, E> {
             Err(AllocError::OutOfMemory { rounded_bytes }) => {
                 self.ids.insert(id, Tracked::Failed);
                 let books = self.exec.books();
-                let free = books.capacity_bytes - books.allocated_bytes;
+                let free = books.capacity_bytes() - books.allocated_bytes;
                 if free >= rounded_bytes {
                     self.result.fragmentation_failures += 1;
                 } else {
@@ -289,7 +289,7 @@ impl<E: Executor> Driver<'_, E> {
 
     fn observe(&mut self, t_ns: u64, sample: bool) {
         let books = self.exec.books();
-        let (reserved, allocated) = (books.reserved_bytes, books.allocated_bytes);
+        let (reserved, allocated) = (books.reserved_bytes(), books.allocated_bytes);
         let free = self.alloc.free_summary();
         let frag = free.external_fragmentation();
         let r = &mut self.result;
@@ -326,8 +326,8 @@ impl<E: Executor> Driver<'_, E> {
         };
         let books = self.exec.books();
         r.bytes_allocated_peak = books.allocated_bytes_peak;
-        r.bytes_reserved_peak = books.reserved_bytes_peak;
-        r.bytes_reserved_end = books.reserved_bytes;
+        r.bytes_reserved_peak = books.reserved_bytes_peak();
+        r.bytes_reserved_end = books.reserved_bytes();
         // A recording is compared with the strategy that models it: plain segments with
         // `caching`, expandable ones with `caching-expandable`.
         if let Some(recorded) = &trace.recorded_segments {
@@ -341,7 +341,7 @@ impl<E: Executor> Driver<'_, E> {
                 r.segments_match = Some(compare_segments(recorded, &self.alloc.layout()));
             }
         }
-        r.digest = self.exec.digest_hex();
+        r.digest = self.exec.digest().hex();
         self.result
     }
 }

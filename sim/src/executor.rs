@@ -1,19 +1,13 @@
 //! The simulated executor: keeps the books, digests the decision stream and charges modelled
-//! time. `Executor` is what the drivers need from any executor, simulated or on real memory.
+//! time — per decision from [`AllocCostModel`], per transfer from the [`Links`] of the GPU
+//! profile. It implements the one executor contract of `gpumem_core::executor`.
 
+use gpumem_core::books::Books;
 use gpumem_core::decision::{Decision, Refusal};
 use gpumem_core::digest::Digest;
-use gpumem_core::memory::{Books, Memory};
+use gpumem_core::executor::{Executor, Ledger};
+use gpumem_core::link::Links;
 use serde::Serialize;
-
-/// An executor as the drivers see it.
-pub trait Executor: Memory {
-    fn books(&self) -> &Books;
-    fn digest_hex(&self) -> String;
-    /// Re-check whatever the executor can observe independently (real executors re-verify every
-    /// live block's bytes); the simulator has nothing to add to its books.
-    fn checkpoint(&mut self) {}
-}
 
 /// Modelled cost of each kind of decision, integer nanoseconds. The defaults are orders of
 /// magnitude for a current datacenter GPU (cudaMalloc tens of µs, a 2 MiB map a few µs, a copy
@@ -59,6 +53,8 @@ impl AllocCostModel {
                 // Read and write: twice the bytes cross the memory bus.
                 (2 * bytes).saturating_mul(1000) / self.copy_bytes_per_us.max(1)
             }
+            // Charged by the link it takes (`SimExecutor`), not here.
+            Decision::Transfer { .. } => 0,
         }
     }
 }
@@ -73,18 +69,28 @@ pub struct KindCost {
 
 #[derive(Clone, Debug)]
 pub struct SimExecutor {
-    books: Books,
-    digest: Digest,
+    ledger: Ledger,
     cost: AllocCostModel,
+    links: Links,
     kinds: [KindCost; Decision::KIND_NAMES.len()],
 }
 
 impl SimExecutor {
+    /// One place (device 0's GPU memory) of `capacity_bytes`, the default links.
     pub fn new(capacity_bytes: u64, cost: AllocCostModel) -> Self {
-        SimExecutor {
-            books: Books::new(capacity_bytes),
-            digest: Digest::new(),
+        Self::with_books(
+            Books::new(capacity_bytes),
             cost,
+            crate::serve::profile::GpuProfile::default_links(),
+        )
+    }
+
+    /// Any places (`books` holds their capacities), transfers charged by `links`.
+    pub fn with_books(books: Books, cost: AllocCostModel, links: Links) -> Self {
+        SimExecutor {
+            ledger: Ledger::new(books),
+            cost,
+            links,
             kinds: std::array::from_fn(|i| KindCost {
                 kind: Decision::KIND_NAMES[i],
                 ..KindCost::default()
@@ -100,27 +106,42 @@ impl SimExecutor {
     pub fn modelled_ns_total(&self) -> u64 {
         self.kinds.iter().map(|k| k.modelled_ns).sum()
     }
-}
 
-impl Memory for SimExecutor {
-    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-        let outcome = self.books.apply(d);
-        self.digest.decision(&d, outcome);
-        if outcome.is_ok() {
-            let k = &mut self.kinds[d.kind_index()];
-            k.count += 1;
-            k.modelled_ns += self.cost.cost_ns(&d);
+    /// Modelled time of `d`.
+    pub fn cost_ns(&self, d: &Decision) -> u64 {
+        match *d {
+            Decision::Transfer {
+                from, to, bytes, ..
+            } => self
+                .links
+                .between(from.segment.place, to.segment.place)
+                .transfer_ns(bytes),
+            _ => self.cost.cost_ns(d),
         }
-        outcome
+    }
+
+    pub fn digest_hex(&self) -> String {
+        self.ledger.digest.hex()
     }
 }
 
 impl Executor for SimExecutor {
-    fn books(&self) -> &Books {
-        &self.books
+    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
+        let outcome = self.ledger.apply(d);
+        if outcome.is_ok() {
+            let ns = self.cost_ns(&d);
+            let k = &mut self.kinds[d.kind_index()];
+            k.count += 1;
+            k.modelled_ns = k.modelled_ns.saturating_add(ns);
+        }
+        outcome
     }
 
-    fn digest_hex(&self) -> String {
-        self.digest.hex()
+    fn books(&self) -> &Books {
+        &self.ledger.books
+    }
+
+    fn digest(&self) -> &Digest {
+        &self.ledger.digest
     }
 }

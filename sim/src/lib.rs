@@ -10,4 +10,5 @@ pub mod report;
 pub mod serve;
 
 pub use alloc_replay::{replay, DefragMode, ReplayConfig, ReplayError, StrategyResult};
-pub use executor::{AllocCostModel, Executor, SimExecutor};
+pub use executor::{AllocCostModel, SimExecutor};
+pub use gpumem_core::executor::Executor;

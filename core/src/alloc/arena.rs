@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 use super::{align_up, AllocConfig, AllocError, LiveBlock, SegmentLayout};
 use crate::decision::{AllocId, Decision, Loc, Refusal, SegmentId};
 use crate::defrag::plan_segment;
-use crate::memory::Memory;
+use crate::executor::Executor;
 
-pub const ARENA_SEGMENT: SegmentId = SegmentId(0);
+pub const ARENA_SEGMENT: SegmentId = SegmentId::arena(0);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Arena {
@@ -52,7 +52,7 @@ impl Arena {
     }
 
     /// Makes `[0, end)` mapped. On refusal nothing is mapped.
-    pub fn ensure_mapped(&mut self, end: u64, mem: &mut dyn Memory) -> Result<(), Refusal> {
+    pub fn ensure_mapped(&mut self, end: u64, mem: &mut dyn Executor) -> Result<(), Refusal> {
         if end <= self.mapped_bytes {
             return Ok(());
         }
@@ -79,7 +79,7 @@ impl Arena {
     }
 
     /// Unmaps every whole page at or above `top` (the end of the highest live block).
-    pub fn trim(&mut self, top: u64, mem: &mut dyn Memory) {
+    pub fn trim(&mut self, top: u64, mem: &mut dyn Executor) {
         let keep = align_up(top, self.page_bytes).expect("top below range");
         if keep < self.mapped_bytes {
             mem.apply(Decision::Unmap {
@@ -191,7 +191,7 @@ pub fn tile<'a>(
 
 /// Slides the live, unpinned `blocks` (address order) down as [`plan_segment`] plans, emitting
 /// a `Move` for each, and updates `blocks` to their new places. Returns (moves, bytes moved).
-pub fn slide_down(blocks: &mut [LiveBlock], alignment: u64, mem: &mut dyn Memory) -> (u64, u64) {
+pub fn slide_down(blocks: &mut [LiveBlock], alignment: u64, mem: &mut dyn Executor) -> (u64, u64) {
     let moves = plan_segment(blocks, 0, alignment);
     let mut bytes_moved = 0;
     let mut k = 0;

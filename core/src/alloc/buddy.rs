@@ -24,7 +24,7 @@ use super::{
 };
 use crate::decision::{AllocId, Decision, Loc};
 use crate::defrag::Compaction;
-use crate::memory::Memory;
+use crate::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Live {
@@ -159,7 +159,7 @@ impl Allocator for Buddy {
         Strategy::Buddy
     }
 
-    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Memory) -> Result<Loc, AllocError> {
+    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Executor) -> Result<Loc, AllocError> {
         let order = self.order_for(req.bytes).ok_or(AllocError::OutOfMemory {
             rounded_bytes: req.bytes,
         })?;
@@ -199,7 +199,7 @@ impl Allocator for Buddy {
         Ok(at)
     }
 
-    fn free(&mut self, id: AllocId, mem: &mut dyn Memory) {
+    fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
         let b = self.live_at(id);
         let bytes = self.size(b.order);
         self.live[id.0 as usize] = None;
@@ -223,7 +223,7 @@ impl Allocator for Buddy {
         self.free[order as usize].insert(offset);
     }
 
-    fn empty_cache(&mut self, mem: &mut dyn Memory) {
+    fn empty_cache(&mut self, mem: &mut dyn Executor) {
         let top = self.top();
         self.arena.trim(top, mem);
     }
@@ -322,7 +322,7 @@ impl Allocator for Buddy {
 
     /// Buddy blocks cannot slide freely: a block must sit at a multiple of its own size and the
     /// free space it leaves merges only with its buddy, so the sliding planner does not apply.
-    fn compact(&mut self, _mem: &mut dyn Memory) -> Option<Compaction> {
+    fn compact(&mut self, _mem: &mut dyn Executor) -> Option<Compaction> {
         None
     }
 }
@@ -331,7 +331,7 @@ impl Allocator for Buddy {
 mod tests {
     use super::*;
     use crate::alloc::{GIB, MIB};
-    use crate::memory::Books;
+    use crate::books::Books;
 
     fn req(id: u64, bytes: u64) -> AllocRequest {
         AllocRequest {
@@ -343,13 +343,16 @@ mod tests {
     }
 
     /// 12 KiB of 4 KiB pages, 512 B alignment: top-level blocks 8 KiB at 0 and 4 KiB at 8 KiB.
-    fn small() -> (Buddy, Books) {
+    fn small() -> (Buddy, crate::executor::Ledger) {
         let config = AllocConfig {
             capacity_bytes: 12 * 1024,
             alignment_bytes: 512,
             page_bytes: 4096,
         };
-        (Buddy::new(&config), Books::new(config.capacity_bytes))
+        (
+            Buddy::new(&config),
+            crate::executor::Ledger::new(Books::new(config.capacity_bytes)),
+        )
     }
 
     fn free_sets(b: &Buddy) -> Vec<Vec<u64>> {
@@ -392,7 +395,7 @@ mod tests {
             free_sets(&b),
             vec![vec![512], vec![], vec![2048], vec![8192], vec![]]
         );
-        assert_eq!(mem.allocated_bytes, 512 + 1024 + 4096);
+        assert_eq!(mem.books.allocated_bytes, 512 + 1024 + 4096);
         b.check_invariants().unwrap();
     }
 
@@ -425,7 +428,7 @@ mod tests {
             vec![vec![], vec![], vec![], vec![8192], vec![0]]
         );
         b.empty_cache(&mut mem);
-        assert_eq!(mem.reserved_bytes, 0);
+        assert_eq!(mem.books.reserved_bytes(), 0);
     }
 
     #[test]
@@ -435,7 +438,7 @@ mod tests {
             ..AllocConfig::default()
         };
         let mut b = Buddy::new(&config);
-        let mut mem = Books::new(config.capacity_bytes);
+        let mut mem = crate::executor::Ledger::new(Books::new(config.capacity_bytes));
         assert!(b.alloc(req(0, 64 * GIB + 1), &mut mem).is_err());
         assert!(b.alloc(req(1, u64::MAX), &mut mem).is_err());
         // The heap grows from the bottom: 16 GiB comes from the 64 GiB block at 0, not from
@@ -456,7 +459,7 @@ mod tests {
         );
         assert!(b.alloc(req(7, 2 * MIB), &mut mem).is_err());
         b.check_invariants().unwrap();
-        assert_eq!(mem.reserved_bytes, 80 * GIB);
+        assert_eq!(mem.books.reserved_bytes(), 80 * GIB);
     }
 
     #[test]
@@ -466,7 +469,7 @@ mod tests {
             ..AllocConfig::default()
         };
         let mut b = Buddy::new(&config);
-        let mut mem = Books::new(config.capacity_bytes);
+        let mut mem = crate::executor::Ledger::new(Books::new(config.capacity_bytes));
         b.alloc(req(0, 512), &mut mem).unwrap();
         // 2 MiB mapped; free blocks 512 B .. 1 MiB below it, then 2, 4, .. 32 MiB above.
         let s = b.free_summary().pools[0];
@@ -474,13 +477,19 @@ mod tests {
     }
     #[test]
     fn a_refused_map_changes_nothing() {
-        struct Refuse(Books);
-        impl Memory for Refuse {
+        struct Refuse(crate::executor::Ledger);
+        impl Executor for Refuse {
             fn apply(&mut self, d: Decision) -> Result<(), crate::decision::Refusal> {
                 if matches!(d, Decision::Map { .. }) {
                     return Err(crate::decision::Refusal::Injected);
                 }
                 self.0.apply(d)
+            }
+            fn books(&self) -> &Books {
+                &self.0.books
+            }
+            fn digest(&self) -> &crate::digest::Digest {
+                &self.0.digest
             }
         }
         let config = AllocConfig {
@@ -489,11 +498,13 @@ mod tests {
         };
         let mut b = Buddy::new(&config);
         let before = serde_json::to_string(&b.snapshot()).unwrap();
-        let mut mem = Refuse(Books::new(config.capacity_bytes));
+        let mut mem = Refuse(crate::executor::Ledger::new(Books::new(
+            config.capacity_bytes,
+        )));
         assert!(b.alloc(req(0, 4096), &mut mem).is_err());
         assert!(b.alloc(req(1, 65 * MIB), &mut mem).is_err());
         b.check_invariants().unwrap();
-        assert_eq!(mem.0.reserved_bytes, 0);
+        assert_eq!(mem.0.books.reserved_bytes(), 0);
         // Only the arena's address-space flag may differ.
         let after = serde_json::to_string(&b.snapshot()).unwrap();
         assert_eq!(

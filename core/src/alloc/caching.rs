@@ -2,7 +2,7 @@
 //! (`c10/cuda/CUDACachingAllocator.cpp`), modelled after `shared/notes/pytorch-allocator-and-
 //! fragmentation.md` §1 with PyTorch's default configuration: no `max_split_size`, no
 //! `roundup_power2_divisions`, no garbage collection, no memory fraction. The capacity of the
-//! [`Memory`] plays the part of `cudaMalloc` refusing.
+//! [`Executor`](crate::executor::Executor) plays the part of `cudaMalloc` refusing.
 //!
 //! Model:
 //! - a request is rounded to a multiple of `kMinBlockSize` (the config's `alignment_bytes`, 512
@@ -44,7 +44,7 @@ use super::{
 };
 use crate::decision::{AllocId, Decision, Loc, SegmentId};
 use crate::defrag::Compaction;
-use crate::memory::Memory;
+use crate::executor::Executor;
 
 mod blocks;
 mod compact;
@@ -327,7 +327,7 @@ impl Caching {
         size: u64,
         alloc_size: u64,
         retry: bool,
-        mem: &mut dyn Memory,
+        mem: &mut dyn Executor,
     ) -> Option<u32> {
         if retry {
             self.counters.num_alloc_retries += 1;
@@ -337,7 +337,7 @@ impl Caching {
         }
         let id = self.take_segment_id()?;
         let reserve = Decision::Reserve {
-            segment: SegmentId(id),
+            segment: SegmentId::arena(id),
             bytes: alloc_size,
         };
         mem.apply(reserve).ok()?;
@@ -399,7 +399,7 @@ impl Caching {
     /// in (stream, size, address) order, every free block that is a whole non-expandable segment
     /// is released, then the whole pages inside the free blocks of expandable ranges are
     /// unmapped, and a range left entirely unmapped is released.
-    fn release_cached_blocks(&mut self, mem: &mut dyn Memory) {
+    fn release_cached_blocks(&mut self, mem: &mut dyn Executor) {
         for pool in [PoolKind::Large, PoolKind::Small] {
             let keys: Vec<u32> = self.pools[pool.index()]
                 .blocks
@@ -426,13 +426,13 @@ impl Caching {
     }
 
     /// `release_block`: returns the whole-segment free block `i` and its segment.
-    fn release_segment(&mut self, i: u32, mem: &mut dyn Memory) {
+    fn release_segment(&mut self, i: u32, mem: &mut dyn Executor) {
         let segment = self.b(i).segment;
         self.remove_free(i);
         self.drop_block(i);
         let seg = self.segments.remove(&segment).expect("segment of a block");
         let release = Decision::Release {
-            segment: SegmentId(segment),
+            segment: SegmentId::arena(segment),
         };
         mem.apply(release).expect("release is never refused");
         self.reserved_bytes -= seg.bytes;
@@ -474,7 +474,7 @@ impl Allocator for Caching {
         }
     }
 
-    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Memory) -> Result<Loc, AllocError> {
+    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Executor) -> Result<Loc, AllocError> {
         let slot = req.id.0 as usize;
         let taken = self.live.get(slot).is_some_and(Option::is_some);
         assert!(!taken, "{:?} allocated twice", req.id);
@@ -515,7 +515,7 @@ impl Allocator for Caching {
         self.allocated_bytes += b.size;
         self.change_live(b.segment, b.size, true);
         let at = Loc {
-            segment: SegmentId(b.segment),
+            segment: SegmentId::arena(b.segment),
             offset: b.offset,
         };
         mem.apply(Decision::Place {
@@ -527,14 +527,14 @@ impl Allocator for Caching {
         Ok(at)
     }
 
-    fn free(&mut self, id: AllocId, mem: &mut dyn Memory) {
+    fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
         let live = self.live_entry(id);
         self.live[id.0 as usize] = None;
         let b = *self.b(live.block);
         self.allocated_bytes -= b.size;
         self.change_live(b.segment, b.size, false);
         let at = Loc {
-            segment: SegmentId(b.segment),
+            segment: SegmentId::arena(b.segment),
             offset: b.offset,
         };
         mem.apply(Decision::Free {
@@ -546,7 +546,7 @@ impl Allocator for Caching {
         self.free_block(live.block);
     }
 
-    fn empty_cache(&mut self, mem: &mut dyn Memory) {
+    fn empty_cache(&mut self, mem: &mut dyn Executor) {
         self.release_cached_blocks(mem);
     }
 
@@ -588,7 +588,7 @@ impl Allocator for Caching {
         AllocatorState::Caching(self.clone())
     }
 
-    fn compact(&mut self, mem: &mut dyn Memory) -> Option<Compaction> {
+    fn compact(&mut self, mem: &mut dyn Executor) -> Option<Compaction> {
         Some(self.compact_segments(mem))
     }
 }

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::decision::{AllocId, Decision, Loc};
 use crate::defrag::Compaction;
-use crate::memory::Memory;
+use crate::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FitPolicy {
@@ -72,7 +72,7 @@ impl Allocator for FitAllocator {
         }
     }
 
-    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Memory) -> Result<Loc, AllocError> {
+    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Executor) -> Result<Loc, AllocError> {
         let bytes = self.arena.round_request(req.bytes, self.alignment_bytes)?;
         let oom = AllocError::OutOfMemory {
             rounded_bytes: bytes,
@@ -100,7 +100,7 @@ impl Allocator for FitAllocator {
         Ok(at)
     }
 
-    fn free(&mut self, id: AllocId, mem: &mut dyn Memory) {
+    fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
         let b = self.live.remove(id);
         self.allocated_bytes -= b.bytes;
         let at = Arena::loc(b.offset);
@@ -113,7 +113,7 @@ impl Allocator for FitAllocator {
         self.free.insert(b.offset, b.bytes);
     }
 
-    fn empty_cache(&mut self, mem: &mut dyn Memory) {
+    fn empty_cache(&mut self, mem: &mut dyn Executor) {
         let top = self.top();
         self.arena.trim(top, mem);
     }
@@ -157,7 +157,7 @@ impl Allocator for FitAllocator {
         AllocatorState::Fit(self.clone())
     }
 
-    fn compact(&mut self, mem: &mut dyn Memory) -> Option<Compaction> {
+    fn compact(&mut self, mem: &mut dyn Executor) -> Option<Compaction> {
         let before = self.free.largest_mapped(&self.arena);
         let mut blocks = self.live_blocks();
         let (moves, bytes_moved) = slide_down(&mut blocks, self.alignment_bytes, mem);

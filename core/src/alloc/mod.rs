@@ -1,6 +1,6 @@
 //! Allocation strategies over a device address space, behind one trait.
 //!
-//! A strategy answers `alloc` and `free` with decisions applied through a [`Memory`]; it never
+//! A strategy answers `alloc` and `free` with decisions applied through a [`Executor`](crate::executor::Executor); it never
 //! touches memory itself. The arena strategies (`first-fit`, `best-fit`, `buddy`, `tlsf`,
 //! `pool`) manage one virtual range of `capacity` bytes whose pages they map as their top grows
 //! ([`arena::Arena`]); the caching strategies model PyTorch's CUDA caching allocator.
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decision::{AllocId, Loc, SegmentId};
 use crate::defrag::Compaction;
-use crate::memory::Memory;
+use crate::executor::Executor;
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;
@@ -232,14 +232,14 @@ pub trait Allocator {
 
     /// Places `req`, reserving or mapping memory through `mem` as needed. On error nothing
     /// changed but what `mem` was told (a reservation that was refused, or cache released).
-    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Memory) -> Result<Loc, AllocError>;
+    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Executor) -> Result<Loc, AllocError>;
 
     /// Frees a live allocation. Panics if `id` is not live: the driver filters unknown frees.
-    fn free(&mut self, id: AllocId, mem: &mut dyn Memory);
+    fn free(&mut self, id: AllocId, mem: &mut dyn Executor);
 
     /// Returns cached free memory to the device (PyTorch's `empty_cache`); the arena strategies
     /// unmap the free pages above their top.
-    fn empty_cache(&mut self, mem: &mut dyn Memory);
+    fn empty_cache(&mut self, mem: &mut dyn Executor);
 
     fn free_summary(&self) -> FreeSummary;
 
@@ -259,7 +259,7 @@ pub trait Allocator {
 
     /// Moves live, unpinned blocks to compact free space, emitting `Move` decisions. `None` when
     /// this strategy cannot be defragmented.
-    fn compact(&mut self, mem: &mut dyn Memory) -> Option<Compaction>;
+    fn compact(&mut self, mem: &mut dyn Executor) -> Option<Compaction>;
 }
 
 pub fn build(strategy: Strategy, config: &AllocConfig) -> Box<dyn Allocator> {

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::decision::{AllocId, Decision, Loc};
 use crate::defrag::Compaction;
-use crate::memory::Memory;
+use crate::executor::Executor;
 
 /// The smallest nominal class.
 pub const MIN_CLASS_BYTES: u64 = 512;
@@ -139,7 +139,7 @@ impl Pool {
     }
 
     /// Finds room in the heap for `bytes`, maps it, takes it. On failure nothing changed.
-    fn heap_alloc(&mut self, bytes: u64, mem: &mut dyn Memory) -> Result<u64, ()> {
+    fn heap_alloc(&mut self, bytes: u64, mem: &mut dyn Executor) -> Result<u64, ()> {
         let (offset, len) = self.heap.best_fit(bytes).ok_or(())?;
         self.arena
             .ensure_mapped(offset + bytes, mem)
@@ -149,7 +149,7 @@ impl Pool {
     }
 
     /// A block of class `ci`: from the lowest-address partial slab, else from a new slab.
-    fn class_alloc(&mut self, ci: usize, mem: &mut dyn Memory) -> Result<(u64, u64), ()> {
+    fn class_alloc(&mut self, ci: usize, mem: &mut dyn Executor) -> Result<(u64, u64), ()> {
         let c = self.classes[ci];
         if let Some(&s_off) = self.partial[ci].first() {
             let slab = self.slabs.get_mut(&s_off).expect("partial slab exists");
@@ -211,7 +211,7 @@ impl Allocator for Pool {
         Strategy::Pool
     }
 
-    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Memory) -> Result<Loc, AllocError> {
+    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Executor) -> Result<Loc, AllocError> {
         let aligned = self.arena.round_request(req.bytes, self.alignment_bytes)?;
         let slot = req.id.0 as usize;
         assert!(
@@ -257,7 +257,7 @@ impl Allocator for Pool {
         Ok(at)
     }
 
-    fn free(&mut self, id: AllocId, mem: &mut dyn Memory) {
+    fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
         let b = self.live_at(id);
         self.live[id.0 as usize] = None;
         self.allocated_bytes -= b.bytes;
@@ -286,7 +286,7 @@ impl Allocator for Pool {
         }
     }
 
-    fn empty_cache(&mut self, mem: &mut dyn Memory) {
+    fn empty_cache(&mut self, mem: &mut dyn Executor) {
         let top = self.top();
         self.arena.trim(top, mem);
     }
@@ -396,7 +396,7 @@ impl Allocator for Pool {
 
     /// Class blocks are interchangeable only within their slab and class, and a slab leaves only
     /// when empty; sliding blocks across slabs would break that, so the pool is not compacted.
-    fn compact(&mut self, _mem: &mut dyn Memory) -> Option<Compaction> {
+    fn compact(&mut self, _mem: &mut dyn Executor) -> Option<Compaction> {
         None
     }
 }
@@ -405,7 +405,7 @@ impl Allocator for Pool {
 mod tests {
     use super::*;
     use crate::alloc::{GIB, KIB};
-    use crate::memory::Books;
+    use crate::books::Books;
 
     fn req(id: u64, bytes: u64) -> AllocRequest {
         AllocRequest {
@@ -416,12 +416,15 @@ mod tests {
         }
     }
 
-    fn pool(capacity_bytes: u64) -> (Pool, Books) {
+    fn pool(capacity_bytes: u64) -> (Pool, crate::executor::Ledger) {
         let config = AllocConfig {
             capacity_bytes,
             ..AllocConfig::default()
         };
-        (Pool::new(&config), Books::new(capacity_bytes))
+        (
+            Pool::new(&config),
+            crate::executor::Ledger::new(Books::new(capacity_bytes)),
+        )
     }
 
     #[test]
@@ -460,7 +463,7 @@ mod tests {
         assert_eq!(p.alloc(req(1, 1000), &mut mem).unwrap().offset, 1024);
         assert_eq!(p.alloc(req(2, 100), &mut mem).unwrap().offset, 2 * MIB);
         assert_eq!(p.alloc(req(3, 1024), &mut mem).unwrap().offset, 2048);
-        assert_eq!(mem.reserved_bytes, 4 * MIB);
+        assert_eq!(mem.books.reserved_bytes(), 4 * MIB);
         // The lowest free block is reused first.
         p.free(AllocId(1), &mut mem);
         assert_eq!(p.alloc(req(4, 700), &mut mem).unwrap().offset, 1024);
@@ -472,7 +475,10 @@ mod tests {
         p.free(AllocId(2), &mut mem);
         assert_eq!(p.heap.first(), Some((2 * MIB, 2 * MIB)));
         let s = p.free_summary().pools[0];
-        assert_eq!(s.free_bytes, mem.reserved_bytes - mem.allocated_bytes);
+        assert_eq!(
+            s.free_bytes,
+            mem.books.reserved_bytes() - mem.books.allocated_bytes
+        );
         assert_eq!(s.largest_free_bytes, 2 * MIB);
         for id in [0, 3, 4, 5] {
             p.free(AllocId(id), &mut mem);
@@ -481,7 +487,7 @@ mod tests {
         assert!(p.slabs.is_empty());
         assert_eq!(p.heap.len(), 1);
         p.empty_cache(&mut mem);
-        assert_eq!(mem.reserved_bytes, 0);
+        assert_eq!(mem.books.reserved_bytes(), 0);
     }
 
     #[test]
@@ -506,7 +512,7 @@ mod tests {
         for id in 0..4096 {
             p.alloc(req(id, 512), &mut mem).unwrap();
         }
-        assert_eq!(mem.reserved_bytes, 2 * MIB);
+        assert_eq!(mem.books.reserved_bytes(), 2 * MIB);
         p.free(AllocId(7), &mut mem);
         p.free(AllocId(8), &mut mem);
         let s = p.free_summary().pools[0];
@@ -515,13 +521,19 @@ mod tests {
     }
     #[test]
     fn a_refused_map_changes_nothing() {
-        struct Refuse(Books);
-        impl Memory for Refuse {
+        struct Refuse(crate::executor::Ledger);
+        impl Executor for Refuse {
             fn apply(&mut self, d: Decision) -> Result<(), crate::decision::Refusal> {
                 if matches!(d, Decision::Map { .. }) {
                     return Err(crate::decision::Refusal::Injected);
                 }
                 self.0.apply(d)
+            }
+            fn books(&self) -> &Books {
+                &self.0.books
+            }
+            fn digest(&self) -> &crate::digest::Digest {
+                &self.0.digest
             }
         }
         let config = AllocConfig {
@@ -530,11 +542,13 @@ mod tests {
         };
         let mut p = Pool::new(&config);
         let before = serde_json::to_string(&p.snapshot()).unwrap();
-        let mut mem = Refuse(Books::new(config.capacity_bytes));
+        let mut mem = Refuse(crate::executor::Ledger::new(Books::new(
+            config.capacity_bytes,
+        )));
         assert!(p.alloc(req(0, 4096), &mut mem).is_err());
         assert!(p.alloc(req(1, 65 * MIB), &mut mem).is_err());
         p.check_invariants().unwrap();
-        assert_eq!(mem.0.reserved_bytes, 0);
+        assert_eq!(mem.0.books.reserved_bytes(), 0);
         // Only the arena's address-space flag may differ.
         let after = serde_json::to_string(&p.snapshot()).unwrap();
         assert_eq!(

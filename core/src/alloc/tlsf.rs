@@ -26,7 +26,7 @@ use super::{
 };
 use crate::decision::{AllocId, Decision, Loc};
 use crate::defrag::Compaction;
-use crate::memory::Memory;
+use crate::executor::Executor;
 
 /// log2 of the number of second-level classes per first-level class.
 pub const SL_LOG2: u32 = 5;
@@ -380,7 +380,7 @@ impl Allocator for Tlsf {
         Strategy::Tlsf
     }
 
-    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Memory) -> Result<Loc, AllocError> {
+    fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Executor) -> Result<Loc, AllocError> {
         let bytes = self.arena.round_request(req.bytes, self.alignment_bytes)?;
         let oom = AllocError::OutOfMemory {
             rounded_bytes: bytes,
@@ -439,7 +439,7 @@ impl Allocator for Tlsf {
         Ok(at)
     }
 
-    fn free(&mut self, id: AllocId, mem: &mut dyn Memory) {
+    fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
         let mut i = self.live_index(id);
         self.live[id.0 as usize] = NIL;
         let b = self.blocks[i as usize];
@@ -483,7 +483,7 @@ impl Allocator for Tlsf {
         self.insert_free(i);
     }
 
-    fn empty_cache(&mut self, mem: &mut dyn Memory) {
+    fn empty_cache(&mut self, mem: &mut dyn Executor) {
         let top = self.top();
         self.arena.trim(top, mem);
     }
@@ -663,7 +663,7 @@ impl Allocator for Tlsf {
         AllocatorState::Tlsf(self.clone())
     }
 
-    fn compact(&mut self, mem: &mut dyn Memory) -> Option<Compaction> {
+    fn compact(&mut self, mem: &mut dyn Executor) -> Option<Compaction> {
         let before = self.largest_free();
         let mut blocks = self.live_blocks();
         let (moves, bytes_moved) = slide_down(&mut blocks, self.alignment_bytes, mem);
@@ -681,7 +681,7 @@ impl Allocator for Tlsf {
 mod tests {
     use super::*;
     use crate::alloc::{KIB, MIB};
-    use crate::memory::Books;
+    use crate::books::Books;
 
     fn config(capacity_bytes: u64) -> AllocConfig {
         AllocConfig {
@@ -745,13 +745,13 @@ mod tests {
 
     #[test]
     fn splits_from_the_front_and_coalesces_both_ways() {
-        let mut mem = Books::new(64 * MIB);
+        let mut mem = crate::executor::Ledger::new(Books::new(64 * MIB));
         let mut t = Tlsf::new(&config(64 * MIB));
         let a = t.alloc(req(0, 1000), &mut mem).unwrap();
         let b = t.alloc(req(1, 4 * KIB), &mut mem).unwrap();
         let c = t.alloc(req(2, 512), &mut mem).unwrap();
         assert_eq!((a.offset, b.offset, c.offset), (0, 1024, 5120));
-        assert_eq!(mem.reserved_bytes, 2 * MIB);
+        assert_eq!(mem.books.reserved_bytes(), 2 * MIB);
         t.check_invariants().unwrap();
         t.free(AllocId(0), &mut mem);
         t.free(AllocId(2), &mut mem);
@@ -766,12 +766,12 @@ mod tests {
         let s = t.free_summary().pools[0];
         assert_eq!((s.free_bytes, s.largest_free_bytes), (2 * MIB, 2 * MIB));
         t.empty_cache(&mut mem);
-        assert_eq!(mem.reserved_bytes, 0);
+        assert_eq!(mem.books.reserved_bytes(), 0);
     }
 
     #[test]
     fn good_fit_skips_a_hole_of_the_request_class_that_might_not_fit() {
-        let mut mem = Books::new(64 * MIB);
+        let mut mem = crate::executor::Ledger::new(Books::new(64 * MIB));
         let mut t = Tlsf::new(&config(64 * MIB));
         // A hole of 65 units (class (2,0) holds 64..66 units) between two live blocks.
         t.alloc(req(0, 65 * 512), &mut mem).unwrap();
@@ -791,7 +791,7 @@ mod tests {
         // 4 MiB sub-range, past the only block, which is in the request's own class.
         let cap = 130 * MIB;
         assert!(mapping_search(cap / 512) > mapping_insert(cap / 512));
-        let mut mem = Books::new(cap);
+        let mut mem = crate::executor::Ledger::new(Books::new(cap));
         let mut t = Tlsf::new(&config(cap));
         assert_eq!(t.alloc(req(0, cap), &mut mem).unwrap().offset, 0);
         assert!(t.alloc(req(1, 1), &mut mem).is_err());
@@ -801,18 +801,24 @@ mod tests {
 
     #[test]
     fn a_refused_map_changes_nothing() {
-        struct Refuse(Books);
-        impl Memory for Refuse {
+        struct Refuse(crate::executor::Ledger);
+        impl Executor for Refuse {
             fn apply(&mut self, d: Decision) -> Result<(), crate::decision::Refusal> {
                 if matches!(d, Decision::Map { .. }) {
                     return Err(crate::decision::Refusal::Injected);
                 }
                 self.0.apply(d)
             }
+            fn books(&self) -> &Books {
+                &self.0.books
+            }
+            fn digest(&self) -> &crate::digest::Digest {
+                &self.0.digest
+            }
         }
         let mut t = Tlsf::new(&config(64 * MIB));
         let before = t.clone();
-        let mut mem = Refuse(Books::new(64 * MIB));
+        let mut mem = Refuse(crate::executor::Ledger::new(Books::new(64 * MIB)));
         assert!(t.alloc(req(0, 4096), &mut mem).is_err());
         // Only the address-space reservation happened.
         assert_eq!(t.blocks, before.blocks);
@@ -822,7 +828,7 @@ mod tests {
 
     #[test]
     fn largest_free_is_exact_with_holes_in_many_classes() {
-        let mut mem = Books::new(64 * MIB);
+        let mut mem = crate::executor::Ledger::new(Books::new(64 * MIB));
         let mut t = Tlsf::new(&config(64 * MIB));
         let sizes = [3u64, 1, 40, 1, 70, 1, 69, 1, 5, 1];
         for (i, &u) in sizes.iter().enumerate() {

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use gpumem_core::link::{Link, Links};
 use serde::{Deserialize, Serialize};
 
 use super::workload::MAX_GPU_BLOCKS;
@@ -24,6 +25,115 @@ pub struct GpuProfile {
     /// vLLM's defaults on this GPU.
     pub default_max_num_seqs: u64,
     pub default_max_num_batched_tokens: u64,
+    /// How the GPU reaches host memory, storage and its peers (PCIe 4.0 x16 and no NVLink when
+    /// a profile file leaves it out).
+    #[serde(default)]
+    pub links: LinkSpec,
+}
+
+/// The links of a GPU profile, in the units data sheets give.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinkSpec {
+    /// PCIe generation (3 to 6) and lanes (1, 2, 4, 8 or 16) to the host.
+    pub pcie_gen: u32,
+    pub pcie_lanes: u32,
+    /// Fixed cost of one host transfer (launch and DMA setup), ns.
+    pub pcie_latency_ns: u64,
+    /// Pageable host memory is copied through a pinned staging buffer: this share of the
+    /// pinned bandwidth, percent (1 to 100).
+    pub pageable_pct: u64,
+    /// NVLink bandwidth one way, bytes/s; 0 when peers talk over PCIe.
+    pub nvlink_bytes_per_s: u64,
+    pub nvlink_latency_ns: u64,
+    /// Host memory copy bandwidth (memcpy), bytes/s.
+    pub host_memory_bytes_per_s: u64,
+    /// Local storage read bandwidth (weights loaded from disk), bytes/s, and latency, ns.
+    pub disk_bytes_per_s: u64,
+    pub disk_latency_ns: u64,
+}
+
+impl Default for LinkSpec {
+    fn default() -> Self {
+        LinkSpec {
+            pcie_gen: 4,
+            pcie_lanes: 16,
+            pcie_latency_ns: 10_000,
+            pageable_pct: 50,
+            nvlink_bytes_per_s: 0,
+            nvlink_latency_ns: 5_000,
+            host_memory_bytes_per_s: 100_000_000_000,
+            disk_bytes_per_s: 5_000_000_000,
+            disk_latency_ns: 100_000,
+        }
+    }
+}
+
+impl GpuProfile {
+    /// The transfer links this profile describes, or why they are not valid.
+    pub fn links(&self) -> Result<Links, String> {
+        let l = &self.links;
+        let host = Link::pcie(l.pcie_gen, l.pcie_lanes, l.pcie_latency_ns).ok_or_else(|| {
+            format!(
+                "GPU profile {}: PCIe generation {} with {} lanes is not a link gpumem knows (generations 3 to 6, lanes 1, 2, 4, 8 or 16)",
+                self.name, l.pcie_gen, l.pcie_lanes
+            )
+        })?;
+        let positive = [
+            ("pageable_pct", l.pageable_pct),
+            ("host_memory_bytes_per_s", l.host_memory_bytes_per_s),
+            ("disk_bytes_per_s", l.disk_bytes_per_s),
+            ("mem_bytes_per_s", self.mem_bytes_per_s),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!(
+                "GPU profile {}: {name} must be positive",
+                self.name
+            ));
+        }
+        if l.pageable_pct > 100 {
+            return Err(format!(
+                "GPU profile {}: pageable_pct {} is more than 100",
+                self.name, l.pageable_pct
+            ));
+        }
+        let peer = if l.nvlink_bytes_per_s > 0 {
+            Link {
+                bytes_per_s: l.nvlink_bytes_per_s,
+                latency_ns: l.nvlink_latency_ns,
+            }
+        } else {
+            host
+        };
+        Ok(Links {
+            // A copy inside HBM reads and writes it: half the bandwidth each way.
+            device_local: Link {
+                bytes_per_s: (self.mem_bytes_per_s / 2).max(1),
+                latency_ns: 2_000,
+            },
+            host_pinned: host,
+            host_pageable: Link {
+                bytes_per_s: (host.bytes_per_s / 100 * l.pageable_pct).max(1),
+                latency_ns: host.latency_ns,
+            },
+            peer,
+            host_memory: Link {
+                bytes_per_s: l.host_memory_bytes_per_s,
+                latency_ns: 1_000,
+            },
+            disk: Link {
+                bytes_per_s: l.disk_bytes_per_s,
+                latency_ns: l.disk_latency_ns,
+            },
+        })
+    }
+
+    /// The links of the default GPU (`h100`).
+    pub fn default_links() -> Links {
+        GpuProfile::resolve("h100")
+            .and_then(|g| g.links())
+            .expect("the built-in h100 profile has valid links")
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,11 +207,13 @@ fn resolve<T: for<'de> Deserialize<'de>>(
 
 impl GpuProfile {
     pub fn resolve(arg: &str) -> Result<GpuProfile, String> {
-        resolve(arg, BUILTIN_GPUS, "GPU", |p: &GpuProfile| {
+        let gpu = resolve(arg, BUILTIN_GPUS, "GPU", |p: &GpuProfile| {
             std::iter::once(p.name.clone())
                 .chain(p.aliases.clone())
                 .collect()
-        })
+        })?;
+        gpu.links()?;
+        Ok(gpu)
     }
 
     pub fn builtin() -> Vec<GpuProfile> {
@@ -221,6 +333,23 @@ mod tests {
         let h200 = GpuProfile::resolve("h200").unwrap();
         assert!(kv_sizing(&h200, &big, 900_000, 16).is_err());
         assert!(kv_sizing(&h200, &big, 1_000_000, 16).is_ok());
+    }
+
+    #[test]
+    fn links_follow_the_data_sheet() {
+        let h100 = GpuProfile::resolve("h100").unwrap().links().unwrap();
+        let l40s = GpuProfile::resolve("l40s").unwrap().links().unwrap();
+        // PCIe 5.0 x16 against 4.0 x16; NVLink against none.
+        assert!(h100.host_pinned.bytes_per_s > 3 * l40s.host_pinned.bytes_per_s / 2);
+        assert!(h100.peer.bytes_per_s > 5 * h100.host_pinned.bytes_per_s);
+        assert_eq!(l40s.peer, l40s.host_pinned);
+        assert!(h100.host_pageable.bytes_per_s < h100.host_pinned.bytes_per_s);
+        let mut bad = GpuProfile::resolve("h100").unwrap();
+        bad.links.pcie_gen = 2;
+        assert!(bad.links().unwrap_err().contains("PCIe generation 2"));
+        bad.links.pcie_gen = 5;
+        bad.links.pageable_pct = 0;
+        assert!(bad.links().unwrap_err().contains("pageable_pct"));
     }
 
     #[test]

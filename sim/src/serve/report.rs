@@ -189,7 +189,7 @@ pub fn simulate_on(
     info: RunInfo,
     mut step_log: Option<&mut dyn Write>,
     progress: &mut dyn FnMut(u64),
-    exec: Option<(&mut dyn gpumem_core::memory::Memory, u64)>,
+    exec: Option<(&mut dyn gpumem_core::executor::Executor, u64)>,
 ) -> Result<KvReport, ServeError> {
     let mut engine = VllmEngine::new(w, cfg)?;
     if let Some((mem, block_bytes)) = exec {

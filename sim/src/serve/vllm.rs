@@ -21,11 +21,12 @@ use std::collections::VecDeque;
 
 use gpumem_core::decision::{Decision, Loc, SegmentId};
 use gpumem_core::digest::Digest;
+use gpumem_core::executor::Executor;
 use gpumem_core::kv::hash::{hash_request_block, ExtraKeys};
 use gpumem_core::kv::{
     BlockHash, BlockId, KvCacheManager, KvConfig, PrefixCacheStats, SlotRequest,
 };
-use gpumem_core::memory::Memory;
+use gpumem_core::place::{Owner, Place};
 use serde::{Deserialize, Serialize};
 
 use super::cost::{CostModel, StepWork};
@@ -195,13 +196,13 @@ pub struct VllmEngine<'w> {
 /// The KV pool carried out on an executor: block `b` lives at `b × block_bytes` of one
 /// segment; every computed block is written and every prefix hit read back before it counts.
 struct KvExec<'w> {
-    mem: &'w mut dyn Memory,
+    mem: &'w mut dyn Executor,
     block_bytes: u64,
     hits_refused: u64,
 }
 
 /// The segment that holds the KV pool on an executor.
-pub const KV_SEGMENT: SegmentId = SegmentId(0);
+pub const KV_SEGMENT: SegmentId = SegmentId::new(Place::GPU0, Owner::KvPool, 0);
 
 impl KvExec<'_> {
     fn at(&self, block: BlockId) -> Loc {
@@ -315,7 +316,7 @@ impl<'w> VllmEngine<'w> {
 
     /// Carries the KV pool out on `mem` (`block_bytes` per block): reserved when the run
     /// starts, every computed block written, every prefix hit read back before it counts.
-    pub fn with_executor(mut self, mem: &'w mut dyn Memory, block_bytes: u64) -> Self {
+    pub fn with_executor(mut self, mem: &'w mut dyn Executor, block_bytes: u64) -> Self {
         self.exec = Some(KvExec {
             mem,
             block_bytes,

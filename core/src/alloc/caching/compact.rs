@@ -7,7 +7,7 @@ use super::{Block, Caching, PoolKind, State, NIL};
 use crate::alloc::LiveBlock;
 use crate::decision::Decision;
 use crate::defrag::{plan_segment, Compaction};
-use crate::memory::Memory;
+use crate::executor::Executor;
 
 /// A maximal sequence of mapped blocks of one segment.
 pub(super) struct Run {
@@ -58,7 +58,7 @@ impl Caching {
         small.max(self.largest_free_bytes(PoolKind::Large))
     }
 
-    pub(super) fn compact_segments(&mut self, mem: &mut dyn Memory) -> Compaction {
+    pub(super) fn compact_segments(&mut self, mem: &mut dyn Executor) -> Compaction {
         let mut done = Compaction {
             largest_free_bytes_before: self.largest_free_overall(),
             ..Compaction::default()

@@ -11,7 +11,7 @@
 
 use super::{Block, Caching, PoolKind, Segment, State, NIL};
 use crate::decision::{Decision, SegmentId};
-use crate::memory::Memory;
+use crate::executor::Executor;
 
 impl Caching {
     /// Length of every expandable range of `pool`: whole pages covering 1⅛ × the capacity.
@@ -33,7 +33,7 @@ impl Caching {
         stream: u32,
         pool: PoolKind,
         size: u64,
-        mem: &mut dyn Memory,
+        mem: &mut dyn Executor,
     ) -> Option<u32> {
         if size > self.va_range_bytes(pool) {
             return None;
@@ -87,11 +87,11 @@ impl Caching {
     }
 
     /// Reserves a new range for (stream, pool): one unmapped block, indexed.
-    fn new_va_range(&mut self, stream: u32, pool: PoolKind, mem: &mut dyn Memory) -> Option<u32> {
+    fn new_va_range(&mut self, stream: u32, pool: PoolKind, mem: &mut dyn Executor) -> Option<u32> {
         let bytes = self.va_range_bytes(pool);
         let id = self.take_segment_id()?;
         let reserve = Decision::ReserveVa {
-            segment: SegmentId(id),
+            segment: SegmentId::arena(id),
             bytes,
         };
         mem.apply(reserve).ok()?;
@@ -124,7 +124,7 @@ impl Caching {
     /// `map_block`: maps ⌈bytes / page⌉ pages at the start of unmapped block `i`, leaving the
     /// rest unmapped; the mapped part merges with free mapped neighbours and is indexed as free.
     /// Returns the merged block, or `None` (nothing changed) if the mapping was refused.
-    fn map_block(&mut self, i: u32, bytes: u64, mem: &mut dyn Memory) -> Option<u32> {
+    fn map_block(&mut self, i: u32, bytes: u64, mem: &mut dyn Executor) -> Option<u32> {
         let b = *self.b(i);
         debug_assert_eq!(b.state, State::Unmapped);
         let page = b.pool.page_bytes();
@@ -132,7 +132,7 @@ impl Caching {
         debug_assert_eq!(b.offset % page, 0, "unmapped block off a page boundary");
         debug_assert!(bytes <= b.size && bytes > 0);
         let map = Decision::Map {
-            segment: SegmentId(b.segment),
+            segment: SegmentId::arena(b.segment),
             offset: b.offset,
             bytes,
         };
@@ -161,7 +161,7 @@ impl Caching {
 
     /// `unmap_block`: unmaps the whole pages strictly inside free block `i`; the partial pages
     /// at its ends stay free and mapped. The unmapped part merges with unmapped neighbours.
-    pub(super) fn unmap_block(&mut self, i: u32, mem: &mut dyn Memory) {
+    pub(super) fn unmap_block(&mut self, i: u32, mem: &mut dyn Executor) {
         let b = *self.b(i);
         debug_assert_eq!(b.state, State::Free);
         let page = b.pool.page_bytes();
@@ -172,7 +172,7 @@ impl Caching {
             return;
         }
         let unmap = Decision::Unmap {
-            segment: SegmentId(b.segment),
+            segment: SegmentId::arena(b.segment),
             offset: begin,
             bytes: stop - begin,
         };
@@ -211,14 +211,14 @@ impl Caching {
     }
 
     /// `release_expandable_segment`: frees the range whose only block is the unmapped `i`.
-    pub(super) fn release_va_range(&mut self, i: u32, mem: &mut dyn Memory) {
+    pub(super) fn release_va_range(&mut self, i: u32, mem: &mut dyn Executor) {
         let segment = self.b(i).segment;
         self.remove_unmapped(i);
         self.drop_block(i);
         let seg = self.segments.remove(&segment).expect("segment of a block");
         debug_assert_eq!(seg.mapped_bytes, 0);
         let release = Decision::ReleaseVa {
-            segment: SegmentId(segment),
+            segment: SegmentId::arena(segment),
         };
         mem.apply(release)
             .expect("releasing address space is never refused");

@@ -10,7 +10,7 @@ impl Caching {
         LiveBlock {
             id,
             at: Loc {
-                segment: SegmentId(b.segment),
+                segment: SegmentId::arena(b.segment),
                 offset: b.offset,
             },
             bytes: b.size,
@@ -31,7 +31,7 @@ impl Caching {
                     .map(|&i| (self.b(i).size, matches!(self.b(i).state, State::Live(_))))
                     .collect();
                 layouts.push(SegmentLayout {
-                    segment: SegmentId(id),
+                    segment: SegmentId::arena(id),
                     stream: seg.stream,
                     bytes: run.end - run.start,
                     blocks,

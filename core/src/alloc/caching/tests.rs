@@ -1,19 +1,29 @@
 use super::*;
 use crate::alloc::{AllocConfig, AllocRequest, KIB};
+use crate::books::Books;
 use crate::decision::Refusal;
-use crate::memory::Books;
+use crate::digest::Digest;
+use crate::executor::Executor;
 
 /// Books that remember every decision and whether it was carried out.
 struct Rec {
     books: Books,
+    digest: Digest,
     log: Vec<(Decision, bool)>,
 }
 
-impl Memory for Rec {
+impl Executor for Rec {
     fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
         let outcome = self.books.apply(d);
+        self.digest.decision(&d, outcome);
         self.log.push((d, outcome.is_ok()));
         outcome
+    }
+    fn books(&self) -> &Books {
+        &self.books
+    }
+    fn digest(&self) -> &Digest {
+        &self.digest
     }
 }
 
@@ -33,6 +43,7 @@ impl T {
             a: Caching::new(&config, expandable),
             mem: Rec {
                 books: Books::new(capacity_bytes),
+                digest: Digest::new(),
                 log: Vec::new(),
             },
             next_id: 0,
@@ -69,11 +80,11 @@ impl T {
 
     fn check(&self) {
         self.a.check_invariants().unwrap();
-        assert_eq!(self.a.reserved_bytes(), self.mem.books.reserved_bytes);
+        assert_eq!(self.a.reserved_bytes(), self.mem.books.reserved_bytes());
         let free = self.a.free_summary().free_bytes();
         assert_eq!(
             self.mem.books.allocated_bytes + free,
-            self.mem.books.reserved_bytes
+            self.mem.books.reserved_bytes()
         );
     }
 
@@ -88,7 +99,7 @@ impl T {
 
 fn loc(segment: u32, offset: u64) -> Loc {
     Loc {
-        segment: SegmentId(segment),
+        segment: SegmentId::arena(segment),
         offset,
     }
 }
@@ -124,7 +135,7 @@ fn a_10_5_mib_request_takes_a_12_mib_segment_and_leaves_1_5_mib() {
     let (_, at) = t.alloc(10 * MIB + MIB / 2);
     assert_eq!(at, loc(0, 0));
     let reserve = Decision::Reserve {
-        segment: SegmentId(0),
+        segment: SegmentId::arena(0),
         bytes: 12 * MIB,
     };
     assert_eq!(t.take_log(), vec![(reserve, true)]);
@@ -148,7 +159,7 @@ fn a_10_5_mib_request_takes_a_12_mib_segment_and_leaves_1_5_mib() {
 fn a_1_5_mib_request_takes_a_20_mib_segment_and_leaves_18_5_mib() {
     let mut t = T::new(GB, false);
     t.alloc(MIB + MIB / 2);
-    assert_eq!(t.mem.books.reserved_bytes, 20 * MIB);
+    assert_eq!(t.mem.books.reserved_bytes(), 20 * MIB);
     assert_eq!(
         blocks(&t),
         vec![vec![(3 * MIB / 2, true), (37 * MIB / 2, false)]]
@@ -160,7 +171,7 @@ fn a_1_5_mib_request_takes_a_20_mib_segment_and_leaves_18_5_mib() {
 fn a_1_mib_request_is_small_and_takes_a_2_mib_segment() {
     let mut t = T::new(GB, false);
     t.alloc(MIB);
-    assert_eq!(t.mem.books.reserved_bytes, 2 * MIB);
+    assert_eq!(t.mem.books.reserved_bytes(), 2 * MIB);
     let free = t.a.free_summary();
     assert_eq!(free.pools[0].free_bytes, MIB);
     assert_eq!(free.pools[1].free_bytes, 0);
@@ -220,7 +231,7 @@ fn a_freed_block_is_not_reused_by_another_stream() {
     assert_eq!(at, loc(1, 0), "stream 1 gets its own segment");
     let (_, at) = t.alloc_on(4096, 0).unwrap();
     assert_eq!(at, loc(0, 0), "stream 0 reuses its block");
-    assert_eq!(t.mem.books.reserved_bytes, 4 * MIB);
+    assert_eq!(t.mem.books.reserved_bytes(), 4 * MIB);
 }
 
 #[test]
@@ -246,7 +257,7 @@ fn free_coalesces_within_a_segment_and_empty_cache_releases_only_whole_segments(
     t.take_log();
     t.empty_cache();
     let release = Decision::Release {
-        segment: SegmentId(1),
+        segment: SegmentId::arena(1),
     };
     assert_eq!(
         t.take_log(),
@@ -257,7 +268,7 @@ fn free_coalesces_within_a_segment_and_empty_cache_releases_only_whole_segments(
     assert_eq!(blocks(&t), vec![vec![(20 * MIB, false)]]);
     assert_eq!(t.a.free_summary().inactive_split_bytes, 0);
     t.empty_cache();
-    assert_eq!(t.mem.books.reserved_bytes, 0);
+    assert_eq!(t.mem.books.reserved_bytes(), 0);
     assert_eq!(t.a.stats().segments, 0);
     assert_eq!(t.a.stats().num_device_free, 2);
 }
@@ -272,11 +283,11 @@ fn out_of_memory_releases_the_cache_and_retries_once() {
     // Stream 2 cannot use either cached block and there is no room for a third segment.
     let (_, at) = t.alloc_on(3 * MIB / 2, 2).unwrap();
     let reserve = |segment, bytes| Decision::Reserve {
-        segment: SegmentId(segment),
+        segment: SegmentId::arena(segment),
         bytes,
     };
     let release = Decision::Release {
-        segment: SegmentId(0),
+        segment: SegmentId::arena(0),
     };
     let expected = vec![
         (reserve(2, 20 * MIB), false),
@@ -308,7 +319,7 @@ fn out_of_memory_after_the_retry_is_an_error() {
     );
     let refused = |segment| {
         let d = Decision::Reserve {
-            segment: SegmentId(segment),
+            segment: SegmentId::arena(segment),
             bytes: 20 * MIB,
         };
         (d, false)
@@ -327,7 +338,7 @@ fn huge_requests_are_refused_not_a_panic() {
         assert!(t.take_log().is_empty(), "rounding overflows: nothing asked");
         assert!(t.alloc_on(1 << 62, 0).is_err());
         assert!(t.alloc_on(2 * GB, 0).is_err());
-        assert_eq!(t.mem.books.reserved_bytes, 0);
+        assert_eq!(t.mem.books.reserved_bytes(), 0);
         assert_eq!(t.a.stats().num_ooms, 4);
     }
 }
@@ -356,7 +367,7 @@ fn expandable_allocations_of_one_stream_grow_one_range_contiguously() {
         loc(0, 30 * MIB),
         "right after the first, in the same range"
     );
-    let s = SegmentId(0);
+    let s = SegmentId::arena(0);
     let expected = vec![
         (
             Decision::ReserveVa {
@@ -390,7 +401,7 @@ fn expandable_allocations_of_one_stream_grow_one_range_contiguously() {
     // A small request goes to the small pool's own range, with 2 MiB pages.
     let (_, at) = t.alloc(4096);
     assert_eq!(at, loc(1, 0));
-    let small = SegmentId(1);
+    let small = SegmentId::arena(1);
     let expected = vec![
         (
             Decision::ReserveVa {
@@ -421,7 +432,7 @@ fn expandable_allocations_of_one_stream_grow_one_range_contiguously() {
         bytes: 20 * MIB,
     };
     assert_eq!(t.take_log(), vec![(unmap, true)]);
-    assert_eq!(t.mem.books.reserved_bytes, 40 * MIB + 2 * MIB);
+    assert_eq!(t.mem.books.reserved_bytes(), 40 * MIB + 2 * MIB);
     let layout = t.a.layout();
     assert_eq!(layout[0].bytes, 40 * MIB, "the mapped range [20, 60) MiB");
     assert_eq!(
@@ -440,7 +451,7 @@ fn expandable_allocations_of_one_stream_grow_one_range_contiguously() {
     let release = Decision::ReleaseVa { segment: s };
     // The small range's free tail [4 KiB, 2 MiB) holds no whole page: it stays.
     assert_eq!(t.take_log(), vec![(unmap, true), (release, true)]);
-    assert_eq!(t.mem.books.reserved_bytes, 2 * MIB);
+    assert_eq!(t.mem.books.reserved_bytes(), 2 * MIB);
     assert_eq!(t.a.stats().va_ranges, 1);
 }
 
@@ -457,7 +468,7 @@ fn expandable_refills_the_lowest_hole_left_by_an_unmap() {
     let (_, at) = t.alloc(30 * MIB);
     assert_eq!(at, loc(0, 0));
     let map = Decision::Map {
-        segment: SegmentId(0),
+        segment: SegmentId::arena(0),
         offset: 0,
         bytes: 40 * MIB,
     };
@@ -498,7 +509,7 @@ fn expandable_out_of_memory_unmaps_the_cache_and_retries() {
     let (_, at) = t.alloc_on(20 * MIB, 1).unwrap();
     assert_eq!(at, loc(1, 20 * MIB));
     let map = Decision::Map {
-        segment: SegmentId(1),
+        segment: SegmentId::arena(1),
         offset: 20 * MIB,
         bytes: 20 * MIB,
     };
@@ -506,7 +517,7 @@ fn expandable_out_of_memory_unmaps_the_cache_and_retries() {
         (map, false),
         (
             Decision::Unmap {
-                segment: SegmentId(0),
+                segment: SegmentId::arena(0),
                 offset: 0,
                 bytes: 40 * MIB,
             },
@@ -514,7 +525,7 @@ fn expandable_out_of_memory_unmaps_the_cache_and_retries() {
         ),
         (
             Decision::ReleaseVa {
-                segment: SegmentId(0),
+                segment: SegmentId::arena(0),
             },
             true,
         ),

@@ -1,15 +1,18 @@
-//! The executor side of the contract: `Memory` carries out decisions, `Books` keeps the
-//! accounts every executor shares (capacity, reserved and allocated bytes, where each live
-//! allocation is) and checks that a decision stream is well formed.
+//! `Books`: the accounts every executor shares — capacity and reserved bytes per place
+//! (device and tier), allocated bytes, where each live allocation is — and the check that a
+//! decision stream is well formed.
 
 use std::collections::BTreeMap;
 
 use crate::decision::{AllocId, Decision, Loc, Refusal, SegmentId};
+use crate::place::Place;
 
-/// Something that carries out decisions: the simulator's books, or real memory.
-/// Only `Reserve` and `Map` may be refused; the policy must then act as if they never happened.
-pub trait Memory {
-    fn apply(&mut self, d: Decision) -> Result<(), Refusal>;
+/// Capacity and usage of one place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Account {
+    pub capacity_bytes: u64,
+    pub reserved_bytes: u64,
+    pub reserved_bytes_peak: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,12 +35,11 @@ impl SegmentBook {
 }
 
 /// Accounts of one run. Panics on a malformed decision stream: that is a policy bug, never an
-/// input error.
+/// input error. A place with no capacity given has capacity 0: every reservation there is
+/// refused.
 #[derive(Clone, Debug)]
 pub struct Books {
-    pub capacity_bytes: u64,
-    pub reserved_bytes: u64,
-    pub reserved_bytes_peak: u64,
+    accounts: BTreeMap<Place, Account>,
     pub allocated_bytes: u64,
     pub allocated_bytes_peak: u64,
     pub live_count: u64,
@@ -46,17 +48,65 @@ pub struct Books {
 }
 
 impl Books {
+    /// Books of one place, device 0's GPU memory, with `capacity_bytes`.
     pub fn new(capacity_bytes: u64) -> Self {
+        Self::with_places(&[(Place::GPU0, capacity_bytes)])
+    }
+
+    /// Books with the given capacity per place (a place listed twice keeps its last capacity).
+    pub fn with_places(capacities: &[(Place, u64)]) -> Self {
+        let accounts = capacities
+            .iter()
+            .map(|&(place, capacity_bytes)| {
+                let account = Account {
+                    capacity_bytes,
+                    ..Account::default()
+                };
+                (place, account)
+            })
+            .collect();
         Books {
-            capacity_bytes,
-            reserved_bytes: 0,
-            reserved_bytes_peak: 0,
+            accounts,
             allocated_bytes: 0,
             allocated_bytes_peak: 0,
             live_count: 0,
             segments: BTreeMap::new(),
             live: Vec::new(),
         }
+    }
+
+    /// Capacity and usage of `place` (all zero for a place the books were not given).
+    pub fn account(&self, place: Place) -> Account {
+        self.accounts.get(&place).copied().unwrap_or_default()
+    }
+
+    /// Every place with a capacity, in order.
+    pub fn accounts(&self) -> impl Iterator<Item = (Place, Account)> + '_ {
+        self.accounts.iter().map(|(&p, &a)| (p, a))
+    }
+
+    /// Capacity of device 0's GPU memory (the one place of a single-device run).
+    pub fn capacity_bytes(&self) -> u64 {
+        self.account(Place::GPU0).capacity_bytes
+    }
+
+    /// Reserved bytes of device 0's GPU memory.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.account(Place::GPU0).reserved_bytes
+    }
+
+    /// Highest reserved bytes of device 0's GPU memory.
+    pub fn reserved_bytes_peak(&self) -> u64 {
+        self.account(Place::GPU0).reserved_bytes_peak
+    }
+
+    /// Reserved bytes of every tier of `device` together.
+    pub fn reserved_bytes_on(&self, device: crate::place::DeviceId) -> u64 {
+        self.accounts
+            .iter()
+            .filter(|(p, _)| p.device == device)
+            .map(|(_, a)| a.reserved_bytes)
+            .sum()
     }
 
     /// Where allocation `id` lives now, if it is live.
@@ -84,27 +134,42 @@ impl Books {
     /// Whether the capacity admits `d`, without applying it: an executor asks before it touches
     /// the device, so that a device refusal leaves the books as they were.
     pub fn admits(&self, d: &Decision) -> Result<(), Refusal> {
-        let bytes = match *d {
-            Decision::Reserve { bytes, .. } | Decision::Map { bytes, .. } => bytes,
+        let (place, bytes) = match *d {
+            Decision::Reserve { segment, bytes } | Decision::Map { segment, bytes, .. } => {
+                (segment.place, bytes)
+            }
             _ => return Ok(()),
         };
-        match self.reserved_bytes.checked_add(bytes) {
-            Some(after) if after <= self.capacity_bytes => Ok(()),
+        let a = self.account(place);
+        match a.reserved_bytes.checked_add(bytes) {
+            Some(after) if after <= a.capacity_bytes => Ok(()),
             _ => Err(Refusal::Capacity),
         }
     }
 
-    fn charge(&mut self, bytes: u64) -> Result<(), Refusal> {
-        let after = self
+    fn charge(&mut self, place: Place, bytes: u64) -> Result<(), Refusal> {
+        let a = self.accounts.get_mut(&place).ok_or(Refusal::Capacity)?;
+        let after = a
             .reserved_bytes
             .checked_add(bytes)
             .ok_or(Refusal::Capacity)?;
-        if after > self.capacity_bytes {
+        if after > a.capacity_bytes {
             return Err(Refusal::Capacity);
         }
-        self.reserved_bytes = after;
-        self.reserved_bytes_peak = self.reserved_bytes_peak.max(after);
+        a.reserved_bytes = after;
+        a.reserved_bytes_peak = a.reserved_bytes_peak.max(after);
         Ok(())
+    }
+
+    fn credit(&mut self, place: Place, bytes: u64) {
+        let a = self
+            .accounts
+            .get_mut(&place)
+            .expect("memory was reserved in this place");
+        a.reserved_bytes = a
+            .reserved_bytes
+            .checked_sub(bytes)
+            .expect("more returned than reserved");
     }
 
     fn check_backed(&self, at: Loc, bytes: u64) {
@@ -144,7 +209,7 @@ impl Books {
             before.is_none_or(|(&s, &l)| s + l <= offset),
             "map over mapped memory"
         );
-        self.charge(bytes)?;
+        self.charge(segment.place, bytes)?;
         let Some(SegmentBook::Virtual { mapped, .. }) = self.segments.get_mut(&segment) else {
             unreachable!()
         };
@@ -183,7 +248,7 @@ impl Books {
         if end < s + l {
             mapped.insert(end, s + l - end);
         }
-        self.reserved_bytes -= bytes;
+        self.credit(segment.place, bytes);
     }
 
     fn set_live(&mut self, id: AllocId, value: Option<(Loc, u64)>) {
@@ -195,17 +260,19 @@ impl Books {
     }
 }
 
-impl Memory for Books {
-    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
+impl Books {
+    /// Books `d`: refuses a `Reserve` or `Map` beyond its place's capacity (changing nothing),
+    /// and panics on a decision that contradicts the books (a policy bug).
+    pub fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
         match d {
             Decision::Reserve { segment, bytes } => {
                 assert!(!self.segments.contains_key(&segment), "{segment:?} reused");
-                self.charge(bytes)?;
+                self.charge(segment.place, bytes)?;
                 self.segments
                     .insert(segment, SegmentBook::Physical { bytes });
             }
             Decision::Release { segment } => match self.segments.remove(&segment) {
-                Some(SegmentBook::Physical { bytes }) => self.reserved_bytes -= bytes,
+                Some(SegmentBook::Physical { bytes }) => self.credit(segment.place, bytes),
                 other => panic!("release of {segment:?}: {other:?}"),
             },
             Decision::ReserveVa { segment, bytes } => {
@@ -216,7 +283,7 @@ impl Memory for Books {
             }
             Decision::ReleaseVa { segment } => match self.segments.remove(&segment) {
                 Some(SegmentBook::Virtual { mapped, .. }) => {
-                    self.reserved_bytes -= mapped.values().sum::<u64>()
+                    self.credit(segment.place, mapped.values().sum::<u64>())
                 }
                 other => panic!("release_va of {segment:?}: {other:?}"),
             },
@@ -257,6 +324,16 @@ impl Memory for Books {
             Decision::WriteKv { at, bytes, .. } | Decision::ReadKv { at, bytes, .. } => {
                 self.check_backed(at, bytes)
             }
+            Decision::Transfer {
+                from, to, bytes, ..
+            } => {
+                self.check_backed(from, bytes);
+                self.check_backed(to, bytes);
+                let disjoint = from.segment != to.segment
+                    || from.offset + bytes <= to.offset
+                    || to.offset + bytes <= from.offset;
+                assert!(disjoint, "transfer onto itself: {from:?} -> {to:?}+{bytes}");
+            }
         }
         Ok(())
     }
@@ -269,7 +346,7 @@ mod tests {
     #[test]
     fn capacity_refuses_and_leaves_books_unchanged() {
         let mut books = Books::new(1000);
-        let s0 = SegmentId(0);
+        let s0 = SegmentId::arena(0);
         assert_eq!(
             books.apply(Decision::Reserve {
                 segment: s0,
@@ -277,13 +354,13 @@ mod tests {
             }),
             Ok(())
         );
-        let s1 = SegmentId(1);
+        let s1 = SegmentId::arena(1);
         let refused = books.apply(Decision::Reserve {
             segment: s1,
             bytes: 401,
         });
         assert_eq!(refused, Err(Refusal::Capacity));
-        assert_eq!(books.reserved_bytes, 600);
+        assert_eq!(books.reserved_bytes(), 600);
         assert_eq!(books.segment_count(), 1);
         let too_big = books.apply(Decision::Reserve {
             segment: s1,
@@ -295,7 +372,7 @@ mod tests {
     #[test]
     fn map_coalesces_and_unmap_splits() {
         let mut books = Books::new(1 << 30);
-        let s = SegmentId(3);
+        let s = SegmentId::arena(3);
         books
             .apply(Decision::ReserveVa {
                 segment: s,
@@ -336,17 +413,17 @@ mod tests {
                 bytes: 4096,
             })
             .unwrap();
-        assert_eq!(books.reserved_bytes, 4096);
-        assert_eq!(books.reserved_bytes_peak, 8192);
+        assert_eq!(books.reserved_bytes(), 4096);
+        assert_eq!(books.reserved_bytes_peak(), 8192);
         books.apply(Decision::ReleaseVa { segment: s }).unwrap();
-        assert_eq!(books.reserved_bytes, 0);
+        assert_eq!(books.reserved_bytes(), 0);
     }
 
     #[test]
     #[should_panic(expected = "not inside one mapped range")]
     fn place_in_unmapped_memory_is_a_policy_bug() {
         let mut books = Books::new(1 << 30);
-        let s = SegmentId(0);
+        let s = SegmentId::arena(0);
         books
             .apply(Decision::ReserveVa {
                 segment: s,
