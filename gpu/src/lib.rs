@@ -11,9 +11,11 @@ pub mod executor;
 pub mod host;
 pub mod inject;
 pub mod pattern;
+pub mod scaled;
 
 pub use cuda::CudaDevice;
 pub use device::{Check, Device, DeviceError, DeviceErrorKind};
 pub use executor::{DeviceExecutor, ExecReport, KindTiming, Mismatch};
 pub use host::HostDevice;
 pub use inject::{Inject, ParseInjectError, INJECT_WINDOW};
+pub use scaled::Scaled;
