@@ -10,12 +10,18 @@
 //!   "truncated at byte N" before anything is reserved;
 //! - the machine keeps containers in an arena and the memo holds arena handles, so shared and
 //!   later-mutated containers behave as in Python; the final value is built from the arena with
-//!   a depth limit (recursive structures are refused) and a budget on the number of values and
-//!   string bytes (memo references cannot expand exponentially);
+//!   a depth limit (recursive structures are refused);
+//! - one absolute memory budget ([`MAX_MEMORY_BYTES`], 1 GiB by default, whatever the size of
+//!   the input) is charged for everything the machine and the result hold: arena objects,
+//!   container entries, stack entries, result values and their strings, memo references
+//!   expanded — so neither a file of repeated `DUP`s nor shared references expanding
+//!   exponentially can take more;
 //! - integers wider than 128 bits are refused; stack and MARK depth are capped;
 //! - no input makes it panic (a property test feeds it random and truncated bytes).
 //!
-//! [`to_bytes`] writes a [`Value`] as a protocol-4 pickle (for tests and fixtures).
+//! It exists for safety: Python's own unpickler runs arbitrary code, and no Rust crate reads
+//! pickles without building the objects they name. [`to_bytes`] writes a [`Value`] as a
+//! protocol-4 pickle (for tests and fixtures).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -130,39 +136,38 @@ impl fmt::Display for PickleError {
 
 impl std::error::Error for PickleError {}
 
+/// The default memory budget of a parse: far above real snapshots (a 1.3 MB snapshot expands
+/// to about 2.1 M values and 23 MB of strings, some 100 MB in all), whatever the input's size.
+pub const MAX_MEMORY_BYTES: u64 = 1 << 30;
+
 /// Bounds on what a parse may build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Deepest nesting of containers in the result.
     pub max_depth: usize,
-    /// Most values (containers and scalars, memo references expanded) in the result.
-    pub max_values: u64,
-    /// Most string and bytes payload in the result, memo references expanded.
-    pub max_payload_bytes: u64,
+    /// Most bytes the machine and the result may hold together (estimated from the sizes of
+    /// what they keep; see the module documentation).
+    pub max_memory_bytes: u64,
     /// Most entries on the machine's stack.
     pub max_stack: usize,
     /// Most open MARKs.
     pub max_marks: usize,
 }
 
-impl Limits {
-    /// The default limits for an input of `len` bytes: generous for real snapshots (a 1.3 MB
-    /// snapshot expands to about 2.1 M values and 23 MB of strings), linear in the input.
-    pub fn for_input(len: usize) -> Limits {
-        let len = len as u64;
+impl Default for Limits {
+    fn default() -> Self {
         Limits {
             max_depth: 200,
-            max_values: len.saturating_mul(4).saturating_add(1 << 20),
-            max_payload_bytes: len.saturating_mul(32).saturating_add(64 << 20),
+            max_memory_bytes: MAX_MEMORY_BYTES,
             max_stack: 1 << 24,
             max_marks: 1000,
         }
     }
 }
 
-/// Parses a pickle of plain values with [`Limits::for_input`].
+/// Parses a pickle of plain values with the default [`Limits`].
 pub fn parse(bytes: &[u8]) -> Result<Value, PickleError> {
-    parse_with_limits(bytes, &Limits::for_input(bytes.len()))
+    parse_with_limits(bytes, &Limits::default())
 }
 
 /// Parses a pickle of plain values within the given limits. Bytes after STOP are ignored, as
@@ -178,14 +183,19 @@ pub fn parse_with_limits(bytes: &[u8], limits: &Limits) -> Result<Value, PickleE
         marks: Vec::new(),
         memo: BTreeMap::new(),
         limits: *limits,
+        memory_left: limits.max_memory_bytes,
     };
     let root = vm.run()?;
     let mut budget = Budget {
-        values_left: limits.max_values,
-        payload_left: limits.max_payload_bytes,
+        memory_left: vm.memory_left,
     };
     vm.build(root, 0, &mut budget)
 }
+
+/// Estimated bytes held per arena object, stack or container entry, and result value.
+const OBJ_BYTES: u64 = std::mem::size_of::<Obj>() as u64;
+const HANDLE_BYTES: u64 = std::mem::size_of::<usize>() as u64;
+const VALUE_BYTES: u64 = std::mem::size_of::<Value>() as u64;
 
 /// A container or scalar under construction.
 enum Obj {
@@ -197,9 +207,9 @@ enum Obj {
     Set(Vec<usize>),
 }
 
+/// What is left of the memory budget while the result is built.
 struct Budget {
-    values_left: u64,
-    payload_left: u64,
+    memory_left: u64,
 }
 
 struct Vm<'a> {
@@ -214,6 +224,8 @@ struct Vm<'a> {
     marks: Vec<usize>,
     memo: BTreeMap<u64, usize>,
     limits: Limits,
+    /// What is left of the memory budget (arena, stack, container entries).
+    memory_left: u64,
 }
 
 const REFUSED_TAIL: &str = "refused, snapshots are plain values";
@@ -501,9 +513,33 @@ impl<'a> Vm<'a> {
         }
     }
 
-    fn alloc(&mut self, obj: Obj) -> usize {
+    fn over_budget(&self) -> PickleError {
+        self.err(format!(
+            "the pickle needs more than its memory budget of {} bytes (pickle::Limits::max_memory_bytes): refused",
+            self.limits.max_memory_bytes
+        ))
+    }
+
+    /// Takes `bytes` from the memory budget, or refuses the pickle.
+    fn charge(&mut self, bytes: u64) -> Result<(), PickleError> {
+        match self.memory_left.checked_sub(bytes) {
+            Some(left) => {
+                self.memory_left = left;
+                Ok(())
+            }
+            None => Err(self.over_budget()),
+        }
+    }
+
+    fn alloc(&mut self, obj: Obj) -> Result<usize, PickleError> {
+        let payload = match &obj {
+            Obj::Scalar(Value::Str(s)) => s.len() as u64,
+            Obj::Scalar(Value::Bytes(b)) => b.len() as u64,
+            _ => 0,
+        };
+        self.charge(OBJ_BYTES + payload)?;
         self.arena.push(obj);
-        self.arena.len() - 1
+        Ok(self.arena.len() - 1)
     }
 
     fn push(&mut self, h: usize) -> Result<(), PickleError> {
@@ -513,12 +549,13 @@ impl<'a> Vm<'a> {
                 self.limits.max_stack
             )));
         }
+        self.charge(HANDLE_BYTES)?;
         self.stack.push(h);
         Ok(())
     }
 
     fn push_new(&mut self, obj: Obj) -> Result<(), PickleError> {
-        let h = self.alloc(obj);
+        let h = self.alloc(obj)?;
         self.push(h)
     }
 
@@ -563,6 +600,7 @@ impl<'a> Vm<'a> {
     }
 
     fn append_items(&mut self, target: usize, items: Vec<usize>) -> Result<(), PickleError> {
+        self.charge(items.len() as u64 * HANDLE_BYTES)?;
         let kind = self.kind_name(target);
         match &mut self.arena[target] {
             Obj::List(v) => {
@@ -577,6 +615,7 @@ impl<'a> Vm<'a> {
         if items.len() & 1 != 0 {
             return Err(self.err(format!("{} with an odd number of items", opname(self.op))));
         }
+        self.charge(items.len() as u64 * HANDLE_BYTES)?;
         let kind = self.kind_name(target);
         match &mut self.arena[target] {
             Obj::Dict(v) => {
@@ -701,7 +740,7 @@ impl<'a> Vm<'a> {
                 0x8f => self.push_new(Obj::Set(Vec::new()))?,
                 b'd' => {
                     let items = self.pop_mark()?;
-                    let h = self.alloc(Obj::Dict(Vec::new()));
+                    let h = self.alloc(Obj::Dict(Vec::new()))?;
                     self.set_items(h, items)?;
                     self.push(h)?;
                 }
@@ -737,6 +776,7 @@ impl<'a> Vm<'a> {
                 }
                 0x90 => {
                     let items = self.pop_mark()?;
+                    self.charge(items.len() as u64 * HANDLE_BYTES)?;
                     let target = self.top()?;
                     let kind = self.kind_name(target);
                     match &mut self.arena[target] {
@@ -913,34 +953,22 @@ impl<'a> Vm<'a> {
                 self.limits.max_depth
             )));
         }
-        if budget.values_left == 0 {
-            return Err(self.err(format!(
-                "the pickle expands to more than {} values (shared references): refused",
-                self.limits.max_values
-            )));
-        }
-        budget.values_left -= 1;
+        let payload = match &self.arena[h] {
+            Obj::Scalar(Value::Str(s)) => s.len() as u64,
+            Obj::Scalar(Value::Bytes(b)) => b.len() as u64,
+            _ => 0,
+        };
+        budget.memory_left = budget
+            .memory_left
+            .checked_sub(VALUE_BYTES + payload)
+            .ok_or_else(|| self.over_budget())?;
         let items = |hs: &[usize], budget: &mut Budget| -> Result<Vec<Value>, PickleError> {
             hs.iter()
                 .map(|&c| self.build(c, depth + 1, budget))
                 .collect()
         };
         Ok(match &self.arena[h] {
-            Obj::Scalar(v) => {
-                let payload = match v {
-                    Value::Str(s) => s.len() as u64,
-                    Value::Bytes(b) => b.len() as u64,
-                    _ => 0,
-                };
-                if payload > budget.payload_left {
-                    return Err(self.err(format!(
-                        "the pickle expands to more than {} bytes of strings (shared references): refused",
-                        self.limits.max_payload_bytes
-                    )));
-                }
-                budget.payload_left -= payload;
-                v.clone()
-            }
+            Obj::Scalar(v) => v.clone(),
             Obj::List(hs) | Obj::Set(hs) => Value::List(items(hs, budget)?),
             Obj::Tuple(hs) => Value::Tuple(items(hs, budget)?),
             Obj::Dict(pairs) => {

@@ -127,8 +127,33 @@ fn exponential_memo_expansion_is_refused() {
         data.extend_from_slice(&[b']', b'(', b'h', k, b'h', k, b'e', 0x94]);
     }
     data.push(b'.');
-    let e = parse(&data).unwrap_err();
-    assert!(e.reason.contains("expands to more than"), "{e}");
+    let limits = Limits {
+        max_memory_bytes: 64 << 20,
+        ..Limits::default()
+    };
+    let e = parse_with_limits(&data, &limits).unwrap_err();
+    assert!(e.reason.contains("memory budget of 67108864 bytes"), "{e}");
+}
+
+#[test]
+fn a_flood_of_dups_is_refused_by_the_absolute_budget() {
+    // [x] then DUP DUP DUP ... under one APPENDS: every DUP is one more list entry and value.
+    let dups = 1_000_000;
+    let mut data = vec![0x80, 4, b']', b'(', b'K', 7];
+    data.resize(data.len() + dups, b'2');
+    data.extend_from_slice(&[b'e', b'.']);
+    let small = Limits {
+        max_memory_bytes: 16 << 20,
+        ..Limits::default()
+    };
+    let e = parse_with_limits(&data, &small).unwrap_err();
+    assert!(e.reason.contains("memory budget"), "{e}");
+    // Within the default budget the same file parses: the budget is absolute, not a refusal of
+    // large inputs.
+    match parse(&data).unwrap() {
+        Value::List(items) => assert_eq!(items.len(), dups + 1),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
