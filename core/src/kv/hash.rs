@@ -15,11 +15,14 @@
 //!   which is not reproduced.
 //!
 //! [`BlockHasher`] and [`ChainHash`] let an engine hash with either algorithm through one API.
+//!
+//! SHA-256 is the `sha2` crate's; the CBOR is `ciborium`'s, which writes every head in its
+//! shortest form, as Python's `cbor2.dumps(canonical=True)` does for these types (canonical mode
+//! only changes maps, floats and sets, which block hashes never contain).
 
-pub mod cbor;
-pub mod sha256;
-
+use serde::ser::{SerializeTuple, Serializer};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 /// The hash of a full block and, through chaining, of the whole prefix it ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -223,29 +226,6 @@ impl<'a> VllmExtraKeys<'a> {
             .filter(|s| block_index == 0 && !s.is_empty())
     }
 
-    /// Writes block `block_index`'s extra keys as vLLM's `generate_block_hash_extra_keys`
-    /// returns them (the tuple, or `None`).
-    pub fn write_cbor(&self, block_index: usize, out: &mut impl cbor::Sink) {
-        let salt = self.salt_applies(block_index);
-        let n = self.lora.is_some() as usize + salt.is_some() as usize;
-        if n == 0 {
-            cbor::write_null(out);
-            return;
-        }
-        cbor::write_array_head(out, n);
-        if let Some((name, path)) = self.lora {
-            cbor::write_array_head(out, 3);
-            cbor::write_text(out, "lora");
-            cbor::write_text(out, name);
-            cbor::write_text(out, path);
-        }
-        if let Some(s) = salt {
-            cbor::write_array_head(out, 2);
-            cbor::write_text(out, "cache_salt");
-            cbor::write_text(out, s);
-        }
-    }
-
     /// The same keys for the `fast` algorithm ([`ExtraKeys`]).
     pub fn fast(&self) -> ExtraKeys {
         ExtraKeys {
@@ -284,10 +264,8 @@ impl Sha256Cbor {
 
     /// `NONE_HASH` from the seed string, as vLLM derives it when `PYTHONHASHSEED=seed`.
     pub fn with_seed(seed: &str) -> Self {
-        let mut h = sha256::Sha256::new();
-        cbor::write_text(&mut h, seed);
         Sha256Cbor {
-            none_hash: h.finish(),
+            none_hash: sha256_of_cbor(&seed),
         }
     }
 
@@ -305,21 +283,23 @@ impl Sha256Cbor {
         tokens: &[u32],
         extra: &VllmExtraKeys<'_>,
     ) -> Digest {
-        let mut h = sha256::Sha256::new();
-        cbor::write_array_head(&mut h, 3);
-        cbor::write_bytes(&mut h, parent.unwrap_or(&self.none_hash));
-        cbor::write_array_head(&mut h, tokens.len());
-        // Token heads are at most 5 bytes: batch them to keep the hasher's calls few.
-        let mut buf = [0u8; 5 * 64];
-        for chunk in tokens.chunks(64) {
-            let mut n = 0;
-            for &t in chunk {
-                n += put_uint(&mut buf[n..], t);
-            }
-            h.update(&buf[..n]);
+        sha256_of_cbor(&self.hashed_tuple(parent, block_index, tokens, extra))
+    }
+
+    /// The value vLLM hashes for a block: `(parent digest, tuple(tokens), extra keys)`.
+    fn hashed_tuple<'a>(
+        &'a self,
+        parent: Option<&'a Digest>,
+        block_index: usize,
+        tokens: &'a [u32],
+        extra: &VllmExtraKeys<'a>,
+    ) -> HashedBlock<'a> {
+        HashedBlock {
+            parent: parent.unwrap_or(&self.none_hash),
+            tokens,
+            lora: extra.lora,
+            cache_salt: extra.salt_applies(block_index),
         }
-        extra.write_cbor(block_index, &mut h);
-        h.finish()
     }
 
     /// Appends the digests of the full blocks of `tokens` that `digests` does not cover yet
@@ -341,25 +321,81 @@ impl Sha256Cbor {
     }
 }
 
-/// A CBOR unsigned-integer head for a u32 into `out`; returns its length.
-#[inline]
-fn put_uint(out: &mut [u8], t: u32) -> usize {
-    if t < 24 {
-        out[0] = t as u8;
-        1
-    } else if t <= 0xff {
-        out[0] = 24;
-        out[1] = t as u8;
-        2
-    } else if t <= 0xffff {
-        out[0] = 25;
-        out[1..3].copy_from_slice(&(t as u16).to_be_bytes());
-        3
-    } else {
-        out[0] = 26;
-        out[1..5].copy_from_slice(&t.to_be_bytes());
-        5
+/// What vLLM's `sha256_cbor` hashes for one block, serialised as cbor2 serialises the Python
+/// tuple: an array of the parent as a byte string, the tokens as an array of integers, and the
+/// extra keys (`None`, or a tuple of `("lora", name, path)` and `("cache_salt", salt)`).
+struct HashedBlock<'a> {
+    parent: &'a [u8],
+    tokens: &'a [u32],
+    lora: Option<(&'a str, &'a str)>,
+    cache_salt: Option<&'a str>,
+}
+
+/// A CBOR byte string (serde would write a `&[u8]` as an array of integers).
+struct CborBytes<'a>(&'a [u8]);
+
+impl Serialize for CborBytes<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
     }
+}
+
+/// vLLM's extra keys of one block: `None` or the tuple of those that apply.
+struct CborExtraKeys<'a> {
+    lora: Option<(&'a str, &'a str)>,
+    cache_salt: Option<&'a str>,
+}
+
+impl Serialize for CborExtraKeys<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let n = self.lora.is_some() as usize + self.cache_salt.is_some() as usize;
+        if n == 0 {
+            return s.serialize_none();
+        }
+        let mut t = s.serialize_tuple(n)?;
+        if let Some((name, path)) = self.lora {
+            t.serialize_element(&("lora", name, path))?;
+        }
+        if let Some(salt) = self.cache_salt {
+            t.serialize_element(&("cache_salt", salt))?;
+        }
+        t.end()
+    }
+}
+
+impl Serialize for HashedBlock<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(3)?;
+        t.serialize_element(&CborBytes(self.parent))?;
+        t.serialize_element(self.tokens)?;
+        t.serialize_element(&CborExtraKeys {
+            lora: self.lora,
+            cache_salt: self.cache_salt,
+        })?;
+        t.end()
+    }
+}
+
+/// Feeds the encoder's output straight into the hash, without building the bytes.
+struct HashSink<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashSink<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// SHA-256 of the canonical CBOR of `value`.
+fn sha256_of_cbor(value: &impl Serialize) -> Digest {
+    let mut h = Sha256::new();
+    // Writing into a hash cannot fail, and these values always serialise.
+    ciborium::into_writer(value, HashSink(&mut h)).expect("CBOR into a hash");
+    h.finalize().into()
 }
 
 /// A block hash in full, as the chain needs it: the `fast` 64-bit value, or the SHA-256 digest.
@@ -559,15 +595,24 @@ mod tests {
         );
         // The encoding hashed is exactly cbor2's.
         let mut enc = Vec::new();
-        cbor::write_array_head(&mut enc, 3);
-        cbor::write_bytes(&mut enc, h.none_hash());
-        cbor::Value::Array((1..=4).map(cbor::Value::Int).collect()).encode(&mut enc);
-        VllmExtraKeys::NONE.write_cbor(0, &mut enc);
+        let tuple = h.hashed_tuple(None, 0, &[1, 2, 3, 4], &VllmExtraKeys::NONE);
+        ciborium::into_writer(&tuple, &mut enc).unwrap();
         assert_eq!(
             hex(&enc),
             "8358209bd96a485ad84efdafb72ee48a1d7a69bcead0f8f0433173941b276b9581eef08401020304f6"
         );
-        assert_eq!(sha256::sha256(&enc), b0);
+        assert_eq!(<[u8; 32]>::from(Sha256::digest(&enc)), b0);
+        // Integer heads in their shortest form, at every width boundary.
+        let mut wide_enc = Vec::new();
+        ciborium::into_writer(
+            &[0u32, 23, 24, 255, 256, 65535, 65536, u32::MAX],
+            &mut wide_enc,
+        )
+        .unwrap();
+        assert_eq!(
+            hex(&wide_enc),
+            "880017181818ff19010019ffff1a000100001affffffff"
+        );
     }
 
     #[test]
