@@ -15,23 +15,25 @@
 //!   `bytes` at most 2^50.
 //! - An `id` may be allocated again once freed, not while it is live (error). A `free` of an id
 //!   that is not live is legal (recording may start late); the consumer counts it.
-//! - Blank lines and lines starting with `#` are skipped; a trailing `\r` is ignored.
+//! - Blank lines and lines starting with `#` are skipped; a trailing `\r` is ignored; lines and
+//!   files are bounded as [`crate::read`] says.
 //!
 //! Errors name the file and 1-based line: `trace.jsonl:12: bytes 18446744073709551616 exceeds
 //! the limit of 2^50`.
 
 use crate::alloc_trace::{AllocOp, AllocTrace, OpKind, TraceSource, MAX_BYTES};
 use crate::error::TraceError;
+use crate::read::LineReader;
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io::{self, BufRead, Write};
 use std::path::Path;
 
-/// Reads a JSON Lines allocation trace from a file.
+/// Reads a JSON Lines allocation trace from a file, a line at a time.
 pub fn read(path: &Path) -> Result<AllocTrace, TraceError> {
-    let bytes = std::fs::read(path)
+    let file = std::fs::File::open(path)
         .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))?;
-    parse_bytes(path, &bytes)
+    parse_reader(path, io::BufReader::new(file))
 }
 
 /// Parses trace text; `name` names the trace and serves as the path in error messages.
@@ -41,39 +43,38 @@ pub fn parse_str(name: &str, text: &str) -> Result<AllocTrace, TraceError> {
     Ok(t)
 }
 
-/// Parses trace bytes (UTF-8 is checked line by line); `path` names the trace and its errors.
+/// Parses trace bytes; `path` names the trace and its errors.
 pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<AllocTrace, TraceError> {
+    parse_reader(path, bytes)
+}
+
+/// Parses a trace from any reader (UTF-8 is checked line by line, lines are bounded by
+/// [`crate::read`]); `path` names the trace and its errors.
+pub fn parse_reader(path: &Path, input: impl BufRead) -> Result<AllocTrace, TraceError> {
     let mut trace = AllocTrace::new(crate::file_name(path), TraceSource::Jsonl);
     // Live id → line of its alloc (looked up only; never iterated).
     let mut live: HashMap<u64, u64> = HashMap::new();
     let mut last: Option<(u64, u64)> = None; // (t_ns, line)
-    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = i as u64 + 1;
-        let err = |r: String| TraceError::at_line(path, line, r);
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let text = std::str::from_utf8(raw).map_err(|e| {
-            err(format!(
-                "not valid UTF-8 (byte {} of the line)",
-                e.valid_up_to() + 1
-            ))
-        })?;
-        let text = text.trim();
-        if text.is_empty() || text.starts_with('#') {
+    let mut lines = LineReader::new(input, path);
+    while let Some(line) = lines.next_line() {
+        let line = line?;
+        if line.is_blank_or_comment() {
             continue;
         }
-        let (t_ns, kind) = parse_line(text).map_err(err)?;
+        let number = line.number;
+        let (t_ns, kind) = parse_line(line.text.trim()).map_err(|r| line.error(r))?;
         if let Some((prev, prev_line)) = last {
             if t_ns < prev {
-                return Err(err(format!(
+                return Err(line.error(format!(
                     "t_ns {t_ns} is earlier than t_ns {prev} on line {prev_line}"
                 )));
             }
         }
-        last = Some((t_ns, line));
+        last = Some((t_ns, number));
         match kind {
             OpKind::Alloc { id, .. } => {
-                if let Some(at) = live.insert(id, line) {
-                    return Err(err(format!(
+                if let Some(at) = live.insert(id, number) {
+                    return Err(line.error(format!(
                         "id {id} is allocated again while live (allocated on line {at})"
                     )));
                 }
@@ -83,7 +84,11 @@ pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<AllocTrace, TraceError> 
             }
             OpKind::EmptyCache => {}
         }
-        trace.ops.push(AllocOp { t_ns, line, kind });
+        trace.ops.push(AllocOp {
+            t_ns,
+            line: number,
+            kind,
+        });
     }
     Ok(trace)
 }

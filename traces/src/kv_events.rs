@@ -33,6 +33,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::{Location, TraceError};
+use crate::read::LineReader;
 use msgpack::{Decoder, Node, Value};
 
 /// Values one msgpack batch (or one JSON line) may hold. vLLM's batches hold a step's events
@@ -238,20 +239,14 @@ pub fn for_each_event_as(
         }
         StreamFormat::Jsonl => {
             let mut index = 0u64;
-            for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
-                let line = i as u64 + 1;
-                let fail = |r: String| TraceError::at_line(path, line, r);
-                let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-                let text = std::str::from_utf8(raw).map_err(|e| {
-                    fail(format!(
-                        "not valid UTF-8 (byte {} of the line)",
-                        e.valid_up_to() + 1
-                    ))
-                })?;
-                let text = text.trim();
-                if text.is_empty() || text.starts_with('#') {
+            let mut lines = LineReader::new(bytes, path);
+            while let Some(line) = lines.next_line() {
+                let line = line?;
+                if line.is_blank_or_comment() {
                     continue;
                 }
+                let fail = |r: String| line.error(r);
+                let text = line.text.trim();
                 let json: serde_json::Value =
                     serde_json::from_str(text).map_err(|e| fail(format!("bad JSON: {e}")))?;
                 let mut budget = MAX_VALUES_PER_BATCH;
@@ -289,7 +284,7 @@ pub fn for_each_event_as(
                     batch: index,
                     ts,
                     data_parallel_rank: rank,
-                    location: Location::Line(line),
+                    location: Location::Line(line.number),
                 };
                 let parsed = decode_event(&node, &mut info).map_err(|(_, r)| fail(r))?;
                 info.batches += 1;

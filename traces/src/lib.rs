@@ -5,6 +5,7 @@
 //! - [`torch`]: `torch.cuda.memory._dump_snapshot` pickles → [`AllocTrace`];
 //! - [`jsonl`]: gpumem's own JSON Lines allocation trace, read and written;
 //! - [`kv_events`]: vLLM KV-cache event streams (msgpack batches, JSON Lines) → a router's cache index;
+//! - [`read`]: the bounded line reader every line-oriented format reads through;
 //! - [`generate`]: seeded generators of allocation traces (LLM serving, fixed occupancy);
 //! - [`serving`]: serving workloads (requests for a serving engine): the conformance workload,
 //!   Mooncake, Qwen-Bailian, Azure LLM 2023 and BurstGPT importers, seeded generators.
@@ -18,6 +19,7 @@ pub mod generate;
 pub mod jsonl;
 pub mod kv_events;
 pub mod pickle;
+pub mod read;
 pub mod serving;
 pub mod torch;
 
