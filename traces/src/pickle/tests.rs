@@ -141,7 +141,7 @@ fn a_flood_of_dups_is_refused_by_the_absolute_budget() {
     let dups = 1_000_000;
     let mut data = vec![0x80, 4, b']', b'(', b'K', 7];
     data.resize(data.len() + dups, b'2');
-    data.extend_from_slice(&[b'e', b'.']);
+    data.extend_from_slice(b"e.");
     let small = Limits {
         max_memory_bytes: 16 << 20,
         ..Limits::default()
