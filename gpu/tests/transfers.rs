@@ -173,6 +173,7 @@ fn a_clean_transfer_is_verified_at_both_ends_and_digests_like_the_books() {
     let r = ex.report();
     assert_eq!((r.transfers, r.bytes_transferred), (2, 2 * BLOCK));
     assert_eq!(r.bytes_verified, 4 * BLOCK, "source and copy of each");
+    assert_eq!(r.transfer_bytes_verified, 4 * BLOCK);
     assert_eq!((r.mismatches, r.transfers_refused), (0, 0));
 }
 
@@ -189,6 +190,7 @@ fn a_corrupted_source_refuses_the_transfer() {
     assert_ne!(ex.digest_hex(), ledger.digest.hex(), "a refusal changes the digest");
     let r = ex.report();
     assert_eq!((r.transfers, r.transfers_refused), (0, 1), "nothing was copied");
+    assert_eq!(r.transfer_bytes_verified, BLOCK, "the source only");
     assert_eq!(r.first_mismatches[0].check, "transfer-from");
     // Nothing at the destination is taken for the content: reading it there is refused.
     let read = Decision::ReadKv {
@@ -209,6 +211,7 @@ fn a_corrupted_copy_is_refused_and_never_checked_as_valid_later() {
     assert_eq!(r.injected_transfer_corruptions, 1);
     assert_eq!((r.transfers, r.transfers_refused), (1, 1));
     assert_eq!(r.mismatches, 1);
+    assert_eq!(r.transfer_bytes_verified, 2 * BLOCK);
     assert_eq!(r.first_mismatches[0].check, "transfer-to");
     assert_eq!(r.first_mismatches[0].offset, BLOCK);
     // The checkpoint re-checks the source only: the garbage copy is not a content any more.
@@ -377,6 +380,7 @@ fn the_tier_cache_moves_content_gpu_host_gpu_for_real() {
         assert_eq!(r.transfers, real.offloads + real.restores);
         assert_eq!(r.bytes_transferred, real.bytes_moved());
         assert_eq!(r.mismatches, 0);
+        assert_eq!(r.transfer_bytes_verified, 2 * r.bytes_transferred);
         // Each transfer checked its source and its copy, each hit its block.
         assert!(r.bytes_verified >= 2 * r.bytes_transferred + real.hits * c.item_bytes);
     }

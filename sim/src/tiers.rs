@@ -9,7 +9,7 @@
 
 use gpumem_core::books::Books;
 use gpumem_core::executor::Executor;
-use gpumem_core::link::Link;
+use gpumem_core::link::{Link, Links};
 use gpumem_core::place::Place;
 use gpumem_core::tiers::{TierCache, TierConfig, TierError, TierStats};
 use rand::{Rng, SeedableRng};
@@ -157,6 +157,17 @@ pub struct TierReport {
     pub digest: String,
 }
 
+/// What the transfers of a run cost on `links`: GPU → host (offloads), then host → GPU
+/// (restores).
+pub fn link_uses(config: &TierConfig, stats: &TierStats, links: &Links) -> Vec<LinkUse> {
+    let (g, h) = (config.gpu_place(), config.host_place());
+    let item = config.item_bytes;
+    vec![
+        LinkUse::new(g, h, links.between(g, h), stats.offloads, item),
+        LinkUse::new(h, g, links.between(h, g), stats.restores, item),
+    ]
+}
+
 /// The simulated executor a tier run needs: books with both tiers' capacities, `gpu`'s links.
 pub fn sim_executor(config: &TierConfig, gpu: &GpuProfile) -> Result<SimExecutor, String> {
     let books = Books::with_places(&config.capacities());
@@ -175,13 +186,7 @@ pub fn simulate(
 ) -> Result<TierReport, String> {
     let mut exec = sim_executor(&config, gpu)?;
     let run = drive(config, workload, 0, &mut exec).map_err(|e| e.to_string())?;
-    let links = gpu.links()?;
-    let (g, h) = (config.gpu_place(), config.host_place());
-    let s = &run.stats;
-    let uses = vec![
-        LinkUse::new(g, h, links.between(g, h), s.offloads, config.item_bytes),
-        LinkUse::new(h, g, links.between(h, g), s.restores, config.item_bytes),
-    ];
+    let uses = link_uses(&config, &run.stats, &gpu.links()?);
     Ok(TierReport {
         gpu: gpu.name.clone(),
         config,
