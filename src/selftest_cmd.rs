@@ -72,7 +72,7 @@ const ALLOC_CAPACITY: u64 = 16 << 20;
 const ALLOC_OPS: u64 = 2000;
 const KV_REQUESTS: u64 = 48;
 const KV_BLOCKS: u32 = 512;
-const KV_BLOCK_BYTES: u64 = 16 << 10;
+const KV_BLOCK_BYTES: u64 = 4 << 10;
 const CHECKPOINT_EVERY: u64 = 500;
 
 /// One path: what the simulation and the device made of the same inputs.
