@@ -12,8 +12,8 @@ use gpumem_core::place::{DeviceId, Tier};
 use gpumem_core::tiers::TierConfig;
 use gpumem_gpu::{CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject};
 use gpumem_sim::serve::report::simulate_on;
-use gpumem_sim::serve::{CostModel, EngineConfig, EvictionKind, GpuProfile, RunInfo};
 use gpumem_sim::serve::SchedulingPolicy;
+use gpumem_sim::serve::{CostModel, EngineConfig, EvictionKind, GpuProfile, RunInfo};
 use gpumem_sim::tiers::{self, TierWorkload};
 use gpumem_sim::{replay, AllocCostModel, ReplayConfig, SimExecutor};
 use gpumem_traces::generate::{occupancy, OccupancyParams};
@@ -388,7 +388,9 @@ fn render(r: &SelftestReport, wall_ms: u128) -> String {
     out.push('\n');
     for p in r.paths.iter().filter(|p| !p.passed()) {
         match (&p.error, &p.execution) {
-            (Some(e), _) => out.push_str(&format!("{}: could not run on the device: {e}\n", p.path)),
+            (Some(e), _) => {
+                out.push_str(&format!("{}: could not run on the device: {e}\n", p.path))
+            }
             (None, None) => {}
             (None, Some(e)) => {
                 if let Some(m) = e.first_mismatches.first() {

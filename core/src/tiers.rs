@@ -325,9 +325,10 @@ impl SlotList {
         let mut prev = NIL;
         let mut at = self.head;
         while at != NIL {
-            let s = self.slots.get(at as usize).ok_or(format!(
-                "{name}: link to slot {at} past the end"
-            ))?;
+            let s = self
+                .slots
+                .get(at as usize)
+                .ok_or(format!("{name}: link to slot {at} past the end"))?;
             if !s.linked || s.prev != prev {
                 return Err(format!("{name}: slot {at} badly linked: {s:?}"));
             }
@@ -346,7 +347,10 @@ impl SlotList {
         }
         let linked = self.slots.iter().filter(|s| s.linked).count() as u32;
         if linked != self.len {
-            return Err(format!("{name}: {linked} slots linked, list of {}", self.len));
+            return Err(format!(
+                "{name}: {linked} slots linked, list of {}",
+                self.len
+            ));
         }
         let mut free = self.free.clone();
         free.sort_unstable();
@@ -576,7 +580,9 @@ impl TierCache {
     /// used item when the host tier is full.
     fn offload<E: Executor + ?Sized>(&mut self, victim: u64, from: u32, exec: &mut E) {
         let to = if self.host.len < self.config.host_slots {
-            self.host.take_free().expect("the host segment has a spare slot")
+            self.host
+                .take_free()
+                .expect("the host segment has a spare slot")
         } else {
             let (slot, dropped) = self.host.pop_lru().expect("a full host tier has items");
             self.resident.remove(&dropped);

@@ -129,7 +129,9 @@ impl CudaDevice {
         dev.unified_addressing = dev
             .ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING)
-            .map_err(|e| driver_error(|| format!("{}: unified addressing attribute", dev.name), e))?
+            .map_err(|e| {
+                driver_error(|| format!("{}: unified addressing attribute", dev.name), e)
+            })?
             == 1;
 
         let mut host: *mut c_void = std::ptr::null_mut();

@@ -187,9 +187,17 @@ fn a_corrupted_source_refuses_the_transfer() {
     setup(&mut ledger, 5);
     assert_eq!(ex.apply(offload(5, 0)), Err(Refusal::Mismatch));
     assert_eq!(ledger.apply(offload(5, 0)), Ok(()));
-    assert_ne!(ex.digest_hex(), ledger.digest.hex(), "a refusal changes the digest");
+    assert_ne!(
+        ex.digest_hex(),
+        ledger.digest.hex(),
+        "a refusal changes the digest"
+    );
     let r = ex.report();
-    assert_eq!((r.transfers, r.transfers_refused), (0, 1), "nothing was copied");
+    assert_eq!(
+        (r.transfers, r.transfers_refused),
+        (0, 1),
+        "nothing was copied"
+    );
     assert_eq!(r.transfer_bytes_verified, BLOCK, "the source only");
     assert_eq!(r.first_mismatches[0].check, "transfer-from");
     // Nothing at the destination is taken for the content: reading it there is refused.
@@ -316,7 +324,10 @@ fn each_place_refuses_beyond_its_own_capacity() {
         segment: SegmentId::new(place, Owner::Scratch, index),
         bytes,
     };
-    assert_eq!(ex.apply(reserve(Place::GPU0, 0, 2 * MIB)), Err(Refusal::Capacity));
+    assert_eq!(
+        ex.apply(reserve(Place::GPU0, 0, 2 * MIB)),
+        Err(Refusal::Capacity)
+    );
     assert_eq!(ex.apply(reserve(PINNED, 0, 2 * MIB)), Ok(()));
     assert_eq!(ex.apply(reserve(PINNED, 1, 2 * MIB)), Ok(()));
     assert_eq!(ex.apply(reserve(PINNED, 2, 1)), Err(Refusal::Capacity));
@@ -390,8 +401,12 @@ fn the_tier_cache_moves_content_gpu_host_gpu_for_real() {
 fn a_corrupted_transfer_costs_the_cache_its_item_and_shows() {
     let c = tier_config(Tier::PinnedHost);
     let faults = [Inject::CorruptTransfer { nth: Some(3) }];
-    let mut ex =
-        DeviceExecutor::with_books(HostDevice::new(), Books::with_places(&c.capacities()), &faults, 0);
+    let mut ex = DeviceExecutor::with_books(
+        HostDevice::new(),
+        Books::with_places(&c.capacities()),
+        &faults,
+        0,
+    );
     let mut ledger = Ledger::new(Books::with_places(&c.capacities()));
     let real = run_tiers(c, &mut ex);
     let books_only = run_tiers(c, &mut ledger);

@@ -34,10 +34,7 @@ pub struct TierWorkload {
 impl TierWorkload {
     pub fn validate(&self) -> Result<(), String> {
         if self.items == 0 || self.items > MAX_ITEMS {
-            return Err(format!(
-                "{} items: must be 1 to {MAX_ITEMS}",
-                self.items
-            ));
+            return Err(format!("{} items: must be 1 to {MAX_ITEMS}", self.items));
         }
         if self.accesses > MAX_ACCESSES {
             return Err(format!(
@@ -229,7 +226,10 @@ mod tests {
     fn the_stream_is_seeded_and_skewed() {
         let a: Vec<u64> = WORKLOAD.stream().collect();
         assert_eq!(a, WORKLOAD.stream().collect::<Vec<_>>());
-        let other = TierWorkload { seed: 8, ..WORKLOAD };
+        let other = TierWorkload {
+            seed: 8,
+            ..WORKLOAD
+        };
         assert_ne!(a, other.stream().collect::<Vec<_>>());
         let count = |rank| a.iter().filter(|&&x| x == item_id(rank)).count();
         // Rank 0 is an octave on its own (1/7 of the accesses); the top octave shares 1/7
@@ -239,11 +239,10 @@ mod tests {
         let distinct: std::collections::BTreeSet<u64> = a.iter().copied().collect();
         assert!(distinct.len() > 80 && distinct.len() <= 96);
         for items in [1, 2, 3, 7, 8, 1000] {
-            let w = TierWorkload {
-                items,
-                ..WORKLOAD
-            };
-            let max = (0..items).map(item_id).collect::<std::collections::BTreeSet<_>>();
+            let w = TierWorkload { items, ..WORKLOAD };
+            let max = (0..items)
+                .map(item_id)
+                .collect::<std::collections::BTreeSet<_>>();
             assert!(w.stream().all(|x| max.contains(&x)));
         }
     }
@@ -254,11 +253,17 @@ mod tests {
         let s = r.stats;
         assert_eq!(s.accesses, 3000);
         assert!(s.hits > 1000, "{s:?}");
-        assert!(s.restores > 100 && s.offloads > s.restores && s.drops > 10, "{s:?}");
+        assert!(
+            s.restores > 100 && s.offloads > s.restores && s.drops > 10,
+            "{s:?}"
+        );
         assert_eq!(s.lost, 0);
         assert_eq!(r.links[0].transfers, s.offloads);
         assert_eq!(r.links[1].bytes, s.bytes_restored);
-        assert_eq!((r.links[0].from.as_str(), r.links[0].to.as_str()), ("gpu", "pinned-host"));
+        assert_eq!(
+            (r.links[0].from.as_str(), r.links[0].to.as_str()),
+            ("gpu", "pinned-host")
+        );
     }
 
     #[test]
@@ -279,10 +284,16 @@ mod tests {
         // Pageable memory goes through a staging buffer at half the rate.
         let wire = pinned.transfer_ns_total - transfers * 10_000;
         let wire_pageable = pageable.transfer_ns_total - transfers * 10_000;
-        assert!(wire_pageable.abs_diff(2 * wire) <= transfers, "{wire} {wire_pageable}");
+        assert!(
+            wire_pageable.abs_diff(2 * wire) <= transfers,
+            "{wire} {wire_pageable}"
+        );
         // L40S: PCIe 4.0, half of PCIe 5.0.
         let wire_l40s = l40s.transfer_ns_total - transfers * 10_000;
-        assert!(wire_l40s.abs_diff(2 * wire) <= transfers, "{wire} {wire_l40s}");
+        assert!(
+            wire_l40s.abs_diff(2 * wire) <= transfers,
+            "{wire} {wire_l40s}"
+        );
         assert!(pinned.transfer_ns_total < l40s.transfer_ns_total);
     }
 
@@ -309,7 +320,10 @@ mod tests {
         let b = serde_json::to_string(&run("h100", Tier::PinnedHost)).unwrap();
         assert_eq!(a, b);
         let gpu = GpuProfile::resolve("h100").unwrap();
-        let other = TierWorkload { seed: 8, ..WORKLOAD };
+        let other = TierWorkload {
+            seed: 8,
+            ..WORKLOAD
+        };
         let c = simulate(config(Tier::PinnedHost), &other, &gpu).unwrap();
         assert_ne!(c.digest, run("h100", Tier::PinnedHost).digest);
     }
@@ -317,7 +331,10 @@ mod tests {
     #[test]
     fn bad_workloads_are_refused_with_a_reason() {
         let gpu = GpuProfile::resolve("h100").unwrap();
-        let empty = TierWorkload { items: 0, ..WORKLOAD };
+        let empty = TierWorkload {
+            items: 0,
+            ..WORKLOAD
+        };
         let e = simulate(config(Tier::PinnedHost), &empty, &gpu).unwrap_err();
         assert!(e.contains("0 items"), "{e}");
         let huge = TierWorkload {
