@@ -18,13 +18,14 @@
 //! copy never happened: the item is lost (forgotten in both tiers, counted) and, when it is the
 //! item being accessed, written anew.
 //!
-//! Every access is O(1): a hash map finds an item (it is never iterated where order could
-//! matter), and each tier keeps its slots in an index-linked LRU list over a slab, with a stack
+//! Every access is O(1): a hash map with a fixed hasher finds an item (it is never iterated
+//! where order could matter), and each tier keeps its slots in an index-linked LRU list over a slab, with a stack
 //! of free slots. Nothing depends on hash order, so a stream of accesses always yields the same
 //! decisions.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::{Deserialize, Serialize};
 
@@ -195,6 +196,30 @@ impl TierStats {
         self.bytes_offloaded + self.bytes_restored
     }
 }
+
+/// Hashes an item id with a fixed mix (no per-process random keys, as `std`'s default has):
+/// ids may be small counters or prefix hashes, so both halves are folded in and spread.
+#[derive(Clone, Copy, Debug, Default)]
+struct ItemHasher(u64);
+
+impl Hasher for ItemHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        let x = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = x ^ (x >> 32);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ b as u64);
+        }
+    }
+}
+
+type ItemMap<V> = HashMap<u64, V, BuildHasherDefault<ItemHasher>>;
 
 /// One tier's slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -380,7 +405,7 @@ pub struct TierCache {
     gpu: SlotList,
     host: SlotList,
     /// Where each resident item is. Looked up only, never iterated for a decision.
-    resident: HashMap<u64, (Level, u32)>,
+    resident: ItemMap<(Level, u32)>,
     stats: TierStats,
 }
 
@@ -401,7 +426,7 @@ impl TierCache {
             gpu: SlotList::new(config.gpu_slots),
             // The spare slot a restore swaps through.
             host: SlotList::new(config.host_slots + 1),
-            resident: HashMap::new(),
+            resident: ItemMap::default(),
             stats: TierStats::default(),
         })
     }
