@@ -9,6 +9,7 @@ mod alloc_cmd;
 mod kv_cmd;
 mod kv_events_cmd;
 mod progress;
+mod selftest_cmd;
 mod units;
 
 #[derive(Parser)]
@@ -41,6 +42,10 @@ enum Command {
     /// index a KV-aware router would hold: blocks stored, removed and live, longest prefix
     /// chain, per medium.
     KvEvents(kv_events_cmd::KvEventsArgs),
+    /// Run every executor path (allocation replay, KV pool, transfers between memory tiers)
+    /// on small inputs, simulated and on a device (`--execute host|cuda`), and print one table
+    /// of digests, bytes verified and mismatches. Exit 0 only if they all agree.
+    Selftest(selftest_cmd::SelftestArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
         Command::Alloc(args) => alloc_cmd::run(args),
         Command::Kv(args) => kv_cmd::run(*args),
         Command::KvEvents(args) => kv_events_cmd::run(args),
+        Command::Selftest(args) => selftest_cmd::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -14,6 +14,7 @@ pub mod executor;
 pub mod kv;
 pub mod link;
 pub mod place;
+pub mod tiers;
 
 pub use books::{Account, Books};
 pub use decision::{AllocId, Decision, Loc, Refusal, SegmentId};

@@ -104,6 +104,8 @@ pub enum Owner {
     GraphBuffers,
     /// Scratch memory of tests and the self-test.
     Scratch,
+    /// The two tiers of a [`crate::tiers::TierCache`] (items swapped between GPU and host).
+    TierCache,
 }
 
 impl Owner {
@@ -115,6 +117,7 @@ impl Owner {
             Owner::Weights => "weights",
             Owner::GraphBuffers => "graph-buffers",
             Owner::Scratch => "scratch",
+            Owner::TierCache => "tier-cache",
         }
     }
 
@@ -145,6 +148,7 @@ mod tests {
                     Owner::KvPool,
                     Owner::KvOffload,
                     Owner::Scratch,
+                    Owner::TierCache,
                 ] {
                     for index in [0u32, 1, u32::MAX] {
                         assert!(seen.insert(pack(Place::new(device, tier), owner, index)));

@@ -72,6 +72,9 @@ pub struct CudaDevice {
     name: String,
     cu_device: sys::CUdevice,
     granularity: u64,
+    /// Whether host and device share one address space, so that a pinned host pointer can be
+    /// handed to `cuMemcpyAsync` as is (every 64-bit Linux GPU of the last decade; checked).
+    unified_addressing: bool,
     regions: Regions,
     /// Pageable host regions by base (their address).
     pageable: BTreeMap<u64, Vec<u8>>,
@@ -105,6 +108,7 @@ impl CudaDevice {
             name,
             cu_device,
             granularity: 0,
+            unified_addressing: false,
             staging: Staging::Pageable(Vec::new()),
             scratch: 0,
         };
@@ -122,6 +126,13 @@ impl CudaDevice {
             || format!("{}: cuMemGetAllocationGranularity", dev.name),
         )?;
         dev.granularity = (granularity as u64).max(1);
+        dev.unified_addressing = dev
+            .ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING)
+            .map_err(|e| {
+                driver_error(|| format!("{}: unified addressing attribute", dev.name), e)
+            })?
+            == 1;
 
         let mut host: *mut c_void = std::ptr::null_mut();
         // SAFETY: `host` is a valid out-pointer; on success it owns STAGING_BYTES bytes that
@@ -549,9 +560,12 @@ impl Device for CudaDevice {
             (false, false) => check(unsafe { sys::cuMemcpyDtoD_v2(dst, src, n) }, || {
                 format!("{name} copy (cuMemcpyDtoD)")
             })?,
-            _ if src_tier == Tier::PinnedHost || dst_tier == Tier::PinnedHost => {
+            _ if self.unified_addressing
+                && (src_tier == Tier::PinnedHost || dst_tier == Tier::PinnedHost) =>
+            {
                 // Unified addressing: a pinned host pointer is a valid address for the copy
-                // engine, which reaches it at the link's full bandwidth.
+                // engine, which reaches it at the link's full bandwidth. (Without it, the
+                // explicit HtoD/DtoH calls below take pinned memory just as well.)
                 check(
                     unsafe { sys::cuMemcpyAsync(dst, src, n, std::ptr::null_mut()) },
                     || format!("{name} copy (cuMemcpyAsync)"),

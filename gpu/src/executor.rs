@@ -85,6 +85,9 @@ pub struct ExecReport {
     pub bytes_transferred: u64,
     /// Transfers refused because the source or the copy held other bytes.
     pub transfers_refused: u64,
+    /// Bytes checked at the source and at the copy of transfers (part of `bytes_verified`):
+    /// twice `bytes_transferred` when every transfer's source held its content.
+    pub transfer_bytes_verified: u64,
     /// Bytes checked against their pattern (free, move, checkpoints).
     pub bytes_verified: u64,
     /// Block checks made.
@@ -139,6 +142,7 @@ struct Stats {
     transfers: u64,
     bytes_transferred: u64,
     transfers_refused: u64,
+    transfer_bytes_verified: u64,
     bytes_verified: u64,
     verifications: u64,
     mismatches: u64,
@@ -246,6 +250,7 @@ impl<D: Device> DeviceExecutor<D> {
             transfers: s.transfers,
             bytes_transferred: s.bytes_transferred,
             transfers_refused: s.transfers_refused,
+            transfer_bytes_verified: s.transfer_bytes_verified,
             bytes_verified: s.bytes_verified,
             verifications: s.verifications,
             mismatches: s.mismatches,
@@ -537,7 +542,9 @@ impl<D: Device> DeviceExecutor<D> {
                 panic!("{d:?}: {segment:?} has no memory on {}", self.device.name());
             }
         }
-        if self.check_block(AllocId(content), from, bytes, "transfer-from") > 0 {
+        let source_wrong = self.check_block(AllocId(content), from, bytes, "transfer-from");
+        self.stats.transfer_bytes_verified += bytes;
+        if source_wrong > 0 {
             self.stats.transfers_refused += 1;
             return Err(Refusal::Mismatch);
         }
@@ -555,7 +562,9 @@ impl<D: Device> DeviceExecutor<D> {
         }
         self.stats.transfers += 1;
         self.stats.bytes_transferred += bytes;
-        if self.check_block(AllocId(content), to, bytes, "transfer-to") > 0 {
+        let copy_wrong = self.check_block(AllocId(content), to, bytes, "transfer-to");
+        self.stats.transfer_bytes_verified += bytes;
+        if copy_wrong > 0 {
             // The copy is garbage: nothing may read it as `content`.
             self.forget_contents(to.segment, to.offset, to.offset + bytes);
             self.stats.transfers_refused += 1;
