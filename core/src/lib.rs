@@ -8,7 +8,6 @@
 pub mod alloc;
 pub mod books;
 pub mod decision;
-pub mod defrag;
 pub mod digest;
 pub mod executor;
 pub mod kv;

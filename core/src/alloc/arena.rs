@@ -4,9 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{align_up, AllocConfig, AllocError, LiveBlock, SegmentLayout};
+use super::defrag::plan_segment;
+use super::layout::{LiveBlock, SegmentLayout};
+use super::strategy::{AllocConfig, AllocError};
+use super::units::align_up;
 use crate::decision::{AllocId, Decision, Loc, Refusal, SegmentId};
-use crate::defrag::plan_segment;
 use crate::executor::Executor;
 
 pub const ARENA_SEGMENT: SegmentId = SegmentId::arena(0);

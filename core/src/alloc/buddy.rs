@@ -18,12 +18,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::arena::{check_tiling, sorted_blocks, Arena};
-use super::{
-    align_up, AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary,
-    LiveBlock, SegmentLayout, Strategy,
-};
+use super::defrag::Compaction;
+use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
+use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
+use super::units::align_up;
 use crate::decision::{AllocId, Decision, Loc};
-use crate::defrag::Compaction;
 use crate::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,7 +153,7 @@ impl Buddy {
     }
 }
 
-impl Allocator for Buddy {
+impl Allocate for Buddy {
     fn strategy(&self) -> Strategy {
         Strategy::Buddy
     }
@@ -316,10 +315,6 @@ impl Allocator for Buddy {
         )
     }
 
-    fn snapshot(&self) -> AllocatorState {
-        AllocatorState::Buddy(self.clone())
-    }
-
     /// Buddy blocks cannot slide freely: a block must sit at a multiple of its own size and the
     /// free space it leaves merges only with its buddy, so the sliding planner does not apply.
     fn compact(&mut self, _mem: &mut dyn Executor) -> Option<Compaction> {
@@ -330,7 +325,8 @@ impl Allocator for Buddy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alloc::{GIB, MIB};
+    use crate::alloc::units::{GIB, MIB};
+    use crate::alloc::Allocator;
     use crate::books::Books;
 
     fn req(id: u64, bytes: u64) -> AllocRequest {
@@ -418,7 +414,7 @@ mod tests {
             vec![vec![], vec![], vec![], vec![0, 8192], vec![]]
         );
         b.check_invariants().unwrap();
-        let s = b.free_summary().pools[0];
+        let s = b.free_summary().size_pools[0];
         assert_eq!((s.free_bytes, s.largest_free_bytes), (4096, 4096));
         b.free(AllocId(2), &mut mem);
         // 8 KiB at 0 is whole again; the 4 KiB top-level block at 8 KiB never joins it (their
@@ -472,7 +468,7 @@ mod tests {
         let mut mem = crate::executor::Ledger::new(Books::new(config.capacity_bytes));
         b.alloc(req(0, 512), &mut mem).unwrap();
         // 2 MiB mapped; free blocks 512 B .. 1 MiB below it, then 2, 4, .. 32 MiB above.
-        let s = b.free_summary().pools[0];
+        let s = b.free_summary().size_pools[0];
         assert_eq!((s.free_bytes, s.largest_free_bytes), (2 * MIB - 512, MIB));
     }
     #[test]

@@ -38,12 +38,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    align_up, AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary,
-    LiveBlock, PoolFree, SegmentLayout, Strategy, MIB,
-};
+use super::defrag::Compaction;
+use super::layout::{FreeSpace, FreeSummary, LiveBlock, SegmentLayout};
+use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
+use super::units::{align_up, MIB};
 use crate::decision::{AllocId, Decision, Loc, SegmentId};
-use crate::defrag::Compaction;
 use crate::executor::Executor;
 
 mod blocks;
@@ -67,35 +66,37 @@ pub const LARGE_BUFFER: u64 = 20 * MIB;
 /// No block: the end of a segment's block list.
 const NIL: u32 = u32::MAX;
 
+/// Which of PyTorch's two pools of cached blocks a block belongs to: small (rounded size up to
+/// 1 MiB) or large. A block of one never serves a request of the other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum PoolKind {
+pub enum SizePool {
     Small,
     Large,
 }
 
-impl PoolKind {
+impl SizePool {
     /// `get_pool`: a rounded size of exactly 1 MiB is still small (the code, not the docstring).
-    pub fn of(rounded_bytes: u64) -> PoolKind {
+    pub fn of(rounded_bytes: u64) -> SizePool {
         if rounded_bytes <= SMALL_SIZE {
-            PoolKind::Small
+            SizePool::Small
         } else {
-            PoolKind::Large
+            SizePool::Large
         }
     }
 
-    /// Position in [`FreeSummary::pools`].
+    /// Position in [`FreeSummary::size_pools`].
     pub fn index(self) -> usize {
         match self {
-            PoolKind::Small => 0,
-            PoolKind::Large => 1,
+            SizePool::Small => 0,
+            SizePool::Large => 1,
         }
     }
 
     /// Page size of an expandable range of this pool.
     pub fn page_bytes(self) -> u64 {
         match self {
-            PoolKind::Small => SMALL_BUFFER,
-            PoolKind::Large => LARGE_BUFFER,
+            SizePool::Small => SMALL_BUFFER,
+            SizePool::Large => LARGE_BUFFER,
         }
     }
 }
@@ -123,7 +124,7 @@ impl State {
 struct Block {
     segment: u32,
     stream: u32,
-    pool: PoolKind,
+    pool: SizePool,
     offset: u64,
     size: u64,
     prev: u32,
@@ -134,7 +135,7 @@ struct Block {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Segment {
     stream: u32,
-    pool: PoolKind,
+    pool: SizePool,
     /// Physical bytes, or the length of the virtual range.
     bytes: u64,
     expandable: bool,
@@ -164,8 +165,9 @@ type FreeKey = (u32, u64, u32, u64, u32);
 /// (stream, segment, offset, slab index): PyTorch's (stream, ptr) order of unmapped blocks.
 type UnmappedKey = (u32, u32, u64, u32);
 
+/// The free blocks of one size pool (PyTorch's `BlockPool`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct BlockPool {
+struct CachedBlocks {
     blocks: BTreeSet<FreeKey>,
     unmapped: BTreeSet<UnmappedKey>,
     /// Σ sizes of `blocks`.
@@ -215,8 +217,8 @@ pub struct Caching {
     min_block_bytes: u64,
     /// The device's memory, which sizes the expandable virtual ranges.
     capacity_bytes: u64,
-    /// Indexed by [`PoolKind::index`].
-    pools: [BlockPool; 2],
+    /// Indexed by [`SizePool::index`].
+    size_pools: [CachedBlocks; 2],
     blocks: Vec<Block>,
     /// Vacant slab slots, reused last in, first out.
     vacant: Vec<u32>,
@@ -237,7 +239,7 @@ impl Caching {
             expandable,
             min_block_bytes: config.alignment_bytes.max(1),
             capacity_bytes: config.capacity_bytes,
-            pools: Default::default(),
+            size_pools: Default::default(),
             blocks: Vec::new(),
             vacant: Vec::new(),
             segments: BTreeMap::new(),
@@ -286,8 +288,8 @@ impl Caching {
     /// another stream. With expandable segments the search walks on while the next block of the
     /// stream has a strictly smaller "expandable size" (its size plus a directly following
     /// unmapped block), so that the growable tail is taken last. Takes the block out of the pool.
-    fn get_free_block(&mut self, stream: u32, pool: PoolKind, size: u64) -> Option<u32> {
-        let set = &self.pools[pool.index()].blocks;
+    fn get_free_block(&mut self, stream: u32, pool: SizePool, size: u64) -> Option<u32> {
+        let set = &self.size_pools[pool.index()].blocks;
         let mut candidates = set.range((stream, size, 0, 0, 0)..);
         let mut found = *candidates.next().filter(|k| k.0 == stream)?;
         if self.expandable {
@@ -311,8 +313,8 @@ impl Caching {
     }
 
     /// `should_split`, without `max_split_size` and no-split pools.
-    fn should_split(&self, pool: PoolKind, remaining: u64) -> bool {
-        if pool == PoolKind::Small || self.expandable {
+    fn should_split(&self, pool: SizePool, remaining: u64) -> bool {
+        if pool == SizePool::Small || self.expandable {
             remaining >= self.min_block_bytes
         } else {
             remaining > SMALL_SIZE
@@ -323,7 +325,7 @@ impl Caching {
     fn alloc_block(
         &mut self,
         stream: u32,
-        pool: PoolKind,
+        pool: SizePool,
         size: u64,
         alloc_size: u64,
         retry: bool,
@@ -400,8 +402,8 @@ impl Caching {
     /// is released, then the whole pages inside the free blocks of expandable ranges are
     /// unmapped, and a range left entirely unmapped is released.
     fn release_cached_blocks(&mut self, mem: &mut dyn Executor) {
-        for pool in [PoolKind::Large, PoolKind::Small] {
-            let keys: Vec<u32> = self.pools[pool.index()]
+        for pool in [SizePool::Large, SizePool::Small] {
+            let keys: Vec<u32> = self.size_pools[pool.index()]
                 .blocks
                 .iter()
                 .map(|k| k.4)
@@ -447,8 +449,8 @@ impl Caching {
             .unwrap_or_else(|| panic!("free of {id:?}, which is not live"))
     }
 
-    fn largest_free_bytes(&self, pool: PoolKind) -> u64 {
-        let set = &self.pools[pool.index()].blocks;
+    fn largest_free_bytes(&self, pool: SizePool) -> u64 {
+        let set = &self.size_pools[pool.index()].blocks;
         let mut largest = 0;
         let mut stream = set.first().map(|k| k.0);
         while let Some(s) = stream {
@@ -465,7 +467,7 @@ impl Caching {
     }
 }
 
-impl Allocator for Caching {
+impl Allocate for Caching {
     fn strategy(&self) -> Strategy {
         if self.expandable {
             Strategy::CachingExpandable
@@ -487,7 +489,7 @@ impl Allocator for Caching {
                 rounded_bytes: req.bytes,
             });
         };
-        let pool = PoolKind::of(size);
+        let pool = SizePool::of(size);
         let found = self.get_free_block(req.stream, pool, size).or_else(|| {
             self.alloc_block(req.stream, pool, size, alloc_size, false, mem)
                 .or_else(|| {
@@ -551,12 +553,12 @@ impl Allocator for Caching {
     }
 
     fn free_summary(&self) -> FreeSummary {
-        let pool = |kind: PoolKind| PoolFree {
-            free_bytes: self.pools[kind.index()].free_bytes,
+        let pool = |kind: SizePool| FreeSpace {
+            free_bytes: self.size_pools[kind.index()].free_bytes,
             largest_free_bytes: self.largest_free_bytes(kind),
         };
         FreeSummary {
-            pools: [pool(PoolKind::Small), pool(PoolKind::Large)],
+            size_pools: [pool(SizePool::Small), pool(SizePool::Large)],
             inactive_split_bytes: self.inactive_split_bytes,
         }
     }
@@ -582,10 +584,6 @@ impl Allocator for Caching {
 
     fn check_invariants(&self) -> Result<(), String> {
         self.check()
-    }
-
-    fn snapshot(&self) -> AllocatorState {
-        AllocatorState::Caching(self.clone())
     }
 
     fn compact(&mut self, mem: &mut dyn Executor) -> Option<Compaction> {

@@ -4,14 +4,12 @@
 use serde::{Deserialize, Serialize};
 
 use super::arena::{check_tiling, slide_down, sorted_blocks, Arena};
+use super::defrag::Compaction;
 use super::extents::FreeExtents;
+use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
 use super::live::LiveTable;
-use super::{
-    AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary, LiveBlock,
-    SegmentLayout, Strategy,
-};
+use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
 use crate::decision::{AllocId, Decision, Loc};
-use crate::defrag::Compaction;
 use crate::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,7 +62,7 @@ impl FitAllocator {
     }
 }
 
-impl Allocator for FitAllocator {
+impl Allocate for FitAllocator {
     fn strategy(&self) -> Strategy {
         match self.policy {
             FitPolicy::First => Strategy::FirstFit,
@@ -151,10 +149,6 @@ impl Allocator for FitAllocator {
         check_tiling(&pieces, self.arena.range_bytes)?;
         self.arena
             .check_blocks(&blocks, self.alignment_bytes, self.allocated_bytes)
-    }
-
-    fn snapshot(&self) -> AllocatorState {
-        AllocatorState::Fit(self.clone())
     }
 
     fn compact(&mut self, mem: &mut dyn Executor) -> Option<Compaction> {

@@ -20,12 +20,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::arena::{check_tiling, slide_down, tile, Arena};
-use super::{
-    AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary, LiveBlock,
-    SegmentLayout, Strategy,
-};
+use super::defrag::Compaction;
+use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
+use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
 use crate::decision::{AllocId, Decision, Loc};
-use crate::defrag::Compaction;
 use crate::executor::Executor;
 
 /// log2 of the number of second-level classes per first-level class.
@@ -375,7 +373,7 @@ impl Tlsf {
     }
 }
 
-impl Allocator for Tlsf {
+impl Allocate for Tlsf {
     fn strategy(&self) -> Strategy {
         Strategy::Tlsf
     }
@@ -659,10 +657,6 @@ impl Allocator for Tlsf {
         Ok(())
     }
 
-    fn snapshot(&self) -> AllocatorState {
-        AllocatorState::Tlsf(self.clone())
-    }
-
     fn compact(&mut self, mem: &mut dyn Executor) -> Option<Compaction> {
         let before = self.largest_free();
         let mut blocks = self.live_blocks();
@@ -680,7 +674,7 @@ impl Allocator for Tlsf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alloc::{KIB, MIB};
+    use crate::alloc::units::{KIB, MIB};
     use crate::books::Books;
 
     fn config(capacity_bytes: u64) -> AllocConfig {
@@ -763,7 +757,7 @@ mod tests {
         t.check_invariants().unwrap();
         // Everything coalesced into one block, slots recycled.
         assert_eq!(t.first, t.last);
-        let s = t.free_summary().pools[0];
+        let s = t.free_summary().size_pools[0];
         assert_eq!((s.free_bytes, s.largest_free_bytes), (2 * MIB, 2 * MIB));
         t.empty_cache(&mut mem);
         assert_eq!(mem.books.reserved_bytes(), 0);
@@ -796,7 +790,7 @@ mod tests {
         assert_eq!(t.alloc(req(0, cap), &mut mem).unwrap().offset, 0);
         assert!(t.alloc(req(1, 1), &mut mem).is_err());
         t.check_invariants().unwrap();
-        assert_eq!(t.free_summary().pools[0].free_bytes, 0);
+        assert_eq!(t.free_summary().size_pools[0].free_bytes, 0);
     }
 
     #[test]
@@ -840,11 +834,11 @@ mod tests {
         t.check_invariants().unwrap();
         // Holes of 3, 40, 70, 69, 5 units; the top's mapped part is 2 MiB − 192 units.
         let tail = 2 * MIB - 192 * 512;
-        let s = t.free_summary().pools[0];
+        let s = t.free_summary().size_pools[0];
         assert_eq!(s.largest_free_bytes, tail);
         assert_eq!(s.free_bytes, tail + (3 + 40 + 70 + 69 + 5) * 512);
         // Fill the top up to the mapped end: the 70-unit hole is then the largest.
         t.alloc(req(20, tail), &mut mem).unwrap();
-        assert_eq!(t.free_summary().pools[0].largest_free_bytes, 70 * 512);
+        assert_eq!(t.free_summary().size_pools[0].largest_free_bytes, 70 * 512);
     }
 }

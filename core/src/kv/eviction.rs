@@ -23,9 +23,9 @@ pub use leaf_lru::LeafLru;
 
 use serde::{Deserialize, Serialize};
 
+use super::block::BlockId;
 use super::free_queue::FreeQueue;
 use super::hash::BlockHash;
-use super::BlockId;
 
 pub trait EvictionPolicy {
     fn name(&self) -> &'static str;
@@ -458,7 +458,7 @@ impl<const N: usize> ClassedFree<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::BlockPool;
+    use crate::kv::pool::BlockPool;
 
     fn h(x: u64) -> BlockHash {
         BlockHash(x)

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::BlockId;
+use super::block::BlockId;
 
 const NONE: u32 = u32::MAX;
 

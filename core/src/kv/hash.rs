@@ -20,6 +20,9 @@
 //! shortest form, as Python's `cbor2.dumps(canonical=True)` does for these types (canonical mode
 //! only changes maps, floats and sets, which block hashes never contain).
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 use serde::ser::{SerializeTuple, Serializer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -27,6 +30,31 @@ use sha2::{Digest as _, Sha256};
 /// The hash of a full block and, through chaining, of the whole prefix it ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BlockHash(pub u64);
+
+/// Identity hasher for keys that are already well-mixed 64-bit hashes.
+#[derive(Default, Clone, Copy)]
+pub struct HashKeyHasher(u64);
+
+impl Hasher for HashKeyHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+/// A map keyed by block hashes that uses them as they are: they are well mixed already.
+pub type BlockHashMap<V> = HashMap<BlockHash, V, BuildHasherDefault<HashKeyHasher>>;
 
 /// Extra keys that enter a block's hash besides its tokens, as vLLM 0.33 orders them
 /// (LoRA first, then the cache salt). Multimodal and prompt-embedding keys are not modelled.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::eviction::{EvictionPolicy, VllmLru};
 use super::hash::BlockHash;
 use super::pool::BlockPool;
-use super::{cdiv, BlockId};
+use super::block::{cdiv, BlockId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvConfig {

@@ -18,14 +18,11 @@
 //! in the request's table, `on_hit` on every touch, `on_evicted` whenever a hash leaves a
 //! block, `on_reset`); vLLM's LRU ignores them.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use serde::{Deserialize, Serialize};
 
+use super::block::{BlockId, NULL_BLOCK};
 use super::eviction::{EvictionPolicy, VllmLru};
-use super::hash::BlockHash;
-use super::{BlockId, PoolSummary, NULL_BLOCK};
+use super::hash::{BlockHash, BlockHashMap};
 
 /// Stored and removed hash counts (vLLM's `BlockStored` / `BlockRemoved` events, counted by
 /// hashes), since they were last taken.
@@ -50,29 +47,16 @@ pub enum KvEvent {
     AllCleared,
 }
 
-/// Identity hasher for keys that are already well-mixed 64-bit hashes.
-#[derive(Default, Clone, Copy)]
-pub struct HashKeyHasher(u64);
-
-impl Hasher for HashKeyHasher {
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    #[inline]
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
+/// Reference counts and hashes of every block, as a plain value (for reports and tests).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockPoolSummary {
+    pub num_blocks: u32,
+    pub free_blocks: u32,
+    /// Blocks with a hash (free or in use).
+    pub cached_blocks: u32,
+    /// Distinct hashes in the prefix-cache map.
+    pub cached_hashes: u32,
 }
-
-type HashKeyMap<V> = HashMap<BlockHash, V, BuildHasherDefault<HashKeyHasher>>;
 
 /// The blocks holding one hash, in insertion order (vLLM keeps a single block or a dict).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,7 +88,7 @@ pub struct BlockPool<P: EvictionPolicy = VllmLru> {
     enable_caching: bool,
     ref_cnt: Vec<u32>,
     hash: Vec<Option<BlockHash>>,
-    cached: HashKeyMap<Holders>,
+    cached: BlockHashMap<Holders>,
     policy: P,
     counters: StepCounters,
     totals: StepCounters,
@@ -135,7 +119,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
             enable_caching,
             ref_cnt: vec![0; num_blocks as usize],
             hash: vec![None; num_blocks as usize],
-            cached: HashKeyMap::default(),
+            cached: BlockHashMap::default(),
             policy,
             counters: StepCounters::default(),
             totals: StepCounters::default(),
@@ -391,8 +375,8 @@ impl<P: EvictionPolicy> BlockPool<P> {
         self.events.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
-    pub fn summary(&self) -> PoolSummary {
-        PoolSummary {
+    pub fn summary(&self) -> BlockPoolSummary {
+        BlockPoolSummary {
             num_blocks: self.num_blocks,
             free_blocks: self.num_free(),
             cached_blocks: self.hash.iter().filter(|h| h.is_some()).count() as u32,

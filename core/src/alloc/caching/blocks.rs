@@ -68,7 +68,7 @@ impl Caching {
     pub(super) fn insert_free(&mut self, i: u32) {
         debug_assert_eq!(self.b(i).state, State::Free);
         let (key, pool, size) = (self.free_key(i), self.b(i).pool, self.b(i).size);
-        let p = &mut self.pools[pool.index()];
+        let p = &mut self.size_pools[pool.index()];
         let inserted = p.blocks.insert(key);
         debug_assert!(inserted, "free block indexed twice");
         p.free_bytes += size;
@@ -76,7 +76,7 @@ impl Caching {
 
     pub(super) fn remove_free(&mut self, i: u32) {
         let (key, pool, size) = (self.free_key(i), self.b(i).pool, self.b(i).size);
-        let p = &mut self.pools[pool.index()];
+        let p = &mut self.size_pools[pool.index()];
         let removed = p.blocks.remove(&key);
         debug_assert!(removed, "free block not indexed");
         p.free_bytes -= size;
@@ -85,13 +85,13 @@ impl Caching {
     pub(super) fn insert_unmapped(&mut self, i: u32) {
         debug_assert_eq!(self.b(i).state, State::Unmapped);
         let (key, pool) = (self.unmapped_key(i), self.b(i).pool);
-        let inserted = self.pools[pool.index()].unmapped.insert(key);
+        let inserted = self.size_pools[pool.index()].unmapped.insert(key);
         debug_assert!(inserted, "unmapped block indexed twice");
     }
 
     pub(super) fn remove_unmapped(&mut self, i: u32) {
         let (key, pool) = (self.unmapped_key(i), self.b(i).pool);
-        let removed = self.pools[pool.index()].unmapped.remove(&key);
+        let removed = self.size_pools[pool.index()].unmapped.remove(&key);
         debug_assert!(removed, "unmapped block not indexed");
     }
 

@@ -3,10 +3,10 @@
 //! with [`plan_segment`]: live blocks slide down, pinned ones stay, and the run's block list is
 //! rebuilt with the free gaps coalesced. Nothing crosses a segment or an unmapped page.
 
-use super::{Block, Caching, PoolKind, State, NIL};
-use crate::alloc::LiveBlock;
+use super::{Block, Caching, SizePool, State, NIL};
+use crate::alloc::defrag::{plan_segment, Compaction};
+use crate::alloc::layout::LiveBlock;
 use crate::decision::Decision;
-use crate::defrag::{plan_segment, Compaction};
 use crate::executor::Executor;
 
 /// A maximal sequence of mapped blocks of one segment.
@@ -54,8 +54,8 @@ impl Caching {
     }
 
     pub(super) fn largest_free_overall(&self) -> u64 {
-        let small = self.largest_free_bytes(PoolKind::Small);
-        small.max(self.largest_free_bytes(PoolKind::Large))
+        let small = self.largest_free_bytes(SizePool::Small);
+        small.max(self.largest_free_bytes(SizePool::Large))
     }
 
     pub(super) fn compact_segments(&mut self, mem: &mut dyn Executor) -> Compaction {

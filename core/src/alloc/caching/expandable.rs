@@ -9,13 +9,13 @@
 //! free blocks and releases a range once it is entirely unmapped. Unmapped blocks therefore
 //! always start and end on page boundaries, and a block never spans two ranges.
 
-use super::{Block, Caching, PoolKind, Segment, State, NIL};
+use super::{Block, Caching, Segment, SizePool, State, NIL};
 use crate::decision::{Decision, SegmentId};
 use crate::executor::Executor;
 
 impl Caching {
     /// Length of every expandable range of `pool`: whole pages covering 1⅛ × the capacity.
-    pub fn va_range_bytes(&self, pool: PoolKind) -> u64 {
+    pub fn va_range_bytes(&self, pool: SizePool) -> u64 {
         let page = u128::from(pool.page_bytes());
         let want = u128::from(self.capacity_bytes) + u128::from(self.capacity_bytes / 8);
         let bytes = want.div_ceil(page) * page;
@@ -31,7 +31,7 @@ impl Caching {
     pub(super) fn try_allocate_expandable_block(
         &mut self,
         stream: u32,
-        pool: PoolKind,
+        pool: SizePool,
         size: u64,
         mem: &mut dyn Executor,
     ) -> Option<u32> {
@@ -64,9 +64,9 @@ impl Caching {
     /// `find_expandable_block`: for each unmapped block of `stream` in address order, a run
     /// starting at it (or at the free mapped block right before it) of free and unmapped blocks
     /// totalling at least `size`. Returns the run's first block.
-    fn find_expandable_block(&self, stream: u32, pool: PoolKind, size: u64) -> Option<u32> {
+    fn find_expandable_block(&self, stream: u32, pool: SizePool, size: u64) -> Option<u32> {
         let allocatable = |i: u32| i != NIL && self.b(i).state.is_free_space();
-        let unmapped = &self.pools[pool.index()].unmapped;
+        let unmapped = &self.size_pools[pool.index()].unmapped;
         for &(s, _, _, u) in unmapped.range((stream, 0, 0, 0)..) {
             if s != stream {
                 break;
@@ -87,7 +87,7 @@ impl Caching {
     }
 
     /// Reserves a new range for (stream, pool): one unmapped block, indexed.
-    fn new_va_range(&mut self, stream: u32, pool: PoolKind, mem: &mut dyn Executor) -> Option<u32> {
+    fn new_va_range(&mut self, stream: u32, pool: SizePool, mem: &mut dyn Executor) -> Option<u32> {
         let bytes = self.va_range_bytes(pool);
         let id = self.take_segment_id()?;
         let reserve = Decision::ReserveVa {

@@ -1,7 +1,7 @@
 //! Read-only views of the allocator: live blocks, segment layouts, and the full invariant walk.
 
 use super::{Caching, Live, State, NIL};
-use crate::alloc::{LiveBlock, SegmentLayout};
+use crate::alloc::layout::{LiveBlock, SegmentLayout};
 use crate::decision::{AllocId, Loc, SegmentId};
 
 impl Caching {
@@ -92,7 +92,7 @@ impl Caching {
                 match b.state {
                     State::Vacant => return Err(format!("{at}: vacant block in a list")),
                     State::Free => {
-                        if !self.pools[p].blocks.contains(&self.free_key(i)) {
+                        if !self.size_pools[p].blocks.contains(&self.free_key(i)) {
                             return Err(format!("{at}: free block not in its pool"));
                         }
                         free_count[p] += 1;
@@ -106,7 +106,7 @@ impl Caching {
                         if b.offset % page != 0 || b.size % page != 0 {
                             return Err(format!("{at}: unmapped block not on page boundaries"));
                         }
-                        if !self.pools[p].unmapped.contains(&self.unmapped_key(i)) {
+                        if !self.size_pools[p].unmapped.contains(&self.unmapped_key(i)) {
                             return Err(format!("{at}: unmapped block not in its pool"));
                         }
                         unmapped_count[p] += 1;
@@ -154,7 +154,7 @@ impl Caching {
             allocated += seg_live_bytes;
             inactive += seg.inactive_split_bytes();
         }
-        for (p, pool) in self.pools.iter().enumerate() {
+        for (p, pool) in self.size_pools.iter().enumerate() {
             if pool.blocks.len() != free_count[p] || pool.unmapped.len() != unmapped_count[p] {
                 return Err(format!(
                     "pool {p}: index holds blocks that are not in any segment"

@@ -1,5 +1,7 @@
 use super::*;
-use crate::alloc::{AllocConfig, AllocRequest, KIB};
+use crate::alloc::strategy::{AllocConfig, AllocRequest};
+use crate::alloc::units::KIB;
+use crate::alloc::{Allocator, AllocatorState};
 use crate::books::Books;
 use crate::decision::Refusal;
 use crate::digest::Digest;
@@ -118,8 +120,8 @@ fn rounding_pools_and_segment_sizes() {
     assert_eq!(a.round_size(512), Some(512));
     assert_eq!(a.round_size(513), Some(1024));
     assert_eq!(a.round_size(u64::MAX), None);
-    assert_eq!(PoolKind::of(MIB), PoolKind::Small);
-    assert_eq!(PoolKind::of(MIB + 512), PoolKind::Large);
+    assert_eq!(SizePool::of(MIB), SizePool::Small);
+    assert_eq!(SizePool::of(MIB + 512), SizePool::Large);
     assert_eq!(Caching::allocation_size(512), Some(2 * MIB));
     assert_eq!(Caching::allocation_size(MIB), Some(2 * MIB));
     assert_eq!(Caching::allocation_size(MIB + 512), Some(20 * MIB));
@@ -145,13 +147,13 @@ fn a_10_5_mib_request_takes_a_12_mib_segment_and_leaves_1_5_mib() {
     );
     let free = t.a.free_summary();
     assert_eq!(
-        free.pools[1],
-        PoolFree {
+        free.size_pools[1],
+        FreeSpace {
             free_bytes: 3 * MIB / 2,
             largest_free_bytes: 3 * MIB / 2
         }
     );
-    assert_eq!(free.pools[0], PoolFree::default());
+    assert_eq!(free.size_pools[0], FreeSpace::default());
     assert_eq!(free.inactive_split_bytes, 3 * MIB / 2);
 }
 
@@ -164,7 +166,7 @@ fn a_1_5_mib_request_takes_a_20_mib_segment_and_leaves_18_5_mib() {
         blocks(&t),
         vec![vec![(3 * MIB / 2, true), (37 * MIB / 2, false)]]
     );
-    assert_eq!(t.a.free_summary().pools[1].free_bytes, 37 * MIB / 2);
+    assert_eq!(t.a.free_summary().size_pools[1].free_bytes, 37 * MIB / 2);
 }
 
 #[test]
@@ -173,8 +175,8 @@ fn a_1_mib_request_is_small_and_takes_a_2_mib_segment() {
     t.alloc(MIB);
     assert_eq!(t.mem.books.reserved_bytes(), 2 * MIB);
     let free = t.a.free_summary();
-    assert_eq!(free.pools[0].free_bytes, MIB);
-    assert_eq!(free.pools[1].free_bytes, 0);
+    assert_eq!(free.size_pools[0].free_bytes, MIB);
+    assert_eq!(free.size_pools[1].free_bytes, 0);
     // The small pool splits any remainder of 512 B or more: 700 KiB stays apart.
     let (_, at) = t.alloc(MIB - 700 * KIB);
     assert_eq!(at, loc(0, MIB));
@@ -201,7 +203,7 @@ fn a_700_kib_remainder_in_the_large_pool_is_not_split() {
     let mut t = T::new(GB, false);
     t.alloc(3 * MIB / 2);
     t.alloc(37 * MIB / 2 - MIB - 512);
-    assert_eq!(t.a.free_summary().pools[1].free_bytes, MIB + 512);
+    assert_eq!(t.a.free_summary().size_pools[1].free_bytes, MIB + 512);
 }
 
 #[test]
@@ -352,8 +354,8 @@ fn expandable_ranges_are_one_and_one_eighth_of_the_capacity_in_whole_pages() {
         },
         true,
     );
-    assert_eq!(a.va_range_bytes(PoolKind::Small), 576 * MIB);
-    assert_eq!(a.va_range_bytes(PoolKind::Large), 580 * MIB);
+    assert_eq!(a.va_range_bytes(SizePool::Small), 576 * MIB);
+    assert_eq!(a.va_range_bytes(SizePool::Large), 580 * MIB);
 }
 
 #[test]
@@ -542,7 +544,7 @@ fn compact_slides_live_blocks_down_inside_each_segment() {
     let ids: Vec<AllocId> = (0..4).map(|_| t.alloc(4 * MIB).0).collect();
     t.free(ids[0]);
     t.free(ids[2]);
-    assert_eq!(t.a.free_summary().pools[1].largest_free_bytes, 4 * MIB);
+    assert_eq!(t.a.free_summary().size_pools[1].largest_free_bytes, 4 * MIB);
     t.take_log();
     let c = t.a.compact(&mut t.mem).unwrap();
     t.check();

@@ -12,13 +12,11 @@
 //! candidates. Integer arithmetic only; ghosts are a FIFO plus a lookup map that is never
 //! iterated, so nothing depends on hash-map order.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::VecDeque;
 
 use super::{ClassedFree, EvictionPolicy};
-use crate::kv::hash::BlockHash;
-use crate::kv::pool::HashKeyHasher;
-use crate::kv::BlockId;
+use crate::kv::block::BlockId;
+use crate::kv::hash::{BlockHash, BlockHashMap};
 
 const NONE: u8 = 0;
 const T1: u8 = 1;
@@ -28,7 +26,7 @@ const T2: u8 = 2;
 #[derive(Clone, Debug, Default)]
 struct Ghosts {
     order: VecDeque<(BlockHash, u64)>,
-    live: HashMap<BlockHash, u64, BuildHasherDefault<HashKeyHasher>>,
+    live: BlockHashMap<u64>,
     next: u64,
     cap: usize,
 }

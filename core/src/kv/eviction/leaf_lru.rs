@@ -15,8 +15,8 @@
 //! link never touches a block that was evicted and reused.
 
 use super::{ClassedFree, EvictionPolicy};
+use crate::kv::block::BlockId;
 use crate::kv::hash::BlockHash;
-use crate::kv::BlockId;
 
 const NO_PARENT: u32 = u32::MAX;
 const LEAF: usize = 0;

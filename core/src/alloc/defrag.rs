@@ -4,7 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::alloc::{align_up, LiveBlock};
+use super::layout::LiveBlock;
+use super::units::align_up;
 use crate::decision::Loc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! `pool`: simple segregated storage with size classes, over an address-ordered best-fit heap
+//! `pool` on the command line: simple segregated storage with size classes, over an address-ordered best-fit heap
 //! on the arena.
 //!
 //! Classes are 512 B × 2^k with four linear steps per doubling (512, 640, 768, 896, 1024, 1280,
@@ -17,13 +17,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::arena::{check_tiling, sorted_blocks, Arena};
+use super::defrag::Compaction;
 use super::extents::FreeExtents;
-use super::{
-    align_up, AllocConfig, AllocError, AllocRequest, Allocator, AllocatorState, FreeSummary,
-    LiveBlock, SegmentLayout, Strategy, MIB,
-};
+use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
+use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
+use super::units::{align_up, MIB};
 use crate::decision::{AllocId, Decision, Loc};
-use crate::defrag::Compaction;
 use crate::executor::Executor;
 
 /// The smallest nominal class.
@@ -101,7 +100,7 @@ struct Live {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Pool {
+pub struct SizeClassAllocator {
     alignment_bytes: u64,
     arena: Arena,
     classes: Vec<u64>,
@@ -116,11 +115,11 @@ pub struct Pool {
     allocated_bytes: u64,
 }
 
-impl Pool {
+impl SizeClassAllocator {
     pub fn new(config: &AllocConfig) -> Self {
         let arena = Arena::new(config);
         let classes = class_sizes(config.alignment_bytes);
-        Pool {
+        SizeClassAllocator {
             alignment_bytes: config.alignment_bytes,
             partial: vec![BTreeSet::new(); classes.len()],
             classes,
@@ -206,9 +205,9 @@ impl Pool {
     }
 }
 
-impl Allocator for Pool {
+impl Allocate for SizeClassAllocator {
     fn strategy(&self) -> Strategy {
-        Strategy::Pool
+        Strategy::SizeClass
     }
 
     fn alloc(&mut self, req: AllocRequest, mem: &mut dyn Executor) -> Result<Loc, AllocError> {
@@ -390,10 +389,6 @@ impl Allocator for Pool {
         )
     }
 
-    fn snapshot(&self) -> AllocatorState {
-        AllocatorState::Pool(self.clone())
-    }
-
     /// Class blocks are interchangeable only within their slab and class, and a slab leaves only
     /// when empty; sliding blocks across slabs would break that, so the pool is not compacted.
     fn compact(&mut self, _mem: &mut dyn Executor) -> Option<Compaction> {
@@ -404,7 +399,8 @@ impl Allocator for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alloc::{GIB, KIB};
+    use crate::alloc::units::{GIB, KIB};
+    use crate::alloc::Allocator;
     use crate::books::Books;
 
     fn req(id: u64, bytes: u64) -> AllocRequest {
@@ -416,13 +412,13 @@ mod tests {
         }
     }
 
-    fn pool(capacity_bytes: u64) -> (Pool, crate::executor::Ledger) {
+    fn pool(capacity_bytes: u64) -> (SizeClassAllocator, crate::executor::Ledger) {
         let config = AllocConfig {
             capacity_bytes,
             ..AllocConfig::default()
         };
         (
-            Pool::new(&config),
+            SizeClassAllocator::new(&config),
             crate::executor::Ledger::new(Books::new(capacity_bytes)),
         )
     }
@@ -474,7 +470,7 @@ mod tests {
         // Emptying the 512 B slab returns it to the heap as a hole between the others.
         p.free(AllocId(2), &mut mem);
         assert_eq!(p.heap.first(), Some((2 * MIB, 2 * MIB)));
-        let s = p.free_summary().pools[0];
+        let s = p.free_summary().size_pools[0];
         assert_eq!(
             s.free_bytes,
             mem.books.reserved_bytes() - mem.books.allocated_bytes
@@ -502,7 +498,7 @@ mod tests {
         );
         assert!(p.alloc(req(2, 512), &mut mem).is_err());
         p.check_invariants().unwrap();
-        assert_eq!(p.free_summary().pools[0].free_bytes, 0);
+        assert_eq!(p.free_summary().size_pools[0].free_bytes, 0);
     }
 
     #[test]
@@ -515,7 +511,7 @@ mod tests {
         assert_eq!(mem.books.reserved_bytes(), 2 * MIB);
         p.free(AllocId(7), &mut mem);
         p.free(AllocId(8), &mut mem);
-        let s = p.free_summary().pools[0];
+        let s = p.free_summary().size_pools[0];
         assert_eq!((s.free_bytes, s.largest_free_bytes), (1024, 512));
         p.check_invariants().unwrap();
     }
@@ -540,7 +536,7 @@ mod tests {
             capacity_bytes: 128 * MIB,
             ..AllocConfig::default()
         };
-        let mut p = Pool::new(&config);
+        let mut p = SizeClassAllocator::new(&config);
         let before = serde_json::to_string(&p.snapshot()).unwrap();
         let mut mem = Refuse(crate::executor::Ledger::new(Books::new(
             config.capacity_bytes,
