@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::path::Path;
 
 /// Largest size (bytes) any importer accepts for one allocation, segment or block: 2^50 (1 PiB).
 /// Anything larger is an error, never an attempt.
@@ -119,6 +120,15 @@ impl AllocTrace {
             recorded_ooms: 0,
             skipped_events: 0,
         }
+    }
+
+    /// An empty trace named after the file it is read from (its last path component).
+    pub fn named_after(path: &Path, source: TraceSource) -> Self {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        Self::new(name, source)
     }
 
     /// Replays the ids of the trace and counts (deterministic; the hash map is only looked up).

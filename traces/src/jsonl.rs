@@ -51,7 +51,7 @@ pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<AllocTrace, TraceError> 
 /// Parses a trace from any reader (UTF-8 is checked line by line, lines are bounded by
 /// [`crate::read`]); `path` names the trace and its errors.
 pub fn parse_reader(path: &Path, input: impl BufRead) -> Result<AllocTrace, TraceError> {
-    let mut trace = AllocTrace::new(crate::file_name(path), TraceSource::Jsonl);
+    let mut trace = AllocTrace::named_after(path, TraceSource::Jsonl);
     // Live id → line of its alloc (looked up only; never iterated).
     let mut live: HashMap<u64, u64> = HashMap::new();
     let mut last: Option<(u64, u64)> = None; // (t_ns, line)

@@ -46,10 +46,3 @@ pub fn load_alloc_trace(path: &Path) -> Result<AllocTrace, TraceError> {
         jsonl::parse_bytes(path, &bytes)
     }
 }
-
-/// The last component of `path`, for a trace's name.
-pub(crate) fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}

@@ -73,8 +73,8 @@ pub fn from_value(path: &Path, root: &Value) -> Result<AllocTrace, TraceError> {
     let has_alloc = trace.iter().any(|e| action(e) == Some("alloc"));
 
     let mut streams = Streams::default();
-    let mut out = AllocTrace::new(
-        crate::file_name(path),
+    let mut out = AllocTrace::named_after(
+        path,
         if has_alloc {
             TraceSource::TorchTrace
         } else {
