@@ -1,4 +1,5 @@
-//! Replays an allocation trace through one strategy against an executor.
+//! Replays an allocation trace through one strategy against an executor ([`replay`]), or
+//! through several strategies in simulation ([`simulate_all`]).
 //!
 //! The driver owns the mapping from trace ids to allocation ids, classifies failures, samples
 //! statistics after every operation and, on request, defragments when an allocation fails.
@@ -10,8 +11,10 @@ use gpumem_core::alloc::{
 };
 use gpumem_core::decision::AllocId;
 use gpumem_traces::{AllocTrace, OpKind, RecordedSegment};
+use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::executor::{AllocCostModel, SimExecutor};
 use gpumem_core::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -177,6 +180,40 @@ pub fn replay<E: Executor>(
     }
     progress(trace.ops.len() as u64);
     Ok(d.finish(trace))
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AllocReport {
+    pub trace: String,
+    pub trace_ops: u64,
+    pub capacity_bytes: u64,
+    pub results: Vec<StrategyResult>,
+}
+
+/// Simulates every strategy in `strategies` on `trace`. Each run is single-threaded and
+/// deterministic; runs go in parallel and come back in the order given.
+pub fn simulate_all(
+    trace: &AllocTrace,
+    strategies: &[Strategy],
+    config: &ReplayConfig,
+    progress: &(dyn Fn(Strategy, u64) + Sync),
+) -> Result<AllocReport, ReplayError> {
+    let results: Result<Vec<StrategyResult>, ReplayError> = strategies
+        .par_iter()
+        .map(|&s| {
+            let mut exec = SimExecutor::new(config.alloc.capacity_bytes, AllocCostModel::default());
+            let mut result = replay(trace, s, config, &mut exec, &mut |n| progress(s, n))?;
+            result.modelled_ns = exec.modelled_ns_total();
+            result.modelled = exec.costs();
+            Ok(result)
+        })
+        .collect();
+    Ok(AllocReport {
+        trace: trace.name.clone(),
+        trace_ops: trace.ops.len() as u64,
+        capacity_bytes: config.alloc.capacity_bytes,
+        results: results?,
+    })
 }
 
 fn empty_result(strategy: Strategy) -> StrategyResult {

@@ -10,6 +10,8 @@ pub mod report;
 pub mod serve;
 pub mod tiers;
 
-pub use alloc_replay::{replay, DefragMode, ReplayConfig, ReplayError, StrategyResult};
+pub use alloc_replay::{
+    replay, simulate_all, AllocReport, DefragMode, ReplayConfig, ReplayError, StrategyResult,
+};
 pub use executor::{AllocCostModel, SimExecutor};
 pub use gpumem_core::executor::Executor;

@@ -1,47 +1,7 @@
-//! Reports of `gpumem alloc`: runs every strategy (in parallel, results in a fixed order) and
-//! renders the answer as a table or JSON.
+//! Reports of `gpumem alloc`: the answer of [`simulate_all`](crate::alloc_replay::simulate_all)
+//! as a table, and byte counts for people.
 
-use gpumem_core::alloc::Strategy;
-use gpumem_traces::AllocTrace;
-use rayon::prelude::*;
-use serde::Serialize;
-
-use crate::alloc_replay::{replay, ReplayConfig, ReplayError, StrategyResult};
-use crate::executor::{AllocCostModel, SimExecutor};
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct AllocReport {
-    pub trace: String,
-    pub trace_ops: u64,
-    pub capacity_bytes: u64,
-    pub results: Vec<StrategyResult>,
-}
-
-/// Simulates every strategy in `strategies` on `trace`. Each run is single-threaded and
-/// deterministic; runs go in parallel and come back in the order given.
-pub fn simulate_all(
-    trace: &AllocTrace,
-    strategies: &[Strategy],
-    config: &ReplayConfig,
-    progress: &(dyn Fn(Strategy, u64) + Sync),
-) -> Result<AllocReport, ReplayError> {
-    let results: Result<Vec<StrategyResult>, ReplayError> = strategies
-        .par_iter()
-        .map(|&s| {
-            let mut exec = SimExecutor::new(config.alloc.capacity_bytes, AllocCostModel::default());
-            let mut result = replay(trace, s, config, &mut exec, &mut |n| progress(s, n))?;
-            result.modelled_ns = exec.modelled_ns_total();
-            result.modelled = exec.costs();
-            Ok(result)
-        })
-        .collect();
-    Ok(AllocReport {
-        trace: trace.name.clone(),
-        trace_ops: trace.ops.len() as u64,
-        capacity_bytes: config.alloc.capacity_bytes,
-        results: results?,
-    })
-}
+use crate::alloc_replay::AllocReport;
 
 /// Bytes in binary units with three significant figures: `1.50 GiB`.
 pub fn human_bytes(bytes: u64) -> String {

@@ -8,10 +8,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::block::{cdiv, BlockId};
 use super::eviction::{EvictionPolicy, VllmLru};
 use super::hash::BlockHash;
 use super::pool::BlockPool;
-use super::block::{cdiv, BlockId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvConfig {
