@@ -7,6 +7,7 @@
 //!   is vLLM's free queue (uncached blocks reused first, cached blocks in LRU order).
 //! - [`pool`]: the block pool: reference counts, the prefix-cache map (duplicates allowed),
 //!   touch, lazy eviction, `reset_prefix_cache`, stored/removed counters and events.
+//! - [`index`]: the cache index a KV-aware router rebuilds from an engine's KV-cache events.
 //! - [`manager`]: the per-request KV manager: block tables, prefix lookup, `allocate_slots`
 //!   with vLLM's admission gate, free, usage and prefix-cache statistics.
 //!
@@ -17,6 +18,7 @@ pub mod block;
 pub mod eviction;
 pub mod free_queue;
 pub mod hash;
+pub mod index;
 pub mod manager;
 pub mod pool;
 

@@ -1,0 +1,361 @@
+//! The cache index a KV-aware router holds: which blocks each medium (GPU, CPU, …) of an
+//! engine holds, rebuilt from the KV-cache events the engine publishes (vLLM's `BlockStored`,
+//! `BlockRemoved`, `AllBlocksCleared`), with each block's parent and token count.
+//!
+//! Blocks are keyed by (medium, KV-cache group, hash) and copies are counted, because vLLM
+//! stores the same hash in several blocks (a recomputed block-aligned prompt) and then removes
+//! each copy: a hash leaves the index when its last copy is removed.
+//!
+//! Decoding the events from a recording is `gpumem-traces`' part (`kv_events`); this module
+//! only applies them.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+/// Distinct media (`"GPU"`, `"CPU"`, …) an index tracks.
+pub const MAX_MEDIA: usize = 64;
+
+/// A block hash as vLLM publishes it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(untagged)]
+pub enum EventHash {
+    /// The default: the digest's last 8 bytes, big-endian.
+    Int(u64),
+    /// The raw digest.
+    Bytes(Vec<u8>),
+}
+
+/// One KV-cache event (the fields gpumem reads; others are ignored).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type")]
+pub enum KvCacheEvent {
+    BlockStored {
+        block_hashes: Vec<EventHash>,
+        parent_block_hash: Option<EventHash>,
+        token_ids: Vec<u64>,
+        block_size: u64,
+        lora_id: Option<i64>,
+        medium: Option<String>,
+        lora_name: Option<String>,
+        group_idx: Option<u64>,
+    },
+    BlockRemoved {
+        block_hashes: Vec<EventHash>,
+        medium: Option<String>,
+        group_idx: Option<u64>,
+    },
+    AllBlocksCleared,
+}
+
+/// No KV-cache group given (vLLM before group indices, or a stream without them).
+const NO_GROUP: u64 = u64::MAX;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Key {
+    medium: u16,
+    group: u64,
+    hash: EventHash,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    parent: Option<EventHash>,
+    tokens: u64,
+    copies: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct MediumCounts {
+    stored: u64,
+    removed: u64,
+    live: u64,
+}
+
+/// The cache index a KV-aware router rebuilds from the events: which blocks each medium
+/// holds, with each block's parent and token count.
+#[derive(Clone, Debug, Default)]
+pub struct CacheIndex {
+    /// Interned media; index 0 is "no medium given".
+    media: Vec<Option<String>>,
+    by_medium: Vec<MediumCounts>,
+    entries: HashMap<Key, Entry>,
+    live: u64,
+    max_live: u64,
+    counts: Counts,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    block_stored_events: u64,
+    blocks_stored: u64,
+    tokens_stored: u64,
+    duplicate_stores: u64,
+    token_count_mismatches: u64,
+    block_removed_events: u64,
+    blocks_removed: u64,
+    removed_unknown: u64,
+    all_blocks_cleared: u64,
+}
+
+impl CacheIndex {
+    pub fn new() -> Self {
+        CacheIndex {
+            media: vec![None],
+            by_medium: vec![MediumCounts::default()],
+            ..Default::default()
+        }
+    }
+
+    fn medium(&mut self, m: &Option<String>) -> Result<u16, String> {
+        if let Some(i) = self.media.iter().position(|x| x == m) {
+            return Ok(i as u16);
+        }
+        if self.media.len() >= MAX_MEDIA {
+            return Err(format!("more than {MAX_MEDIA} distinct media"));
+        }
+        self.media.push(m.clone());
+        self.by_medium.push(MediumCounts::default());
+        Ok((self.media.len() - 1) as u16)
+    }
+
+    /// Applies one event. Errors only when the stream names too many distinct media.
+    pub fn apply(&mut self, ev: &KvCacheEvent) -> Result<(), String> {
+        match ev {
+            KvCacheEvent::BlockStored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                block_size,
+                medium,
+                group_idx,
+                ..
+            } => {
+                let m = self.medium(medium)?;
+                let group = group_idx.unwrap_or(NO_GROUP);
+                let c = &mut self.counts;
+                c.block_stored_events += 1;
+                c.blocks_stored += block_hashes.len() as u64;
+                c.tokens_stored += token_ids.len() as u64;
+                if (block_hashes.len() as u64).checked_mul(*block_size)
+                    != Some(token_ids.len() as u64)
+                {
+                    c.token_count_mismatches += 1;
+                }
+                self.by_medium[m as usize].stored += block_hashes.len() as u64;
+                let mut parent = parent_block_hash.clone();
+                for h in block_hashes {
+                    let key = Key {
+                        medium: m,
+                        group,
+                        hash: h.clone(),
+                    };
+                    let e = self.entries.entry(key).or_insert_with(|| Entry {
+                        parent: parent.clone(),
+                        tokens: *block_size,
+                        copies: 0,
+                    });
+                    if e.copies > 0 {
+                        self.counts.duplicate_stores += 1;
+                    }
+                    e.copies += 1;
+                    self.live += 1;
+                    self.by_medium[m as usize].live += 1;
+                    parent = Some(h.clone());
+                }
+                self.max_live = self.max_live.max(self.live);
+            }
+            KvCacheEvent::BlockRemoved {
+                block_hashes,
+                medium,
+                group_idx,
+            } => {
+                let m = self.medium(medium)?;
+                let group = group_idx.unwrap_or(NO_GROUP);
+                self.counts.block_removed_events += 1;
+                self.counts.blocks_removed += block_hashes.len() as u64;
+                self.by_medium[m as usize].removed += block_hashes.len() as u64;
+                for h in block_hashes {
+                    let key = Key {
+                        medium: m,
+                        group,
+                        hash: h.clone(),
+                    };
+                    match self.entries.get_mut(&key) {
+                        Some(e) => {
+                            e.copies -= 1;
+                            if e.copies == 0 {
+                                self.entries.remove(&key);
+                            }
+                            self.live -= 1;
+                            self.by_medium[m as usize].live -= 1;
+                        }
+                        None => self.counts.removed_unknown += 1,
+                    }
+                }
+            }
+            // vLLM's `reset_prefix_cache`: the index forgets every block, on every medium.
+            KvCacheEvent::AllBlocksCleared => {
+                self.counts.all_blocks_cleared += 1;
+                self.entries.clear();
+                self.live = 0;
+                for c in &mut self.by_medium {
+                    c.live = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Physical blocks holding a hash now (copies counted).
+    pub fn blocks_live(&self) -> u64 {
+        self.live
+    }
+
+    /// Distinct (medium, group, hash) entries now.
+    pub fn hashes_live(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    /// Copies of `hash` held on `medium` (None: no medium given) in `group`.
+    pub fn copies(&self, medium: Option<&str>, group: Option<u64>, hash: &EventHash) -> u64 {
+        let Some(m) = self.media.iter().position(|x| x.as_deref() == medium) else {
+            return 0;
+        };
+        let key = Key {
+            medium: m as u16,
+            group: group.unwrap_or(NO_GROUP),
+            hash: hash.clone(),
+        };
+        self.entries.get(&key).map_or(0, |e| e.copies)
+    }
+
+    /// (depth in blocks, prefix tokens) of the longest chain of live blocks, following parent
+    /// links within one medium and group. Deterministic: keys are walked in sorted order, and
+    /// a malformed stream's cycle ends a chain.
+    pub fn longest_chain(&self) -> (u64, u64) {
+        let mut keys: Vec<&Key> = self.entries.keys().collect();
+        keys.sort_unstable();
+        // (depth, tokens); depth 0 marks a walk in progress.
+        let mut memo: HashMap<&Key, (u64, u64)> = HashMap::with_capacity(keys.len());
+        let mut best = (0u64, 0u64);
+        let mut stack: Vec<(&Key, &Entry)> = Vec::new();
+        for &k in &keys {
+            if memo.contains_key(k) {
+                continue;
+            }
+            // Walk up to a known ancestor, a root, or a cycle.
+            let mut cur = self.entries.get_key_value(k);
+            let mut base = (0u64, 0u64);
+            while let Some((key, e)) = cur {
+                if let Some(&d) = memo.get(key) {
+                    base = d; // (0, 0) for a node of this walk: a cycle, cut here
+                    break;
+                }
+                memo.insert(key, (0, 0));
+                stack.push((key, e));
+                cur = e.parent.as_ref().and_then(|p| {
+                    self.entries.get_key_value(&Key {
+                        medium: key.medium,
+                        group: key.group,
+                        hash: p.clone(),
+                    })
+                });
+            }
+            while let Some((key, e)) = stack.pop() {
+                base = (base.0 + 1, base.1.saturating_add(e.tokens));
+                memo.insert(key, base);
+                best = best.max(base);
+            }
+        }
+        let tokens = memo.values().map(|d| d.1).max().unwrap_or(0);
+        (best.0, tokens)
+    }
+
+    /// What the index holds now, and what it has been through.
+    pub fn summary(&self) -> IndexSummary {
+        let (longest_chain_blocks, longest_chain_tokens) = self.longest_chain();
+        let tokens_live = self.entries.values().fold(0u64, |acc, e| {
+            acc.saturating_add(e.tokens.saturating_mul(e.copies))
+        });
+        let c = self.counts;
+        IndexSummary {
+            block_stored_events: c.block_stored_events,
+            blocks_stored: c.blocks_stored,
+            tokens_stored: c.tokens_stored,
+            duplicate_stores: c.duplicate_stores,
+            token_count_mismatches: c.token_count_mismatches,
+            block_removed_events: c.block_removed_events,
+            blocks_removed: c.blocks_removed,
+            removed_unknown: c.removed_unknown,
+            all_blocks_cleared: c.all_blocks_cleared,
+            blocks_live: self.live,
+            hashes_live: self.entries.len() as u64,
+            tokens_live,
+            max_blocks_live: self.max_live,
+            longest_chain_blocks,
+            longest_chain_tokens,
+            media: self.media_summaries(),
+        }
+    }
+
+    /// Media that saw a store or a removal, sorted by name ("no medium given" first).
+    fn media_summaries(&self) -> Vec<MediumSummary> {
+        let mut media: Vec<MediumSummary> = self
+            .media
+            .iter()
+            .zip(&self.by_medium)
+            .filter(|(_, c)| c.stored + c.removed > 0)
+            .map(|(m, c)| MediumSummary {
+                medium: m.clone(),
+                blocks_stored: c.stored,
+                blocks_removed: c.removed,
+                blocks_live: c.live,
+            })
+            .collect();
+        media.sort_by(|a, b| a.medium.cmp(&b.medium));
+        media
+    }
+}
+
+/// What a [`CacheIndex`] holds at one moment, and what it has been through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IndexSummary {
+    pub block_stored_events: u64,
+    /// Hashes in `BlockStored` events.
+    pub blocks_stored: u64,
+    /// Token ids in `BlockStored` events.
+    pub tokens_stored: u64,
+    /// Stored hashes the index already held on that medium (another physical copy).
+    pub duplicate_stores: u64,
+    /// `BlockStored` events whose token count is not blocks × block_size.
+    pub token_count_mismatches: u64,
+    pub block_removed_events: u64,
+    /// Hashes in `BlockRemoved` events.
+    pub blocks_removed: u64,
+    /// Removed hashes the index did not hold (recording started late, or a cleared cache).
+    pub removed_unknown: u64,
+    pub all_blocks_cleared: u64,
+    /// Physical blocks holding a hash now (copies counted).
+    pub blocks_live: u64,
+    /// Distinct (medium, group, hash) now.
+    pub hashes_live: u64,
+    pub tokens_live: u64,
+    /// Most blocks live at any point.
+    pub max_blocks_live: u64,
+    /// Longest chain of live blocks linked by parent hashes, in blocks, and the most prefix
+    /// tokens any live block's chain covers.
+    pub longest_chain_blocks: u64,
+    pub longest_chain_tokens: u64,
+    pub media: Vec<MediumSummary>,
+}
+
+/// Blocks of one medium.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MediumSummary {
+    /// `"GPU"`, `"CPU"`, … (null when the events gave none).
+    pub medium: Option<String>,
+    pub blocks_stored: u64,
+    pub blocks_removed: u64,
+    pub blocks_live: u64,
+}
