@@ -99,3 +99,6 @@ pub fn build(strategy: Strategy, config: &AllocConfig) -> Box<dyn Allocator> {
         Strategy::CachingExpandable => Box::new(caching::Caching::new(config, true)),
     }
 }
+
+#[cfg(test)]
+mod tests;

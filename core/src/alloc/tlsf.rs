@@ -794,33 +794,6 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_map_changes_nothing() {
-        struct Refuse(crate::executor::Ledger);
-        impl Executor for Refuse {
-            fn apply(&mut self, d: Decision) -> Result<(), crate::decision::Refusal> {
-                if matches!(d, Decision::Map { .. }) {
-                    return Err(crate::decision::Refusal::Injected);
-                }
-                self.0.apply(d)
-            }
-            fn books(&self) -> &Books {
-                &self.0.books
-            }
-            fn digest(&self) -> &crate::digest::Digest {
-                &self.0.digest
-            }
-        }
-        let mut t = Tlsf::new(&config(64 * MIB));
-        let before = t.clone();
-        let mut mem = Refuse(crate::executor::Ledger::new(Books::new(64 * MIB)));
-        assert!(t.alloc(req(0, 4096), &mut mem).is_err());
-        // Only the address-space reservation happened.
-        assert_eq!(t.blocks, before.blocks);
-        assert_eq!(t.live_count, 0);
-        t.check_invariants().unwrap();
-    }
-
-    #[test]
     fn largest_free_is_exact_with_holes_in_many_classes() {
         let mut mem = crate::executor::Ledger::new(Books::new(64 * MIB));
         let mut t = Tlsf::new(&config(64 * MIB));
