@@ -42,6 +42,21 @@ impl Arena {
         }
     }
 
+    /// Tells `mem` that block `id` of `bytes` now lies at `offset`; returns where that is.
+    pub fn place(id: AllocId, offset: u64, bytes: u64, mem: &mut dyn Executor) -> Loc {
+        let at = Arena::loc(offset);
+        mem.apply(Decision::Place { id, at, bytes })
+            .expect("place is never refused");
+        at
+    }
+
+    /// Tells `mem` that block `id` of `bytes` at `offset` is free.
+    pub fn free(id: AllocId, offset: u64, bytes: u64, mem: &mut dyn Executor) {
+        let at = Arena::loc(offset);
+        mem.apply(Decision::Free { id, at, bytes })
+            .expect("free is never refused");
+    }
+
     /// A request of `bytes` rounded up to `alignment` (at least one unit), or out of memory when
     /// that overflows or exceeds the range.
     #[inline]

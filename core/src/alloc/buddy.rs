@@ -22,7 +22,7 @@ use super::defrag::Compaction;
 use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
 use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
 use super::units::align_up;
-use crate::decision::{AllocId, Decision, Loc};
+use crate::decision::{AllocId, Loc};
 use crate::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,14 +188,7 @@ impl Allocate for Buddy {
         });
         self.by_offset.insert(offset, req.id);
         self.allocated_bytes += bytes;
-        let at = Arena::loc(offset);
-        mem.apply(Decision::Place {
-            id: req.id,
-            at,
-            bytes,
-        })
-        .expect("place is never refused");
-        Ok(at)
+        Ok(Arena::place(req.id, offset, bytes, mem))
     }
 
     fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
@@ -204,12 +197,7 @@ impl Allocate for Buddy {
         self.live[id.0 as usize] = None;
         self.by_offset.remove(&b.offset);
         self.allocated_bytes -= bytes;
-        mem.apply(Decision::Free {
-            id,
-            at: Arena::loc(b.offset),
-            bytes,
-        })
-        .expect("free is never refused");
+        Arena::free(id, b.offset, bytes, mem);
         let (mut offset, mut order) = (b.offset, b.order);
         while self.has_parent(offset, order) {
             let size = self.size(order);

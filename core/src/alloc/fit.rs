@@ -9,7 +9,7 @@ use super::extents::FreeExtents;
 use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
 use super::live::LiveTable;
 use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
-use crate::decision::{AllocId, Decision, Loc};
+use crate::decision::{AllocId, Loc};
 use crate::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,26 +88,13 @@ impl Allocate for FitAllocator {
         };
         self.live.insert(req.id, live);
         self.allocated_bytes += bytes;
-        let at = Arena::loc(offset);
-        mem.apply(Decision::Place {
-            id: req.id,
-            at,
-            bytes,
-        })
-        .expect("place is never refused");
-        Ok(at)
+        Ok(Arena::place(req.id, offset, bytes, mem))
     }
 
     fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
         let b = self.live.remove(id);
         self.allocated_bytes -= b.bytes;
-        let at = Arena::loc(b.offset);
-        mem.apply(Decision::Free {
-            id,
-            at,
-            bytes: b.bytes,
-        })
-        .expect("free is never refused");
+        Arena::free(id, b.offset, b.bytes, mem);
         self.free.insert(b.offset, b.bytes);
     }
 

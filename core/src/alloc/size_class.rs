@@ -22,7 +22,7 @@ use super::extents::FreeExtents;
 use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
 use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
 use super::units::{align_up, MIB};
-use crate::decision::{AllocId, Decision, Loc};
+use crate::decision::{AllocId, Loc};
 use crate::executor::Executor;
 
 /// The smallest nominal class.
@@ -246,26 +246,14 @@ impl Allocate for SizeClassAllocator {
             slab,
         });
         self.allocated_bytes += bytes;
-        let at = Arena::loc(offset);
-        mem.apply(Decision::Place {
-            id: req.id,
-            at,
-            bytes,
-        })
-        .expect("place is never refused");
-        Ok(at)
+        Ok(Arena::place(req.id, offset, bytes, mem))
     }
 
     fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
         let b = self.live_at(id);
         self.live[id.0 as usize] = None;
         self.allocated_bytes -= b.bytes;
-        mem.apply(Decision::Free {
-            id,
-            at: Arena::loc(b.offset),
-            bytes: b.bytes,
-        })
-        .expect("free is never refused");
+        Arena::free(id, b.offset, b.bytes, mem);
         let Some(s_off) = b.slab else {
             self.heap.insert(b.offset, b.bytes);
             return;

@@ -23,7 +23,7 @@ use super::arena::{check_tiling, slide_down, tile, Arena};
 use super::defrag::Compaction;
 use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
 use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
-use crate::decision::{AllocId, Decision, Loc};
+use crate::decision::{AllocId, Loc};
 use crate::executor::Executor;
 
 /// log2 of the number of second-level classes per first-level class.
@@ -427,14 +427,7 @@ impl Allocate for Tlsf {
         self.live[slot] = i;
         self.live_count += 1;
         self.allocated_bytes += bytes;
-        let at = Arena::loc(b.offset);
-        mem.apply(Decision::Place {
-            id: req.id,
-            at,
-            bytes,
-        })
-        .expect("place is never refused");
-        Ok(at)
+        Ok(Arena::place(req.id, b.offset, bytes, mem))
     }
 
     fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
@@ -443,12 +436,7 @@ impl Allocate for Tlsf {
         let b = self.blocks[i as usize];
         self.live_count -= 1;
         self.allocated_bytes -= b.bytes;
-        mem.apply(Decision::Free {
-            id,
-            at: Arena::loc(b.offset),
-            bytes: b.bytes,
-        })
-        .expect("free is never refused");
+        Arena::free(id, b.offset, b.bytes, mem);
         let next = b.next_phys;
         if next != NIL && self.blocks[next as usize].is_free() {
             self.remove_free(next);
