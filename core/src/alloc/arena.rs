@@ -213,13 +213,7 @@ pub fn slide_down(blocks: &mut [LiveBlock], alignment: u64, mem: &mut dyn Execut
     let mut bytes_moved = 0;
     let mut k = 0;
     for m in &moves {
-        mem.apply(Decision::Move {
-            id: m.block.id,
-            from: m.block.at,
-            to: m.to,
-            bytes: m.block.bytes,
-        })
-        .expect("move is never refused");
+        m.apply(mem);
         bytes_moved += m.block.bytes;
         while blocks[k].id != m.block.id {
             k += 1;

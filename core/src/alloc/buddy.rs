@@ -313,17 +313,9 @@ impl Allocate for Buddy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alloc::tests::request as req;
     use crate::alloc::units::{GIB, MIB};
     use crate::books::Books;
-
-    fn req(id: u64, bytes: u64) -> AllocRequest {
-        AllocRequest {
-            id: AllocId(id),
-            bytes,
-            stream: 0,
-            pinned: false,
-        }
-    }
 
     /// 12 KiB of 4 KiB pages, 512 B alignment: top-level blocks 8 KiB at 0 and 4 KiB at 8 KiB.
     fn small() -> (Buddy, crate::executor::Ledger) {

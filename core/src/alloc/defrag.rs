@@ -6,12 +6,26 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::LiveBlock;
 use super::units::align_up;
-use crate::decision::Loc;
+use crate::decision::{Decision, Loc};
+use crate::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedMove {
     pub block: LiveBlock,
     pub to: Loc,
+}
+
+impl PlannedMove {
+    /// Tells `mem` to carry the move out.
+    pub fn apply(&self, mem: &mut dyn Executor) {
+        mem.apply(Decision::Move {
+            id: self.block.id,
+            from: self.block.at,
+            to: self.to,
+            bytes: self.block.bytes,
+        })
+        .expect("move is never refused");
+    }
 }
 
 /// What one compaction did.

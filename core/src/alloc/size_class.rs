@@ -387,17 +387,9 @@ impl Allocate for SizeClassAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alloc::tests::request as req;
     use crate::alloc::units::{GIB, KIB};
     use crate::books::Books;
-
-    fn req(id: u64, bytes: u64) -> AllocRequest {
-        AllocRequest {
-            id: AllocId(id),
-            bytes,
-            stream: 0,
-            pinned: false,
-        }
-    }
 
     fn pool(capacity_bytes: u64) -> (SizeClassAllocator, crate::executor::Ledger) {
         let config = AllocConfig {

@@ -1,4 +1,4 @@
-//! What every arena strategy promises alike.
+//! What every arena strategy promises alike, and what the strategies' own tests share.
 
 use super::*;
 use crate::books::Books;
@@ -24,7 +24,8 @@ impl Executor for RefuseMaps {
     }
 }
 
-fn request(id: u64, bytes: u64) -> AllocRequest {
+/// A request on stream 0, not pinned.
+pub(super) fn request(id: u64, bytes: u64) -> AllocRequest {
     AllocRequest {
         id: AllocId(id),
         bytes,

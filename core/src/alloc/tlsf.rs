@@ -662,6 +662,7 @@ impl Allocate for Tlsf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alloc::tests::request as req;
     use crate::alloc::units::{KIB, MIB};
     use crate::books::Books;
 
@@ -670,15 +671,6 @@ mod tests {
             capacity_bytes,
             alignment_bytes: 512,
             page_bytes: 2 * MIB,
-        }
-    }
-
-    fn req(id: u64, bytes: u64) -> AllocRequest {
-        AllocRequest {
-            id: AllocId(id),
-            bytes,
-            stream: 0,
-            pinned: false,
         }
     }
 

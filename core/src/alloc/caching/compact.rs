@@ -6,7 +6,6 @@
 use super::{Block, Caching, SizePool, State, NIL};
 use crate::alloc::defrag::{plan_segment, Compaction};
 use crate::alloc::layout::LiveBlock;
-use crate::decision::Decision;
 use crate::executor::Executor;
 
 /// A maximal sequence of mapped blocks of one segment.
@@ -83,13 +82,7 @@ impl Caching {
                     self.bm(i).offset = m.to.offset;
                     done.moves += 1;
                     done.bytes_moved += m.block.bytes;
-                    mem.apply(Decision::Move {
-                        id: m.block.id,
-                        from: m.block.at,
-                        to: m.to,
-                        bytes: m.block.bytes,
-                    })
-                    .expect("move is never refused");
+                    m.apply(mem);
                 }
                 self.rebuild_run(id, &run);
             }
