@@ -216,7 +216,7 @@ pub fn simulate_all(
     })
 }
 
-fn empty_result(strategy: Strategy) -> StrategyResult {
+pub(crate) fn empty_result(strategy: Strategy) -> StrategyResult {
     StrategyResult {
         strategy: strategy.name(),
         ops: 0,

@@ -1,244 +1,845 @@
-//! SVG line plots, written by hand: no dependency, byte-identical output for identical input.
+//! SVG line plots drawn with `plotters` (SVG backend only: no font or system library is
+//! needed, text is left to the viewer). Output is byte-identical for identical input.
+//!
+//! Axes start at 0 and carry round ticks in one unit chosen from the data (0, 1, 2, 3, 4 GiB;
+//! 0, 200, 400 ms), so a reader never has to decode 4.12 GiB or 7004. Long series are reduced
+//! to the points a pixel column can show (first, last, lowest and highest of each column), so
+//! a plot's size is bounded whatever the number of samples and peaks are never lost.
 
-use std::fmt::Write;
+use plotters::coord::ranged1d::{KeyPointHint, NoDefaultFormatting, Ranged, ValueFormatter};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::alloc_replay::StrategyResult;
-use crate::report::human_bytes;
+use crate::alloc_replay::{Sample, StrategyResult};
 use crate::serve::TimelinePoint;
 
-const WIDTH: f64 = 960.0;
-const HEIGHT: f64 = 540.0;
-const MARGIN_LEFT: f64 = 90.0;
-const MARGIN_RIGHT: f64 = 190.0;
-const MARGIN_Y: f64 = 40.0;
-const COLOURS: [&str; 8] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+const WIDTH_PX: u32 = 960;
+const ALLOC_HEIGHT_PX: u32 = 540;
+const KV_PANEL_HEIGHT_PX: u32 = 230;
+/// Room right of each plotting area for the legend, so it never hides a line.
+const LEGEND_WIDTH_PX: u32 = 200;
+/// Columns a series is reduced to: about one per two pixels of the plotting area.
+const COLUMNS: usize = 360;
+/// Markers per series: enough to tell lines apart where they overlap, few enough not to clutter.
+const MARKERS_PER_SERIES: usize = 12;
+/// Longest title drawn, in characters.
+const TITLE_MAX_CHARS: usize = 160;
+const FONT: &str = "sans-serif";
+/// Tableau 10: distinguishable, also in print.
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x17, 0xbe, 0xcf),
 ];
+const GREY: RGBColor = RGBColor(0x55, 0x55, 0x55);
+/// Lines are slightly transparent so that one drawn over another still shows it.
+const LINE_OPACITY: f64 = 0.85;
 
-/// Reserved (solid) and allocated (dashed) bytes over trace time, one colour per strategy.
-pub fn reserved_allocated_svg(title: &str, results: &[StrategyResult]) -> String {
-    let t_min = results
-        .iter()
-        .flat_map(|r| r.timeline.first())
-        .map(|s| s.t_ns)
-        .min()
-        .unwrap_or(0);
-    let t_max = results
-        .iter()
-        .flat_map(|r| r.timeline.last())
-        .map(|s| s.t_ns)
-        .max()
-        .unwrap_or(1)
-        .max(t_min + 1);
-    let y_max = results
-        .iter()
-        .flat_map(|r| &r.timeline)
-        .map(|s| s.bytes_reserved.max(s.bytes_allocated))
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let plot_w = WIDTH - MARGIN_LEFT - MARGIN_RIGHT;
-    let plot_h = HEIGHT - 2.0 * MARGIN_Y;
-    let x = |t: u64| MARGIN_LEFT + (t - t_min) as f64 / (t_max - t_min) as f64 * plot_w;
-    let y = |b: u64| MARGIN_Y + plot_h - b as f64 / y_max as f64 * plot_h;
+const BYTE_UNITS: [(&str, f64); 7] = [
+    ("B", 1.0),
+    ("KiB", 1024.0),
+    ("MiB", 1048576.0),
+    ("GiB", 1073741824.0),
+    ("TiB", 1099511627776.0),
+    ("PiB", 1125899906842624.0),
+    ("EiB", 1152921504606846976.0),
+];
+const TIME_UNITS_NS: [(&str, f64); 4] = [("ns", 1.0), ("µs", 1e3), ("ms", 1e6), ("s", 1e9)];
 
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{MARGIN_LEFT}" y="24" font-size="15">{}</text>"#,
-        escape(title)
-    );
-    for i in 0..=4u64 {
-        let b = y_max / 4 * i;
-        let yy = y(b);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{MARGIN_LEFT}" x2="{:.1}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            MARGIN_LEFT + plot_w,
-            MARGIN_LEFT - 6.0,
-            yy + 4.0,
-            human_bytes(b)
-        );
+/// A linear axis from 0 to `top` with ticks every `step`, all in `unit` (`unit_size` base units
+/// each: bytes, nanoseconds, or 1 for plain counts).
+#[derive(Clone, Debug, PartialEq)]
+struct Axis {
+    unit: &'static str,
+    unit_size: f64,
+    step: f64,
+    top: f64,
+}
+
+impl Axis {
+    /// Bytes up to `max_bytes`, in the largest binary unit that `max_bytes` reaches.
+    fn bytes(max_bytes: f64) -> Axis {
+        Axis::in_units(max_bytes, &BYTE_UNITS, true)
     }
-    let seconds = (t_max - t_min) as f64 / 1e9;
-    let _ = writeln!(
-        svg,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">trace time, {seconds:.3} s in all</text>"#,
-        MARGIN_LEFT + plot_w / 2.0,
-        HEIGHT - 8.0
-    );
-    for (i, r) in results.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
-        for (dash, pick) in [("", true), (r#" stroke-dasharray="5,4""#, false)] {
-            let mut points = String::new();
-            for s in &r.timeline {
-                let b = if pick {
-                    s.bytes_reserved
-                } else {
-                    s.bytes_allocated
-                };
-                let _ = write!(points, "{:.1},{:.1} ", x(s.t_ns), y(b));
-            }
-            let _ = writeln!(
-                svg,
-                r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5"{dash} points="{}"/>"#,
-                points.trim_end()
-            );
+
+    /// Nanoseconds up to `max_ns`, in ns, µs, ms or s.
+    fn time_ns(max_ns: f64) -> Axis {
+        Axis::in_units(max_ns, &TIME_UNITS_NS, false)
+    }
+
+    /// A count up to `max`, with whole-number ticks.
+    fn count(max: f64) -> Axis {
+        Axis::in_units(max, &[("", 1.0)], true)
+    }
+
+    /// A fraction up to 1, shown as 0–100 %.
+    fn percent() -> Axis {
+        Axis {
+            unit: "%",
+            unit_size: 0.01,
+            step: 20.0,
+            top: 100.0,
         }
-        let ly = MARGIN_Y + 18.0 * i as f64;
-        let lx = WIDTH - MARGIN_RIGHT + 12.0;
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{lx}" x2="{:.1}" y1="{ly:.1}" y2="{ly:.1}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
-            lx + 20.0,
-            lx + 26.0,
-            ly + 4.0,
-            escape(r.strategy)
-        );
     }
-    let ly = MARGIN_Y + 18.0 * results.len() as f64 + 10.0;
-    let _ = writeln!(
-        svg,
-        r##"<text x="{:.1}" y="{ly:.1}" fill="#555">solid: reserved</text><text x="{:.1}" y="{:.1}" fill="#555">dashed: allocated</text>"##,
-        WIDTH - MARGIN_RIGHT + 12.0,
-        WIDTH - MARGIN_RIGHT + 12.0,
-        ly + 16.0
+
+    /// Picks the largest unit not above `max` (the first when `max` is below all), then a
+    /// round step in it; `whole` keeps steps of the first unit whole (no 0.5 B, 0.5 request).
+    fn in_units(max: f64, units: &[(&'static str, f64)], whole: bool) -> Axis {
+        let max = if max.is_finite() { max.max(0.0) } else { 0.0 };
+        let unit_index = units
+            .iter()
+            .rposition(|&(_, size)| max >= size)
+            .unwrap_or(0);
+        let (unit, unit_size) = units[unit_index];
+        let span = max / unit_size;
+        let mut step = round_step(span);
+        if whole && unit_index == 0 {
+            step = step.max(1.0);
+        }
+        let intervals = (span / step - 1e-9).ceil().max(1.0);
+        Axis {
+            unit,
+            unit_size,
+            step,
+            top: intervals * step,
+        }
+    }
+
+    /// Where a base-unit value lies on the axis.
+    fn position(&self, value: f64) -> f64 {
+        value / self.unit_size
+    }
+
+    fn ticks(&self) -> Vec<f64> {
+        let intervals = (self.top / self.step).round() as u64;
+        // Multiply rather than accumulate, so that no 0.30000000000000004 creeps in.
+        (0..=intervals).map(|k| k as f64 * self.step).collect()
+    }
+
+    /// A tick's text: its value with as many decimals as the step needs, then the unit.
+    fn label(&self, value: f64) -> String {
+        if value == 0.0 {
+            return "0".to_string();
+        }
+        let decimals = if self.step >= 1.0 {
+            0
+        } else {
+            (-self.step.log10()).ceil() as usize
+        };
+        let number = format!("{value:.decimals$}");
+        match self.unit {
+            "" => number,
+            "%" => format!("{number}%"),
+            unit => format!("{number} {unit}"),
+        }
+    }
+}
+
+/// Plotters' view of an [`Axis`]: linear from 0 to the top, key points at the round ticks,
+/// labels in the axis' unit.
+impl Ranged for Axis {
+    type FormatOption = NoDefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, (low_px, high_px): (i32, i32)) -> i32 {
+        let fraction = value / self.top;
+        low_px + (fraction * f64::from(high_px - low_px)).round() as i32
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        // Grid lines only at labelled ticks: no unlabelled light lines in between.
+        if hint.weight().allow_light_points() {
+            Vec::new()
+        } else {
+            self.ticks()
+        }
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        0.0..self.top
+    }
+}
+
+impl ValueFormatter<f64> for Axis {
+    fn format_ext(&self, value: &f64) -> String {
+        self.label(*value)
+    }
+}
+
+/// The smallest of 1, 2, 5 × 10ⁿ that divides `span` into at most six intervals.
+fn round_step(span: f64) -> f64 {
+    if span <= 0.0 {
+        return 1.0;
+    }
+    let raw = span / 6.0;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * magnitude)
+        .find(|&step| step >= raw * (1.0 - 1e-9))
+        .unwrap_or(10.0 * magnitude)
+}
+
+/// Reduces a series ordered by x to the first, lowest, highest and last point of each of
+/// [`COLUMNS`] columns across `0..x_top`, in their order: the drawn line is the same at that
+/// resolution, and its size no longer grows with the number of samples.
+fn reduce_to_columns(points: impl Iterator<Item = (f64, f64)>, x_top: f64) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    let mut column: Vec<(usize, (f64, f64))> = Vec::new();
+    let mut current = None;
+    for (i, p) in points.enumerate() {
+        let c = ((p.0 / x_top * COLUMNS as f64) as usize).min(COLUMNS);
+        if current != Some(c) {
+            flush_column(&mut column, &mut out);
+            current = Some(c);
+        }
+        column.push((i, p));
+        if column.len() > 4 {
+            // Only first, last, lowest and highest matter: keep the buffer at four.
+            let keep = column_extremes(&column);
+            column.retain(|(i, _)| keep.contains(i));
+        }
+    }
+    flush_column(&mut column, &mut out);
+    out
+}
+
+fn column_extremes(column: &[(usize, (f64, f64))]) -> [usize; 4] {
+    let first = column[0].0;
+    let last = column[column.len() - 1].0;
+    let low = column
+        .iter()
+        .min_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
+        .map_or(first, |p| p.0);
+    let high = column
+        .iter()
+        .max_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
+        .map_or(first, |p| p.0);
+    [first, low, high, last]
+}
+
+fn flush_column(column: &mut Vec<(usize, (f64, f64))>, out: &mut Vec<(f64, f64)>) {
+    if column.is_empty() {
+        return;
+    }
+    let keep = column_extremes(column);
+    out.extend(
+        column
+            .iter()
+            .filter(|(i, _)| keep.contains(i))
+            .map(|&(_, p)| p),
     );
-    svg.push_str("</svg>\n");
+    column.clear();
+}
+
+/// The title as drawn: control characters (which XML cannot hold and terminals obey) replaced,
+/// long titles cut. Markup characters are escaped by the SVG backend.
+fn clean_title(title: &str) -> String {
+    let mut clean: String = title
+        .chars()
+        .take(TITLE_MAX_CHARS)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if title.chars().nth(TITLE_MAX_CHARS).is_some() {
+        clean.push('…');
+    }
+    clean
+}
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<Axis, Axis>>;
+type Area<'b> = DrawingArea<SVGBackend<'b>, plotters::coord::Shift>;
+type DrawError = DrawingAreaErrorKind<std::io::Error>;
+
+/// How one line is drawn.
+#[derive(Clone, Copy)]
+struct LineStyle {
+    colour: RGBColor,
+    width_px: u32,
+    dashed: bool,
+    /// Which marker shape (see [`draw_markers`]) the line carries, if any.
+    marker: Option<usize>,
+}
+
+impl LineStyle {
+    fn solid(colour: RGBColor, marker: Option<usize>) -> LineStyle {
+        LineStyle {
+            colour,
+            width_px: 2,
+            dashed: false,
+            marker,
+        }
+    }
+
+    fn shape(&self) -> ShapeStyle {
+        self.colour.mix(LINE_OPACITY).stroke_width(self.width_px)
+    }
+}
+
+/// The named lines of one chart, for its legend.
+type Legend = Vec<(String, LineStyle)>;
+
+/// Draws `points` (axis units, ordered by x) as one line in `style`, named in `legend` if
+/// `label` is given.
+/// Markers sit at points staggered by `series_index` of `series_count`, so that lines which
+/// coincide still show each one's markers; a lone point is always marked, or it would not show.
+fn draw_line(
+    chart: &mut Chart,
+    legend: &mut Legend,
+    points: &[(f64, f64)],
+    style: LineStyle,
+    label: Option<String>,
+    (series_index, series_count): (usize, usize),
+) -> Result<(), DrawError> {
+    let shape = style.shape();
+    if style.dashed {
+        chart.draw_series(DashedLineSeries::new(points.iter().copied(), 7, 5, shape))?;
+    } else {
+        chart.draw_series(LineSeries::new(points.iter().copied(), shape))?;
+    }
+    let lone_point = points.len() == 1;
+    if let Some(shape_index) = style.marker.or(lone_point.then_some(0)) {
+        let marked = marker_points(points, series_index, series_count);
+        draw_markers(chart, &marked, shape_index, shape)?;
+    }
+    legend.extend(label.map(|label| (label, style)));
+    Ok(())
+}
+
+/// Markers at `points`: a circle, triangle, square or cross by `shape_index`. One plotters
+/// series per shape, as a series holds one type of element.
+fn draw_markers(
+    chart: &mut Chart,
+    points: &[(f64, f64)],
+    shape_index: usize,
+    style: ShapeStyle,
+) -> Result<(), DrawError> {
+    let at = points.iter().map(|&p| EmptyElement::at(p));
+    match shape_index % 4 {
+        0 => chart.draw_series(at.map(|a| a + Circle::new((0, 0), 3, style.filled())))?,
+        1 => chart.draw_series(at.map(|a| a + TriangleMarker::new((0, 0), 4, style.filled())))?,
+        2 => {
+            chart.draw_series(at.map(|a| a + Rectangle::new([(-3, -3), (3, 3)], style.filled())))?
+        }
+        _ => chart.draw_series(at.map(|a| a + Cross::new((0, 0), 3, style.stroke_width(2))))?,
+    };
+    Ok(())
+}
+
+/// [`MARKERS_PER_SERIES`] points of a line, evenly spread by index and shifted by the series'
+/// place among `series_count` (all points when there are fewer).
+fn marker_points(
+    points: &[(f64, f64)],
+    series_index: usize,
+    series_count: usize,
+) -> Vec<(f64, f64)> {
+    if points.len() <= MARKERS_PER_SERIES {
+        return points.to_vec();
+    }
+    let stride = points.len() / MARKERS_PER_SERIES;
+    let shift = stride * series_index / series_count.max(1) + stride / 2;
+    points.iter().skip(shift).step_by(stride).copied().collect()
+}
+
+/// Splits `area` into the chart's part and, on its right, the legend's.
+fn split_for_legend<'b>(area: &Area<'b>) -> (Area<'b>, Area<'b>) {
+    let width_px = area.dim_in_pixel().0;
+    area.split_horizontally(width_px.saturating_sub(LEGEND_WIDTH_PX))
+}
+
+/// A chart on `area` with the round ticks of `x` and `y`, a grid at them, and `x_name` below.
+fn chart_on<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    caption_size: u32,
+    (x, y): (&Axis, &Axis),
+    x_name: &str,
+) -> Result<Chart<'a, 'b>, DrawError> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, (FONT, caption_size))
+        .margin(10)
+        .x_label_area_size(44)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x.clone(), y.clone())?;
+    chart
+        .configure_mesh()
+        .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
+        .x_desc(x_name)
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 15))
+        .draw()?;
+    Ok(chart)
+}
+
+/// The legend: one row per line, a short stroke (dashed or not, with the line's marker) then
+/// the name, from `top_px` down `area`, so that it never hides a line.
+fn draw_legend(area: &Area, legend: &Legend, top_px: i32) -> Result<(), DrawError> {
+    const ROW_PX: i32 = 20;
+    let label_font =
+        TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    for (row, (label, style)) in (0..).zip(legend) {
+        let y = top_px + ROW_PX * row;
+        // One element type for every style: absent gaps and markers are fully transparent,
+        // which the backend skips.
+        let shape = style.shape();
+        let gap = if style.dashed {
+            TRANSPARENT.into()
+        } else {
+            shape
+        };
+        let mark = |kind: usize| match style.marker {
+            Some(m) if m % 4 == kind => shape,
+            _ => TRANSPARENT.into(),
+        };
+        let stroke = |from: i32, to: i32, style| PathElement::new(vec![(from, 0), (to, 0)], style);
+        let sample = EmptyElement::at((8, y))
+            + stroke(0, 7, shape)
+            + stroke(7, 12, gap)
+            + stroke(12, 18, shape)
+            + stroke(18, 23, gap)
+            + stroke(23, 30, shape)
+            + Circle::new((15, 0), 3, mark(0).filled())
+            + TriangleMarker::new((15, 0), 4, mark(1).filled())
+            + Rectangle::new([(12, -3), (18, 3)], mark(2).filled())
+            + Cross::new((15, 0), 3, mark(3).stroke_width(2));
+        area.draw(&sample)?;
+        area.draw(&Text::new(label.as_str(), (46, y), label_font.clone()))?;
+    }
+    Ok(())
+}
+
+/// Renders with `draw` into an SVG of `height_px`; a drawing error (none is expected: the
+/// backend writes to memory and needs no font) still yields a valid SVG that says so.
+fn render_svg(height_px: u32, draw: impl FnOnce(&Area) -> Result<(), DrawError>) -> String {
+    let mut svg = String::new();
+    let outcome = {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH_PX, height_px)).into_drawing_area();
+        root.fill(&WHITE)
+            .and_then(|()| draw(&root))
+            .and_then(|()| root.present())
+    };
+    if let Err(e) = outcome {
+        svg.clear();
+        let root = SVGBackend::with_string(&mut svg, (WIDTH_PX, 60)).into_drawing_area();
+        let message = clean_title(&format!("plot failed: {e}"));
+        let _ = root.draw(&Text::new(message, (10, 30), (FONT, 16)));
+        let _ = root.present();
+    }
     svg
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+/// Reserved (solid, with markers) and allocated (thin, dashed) bytes over trace time, one colour
+/// per strategy, time counted from the first sample.
+pub fn reserved_allocated_svg(title: &str, results: &[StrategyResult]) -> String {
+    let samples = || results.iter().flat_map(|r| &r.timeline);
+    let t_first_ns = samples().map(|s| s.t_ns).min().unwrap_or(0);
+    let t_last_ns = samples().map(|s| s.t_ns).max().unwrap_or(0);
+    let bytes_max = samples()
+        .map(|s| s.bytes_reserved.max(s.bytes_allocated))
+        .max()
+        .unwrap_or(0);
+    let x = Axis::time_ns((t_last_ns - t_first_ns) as f64);
+    let y = Axis::bytes(bytes_max as f64);
+    let line = |r: &StrategyResult, bytes: fn(&Sample) -> u64| {
+        let points = r.timeline.iter().map(|s| {
+            let t_ns = (s.t_ns - t_first_ns) as f64;
+            (x.position(t_ns), y.position(bytes(s) as f64))
+        });
+        reduce_to_columns(points, x.top)
+    };
+    render_svg(ALLOC_HEIGHT_PX, |root| {
+        let (plot_area, legend_area) = split_for_legend(root);
+        let time_name = "trace time since the first operation";
+        let mut chart = chart_on(&plot_area, &clean_title(title), 20, (&x, &y), time_name)?;
+        let mut legend = Legend::new();
+        for (i, r) in results.iter().enumerate() {
+            let reserved = LineStyle::solid(COLOURS[i % COLOURS.len()], Some(i));
+            let allocated = LineStyle {
+                width_px: 1,
+                dashed: true,
+                marker: None,
+                ..reserved
+            };
+            let series = (i, results.len());
+            let name = Some(r.strategy.to_string());
+            let points = line(r, |s| s.bytes_reserved);
+            draw_line(&mut chart, &mut legend, &points, reserved, name, series)?;
+            let points = line(r, |s| s.bytes_allocated);
+            draw_line(&mut chart, &mut legend, &points, allocated, None, series)?;
+        }
+        // Which line is which, once for all strategies.
+        legend.push(("reserved".into(), LineStyle::solid(GREY, None)));
+        let allocated = LineStyle {
+            width_px: 1,
+            dashed: true,
+            ..LineStyle::solid(GREY, None)
+        };
+        legend.push(("allocated".into(), allocated));
+        draw_legend(&legend_area, &legend, 50)
+    })
 }
 
-/// A line of a panel: name, colour, value at a point.
-type Series = (&'static str, &'static str, fn(&TimelinePoint) -> f64);
-
-/// One panel of [`kv_timeline_svg`].
-struct Panel {
-    name: &'static str,
-    y_max: f64,
-    percent: bool,
-    series: Vec<Series>,
+/// The prefix-cache hit rate of all admissions up to `p` (0 before any lookup).
+fn hit_rate(p: &TimelinePoint) -> f64 {
+    if p.prefix_query_tokens == 0 {
+        0.0
+    } else {
+        p.prefix_hit_tokens as f64 / p.prefix_query_tokens as f64
+    }
 }
 
-/// Three stacked panels over simulated time: KV blocks in use (of `usable_blocks`), running
-/// and waiting requests, and the prefix-cache hit rate so far (re-admissions included).
+/// Three stacked panels over simulated time: KV blocks in use (against the `usable_blocks`
+/// line), running and waiting requests, and the prefix-cache hit rate so far (re-admissions
+/// included). Takes any number of samples, per step or already downsampled.
 pub fn kv_timeline_svg(title: &str, samples: &[TimelinePoint], usable_blocks: u64) -> String {
-    const PANEL_H: f64 = 170.0;
-    const GAP: f64 = 50.0;
-    let points = crate::serve::report::downsample(samples, 1200);
-    let t_max = points.last().map_or(1, |p| p.t_us).max(1);
-    let plot_w = WIDTH - MARGIN_LEFT - MARGIN_RIGHT;
-    let height = MARGIN_Y + 3.0 * (PANEL_H + GAP) + 10.0;
-    let x = |t: u64| MARGIN_LEFT + t as f64 / t_max as f64 * plot_w;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{MARGIN_LEFT}" y="24" font-size="15">{}</text>"#,
-        escape(title)
-    );
-    let running_max = points
+    let t_last_ns = samples.iter().map(|p| p.t_us).max().unwrap_or(0) as f64 * 1e3;
+    let x = Axis::time_ns(t_last_ns);
+    let x_of = |p: &TimelinePoint| x.position(p.t_us as f64 * 1e3);
+    let blocks_max = samples.iter().map(|p| p.kv_blocks_used).max().unwrap_or(0);
+    let requests_max = samples
         .iter()
         .map(|p| p.running.max(p.waiting))
         .max()
-        .unwrap_or(1)
-        .max(1);
-    let panels: [Panel; 3] = [
-        Panel {
-            name: "KV blocks in use",
-            y_max: usable_blocks.max(1) as f64,
-            percent: false,
-            series: vec![("used", COLOURS[0], |p| p.kv_blocks_used as f64)],
-        },
-        Panel {
-            name: "requests",
-            y_max: running_max as f64,
-            percent: false,
-            series: vec![
-                ("running", COLOURS[2], |p| p.running as f64),
-                ("waiting", COLOURS[1], |p| p.waiting as f64),
-            ],
-        },
-        Panel {
-            name: "prefix hit rate so far",
-            y_max: 1.0,
-            percent: true,
-            series: vec![("hit rate", COLOURS[4], |p| {
-                if p.prefix_query_tokens == 0 {
-                    0.0
-                } else {
-                    p.prefix_hit_tokens as f64 / p.prefix_query_tokens as f64
-                }
-            })],
-        },
-    ];
-    for (i, panel) in panels.iter().enumerate() {
-        let (name, y_max) = (panel.name, panel.y_max);
-        let top = MARGIN_Y + i as f64 * (PANEL_H + GAP) + 10.0;
-        let y = |v: f64| top + PANEL_H - v / y_max * PANEL_H;
-        let _ = writeln!(
-            svg,
-            r#"<text x="{MARGIN_LEFT}" y="{:.1}" font-size="13">{name}</text>"#,
-            top - 6.0
-        );
-        for k in 0..=4 {
-            let v = y_max * k as f64 / 4.0;
-            let yy = y(v);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{MARGIN_LEFT}" x2="{:.1}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-                MARGIN_LEFT + plot_w,
-                MARGIN_LEFT - 6.0,
-                yy + 4.0,
-                if panel.percent {
-                    format!("{:.0}%", v * 100.0)
-                } else {
-                    format!("{v:.0}")
-                }
-            );
-        }
-        for (j, (sname, colour, value)) in panel.series.iter().enumerate() {
-            let mut pts = String::new();
-            for p in &points {
-                let _ = write!(pts, "{:.1},{:.1} ", x(p.t_us), y(value(p)));
-            }
-            let _ = writeln!(
-                svg,
-                r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#,
-                pts.trim_end()
-            );
-            let ly = top + 18.0 * j as f64 + 8.0;
-            let lx = WIDTH - MARGIN_RIGHT + 12.0;
-            let _ = writeln!(
-                svg,
-                r#"<line x1="{lx}" x2="{:.1}" y1="{ly:.1}" y2="{ly:.1}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{sname}</text>"#,
-                lx + 20.0,
-                lx + 26.0,
-                ly + 4.0
-            );
+        .unwrap_or(0);
+    let blocks = Axis::count(blocks_max.max(usable_blocks) as f64);
+    let requests = Axis::count(requests_max as f64);
+    let rate = Axis::percent();
+    let line = |axis: &Axis, value: fn(&TimelinePoint) -> f64| {
+        let points = samples.iter().map(|p| (x_of(p), axis.position(value(p))));
+        reduce_to_columns(points, x.top)
+    };
+    let height_px = 40 + 3 * KV_PANEL_HEIGHT_PX;
+    render_svg(height_px, |root| {
+        let root = root.titled(&clean_title(title), (FONT, 20))?;
+        let panels = root.split_evenly((3, 1));
+        let time_name = "simulated time";
+        let panel = |index: usize, caption: &str, y: &Axis| {
+            let (plot_area, legend_area) = split_for_legend(&panels[index]);
+            (plot_area, legend_area, caption.to_string(), y.clone())
+        };
+
+        let (plot_area, legend_area, caption, y) = panel(0, "KV blocks in use", &blocks);
+        let mut chart = chart_on(&plot_area, &caption, 17, (&x, &y), time_name)?;
+        let mut legend = Legend::new();
+        let used = line(&y, |p| p.kv_blocks_used as f64);
+        draw_line(
+            &mut chart,
+            &mut legend,
+            &used,
+            LineStyle::solid(COLOURS[0], None),
+            Some("used".into()),
+            (0, 1),
+        )?;
+        let usable = [
+            (0.0, y.position(usable_blocks as f64)),
+            (x.top, y.position(usable_blocks as f64)),
+        ];
+        let usable_style = LineStyle {
+            colour: GREY,
+            width_px: 1,
+            dashed: true,
+            marker: None,
+        };
+        draw_line(
+            &mut chart,
+            &mut legend,
+            &usable,
+            usable_style,
+            Some(format!("usable: {usable_blocks}")),
+            (0, 1),
+        )?;
+        draw_legend(&legend_area, &legend, 40)?;
+
+        let (plot_area, legend_area, caption, y) = panel(1, "requests", &requests);
+        let mut chart = chart_on(&plot_area, &caption, 17, (&x, &y), time_name)?;
+        let mut legend = Legend::new();
+        let running = line(&y, |p| p.running as f64);
+        draw_line(
+            &mut chart,
+            &mut legend,
+            &running,
+            LineStyle::solid(COLOURS[2], Some(0)),
+            Some("running".into()),
+            (0, 2),
+        )?;
+        let waiting = line(&y, |p| p.waiting as f64);
+        draw_line(
+            &mut chart,
+            &mut legend,
+            &waiting,
+            LineStyle::solid(COLOURS[1], Some(1)),
+            Some("waiting".into()),
+            (1, 2),
+        )?;
+        draw_legend(&legend_area, &legend, 40)?;
+
+        let (plot_area, legend_area, caption, y) = panel(2, "prefix-cache hit rate so far", &rate);
+        let mut chart = chart_on(&plot_area, &caption, 17, (&x, &y), time_name)?;
+        let mut legend = Legend::new();
+        let hits = line(&y, hit_rate);
+        draw_line(
+            &mut chart,
+            &mut legend,
+            &hits,
+            LineStyle::solid(COLOURS[4], None),
+            Some("hit rate".into()),
+            (0, 1),
+        )?;
+        draw_legend(&legend_area, &legend, 40)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc_replay::empty_result;
+    use gpumem_core::alloc::Strategy;
+
+    const GIB: f64 = 1073741824.0;
+
+    fn result(strategy: &'static str, timeline: Vec<Sample>) -> StrategyResult {
+        let mut r = empty_result(Strategy::ALL[0]);
+        r.strategy = strategy;
+        r.timeline = timeline;
+        r
+    }
+
+    /// A sawtooth of `n` samples, 1 ms apart, rising to `peak_bytes` reserved.
+    fn sawtooth(n: u64, peak_bytes: u64) -> Vec<Sample> {
+        (0..n)
+            .map(|i| Sample {
+                t_ns: 5_000_000 + i * 1_000_000,
+                bytes_reserved: peak_bytes * (i % 10 + 1) / 10,
+                bytes_allocated: peak_bytes * (i % 10) / 20,
+            })
+            .collect()
+    }
+
+    fn kv_point(t_us: u64, used: u64, waiting: u64) -> TimelinePoint {
+        TimelinePoint {
+            t_us,
+            kv_blocks_used: used,
+            running: used / 10,
+            waiting,
+            prefix_hit_tokens: t_us / 3,
+            prefix_query_tokens: t_us,
         }
     }
-    let _ = writeln!(
-        svg,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">simulated time, {:.3} s in all</text>"#,
-        MARGIN_LEFT + plot_w / 2.0,
-        height - 8.0,
-        t_max as f64 / 1e6
-    );
-    svg.push_str("</svg>\n");
-    svg
+
+    /// The text of every `<text>` element, in order.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| {
+                Some(
+                    t.split_once('>')?
+                        .1
+                        .split_once("</text>")?
+                        .0
+                        .trim()
+                        .to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn byte_ticks_are_whole_gib_for_a_4_12_gib_peak() {
+        let axis = Axis::bytes(4.12 * GIB);
+        assert_eq!(axis.unit, "GiB");
+        assert_eq!(axis.ticks(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let labels: Vec<String> = axis.ticks().iter().map(|&v| axis.label(v)).collect();
+        assert_eq!(labels, ["0", "1 GiB", "2 GiB", "3 GiB", "4 GiB", "5 GiB"]);
+    }
+
+    #[test]
+    fn byte_ticks_below_a_unit_use_the_smaller_unit_and_round_steps() {
+        let axis = Axis::bytes(0.9 * GIB);
+        assert_eq!((axis.unit, axis.step, axis.top), ("MiB", 200.0, 1000.0));
+        let axis = Axis::bytes(2.3 * GIB);
+        assert_eq!((axis.unit, axis.step, axis.top), ("GiB", 0.5, 2.5));
+        assert_eq!(axis.label(1.5), "1.5 GiB");
+        let axis = Axis::bytes(3.0);
+        assert_eq!((axis.unit, axis.step, axis.top), ("B", 1.0, 3.0));
+    }
+
+    #[test]
+    fn every_tick_is_a_multiple_of_a_1_2_5_step() {
+        for max in [
+            1.0,
+            7.0,
+            7004.0,
+            0.3 * GIB,
+            17.5 * GIB,
+            3e15,
+            u64::MAX as f64,
+        ] {
+            let axis = Axis::bytes(max);
+            let mantissa = axis.step / 10f64.powf(axis.step.log10().floor());
+            assert!(
+                [1.0, 2.0, 5.0].iter().any(|m| (m - mantissa).abs() < 1e-9),
+                "{max}: step {}",
+                axis.step
+            );
+            assert!(axis.top * axis.unit_size >= max, "{max}: top {axis:?}");
+            assert!(axis.ticks().len() <= 8, "{max}: {axis:?}");
+        }
+    }
+
+    #[test]
+    fn time_ticks_pick_seconds_milliseconds_or_microseconds() {
+        assert_eq!(Axis::time_ns(51e9).unit, "s");
+        assert_eq!(
+            Axis::time_ns(51e9).ticks(),
+            [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+        );
+        assert_eq!(Axis::time_ns(0.25e9).unit, "ms");
+        assert_eq!(Axis::time_ns(0.25e9).step, 50.0);
+        assert_eq!(Axis::time_ns(800e3).unit, "µs");
+        assert_eq!(Axis::time_ns(0.0).top, 1.0);
+    }
+
+    #[test]
+    fn block_counts_get_round_ticks_not_the_pool_size() {
+        let axis = Axis::count(7004.0);
+        assert_eq!(axis.ticks(), [0.0, 2000.0, 4000.0, 6000.0, 8000.0]);
+        assert_eq!(axis.label(4000.0), "4000");
+        assert_eq!(Axis::count(2.0).step, 1.0, "no half requests");
+    }
+
+    #[test]
+    fn reduction_bounds_the_points_and_keeps_the_extremes() {
+        let points: Vec<(f64, f64)> = (0..100_000u32)
+            .map(|i| (f64::from(i) / 1000.0, f64::from(i % 97)))
+            .collect();
+        let reduced = reduce_to_columns(points.iter().copied(), 100.0);
+        assert!(reduced.len() <= 4 * (COLUMNS + 1), "{}", reduced.len());
+        let high = reduced.iter().map(|p| p.1).fold(0.0, f64::max);
+        let low = reduced.iter().map(|p| p.1).fold(f64::MAX, f64::min);
+        assert_eq!((low, high), (0.0, 96.0));
+        assert_eq!(reduced.first(), points.first());
+        assert_eq!(reduced.last(), points.last());
+        assert!(reduced.windows(2).all(|w| w[0].0 <= w[1].0), "order kept");
+    }
+
+    #[test]
+    fn alloc_plot_has_round_labelled_ticks_on_both_axes_and_a_legend() {
+        let results = [
+            result("tlsf", sawtooth(500, (4.12 * GIB) as u64)),
+            result("buddy", sawtooth(500, (4.12 * GIB) as u64)),
+        ];
+        let svg = reserved_allocated_svg("trace & <more>", &results);
+        let texts = texts(&svg);
+        for tick in ["0", "1 GiB", "4 GiB", "5 GiB", "100 ms", "500 ms"] {
+            assert!(texts.iter().any(|t| t == tick), "no tick {tick}: {texts:?}");
+        }
+        for legend in ["tlsf", "buddy", "reserved", "allocated"] {
+            assert!(
+                texts.iter().any(|t| t == legend),
+                "no legend {legend}: {texts:?}"
+            );
+        }
+        assert!(
+            texts.iter().any(|t| t == "trace &amp; &lt;more&gt;"),
+            "{texts:?}"
+        );
+        assert!(!svg.contains("<more>"));
+    }
+
+    #[test]
+    fn rendering_twice_is_byte_identical() {
+        let results = [
+            result("tlsf", sawtooth(3000, 1 << 30)),
+            result("pool", sawtooth(7, 1 << 20)),
+        ];
+        assert_eq!(
+            reserved_allocated_svg("t", &results),
+            reserved_allocated_svg("t", &results)
+        );
+        let samples: Vec<TimelinePoint> = (0..5000)
+            .map(|i| kv_point(i * 700, i % 900, i % 13))
+            .collect();
+        assert_eq!(
+            kv_timeline_svg("k", &samples, 1000),
+            kv_timeline_svg("k", &samples, 1000)
+        );
+    }
+
+    #[test]
+    fn empty_and_single_point_inputs_give_complete_svgs() {
+        let lone = [result("tlsf", sawtooth(1, 1 << 20))];
+        for svg in [
+            reserved_allocated_svg("empty", &[]),
+            reserved_allocated_svg("no samples", &[result("tlsf", Vec::new())]),
+            reserved_allocated_svg("one sample", &lone),
+            kv_timeline_svg("empty", &[], 0),
+            kv_timeline_svg("one step", &[kv_point(5, 3, 1)], 10),
+        ] {
+            assert!(
+                svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+                "{svg}"
+            );
+            assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+        }
+        // A lone sample would be an invisible line: it is marked.
+        let svg = reserved_allocated_svg("one sample", &lone);
+        assert!(svg.contains("<circle"), "{svg}");
+    }
+
+    #[test]
+    fn kv_plot_names_its_panels_and_series_with_round_ticks() {
+        let samples: Vec<TimelinePoint> = (0..2000)
+            .map(|i| kv_point(i * 1000, i % 7004, i % 37))
+            .collect();
+        let svg = kv_timeline_svg("kv", &samples, 7004);
+        let texts = texts(&svg);
+        for text in [
+            "used",
+            "usable: 7004",
+            "running",
+            "waiting",
+            "hit rate",
+            "8000",
+            "40%",
+            "1.5 s",
+        ] {
+            assert!(texts.iter().any(|t| t == text), "no {text}: {texts:?}");
+        }
+        assert!(
+            !texts.iter().any(|t| t == "7004"),
+            "the pool size is a line, not a tick"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_titles_are_replaced_and_long_titles_cut() {
+        assert_eq!(clean_title("a\u{1b}]0;x\u{7}b"), "a\u{fffd}]0;x\u{fffd}b");
+        let long = "x".repeat(10_000);
+        assert_eq!(clean_title(&long).chars().count(), TITLE_MAX_CHARS + 1);
+        let svg = reserved_allocated_svg("a\u{1b}[31mred\u{0}", &[]);
+        assert!(!svg.chars().any(|c| c.is_control() && c != '\n'), "{svg}");
+    }
+
+    #[test]
+    #[ignore = "writes pictures to /tmp for a person to look at"]
+    fn render_examples_to_tmp() {
+        let results = [
+            result("tlsf", sawtooth(2000, (4.12 * GIB) as u64)),
+            result("buddy", sawtooth(2000, (4.12 * GIB) as u64)),
+            result("caching", sawtooth(2000, (3.0 * GIB) as u64)),
+        ];
+        std::fs::write(
+            "/tmp/alloc.svg",
+            reserved_allocated_svg("demo — capacity 80 GiB", &results),
+        )
+        .unwrap();
+        let samples: Vec<TimelinePoint> = (0..20000)
+            .map(|i| kv_point(i * 1500, (i * 7) % 7004, (i / 100) % 37))
+            .collect();
+        std::fs::write("/tmp/kv.svg", kv_timeline_svg("kv demo", &samples, 7004)).unwrap();
+    }
 }
