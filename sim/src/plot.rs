@@ -825,21 +825,26 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "writes pictures to /tmp for a person to look at"]
-    fn render_examples_to_tmp() {
+    #[ignore = "writes pictures to the temporary folder for a person to look at"]
+    fn render_examples_to_the_temporary_folder() {
+        let dir = std::env::temp_dir();
         let results = [
             result("tlsf", sawtooth(2000, (4.12 * GIB) as u64)),
             result("buddy", sawtooth(2000, (4.12 * GIB) as u64)),
             result("caching", sawtooth(2000, (3.0 * GIB) as u64)),
         ];
         std::fs::write(
-            "/tmp/alloc.svg",
+            dir.join("gpumem-alloc-example.svg"),
             reserved_allocated_svg("demo — capacity 80 GiB", &results),
         )
         .unwrap();
         let samples: Vec<TimelinePoint> = (0..20000)
             .map(|i| kv_point(i * 1500, (i * 7) % 7004, (i / 100) % 37))
             .collect();
-        std::fs::write("/tmp/kv.svg", kv_timeline_svg("kv demo", &samples, 7004)).unwrap();
+        std::fs::write(
+            dir.join("gpumem-kv-example.svg"),
+            kv_timeline_svg("kv demo", &samples, 7004),
+        )
+        .unwrap();
     }
 }
