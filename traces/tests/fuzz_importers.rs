@@ -85,12 +85,12 @@ enum Mutation {
 fn mutation() -> impl Strategy<Value = Mutation> {
     let at = any::<usize>();
     prop_oneof![
-        (at.clone(), 1u8..=255).prop_map(|(at, xor)| Mutation::Flip { at, xor }),
-        (at.clone(), proptest::collection::vec(any::<u8>(), 1..16))
+        (at, 1u8..=255).prop_map(|(at, xor)| Mutation::Flip { at, xor }),
+        (at, proptest::collection::vec(any::<u8>(), 1..16))
             .prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
-        (at.clone(), 1usize..64).prop_map(|(at, len)| Mutation::Delete { at, len }),
-        at.clone().prop_map(|at| Mutation::Truncate { at }),
-        (at.clone(), at, 1usize..256).prop_map(|(from, to, len)| Mutation::Splice {
+        (at, 1usize..64).prop_map(|(at, len)| Mutation::Delete { at, len }),
+        at.prop_map(|at| Mutation::Truncate { at }),
+        (at, at, 1usize..256).prop_map(|(from, to, len)| Mutation::Splice {
             from,
             to,
             len
