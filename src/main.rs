@@ -9,6 +9,7 @@ mod alloc_cmd;
 mod kv_cmd;
 mod kv_events_cmd;
 mod progress;
+mod run_cmd;
 mod selftest_cmd;
 mod units;
 
@@ -42,6 +43,9 @@ enum Command {
     /// index a KV-aware router would hold: blocks stored, removed and live, longest prefix
     /// chain, per medium.
     KvEvents(kv_events_cmd::KvEventsArgs),
+    /// Run a run spec (RON), as `gpumem alloc|kv ... --print-spec` writes it: prints exactly
+    /// what those flags print.
+    Run(run_cmd::RunArgs),
     /// Run every executor path (allocation replay, KV pool, transfers between memory tiers)
     /// on small inputs, simulated and on a device (`--execute host|cuda`), and print one table
     /// of digests, bytes verified and mismatches. Exit 0 only if they all agree.
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         Command::Alloc(args) => alloc_cmd::run(args),
         Command::Kv(args) => kv_cmd::run(*args),
         Command::KvEvents(args) => kv_events_cmd::run(args),
+        Command::Run(args) => run_cmd::run(args),
         Command::Selftest(args) => selftest_cmd::run(args),
     };
     match outcome {
