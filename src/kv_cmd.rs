@@ -183,11 +183,7 @@ pub fn run(args: KvArgs) -> Result<ExitCode, String> {
     let spec = spec_from_args(&args)?;
     let checked = check(&spec)?;
     if args.print_spec {
-        let mut spec = RunSpec::Kv(spec);
-        let cwd = std::env::current_dir().map_err(|e| format!("current folder: {e}"))?;
-        spec.rebase_paths(&cwd);
-        print!("{}", spec.to_ron()?);
-        return Ok(ExitCode::SUCCESS);
+        return crate::print_spec(RunSpec::Kv(spec));
     }
     run_spec(&spec, &checked, args.json)
 }

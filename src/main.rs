@@ -52,6 +52,14 @@ enum Command {
     Selftest(selftest_cmd::SelftestArgs),
 }
 
+/// Prints `spec` as RON with its paths made absolute, so the text runs from any folder.
+fn print_spec(mut spec: gpumem_sim::spec::RunSpec) -> Result<ExitCode, String> {
+    let cwd = std::env::current_dir().map_err(|e| format!("the current folder: {e}"))?;
+    spec.rebase_paths(&cwd);
+    print!("{}", spec.to_ron()?);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {

@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
+
+    /// Check the spec and print it as gpumem reads it (paths made absolute), then exit.
+    #[arg(long)]
+    print_spec: bool,
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
@@ -63,10 +67,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     match RunSpec::read_file(&args.spec)? {
         RunSpec::Alloc(spec) => {
             let checked = crate::alloc_cmd::check(&spec).map_err(in_spec)?;
+            if args.print_spec {
+                return crate::print_spec(RunSpec::Alloc(spec));
+            }
             crate::alloc_cmd::run_spec(&spec, &checked, args.json)
         }
         RunSpec::Kv(spec) => {
             let checked = crate::kv_cmd::check(&spec).map_err(in_spec)?;
+            if args.print_spec {
+                return crate::print_spec(RunSpec::Kv(spec));
+            }
             crate::kv_cmd::run_spec(&spec, &checked, args.json)
         }
     }
