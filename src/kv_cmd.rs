@@ -183,7 +183,7 @@ pub fn run(args: KvArgs) -> Result<ExitCode, String> {
     let spec = spec_from_args(&args)?;
     let checked = check(&spec)?;
     if args.print_spec {
-        return crate::print_spec(RunSpec::Kv(spec));
+        return crate::print_spec(RunSpec::Kv(Box::new(spec)));
     }
     run_spec(&spec, &checked, args.json)
 }

@@ -55,9 +55,21 @@ enum Command {
 /// Prints `spec` as RON with its paths made absolute, so the text runs from any folder.
 fn print_spec(mut spec: gpumem_sim::spec::RunSpec) -> Result<ExitCode, String> {
     let cwd = std::env::current_dir().map_err(|e| format!("the current folder: {e}"))?;
-    spec.rebase_paths(&cwd);
+    spec.for_each_path(|p| *p = absolute(&cwd, p));
     print!("{}", spec.to_ron()?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `path` from `cwd`, its folder resolved (`..` and links) where it exists; the file name is
+/// kept as given, so a link to a trace stays the link.
+fn absolute(cwd: &std::path::Path, path: &std::path::Path) -> std::path::PathBuf {
+    let joined = cwd.join(path);
+    match (joined.parent(), joined.file_name()) {
+        (Some(folder), Some(name)) => std::fs::canonicalize(folder)
+            .map(|f| f.join(name))
+            .unwrap_or(joined),
+        _ => joined,
+    }
 }
 
 fn main() -> ExitCode {

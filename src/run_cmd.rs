@@ -7,7 +7,8 @@ use clap::Args;
 use gpumem_sim::spec::RunSpec;
 
 #[derive(Args)]
-#[command(after_help = "A spec is what `gpumem alloc ... --print-spec` or `gpumem kv ... --print-spec`
+#[command(
+    after_help = "A spec is what `gpumem alloc ... --print-spec` or `gpumem kv ... --print-spec`
 writes: the run with every default resolved, as RON. Running it prints exactly what those flags
 print (same text or JSON, same digest). Sweeps vary a spec field by field: a field is named
 after its flag (--kv-blocks is kv_blocks; sizes add _bytes: --capacity is capacity_bytes) and
@@ -47,7 +48,8 @@ An example (gpumem kv --trace conversation_trace.jsonl --limit 200 --kv-blocks 2
 
 gpu_memory_utilization: Some(0.9) instead says kv_blocks was sized from the GPU and model as
 vLLM sizes it; the run checks that it still is. gpu and model take a built-in name or a whole
-profile inline, (name: \"...\", ...) in the form of sim/profiles/*.ron.")]
+profile inline, (name: \"...\", ...) in the form of sim/profiles/*.ron."
+)]
 pub struct RunArgs {
     /// The run spec (RON).
     #[arg(value_name = "SPEC.ron")]

@@ -113,7 +113,10 @@ fn a_kv_spec_prints_what_its_flags_print() {
     ] {
         let report = assert_spec_runs_as_flags(&args);
         assert!(report["digest"].as_str().is_some_and(|d| !d.is_empty()));
-        assert!(report["requests_finished"].as_u64().unwrap() > 0, "{args:?}");
+        assert!(
+            report["requests_finished"].as_u64().unwrap() > 0,
+            "{args:?}"
+        );
     }
 }
 
@@ -224,14 +227,27 @@ fn execution_and_injected_faults_travel_in_the_spec() {
         let spec = print_spec(&args);
         let by_flags = gpumem(&[&args[..], &["--json"]].concat());
         let by_spec = gpumem(&["run", path_str(&spec), "--json"]);
-        assert_eq!(by_flags.status.code(), Some(want_code), "{args:?}: {}", stderr(&by_flags));
-        assert_eq!(by_spec.status.code(), Some(want_code), "{args:?}: {}", stderr(&by_spec));
+        assert_eq!(
+            by_flags.status.code(),
+            Some(want_code),
+            "{args:?}: {}",
+            stderr(&by_flags)
+        );
+        assert_eq!(
+            by_spec.status.code(),
+            Some(want_code),
+            "{args:?}: {}",
+            stderr(&by_spec)
+        );
         let (f, s): (Value, Value) = (
             serde_json::from_str(&stdout(&by_flags)).unwrap(),
             serde_json::from_str(&stdout(&by_spec)).unwrap(),
         );
         if args[0] == "kv" && want_code == 1 {
-            assert!(f["mismatches"].as_u64().unwrap() > 0, "the corruption is caught");
+            assert!(
+                f["mismatches"].as_u64().unwrap() > 0,
+                "the corruption is caught"
+            );
         }
         assert_eq!(without_timings(f), without_timings(s), "{args:?}");
     }
@@ -308,23 +324,122 @@ fn a_printed_spec_reads_back_to_the_same_text_over_many_flag_combinations() {
     let combos: Vec<Vec<&str>> = vec![
         vec!["kv"],
         vec!["kv", "--seed", "3", "--limit", "10", "--eviction", "arc"],
-        vec!["kv", "--gpu", "a100-80gb", "--model", "mistral-7b", "--gpu-memory-utilization", "0.333333"],
-        vec!["kv", "--gpu", path_str(&gpu_file), "--model", "qwen2.5-7b", "--block-size", "8"],
-        vec!["kv", "--kv-blocks", "64", "--max-model-len", "100", "--cost", "fixed:20", "--scheduling-policy", "priority"],
-        vec!["kv", "--trace", path_str(&mooncake), "--format", "mooncake", "--plot", path_str(&plot)],
-        vec!["kv", "--trace", path_str(&azure), "--step-log", path_str(&log), "--no-prefix-caching"],
-        vec!["kv", "--kv-blocks", "50", "--execute", "cuda", "--bytes-per-block", "1MiB", "--inject", "corrupt-block"],
-        vec!["kv", "--execute", "host", "--gpu", "l40s", "--model", "llama-3.1-8b"],
+        vec![
+            "kv",
+            "--gpu",
+            "a100-80gb",
+            "--model",
+            "mistral-7b",
+            "--gpu-memory-utilization",
+            "0.333333",
+        ],
+        vec![
+            "kv",
+            "--gpu",
+            path_str(&gpu_file),
+            "--model",
+            "qwen2.5-7b",
+            "--block-size",
+            "8",
+        ],
+        vec![
+            "kv",
+            "--kv-blocks",
+            "64",
+            "--max-model-len",
+            "100",
+            "--cost",
+            "fixed:20",
+            "--scheduling-policy",
+            "priority",
+        ],
+        vec![
+            "kv",
+            "--trace",
+            path_str(&mooncake),
+            "--format",
+            "mooncake",
+            "--plot",
+            path_str(&plot),
+        ],
+        vec![
+            "kv",
+            "--trace",
+            path_str(&azure),
+            "--step-log",
+            path_str(&log),
+            "--no-prefix-caching",
+        ],
+        vec![
+            "kv",
+            "--kv-blocks",
+            "50",
+            "--execute",
+            "cuda",
+            "--bytes-per-block",
+            "1MiB",
+            "--inject",
+            "corrupt-block",
+        ],
+        vec![
+            "kv",
+            "--execute",
+            "host",
+            "--gpu",
+            "l40s",
+            "--model",
+            "llama-3.1-8b",
+        ],
         vec!["alloc"],
-        vec!["alloc", "--generate", "occupancy", "--capacity", "1GiB", "--alignment", "4KiB", "--page", "64KiB"],
-        vec!["alloc", "--trace", path_str(&snapshot), "--strategy", "caching-expandable,pool", "--check"],
-        vec!["alloc", "--ops", "10", "--export-trace", path_str(&log), "--plot", path_str(&plot)],
-        vec!["alloc", "--execute", "host", "--checkpoint-every", "9", "--inject", "corrupt-block:2", "--inject", "refuse-alloc", "--seed", "18446744073709551615"],
+        vec![
+            "alloc",
+            "--generate",
+            "occupancy",
+            "--capacity",
+            "1GiB",
+            "--alignment",
+            "4KiB",
+            "--page",
+            "64KiB",
+        ],
+        vec![
+            "alloc",
+            "--trace",
+            path_str(&snapshot),
+            "--strategy",
+            "caching-expandable,pool",
+            "--check",
+        ],
+        vec![
+            "alloc",
+            "--ops",
+            "10",
+            "--export-trace",
+            path_str(&log),
+            "--plot",
+            path_str(&plot),
+        ],
+        vec![
+            "alloc",
+            "--execute",
+            "host",
+            "--checkpoint-every",
+            "9",
+            "--inject",
+            "corrupt-block:2",
+            "--inject",
+            "refuse-alloc",
+            "--seed",
+            "18446744073709551615",
+        ],
     ];
     for args in combos {
         let first = succeeded(&[&args[..], &["--print-spec"]].concat());
         let again = succeeded(&[&args[..], &["--print-spec"]].concat());
-        assert_eq!(first.stdout, again.stdout, "{args:?}: the printed spec is not deterministic");
+        assert_eq!(
+            first.stdout, again.stdout,
+            "{args:?}: the printed spec is not deterministic"
+        );
         let file = dir.join("combo.ron");
         std::fs::write(&file, &first.stdout).unwrap();
         let read_back = succeeded(&["run", path_str(&file), "--print-spec"]);
@@ -338,7 +453,10 @@ fn a_printed_spec_reads_back_to_the_same_text_over_many_flag_combinations() {
     let inlined = std::fs::read_to_string(dir.join("combo.ron")).unwrap();
     assert!(inlined.contains("refuse-alloc"), "{inlined}");
     let gpu = succeeded(&["kv", "--gpu", path_str(&gpu_file), "--print-spec"]);
-    assert!(stdout(&gpu).contains("name: \"my-gpu\""), "a profile file is inlined");
+    assert!(
+        stdout(&gpu).contains("name: \"my-gpu\""),
+        "a profile file is inlined"
+    );
 }
 
 /// A spec printed by `kv --kv-blocks 100 --cost fixed:1000`, its `field` line replaced.
@@ -362,12 +480,42 @@ fn broken_spec(field: &str, line: &str) -> (PathBuf, usize) {
 fn a_bad_spec_is_refused_with_its_file_line_and_field() {
     for (field, line, path, says) in [
         ("seed:", "    sead: 0,", "Kv.sead", "unknown field `sead`"),
-        ("kv_blocks:", "    kv_blocks: \"100\",", "Kv.kv_blocks", "Expected integer"),
-        ("prefix_caching:", "    prefix_caching: \"yes\",", "Kv.prefix_caching", "Expected boolean"),
-        ("eviction:", "    eviction: \"fifo\",", "Kv.eviction", "unknown eviction policy 'fifo'; known: lru, arc, leaf-lru"),
-        ("cost:", "    cost: \"fast\",", "Kv.cost", "unknown cost model"),
-        ("gpu:", "    gpu: \"h100.ron\",", "Kv.gpu", "unknown GPU 'h100.ron'"),
-        ("trace:", "    trace: Generated(requests: 10, seed: 1),", "Kv.trace", "unknown field `seed`"),
+        (
+            "kv_blocks:",
+            "    kv_blocks: \"100\",",
+            "Kv.kv_blocks",
+            "Expected integer",
+        ),
+        (
+            "prefix_caching:",
+            "    prefix_caching: \"yes\",",
+            "Kv.prefix_caching",
+            "Expected boolean",
+        ),
+        (
+            "eviction:",
+            "    eviction: \"fifo\",",
+            "Kv.eviction",
+            "unknown eviction policy 'fifo'; known: lru, arc, leaf-lru",
+        ),
+        (
+            "cost:",
+            "    cost: \"fast\",",
+            "Kv.cost",
+            "unknown cost model",
+        ),
+        (
+            "gpu:",
+            "    gpu: \"h100.ron\",",
+            "Kv.gpu",
+            "unknown GPU 'h100.ron'",
+        ),
+        (
+            "trace:",
+            "    trace: Generated(requests: 10, seed: 1),",
+            "Kv.trace",
+            "unknown field `seed`",
+        ),
     ] {
         let (spec, at) = broken_spec(field, line);
         let out = gpumem(&["run", path_str(&spec)]);
@@ -377,27 +525,55 @@ fn a_bad_spec_is_refused_with_its_file_line_and_field() {
     // Beyond what serde checks: the pool, named by its file.
     let (spec, _) = broken_spec("kv_blocks:", "    kv_blocks: 1,");
     let out = gpumem(&["run", path_str(&spec)]);
-    assert_clean_error(&out, &[&format!("{}: kv_blocks 1", spec.display()), "smaller than one block"]);
-    let (spec, _) = broken_spec("gpu_memory_utilization:", "    gpu_memory_utilization: Some(0.9),");
+    assert_clean_error(
+        &out,
+        &[
+            &format!("{}: kv_blocks 1", spec.display()),
+            "smaller than one block",
+        ],
+    );
+    let (spec, _) = broken_spec(
+        "gpu_memory_utilization:",
+        "    gpu_memory_utilization: Some(0.9),",
+    );
     let out = gpumem(&["run", path_str(&spec)]);
-    assert_clean_error(&out, &["kv_blocks 100 is not the", "gpu_memory_utilization: None"]);
-    let (spec, _) = broken_spec("execute:", "    execute: Some((device: \"host\", bytes_per_block: 4096, inject: [\"melt\"])),");
+    assert_clean_error(
+        &out,
+        &["kv_blocks 100 is not the", "gpu_memory_utilization: None"],
+    );
+    let (spec, _) = broken_spec(
+        "execute:",
+        "    execute: Some((device: \"host\", bytes_per_block: 4096, inject: [\"melt\"])),",
+    );
     let out = gpumem(&["run", path_str(&spec)]);
     assert_clean_error(&out, &[&format!("{}: --inject melt", spec.display())]);
 }
 
 #[test]
 fn what_is_not_a_spec_is_refused_without_reading_it_whole() {
-    assert_clean_error(&gpumem(&["run", "/dev/zero"]), &["/dev/zero", "larger than a spec may be"]);
-    assert_clean_error(&gpumem(&["run", "/nonexistent/s.ron"]), &["/nonexistent/s.ron", "cannot read"]);
+    assert_clean_error(
+        &gpumem(&["run", "/dev/zero"]),
+        &["/dev/zero", "larger than a spec may be"],
+    );
+    assert_clean_error(
+        &gpumem(&["run", "/nonexistent/s.ron"]),
+        &["/nonexistent/s.ron", "cannot read"],
+    );
     let dir = scratch_dir();
     let csv = dir.join("trace.ron");
     std::fs::write(&csv, "TIMESTAMP,ContextTokens,GeneratedTokens\n").unwrap();
     assert_clean_error(&gpumem(&["run", path_str(&csv)]), &["trace.ron:1:"]);
     let alloc = print_spec(&["alloc"]);
     let text = std::fs::read_to_string(&alloc).unwrap();
-    std::fs::write(&alloc, text.replace("\"buddy\",", "\"buddy\",\n        \"slab\",")).unwrap();
-    assert_clean_error(&gpumem(&["run", path_str(&alloc)]), &["spec.ron:", "Alloc.strategy", "unknown strategy 'slab'"]);
+    std::fs::write(
+        &alloc,
+        text.replace("\"buddy\",", "\"buddy\",\n        \"slab\","),
+    )
+    .unwrap();
+    assert_clean_error(
+        &gpumem(&["run", path_str(&alloc)]),
+        &["spec.ron:", "Alloc.strategy", "unknown strategy 'slab'"],
+    );
 }
 
 #[test]
@@ -416,15 +592,26 @@ fn the_help_of_run_shows_a_spec_that_runs() {
     std::os::unix::fs::symlink(&mooncake, dir.join("conversation_trace.jsonl")).unwrap();
     // The help names the flags it came from: they print the same spec.
     let flags = [
-        "kv", "--trace", "conversation_trace.jsonl", "--limit", "200", "--kv-blocks", "2000",
-        "--bytes-per-block", "4KiB", "--execute", "host",
+        "kv",
+        "--trace",
+        "conversation_trace.jsonl",
+        "--limit",
+        "200",
+        "--kv-blocks",
+        "2000",
+        "--bytes-per-block",
+        "4KiB",
+        "--execute",
+        "host",
     ];
     assert!(help.contains(&flags[..7].join(" ")), "{help}");
     let printed = gpumem_in(&dir, &[&flags[..], &["--print-spec"]].concat());
     assert!(printed.status.success(), "{}", stderr(&printed));
     let abs = format!("\"{}\"", dir.join("conversation_trace.jsonl").display());
     assert!(
-        stdout(&printed).replace(&abs, "\"conversation_trace.jsonl\"").contains(&example),
+        stdout(&printed)
+            .replace(&abs, "\"conversation_trace.jsonl\"")
+            .contains(&example),
         "the help's example is not what --print-spec prints:\n{example}\n---\n{}",
         stdout(&printed)
     );

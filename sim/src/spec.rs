@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::alloc_replay::DefragMode;
 use crate::serve::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS};
-use crate::serve::{kv_sizing, CostModel, GpuProfile, KvSizing, ModelProfile, Roofline};
 use crate::serve::SchedulingPolicy;
+use crate::serve::{kv_sizing, CostModel, GpuProfile, KvSizing, ModelProfile, Roofline};
 pub use names::Named;
 
 /// A spec file larger than this is refused before it is read whole (a spec is a page of text;
@@ -49,7 +49,7 @@ pub const MAX_SPEC_BYTES: u64 = 1 << 20;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunSpec {
     Alloc(AllocSpec),
-    Kv(KvSpec),
+    Kv(Box<KvSpec>),
 }
 
 /// `gpumem alloc`: an allocation trace through allocation strategies.
@@ -425,7 +425,10 @@ impl RunSpec {
         let spec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             // `?` stands for a segment the path could not name (inside a value that ended early).
             let path = e.path().to_string();
-            let field = path.trim_end_matches(".?").trim_matches(['.', '?']).to_string();
+            let field = path
+                .trim_end_matches(".?")
+                .trim_matches(['.', '?'])
+                .to_string();
             let spanned = de.span_error(e.into_inner());
             SpecError {
                 line: spanned.position.line,
@@ -470,6 +473,15 @@ impl RunSpec {
 
     /// Joins every relative path of the spec to `folder`.
     pub fn rebase_paths(&mut self, folder: &Path) {
+        self.for_each_path(|p| {
+            if p.is_relative() {
+                *p = folder.join(&*p);
+            }
+        });
+    }
+
+    /// Calls `f` on every path the spec holds: its trace and its output files.
+    pub fn for_each_path(&mut self, f: impl FnMut(&mut PathBuf)) {
         let mut paths: Vec<&mut PathBuf> = Vec::new();
         match self {
             RunSpec::Alloc(a) => {
@@ -487,11 +499,7 @@ impl RunSpec {
                 paths.extend(k.plot.as_mut());
             }
         }
-        for p in paths {
-            if p.is_relative() {
-                *p = folder.join(&*p);
-            }
-        }
+        paths.into_iter().for_each(f);
     }
 }
 
@@ -508,7 +516,10 @@ fn describe(code: &ron::Error) -> String {
         ron::Error::DuplicateStructField { field, .. } => format!("field `{field}` given twice"),
         ron::Error::NoSuchEnumVariant {
             expected, found, ..
-        } => format!("unknown variant `{found}`; expected one of {}", list(expected)),
+        } => format!(
+            "unknown variant `{found}`; expected one of {}",
+            list(expected)
+        ),
         other => other.to_string(),
     }
 }

@@ -59,7 +59,17 @@ fn alloc_spec() -> impl Strategy<Value = AllocSpec> {
         proptest::option::of(path()),
     )
         .prop_map(
-            |(trace, seed, strategy, (capacity, alignment, page), defrag, check, execute, plot, export)| {
+            |(
+                trace,
+                seed,
+                strategy,
+                (capacity, alignment, page),
+                defrag,
+                check,
+                execute,
+                plot,
+                export,
+            )| {
                 AllocSpec {
                     trace,
                     seed,
@@ -81,7 +91,13 @@ fn gpu_profile() -> impl Strategy<Value = GpuProfile> {
     (
         "[a-z0-9 -]{1,12}",
         proptest::collection::vec("[A-Za-z0-9 ]{1,8}", 0..3),
-        (any::<u64>(), any::<u64>(), 1..u64::MAX, any::<u64>(), any::<u64>()),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            1..u64::MAX,
+            any::<u64>(),
+            any::<u64>(),
+        ),
         (3u32..=6, proptest::sample::select(vec![1u32, 2, 4, 8, 16])),
         (any::<u64>(), 1u64..=100, any::<u64>(), any::<u64>()),
         (1..u64::MAX, 1..u64::MAX, any::<u64>()),
@@ -232,7 +248,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
 fn run_spec() -> impl Strategy<Value = RunSpec> {
     prop_oneof![
         alloc_spec().prop_map(RunSpec::Alloc),
-        kv_spec().prop_map(RunSpec::Kv),
+        kv_spec().prop_map(|k| RunSpec::Kv(Box::new(k))),
     ]
 }
 
@@ -250,7 +266,7 @@ proptest! {
 
 /// The spec `gpumem kv --print-spec` prints by default, with a line to change.
 fn kv_text() -> String {
-    RunSpec::Kv(KvSpec {
+    RunSpec::Kv(Box::new(KvSpec {
         trace: KvTraceSpec::Generated { requests: 10 },
         seed: 0,
         gpu: ProfileSpec::Builtin("h100".into()),
@@ -269,7 +285,7 @@ fn kv_text() -> String {
         execute: None,
         step_log: None,
         plot: None,
-    })
+    }))
     .to_ron()
     .unwrap()
 }
@@ -305,7 +321,10 @@ fn an_unknown_field_is_named_with_its_line() {
     let e = RunSpec::from_ron(&text).unwrap_err();
     assert_eq!((e.line, e.field.as_str()), (line, "Kv.seeds"), "{e}");
     assert!(e.message.contains("unknown field `seeds`"), "{e}");
-    assert!(e.message.contains("seed, gpu"), "the known fields are listed: {e}");
+    assert!(
+        e.message.contains("seed, gpu"),
+        "the known fields are listed: {e}"
+    );
 }
 
 #[test]
@@ -316,20 +335,44 @@ fn a_wrong_type_is_named_with_its_line() {
     assert!(e.message.contains("integer"), "{e}");
     let (text, line) = kv_with("prefix_caching:", "    prefix_caching: 1,");
     let e = RunSpec::from_ron(&text).unwrap_err();
-    assert_eq!((e.line, e.field.as_str()), (line, "Kv.prefix_caching"), "{e}");
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (line, "Kv.prefix_caching"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_bad_value_is_named_with_its_line_and_the_known_ones() {
     for (field, line, message) in [
-        ("eviction:", "    eviction: \"mru\",", "known: lru, arc, leaf-lru"),
-        ("cost:", "    cost: \"fixed:0\",", "STEP_US must be a positive"),
+        (
+            "eviction:",
+            "    eviction: \"mru\",",
+            "known: lru, arc, leaf-lru",
+        ),
+        (
+            "cost:",
+            "    cost: \"fixed:0\",",
+            "STEP_US must be a positive",
+        ),
         ("engine:", "    engine: \"vllm-0.1\",", "known: vllm-0.33"),
         ("gpu:", "    gpu: \"tpu\",", "unknown GPU 'tpu'"),
         ("model:", "    model: \"gpt-5\",", "unknown model 'gpt-5'"),
-        ("scheduling_policy:", "    scheduling_policy: \"edf\",", "known: fcfs, priority"),
-        ("gpu_memory_utilization:", "    gpu_memory_utilization: Some(1.5),", "(0, 1]"),
-        ("execute:", "    execute: Some((device: \"tpu\", bytes_per_block: 1, inject: [])),", "known: host, cuda"),
+        (
+            "scheduling_policy:",
+            "    scheduling_policy: \"edf\",",
+            "known: fcfs, priority",
+        ),
+        (
+            "gpu_memory_utilization:",
+            "    gpu_memory_utilization: Some(1.5),",
+            "(0, 1]",
+        ),
+        (
+            "execute:",
+            "    execute: Some((device: \"tpu\", bytes_per_block: 1, inject: [])),",
+            "known: host, cuda",
+        ),
     ] {
         let (text, at) = kv_with(field, line);
         let e = RunSpec::from_ron(&text).unwrap_err();
@@ -381,7 +424,12 @@ fn text_that_is_not_a_spec_is_refused_with_its_line() {
 
 #[test]
 fn fractions_print_as_they_were_given() {
-    for (text, ppm) in [("0.9", 900_000), ("1", 1_000_000), ("0.000001", 1), ("0.123456", 123_456)] {
+    for (text, ppm) in [
+        ("0.9", 900_000),
+        ("1", 1_000_000),
+        ("0.000001", 1),
+        ("0.123456", 123_456),
+    ] {
         let f = Fraction::parse(text).unwrap();
         assert_eq!(f.ppm, ppm);
         assert_eq!(f.to_string(), text);
@@ -431,7 +479,11 @@ fn relative_paths_resolve_against_the_spec_file() {
             path: dir.join("traces/t.jsonl")
         }
     );
-    assert_eq!(read.plot, Some("/abs/plot.svg".into()), "absolute paths stay");
+    assert_eq!(
+        read.plot,
+        Some("/abs/plot.svg".into()),
+        "absolute paths stay"
+    );
     assert_eq!(read.export_trace, Some(dir.join("out.jsonl")));
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -442,7 +494,10 @@ fn a_huge_or_binary_file_is_refused() {
     let big = dir.join("big.ron");
     std::fs::write(&big, vec![b' '; MAX_SPEC_BYTES as usize + 1]).unwrap();
     let e = RunSpec::read_file(&big).unwrap_err();
-    assert!(e.contains("big.ron") && e.contains("larger than a spec may be"), "{e}");
+    assert!(
+        e.contains("big.ron") && e.contains("larger than a spec may be"),
+        "{e}"
+    );
     let binary = dir.join("bin.ron");
     std::fs::write(&binary, b"Kv((\n\xff))").unwrap();
     let e = RunSpec::read_file(&binary).unwrap_err();
@@ -465,11 +520,17 @@ fn a_sized_pool_must_still_be_what_the_profiles_size() {
     assert_eq!(spec.resolve().unwrap().sizing, Some(sized));
     spec.kv_blocks -= 1;
     let e = spec.resolve().unwrap_err();
-    assert!(e.contains(&format!("set kv_blocks: {}", sized.num_blocks)), "{e}");
+    assert!(
+        e.contains(&format!("set kv_blocks: {}", sized.num_blocks)),
+        "{e}"
+    );
     spec.gpu_memory_utilization = None;
     assert_eq!(spec.resolve().unwrap().sizing, None, "given, not sized");
     spec.kv_blocks = 1;
-    assert!(spec.resolve().unwrap_err().contains("smaller than one block"));
+    assert!(spec
+        .resolve()
+        .unwrap_err()
+        .contains("smaller than one block"));
 }
 
 #[test]
@@ -488,8 +549,15 @@ fn an_alloc_spec_names_each_strategy_once() {
         export_trace: None,
     };
     assert!(spec.validate().unwrap_err().contains("at least one"));
-    spec.strategy = vec![AllocStrategy::Tlsf, AllocStrategy::Buddy, AllocStrategy::Tlsf];
-    assert!(spec.validate().unwrap_err().contains("'tlsf' is named twice"));
+    spec.strategy = vec![
+        AllocStrategy::Tlsf,
+        AllocStrategy::Buddy,
+        AllocStrategy::Tlsf,
+    ];
+    assert!(spec
+        .validate()
+        .unwrap_err()
+        .contains("'tlsf' is named twice"));
     spec.strategy.pop();
     assert_eq!(spec.validate(), Ok(()));
 }
