@@ -8,6 +8,7 @@ use gpumem_core::alloc::{AllocConfig, Strategy};
 use gpumem_gpu::{CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject};
 use gpumem_sim::alloc_replay::{simulate_all, AllocReport};
 use gpumem_sim::report::render_table;
+use gpumem_sim::spec::{AllocExecuteSpec, AllocSpec, AllocTraceSpec, ExecuteDevice, RunSpec};
 use gpumem_sim::{DefragMode, ReplayConfig};
 use gpumem_traces::generate::{llm_serving, occupancy, LlmServingParams, OccupancyParams};
 use gpumem_traces::AllocTrace;
@@ -106,12 +107,26 @@ pub struct AllocArgs {
     /// `:N` picks the N-th candidate, else --seed picks one. Repeatable.
     #[arg(long, value_name = "FAULT")]
     inject: Vec<String>,
+
+    /// Print the run spec these flags make, every default resolved, as RON, and exit; `gpumem
+    /// run FILE.ron` runs it.
+    #[arg(long)]
+    print_spec: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ExecuteArg {
     Host,
     Cuda,
+}
+
+impl From<ExecuteArg> for ExecuteDevice {
+    fn from(arg: ExecuteArg) -> Self {
+        match arg {
+            ExecuteArg::Host => ExecuteDevice::Host,
+            ExecuteArg::Cuda => ExecuteDevice::Cuda,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -129,58 +144,126 @@ enum DefragArg {
 }
 
 pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
-    let strategies = parse_strategies(&args.strategy)?;
-    let alloc = AllocConfig {
+    let spec = spec_from_args(&args)?;
+    let checked = check(&spec)?;
+    if args.print_spec {
+        return crate::print_spec(RunSpec::Alloc(spec));
+    }
+    run_spec(&spec, &checked, args.json)
+}
+
+/// The spec the flags make, every default resolved.
+fn spec_from_args(args: &AllocArgs) -> Result<AllocSpec, String> {
+    let trace = match (&args.trace, args.generate) {
+        (Some(path), _) => AllocTraceSpec::File { path: path.clone() },
+        (None, Generator::LlmServing) => AllocTraceSpec::LlmServing {
+            steps: match args.ops {
+                Some(steps) => u32::try_from(steps)
+                    .map_err(|_| format!("--ops {steps} is too many engine steps"))?,
+                None => LlmServingParams::default().steps,
+            },
+        },
+        (None, Generator::Occupancy) => AllocTraceSpec::Occupancy {
+            ops: args.ops.unwrap_or(1_000_000),
+            occupancy_pct: args.occupancy,
+        },
+    };
+    let execute = match args.execute {
+        Some(device) => Some(AllocExecuteSpec {
+            device: device.into(),
+            checkpoint_every: args.checkpoint_every,
+            inject: args.inject.clone(),
+        }),
+        None if !args.inject.is_empty() => return Err(INJECT_NEEDS_EXECUTE.into()),
+        None => None,
+    };
+    Ok(AllocSpec {
+        trace,
+        seed: args.seed,
+        strategy: parse_strategies(&args.strategy)?,
         capacity_bytes: args.capacity,
         alignment_bytes: args.alignment,
         page_bytes: args.page,
+        defrag: match args.defrag {
+            DefragArg::Off => DefragMode::Off,
+            DefragArg::OnFailure => DefragMode::OnFailure,
+        },
+        check: args.check,
+        execute,
+        plot: args.plot.clone(),
+        export_trace: args.export_trace.clone(),
+    })
+}
+
+/// A spec, checked: the replay's configuration and the faults to inject.
+pub struct Checked {
+    config: ReplayConfig,
+    faults: Vec<Inject>,
+}
+
+/// Everything about a spec that can be wrong before a trace is read.
+pub fn check(spec: &AllocSpec) -> Result<Checked, String> {
+    spec.validate()?;
+    let alloc = AllocConfig {
+        capacity_bytes: spec.capacity_bytes,
+        alignment_bytes: spec.alignment_bytes,
+        page_bytes: spec.page_bytes,
     };
     alloc.validate()?;
-    let trace = load_trace(&args)?;
-    if let Some(path) = &args.export_trace {
-        export(&trace, path)?;
-    }
     let mut config = ReplayConfig::new(alloc);
-    config.defrag = match args.defrag {
-        DefragArg::Off => DefragMode::Off,
-        DefragArg::OnFailure => DefragMode::OnFailure,
-    };
-    if args.check {
+    config.defrag = spec.defrag;
+    if spec.check {
         config.check_every_ops = 1;
     }
-    config.checkpoint_every_ops = args.checkpoint_every;
+    let faults = match &spec.execute {
+        Some(execute) => {
+            config.checkpoint_every_ops = execute.checkpoint_every;
+            parse_faults(&execute.inject)?
+        }
+        None => Vec::new(),
+    };
+    Ok(Checked { config, faults })
+}
+
+/// Runs a checked spec and prints its report: the table, or JSON with `json`.
+pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitCode, String> {
+    let config = &checked.config;
+    let strategies = &spec.strategy;
+    let trace = load_trace(&spec.trace, spec.seed, spec.capacity_bytes)?;
+    if let Some(path) = &spec.export_trace {
+        export(&trace, path)?;
+    }
     let progress = Progress::new(
         Strategy::ALL.len(),
         trace.ops.len() as u64 * strategies.len() as u64,
     );
-    let faults = parse_faults(&args.inject, args.execute.is_some())?;
-    let report = simulate_all(&trace, &strategies, &config, &|s, n| {
+    let report = simulate_all(&trace, strategies, config, &|s, n| {
         progress.update(s as usize, n)
     })
     .map_err(|e| format!("{}:{e}", trace.name))?;
     progress.finish();
-    if let Some(path) = &args.plot {
+    if let Some(path) = &spec.plot {
         let title = format!(
             "{} — capacity {}",
             trace.name,
-            gpumem_sim::report::human_bytes(alloc.capacity_bytes)
+            gpumem_sim::report::human_bytes(config.alloc.capacity_bytes)
         );
         let svg = gpumem_sim::plot::reserved_allocated_svg(&title, &report.results);
         std::fs::write(path, svg)
             .map_err(|e| format!("{}: cannot write the plot: {e}", path.display()))?;
     }
-    let executed = match args.execute {
-        Some(device) => Some(execute_all(
+    let executed = match &spec.execute {
+        Some(execute) => Some(execute_all(
             &trace,
-            &strategies,
-            &config,
-            device,
-            &faults,
-            args.seed,
+            strategies,
+            config,
+            execute.device,
+            &checked.faults,
+            spec.seed,
         )?),
         None => None,
     };
-    if args.json {
+    if json {
         let mut value = serde_json::to_value(&report).expect("report serializes");
         if let Some(runs) = &executed {
             attach_execution(&mut value, runs);
@@ -190,7 +273,7 @@ pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
             serde_json::to_string(&value).expect("report serializes")
         );
     } else {
-        print!("{}", render_text(&trace, &report, &config));
+        print!("{}", render_text(&trace, &report, config));
         if let Some(runs) = &executed {
             print!("{}", render_execution(&report, runs));
         }
@@ -207,13 +290,12 @@ pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
     })
 }
 
-/// `--inject` values, which only make sense with `--execute`.
-pub fn parse_faults(inject: &[String], execute: bool) -> Result<Vec<Inject>, String> {
-    if !inject.is_empty() && !execute {
-        return Err(
-            "--inject needs --execute host|cuda: faults are injected into real memory".into(),
-        );
-    }
+/// Why `--inject` alone is refused.
+pub const INJECT_NEEDS_EXECUTE: &str =
+    "--inject needs --execute host|cuda: faults are injected into real memory";
+
+/// `--inject` values (or a spec's `inject`).
+pub fn parse_faults(inject: &[String]) -> Result<Vec<Inject>, String> {
     inject
         .iter()
         .map(|f| Inject::parse(f).map_err(|e| format!("--inject {f}: {e}")))
@@ -225,17 +307,17 @@ fn execute_all(
     trace: &AllocTrace,
     strategies: &[Strategy],
     config: &ReplayConfig,
-    device: ExecuteArg,
+    device: ExecuteDevice,
     faults: &[Inject],
     seed: u64,
 ) -> Result<Vec<ExecReport>, String> {
     let mut runs = Vec::new();
     for &strategy in strategies {
         let report = match device {
-            ExecuteArg::Host => {
+            ExecuteDevice::Host => {
                 execute_one(trace, strategy, config, HostDevice::new(), faults, seed)?
             }
-            ExecuteArg::Cuda => {
+            ExecuteDevice::Cuda => {
                 let cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
                 execute_one(trace, strategy, config, cuda, faults, seed)?
             }
@@ -363,29 +445,28 @@ fn parse_strategies(text: &str) -> Result<Vec<Strategy>, String> {
     Ok(out)
 }
 
-fn load_trace(args: &AllocArgs) -> Result<AllocTrace, String> {
-    if let Some(path) = &args.trace {
-        return gpumem_traces::load_alloc_trace(path).map_err(|e| e.to_string());
-    }
-    Ok(match args.generate {
-        Generator::LlmServing => {
-            let mut p = LlmServingParams {
-                seed: args.seed,
-                ..LlmServingParams::default()
-            };
-            if let Some(steps) = args.ops {
-                p.steps = u32::try_from(steps)
-                    .map_err(|_| format!("--ops {steps} is too many engine steps"))?;
-            }
-            llm_serving(&p)
+/// The operations a spec names: a trace file or a built-in generator.
+fn load_trace(
+    trace: &AllocTraceSpec,
+    seed: u64,
+    capacity_bytes: u64,
+) -> Result<AllocTrace, String> {
+    Ok(match trace {
+        AllocTraceSpec::File { path } => {
+            gpumem_traces::load_alloc_trace(path).map_err(|e| e.to_string())?
         }
-        Generator::Occupancy => occupancy(&OccupancyParams {
-            seed: args.seed,
-            ops: args.ops.unwrap_or(1_000_000),
-            capacity_bytes: args.capacity,
-            target_occupancy_pct: args.occupancy,
+        &AllocTraceSpec::LlmServing { steps } => llm_serving(&LlmServingParams {
+            seed,
+            steps,
+            ..LlmServingParams::default()
+        }),
+        &AllocTraceSpec::Occupancy { ops, occupancy_pct } => occupancy(&OccupancyParams {
+            seed,
+            ops,
+            capacity_bytes,
+            target_occupancy_pct: occupancy_pct,
             min_bytes: 512,
-            max_bytes: (args.capacity / 64).max(512),
+            max_bytes: (capacity_bytes / 64).max(512),
         }),
     })
 }

@@ -5,20 +5,21 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
-use gpumem_sim::serve::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS};
+use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
+use gpumem_sim::serve::report::simulate_on;
 use gpumem_sim::serve::{
-    kv_sizing, simulate, CostModel, EngineConfig, EvictionKind, GpuProfile, KvReport, ModelProfile,
-    Roofline, RunInfo, ServeError,
+    kv_sizing, simulate, EngineConfig, EvictionKind, GpuProfile, KvReport, ModelProfile, RunInfo,
+    SchedulingPolicy, ServeError,
 };
+use gpumem_sim::spec::{
+    CostSpec, Engine, ExecuteDevice, Fraction, KvExecuteSpec, KvResolved, KvSpec, KvTraceSpec,
+    Named, ProfileSpec, RunSpec,
+};
+use gpumem_sim::{AllocCostModel, SimExecutor};
 use gpumem_traces::serving::generate::{serving, ServingParams};
-use gpumem_traces::serving::import::parse_decimal;
-use gpumem_traces::serving::{load, Workload, WorkloadFormat};
+use gpumem_traces::serving::{detect_format, load, Workload, WorkloadFormat};
 
 use crate::progress::Progress;
-use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice};
-use gpumem_sim::serve::report::simulate_on;
-use gpumem_sim::serve::SchedulingPolicy;
-use gpumem_sim::{AllocCostModel, SimExecutor};
 
 #[derive(Args)]
 #[command(after_help = "Examples:
@@ -84,8 +85,8 @@ pub struct KvArgs {
     kv_blocks: Option<u64>,
 
     /// Fraction of GPU memory vLLM may use (weights, activations and KV cache).
-    #[arg(long, value_name = "FRACTION", default_value = "0.9", value_parser = parse_fraction)]
-    gpu_memory_utilization: u64,
+    #[arg(long, value_name = "FRACTION", default_value = "0.9", value_parser = Fraction::parse)]
+    gpu_memory_utilization: Fraction,
 
     /// Tokens per KV block.
     #[arg(long, value_name = "TOKENS", default_value_t = 16)]
@@ -109,8 +110,8 @@ pub struct KvArgs {
     engine: String,
 
     /// Step cost model: fixed:STEP_US or roofline.
-    #[arg(long, value_name = "MODEL", default_value = "roofline")]
-    cost: String,
+    #[arg(long, value_name = "MODEL", default_value = "roofline", value_parser = CostSpec::parse)]
+    cost: CostSpec,
 
     /// Which free cached block is reused first: lru (vLLM's free queue), arc (adaptive
     /// replacement: recency and frequency), leaf-lru (leaves of the prefix tree first, LRU among them).
@@ -163,37 +164,234 @@ pub struct KvArgs {
     /// a prefix hit on wrong bytes is caught and not counted.
     #[arg(long, value_name = "FAULT")]
     inject: Vec<String>,
+
+    /// Print the run spec these flags make, every default resolved, as RON, and exit; `gpumem
+    /// run FILE.ron` runs it.
+    #[arg(long)]
+    print_spec: bool,
 }
 
 fn parse_format(s: &str) -> Result<WorkloadFormat, String> {
-    WorkloadFormat::parse(s).ok_or_else(|| {
-        let names: Vec<&str> = WorkloadFormat::ALL.iter().map(|f| f.name()).collect();
-        format!("unknown format '{s}'; known: {}", names.join(", "))
-    })
+    WorkloadFormat::from_name(s)
 }
 
 fn parse_eviction(s: &str) -> Result<EvictionKind, String> {
     gpumem_core::kv::eviction::parse_eviction(s)
 }
 
-/// A fraction in (0, 1] as parts per million, without floats.
-fn parse_fraction(s: &str) -> Result<u64, String> {
-    match parse_decimal(s.trim(), 6) {
-        Some(ppm) if ppm > 0 && ppm <= 1_000_000 => Ok(ppm),
-        _ => Err(format!("'{s}' is not a fraction in (0, 1]")),
+pub fn run(args: KvArgs) -> Result<ExitCode, String> {
+    let spec = spec_from_args(&args)?;
+    let checked = check(&spec)?;
+    if args.print_spec {
+        return crate::print_spec(RunSpec::Kv(Box::new(spec)));
     }
+    run_spec(&spec, &checked, args.json)
 }
 
-fn load_workload(args: &KvArgs) -> Result<(Workload, String, String), String> {
-    match &args.trace {
-        Some(path) => {
-            let (w, format) = load(path, args.format, args.limit).map_err(|e| e.to_string())?;
+/// The spec the flags make, every default resolved: profiles by name (or inlined from a
+/// file), the pool sized, the scheduler limits of the GPU, the trace's format detected.
+fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
+    let gpu_spec = profile_spec(&args.gpu, GpuProfile::resolve, |g| &g.name)?;
+    let model_spec = profile_spec(&args.model, ModelProfile::resolve, |m| &m.name)?;
+    let (gpu, model) = (gpu_spec.load()?, model_spec.load()?);
+    gpumem_sim::spec::check_block_size(args.block_size)?;
+    let sizing = match args.kv_blocks {
+        Some(_) => None,
+        None => Some(kv_sizing(
+            &gpu,
+            &model,
+            args.gpu_memory_utilization.ppm,
+            args.block_size,
+        )?),
+    };
+    let kv_blocks = match (args.kv_blocks, sizing) {
+        (Some(n), _) => n,
+        (None, sizing) => sizing.map_or(0, |s| s.num_blocks),
+    };
+    let pool_tokens = kv_blocks.saturating_sub(1).saturating_mul(args.block_size);
+    let execute = match args.execute {
+        Some(device) => Some(KvExecuteSpec {
+            device: device.into(),
+            bytes_per_block: args
+                .bytes_per_block
+                .or(sizing.map(|s| s.bytes_per_block))
+                .ok_or("--execute with --kv-blocks needs --bytes-per-block")?,
+            inject: args.inject.clone(),
+        }),
+        None if !args.inject.is_empty() => {
+            return Err(crate::alloc_cmd::INJECT_NEEDS_EXECUTE.into())
+        }
+        None => None,
+    };
+    Ok(KvSpec {
+        trace: trace_spec(args)?,
+        seed: args.seed,
+        max_num_seqs: args.max_num_seqs.unwrap_or(gpu.default_max_num_seqs),
+        max_num_batched_tokens: args
+            .max_num_batched_tokens
+            .unwrap_or(gpu.default_max_num_batched_tokens),
+        max_model_len: args
+            .max_model_len
+            .unwrap_or(model.max_model_len.min(pool_tokens)),
+        gpu: gpu_spec,
+        model: model_spec,
+        kv_blocks,
+        gpu_memory_utilization: sizing.map(|_| args.gpu_memory_utilization),
+        block_size: args.block_size,
+        engine: Engine::from_name(&args.engine)?,
+        cost: args.cost,
+        eviction: args.eviction,
+        prefix_caching: !args.no_prefix_caching,
+        scheduling_policy: args.scheduling_policy,
+        execute,
+        step_log: args.step_log.clone(),
+        plot: args.plot.clone(),
+    })
+}
+
+/// A built-in profile by its canonical name; one from a FILE.ron inlined, so the spec does not
+/// depend on the file staying as it is.
+fn profile_spec<T>(
+    arg: &str,
+    resolve: fn(&str) -> Result<T, String>,
+    name: fn(&T) -> &String,
+) -> Result<ProfileSpec<T>, String> {
+    let profile = resolve(arg)?;
+    Ok(if arg.ends_with(".ron") {
+        ProfileSpec::Inline(profile)
+    } else {
+        ProfileSpec::Builtin(name(&profile).clone())
+    })
+}
+
+fn trace_spec(args: &KvArgs) -> Result<KvTraceSpec, String> {
+    Ok(match &args.trace {
+        Some(path) => KvTraceSpec::File {
+            path: path.clone(),
+            format: match args.format {
+                Some(f) => f,
+                None => detect_format(path).map_err(|e| e.to_string())?,
+            },
+            limit: args.limit,
+        },
+        None => KvTraceSpec::Generated {
+            requests: args.limit.unwrap_or(ServingParams::default().requests),
+        },
+    })
+}
+
+/// A spec, checked: its profiles, how its pool was sized, its faults.
+pub struct Checked {
+    resolved: KvResolved,
+    faults: Vec<Inject>,
+}
+
+/// Everything about a spec that can be wrong before a trace is read.
+pub fn check(spec: &KvSpec) -> Result<Checked, String> {
+    let resolved = spec.resolve()?;
+    let faults = match &spec.execute {
+        Some(e) => crate::alloc_cmd::parse_faults(&e.inject)?,
+        None => Vec::new(),
+    };
+    Ok(Checked { resolved, faults })
+}
+
+/// Runs a checked spec and prints its report: text, or JSON with `json`.
+pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode, String> {
+    let KvResolved { gpu, model, sizing } = &checked.resolved;
+    let engine = EngineConfig {
+        num_gpu_blocks: spec.kv_blocks as u32,
+        block_size: spec.block_size as u32,
+        max_num_seqs: spec.max_num_seqs,
+        max_num_batched_tokens: spec.max_num_batched_tokens,
+        max_model_len: spec.max_model_len,
+        enable_prefix_caching: spec.prefix_caching,
+        cost: spec.cost.model(gpu, model),
+        eviction: spec.eviction,
+        watermark_blocks: 0,
+        policy: spec.scheduling_policy,
+    };
+    let profile_name = |name: &str| {
+        if spec.uses_profiles() {
+            name.to_string()
+        } else {
+            "-".into()
+        }
+    };
+    let (mut workload, trace, format) = load_workload(&spec.trace, spec.seed)?;
+    let info = RunInfo {
+        trace,
+        format,
+        engine: spec.engine.name().into(),
+        cost: spec.cost.name(),
+        gpu: profile_name(&gpu.name),
+        model: profile_name(&model.name),
+        eviction: spec.eviction.name().into(),
+        prefix_caching: spec.prefix_caching,
+        block_size: spec.block_size,
+        max_num_seqs: spec.max_num_seqs,
+        max_num_batched_tokens: spec.max_num_batched_tokens,
+        max_model_len: spec.max_model_len,
+        kv_sizing: *sizing,
+        seed: matches!(spec.trace, KvTraceSpec::Generated { .. }).then_some(spec.seed),
+    };
+    for w in &workload.warnings {
+        eprintln!("gpumem: warning: {}: {w}", workload.source);
+    }
+    let rejected = if info.format == WorkloadFormat::Conformance.name() {
+        // The conformance contract refuses the whole workload, as vLLM's oracle does.
+        workload
+            .validate(spec.max_model_len)
+            .map_err(|e| e.to_string())?;
+        0
+    } else {
+        workload.take_too_long(spec.max_model_len).len() as u64
+    };
+    let report = match simulate_with_step_log(&workload, engine, rejected, &info, spec)? {
+        Ok(r) => r,
+        Err(e) => return serve_failure(e),
+    };
+    if let Some(execute) = &spec.execute {
+        let (simulated, sim, executed) = execute_on_device(
+            &workload,
+            engine,
+            rejected,
+            &info,
+            execute,
+            &checked.faults,
+            spec.seed,
+        )?;
+        return report_execution(json, &report, &simulated, &sim, executed);
+    }
+    if let Some(path) = &spec.plot {
+        write_plot(path, &report)?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("report serializes")
+        );
+    } else {
+        print!("{}", gpumem_sim::serve::report::render_text(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The workload a spec names, its name and its format's name, for the report.
+fn load_workload(trace: &KvTraceSpec, seed: u64) -> Result<(Workload, String, String), String> {
+    match trace {
+        KvTraceSpec::File {
+            path,
+            format,
+            limit,
+        } => {
+            let (w, format) = load(path, Some(*format), *limit).map_err(|e| e.to_string())?;
             Ok((w, file_name(path), format.name().to_string()))
         }
-        None => {
+        KvTraceSpec::Generated { requests } => {
             let p = ServingParams {
-                seed: args.seed,
-                requests: args.limit.unwrap_or(ServingParams::default().requests),
+                seed,
+                requests: *requests,
                 ..ServingParams::default()
             };
             let w = serving(&p);
@@ -209,100 +407,15 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-pub fn run(args: KvArgs) -> Result<ExitCode, String> {
-    let gpu = GpuProfile::resolve(&args.gpu)?;
-    let model = ModelProfile::resolve(&args.model)?;
-    let cost = CostModel::parse(&args.cost, Roofline::new(&gpu, &model))
-        .map_err(|e| format!("--cost: {e}"))?;
-    if args.block_size == 0 || args.block_size > MAX_BLOCK_SIZE {
-        return Err(format!(
-            "--block-size {} must be between 1 and {MAX_BLOCK_SIZE}",
-            args.block_size
-        ));
-    }
-    let sizing = match args.kv_blocks {
-        Some(_) => None,
-        None => Some(kv_sizing(
-            &gpu,
-            &model,
-            args.gpu_memory_utilization,
-            args.block_size,
-        )?),
-    };
-    let kv_blocks = args.kv_blocks.or(sizing.map(|s| s.num_blocks)).unwrap_or(0);
-    if kv_blocks < 2 {
-        return Err(format!(
-            "--kv-blocks {kv_blocks}: the pool is smaller than one block (vLLM's num_gpu_blocks counts the null block 0, so at least 2 are needed)"
-        ));
-    }
-    if kv_blocks > MAX_GPU_BLOCKS {
-        return Err(format!(
-            "--kv-blocks {kv_blocks} exceeds gpumem's limit of {MAX_GPU_BLOCKS}"
-        ));
-    }
-    let pool_tokens = (kv_blocks - 1) * args.block_size;
-    let max_model_len = args
-        .max_model_len
-        .unwrap_or(model.max_model_len.min(pool_tokens));
-    if max_model_len == 0 {
-        return Err("--max-model-len must be at least 1".into());
-    }
-
-    let (mut workload, trace, format) = load_workload(&args)?;
-    for w in &workload.warnings {
-        eprintln!("gpumem: warning: {}: {w}", workload.source);
-    }
-    let rejected = if format == WorkloadFormat::Conformance.name() {
-        // The conformance contract refuses the whole workload, as vLLM's oracle does.
-        workload
-            .validate(max_model_len)
-            .map_err(|e| e.to_string())?;
-        0
-    } else {
-        workload.take_too_long(max_model_len).len() as u64
-    };
-
-    let engine = EngineConfig {
-        num_gpu_blocks: kv_blocks as u32,
-        block_size: args.block_size as u32,
-        max_num_seqs: args.max_num_seqs.unwrap_or(gpu.default_max_num_seqs),
-        max_num_batched_tokens: args
-            .max_num_batched_tokens
-            .unwrap_or(gpu.default_max_num_batched_tokens),
-        max_model_len,
-        enable_prefix_caching: !args.no_prefix_caching,
-        cost,
-        eviction: args.eviction,
-        watermark_blocks: 0,
-        policy: args.scheduling_policy,
-    };
-    let uses_profiles = matches!(cost, CostModel::Roofline(_)) || sizing.is_some();
-    let info = RunInfo {
-        trace,
-        format,
-        engine: args.engine.clone(),
-        cost: cost.name(),
-        gpu: if uses_profiles {
-            gpu.name.clone()
-        } else {
-            "-".into()
-        },
-        model: if uses_profiles {
-            model.name.clone()
-        } else {
-            "-".into()
-        },
-        eviction: args.eviction.name().into(),
-        prefix_caching: engine.enable_prefix_caching,
-        block_size: args.block_size,
-        max_num_seqs: engine.max_num_seqs,
-        max_num_batched_tokens: engine.max_num_batched_tokens,
-        max_model_len,
-        kv_sizing: sizing,
-        seed: args.trace.is_none().then_some(args.seed),
-    };
-
-    let mut log_file = match &args.step_log {
+/// The simulation itself, writing the spec's step log; the outer error is the step log's file.
+fn simulate_with_step_log(
+    workload: &Workload,
+    engine: EngineConfig,
+    rejected: u64,
+    info: &RunInfo,
+    spec: &KvSpec,
+) -> Result<Result<KvReport, ServeError>, String> {
+    let mut log_file = match &spec.step_log {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
         )),
@@ -315,7 +428,7 @@ pub fn run(args: KvArgs) -> Result<ExitCode, String> {
         .fold(0, u64::saturating_add);
     let progress = Progress::with_unit(1, total_tokens, "tokens");
     let result = simulate(
-        &workload,
+        workload,
         engine,
         rejected,
         info.clone(),
@@ -323,57 +436,48 @@ pub fn run(args: KvArgs) -> Result<ExitCode, String> {
         &mut |done| progress.update(0, done.min(total_tokens)),
     );
     progress.finish();
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => return serve_failure(e),
+    Ok(result)
+}
+
+/// The run again, on the simulated executor and on the device, for the digests and bytes.
+fn execute_on_device(
+    workload: &Workload,
+    engine: EngineConfig,
+    rejected: u64,
+    info: &RunInfo,
+    execute: &KvExecuteSpec,
+    faults: &[Inject],
+    seed: u64,
+) -> Result<(KvReport, SimExecutor, (KvReport, ExecReport)), String> {
+    let block_bytes = execute.bytes_per_block;
+    let run = |mem: &mut dyn gpumem_core::executor::Executor| {
+        simulate_on(
+            workload,
+            engine,
+            rejected,
+            info.clone(),
+            None,
+            &mut |_| {},
+            Some((mem, block_bytes)),
+        )
     };
-    let faults = crate::alloc_cmd::parse_faults(&args.inject, args.execute.is_some())?;
-    if let Some(device) = args.execute {
-        let block_bytes = args
-            .bytes_per_block
-            .or(sizing.map(|s| s.bytes_per_block))
-            .ok_or("--execute with --kv-blocks needs --bytes-per-block")?;
-        let run = |mem: &mut dyn gpumem_core::executor::Executor| {
-            simulate_on(
-                &workload,
-                engine,
-                rejected,
-                info.clone(),
-                None,
-                &mut |_| {},
-                Some((mem, block_bytes)),
-            )
-        };
-        let capacity = (engine.num_gpu_blocks as u64).saturating_mul(block_bytes);
-        let mut sim = SimExecutor::new(capacity, AllocCostModel::default());
-        let simulated = run(&mut sim).map_err(|e| e.to_string())?;
-        let executed = match device {
-            crate::alloc_cmd::ExecuteArg::Host => {
-                let mut exec = DeviceExecutor::new(HostDevice::new(), capacity, &faults, args.seed);
-                let r = run(&mut exec).map_err(|e| e.to_string())?;
-                (r, exec.finish())
-            }
-            crate::alloc_cmd::ExecuteArg::Cuda => {
-                let cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
-                let mut exec = DeviceExecutor::new(cuda, capacity, &faults, args.seed);
-                let r = run(&mut exec).map_err(|e| e.to_string())?;
-                (r, exec.finish())
-            }
-        };
-        return report_execution(&args, &report, &simulated, &sim, executed);
-    }
-    if let Some(path) = &args.plot {
-        write_plot(path, &report)?;
-    }
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).expect("report serializes")
-        );
-    } else {
-        print!("{}", gpumem_sim::serve::report::render_text(&report));
-    }
-    Ok(ExitCode::SUCCESS)
+    let capacity = (engine.num_gpu_blocks as u64).saturating_mul(block_bytes);
+    let mut sim = SimExecutor::new(capacity, AllocCostModel::default());
+    let simulated = run(&mut sim).map_err(|e| e.to_string())?;
+    let executed = match execute.device {
+        ExecuteDevice::Host => {
+            let mut exec = DeviceExecutor::new(HostDevice::new(), capacity, faults, seed);
+            let r = run(&mut exec).map_err(|e| e.to_string())?;
+            (r, exec.finish())
+        }
+        ExecuteDevice::Cuda => {
+            let cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
+            let mut exec = DeviceExecutor::new(cuda, capacity, faults, seed);
+            let r = run(&mut exec).map_err(|e| e.to_string())?;
+            (r, exec.finish())
+        }
+    };
+    Ok((simulated, sim, executed))
 }
 
 fn serve_failure(e: ServeError) -> Result<ExitCode, String> {
@@ -389,14 +493,14 @@ fn serve_failure(e: ServeError) -> Result<ExitCode, String> {
 /// Prints the simulated report with what the device observed, and fails the run (exit 1) when
 /// the device saw other bytes than the policy expected or the decision streams differ.
 fn report_execution(
-    args: &KvArgs,
+    json: bool,
     report: &KvReport,
     simulated: &KvReport,
     sim: &SimExecutor,
     (executed, exec): (KvReport, ExecReport),
 ) -> Result<ExitCode, String> {
     let digests_equal = exec.digest == sim.digest_hex() && executed.digest == simulated.digest;
-    if args.json {
+    if json {
         let mut value = serde_json::to_value(&executed).expect("report serializes");
         value["digest_simulated"] = report.digest.clone().into();
         value["bytes_verified"] = exec.bytes_verified.into();

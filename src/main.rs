@@ -9,6 +9,7 @@ mod alloc_cmd;
 mod kv_cmd;
 mod kv_events_cmd;
 mod progress;
+mod run_cmd;
 mod selftest_cmd;
 mod units;
 
@@ -42,10 +43,33 @@ enum Command {
     /// index a KV-aware router would hold: blocks stored, removed and live, longest prefix
     /// chain, per medium.
     KvEvents(kv_events_cmd::KvEventsArgs),
+    /// Run a run spec (RON), as `gpumem alloc|kv ... --print-spec` writes it: prints exactly
+    /// what those flags print.
+    Run(run_cmd::RunArgs),
     /// Run every executor path (allocation replay, KV pool, transfers between memory tiers)
     /// on small inputs, simulated and on a device (`--execute host|cuda`), and print one table
     /// of digests, bytes verified and mismatches. Exit 0 only if they all agree.
     Selftest(selftest_cmd::SelftestArgs),
+}
+
+/// Prints `spec` as RON with its paths made absolute, so the text runs from any folder.
+fn print_spec(mut spec: gpumem_sim::spec::RunSpec) -> Result<ExitCode, String> {
+    let cwd = std::env::current_dir().map_err(|e| format!("the current folder: {e}"))?;
+    spec.for_each_path(|p| *p = absolute(&cwd, p));
+    print!("{}", spec.to_ron()?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `path` from `cwd`, its folder resolved (`..` and links) where it exists; the file name is
+/// kept as given, so a link to a trace stays the link.
+fn absolute(cwd: &std::path::Path, path: &std::path::Path) -> std::path::PathBuf {
+    let joined = cwd.join(path);
+    match (joined.parent(), joined.file_name()) {
+        (Some(folder), Some(name)) => std::fs::canonicalize(folder)
+            .map(|f| f.join(name))
+            .unwrap_or(joined),
+        _ => joined,
+    }
 }
 
 fn main() -> ExitCode {
@@ -54,6 +78,7 @@ fn main() -> ExitCode {
         Command::Alloc(args) => alloc_cmd::run(args),
         Command::Kv(args) => kv_cmd::run(*args),
         Command::KvEvents(args) => kv_events_cmd::run(args),
+        Command::Run(args) => run_cmd::run(args),
         Command::Selftest(args) => selftest_cmd::run(args),
     };
     match outcome {

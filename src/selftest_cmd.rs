@@ -148,7 +148,7 @@ struct SelftestReport {
 }
 
 pub fn run(args: SelftestArgs) -> Result<ExitCode, String> {
-    let faults = crate::alloc_cmd::parse_faults(&args.inject, true)?;
+    let faults = crate::alloc_cmd::parse_faults(&args.inject)?;
     // Fail before anything runs when the device cannot be had at all. Held to the end: on
     // CUDA it keeps the primary context alive, so each path's device opens it cheaply.
     let held = open(args.execute)?;

@@ -8,6 +8,7 @@ pub mod executor;
 pub mod plot;
 pub mod report;
 pub mod serve;
+pub mod spec;
 pub mod tiers;
 
 pub use alloc_replay::{

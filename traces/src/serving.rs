@@ -475,8 +475,23 @@ impl WorkloadFormat {
     }
 }
 
-/// Reads a workload file in `format`, or in the format [`WorkloadFormat::detect`] finds;
-/// at most `limit` requests. Returns the workload and its format.
+/// The format of the trace at `path`, told from its first non-blank line.
+pub fn detect_format(path: &Path) -> Result<WorkloadFormat, TraceError> {
+    let input = std::fs::File::open(path)
+        .map(std::io::BufReader::new)
+        .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))?;
+    let mut lines = crate::read::LineReader::new(input, path);
+    while let Some(line) = lines.next_line() {
+        let line = line?;
+        if !line.is_blank() {
+            return WorkloadFormat::detect(path, line.number, line.text);
+        }
+    }
+    Err(TraceError::in_file(path, "the file is empty"))
+}
+
+/// Reads a workload file in `format`, or in the format [`detect_format`] finds; at most
+/// `limit` requests. Returns the workload and its format.
 pub fn load(
     path: &Path,
     format: Option<WorkloadFormat>,
@@ -489,25 +504,7 @@ pub fn load(
     };
     let format = match format {
         Some(f) => f,
-        None => {
-            let mut input = open()?;
-            let mut line = String::new();
-            let mut n = 0u64;
-            loop {
-                line.clear();
-                n += 1;
-                let read = std::io::Read::take(&mut input, 1 << 24)
-                    .read_line(&mut line)
-                    .map_err(|e| TraceError::at_line(path, n, e.to_string()))?;
-                if read == 0 {
-                    return Err(TraceError::in_file(path, "the file is empty"));
-                }
-                if !line.trim().is_empty() {
-                    break;
-                }
-            }
-            WorkloadFormat::detect(path, n, &line)?
-        }
+        None => detect_format(path)?,
     };
     let source = path.display().to_string();
     let input = open()?;

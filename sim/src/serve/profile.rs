@@ -12,6 +12,7 @@ const BUILTIN_GPUS: &str = include_str!("../../profiles/gpus.ron");
 const BUILTIN_MODELS: &str = include_str!("../../profiles/models.ron");
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GpuProfile {
     pub name: String,
     #[serde(default)]
@@ -137,6 +138,7 @@ impl GpuProfile {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelProfile {
     pub name: String,
     #[serde(default)]
@@ -189,6 +191,16 @@ fn resolve<T: for<'de> Deserialize<'de>>(
             )
         });
     }
+    builtin_named(arg, builtin, what, names)
+}
+
+/// A built-in profile by name or alias (case-insensitive).
+fn builtin_named<T: for<'de> Deserialize<'de>>(
+    arg: &str,
+    builtin: &str,
+    what: &str,
+    names: impl Fn(&T) -> Vec<String>,
+) -> Result<T, String> {
     let all: Vec<T> = ron::from_str(builtin).expect("built-in profiles parse");
     let want = arg.to_ascii_lowercase();
     let mut known = Vec::new();
@@ -206,14 +218,22 @@ fn resolve<T: for<'de> Deserialize<'de>>(
 }
 
 impl GpuProfile {
+    /// A built-in name or alias, or a FILE.ron; checked.
     pub fn resolve(arg: &str) -> Result<GpuProfile, String> {
-        let gpu = resolve(arg, BUILTIN_GPUS, "GPU", |p: &GpuProfile| {
-            std::iter::once(p.name.clone())
-                .chain(p.aliases.clone())
-                .collect()
-        })?;
+        let gpu = resolve(arg, BUILTIN_GPUS, "GPU", GpuProfile::names)?;
         gpu.links()?;
         Ok(gpu)
+    }
+
+    /// A built-in profile by name or alias, never a file.
+    pub fn builtin_named(name: &str) -> Result<GpuProfile, String> {
+        builtin_named(name, BUILTIN_GPUS, "GPU", GpuProfile::names)
+    }
+
+    fn names(&self) -> Vec<String> {
+        std::iter::once(self.name.clone())
+            .chain(self.aliases.clone())
+            .collect()
     }
 
     pub fn builtin() -> Vec<GpuProfile> {
@@ -222,12 +242,20 @@ impl GpuProfile {
 }
 
 impl ModelProfile {
+    /// A built-in name or alias, or a FILE.ron.
     pub fn resolve(arg: &str) -> Result<ModelProfile, String> {
-        resolve(arg, BUILTIN_MODELS, "model", |p: &ModelProfile| {
-            std::iter::once(p.name.clone())
-                .chain(p.aliases.clone())
-                .collect()
-        })
+        resolve(arg, BUILTIN_MODELS, "model", ModelProfile::names)
+    }
+
+    /// A built-in profile by name or alias, never a file.
+    pub fn builtin_named(name: &str) -> Result<ModelProfile, String> {
+        builtin_named(name, BUILTIN_MODELS, "model", ModelProfile::names)
+    }
+
+    fn names(&self) -> Vec<String> {
+        std::iter::once(self.name.clone())
+            .chain(self.aliases.clone())
+            .collect()
     }
 
     pub fn builtin() -> Vec<ModelProfile> {
