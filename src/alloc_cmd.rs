@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use gpumem_core::alloc::{AllocConfig, Strategy};
-use gpumem_gpu::{CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject};
+use gpumem_gpu::{CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject, Scaled};
 use gpumem_sim::alloc_replay::{simulate_all, AllocReport};
 use gpumem_sim::report::render_table;
 use gpumem_sim::spec::{AllocExecuteSpec, AllocSpec, AllocTraceSpec, ExecuteDevice, RunSpec};
@@ -102,6 +102,12 @@ pub struct AllocArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     checkpoint_every: u64,
 
+    /// With --execute host: carry every block out at 1/N of its size and offset (N a power of
+    /// two up to 512, at most --alignment): the same placement, disjointness and byte checks in
+    /// 1/N of the memory and time. For tests and small machines.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    execute_scale: u64,
+
     /// With --execute: seeded fault injection, to prove the checks can fail: `corrupt-block`
     /// flips a byte of a placed block, `refuse-alloc` makes the device refuse a reservation;
     /// `:N` picks the N-th candidate, else --seed picks one. Repeatable.
@@ -168,15 +174,24 @@ fn spec_from_args(args: &AllocArgs) -> Result<AllocSpec, String> {
             occupancy_pct: args.occupancy,
         },
     };
-    let execute = match args.execute {
-        Some(device) => Some(AllocExecuteSpec {
-            device: device.into(),
-            checkpoint_every: args.checkpoint_every,
-            inject: args.inject.clone(),
-        }),
-        None if !args.inject.is_empty() => return Err(INJECT_NEEDS_EXECUTE.into()),
-        None => None,
-    };
+    let execute =
+        match args.execute {
+            Some(device) => Some(AllocExecuteSpec {
+                device: device.into(),
+                checkpoint_every: args.checkpoint_every,
+                scale: args.execute_scale,
+                inject: args.inject.clone(),
+            }),
+            None if !args.inject.is_empty() => return Err(INJECT_NEEDS_EXECUTE.into()),
+            None if args.execute_scale != 1 => {
+                return Err("--execute-scale needs --execute host: it scales real memory".into())
+            }
+            None if args.checkpoint_every != 0 => return Err(
+                "--checkpoint-every needs --execute host|cuda: checkpoints re-verify real memory"
+                    .into(),
+            ),
+            None => None,
+        };
     Ok(AllocSpec {
         trace,
         seed: args.seed,
@@ -257,7 +272,7 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
             &trace,
             strategies,
             config,
-            execute.device,
+            execute,
             &checked.faults,
             spec.seed,
         )?),
@@ -307,13 +322,17 @@ fn execute_all(
     trace: &AllocTrace,
     strategies: &[Strategy],
     config: &ReplayConfig,
-    device: ExecuteDevice,
+    execute: &AllocExecuteSpec,
     faults: &[Inject],
     seed: u64,
 ) -> Result<Vec<ExecReport>, String> {
     let mut runs = Vec::new();
     for &strategy in strategies {
-        let report = match device {
+        let report = match execute.device {
+            ExecuteDevice::Host if execute.scale > 1 => {
+                let device = Scaled::new(HostDevice::new(), execute.scale)?;
+                execute_one(trace, strategy, config, device, faults, seed)?
+            }
             ExecuteDevice::Host => {
                 execute_one(trace, strategy, config, HostDevice::new(), faults, seed)?
             }

@@ -98,8 +98,15 @@ pub struct AllocExecuteSpec {
     pub device: ExecuteDevice,
     /// Re-verify every live block every this many operations (0: only at the end).
     pub checkpoint_every: u64,
+    /// Carry every block out at 1/`scale` of its size (host only; a power of two, 1 to 512).
+    #[serde(default = "unscaled")]
+    pub scale: u64,
     /// Faults as `--inject` takes them (`corrupt-block:3`); checked by the executor.
     pub inject: Vec<String>,
+}
+
+fn unscaled() -> u64 {
+    1
 }
 
 /// `gpumem kv`: a request trace through a serving engine's paged KV cache.
@@ -548,6 +555,9 @@ fn read_bounded(path: &Path) -> Result<String, String> {
     })
 }
 
+/// Largest `execute.scale` (the gpu crate's `scaled::MAX_SCALE`; sim may not depend on gpu).
+pub const MAX_EXECUTE_SCALE: u64 = 512;
+
 impl AllocSpec {
     /// What the replay needs that serde cannot check alone.
     pub fn validate(&self) -> Result<(), String> {
@@ -563,6 +573,26 @@ impl AllocSpec {
             if !(1..=99).contains(&occupancy_pct) {
                 return Err(format!(
                     "trace: occupancy_pct {occupancy_pct} is not in 1..=99"
+                ));
+            }
+        }
+        if let Some(e) = &self.execute {
+            if !(1..=MAX_EXECUTE_SCALE).contains(&e.scale) || !e.scale.is_power_of_two() {
+                return Err(format!(
+                    "execute.scale {}: must be a power of two from 1 to {MAX_EXECUTE_SCALE}",
+                    e.scale
+                ));
+            }
+            if e.scale > 1 && e.device != ExecuteDevice::Host {
+                return Err(format!(
+                    "execute.scale {}: only host memory is executed scaled (a GPU maps whole pages of its own granularity)",
+                    e.scale
+                ));
+            }
+            if e.scale > self.alignment_bytes {
+                return Err(format!(
+                    "execute.scale {} is larger than the alignment ({} bytes): the smallest blocks would not be checked",
+                    e.scale, self.alignment_bytes
                 ));
             }
         }

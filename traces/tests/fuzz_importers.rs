@@ -90,11 +90,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
             .prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
         (at, 1usize..64).prop_map(|(at, len)| Mutation::Delete { at, len }),
         at.prop_map(|at| Mutation::Truncate { at }),
-        (at, at, 1usize..256).prop_map(|(from, to, len)| Mutation::Splice {
-            from,
-            to,
-            len
-        }),
+        (at, at, 1usize..256).prop_map(|(from, to, len)| Mutation::Splice { from, to, len }),
     ]
 }
 
