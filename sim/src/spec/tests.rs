@@ -40,10 +40,11 @@ fn alloc_trace() -> impl Strategy<Value = AllocTraceSpec> {
 }
 
 fn alloc_spec() -> impl Strategy<Value = AllocSpec> {
-    let execute = proptest::option::of((device(), any::<u64>(), faults()).prop_map(
-        |(device, checkpoint_every, inject)| AllocExecuteSpec {
+    let execute = proptest::option::of((device(), any::<u64>(), any::<u64>(), faults()).prop_map(
+        |(device, checkpoint_every, scale, inject)| AllocExecuteSpec {
             device,
             checkpoint_every,
+            scale,
             inject,
         },
     ));
