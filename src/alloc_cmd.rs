@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use gpumem_core::alloc::{AllocConfig, Strategy};
-use gpumem_gpu::{CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject, Scaled};
+use gpumem_gpu::{
+    check_room, CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject, Scaled,
+};
 use gpumem_sim::alloc_replay::{simulate_all, AllocReport};
 use gpumem_sim::report::render_table;
 use gpumem_sim::spec::{AllocExecuteSpec, AllocSpec, AllocTraceSpec, ExecuteDevice, RunSpec};
@@ -271,6 +273,7 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
         Some(execute) => Some(execute_all(
             &trace,
             strategies,
+            &report,
             config,
             execute,
             &checked.faults,
@@ -317,15 +320,39 @@ pub fn parse_faults(inject: &[String]) -> Result<Vec<Inject>, String> {
         .collect()
 }
 
+/// Refuses, before any execution, a run whose simulated peak does not fit what the device has.
+fn check_device_room(simulated: &AllocReport, execute: &AllocExecuteSpec) -> Result<(), String> {
+    let Some(worst) = simulated
+        .results
+        .iter()
+        .max_by_key(|r| r.bytes_reserved_peak)
+    else {
+        return Ok(());
+    };
+    let what = format!("--execute of {}", worst.strategy);
+    match execute.device {
+        ExecuteDevice::Host => {
+            let mut host = Scaled::new(HostDevice::new(), execute.scale)?;
+            check_room(&mut host, worst.bytes_reserved_peak, &what)
+        }
+        ExecuteDevice::Cuda => {
+            let mut cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
+            check_room(&mut cuda, worst.bytes_reserved_peak, &what)
+        }
+    }
+}
+
 /// Replays every strategy again, one after the other (real memory is not shared), on the device.
 fn execute_all(
     trace: &AllocTrace,
     strategies: &[Strategy],
+    simulated: &AllocReport,
     config: &ReplayConfig,
     execute: &AllocExecuteSpec,
     faults: &[Inject],
     seed: u64,
 ) -> Result<Vec<ExecReport>, String> {
+    check_device_room(simulated, execute)?;
     let mut runs = Vec::new();
     for &strategy in strategies {
         let report = match execute.device {

@@ -222,3 +222,30 @@ fn cuda_without_a_driver_is_a_clear_error() {
 fn gpumem_gpu_driver_present() -> bool {
     gpumem::gpu::cuda::driver_present()
 }
+
+#[test]
+fn a_run_larger_than_the_host_is_refused_before_it_starts() {
+    // Occupancy held at 85% of 64 TiB reserves terabytes, far more than any test machine has:
+    // a clear error before the run, not a panic or a process the OS kills.
+    let out = gpumem(&[
+        "alloc",
+        "--generate",
+        "occupancy",
+        "--capacity",
+        "64TiB",
+        "--ops",
+        "100",
+        "--strategy",
+        "caching",
+        "--execute",
+        "host",
+    ]);
+    assert_clean_error(
+        &out,
+        &[
+            "--execute of caching reaches",
+            "available",
+            "--execute-scale",
+        ],
+    );
+}

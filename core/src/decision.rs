@@ -67,7 +67,8 @@ pub enum Decision {
     Reserve { segment: SegmentId, bytes: u64 },
     /// Return a whole segment (cudaFree). It holds no live block.
     Release { segment: SegmentId },
-    /// Reserve a virtual address range; no memory is committed until `Map`.
+    /// Reserve a virtual address range; no memory is committed until `Map`. May be refused
+    /// (a device with less address space).
     ReserveVa { segment: SegmentId, bytes: u64 },
     /// Free a virtual range; all its pages are unmapped.
     ReleaseVa { segment: SegmentId },

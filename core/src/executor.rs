@@ -6,7 +6,8 @@
 //! executor in `gpumem-sim` and the device executor in `gpumem-gpu` implement it. [`Ledger`]
 //! is what every executor keeps in common: the [`Books`] and the [`Digest`] of the stream.
 //!
-//! Outcomes: only `Reserve` and `Map` may be refused for want of memory; `ReadKv` and
+//! Outcomes: only `Reserve`, `ReserveVa` and `Map` may be refused for want of memory (or of
+//! address space); `ReadKv` and
 //! `Transfer` may be refused with [`Refusal::Mismatch`] when the bytes are not what the policy
 //! expects. A refused decision did not happen: the policy must act as if it was never made.
 

@@ -613,6 +613,16 @@ impl Device for CudaDevice {
         }
     }
 
+    fn available_bytes(&mut self) -> Option<u64> {
+        self.bind().ok()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: valid out-pointers.
+        unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }
+            .result()
+            .ok()?;
+        Some(free as u64)
+    }
+
     fn resident_bytes(&mut self) -> Option<u64> {
         self.bind().ok()?;
         let (mut free, mut total) = (0usize, 0usize);

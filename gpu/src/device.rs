@@ -113,6 +113,35 @@ pub trait Device {
     /// Memory in use as the device itself reports it (driver used memory, or the process's
     /// resident memory for host memory); `None` when it cannot be read.
     fn resident_bytes(&mut self) -> Option<u64>;
+
+    /// Memory a run could still obtain (free device memory, or the host's available memory),
+    /// in the bytes decisions name; `None` when it cannot be read.
+    fn available_bytes(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+/// Refuses, before a run, to carry out on `device` decisions that reach `peak_bytes` (the
+/// simulation's peak) when the device has less than that available: a clear error instead of
+/// a run the OS kills half way.
+pub fn check_room<D: Device + ?Sized>(
+    device: &mut D,
+    peak_bytes: u64,
+    what: &str,
+) -> Result<(), String> {
+    let Some(available) = device.available_bytes() else {
+        return Ok(());
+    };
+    if peak_bytes <= available {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(format!(
+        "{what} reaches {:.2} GiB at its peak (the simulation's reserved bytes), but {} has {:.2} GiB available; run a smaller trace or capacity, or scale the execution down (--execute-scale)",
+        gib(peak_bytes),
+        device.name(),
+        gib(available)
+    ))
 }
 
 impl<D: Device + ?Sized> Device for Box<D> {
@@ -166,6 +195,9 @@ impl<D: Device + ?Sized> Device for Box<D> {
     }
     fn resident_bytes(&mut self) -> Option<u64> {
         (**self).resident_bytes()
+    }
+    fn available_bytes(&mut self) -> Option<u64> {
+        (**self).available_bytes()
     }
 }
 

@@ -18,7 +18,7 @@
 //! - measures the time of every decision by kind (measurement only; it never decides anything);
 //! - takes seeded fault injection ([`Inject`]) so that tests prove the checks can fail.
 //!
-//! Only `Reserve` and `Map` can be refused for want of memory (and `ReadKv`/`Transfer` for
+//! Only `Reserve`, `ReserveVa` and `Map` can be refused for want of memory (and `ReadKv`/`Transfer` for
 //! wrong bytes). Any other device failure, and any decision the books reject, is a policy bug
 //! or a broken device: it panics with a message saying which.
 
@@ -415,11 +415,13 @@ impl<D: Device> DeviceExecutor<D> {
             }
             Decision::ReserveVa { segment, bytes } => {
                 assert!(!self.bases.contains_key(&segment), "{segment:?} reused");
-                self.books_apply(d);
+                self.served(&d, segment)?;
+                // Address space is not capacity, but a device may still have too little of it.
                 let base = self
                     .device
                     .reserve_va(segment.place.tier, bytes)
-                    .unwrap_or_else(|e| self.fail(&d, e));
+                    .map_err(|e| self.refused(&d, e))?;
+                self.books_apply(d);
                 let is_virtual = true;
                 self.bases.insert(segment, Base { base, is_virtual });
             }

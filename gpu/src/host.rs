@@ -303,6 +303,14 @@ impl Device for HostDevice {
         Ok(())
     }
 
+    fn available_bytes(&mut self) -> Option<u64> {
+        // /proc/meminfo: `MemAvailable:   12345678 kB`.
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    }
+
     fn resident_bytes(&mut self) -> Option<u64> {
         // /proc/self/statm: size resident shared text lib data dt, in pages.
         let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

@@ -14,7 +14,7 @@ pub mod pattern;
 pub mod scaled;
 
 pub use cuda::CudaDevice;
-pub use device::{Check, Device, DeviceError, DeviceErrorKind};
+pub use device::{check_room, Check, Device, DeviceError, DeviceErrorKind};
 pub use executor::{DeviceExecutor, ExecReport, KindTiming, Mismatch};
 pub use host::HostDevice;
 pub use inject::{Inject, ParseInjectError, INJECT_WINDOW};

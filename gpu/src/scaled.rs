@@ -64,7 +64,10 @@ impl<D: Device> Scaled<D> {
 
 impl<D: Device> Device for Scaled<D> {
     fn name(&self) -> String {
-        format!("{} (sizes / {})", self.inner.name(), self.factor)
+        match self.factor {
+            1 => self.inner.name(),
+            f => format!("{} (sizes / {f})", self.inner.name()),
+        }
     }
 
     fn granularity_bytes(&self) -> u64 {
@@ -142,6 +145,13 @@ impl<D: Device> Device for Scaled<D> {
 
     fn resident_bytes(&mut self) -> Option<u64> {
         None
+    }
+
+    /// In the bytes decisions name: each of them takes 1/factor on the inner device.
+    fn available_bytes(&mut self) -> Option<u64> {
+        self.inner
+            .available_bytes()
+            .map(|b| b.saturating_mul(self.factor))
     }
 }
 

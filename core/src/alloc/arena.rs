@@ -81,8 +81,9 @@ impl Arena {
                 segment: ARENA_SEGMENT,
                 bytes: self.range_bytes,
             };
-            mem.apply(reserve)
-                .expect("reserving address space is never refused");
+            // A device may have less address space than the capacity asks for: then nothing
+            // fits, and every request fails as out of memory.
+            mem.apply(reserve)?;
             self.va_reserved = true;
         }
         let new_end = align_up(end, self.page_bytes).expect("end below range");
