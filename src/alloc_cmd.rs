@@ -451,14 +451,25 @@ fn render_execution(report: &AllocReport, runs: &[ExecReport]) -> String {
     for (sim, r) in report.results.iter().zip(runs) {
         if r.mismatches > 0 {
             out.push_str(&format!(
-                "{}: {} bytes did not hold their pattern; first: {:?}\n",
+                "{}: {} bytes did not hold their pattern in {} checks; {}\n",
                 sim.strategy,
                 r.mismatches,
-                r.first_mismatches.first()
+                r.mismatched_verifications,
+                r.first_mismatches
+                    .first()
+                    .map_or(String::new(), |m| format!("first: {m}"))
             ));
         }
-        for e in &r.device_errors {
-            out.push_str(&format!("{}: device: {e}\n", sim.strategy));
+        if let Some(first) = r.device_errors.first() {
+            let refusals = r.device_refusals;
+            let more = match refusals {
+                0 | 1 => String::new(),
+                n => format!(" ({} more like it)", n - 1),
+            };
+            out.push_str(&format!(
+                "{}: the device refused {refusals} reservations; first: {first}{more}\n",
+                sim.strategy
+            ));
         }
         if !r.injections.is_empty() {
             out.push_str(&format!(

@@ -128,6 +128,62 @@ pub enum Refusal {
     Mismatch,
 }
 
+impl std::fmt::Display for Loc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}+{}", self.segment, self.offset)
+    }
+}
+
+/// A decision as a sentence for people: `map of 2097152 bytes at arena#0+0`.
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = self.kind();
+        match *self {
+            Decision::Reserve { segment, bytes } | Decision::ReserveVa { segment, bytes } => {
+                write!(f, "{kind} of {bytes} bytes as {segment:?}")
+            }
+            Decision::Release { segment } | Decision::ReleaseVa { segment } => {
+                write!(f, "{kind} of {segment:?}")
+            }
+            Decision::Map {
+                segment,
+                offset,
+                bytes,
+            }
+            | Decision::Unmap {
+                segment,
+                offset,
+                bytes,
+            } => write!(f, "{kind} of {bytes} bytes at {segment:?}+{offset}"),
+            Decision::Place { id, at, bytes } | Decision::Free { id, at, bytes } => {
+                write!(f, "{kind} of allocation {} ({bytes} bytes) at {at}", id.0)
+            }
+            Decision::Move {
+                id,
+                from,
+                to,
+                bytes,
+            } => write!(
+                f,
+                "move of allocation {} ({bytes} bytes) from {from} to {to}",
+                id.0
+            ),
+            Decision::WriteKv { at, bytes, content } | Decision::ReadKv { at, bytes, content } => {
+                write!(f, "{kind} of content {content:#x} ({bytes} bytes) at {at}")
+            }
+            Decision::Transfer {
+                from,
+                to,
+                bytes,
+                content,
+            } => write!(
+                f,
+                "transfer of content {content:#x} ({bytes} bytes) from {from} to {to}"
+            ),
+        }
+    }
+}
+
 impl Decision {
     /// A short name per kind, for per-kind timing tables.
     pub fn kind(&self) -> &'static str {

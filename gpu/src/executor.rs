@@ -59,6 +59,26 @@ pub struct Mismatch {
     pub first_mismatch: Option<u64>,
 }
 
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} check after decision {} found {} of the {} bytes of block {} at {}+{} wrong",
+            self.check,
+            self.decision,
+            self.mismatched_bytes,
+            self.bytes,
+            self.id,
+            self.segment,
+            self.offset
+        )?;
+        if let Some(first) = self.first_mismatch {
+            write!(f, ", the first at byte {first}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Measured time of one decision kind.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KindTiming {
@@ -388,7 +408,7 @@ impl<D: Device> DeviceExecutor<D> {
         }
         self.stats.device_refusals += 1;
         if self.stats.device_errors.len() < REPORT_FIRST {
-            self.stats.device_errors.push(format!("{d:?}: {e}"));
+            self.stats.device_errors.push(format!("{d}: {e}"));
         }
         Refusal::Device
     }
