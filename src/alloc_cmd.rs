@@ -61,7 +61,8 @@ pub struct AllocArgs {
     #[arg(long, default_value = "all")]
     strategy: String,
 
-    /// Device memory the strategies may reserve.
+    /// Device memory the strategies may reserve. Binary units: 80GiB = 80G; decimal ones:
+    /// 80GB = 80,000,000,000 bytes (74.5 GiB).
     #[arg(long, default_value = "80GiB", value_parser = parse_bytes)]
     capacity: u64,
 

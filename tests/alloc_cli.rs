@@ -248,4 +248,18 @@ fn impossible_configs_are_refused() {
     let out = gpumem(&["alloc", "--capacity", "18446744073709551616"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("64 bits"));
+    // Generators are capped at parse time, never run until killed.
+    let endless = [
+        "alloc",
+        "--generate",
+        "occupancy",
+        "--ops",
+        "18446744073709551615",
+    ];
+    assert_clean_error(&gpumem(&endless), &["MAX_GENERATED_OPS"]);
+    assert_clean_error(
+        &gpumem(&["alloc", "--ops", "4000000000"]),
+        &["MAX_GENERATED_STEPS"],
+    );
+    assert_clean_error(&gpumem(&["alloc", "--ops", "0"]), &["1 to"]);
 }

@@ -555,6 +555,11 @@ fn read_bounded(path: &Path) -> Result<String, String> {
     })
 }
 
+/// Most operations the occupancy generator makes (the trace is held in memory: about 2 GiB).
+pub const MAX_GENERATED_OPS: u64 = 1 << 26;
+/// Most engine steps the llm-serving generator makes (a few hundred operations a step).
+pub const MAX_GENERATED_STEPS: u32 = 1 << 18;
+
 /// Largest `execute.scale` (the gpu crate's `scaled::MAX_SCALE`; sim may not depend on gpu).
 pub const MAX_EXECUTE_SCALE: u64 = 512;
 
@@ -569,10 +574,22 @@ impl AllocSpec {
                 return Err(format!("strategy: '{}' is named twice", s.name()));
             }
         }
-        if let AllocTraceSpec::Occupancy { occupancy_pct, .. } = self.trace {
+        if let AllocTraceSpec::Occupancy { occupancy_pct, ops } = self.trace {
             if !(1..=99).contains(&occupancy_pct) {
                 return Err(format!(
                     "trace: occupancy_pct {occupancy_pct} is not in 1..=99"
+                ));
+            }
+            if ops == 0 || ops > MAX_GENERATED_OPS {
+                return Err(format!(
+                    "trace: {ops} operations; the generator makes 1 to {MAX_GENERATED_OPS} (MAX_GENERATED_OPS: the trace is held in memory, 32 bytes an operation)"
+                ));
+            }
+        }
+        if let AllocTraceSpec::LlmServing { steps } = self.trace {
+            if steps == 0 || steps > MAX_GENERATED_STEPS {
+                return Err(format!(
+                    "trace: {steps} engine steps; the generator makes 1 to {MAX_GENERATED_STEPS} (MAX_GENERATED_STEPS)"
                 ));
             }
         }
