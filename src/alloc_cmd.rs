@@ -287,15 +287,13 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
         if let Some(runs) = &executed {
             attach_execution(&mut value, runs);
         }
-        println!(
-            "{}",
-            serde_json::to_string(&value).expect("report serializes")
-        );
+        crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
     } else {
-        print!("{}", render_text(&trace, &report, config));
+        let mut text = render_text(&trace, &report, config);
         if let Some(runs) = &executed {
-            print!("{}", render_execution(&report, runs));
+            text.push_str(&render_execution(&report, runs));
         }
+        crate::output::print(&text)?;
     }
     let failed = executed.as_ref().is_some_and(|runs| {
         runs.iter()

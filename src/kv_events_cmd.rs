@@ -100,12 +100,9 @@ pub fn run(args: KvEventsArgs) -> Result<ExitCode, String> {
     if args.json {
         let mut value = serde_json::to_value(&report).expect("report serializes");
         value["file"] = path.display().to_string().into();
-        println!(
-            "{}",
-            serde_json::to_string(&value).expect("report serializes")
-        );
+        crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
     } else {
-        print!("{}", render_text(&path.display().to_string(), &report));
+        crate::output::print(&render_text(&path.display().to_string(), &report))?;
     }
     Ok(ExitCode::SUCCESS)
 }

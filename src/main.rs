@@ -1,6 +1,7 @@
 //! `gpumem`: answers what a memory-management policy does with a trace, simulated and on real
 //! memory. See `gpumem --help`.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod alloc_cmd;
 mod kv_cmd;
 mod kv_events_cmd;
+mod output;
 mod progress;
 mod run_cmd;
 mod selftest_cmd;
@@ -56,7 +58,7 @@ enum Command {
 fn print_spec(mut spec: gpumem_sim::spec::RunSpec) -> Result<ExitCode, String> {
     let cwd = std::env::current_dir().map_err(|e| format!("the current folder: {e}"))?;
     spec.for_each_path(|p| *p = absolute(&cwd, p));
-    print!("{}", spec.to_ron()?);
+    output::print(&spec.to_ron()?)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -83,8 +85,11 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(code) => code,
+        // The reader has all it wanted (`| head`): nothing went wrong.
+        Err(message) if message == output::STDOUT_CLOSED => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("gpumem: error: {message}");
+            // A closed stderr leaves nowhere to say it; the exit code still does.
+            let _ = writeln!(std::io::stderr(), "gpumem: error: {message}");
             ExitCode::from(2)
         }
     }

@@ -176,12 +176,9 @@ pub fn run(args: SelftestArgs) -> Result<ExitCode, String> {
         paths,
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).expect("report serializes")
-        );
+        crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
     } else {
-        print!("{}", render(&report, started.elapsed().as_millis()));
+        crate::output::print(&render(&report, started.elapsed().as_millis()))?;
     }
     Ok(if report.passed {
         ExitCode::SUCCESS
