@@ -80,10 +80,23 @@ fn format_name(f: StreamFormat) -> &'static str {
     }
 }
 
+/// Largest event stream read (it is decoded from memory): recordings of hours of a busy
+/// engine are a few hundred MB (10 M events take about 100 MB of msgpack).
+const MAX_EVENT_STREAM_BYTES: u64 = 1 << 30;
+
 pub fn run(args: KvEventsArgs) -> Result<ExitCode, String> {
     let path = &args.file;
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("{}: cannot read the file: {e}", path.display()))?;
+    let mut input = gpumem_traces::read::open(path).map_err(|e| e.to_string())?;
+    let bytes = gpumem_traces::read::read_capped(
+        &mut *input,
+        path,
+        MAX_EVENT_STREAM_BYTES,
+        "MAX_EVENT_STREAM_BYTES",
+    )
+    .map_err(|e| e.to_string())?;
+    if bytes.is_empty() {
+        return Err(format!("{}: the stream holds no event", path.display()));
+    }
     let detected = detect_format(&bytes);
     let format = args.format.map_or(detected, FormatArg::stream);
     let (_, report) = import_bytes_as(path, &bytes, format).map_err(|e| {

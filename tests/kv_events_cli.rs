@@ -263,14 +263,12 @@ fn bad_input_is_a_clean_error() {
 }
 
 #[test]
-fn an_empty_stream_is_an_empty_index() {
+fn an_empty_stream_is_refused_as_alloc_and_kv_refuse_empty_traces() {
     let dir = scratch_dir();
     let empty = dir.join("empty.msgpack");
     std::fs::write(&empty, b"").unwrap();
-    let r = json_report(&["kv-events", empty.to_str().unwrap(), "--json"]);
-    assert_eq!(r["events"], 0);
-    assert_eq!(r["blocks_live"], 0);
-    assert_eq!(r["longest_chain_blocks"], 0);
+    let out = gpumem(&["kv-events", empty.to_str().unwrap(), "--json"]);
+    assert_clean_error(&out, &["empty.msgpack: the stream holds no event"]);
 }
 
 #[test]

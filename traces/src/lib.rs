@@ -35,14 +35,48 @@ pub fn looks_like_pickle(bytes: &[u8]) -> bool {
     matches!(bytes.first(), Some(0x80 | b'(' | b'}' | b']' | b')'))
 }
 
+/// Largest torch snapshot read (a pickle is parsed whole; the pickle reader's memory budget
+/// refuses far smaller ones that expand a lot).
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
+
 /// Loads an allocation trace by content: a pickle (first byte 0x80, or a protocol-0/1 pickle)
-/// is read as a torch memory snapshot; anything else as gpumem's JSON Lines trace.
+/// is read as a torch memory snapshot; anything else as gpumem's JSON Lines trace. `-` reads
+/// stdin; the input is read once, so a pipe or a FIFO works. A trace with no operation is
+/// refused, and so is a serving trace (with a hint to `gpumem kv`).
 pub fn load_alloc_trace(path: &Path) -> Result<AllocTrace, TraceError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))?;
-    if looks_like_pickle(&bytes) {
-        torch::parse_bytes(path, &bytes)
+    let mut input = read::open(path)?;
+    let head = read::peek(&mut *input, path)?;
+    let trace = if looks_like_pickle(&head) {
+        let bytes = read::read_capped(&mut *input, path, MAX_SNAPSHOT_BYTES, "MAX_SNAPSHOT_BYTES")?;
+        torch::parse_bytes(path, &bytes)?
     } else {
-        jsonl::parse_bytes(path, &bytes)
+        if let Some(kind) = serving_trace_kind(&head) {
+            return Err(TraceError::in_file(
+                path,
+                format!("this is a {kind} request trace, not an allocation trace: `gpumem kv --trace` reads it"),
+            ));
+        }
+        jsonl::parse_reader(path, input)?
+    };
+    if trace.ops.is_empty() {
+        return Err(TraceError::in_file(path, "the trace holds no operation"));
+    }
+    Ok(trace)
+}
+
+/// Whether the first bytes of a file name the fields of a serving trace (the formats `gpumem
+/// kv` reads), and which.
+fn serving_trace_kind(head: &[u8]) -> Option<&'static str> {
+    let first_line = head.split(|&b| b == b'\n').next()?;
+    let text = String::from_utf8_lossy(first_line);
+    let has = |key: &str| text.contains(&format!("\"{key}\""));
+    if has("input_length") || has("hash_ids") {
+        Some("Mooncake or Qwen-Bailian")
+    } else if has("arrival_us") && has("max_tokens") {
+        Some("conformance")
+    } else if text.contains("ContextTokens") || text.contains("Request tokens") {
+        Some("CSV (Azure or BurstGPT)")
+    } else {
+        None
     }
 }

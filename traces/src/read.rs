@@ -33,6 +33,72 @@ pub const MAX_LINE_BYTES: usize = 64 << 20;
 /// pipe from `yes`); the largest real traces are a few GiB.
 pub const MAX_INPUT_BYTES: u64 = 1 << 40;
 
+/// The UTF-8 byte-order mark, dropped from the start of the first line.
+const UTF8_BOM: &[u8] = b"\xef\xbb\xbf";
+
+/// Opens `path` for reading: `-` is stdin; a folder, or a file that cannot be opened, is an
+/// error naming it (with no line: nothing was read).
+pub fn open(path: &Path) -> Result<Box<dyn BufRead>, TraceError> {
+    const BUFFER_BYTES: usize = 1 << 16;
+    if path == Path::new("-") {
+        return Ok(Box::new(std::io::BufReader::with_capacity(
+            BUFFER_BYTES,
+            std::io::stdin(),
+        )));
+    }
+    if path.is_dir() {
+        return Err(TraceError::in_file(path, "is a folder, not a trace file"));
+    }
+    let file = std::fs::File::open(path)
+        .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))?;
+    Ok(Box::new(std::io::BufReader::with_capacity(
+        BUFFER_BYTES,
+        file,
+    )))
+}
+
+/// The first bytes of `input` without consuming them (at least one, unless it is empty): what
+/// format detection looks at, so that a pipe is read once.
+pub fn peek(input: &mut dyn BufRead, path: &Path) -> Result<Vec<u8>, TraceError> {
+    loop {
+        match input.fill_buf() {
+            Ok(bytes) => return Ok(bytes.to_vec()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(TraceError::in_file(
+                    path,
+                    format!("cannot read the input: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// All of `input`, refused past `max_bytes` (named `limit_name` in the error) without reading
+/// further: for binary formats that are parsed whole (pickles).
+pub fn read_capped(
+    input: &mut dyn BufRead,
+    path: &Path,
+    max_bytes: u64,
+    limit_name: &str,
+) -> Result<Vec<u8>, TraceError> {
+    let mut bytes = Vec::new();
+    let read = std::io::Read::read_to_end(
+        &mut std::io::Read::take(input, max_bytes.saturating_add(1)),
+        &mut bytes,
+    )
+    .map_err(|e| TraceError::in_file(path, format!("cannot read the input: {e}")))?;
+    if read as u64 > max_bytes {
+        return Err(TraceError::in_file(
+            path,
+            format!(
+                "larger than gpumem's limit of {max_bytes} bytes for this format ({limit_name})"
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// What a [`LineReader`] accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -188,6 +254,10 @@ impl<R: BufRead> LineReader<R> {
     fn decode(&mut self) -> Result<Line<'_>, TraceError> {
         if self.buffer.last() == Some(&b'\r') {
             self.buffer.pop();
+        }
+        // Editors on Windows start UTF-8 files with a byte-order mark: it is not content.
+        if self.number == 1 && self.buffer.starts_with(UTF8_BOM) {
+            self.buffer.drain(..UTF8_BOM.len());
         }
         match std::str::from_utf8(&self.buffer) {
             Ok(text) => Ok(Line {

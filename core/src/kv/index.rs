@@ -16,6 +16,10 @@ use serde::Serialize;
 /// Distinct media (`"GPU"`, `"CPU"`, …) an index tracks.
 pub const MAX_MEDIA: usize = 64;
 
+/// Most distinct blocks (medium, group, hash) the index holds at once: about 1 GB of index,
+/// and far more than one engine's pool (a router over many replicas may need to raise it).
+pub const MAX_INDEX_BLOCKS: usize = 1 << 22;
+
 /// A block hash as vLLM publishes it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(untagged)]
@@ -80,6 +84,8 @@ pub struct CacheIndex {
     media: Vec<Option<String>>,
     by_medium: Vec<MediumCounts>,
     entries: HashMap<Key, Entry>,
+    /// Most distinct blocks held ([`MAX_INDEX_BLOCKS`] unless told otherwise).
+    max_blocks: usize,
     live: u64,
     max_live: u64,
     counts: Counts,
@@ -103,7 +109,16 @@ impl CacheIndex {
         CacheIndex {
             media: vec![None],
             by_medium: vec![MediumCounts::default()],
+            max_blocks: MAX_INDEX_BLOCKS,
             ..Default::default()
+        }
+    }
+
+    /// An index that holds at most `max_blocks` distinct blocks.
+    pub fn with_max_blocks(max_blocks: usize) -> Self {
+        CacheIndex {
+            max_blocks,
+            ..Self::new()
         }
     }
 
@@ -119,7 +134,8 @@ impl CacheIndex {
         Ok((self.media.len() - 1) as u16)
     }
 
-    /// Applies one event. Errors only when the stream names too many distinct media.
+    /// Applies one event. Errors when the stream names too many distinct media, or would make
+    /// the index hold more than [`MAX_INDEX_BLOCKS`] distinct blocks.
     pub fn apply(&mut self, ev: &KvCacheEvent) -> Result<(), String> {
         match ev {
             KvCacheEvent::BlockStored {
@@ -150,6 +166,12 @@ impl CacheIndex {
                         group,
                         hash: h.clone(),
                     };
+                    if self.entries.len() >= self.max_blocks && !self.entries.contains_key(&key) {
+                        return Err(format!(
+                            "the stream keeps more than {} distinct blocks live at once (the index's limit, MAX_INDEX_BLOCKS)",
+                            self.max_blocks
+                        ));
+                    }
                     let e = self.entries.entry(key).or_insert_with(|| Entry {
                         parent: parent.clone(),
                         tokens: *block_size,
@@ -358,4 +380,42 @@ pub struct MediumSummary {
     pub blocks_stored: u64,
     pub blocks_removed: u64,
     pub blocks_live: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(hashes: std::ops::Range<u64>) -> KvCacheEvent {
+        let n = hashes.end - hashes.start;
+        KvCacheEvent::BlockStored {
+            block_hashes: hashes.map(EventHash::Int).collect(),
+            parent_block_hash: None,
+            token_ids: vec![1; n as usize * 4],
+            block_size: 4,
+            lora_id: None,
+            medium: Some("GPU".into()),
+            lora_name: None,
+            group_idx: None,
+        }
+    }
+
+    #[test]
+    fn the_index_refuses_more_distinct_blocks_than_its_limit() {
+        let mut index = CacheIndex::with_max_blocks(8);
+        index.apply(&stored(0..8)).unwrap();
+        // Another copy of a block it holds takes no room.
+        index.apply(&stored(3..4)).unwrap();
+        let e = index.apply(&stored(8..9)).unwrap_err();
+        assert!(e.contains("more than 8 distinct blocks"), "{e}");
+        // Removing makes room again.
+        let removed = KvCacheEvent::BlockRemoved {
+            block_hashes: vec![EventHash::Int(0)],
+            medium: Some("GPU".into()),
+            group_idx: None,
+        };
+        index.apply(&removed).unwrap();
+        index.apply(&stored(8..9)).unwrap();
+        assert_eq!(index.hashes_live(), 8);
+    }
 }
