@@ -352,38 +352,58 @@ fn execute_all(
     seed: u64,
 ) -> Result<Vec<ExecReport>, String> {
     check_device_room(simulated, execute)?;
+    let ops = trace.ops.len() as u64;
+    let progress = Progress::new(strategies.len(), ops * strategies.len() as u64);
     let mut runs = Vec::new();
-    for &strategy in strategies {
+    for (i, &strategy) in strategies.iter().enumerate() {
+        let run = Run {
+            trace,
+            strategy,
+            config,
+            faults,
+            seed,
+            progress: &|done| progress.update(i, done),
+        };
         let report = match execute.device {
             ExecuteDevice::Host if execute.scale > 1 => {
-                let device = Scaled::new(HostDevice::new(), execute.scale)?;
-                execute_one(trace, strategy, config, device, faults, seed)?
+                run.on(Scaled::new(HostDevice::new(), execute.scale)?)?
             }
-            ExecuteDevice::Host => {
-                execute_one(trace, strategy, config, HostDevice::new(), faults, seed)?
-            }
+            ExecuteDevice::Host => run.on(HostDevice::new())?,
             ExecuteDevice::Cuda => {
-                let cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
-                execute_one(trace, strategy, config, cuda, faults, seed)?
+                run.on(CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?)?
             }
         };
         runs.push(report);
     }
+    progress.finish();
     Ok(runs)
 }
 
-fn execute_one<D: Device>(
-    trace: &AllocTrace,
+/// One strategy's replay on a device.
+struct Run<'a> {
+    trace: &'a AllocTrace,
     strategy: Strategy,
-    config: &ReplayConfig,
-    device: D,
-    faults: &[Inject],
+    config: &'a ReplayConfig,
+    faults: &'a [Inject],
     seed: u64,
-) -> Result<ExecReport, String> {
-    let mut exec = DeviceExecutor::new(device, config.alloc.capacity_bytes, faults, seed);
-    gpumem_sim::replay(trace, strategy, config, &mut exec, &mut |_| {})
-        .map_err(|e| format!("{}:{e}", trace.name))?;
-    Ok(exec.finish())
+    progress: &'a dyn Fn(u64),
+}
+
+impl Run<'_> {
+    fn on<D: Device>(&self, device: D) -> Result<ExecReport, String> {
+        let capacity = self.config.alloc.capacity_bytes;
+        let mut exec = DeviceExecutor::new(device, capacity, self.faults, self.seed);
+        // Each operation may fill gigabytes: report every one of them.
+        let config = ReplayConfig {
+            progress_every_ops: 1,
+            ..*self.config
+        };
+        gpumem_sim::replay(self.trace, self.strategy, &config, &mut exec, &mut |done| {
+            (self.progress)(done)
+        })
+        .map_err(|e| format!("{}:{e}", self.trace.name))?;
+        Ok(exec.finish())
+    }
 }
 
 fn attach_execution(value: &mut serde_json::Value, runs: &[ExecReport]) {

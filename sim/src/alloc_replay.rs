@@ -29,6 +29,9 @@ pub enum DefragMode {
 pub struct ReplayConfig {
     pub alloc: AllocConfig,
     pub defrag: DefragMode,
+    /// Report progress every this many operations (≥ 1): rarely when simulating, every
+    /// operation when each one fills real memory.
+    pub progress_every_ops: u64,
     /// Run the strategy's full invariant walk every this many operations (0: never).
     pub check_every_ops: u64,
     /// Ask the executor to re-check every live block every this many operations (0: never).
@@ -42,6 +45,7 @@ impl ReplayConfig {
             defrag: DefragMode::Off,
             check_every_ops: 0,
             checkpoint_every_ops: 0,
+            progress_every_ops: PROGRESS_EVERY_OPS,
         }
     }
 }
@@ -118,7 +122,8 @@ enum Tracked {
 }
 
 const TIMELINE_POINTS: u64 = 2000;
-const PROGRESS_EVERY_OPS: u64 = 1 << 16;
+/// How often a simulated replay reports progress.
+pub const PROGRESS_EVERY_OPS: u64 = 1 << 16;
 
 struct Driver<'a, E: Executor> {
     alloc: Box<dyn Allocator>,
@@ -174,7 +179,7 @@ pub fn replay<E: Executor>(
         if d.config.checkpoint_every_ops > 0 && n.is_multiple_of(d.config.checkpoint_every_ops) {
             d.exec.checkpoint();
         }
-        if n.is_multiple_of(PROGRESS_EVERY_OPS) {
+        if n.is_multiple_of(d.config.progress_every_ops.max(1)) {
             progress(n);
         }
     }
