@@ -5,6 +5,9 @@
 //! never trusted for an allocation beyond what the remaining bytes can hold (every element
 //! takes at least one byte); and one top-level value may hold at most `max_nodes` values, so a
 //! huge batch is an error, not an allocation of many gigabytes. Strings must be UTF-8.
+//!
+//! Written here rather than taken from `rmpv`: errors need each value's byte offset, and a
+//! decoder for hostile files must bound what length fields make it allocate.
 
 use std::fmt;
 
