@@ -183,7 +183,7 @@ proptest! {
 
 /// A tiny request driver for the crafted sequences.
 struct Driver {
-    kv: KvCacheManager<Eviction>,
+    kv: KvCacheManager<'static, Eviction>,
     reqs: Vec<Option<Req>>,
 }
 

@@ -49,3 +49,49 @@ fn free_queue_order_is_vllms() {
         vec![4, 5, 6, 7, 8, 9, 10, 11, 3, 2, 1]
     );
 }
+
+/// Placed on an executor, the manager reserves its pool, writes every computed block, and a
+/// prefix hit whose bytes are wrong is evicted and not served; the hits before it still are.
+#[test]
+fn a_hit_on_wrong_bytes_is_evicted_and_not_served() {
+    use common::kv_model::{ContentMemory, BLOCK_BYTES};
+    use gpumem_core::executor::Executor;
+    let mut memory = ContentMemory::new(12);
+    let contents = memory.contents.clone();
+    let mut kv = KvCacheManager::new(config(12, true));
+    kv.place(ContentMemory::placement(), &mut memory).unwrap();
+    let tokens: Vec<u32> = (0..14).collect();
+    let mut hashes = Vec::new();
+    extend_block_hashes(&mut hashes, &tokens, 4, &ExtraKeys::NONE);
+    let first = SlotRequest {
+        req: 0,
+        num_tokens: 14,
+        num_computed_tokens: 0,
+        block_hashes: &hashes,
+        waiting: true,
+    };
+    assert!(kv.allocate_slots(first, 14, 0, &[], true, false));
+    // Three full blocks hold their hashes, the fourth a value of the request.
+    let table = kv.blocks(0).to_vec();
+    for (i, &b) in table.iter().enumerate() {
+        let held = contents.borrow()[&(b as u64 * BLOCK_BYTES)];
+        assert_eq!(held == hashes.get(i).map_or(0, |h| h.0), i < 3, "block {i}");
+    }
+    kv.free(0);
+
+    let mut hits = Vec::new();
+    assert_eq!(kv.get_computed_blocks(&hashes, 14, &mut hits), 12);
+    let bad = hits[1];
+    *contents
+        .borrow_mut()
+        .get_mut(&(bad as u64 * BLOCK_BYTES))
+        .unwrap() ^= 1;
+    assert_eq!(kv.read_back_hits(&hashes, &mut hits), 4);
+    assert_eq!(hits, [table[0]]);
+    assert_eq!(kv.hits_refused(), 1);
+    assert_eq!(kv.pool().block_hash(bad), None, "the bad block is evicted");
+    assert_eq!(kv.get_computed_blocks(&hashes, 14, &mut hits), 4);
+    kv.check_invariants().unwrap();
+    drop(kv);
+    assert_eq!(memory.books().reserved_bytes(), 12 * BLOCK_BYTES);
+}

@@ -3,8 +3,17 @@
 //! (`get_computed_blocks`), `allocate_slots` with the full-sequence admission gate, `free`,
 //! usage and prefix-cache statistics.
 //!
-//! Requests are named by dense indices the caller assigns; the caller keeps each request's
-//! token counts and block hashes and passes them in a [`SlotRequest`].
+//! Requests are named by dense indices the caller assigns (and may reuse once a request is
+//! freed); the caller keeps each request's token counts and block hashes and passes them in a
+//! [`SlotRequest`].
+//!
+//! Placed on an executor ([`KvCacheManager::place`]), the manager also carries its pool out
+//! in memory, so that every engine driving it emits the same decision stream: it reserves the
+//! pool as one segment, writes every block that `allocate_slots` schedules to be computed
+//! (`WriteKv`: a full block holds its prefix hash, a filling one a value of the request and
+//! its progress) and, through [`KvCacheManager::read_back_hits`], reads a waiting request's
+//! prefix hits back before they count (`ReadKv`); a hit whose bytes are wrong is evicted and
+//! not served. Unplaced, none of this costs anything but one branch per allocation.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +21,8 @@ use super::block::{cdiv, BlockId};
 use super::eviction::{EvictionPolicy, VllmLru};
 use super::hash::BlockHash;
 use super::pool::BlockPool;
+use crate::decision::{Decision, Loc, Refusal, SegmentId};
+use crate::executor::Executor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvConfig {
@@ -76,8 +87,55 @@ impl PrefixCacheStats {
 /// Untracked request (vLLM: not in `num_cached_block`).
 const UNTRACKED: u32 = u32::MAX;
 
-#[derive(Clone, Debug)]
-pub struct KvCacheManager<P: EvictionPolicy = VllmLru> {
+/// Where the KV pool lives on an executor: block `b` at offset `b × block_bytes` of `segment`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvPlacement {
+    pub segment: SegmentId,
+    pub block_bytes: u64,
+}
+
+impl KvPlacement {
+    #[inline]
+    fn at(&self, block: BlockId) -> Loc {
+        Loc {
+            segment: self.segment,
+            offset: block as u64 * self.block_bytes,
+        }
+    }
+}
+
+/// Why the pool could not be placed on an executor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlaceError {
+    /// `num_blocks × block_bytes` does not fit in 64 bits.
+    TooLarge,
+    /// The executor refused to reserve the pool's `bytes`.
+    Refused { bytes: u64, why: Refusal },
+}
+
+impl std::fmt::Display for PlaceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlaceError::TooLarge => write!(f, "KV pool size overflows 64 bits"),
+            PlaceError::Refused { bytes, why } => {
+                write!(
+                    f,
+                    "the executor refused the KV pool of {bytes} bytes ({why:?})"
+                )
+            }
+        }
+    }
+}
+
+/// The executor a placed pool is carried out on.
+struct Placed<'x> {
+    placement: KvPlacement,
+    exec: &'x mut dyn Executor,
+    hits_refused: u64,
+}
+
+/// vLLM's KV cache manager; `'x` is the lifetime of the executor it may be placed on.
+pub struct KvCacheManager<'x, P: EvictionPolicy = VllmLru> {
     config: KvConfig,
     pool: BlockPool<P>,
     /// Block table per request index.
@@ -85,15 +143,16 @@ pub struct KvCacheManager<P: EvictionPolicy = VllmLru> {
     /// Full blocks of a running request already cached (vLLM's `num_cached_block`).
     num_cached: Vec<u32>,
     stats: PrefixCacheStats,
+    placed: Option<Placed<'x>>,
 }
 
-impl KvCacheManager<VllmLru> {
+impl KvCacheManager<'_, VllmLru> {
     pub fn new(config: KvConfig) -> Self {
         Self::with_policy(config, VllmLru::new(config.num_blocks))
     }
 }
 
-impl<P: EvictionPolicy> KvCacheManager<P> {
+impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
     pub fn with_policy(config: KvConfig, policy: P) -> Self {
         assert!(config.block_size > 0, "block size 0");
         KvCacheManager {
@@ -102,7 +161,44 @@ impl<P: EvictionPolicy> KvCacheManager<P> {
             tables: Vec::new(),
             num_cached: Vec::new(),
             stats: PrefixCacheStats::default(),
+            placed: None,
         }
+    }
+
+    /// Carries the pool out on `exec` from now on: reserves `num_blocks × block_bytes` as
+    /// `placement.segment` at once; afterwards every block scheduled for computation is
+    /// written and [`read_back_hits`](Self::read_back_hits) reads hits back. Call it before
+    /// any block is taken. On error nothing is placed.
+    pub fn place(
+        &mut self,
+        placement: KvPlacement,
+        exec: &'x mut dyn Executor,
+    ) -> Result<(), PlaceError> {
+        assert!(self.placed.is_none(), "the KV pool is already placed");
+        assert_eq!(
+            self.pool.num_free(),
+            self.config.num_blocks - 1,
+            "place the KV pool before any block is taken"
+        );
+        let bytes = (self.config.num_blocks as u64)
+            .checked_mul(placement.block_bytes)
+            .ok_or(PlaceError::TooLarge)?;
+        exec.apply(Decision::Reserve {
+            segment: placement.segment,
+            bytes,
+        })
+        .map_err(|why| PlaceError::Refused { bytes, why })?;
+        self.placed = Some(Placed {
+            placement,
+            exec,
+            hits_refused: 0,
+        });
+        Ok(())
+    }
+
+    /// Prefix hits whose bytes the executor refused (0 when not placed).
+    pub fn hits_refused(&self) -> u64 {
+        self.placed.as_ref().map_or(0, |p| p.hits_refused)
     }
 
     pub fn config(&self) -> &KvConfig {
@@ -170,8 +266,8 @@ impl<P: EvictionPolicy> KvCacheManager<P> {
     /// vLLM's `get_num_blocks_to_allocate` for full attention.
     fn blocks_to_allocate(&self, req: usize, num_tokens: u64, hits: &[BlockId]) -> u64 {
         let required = cdiv(num_tokens, self.config.block_size as u64);
-        let held = self.tables[req].len() as u64;
-        if self.num_cached[req] != UNTRACKED {
+        let held = self.tables.get(req).map_or(0, Vec::len) as u64;
+        if self.num_cached.get(req).is_some_and(|&n| n != UNTRACKED) {
             debug_assert!(hits.is_empty());
             return required.saturating_sub(held);
         }
@@ -181,11 +277,41 @@ impl<P: EvictionPolicy> KvCacheManager<P> {
         new + evictable
     }
 
+    /// Whether [`allocate_slots`](Self::allocate_slots) with the same arguments would
+    /// succeed: vLLM's checks, without taking any block.
+    pub fn can_allocate_slots(
+        &self,
+        r: SlotRequest<'_>,
+        num_new_tokens: u64,
+        num_hit_tokens: u64,
+        hits: &[BlockId],
+        full_sequence_must_fit: bool,
+        has_scheduled_reqs: bool,
+    ) -> bool {
+        let max_len = self.config.max_model_len;
+        let watermark = if has_scheduled_reqs && r.waiting {
+            self.config.watermark_blocks as u64
+        } else {
+            0
+        };
+        let free = self.pool.num_free() as u64;
+        if full_sequence_must_fit {
+            let full = r.num_tokens.min(max_len);
+            if self.blocks_to_allocate(r.req, full, hits) + watermark > free {
+                return false;
+            }
+        }
+        let total_computed = (r.num_computed_tokens + num_hit_tokens).min(max_len);
+        let need = (total_computed + num_new_tokens).min(max_len);
+        self.blocks_to_allocate(r.req, need, hits) + watermark <= free
+    }
+
     /// vLLM's `allocate_slots` (no lookahead, external or encoder tokens): gives the request
     /// slots for `num_new_tokens` more tokens after its computed ones and its new prefix hits
     /// (`hits`, `num_hit_tokens`), then caches its newly full blocks. With
     /// `full_sequence_must_fit` (vLLM's `scheduler_reserve_full_isl`) it first refuses unless
     /// the whole request fits. Returns false, changing nothing, when the blocks are not there.
+    /// Placed, it writes the blocks the new tokens fall in (they are computed in this step).
     pub fn allocate_slots(
         &mut self,
         r: SlotRequest<'_>,
@@ -199,26 +325,20 @@ impl<P: EvictionPolicy> KvCacheManager<P> {
             num_new_tokens > 0 || num_hit_tokens > 0,
             "allocate_slots with nothing to allocate"
         );
-        self.ensure(r.req);
-        let max_len = self.config.max_model_len;
-        let num_local_computed = r.num_computed_tokens + num_hit_tokens;
-        let total_computed = num_local_computed.min(max_len);
-        let watermark = if has_scheduled_reqs && r.waiting {
-            self.config.watermark_blocks as u64
-        } else {
-            0
-        };
-        let free = self.pool.num_free() as u64;
-        if full_sequence_must_fit {
-            let full = r.num_tokens.min(max_len);
-            if self.blocks_to_allocate(r.req, full, hits) + watermark > free {
-                return false;
-            }
-        }
-        let need = (total_computed + num_new_tokens).min(max_len);
-        if self.blocks_to_allocate(r.req, need, hits) + watermark > free {
+        if !self.can_allocate_slots(
+            r,
+            num_new_tokens,
+            num_hit_tokens,
+            hits,
+            full_sequence_must_fit,
+            has_scheduled_reqs,
+        ) {
             return false;
         }
+        self.ensure(r.req);
+        let max_len = self.config.max_model_len;
+        let total_computed = (r.num_computed_tokens + num_hit_tokens).min(max_len);
+        let need = (total_computed + num_new_tokens).min(max_len);
         if self.num_cached[r.req] == UNTRACKED && self.config.enable_prefix_caching {
             // First allocation: take the hit blocks (they can no longer be evicted by the
             // allocation below) and mark them as already cached.
@@ -236,7 +356,34 @@ impl<P: EvictionPolicy> KvCacheManager<P> {
         if self.config.enable_prefix_caching {
             self.cache_blocks(r, (total_computed + num_new_tokens).min(r.num_tokens));
         }
+        if let Some(placed) = self.placed.as_mut() {
+            let computed = r.num_computed_tokens + num_hit_tokens;
+            placed.write_blocks(
+                &self.tables[r.req],
+                r,
+                computed,
+                num_new_tokens,
+                self.config.block_size,
+            );
+        }
         true
+    }
+
+    /// Placed: reads the hit blocks of a waiting request back in order, before they count
+    /// (call it once its admission is known to succeed). The first block whose bytes are
+    /// wrong is evicted from the prefix cache (never served again) and `hits` is cut before
+    /// it. Returns the hit tokens left; unplaced, `hits` as they are.
+    pub fn read_back_hits(&mut self, block_hashes: &[BlockHash], hits: &mut Vec<BlockId>) -> u64 {
+        let bs = self.config.block_size as u64;
+        let Some(placed) = self.placed.as_mut() else {
+            return hits.len() as u64 * bs;
+        };
+        let served = placed.read_blocks(hits, block_hashes);
+        if served < hits.len() {
+            self.pool.evict_blocks(&hits[served..=served]);
+            hits.truncate(served);
+        }
+        served as u64 * bs
     }
 
     /// vLLM's `cache_blocks`: caches the request's full blocks up to `num_tokens`.
@@ -318,4 +465,65 @@ impl<P: EvictionPolicy> KvCacheManager<P> {
         }
         Ok(())
     }
+}
+
+impl Placed<'_> {
+    /// Reads `hits` back in order; returns how many hold what they should (the first one
+    /// refused ends the run of hits).
+    fn read_blocks(&mut self, hits: &[BlockId], hashes: &[BlockHash]) -> usize {
+        for (i, (&block, hash)) in hits.iter().zip(hashes).enumerate() {
+            let read = Decision::ReadKv {
+                at: self.placement.at(block),
+                bytes: self.placement.block_bytes,
+                content: hash.0,
+            };
+            if self.exec.apply(read).is_err() {
+                self.hits_refused += 1;
+                return i;
+            }
+        }
+        hits.len()
+    }
+
+    /// Writes the blocks of `table` that tokens `computed..computed + n` fall in: a full block
+    /// holds its prefix hash, a filling one a value of the request and its progress.
+    fn write_blocks(
+        &mut self,
+        table: &[BlockId],
+        r: SlotRequest<'_>,
+        computed: u64,
+        n: u64,
+        block_size: u32,
+    ) {
+        if n == 0 {
+            return;
+        }
+        let bs = block_size as u64;
+        let end = computed + n;
+        let (first, last) = ((computed / bs) as usize, ((end - 1) / bs) as usize);
+        for (b, &block) in table.iter().enumerate().take(last + 1).skip(first) {
+            let full = end >= (b as u64 + 1) * bs;
+            let content = match r.block_hashes.get(b) {
+                Some(h) if full => h.0,
+                _ => filling_content(r.req, b, end),
+            };
+            let write = Decision::WriteKv {
+                at: self.placement.at(block),
+                bytes: self.placement.block_bytes,
+                content,
+            };
+            self.exec
+                .apply(write)
+                .expect("an executor never refuses a KV write");
+        }
+    }
+}
+
+/// What a block holds while it fills: a value of (request, block index, tokens computed),
+/// never equal to a prefix hash by more than chance.
+fn filling_content(req: usize, block: usize, computed: u64) -> u64 {
+    let mut x = (req as u64) << 40 ^ (block as u64) << 20 ^ computed ^ 0x5bd1_e995_0000_0000;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^ (x >> 33)
 }

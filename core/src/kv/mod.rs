@@ -9,7 +9,9 @@
 //!   touch, lazy eviction, `reset_prefix_cache`, stored/removed counters and events.
 //! - [`index`]: the cache index a KV-aware router rebuilds from an engine's KV-cache events.
 //! - [`manager`]: the per-request KV manager: block tables, prefix lookup, `allocate_slots`
-//!   with vLLM's admission gate, free, usage and prefix-cache statistics.
+//!   with vLLM's admission gate (and `can_allocate_slots`, its checks alone), free, usage and
+//!   prefix-cache statistics; placed on an executor, it also reserves the pool, writes every
+//!   computed block and reads prefix hits back before they count.
 //!
 //! Block 0 is the null block: never free, never referenced by a request. Blocks are named by
 //! dense indices (`BlockId`), requests by dense indices the caller assigns (`usize`).
@@ -25,5 +27,7 @@ pub mod pool;
 pub use block::{cdiv, BlockId, NULL_BLOCK};
 pub use eviction::{EvictionPolicy, VllmLru};
 pub use hash::BlockHash;
-pub use manager::{KvCacheManager, KvConfig, PrefixCacheStats, SlotRequest};
+pub use manager::{
+    KvCacheManager, KvConfig, KvPlacement, PlaceError, PrefixCacheStats, SlotRequest,
+};
 pub use pool::{BlockPool, BlockPoolSummary, KvEvent, StepCounters};

@@ -3,11 +3,82 @@
 //! sampling and freed in random order, with prefix-cache resets and evictions in between.
 //! [`run`] applies the ops to a manager over any eviction policy and checks after every op the
 //! full invariant walk and what the manager promises whatever the policy; the caller checks
-//! the rest through its `check` hook.
+//! the rest through its `check` hook. The manager is placed on a [`ContentMemory`], so every
+//! run also checks that the blocks it writes hold what its prefix cache promises.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use gpumem_core::books::Books;
+use gpumem_core::decision::{Decision, Refusal, SegmentId};
+use gpumem_core::digest::Digest;
+use gpumem_core::executor::{Executor, Ledger};
 use gpumem_core::kv::hash::{extend_block_hashes, ExtraKeys};
-use gpumem_core::kv::{BlockHash, BlockId, EvictionPolicy, KvCacheManager, KvConfig, SlotRequest};
+use gpumem_core::kv::{
+    BlockHash, BlockId, EvictionPolicy, KvCacheManager, KvConfig, KvPlacement, SlotRequest,
+};
+use gpumem_core::place::{Owner, Place};
 use proptest::prelude::*;
+
+/// Bytes per block of the placement every run uses.
+pub const BLOCK_BYTES: u64 = 64;
+
+/// The segment the model's pool is placed in.
+pub const SEGMENT: SegmentId = SegmentId::new(Place::GPU0, Owner::KvPool, 0);
+
+/// The content each written block holds, by offset (shared with the test, which reads it
+/// while the manager holds the executor).
+pub type Contents = Rc<RefCell<BTreeMap<u64, u64>>>;
+
+/// An executor that remembers what each KV block was last written with and refuses a read
+/// that expects anything else.
+pub struct ContentMemory {
+    ledger: Ledger,
+    pub contents: Contents,
+}
+
+impl ContentMemory {
+    pub fn new(num_blocks: u32) -> Self {
+        ContentMemory {
+            ledger: Ledger::new(Books::new(num_blocks as u64 * BLOCK_BYTES)),
+            contents: Contents::default(),
+        }
+    }
+
+    pub fn placement() -> KvPlacement {
+        KvPlacement {
+            segment: SEGMENT,
+            block_bytes: BLOCK_BYTES,
+        }
+    }
+}
+
+impl Executor for ContentMemory {
+    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
+        let outcome = match d {
+            Decision::WriteKv { at, content, .. } => {
+                self.contents.borrow_mut().insert(at.offset, content);
+                Ok(())
+            }
+            Decision::ReadKv { at, content, .. } => match self.contents.borrow().get(&at.offset) {
+                Some(&c) if c == content => Ok(()),
+                _ => Err(Refusal::Mismatch),
+            },
+            _ => Ok(()),
+        };
+        self.ledger.record(d, outcome);
+        outcome
+    }
+
+    fn books(&self) -> &Books {
+        &self.ledger.books
+    }
+
+    fn digest(&self) -> &Digest {
+        &self.ledger.digest
+    }
+}
 
 pub const BS: u64 = 4;
 /// Request slots.
@@ -118,7 +189,11 @@ pub fn run<P: EvictionPolicy>(
     mut check: impl FnMut(&KvCacheManager<P>, Step<'_>) -> Result<(), TestCaseError>,
 ) -> Result<(), TestCaseError> {
     let cfg = config(num_blocks, caching);
+    let mut memory = ContentMemory::new(num_blocks);
+    let contents = memory.contents.clone();
     let mut kv = KvCacheManager::with_policy(cfg, policy);
+    kv.place(ContentMemory::placement(), &mut memory)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut reqs: Vec<Option<Req>> = vec![None; SLOTS];
     let mut hits = Vec::new();
     let live = |reqs: &[Option<Req>], pick: usize| {
@@ -165,7 +240,20 @@ pub fn run<P: EvictionPolicy>(
                 let free_before = kv.num_free_blocks();
                 let n = (n_tok - hit).min(budget);
                 let any_running = reqs.iter().any(Option::is_some);
-                if kv.allocate_slots(slot(&r, s, true), n, hit, &hits, gate, any_running) {
+                let can =
+                    kv.can_allocate_slots(slot(&r, s, true), n, hit, &hits, gate, any_running);
+                if can {
+                    // Nothing is corrupt: every hit reads back.
+                    prop_assert_eq!(kv.read_back_hits(&r.hashes, &mut hits), hit);
+                }
+                let allocated =
+                    kv.allocate_slots(slot(&r, s, true), n, hit, &hits, gate, any_running);
+                prop_assert_eq!(
+                    allocated,
+                    can,
+                    "can_allocate_slots foretells allocate_slots"
+                );
+                if allocated {
                     admitted = Some(hit);
                     reqs[s] = Some(Req {
                         computed: hit + n,
@@ -187,7 +275,14 @@ pub fn run<P: EvictionPolicy>(
                     continue;
                 }
                 let before = kv.blocks(i).to_vec();
-                if kv.allocate_slots(slot(r, i, false), todo, 0, &[], false, true) {
+                let can = kv.can_allocate_slots(slot(r, i, false), todo, 0, &[], false, true);
+                let allocated = kv.allocate_slots(slot(r, i, false), todo, 0, &[], false, true);
+                prop_assert_eq!(
+                    allocated,
+                    can,
+                    "can_allocate_slots foretells allocate_slots"
+                );
+                if allocated {
                     // Block tables are append-only.
                     prop_assert!(kv.blocks(i).starts_with(&before));
                     reqs[i].as_mut().unwrap().computed += todo;
@@ -234,6 +329,18 @@ pub fn run<P: EvictionPolicy>(
             }
         }
         kv.check_invariants().map_err(TestCaseError::fail)?;
+        // Every cached block holds its hash in memory: a hit on it would read back.
+        for b in 1..num_blocks {
+            if let Some(h) = kv.pool().block_hash(b) {
+                let held = contents.borrow().get(&(b as u64 * BLOCK_BYTES)).copied();
+                prop_assert_eq!(
+                    held,
+                    Some(h.0),
+                    "block {} holds other bytes than its hash",
+                    b
+                );
+            }
+        }
         check(
             &kv,
             Step {
