@@ -20,8 +20,8 @@ use std::path::Path;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gpumem_core::kv::{BlockHash, BlockId, BlockPool};
 use gpumem_sim::serve::{
-    run_conformance, simulate, ConformanceConfig, CostModel, EngineConfig, EvictionKind,
-    GpuProfile, ModelProfile, Roofline, RunInfo, SchedulingPolicy, Workload,
+    run_conformance, simulate, Arrivals, ConformanceConfig, CostModel, EngineConfig, EvictionKind,
+    GpuProfile, ModelProfile, Roofline, RunInfo, SchedulingPolicy, TooLongPrompt, Workload,
 };
 use gpumem_traces::serving::generate::{serving, ServingParams};
 
@@ -126,7 +126,14 @@ fn bench_engine(c: &mut Criterion) {
     };
     group.bench_function("default_workload_roofline_h100", |b| {
         b.iter(|| {
-            simulate(&generated, engine, 0, RunInfo::default(), None, &mut |_| {})
+            let requests = generated.requests.iter().cloned().map(Ok);
+            let mut arrivals = Arrivals::new(
+                requests,
+                &generated.source,
+                engine.max_model_len,
+                TooLongPrompt::Reject,
+            );
+            simulate(&mut arrivals, engine, RunInfo::default(), None, &mut |_| {})
                 .unwrap()
                 .steps
         })

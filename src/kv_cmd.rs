@@ -1,15 +1,16 @@
 //! `gpumem kv`: a request trace through a serving engine's paged KV cache with prefix caching.
 
+use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::rc::Rc;
 
 use clap::Args;
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
-use gpumem_sim::serve::report::simulate_on;
 use gpumem_sim::serve::{
-    kv_sizing, simulate, EngineConfig, EvictionKind, GpuProfile, KvReport, ModelProfile, RunInfo,
-    SchedulingPolicy, ServeError,
+    kv_sizing, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
+    ModelProfile, RunInfo, SchedulingPolicy, ServeError, TooLongPrompt,
 };
 use gpumem_sim::spec::{
     CostSpec, Engine, ExecuteDevice, Fraction, KvExecuteSpec, KvResolved, KvSpec, KvTraceSpec,
@@ -17,7 +18,7 @@ use gpumem_sim::spec::{
 };
 use gpumem_sim::{AllocCostModel, SimExecutor};
 use gpumem_traces::serving::generate::{serving, ServingParams};
-use gpumem_traces::serving::{detect_format, load, Workload, WorkloadFormat};
+use gpumem_traces::serving::{detect_format, RequestStream, WorkloadFormat};
 
 use crate::progress::Progress;
 
@@ -318,7 +319,8 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
             "-".into()
         }
     };
-    let (mut workload, trace, format) = load_workload(&spec.trace, spec.seed)?;
+    let source = Source::new(spec);
+    let (trace, format) = source.names();
     let info = RunInfo {
         trace,
         format,
@@ -335,32 +337,13 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
         kv_sizing: *sizing,
         seed: matches!(spec.trace, KvTraceSpec::Generated { .. }).then_some(spec.seed),
     };
-    for w in &workload.warnings {
-        eprintln!("gpumem: warning: {}: {w}", workload.source);
-    }
-    let rejected = if info.format == WorkloadFormat::Conformance.name() {
-        // The conformance contract refuses the whole workload, as vLLM's oracle does.
-        workload
-            .validate(spec.max_model_len)
-            .map_err(|e| e.to_string())?;
-        0
-    } else {
-        workload.take_too_long(spec.max_model_len).len() as u64
-    };
-    let report = match simulate_with_step_log(&workload, engine, rejected, &info, spec)? {
+    let report = match simulate_with_step_log(&source, engine, &info, spec)? {
         Ok(r) => r,
         Err(e) => return serve_failure(e),
     };
     if let Some(execute) = &spec.execute {
-        let (simulated, sim, executed) = execute_on_device(
-            &workload,
-            engine,
-            rejected,
-            &info,
-            execute,
-            &checked.faults,
-            spec.seed,
-        )?;
+        let (simulated, sim, executed) =
+            execute_on_device(&source, engine, &info, execute, &checked.faults, spec.seed)?;
         return report_execution(json, &report, &simulated, &sim, executed);
     }
     if let Some(path) = &spec.plot {
@@ -377,26 +360,120 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// The workload a spec names, its name and its format's name, for the report.
-fn load_workload(trace: &KvTraceSpec, seed: u64) -> Result<(Workload, String, String), String> {
-    match trace {
-        KvTraceSpec::File {
+/// Where a spec's requests come from: a trace, read lazily (and again for each run of
+/// `--execute`), or the built-in generator.
+struct Source<'s> {
+    spec: &'s KvSpec,
+    /// Bytes of the trace read so far (for progress), whatever run reads it.
+    bytes_read: Rc<Cell<u64>>,
+}
+
+/// Counts the bytes taken from a reader into a shared cell.
+struct CountingReader<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+impl<'s> Source<'s> {
+    fn new(spec: &'s KvSpec) -> Self {
+        Source {
+            spec,
+            bytes_read: Rc::default(),
+        }
+    }
+
+    /// The trace's name and its format's name, for the report.
+    fn names(&self) -> (String, String) {
+        match &self.spec.trace {
+            KvTraceSpec::File { path, format, .. } => (file_name(path), format.name().into()),
+            KvTraceSpec::Generated { .. } => {
+                (serving(&self.generated(0)).source, "generated".into())
+            }
+        }
+    }
+
+    /// The generator's parameters, `requests` of them (0: the spec's).
+    fn generated(&self, requests: u64) -> ServingParams {
+        let spec_requests = match self.spec.trace {
+            KvTraceSpec::Generated { requests } => requests,
+            KvTraceSpec::File { .. } => 0,
+        };
+        ServingParams {
+            seed: self.spec.seed,
+            requests: if requests == 0 {
+                spec_requests
+            } else {
+                requests
+            },
+            ..ServingParams::default()
+        }
+    }
+
+    /// Size of the trace, for progress (0: a pipe, or generated).
+    fn total_bytes(&self) -> u64 {
+        match &self.spec.trace {
+            KvTraceSpec::File { path, .. } => std::fs::metadata(path)
+                .ok()
+                .filter(|m| m.is_file())
+                .map_or(0, |m| m.len()),
+            KvTraceSpec::Generated { .. } => 0,
+        }
+    }
+
+    /// The trace from its start, read lazily (None: the generator's requests).
+    fn open(&self) -> Result<Option<RequestStream<'static>>, String> {
+        let KvTraceSpec::File {
             path,
             format,
             limit,
-        } => {
-            let (w, format) = load(path, Some(*format), *limit).map_err(|e| e.to_string())?;
-            Ok((w, file_name(path), format.name().to_string()))
-        }
-        KvTraceSpec::Generated { requests } => {
-            let p = ServingParams {
-                seed,
-                requests: *requests,
-                ..ServingParams::default()
-            };
-            let w = serving(&p);
-            let name = w.source.clone();
-            Ok((w, name, "generated".into()))
+        } = &self.spec.trace
+        else {
+            return Ok(None);
+        };
+        let file = std::fs::File::open(path)
+            .map_err(|e| format!("{}: cannot read the file: {e}", path.display()))?;
+        let reader = CountingReader {
+            inner: file,
+            count: self.bytes_read.clone(),
+        };
+        let stream = RequestStream::from_reader(
+            std::io::BufReader::with_capacity(1 << 16, reader),
+            &path.display().to_string(),
+            Some(*format),
+            *limit,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Some(stream))
+    }
+
+    /// Arrivals for one run over `stream` (None: the generator's). A prompt of
+    /// `max_model_len` tokens or more is rejected and counted, as vLLM rejects it; the
+    /// conformance contract refuses the whole workload instead, as vLLM's oracle does.
+    fn arrivals<'a>(&self, stream: Option<&'a mut RequestStream<'static>>) -> Arrivals<'a> {
+        let max_model_len = self.spec.max_model_len;
+        match stream {
+            Some(s) => {
+                let too_long = if s.format() == WorkloadFormat::Conformance {
+                    TooLongPrompt::Refuse
+                } else {
+                    TooLongPrompt::Reject
+                };
+                let source = s.source().to_string();
+                Arrivals::new(s, &source, max_model_len, too_long)
+            }
+            None => Arrivals::from_workload(
+                serving(&self.generated(0)),
+                max_model_len,
+                TooLongPrompt::Reject,
+            ),
         }
     }
 }
@@ -407,11 +484,11 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-/// The simulation itself, writing the spec's step log; the outer error is the step log's file.
+/// The simulation itself, writing the spec's step log; the outer error is the step log's file
+/// or the trace.
 fn simulate_with_step_log(
-    workload: &Workload,
+    source: &Source<'_>,
     engine: EngineConfig,
-    rejected: u64,
     info: &RunInfo,
     spec: &KvSpec,
 ) -> Result<Result<KvReport, ServeError>, String> {
@@ -421,40 +498,53 @@ fn simulate_with_step_log(
         )),
         None => None,
     };
-    let total_tokens: u64 = workload
-        .requests
-        .iter()
-        .map(|r| r.prompt.len().saturating_add(r.max_tokens))
-        .fold(0, u64::saturating_add);
-    let progress = Progress::with_unit(1, total_tokens, "tokens");
+    let mut stream = source.open()?;
+    // Progress over the trace's bytes (a pipe has no size: no progress bar).
+    let total_bytes = source.total_bytes();
+    let progress = Progress::with_unit(1, total_bytes, "bytes");
+    let mut arrivals = source.arrivals(stream.as_mut());
     let result = simulate(
-        workload,
+        &mut arrivals,
         engine,
-        rejected,
         info.clone(),
         log_file.as_mut().map(|f| f as &mut dyn Write),
-        &mut |done| progress.update(0, done.min(total_tokens)),
+        &mut |_| progress.update(0, source.bytes_read.get().min(total_bytes)),
     );
+    drop(arrivals);
     progress.finish();
+    if let Some(s) = &stream {
+        for w in s.warnings() {
+            eprintln!("gpumem: warning: {}: {w}", s.source());
+        }
+    }
     Ok(result)
 }
 
-/// The run again, on the simulated executor and on the device, for the digests and bytes.
+/// The run again, on the simulated executor and on the device, for the digests and bytes (the
+/// trace is read again for each run: it must be a file).
 fn execute_on_device(
-    workload: &Workload,
+    source: &Source<'_>,
     engine: EngineConfig,
-    rejected: u64,
     info: &RunInfo,
     execute: &KvExecuteSpec,
     faults: &[Inject],
     seed: u64,
 ) -> Result<(KvReport, SimExecutor, (KvReport, ExecReport)), String> {
+    if let KvTraceSpec::File { path, .. } = &source.spec.trace {
+        if !path.is_file() {
+            return Err(format!(
+                "--execute reads the trace once per run: {} must be a file, not a pipe",
+                path.display()
+            ));
+        }
+    }
     let block_bytes = execute.bytes_per_block;
     let run = |mem: &mut dyn gpumem_core::executor::Executor| {
+        let mut stream = source.open().map_err(ServeError::Input)?;
+        let mut arrivals = source.arrivals(stream.as_mut());
         simulate_on(
-            workload,
+            &mut arrivals,
             engine,
-            rejected,
             info.clone(),
             None,
             &mut |_| {},
@@ -550,6 +640,6 @@ fn write_plot(path: &Path, r: &KvReport) -> Result<(), String> {
         "{} — {} on {} / {}, {} blocks of {}",
         c.trace, c.engine, c.gpu, c.model, r.kv_blocks, c.block_size
     );
-    let svg = gpumem_sim::plot::kv_timeline_svg(&title, &r.samples, r.kv_blocks - 1);
+    let svg = gpumem_sim::plot::kv_timeline_svg(&title, &r.series, r.kv_blocks - 1);
     std::fs::write(path, svg).map_err(|e| format!("{}: cannot write the plot: {e}", path.display()))
 }

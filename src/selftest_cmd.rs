@@ -11,9 +11,10 @@ use gpumem_core::books::Books;
 use gpumem_core::place::{DeviceId, Tier};
 use gpumem_core::tiers::TierConfig;
 use gpumem_gpu::{CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject};
-use gpumem_sim::serve::report::simulate_on;
-use gpumem_sim::serve::SchedulingPolicy;
-use gpumem_sim::serve::{CostModel, EngineConfig, EvictionKind, GpuProfile, RunInfo};
+use gpumem_sim::serve::{
+    simulate_on, Arrivals, CostModel, EngineConfig, EvictionKind, GpuProfile, RunInfo,
+    SchedulingPolicy, TooLongPrompt,
+};
 use gpumem_sim::tiers::{self, TierWorkload};
 use gpumem_sim::{replay, AllocCostModel, ReplayConfig, SimExecutor};
 use gpumem_traces::generate::{occupancy, OccupancyParams};
@@ -247,14 +248,13 @@ fn alloc_paths(ctx: &Context) -> Result<Vec<PathResult>, String> {
 
 /// (b) The KV pool under vLLM 0.33's scheduler.
 fn kv_path(ctx: &Context) -> Result<PathResult, String> {
-    let mut workload = serving(&ServingParams {
+    let workload = serving(&ServingParams {
         seed: ctx.seed,
         requests: KV_REQUESTS,
         ..ServingParams::default()
     });
     let block_size = 16;
     let max_model_len = (KV_BLOCKS as u64 - 1) * block_size;
-    let rejected = workload.take_too_long(max_model_len).len() as u64;
     let engine = EngineConfig {
         num_gpu_blocks: KV_BLOCKS,
         block_size: block_size as u32,
@@ -269,10 +269,11 @@ fn kv_path(ctx: &Context) -> Result<PathResult, String> {
     };
     let capacity = KV_BLOCKS as u64 * KV_BLOCK_BYTES;
     let run = |exec: &mut dyn gpumem_core::executor::Executor| {
+        let mut arrivals =
+            Arrivals::from_workload(workload.clone(), max_model_len, TooLongPrompt::Reject);
         simulate_on(
-            &workload,
+            &mut arrivals,
             engine,
-            rejected,
             RunInfo::default(),
             None,
             &mut |_| {},

@@ -94,18 +94,22 @@ fn step_logs_match_vllm() {
 /// 50th step on the big pools, where one walk costs 20,000 blocks).
 #[test]
 fn invariants_hold_after_every_step() {
-    use gpumem_sim::serve::{ConformanceConfig, EngineConfig, VllmEngine, Workload};
+    use gpumem_sim::serve::{
+        drive, Arrivals, ConformanceConfig, DriveOptions, EngineConfig, TooLongPrompt, VllmEngine,
+        Workload,
+    };
     for dir in fixtures() {
         if !dir.join("steps.jsonl").is_file() {
             continue;
         }
         let (cfg, _) = ConformanceConfig::read_file(&dir.join("config.json")).unwrap();
         let w = Workload::read_file(&dir.join("workload.jsonl")).unwrap();
-        let mut engine = VllmEngine::new(&w, EngineConfig::from_conformance(&cfg).unwrap())
-            .unwrap()
-            .with_invariant_checks(if cfg.num_gpu_blocks > 2000 { 50 } else { 1 });
-        let sum = engine
-            .run(|_| Ok(()))
+        let mut engine = VllmEngine::new(EngineConfig::from_conformance(&cfg).unwrap()).unwrap();
+        let mut arrivals = Arrivals::from_workload(w, cfg.max_model_len, TooLongPrompt::Refuse);
+        let options = DriveOptions {
+            check_invariants_every: if cfg.num_gpu_blocks > 2000 { 50 } else { 1 },
+        };
+        let sum = drive(&mut engine, &mut arrivals, options, &mut |_, _| Ok(()))
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         assert_eq!(sum.requests_finished, sum.requests, "{}", dir.display());
         // Everything is returned at the end.

@@ -6,22 +6,26 @@
 //! - Mooncake JSONL, Qwen-Bailian JSONL, Azure LLM 2023 CSV and BurstGPT CSV ([`import`]);
 //! - seeded generators ([`generate`]), the workload of a run without a trace.
 //!
-//! [`load`] reads a file in a given [`WorkloadFormat`] or detects it from the content. Every
-//! refusal names the file and line ([`TraceError`]), never panics, and nothing is simulated
-//! from bad input. Prompts are never expanded into memory: [`Prompt::fill`] produces any token
-//! range on demand by the contract's rule.
+//! [`RequestStream`] reads a file (or a pipe) in a given [`WorkloadFormat`], or the one its
+//! content shows, lazily: one request at a time, in arrival order ([`stream`]); [`load`] reads
+//! one whole into memory. Every refusal names the file and line ([`TraceError`]), never
+//! panics. Prompts are never expanded into memory: [`Prompt::fill`] produces any token range
+//! on demand by the contract's rule.
 
+mod conformance;
 pub mod generate;
 pub mod import;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
 use std::io::BufRead;
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::TraceError;
+pub use stream::{LineParser, RequestStream, MAX_LINE_BYTES, MAX_REQUESTS, REORDER_WINDOW};
 
 /// The contract's token expansion constants.
 pub const PROMPT_MOD: i128 = 1_000_000_007;
@@ -137,30 +141,6 @@ pub struct Workload {
     pub warnings: Vec<String>,
 }
 
-fn is_int(v: &Value) -> bool {
-    v.is_i64() || v.is_u64()
-}
-
-fn req_u64(r: &Map<String, Value>, key: &str, min: u64, where_: &str) -> Result<u64, String> {
-    match r.get(key) {
-        Some(v) if is_int(v) => match v.as_u64() {
-            Some(x) if x >= min => Ok(x),
-            _ => Err(format!("{where_}: '{key}' must be an integer >= {min}")),
-        },
-        _ => Err(format!("{where_}: '{key}' must be an integer >= {min}")),
-    }
-}
-
-/// A conformance error: the message already starts with `source:line`.
-fn conf_err(source: &str, line: u64, message: String) -> TraceError {
-    let prefix = format!("{source}:{line}: ");
-    let reason = message
-        .strip_prefix(&prefix)
-        .unwrap_or(&message)
-        .to_string();
-    TraceError::at_line(source, line, reason)
-}
-
 impl Workload {
     /// Reads a conformance workload file.
     pub fn read_file(path: &Path) -> Result<Workload, TraceError> {
@@ -169,12 +149,11 @@ impl Workload {
 
     /// Reads at most `limit` requests of a conformance workload file.
     pub fn read_file_limited(path: &Path, limit: Option<u64>) -> Result<Workload, TraceError> {
-        let f = std::fs::File::open(path).map_err(|e| TraceError::in_file(path, e.to_string()))?;
-        Self::read_limited(
-            std::io::BufReader::new(f),
-            &path.display().to_string(),
+        Workload::collect(RequestStream::open(
+            path,
+            Some(WorkloadFormat::Conformance),
             limit,
-        )
+        )?)
     }
 
     /// Parses a conformance workload; `source` names it in errors.
@@ -188,178 +167,25 @@ impl Workload {
         source: &str,
         limit: Option<u64>,
     ) -> Result<Workload, TraceError> {
-        const KNOWN: [&str; 8] = [
-            "id",
-            "priority",
-            "arrival_us",
-            "prompt",
-            "hash_ids",
-            "input_length",
-            "hash_block",
-            "max_tokens",
-        ];
-        let mut w = Workload {
-            source: source.to_string(),
-            ..Workload::default()
-        };
-        let mut seen = std::collections::HashSet::new();
-        let mut warned = std::collections::BTreeSet::new();
-        let mut last_arrival = 0u64;
-        for (i, line) in input.lines().enumerate() {
-            if limit.is_some_and(|n| w.requests.len() as u64 >= n) {
-                break;
-            }
-            let lineno = i as u64 + 1;
-            let where_ = format!("{source}:{lineno}");
-            let err = |m: String| conf_err(source, lineno, m);
-            let line = line.map_err(|e| err(format!("{where_}: {e}")))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: Value =
-                serde_json::from_str(&line).map_err(|e| err(format!("{where_}: bad JSON: {e}")))?;
-            let Value::Object(r) = v else {
-                return Err(err(format!("{where_}: each line must be a JSON object")));
-            };
-            for k in r.keys() {
-                if !KNOWN.contains(&k.as_str()) && warned.insert(k.clone()) {
-                    w.warnings
-                        .push(format!("ignoring unknown workload field {k:?}"));
-                }
-            }
-            let id = match r.get("id") {
-                Some(Value::String(s)) if !s.is_empty() => s.clone(),
-                _ => return Err(err(format!("{where_}: 'id' must be a non-empty string"))),
-            };
-            if !seen.insert(id.clone()) {
-                return Err(err(format!("{where_}: duplicate id {id:?}")));
-            }
-            let arrival_us = req_u64(&r, "arrival_us", 0, &where_).map_err(err)?;
-            if arrival_us > MAX_ARRIVAL_US {
-                return Err(err(format!(
-                    "{where_}: 'arrival_us' {arrival_us} exceeds gpumem's limit of {MAX_ARRIVAL_US}"
-                )));
-            }
-            if arrival_us < last_arrival {
-                return Err(err(format!(
-                    "{where_}: requests must be in arrival order ({arrival_us} < {last_arrival})"
-                )));
-            }
-            last_arrival = arrival_us;
-            let max_tokens = req_u64(&r, "max_tokens", 1, &where_).map_err(err)?;
-            let priority = match r.get("priority") {
-                None => 0,
-                Some(v) if is_int(v) && v.as_i64().is_some() => v.as_i64().unwrap_or(0),
-                Some(_) => {
-                    return Err(err(format!("{where_}: 'priority' must be an integer")));
-                }
-            };
-            let prompt = if let Some(p) = r.get("prompt") {
-                if r.contains_key("hash_ids") || r.contains_key("input_length") {
-                    return Err(err(format!(
-                        "{where_}: give either 'prompt' or 'hash_ids'+'input_length', not both"
-                    )));
-                }
-                let Value::Array(items) = p else {
-                    return Err(err(format!(
-                        "{where_}: 'prompt' must be a list of integers"
-                    )));
-                };
-                let mut toks = Vec::with_capacity(items.len());
-                for t in items {
-                    if !is_int(t) {
-                        return Err(err(format!(
-                            "{where_}: 'prompt' must be a list of integers"
-                        )));
-                    }
-                    match t.as_u64().and_then(|x| u32::try_from(x).ok()) {
-                        Some(x) => toks.push(x),
-                        None => {
-                            return Err(err(format!(
-                            "{where_}: prompt token {t} is outside 0..2^32 (gpumem's token range)"
-                        )))
-                        }
-                    }
-                }
-                Prompt::Tokens(toks)
-            } else {
-                let hash_ids = match r.get("hash_ids") {
-                    Some(Value::Array(items)) if items.iter().all(is_int) => {
-                        let mut ids = Vec::with_capacity(items.len());
-                        for h in items {
-                            match h.as_i64() {
-                                Some(x) => ids.push(x),
-                                None => {
-                                    return Err(err(format!(
-                                        "{where_}: hash id {h} is outside the 64-bit signed range"
-                                    )))
-                                }
-                            }
-                        }
-                        ids
-                    }
-                    _ => {
-                        return Err(err(format!(
-                            "{where_}: 'hash_ids' must be a list of integers"
-                        )))
-                    }
-                };
-                let input_length = match r.get("input_length") {
-                    Some(v) if is_int(v) => v.as_u64().unwrap_or(0),
-                    _ => return Err(err(format!("{where_}: 'input_length' must be an integer"))),
-                };
-                let hash_block = match r.get("hash_block") {
-                    None => DEFAULT_HASH_BLOCK,
-                    Some(v) if is_int(v) && v.as_u64().is_some_and(|x| x >= 1) => {
-                        v.as_u64().unwrap()
-                    }
-                    Some(_) => {
-                        return Err(err(format!(
-                            "{where_}: 'hash_block' must be a positive integer"
-                        )))
-                    }
-                };
-                let capacity = (hash_ids.len() as u128) * hash_block as u128;
-                if input_length as u128 > capacity {
-                    return Err(err(format!(
-                        "{where_}: input_length {input_length} needs {} hash_ids of {hash_block} tokens, got {}",
-                        input_length.div_ceil(hash_block),
-                        hash_ids.len()
-                    )));
-                }
-                Prompt::HashIds {
-                    hash_ids,
-                    input_length,
-                    hash_block,
-                }
-            };
-            if prompt.is_empty() {
-                return Err(err(format!("{where_}: empty prompt (vLLM rejects it)")));
-            }
-            if prompt.len() > MAX_PROMPT_TOKENS {
-                return Err(err(format!(
-                    "{where_}: prompt of {} tokens exceeds gpumem's limit of {MAX_PROMPT_TOKENS}",
-                    prompt.len()
-                )));
-            }
-            let index = w.requests.len() as u64;
-            let last_gen =
-                GEN_BASE as u128 + index as u128 * GEN_STRIDE as u128 + (max_tokens - 1) as u128;
-            if last_gen > u32::MAX as u128 {
-                return Err(err(format!(
-                    "{where_}: generated token ids of this request exceed 2^32 (line index {index}, max_tokens {max_tokens})"
-                )));
-            }
-            w.requests.push(WorkloadRequest {
-                id,
-                arrival_us,
-                prompt,
-                max_tokens,
-                priority,
-                line: lineno,
-            });
+        Workload::collect(RequestStream::from_reader(
+            input,
+            source,
+            Some(WorkloadFormat::Conformance),
+            limit,
+        )?)
+    }
+
+    /// Every request of `stream`, in memory.
+    pub fn collect(mut stream: RequestStream<'_>) -> Result<Workload, TraceError> {
+        let mut requests = Vec::new();
+        for r in &mut stream {
+            requests.push(r?);
         }
-        Ok(w)
+        Ok(Workload {
+            source: stream.source().to_string(),
+            requests,
+            warnings: stream.warnings().to_vec(),
+        })
     }
 
     /// vLLM's input-processor checks against a config: every prompt shorter than
@@ -432,6 +258,17 @@ impl WorkloadFormat {
         Self::ALL.into_iter().find(|f| f.name() == name)
     }
 
+    /// The line parser of the format; `source` names the input in errors.
+    pub fn parser(self, source: &str) -> Box<dyn LineParser> {
+        match self {
+            WorkloadFormat::Conformance => Box::new(conformance::Conformance::new(source)),
+            WorkloadFormat::Mooncake => Box::new(import::Mooncake::new(source)),
+            WorkloadFormat::QwenBailian => Box::new(import::QwenBailian::new(source)),
+            WorkloadFormat::Azure => Box::new(import::CsvTrace::azure(source)),
+            WorkloadFormat::BurstGpt => Box::new(import::CsvTrace::burstgpt(source)),
+        }
+    }
+
     /// The format of a file whose first non-blank line is `first_line`: JSON Lines by their
     /// keys, CSV by their header.
     pub fn detect(path: &Path, line: u64, first_line: &str) -> Result<WorkloadFormat, TraceError> {
@@ -491,29 +328,13 @@ pub fn detect_format(path: &Path) -> Result<WorkloadFormat, TraceError> {
 }
 
 /// Reads a workload file in `format`, or in the format [`detect_format`] finds; at most
-/// `limit` requests. Returns the workload and its format.
+/// `limit` requests, into memory. Returns the workload and its format.
 pub fn load(
     path: &Path,
     format: Option<WorkloadFormat>,
     limit: Option<u64>,
 ) -> Result<(Workload, WorkloadFormat), TraceError> {
-    let open = || {
-        std::fs::File::open(path)
-            .map(std::io::BufReader::new)
-            .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))
-    };
-    let format = match format {
-        Some(f) => f,
-        None => detect_format(path)?,
-    };
-    let source = path.display().to_string();
-    let input = open()?;
-    let w = match format {
-        WorkloadFormat::Conformance => Workload::read_limited(input, &source, limit)?,
-        WorkloadFormat::Mooncake => import::mooncake(input, &source, limit)?,
-        WorkloadFormat::QwenBailian => import::qwen_bailian(input, &source, limit)?,
-        WorkloadFormat::Azure => import::azure(input, &source, limit)?,
-        WorkloadFormat::BurstGpt => import::burstgpt(input, &source, limit)?,
-    };
-    Ok((w, format))
+    let stream = RequestStream::open(path, format, limit)?;
+    let format = stream.format();
+    Ok((Workload::collect(stream)?, format))
 }

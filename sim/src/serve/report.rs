@@ -1,18 +1,15 @@
-//! What `gpumem kv` reports: a workload run through an engine, measured. [`simulate`] drives
-//! [`VllmEngine`], writes the step log if asked, and gathers per-request latencies, prefix-cache
-//! hits, preemptions, evictions and the KV usage and queue lengths over time into a
-//! [`KvReport`] (JSON, or text by [`render_text`]).
+//! What `gpumem kv` reports ([`KvReport`], JSON or text by [`render_text`]): per-request
+//! latencies, prefix-cache hits, preemptions, evictions, and the KV usage and queue lengths
+//! over time. [`super::simulate`] runs a workload and fills it in.
 //!
 //! Integers decide everything; the few floats (rates, throughput) are computed from integers
 //! for the report only, so the same run prints the same bytes anywhere.
 
-use std::io::Write;
-
 use serde::Serialize;
 
+use super::driver::RunSummary;
+use super::metrics::Measured;
 use super::profile::KvSizing;
-use super::vllm::{EngineConfig, RunSummary, VllmEngine};
-use super::{ServeError, StepLogWriter, Workload};
 use crate::report::human_bytes;
 
 /// Nearest-rank percentiles of integer samples (0 when there are none).
@@ -127,9 +124,10 @@ pub struct KvReport {
     pub config: RunInfo,
     /// The state at [`TIMELINE_POINTS`] evenly spaced times.
     pub timeline: Vec<TimelinePoint>,
-    /// The state after every logged step (for plots; not in the JSON).
+    /// The state over time, bounded ([`Series`]): after every logged step while the run fits
+    /// (for plots; not in the JSON).
     #[serde(skip)]
-    pub samples: Vec<TimelinePoint>,
+    pub series: Vec<TimelinePoint>,
 }
 
 /// `num / den` in parts per million, as a float for the report.
@@ -166,114 +164,47 @@ pub fn downsample(samples: &[TimelinePoint], points: u64) -> Vec<TimelinePoint> 
     out
 }
 
-/// Runs `w` through the `vllm-0.33` engine with `cfg`, writing the conformance step log to
-/// `step_log` if given and calling `progress` with the tokens scheduled so far. `rejected`
-/// requests were refused before the run (too long for the model).
-pub fn simulate(
-    w: &Workload,
-    cfg: EngineConfig,
-    rejected: u64,
-    info: RunInfo,
-    step_log: Option<&mut dyn Write>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<KvReport, ServeError> {
-    simulate_on(w, cfg, rejected, info, step_log, progress, None)
-}
-
-/// [`simulate`], with the KV pool carried out on an executor (`block_bytes` per block): every
-/// computed block is written there and every prefix hit read back before it counts.
-pub fn simulate_on(
-    w: &Workload,
-    cfg: EngineConfig,
-    rejected: u64,
-    info: RunInfo,
-    mut step_log: Option<&mut dyn Write>,
-    progress: &mut dyn FnMut(u64),
-    exec: Option<(&mut dyn gpumem_core::executor::Executor, u64)>,
-) -> Result<KvReport, ServeError> {
-    let mut engine = VllmEngine::new(w, cfg)?;
-    if let Some((mem, block_bytes)) = exec {
-        engine = engine.with_executor(mem, block_bytes);
-    }
-    let mut writer = step_log.as_ref().map(|_| StepLogWriter::new(w));
-    let usable = cfg.num_gpu_blocks as u64 - 1;
-    let mut samples: Vec<TimelinePoint> = Vec::new();
-    let (mut hits, mut queries, mut tokens) = (0u64, 0u64, 0u64);
-    let sum = engine.run(|rec| {
-        if let (Some(log), Some(wr)) = (step_log.as_mut(), writer.as_mut()) {
-            log.write_all(wr.line(rec).as_bytes())
-                .map_err(|e| ServeError::Io(e.to_string()))?;
+impl KvReport {
+    /// The report of a run with totals `sum` and measurements `m`.
+    pub fn new(sum: &RunSummary, mut m: Measured, info: RunInfo) -> KvReport {
+        let [ttft, tpot, e2e] = m.latencies.percentiles();
+        let pc = &sum.prefix_cache;
+        let (hits_all, queries_all) = (
+            pc.hits + pc.preempted_hits,
+            pc.queries + pc.preempted_queries,
+        );
+        let series = m.series.points().to_vec();
+        KvReport {
+            requests: sum.requests + m.rejected,
+            requests_finished: sum.requests_finished,
+            requests_rejected: m.rejected,
+            prompt_tokens: sum.prompt_tokens,
+            output_tokens: sum.output_tokens,
+            prefix_hit_tokens: pc.hits,
+            prefix_query_tokens: pc.queries,
+            prefix_hit_rate: ratio(pc.hits, pc.queries),
+            prefix_hit_tokens_with_preempted: hits_all,
+            prefix_query_tokens_with_preempted: queries_all,
+            prefix_hit_rate_with_preempted: ratio(hits_all, queries_all),
+            preemptions: sum.preemptions,
+            blocks_evicted: sum.blocks_evicted,
+            steps: sum.steps,
+            sim_time_us: sum.sim_time_us,
+            throughput_tokens_per_s: per_s(sum.prompt_tokens + sum.output_tokens, sum.sim_time_us),
+            output_tokens_per_s: per_s(sum.output_tokens, sum.sim_time_us),
+            ttft_us: ttft,
+            tpot_us: tpot,
+            e2e_us: e2e,
+            kv_blocks: sum.kv_blocks as u64,
+            kv_blocks_used_peak: sum.kv_blocks_used_peak as u64,
+            running_peak: m.running_peak,
+            waiting_peak: m.waiting_peak,
+            digest: sum.digest.clone(),
+            prefix_hits_refused: m.prefix_hits_refused,
+            config: info,
+            timeline: downsample(&series, TIMELINE_POINTS),
+            series,
         }
-        hits += rec.admitted.iter().map(|a| a.1).sum::<u64>();
-        queries += rec.admitted_tokens;
-        tokens += rec.scheduled.iter().map(|s| s.1).sum::<u64>();
-        samples.push(TimelinePoint {
-            t_us: rec.end_ns / 1000,
-            kv_blocks_used: usable - rec.free_blocks as u64,
-            running: rec.running,
-            waiting: rec.waiting,
-            prefix_hit_tokens: hits,
-            prefix_query_tokens: queries,
-        });
-        progress(tokens);
-        Ok(())
-    })?;
-    if let Some(log) = step_log {
-        log.flush().map_err(|e| ServeError::Io(e.to_string()))?;
-    }
-    let mut r = report(&sum, rejected, info, samples);
-    r.prefix_hits_refused = engine.hits_refused();
-    Ok(r)
-}
-
-fn report(sum: &RunSummary, rejected: u64, info: RunInfo, samples: Vec<TimelinePoint>) -> KvReport {
-    let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
-    for o in &sum.outcomes {
-        if let Some(first) = o.first_token_ns {
-            ttft.push((first - o.arrival_ns) / 1000);
-            if let Some(fin) = o.finish_ns {
-                e2e.push((fin - o.arrival_ns) / 1000);
-                if o.output_tokens >= 2 {
-                    tpot.push((fin - first) / (o.output_tokens - 1) / 1000);
-                }
-            }
-        }
-    }
-    let pc = &sum.prefix_cache;
-    let (hits_all, queries_all) = (
-        pc.hits + pc.preempted_hits,
-        pc.queries + pc.preempted_queries,
-    );
-    KvReport {
-        requests: sum.requests + rejected,
-        requests_finished: sum.requests_finished,
-        requests_rejected: rejected,
-        prompt_tokens: sum.prompt_tokens,
-        output_tokens: sum.output_tokens,
-        prefix_hit_tokens: pc.hits,
-        prefix_query_tokens: pc.queries,
-        prefix_hit_rate: ratio(pc.hits, pc.queries),
-        prefix_hit_tokens_with_preempted: hits_all,
-        prefix_query_tokens_with_preempted: queries_all,
-        prefix_hit_rate_with_preempted: ratio(hits_all, queries_all),
-        preemptions: sum.preemptions,
-        blocks_evicted: sum.blocks_evicted,
-        steps: sum.steps,
-        sim_time_us: sum.sim_time_us,
-        throughput_tokens_per_s: per_s(sum.prompt_tokens + sum.output_tokens, sum.sim_time_us),
-        output_tokens_per_s: per_s(sum.output_tokens, sum.sim_time_us),
-        ttft_us: Percentiles::of(&mut ttft),
-        tpot_us: Percentiles::of(&mut tpot),
-        e2e_us: Percentiles::of(&mut e2e),
-        kv_blocks: sum.kv_blocks as u64,
-        kv_blocks_used_peak: sum.kv_blocks_used_peak as u64,
-        running_peak: samples.iter().map(|s| s.running).max().unwrap_or(0),
-        waiting_peak: samples.iter().map(|s| s.waiting).max().unwrap_or(0),
-        digest: sum.digest.clone(),
-        prefix_hits_refused: 0,
-        config: info,
-        timeline: downsample(&samples, TIMELINE_POINTS),
-        samples,
     }
 }
 

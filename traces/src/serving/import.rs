@@ -9,22 +9,23 @@
 //!   is unique ([`Prompt::Unique`]); timestamps rebased to the first request. BurstGPT rows with
 //!   zero request or response tokens (failed requests) are skipped and counted in a warning.
 //!
-//! Requests are put in arrival order (stable: ties keep file order). Numbers are read without
-//! floats deciding anything: a decimal `timestamp` is parsed digit by digit. Errors name the
-//! file and line; lengths above [`MAX_PROMPT_TOKENS`] and more than [`MAX_REQUESTS`] requests
-//! are refused.
+//! Each format is a [`LineParser`] that [`RequestStream`] drives, which also puts requests in
+//! arrival order (stable: ties keep file order). Numbers are read without floats deciding
+//! anything: a decimal `timestamp` is parsed digit by digit. Errors name the file and line;
+//! lengths above [`MAX_PROMPT_TOKENS`] are refused. The functions named after the formats
+//! read a whole workload into memory.
 
 use std::io::BufRead;
 
 use serde_json::{Map, Value};
 
+use super::stream::{LineParser, Record, RequestStream, Timing};
 use super::{
-    Prompt, Workload, WorkloadRequest, DEFAULT_HASH_BLOCK, MAX_ARRIVAL_US, MAX_PROMPT_TOKENS,
+    Prompt, Workload, WorkloadFormat, WorkloadRequest, DEFAULT_HASH_BLOCK, MAX_PROMPT_TOKENS,
 };
 use crate::error::TraceError;
 
-/// Most requests one workload may hold (bounds what a hostile file can make gpumem allocate).
-pub const MAX_REQUESTS: u64 = 1 << 26;
+pub use super::stream::MAX_REQUESTS;
 /// Qwen-Bailian's hash block.
 pub const QWEN_HASH_BLOCK: u64 = 16;
 
@@ -176,108 +177,6 @@ fn json_hash_ids(r: &Map<String, Value>) -> Result<Vec<i64>, String> {
         .collect()
 }
 
-/// Builds requests record by record, then sorts them by arrival.
-struct Builder<'a> {
-    source: &'a str,
-    w: Workload,
-    limit: Option<u64>,
-    /// (arrival in the source's unit, request) — rebased and converted at the end.
-    records: Vec<(u64, WorkloadRequest)>,
-}
-
-impl<'a> Builder<'a> {
-    fn new(source: &'a str, limit: Option<u64>) -> Self {
-        Builder {
-            source,
-            w: Workload {
-                source: source.to_string(),
-                ..Workload::default()
-            },
-            limit,
-            records: Vec::new(),
-        }
-    }
-
-    fn full(&self) -> bool {
-        self.limit.is_some_and(|n| self.records.len() as u64 >= n)
-    }
-
-    fn err(&self, line: u64, reason: impl Into<String>) -> TraceError {
-        TraceError::at_line(self.source, line, reason)
-    }
-
-    fn push(
-        &mut self,
-        line: u64,
-        time: u64,
-        id: String,
-        prompt: Prompt,
-        output_tokens: u64,
-    ) -> Result<(), TraceError> {
-        if prompt.is_empty() {
-            return Err(self.err(line, "empty prompt (vLLM rejects it)"));
-        }
-        if self.records.len() as u64 >= MAX_REQUESTS {
-            return Err(self.err(
-                line,
-                format!("more than gpumem's limit of {MAX_REQUESTS} requests"),
-            ));
-        }
-        self.records.push((
-            time,
-            WorkloadRequest {
-                priority: 0,
-                id,
-                arrival_us: 0,
-                prompt,
-                max_tokens: output_tokens.max(1),
-                line,
-            },
-        ));
-        Ok(())
-    }
-
-    /// Arrival in µs = (time − first time if `rebase`) / `per_us`, in arrival order.
-    fn finish(mut self, rebase: bool, per_us: u64) -> Result<Workload, TraceError> {
-        let t0 = if rebase {
-            self.records.iter().map(|r| r.0).min().unwrap_or(0)
-        } else {
-            0
-        };
-        self.records.sort_by_key(|r| r.0);
-        for (t, mut r) in self.records {
-            r.arrival_us = (t - t0) / per_us;
-            if r.arrival_us > MAX_ARRIVAL_US {
-                return Err(TraceError::at_line(
-                    self.source,
-                    r.line,
-                    format!(
-                        "arrival {} us exceeds gpumem's limit of {MAX_ARRIVAL_US}",
-                        r.arrival_us
-                    ),
-                ));
-            }
-            self.w.requests.push(r);
-        }
-        Ok(self.w)
-    }
-}
-
-/// Non-blank lines of `input` with their 1-based numbers, `\r` stripped; I/O errors name the line.
-fn lines<'s>(
-    input: impl BufRead + 's,
-    source: &'s str,
-) -> impl Iterator<Item = Result<(u64, String), TraceError>> + 's {
-    input.lines().enumerate().filter_map(move |(i, l)| {
-        let n = i as u64 + 1;
-        match l {
-            Err(e) => Some(Err(TraceError::at_line(source, n, e.to_string()))),
-            Ok(s) if s.trim().is_empty() => None,
-            Ok(s) => Some(Ok((n, s.trim_end_matches('\r').to_string()))),
-        }
-    })
-}
-
 fn json_object(source: &str, line: u64, text: &str) -> Result<Map<String, Value>, TraceError> {
     match serde_json::from_str(text) {
         Ok(Value::Object(m)) => Ok(m),
@@ -290,6 +189,36 @@ fn json_object(source: &str, line: u64, text: &str) -> Result<Map<String, Value>
     }
 }
 
+/// A request of an imported trace: `max_tokens = max(1, output tokens)`.
+fn record(line: u64, time: u64, id: String, prompt: Prompt, output_tokens: u64) -> Record {
+    Record {
+        time,
+        request: WorkloadRequest {
+            priority: 0,
+            id,
+            arrival_us: 0,
+            prompt,
+            max_tokens: output_tokens.max(1),
+            line,
+        },
+    }
+}
+
+/// Reads a whole workload in `format` from `input` into memory.
+fn read_all(
+    input: impl BufRead,
+    source: &str,
+    format: WorkloadFormat,
+    limit: Option<u64>,
+) -> Result<Workload, TraceError> {
+    Workload::collect(RequestStream::from_reader(
+        input,
+        source,
+        Some(format),
+        limit,
+    )?)
+}
+
 /// Mooncake JSON Lines (`timestamp` ms, `input_length`, `output_length`, `hash_ids` over
 /// 512-token blocks).
 pub fn mooncake(
@@ -297,28 +226,93 @@ pub fn mooncake(
     source: &str,
     limit: Option<u64>,
 ) -> Result<Workload, TraceError> {
-    const KNOWN: [&str; 6] = [
-        "timestamp",
-        "input_length",
-        "output_length",
-        "hash_ids",
-        "session_id",
-        "delay",
-    ];
-    let mut b = Builder::new(source, limit);
-    let mut warned = std::collections::BTreeSet::new();
-    for item in lines(input, source) {
-        if b.full() {
-            break;
+    read_all(input, source, WorkloadFormat::Mooncake, limit)
+}
+
+/// Qwen-Bailian JSON Lines (`chat_id`, `parent_chat_id`, `timestamp` s, `input_length`,
+/// `output_length`, `hash_ids` over 16-token blocks, `type`, `turn`).
+pub fn qwen_bailian(
+    input: impl BufRead,
+    source: &str,
+    limit: Option<u64>,
+) -> Result<Workload, TraceError> {
+    read_all(input, source, WorkloadFormat::QwenBailian, limit)
+}
+
+/// Azure LLM inference 2023 CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`).
+pub fn azure(
+    input: impl BufRead,
+    source: &str,
+    limit: Option<u64>,
+) -> Result<Workload, TraceError> {
+    read_all(input, source, WorkloadFormat::Azure, limit)
+}
+
+/// BurstGPT CSV (`Timestamp` s, `Model`, `Request tokens`, `Response tokens`, `Total tokens`,
+/// `Log Type`). Failed requests (zero request or response tokens) are skipped.
+pub fn burstgpt(
+    input: impl BufRead,
+    source: &str,
+    limit: Option<u64>,
+) -> Result<Workload, TraceError> {
+    read_all(input, source, WorkloadFormat::BurstGpt, limit)
+}
+
+/// Mooncake's parser: ids `r<record index>`.
+pub(super) struct Mooncake {
+    source: String,
+    records: u64,
+    warned: std::collections::BTreeSet<String>,
+}
+
+impl Mooncake {
+    pub(super) fn new(source: &str) -> Self {
+        Mooncake {
+            source: source.to_string(),
+            records: 0,
+            warned: Default::default(),
         }
-        let (n, text) = item?;
-        let r = json_object(source, n, &text)?;
-        for k in r.keys() {
-            if !KNOWN.contains(&k.as_str()) && warned.insert(k.clone()) {
-                b.w.warnings
-                    .push(format!("ignoring unknown Mooncake field {k:?}"));
-            }
+    }
+}
+
+/// Most distinct unknown field names warned about (bounds the warnings of a hostile file).
+const MAX_FIELD_WARNINGS: usize = 64;
+
+/// Warns once about each unknown key of `r` (at most [`MAX_FIELD_WARNINGS`] names).
+pub(super) fn warn_unknown(
+    r: &Map<String, Value>,
+    known: &[&str],
+    warned: &mut std::collections::BTreeSet<String>,
+    warnings: &mut Vec<String>,
+    what: &str,
+) {
+    for k in r.keys() {
+        if !known.contains(&k.as_str())
+            && warned.len() < MAX_FIELD_WARNINGS
+            && warned.insert(k.clone())
+        {
+            warnings.push(format!("ignoring unknown {what} field {k:?}"));
         }
+    }
+}
+
+impl LineParser for Mooncake {
+    fn parse(
+        &mut self,
+        n: u64,
+        text: &str,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<Record>, TraceError> {
+        const KNOWN: [&str; 6] = [
+            "timestamp",
+            "input_length",
+            "output_length",
+            "hash_ids",
+            "session_id",
+            "delay",
+        ];
+        let r = json_object(&self.source, n, text)?;
+        warn_unknown(&r, &KNOWN, &mut self.warned, warnings, "Mooncake");
         let parsed = (|| {
             let t_us = json_time(&r, "timestamp", 3)?;
             let input_length = json_len(&r, "input_length")?;
@@ -333,32 +327,60 @@ pub fn mooncake(
             }
             Ok((t_us, input_length, output, hash_ids))
         })();
-        let (t_us, input_length, output, hash_ids) = parsed.map_err(|m| b.err(n, m))?;
-        let id = format!("r{}", b.records.len());
+        let (t_us, input_length, output, hash_ids) =
+            parsed.map_err(|m| TraceError::at_line(&self.source, n, m))?;
         let prompt = Prompt::HashIds {
             hash_ids,
             input_length,
             hash_block: DEFAULT_HASH_BLOCK,
         };
-        b.push(n, t_us, id, prompt, output)?;
+        nonempty(&self.source, n, &prompt)?;
+        let id = format!("r{}", self.records);
+        self.records += 1;
+        Ok(Some(record(n, t_us, id, prompt, output)))
     }
-    b.finish(false, 1)
+
+    fn timing(&self) -> Timing {
+        Timing {
+            reorder: true,
+            rebase: false,
+            per_us: 1,
+        }
+    }
 }
 
-/// Qwen-Bailian JSON Lines (`chat_id`, `parent_chat_id`, `timestamp` s, `input_length`,
-/// `output_length`, `hash_ids` over 16-token blocks, `type`, `turn`).
-pub fn qwen_bailian(
-    input: impl BufRead,
-    source: &str,
-    limit: Option<u64>,
-) -> Result<Workload, TraceError> {
-    let mut b = Builder::new(source, limit);
-    for item in lines(input, source) {
-        if b.full() {
-            break;
+fn nonempty(source: &str, line: u64, prompt: &Prompt) -> Result<(), TraceError> {
+    if prompt.is_empty() {
+        return Err(TraceError::at_line(
+            source,
+            line,
+            "empty prompt (vLLM rejects it)",
+        ));
+    }
+    Ok(())
+}
+
+/// Qwen-Bailian's parser: ids from `chat_id`, seconds rebased to the first request.
+pub(super) struct QwenBailian {
+    source: String,
+}
+
+impl QwenBailian {
+    pub(super) fn new(source: &str) -> Self {
+        QwenBailian {
+            source: source.to_string(),
         }
-        let (n, text) = item?;
-        let r = json_object(source, n, &text)?;
+    }
+}
+
+impl LineParser for QwenBailian {
+    fn parse(
+        &mut self,
+        n: u64,
+        text: &str,
+        _warnings: &mut Vec<String>,
+    ) -> Result<Option<Record>, TraceError> {
+        let r = json_object(&self.source, n, text)?;
         let parsed = (|| {
             let id = match r.get("chat_id") {
                 Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -390,26 +412,34 @@ pub fn qwen_bailian(
             }
             Ok((id, t_us, input_length, output, hash_ids))
         })();
-        let (id, t_us, input_length, output, hash_ids) = parsed.map_err(|m| b.err(n, m))?;
+        let (id, t_us, input_length, output, hash_ids) =
+            parsed.map_err(|m| TraceError::at_line(&self.source, n, m))?;
         let prompt = Prompt::HashIds {
             hash_ids,
             input_length,
             hash_block: QWEN_HASH_BLOCK,
         };
-        b.push(n, t_us, id, prompt, output)?;
+        nonempty(&self.source, n, &prompt)?;
+        Ok(Some(record(n, t_us, id, prompt, output)))
     }
-    b.finish(true, 1)
+
+    fn timing(&self) -> Timing {
+        Timing {
+            reorder: true,
+            rebase: true,
+            per_us: 1,
+        }
+    }
 }
 
 /// A CSV file's header (first non-blank line): the column of each name in `wanted`.
-struct Csv<'s> {
-    source: &'s str,
+struct Csv {
     columns: Vec<usize>,
     width: usize,
 }
 
-impl<'s> Csv<'s> {
-    fn new(source: &'s str, line: u64, header: &str, wanted: &[&str]) -> Result<Self, TraceError> {
+impl Csv {
+    fn new(source: &str, line: u64, header: &str, wanted: &[&str]) -> Result<Self, TraceError> {
         let names: Vec<&str> = header
             .split(',')
             .map(|c| c.trim().trim_matches('"'))
@@ -428,158 +458,213 @@ impl<'s> Csv<'s> {
             }
         }
         Ok(Csv {
-            source,
             columns,
             width: names.len(),
         })
     }
 
     /// The wanted fields of a row, trimmed and unquoted.
-    fn row<'l>(&self, line: u64, text: &'l str) -> Result<Vec<&'l str>, TraceError> {
+    fn row<'l>(&self, source: &str, line: u64, text: &'l str) -> Result<Vec<&'l str>, TraceError> {
         let fields: Vec<&str> = text
             .split(',')
             .map(|c| c.trim().trim_matches('"'))
             .collect();
         if fields.len() != self.width {
             return Err(TraceError::at_line(
-                self.source,
+                source,
                 line,
                 format!("expected {} fields, got {}", self.width, fields.len()),
             ));
         }
         Ok(self.columns.iter().map(|&i| fields[i]).collect())
     }
+}
 
-    fn count(&self, line: u64, name: &str, text: &str) -> Result<u64, TraceError> {
-        let err = |m: String| TraceError::at_line(self.source, line, m);
-        if text.starts_with('-') {
-            return Err(err(format!("{name} is negative ({text})")));
+fn csv_count(source: &str, line: u64, name: &str, text: &str) -> Result<u64, TraceError> {
+    let err = |m: String| TraceError::at_line(source, line, m);
+    if text.starts_with('-') {
+        return Err(err(format!("{name} is negative ({text})")));
+    }
+    let n: u64 = text.parse().map_err(|_| {
+        err(format!(
+            "{name} must be a non-negative integer, got {text:?}"
+        ))
+    })?;
+    if n > MAX_PROMPT_TOKENS {
+        return Err(err(format!(
+            "{name} {n} exceeds gpumem's limit of {MAX_PROMPT_TOKENS}"
+        )));
+    }
+    Ok(n)
+}
+
+/// What a CSV format makes of a data row's wanted fields: (time, prompt length, output
+/// length), or None to skip the row.
+type CsvRow = fn(&str, u64, &[&str], &mut CsvState) -> Result<Option<(u64, u64, u64)>, TraceError>;
+
+/// Per-file state of a CSV row reader.
+#[derive(Default)]
+pub(super) struct CsvState {
+    /// Azure: the first row's time, minus 2^62 ns.
+    first_ns: Option<i128>,
+}
+
+/// The CSV formats' parser: a header, then one request per row, every prompt unique
+/// ([`Prompt::Unique`]); ids `r<row index>` counting skipped rows.
+pub(super) struct CsvTrace {
+    source: String,
+    wanted: &'static [&'static str],
+    row: CsvRow,
+    state: CsvState,
+    csv: Option<Csv>,
+    next_id: i64,
+    rows: u64,
+    skipped: u64,
+    timing: Timing,
+}
+
+impl CsvTrace {
+    /// Azure LLM inference 2023: `TIMESTAMP,ContextTokens,GeneratedTokens`, nanoseconds.
+    pub(super) fn azure(source: &str) -> Self {
+        Self::new(
+            source,
+            &["TIMESTAMP", "ContextTokens", "GeneratedTokens"],
+            azure_row,
+            1000,
+        )
+    }
+
+    /// BurstGPT: `Timestamp` s, `Request tokens`, `Response tokens`; failed requests skipped.
+    pub(super) fn burstgpt(source: &str) -> Self {
+        Self::new(
+            source,
+            &["Timestamp", "Request tokens", "Response tokens"],
+            burstgpt_row,
+            1,
+        )
+    }
+
+    fn new(source: &str, wanted: &'static [&'static str], row: CsvRow, per_us: u64) -> Self {
+        CsvTrace {
+            source: source.to_string(),
+            wanted,
+            row,
+            state: CsvState::default(),
+            csv: None,
+            next_id: 0,
+            rows: 0,
+            skipped: 0,
+            timing: Timing {
+                reorder: true,
+                rebase: true,
+                per_us,
+            },
         }
-        let n: u64 = text.parse().map_err(|_| {
-            err(format!(
-                "{name} must be a non-negative integer, got {text:?}"
-            ))
-        })?;
-        if n > MAX_PROMPT_TOKENS {
-            return Err(err(format!(
-                "{name} {n} exceeds gpumem's limit of {MAX_PROMPT_TOKENS}"
-            )));
-        }
-        Ok(n)
     }
 }
 
-/// Reads a CSV workload: `row` turns the wanted fields of each data row into (time, prompt
-/// length, output length), or None to skip the row.
-fn read_csv<'s>(
-    input: impl BufRead + 's,
-    source: &'s str,
-    limit: Option<u64>,
-    wanted: &[&str],
-    mut row: impl FnMut(&Csv<'_>, u64, &[&str]) -> Result<Option<(u64, u64, u64)>, TraceError>,
-) -> Result<(Builder<'s>, u64), TraceError> {
-    let mut b = Builder::new(source, limit);
-    let mut csv: Option<Csv<'_>> = None;
-    let mut next_id: i64 = 0;
-    let mut skipped = 0u64;
-    for item in lines(input, source) {
-        if b.full() {
-            break;
-        }
-        let (n, text) = item?;
-        let Some(c) = &csv else {
-            csv = Some(Csv::new(source, n, &text, wanted)?);
-            continue;
+impl LineParser for CsvTrace {
+    fn parse(
+        &mut self,
+        n: u64,
+        text: &str,
+        _warnings: &mut Vec<String>,
+    ) -> Result<Option<Record>, TraceError> {
+        let Some(c) = &self.csv else {
+            self.csv = Some(Csv::new(&self.source, n, text, self.wanted)?);
+            return Ok(None);
         };
-        let fields = c.row(n, &text)?;
-        let Some((t, input_length, output)) = row(c, n, &fields)? else {
-            skipped += 1;
-            continue;
+        let fields = c.row(&self.source, n, text)?;
+        let Some((t, input_length, output)) =
+            (self.row)(&self.source, n, &fields, &mut self.state)?
+        else {
+            self.skipped += 1;
+            return Ok(None);
         };
         let prompt = Prompt::Unique {
-            first_hash_id: next_id,
+            first_hash_id: self.next_id,
             input_length,
         };
-        next_id += input_length.div_ceil(DEFAULT_HASH_BLOCK) as i64;
-        let id = format!("r{}", b.records.len() as u64 + skipped);
-        b.push(n, t, id, prompt, output)?;
+        nonempty(&self.source, n, &prompt)?;
+        self.next_id += input_length.div_ceil(DEFAULT_HASH_BLOCK) as i64;
+        let id = format!("r{}", self.rows + self.skipped);
+        self.rows += 1;
+        Ok(Some(record(n, t, id, prompt, output)))
     }
-    if csv.is_none() {
-        return Err(TraceError::in_file(
+
+    fn finish(&mut self, warnings: &mut Vec<String>) -> Result<(), TraceError> {
+        if self.csv.is_none() {
+            return Err(TraceError::in_file(
+                &self.source,
+                "the file is empty (no CSV header)",
+            ));
+        }
+        if self.skipped > 0 {
+            warnings.push(format!(
+                "skipped {} failed requests (zero request or response tokens)",
+                self.skipped
+            ));
+        }
+        Ok(())
+    }
+
+    fn timing(&self) -> Timing {
+        self.timing
+    }
+}
+
+/// Azure: nanoseconds since 1970 do not fit u64 times relative to 0 for dates before 1970;
+/// times are kept relative to 2^62 ns before the first row instead, and rebased to the
+/// earliest row by the stream.
+fn azure_row(
+    source: &str,
+    n: u64,
+    f: &[&str],
+    state: &mut CsvState,
+) -> Result<Option<(u64, u64, u64)>, TraceError> {
+    let t = parse_datetime_ns(f[0]).ok_or_else(|| {
+        TraceError::at_line(
             source,
-            "the file is empty (no CSV header)",
-        ));
-    }
-    Ok((b, skipped))
+            n,
+            format!(
+                "TIMESTAMP {:?} is not a date and time like 2023-11-16 18:17:03.9799600",
+                f[0]
+            ),
+        )
+    })?;
+    let t0 = *state.first_ns.get_or_insert(t - (1i128 << 62));
+    let rel = u64::try_from(t - t0).map_err(|_| {
+        TraceError::at_line(source, n, format!("TIMESTAMP {:?} is out of range", f[0]))
+    })?;
+    Ok(Some((
+        rel,
+        csv_count(source, n, "ContextTokens", f[1])?,
+        csv_count(source, n, "GeneratedTokens", f[2])?,
+    )))
 }
 
-/// Azure LLM inference 2023 CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`).
-pub fn azure(
-    input: impl BufRead,
+fn burstgpt_row(
     source: &str,
-    limit: Option<u64>,
-) -> Result<Workload, TraceError> {
-    let wanted = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"];
-    // Nanoseconds since 1970 do not fit the builder's u64 times relative to 0 for dates before
-    // 1970; times are kept relative to 2^62 ns before the first row instead, and rebased to the
-    // earliest row at the end.
-    let mut first: Option<i128> = None;
-    let (b, _) = read_csv(input, source, limit, &wanted, |c, n, f| {
-        let t = parse_datetime_ns(f[0]).ok_or_else(|| {
-            TraceError::at_line(
-                source,
-                n,
-                format!(
-                    "TIMESTAMP {:?} is not a date and time like 2023-11-16 18:17:03.9799600",
-                    f[0]
-                ),
-            )
-        })?;
-        let t0 = *first.get_or_insert(t - (1i128 << 62));
-        let rel = u64::try_from(t - t0).map_err(|_| {
-            TraceError::at_line(source, n, format!("TIMESTAMP {:?} is out of range", f[0]))
-        })?;
-        Ok(Some((
-            rel,
-            c.count(n, "ContextTokens", f[1])?,
-            c.count(n, "GeneratedTokens", f[2])?,
-        )))
+    n: u64,
+    f: &[&str],
+    _state: &mut CsvState,
+) -> Result<Option<(u64, u64, u64)>, TraceError> {
+    let t = if f[0].starts_with('-') {
+        None
+    } else {
+        parse_decimal(f[0], 6)
+    };
+    let t = t.ok_or_else(|| {
+        TraceError::at_line(
+            source,
+            n,
+            format!(
+                "Timestamp {:?} must be a non-negative number of seconds",
+                f[0]
+            ),
+        )
     })?;
-    b.finish(true, 1000)
-}
-
-/// BurstGPT CSV (`Timestamp` s, `Model`, `Request tokens`, `Response tokens`, `Total tokens`,
-/// `Log Type`). Failed requests (zero request or response tokens) are skipped.
-pub fn burstgpt(
-    input: impl BufRead,
-    source: &str,
-    limit: Option<u64>,
-) -> Result<Workload, TraceError> {
-    let wanted = ["Timestamp", "Request tokens", "Response tokens"];
-    let (mut b, skipped) = read_csv(input, source, limit, &wanted, |c, n, f| {
-        let t = if f[0].starts_with('-') {
-            None
-        } else {
-            parse_decimal(f[0], 6)
-        };
-        let t = t.ok_or_else(|| {
-            TraceError::at_line(
-                source,
-                n,
-                format!(
-                    "Timestamp {:?} must be a non-negative number of seconds",
-                    f[0]
-                ),
-            )
-        })?;
-        let input = c.count(n, "Request tokens", f[1])?;
-        let output = c.count(n, "Response tokens", f[2])?;
-        Ok((input > 0 && output > 0).then_some((t, input, output)))
-    })?;
-    if skipped > 0 {
-        b.w.warnings.push(format!(
-            "skipped {skipped} failed requests (zero request or response tokens)"
-        ));
-    }
-    b.finish(true, 1)
+    let input = csv_count(source, n, "Request tokens", f[1])?;
+    let output = csv_count(source, n, "Response tokens", f[2])?;
+    Ok((input > 0 && output > 0).then_some((t, input, output)))
 }

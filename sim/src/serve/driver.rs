@@ -1,0 +1,160 @@
+//! The serving driver: the simulated clock, and requests streamed into an engine as the clock
+//! reaches their arrival.
+//!
+//! The clock is integer nanoseconds. With the `fixed:STEP_US` cost model it is the conformance
+//! clock of `../shared/conformance/README.md`: step k starts at `k × STEP_US`; before it, every
+//! request that has arrived by then is added, in trace order; an idle engine jumps to the
+//! first step at or after the next arrival. With `roofline` each step lasts what its batch
+//! costs and an idle engine jumps to the next arrival itself. After a step that finished a
+//! request one more step runs even if it is empty (vLLM's extra step; it writes no log line).
+//!
+//! The driver holds one arrival ahead of the clock, never the workload: memory follows the
+//! requests in flight. A later cluster driver runs many engines through the same interface
+//! ([`VllmEngine::add_request`], [`VllmEngine::step`]).
+
+use serde::{Deserialize, Serialize};
+
+use gpumem_core::kv::PrefixCacheStats;
+
+use super::cost::CostModel;
+use super::step::{Now, StepRecord};
+use super::vllm::VllmEngine;
+use super::workload::WorkloadRequest;
+use super::ServeError;
+
+/// Totals of one run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub requests: u64,
+    pub requests_finished: u64,
+    /// Engine steps that scheduled or preempted something (lines of the step log).
+    pub steps: u64,
+    /// Last step index that was logged.
+    pub last_step: Option<u64>,
+    pub sim_time_us: u64,
+    pub scheduled_tokens: u64,
+    /// Prompt and generated tokens of the finished requests.
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    pub preemptions: u64,
+    pub admissions: u64,
+    /// Hit tokens over all admissions (re-admissions of preempted requests included).
+    pub admitted_hit_tokens: u64,
+    pub prefix_cache: PrefixCacheStats,
+    /// Hashes evicted from blocks handed out again (vLLM's removed events).
+    pub blocks_evicted: u64,
+    pub blocks_stored: u64,
+    pub kv_blocks: u32,
+    pub kv_blocks_used_peak: u32,
+    /// Hex digest of the engine's decisions.
+    pub digest: String,
+}
+
+impl RunSummary {
+    /// Counts one step (every step, logged or not).
+    fn add_step(&mut self, rec: &StepRecord, usable_blocks: u32) {
+        self.kv_blocks_used_peak = self
+            .kv_blocks_used_peak
+            .max(usable_blocks - rec.free_blocks);
+        for o in &rec.outcomes {
+            self.prompt_tokens += o.prompt_tokens;
+            self.output_tokens += o.output_tokens;
+        }
+        if !rec.is_logged() {
+            return;
+        }
+        self.steps += 1;
+        self.last_step = Some(rec.step);
+        self.preemptions += rec.preempted.len() as u64;
+        self.admissions += rec.admitted.len() as u64;
+        self.admitted_hit_tokens += rec.admitted_hit_tokens();
+        self.scheduled_tokens += rec.scheduled_tokens();
+        self.requests_finished += rec.finished.len() as u64;
+        self.sim_time_us = rec.end_ns / 1000;
+    }
+}
+
+/// Requests in arrival order, each checked or refused with its file and line.
+pub type ArrivalStream<'a> = dyn Iterator<Item = Result<WorkloadRequest, ServeError>> + 'a;
+
+/// How [`drive`] runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriveOptions {
+    /// Run the KV manager's full invariant walk after every `n`-th step (0: never; it is
+    /// O(blocks), for tests).
+    pub check_invariants_every: u64,
+}
+
+/// Runs `engine` until `arrivals` are exhausted and every request has finished, calling
+/// `on_step` after every step that scheduled or preempted something (one step-log line each).
+pub fn drive<'x>(
+    engine: &mut VllmEngine<'x>,
+    arrivals: &mut ArrivalStream<'_>,
+    options: DriveOptions,
+    on_step: &mut dyn FnMut(&StepRecord, &VllmEngine<'x>) -> Result<(), ServeError>,
+) -> Result<RunSummary, ServeError> {
+    let cfg = *engine.config();
+    let usable = cfg.num_gpu_blocks - 1;
+    let mut sum = RunSummary {
+        kv_blocks: cfg.num_gpu_blocks,
+        ..RunSummary::default()
+    };
+    let mut next = arrivals.next().transpose()?;
+    let mut step = 0u64;
+    let mut now_ns = 0u64;
+    let mut finished_last = false;
+    loop {
+        while let Some(req) = next.take_if(|r| r.arrival_us.saturating_mul(1000) <= now_ns) {
+            engine.add_request(req)?;
+            next = arrivals.next().transpose()?;
+        }
+        if !engine.has_unfinished_requests() && !finished_last {
+            let Some(req) = &next else {
+                break;
+            };
+            // Idle: jump to the next arrival (on the fixed clock, to the step at or after it).
+            (step, now_ns) = match cfg.cost {
+                CostModel::Fixed { step_us } => {
+                    let k = req.arrival_us.div_ceil(step_us);
+                    (k, k * step_us * 1000)
+                }
+                CostModel::Roofline(_) => (step, req.arrival_us * 1000),
+            };
+            continue;
+        }
+        engine.step(Now { step, ns: now_ns });
+        let rec = engine.last_step();
+        if rec.end_ns == u64::MAX {
+            return Err(ServeError::Input(format!(
+                "step {step}: the simulated clock overflows 2^64 ns"
+            )));
+        }
+        let every = options.check_invariants_every;
+        if every > 0 && step.is_multiple_of(every) {
+            engine
+                .kv()
+                .check_invariants()
+                .map_err(|e| ServeError::Internal(format!("step {step}: {e}")))?;
+        }
+        finished_last = !rec.finished.is_empty();
+        sum.add_step(rec, usable);
+        if rec.is_logged() {
+            on_step(rec, engine)?;
+        } else if engine.has_unfinished_requests() {
+            return Err(ServeError::Stall(format!(
+                "step {step}: {}",
+                engine.stall_reason()
+            )));
+        }
+        step += 1;
+        now_ns = rec.end_ns;
+    }
+    let kv = engine.kv();
+    let totals = kv.pool().totals();
+    sum.requests = engine.requests_added();
+    sum.blocks_evicted = totals.removed;
+    sum.blocks_stored = totals.stored;
+    sum.prefix_cache = *kv.stats();
+    sum.digest = engine.digest_hex();
+    Ok(sum)
+}

@@ -1,0 +1,149 @@
+//! The engine's live requests: those waiting, running or finished by the last step. Each lives
+//! in a slot (a dense index the KV manager's block tables use too); a slot is reused once its
+//! request has finished and its last step has been read, so the engine's memory follows the
+//! requests in flight, never the length of the trace.
+
+use gpumem_core::kv::hash::{hash_request_block, ExtraKeys};
+use gpumem_core::kv::{BlockHash, SlotRequest};
+
+use super::super::workload::WorkloadRequest;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Status {
+    Waiting,
+    Running,
+    Preempted,
+    Finished,
+}
+
+/// One request in flight (vLLM's `Request`).
+#[derive(Clone, Debug)]
+pub(super) struct Req {
+    /// Position in arrival order among the requests added (0-based): names the request in the
+    /// digest and numbers its generated tokens.
+    pub seq: u64,
+    pub input: WorkloadRequest,
+    pub num_prompt: u64,
+    /// Prompt and output tokens so far.
+    pub num_tokens: u64,
+    pub num_computed: u64,
+    pub num_output: u64,
+    /// Hashes of the full blocks (filled when the request is first considered for admission).
+    pub hashes: Vec<BlockHash>,
+    pub status: Status,
+    pub num_preemptions: u32,
+    pub first_token_ns: Option<u64>,
+}
+
+impl Req {
+    pub fn new(seq: u64, input: WorkloadRequest) -> Req {
+        let num_prompt = input.prompt.len();
+        Req {
+            seq,
+            input,
+            num_prompt,
+            num_tokens: num_prompt,
+            num_computed: 0,
+            num_output: 0,
+            hashes: Vec::new(),
+            status: Status::Waiting,
+            num_preemptions: 0,
+            first_token_ns: None,
+        }
+    }
+
+    /// What the KV manager needs of the request in slot `slot`.
+    pub fn slot_request(&self, slot: usize) -> SlotRequest<'_> {
+        SlotRequest {
+            req: slot,
+            num_tokens: self.num_tokens,
+            num_computed_tokens: self.num_computed,
+            block_hashes: &self.hashes,
+            waiting: matches!(self.status, Status::Waiting | Status::Preempted),
+        }
+    }
+
+    /// Tokens `start..end` into `out` (prompt, then generated tokens by the contract's rule).
+    fn fill_tokens(&self, start: u64, end: u64, out: &mut Vec<u32>) {
+        out.clear();
+        let np = self.num_prompt;
+        if start < np {
+            self.input.prompt.fill(start, end.min(np), out);
+        }
+        for j in start.max(np)..end {
+            out.push(WorkloadRequest::generated_token(self.seq as usize, j - np));
+        }
+    }
+
+    /// Hashes the full blocks not hashed yet (vLLM's request block hasher). `tokens` is scratch.
+    pub fn update_hashes(&mut self, block_size: u32, tokens: &mut Vec<u32>) {
+        let bs = block_size as u64;
+        loop {
+            let i = self.hashes.len();
+            let start = i as u64 * bs;
+            if start + bs > self.num_tokens {
+                break;
+            }
+            self.fill_tokens(start, start + bs, tokens);
+            let parent = self.hashes.last().copied();
+            let h = hash_request_block(parent, i, tokens, &ExtraKeys::NONE);
+            self.hashes.push(h);
+        }
+    }
+
+    /// vLLM's `Request.__lt__` key: priority, then arrival time, then request id.
+    pub fn priority_key(&self) -> (i64, u64, &str) {
+        (
+            self.input.priority,
+            self.input.arrival_us,
+            self.input.id.as_str(),
+        )
+    }
+}
+
+/// The slots of the live requests; the slot freed last is reused first (a stack:
+/// deterministic, and it keeps the slots dense).
+#[derive(Debug, Default)]
+pub(super) struct Requests {
+    slots: Vec<Option<Req>>,
+    free: Vec<usize>,
+}
+
+impl Requests {
+    /// Puts `req` in a free slot and returns the slot.
+    pub fn insert(&mut self, req: Req) -> usize {
+        match self.free.pop() {
+            Some(slot) => {
+                debug_assert!(self.slots[slot].is_none());
+                self.slots[slot] = Some(req);
+                slot
+            }
+            None => {
+                self.slots.push(Some(req));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Drops the request in `slot`; the slot is reused.
+    pub fn remove(&mut self, slot: usize) {
+        debug_assert!(self.slots[slot].is_some());
+        self.slots[slot] = None;
+        self.free.push(slot);
+    }
+
+    #[inline]
+    pub fn get(&self, slot: usize) -> &Req {
+        self.slots[slot].as_ref().expect("a live request's slot")
+    }
+
+    #[inline]
+    pub fn get_mut(&mut self, slot: usize) -> &mut Req {
+        self.slots[slot].as_mut().expect("a live request's slot")
+    }
+
+    /// Requests in flight.
+    pub fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}

@@ -1,0 +1,192 @@
+//! vLLM's `Scheduler.schedule()`: the RUNNING requests first, then the WAITING ones (only if
+//! nothing was preempted), under one token budget; the waiting queue's order and the choice of
+//! preemption victims for FCFS and priority scheduling.
+
+use super::super::step::StepRecord;
+use super::requests::Status;
+use super::{SchedulingPolicy, VllmEngine};
+
+impl VllmEngine<'_> {
+    /// The RUNNING loop of `schedule()`, in admission order: each request gets its next chunk
+    /// (at most the budget, never past `max_model_len`), preempting the lowest-priority running
+    /// request (under FCFS the most recently admitted), maybe itself, until its blocks fit.
+    /// Returns the budget left.
+    pub(super) fn schedule_running(&mut self, rec: &mut StepRecord, mut budget: u64) -> u64 {
+        let max_len = self.cfg.max_model_len;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let r = self.running[i];
+            let q = self.requests.get(r);
+            let n = (q.num_tokens - q.num_computed)
+                .min(budget)
+                .min(max_len.saturating_sub(q.num_computed + 1));
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            let scheduled = loop {
+                let slot = self.requests.get(r).slot_request(r);
+                if self.kv.allocate_slots(slot, n, 0, &[], false, true) {
+                    break true;
+                }
+                let (victim, index) = self.take_victim();
+                if index < i {
+                    i -= 1;
+                }
+                // Under priority a victim may have been scheduled earlier in this step: its
+                // tokens go back to the budget.
+                if let Some(pos) = rec.scheduled.iter().position(|&(x, _)| x == victim) {
+                    budget += rec.scheduled.remove(pos).1;
+                }
+                self.preempt(victim);
+                rec.preempted.push(victim);
+                if victim == r {
+                    break false;
+                }
+            };
+            if !scheduled {
+                // Under priority the requests after `r` rank higher and may still fit (`r`
+                // freed its blocks); `i` already points at the next one.
+                if self.cfg.policy == SchedulingPolicy::Priority {
+                    continue;
+                }
+                break;
+            }
+            rec.scheduled.push((r, n));
+            budget -= n;
+            i += 1;
+        }
+        budget
+    }
+
+    /// The WAITING loop of `schedule()`: admits requests from the head of the queue while
+    /// the budget, `max_num_seqs` and the KV pool allow (head-of-line blocking).
+    pub(super) fn schedule_waiting(&mut self, rec: &mut StepRecord, mut budget: u64) {
+        while budget > 0 {
+            let Some(&r) = self.waiting.front() else {
+                break;
+            };
+            if self.running.len() as u64 >= self.cfg.max_num_seqs {
+                break;
+            }
+            // vLLM hashes a request's blocks when it arrives; hashing it when it is first
+            // considered gives the same hashes without holding them while it queues.
+            if self.cfg.enable_prefix_caching {
+                let q = self.requests.get_mut(r);
+                q.update_hashes(self.cfg.block_size, &mut self.tok_buf);
+            }
+            let Some((hit_tokens, n)) = self.try_admit(r, budget) else {
+                break;
+            };
+            self.waiting.pop_front();
+            let q = self.requests.get_mut(r);
+            debug_assert_eq!(q.num_computed, 0);
+            let preempted_before = q.num_preemptions > 0;
+            let num_tokens = q.num_tokens;
+            q.status = Status::Running;
+            q.num_computed = hit_tokens;
+            self.kv
+                .record_prefix_cache_stats(num_tokens, hit_tokens, preempted_before);
+            self.running.push(r);
+            rec.admitted_tokens += num_tokens;
+            rec.admitted.push((r, hit_tokens));
+            rec.scheduled.push((r, n));
+            budget -= n;
+        }
+    }
+
+    /// Allocates the waiting request `r`'s first chunk (at most `budget` tokens after its
+    /// prefix hits) if the whole request fits. Its hits are read back (on an executor) only
+    /// once the admission is known to succeed; a hit refused there is not counted, and the
+    /// request is admitted with the hits before it if it still fits. Returns (hit tokens,
+    /// tokens scheduled), or None when it does not fit.
+    fn try_admit(&mut self, r: usize, budget: u64) -> Option<(u64, u64)> {
+        let q = self.requests.get(r);
+        let has_running = !self.running.is_empty();
+        let mut hits = std::mem::take(&mut self.hit_buf);
+        let mut hit_tokens = self
+            .kv
+            .get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
+        let admitted = loop {
+            let n = (q.num_tokens - hit_tokens).min(budget);
+            let slot = q.slot_request(r);
+            if !self
+                .kv
+                .can_allocate_slots(slot, n, hit_tokens, &hits, true, has_running)
+            {
+                break None;
+            }
+            let verified = self.kv.read_back_hits(&q.hashes, &mut hits);
+            if verified == hit_tokens {
+                let done = self
+                    .kv
+                    .allocate_slots(slot, n, hit_tokens, &hits, true, has_running);
+                assert!(
+                    done,
+                    "allocate_slots refused what can_allocate_slots allowed"
+                );
+                break Some((hit_tokens, n));
+            }
+            hit_tokens = verified;
+        };
+        self.hit_buf = hits;
+        admitted
+    }
+
+    /// Adds `slot` to the waiting queue: at the back (FCFS) or in priority order.
+    pub(super) fn enqueue_waiting(&mut self, slot: usize) {
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_back(slot),
+            SchedulingPolicy::Priority => self.enqueue_by_priority(slot),
+        }
+    }
+
+    /// The priority queue (a heap in vLLM): requests are popped in key order.
+    fn enqueue_by_priority(&mut self, slot: usize) {
+        let requests = &self.requests;
+        let key = requests.get(slot).priority_key();
+        let at = self
+            .waiting
+            .partition_point(|&x| requests.get(x).priority_key() < key);
+        self.waiting.insert(at, slot);
+    }
+
+    /// Takes the request to preempt out of `running`: the last admitted (FCFS) or the one with
+    /// the highest priority key. Returns it and its index.
+    fn take_victim(&mut self) -> (usize, usize) {
+        let index = match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.running.len() - 1,
+            // vLLM's `max(running, key=(priority, arrival_time))`: no id in the key, and the
+            // first of equal keys in running order wins.
+            SchedulingPolicy::Priority => {
+                let key = |slot: usize| {
+                    let (priority, arrival, _) = self.requests.get(slot).priority_key();
+                    (priority, arrival)
+                };
+                let mut best = 0;
+                for k in 1..self.running.len() {
+                    if key(self.running[k]) > key(self.running[best]) {
+                        best = k;
+                    }
+                }
+                best
+            }
+        };
+        (self.running.remove(index), index)
+    }
+
+    /// Preemption by recompute: the request frees its blocks and waits again, at the front
+    /// (FCFS) or in priority order.
+    fn preempt(&mut self, slot: usize) {
+        self.kv.free(slot);
+        let q = self.requests.get_mut(slot);
+        debug_assert_eq!(q.status, Status::Running);
+        q.status = Status::Preempted;
+        q.num_computed = 0;
+        q.num_preemptions += 1;
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_front(slot),
+            SchedulingPolicy::Priority => self.enqueue_by_priority(slot),
+        }
+    }
+}

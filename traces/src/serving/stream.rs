@@ -1,0 +1,340 @@
+//! A workload file read lazily: [`RequestStream`] hands out one request at a time, in arrival
+//! order, and holds only what it has read ahead. Every format is one [`LineParser`] (a line in,
+//! at most one request out); the stream owns the lines, the limits and the arrival order.
+//!
+//! Arrival order: the conformance workload must already be in order (its own check). The
+//! imported traces are put in order as they are read, stably (ties keep file order), within a
+//! window of [`REORDER_WINDOW`] requests: a request that arrives earlier than one the window
+//! has already let go is refused, naming its line. Traces whose times are relative to their
+//! first request (Qwen-Bailian, Azure, BurstGPT) are rebased to the earliest one.
+//!
+//! Limits, each named in its error: lines of at most [`MAX_LINE_BYTES`] bytes (the rest of a
+//! longer line is never read), at most [`MAX_REQUESTS`] requests, arrivals up to
+//! [`MAX_ARRIVAL_US`]. The input may be a pipe: it is read once, front to back.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{BufRead, Read};
+use std::path::Path;
+
+use super::{WorkloadFormat, WorkloadRequest, MAX_ARRIVAL_US};
+use crate::error::TraceError;
+
+/// Longest line accepted, in bytes (its line ending excluded): bounds what one line can make
+/// a reader allocate; the longest real lines (a prompt of explicit token ids) are a few MiB.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// Most requests one workload may hold (bounds the per-request integers a run keeps for its
+/// percentiles, and what a hostile file can make gpumem do).
+pub const MAX_REQUESTS: u64 = 1 << 26;
+
+/// How far out of arrival order an imported request may be, in requests: the stream reads this
+/// many ahead of the one it hands out.
+pub const REORDER_WINDOW: usize = 1 << 16;
+
+/// One request as a line gave it: its time in the format's own unit, not yet in arrival
+/// order (`request.arrival_us` is filled in by the stream).
+#[derive(Debug)]
+pub struct Record {
+    pub time: u64,
+    pub request: WorkloadRequest,
+}
+
+/// How a format's record times become arrivals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// Put in order within [`REORDER_WINDOW`] (else the parser has checked the order itself).
+    pub reorder: bool,
+    /// Times are relative to the earliest request.
+    pub rebase: bool,
+    /// Time units per µs.
+    pub per_us: u64,
+}
+
+/// One format: lines in, requests out.
+pub trait LineParser {
+    /// Parses non-blank line `line` (its ending stripped). `Ok(None)` for a line that holds no
+    /// request (a CSV header, a skipped row). Warnings go to `warnings`, each once.
+    fn parse(
+        &mut self,
+        line: u64,
+        text: &str,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<Record>, TraceError>;
+
+    /// After the last line read (the input ended or the limit was reached).
+    fn finish(&mut self, _warnings: &mut Vec<String>) -> Result<(), TraceError> {
+        Ok(())
+    }
+
+    fn timing(&self) -> Timing;
+}
+
+/// A record waiting in the reorder window, ordered by (time, position in the file).
+struct Pending {
+    time: u64,
+    seq: u64,
+    request: WorkloadRequest,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        (self.time, self.seq) == (other.time, other.seq)
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.time, self.seq).cmp(&(other.time, other.seq))
+    }
+}
+
+/// The requests of one workload input, in arrival order (see the module documentation).
+pub struct RequestStream<'a> {
+    source: String,
+    format: WorkloadFormat,
+    input: Box<dyn BufRead + 'a>,
+    parser: Box<dyn LineParser + 'a>,
+    timing: Timing,
+    /// A line read ahead (format detection) and not parsed yet.
+    first_line: Option<(u64, String)>,
+    line_number: u64,
+    buffer: Vec<u8>,
+    limit: Option<u64>,
+    records: u64,
+    window: BinaryHeap<Reverse<Pending>>,
+    /// Time of the last request handed out, and the rebase origin (the first one's time).
+    last_time: Option<u64>,
+    origin: u64,
+    warnings: Vec<String>,
+    input_done: bool,
+    failed: bool,
+}
+
+impl<'a> RequestStream<'a> {
+    /// Opens `path` in `format`, or in the format its first non-blank line shows; at most
+    /// `limit` requests (the first in the file).
+    pub fn open(
+        path: &Path,
+        format: Option<WorkloadFormat>,
+        limit: Option<u64>,
+    ) -> Result<RequestStream<'static>, TraceError> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))?;
+        RequestStream::from_reader(
+            std::io::BufReader::with_capacity(1 << 16, file),
+            &path.display().to_string(),
+            format,
+            limit,
+        )
+    }
+
+    /// Reads `input` (named `source` in errors), as [`open`](Self::open) reads a file.
+    pub fn from_reader(
+        input: impl BufRead + 'a,
+        source: &str,
+        format: Option<WorkloadFormat>,
+        limit: Option<u64>,
+    ) -> Result<Self, TraceError> {
+        let mut s = RequestStream {
+            source: source.to_string(),
+            format: format.unwrap_or(WorkloadFormat::Conformance),
+            input: Box::new(input),
+            parser: WorkloadFormat::Conformance.parser(source),
+            timing: WorkloadFormat::Conformance.parser(source).timing(),
+            first_line: None,
+            line_number: 0,
+            buffer: Vec::new(),
+            limit,
+            records: 0,
+            window: BinaryHeap::new(),
+            last_time: None,
+            origin: 0,
+            warnings: Vec::new(),
+            input_done: false,
+            failed: false,
+        };
+        if format.is_none() {
+            s.format = s.detect()?;
+        }
+        s.parser = s.format.parser(source);
+        s.timing = s.parser.timing();
+        Ok(s)
+    }
+
+    pub fn format(&self) -> WorkloadFormat {
+        self.format
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Ignored fields and skipped records so far, one message each.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Reads up to the first non-blank line and tells the format from it; the line is parsed
+    /// later as the first one.
+    fn detect(&mut self) -> Result<WorkloadFormat, TraceError> {
+        loop {
+            let Some(n) = self.read_line()? else {
+                return Err(TraceError::in_file(&self.source, "the file is empty"));
+            };
+            let text = self.line_text(n)?;
+            if !text.trim().is_empty() {
+                let format = WorkloadFormat::detect(Path::new(&self.source), n, text)?;
+                self.first_line = Some((n, text.to_string()));
+                return Ok(format);
+            }
+        }
+    }
+
+    /// Reads the next line into `buffer`, its ending dropped; returns its number, or None at
+    /// the end of the input.
+    fn read_line(&mut self) -> Result<Option<u64>, TraceError> {
+        self.buffer.clear();
+        self.line_number += 1;
+        let n = self.line_number;
+        let limit = MAX_LINE_BYTES as u64 + 1;
+        let read = (&mut self.input)
+            .take(limit)
+            .read_until(b'\n', &mut self.buffer)
+            .map_err(|e| TraceError::at_line(&self.source, n, e.to_string()))?;
+        if read == 0 {
+            return Ok(None);
+        }
+        if self.buffer.last() == Some(&b'\n') {
+            self.buffer.pop();
+        } else if self.buffer.len() > MAX_LINE_BYTES {
+            return Err(TraceError::at_line(
+                &self.source,
+                n,
+                format!("the line is longer than gpumem's limit of {MAX_LINE_BYTES} bytes"),
+            ));
+        }
+        if self.buffer.last() == Some(&b'\r') {
+            self.buffer.pop();
+        }
+        Ok(Some(n))
+    }
+
+    /// The line in `buffer` as text.
+    fn line_text(&self, n: u64) -> Result<&str, TraceError> {
+        std::str::from_utf8(&self.buffer)
+            .map_err(|_| TraceError::at_line(&self.source, n, "stream did not contain valid UTF-8"))
+    }
+
+    /// Parses lines until one gives a record, the limit is reached or the input ends.
+    fn next_record(&mut self) -> Result<Option<Record>, TraceError> {
+        loop {
+            if self.limit.is_some_and(|n| self.records >= n) {
+                return Ok(None);
+            }
+            let (n, parsed) = match self.first_line.take() {
+                Some((n, text)) => (n, self.parser.parse(n, &text, &mut self.warnings)?),
+                None => {
+                    let Some(n) = self.read_line()? else {
+                        return Ok(None);
+                    };
+                    let text = std::str::from_utf8(&self.buffer).map_err(|_| {
+                        TraceError::at_line(&self.source, n, "stream did not contain valid UTF-8")
+                    })?;
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    (n, self.parser.parse(n, text, &mut self.warnings)?)
+                }
+            };
+            if let Some(r) = parsed {
+                if self.records >= MAX_REQUESTS {
+                    return Err(TraceError::at_line(
+                        &self.source,
+                        n,
+                        format!("more than gpumem's limit of {MAX_REQUESTS} requests"),
+                    ));
+                }
+                self.records += 1;
+                return Ok(Some(r));
+            }
+        }
+    }
+
+    /// Fills the window (or takes the next record in file order) and hands out the earliest.
+    fn next_request(&mut self) -> Result<Option<WorkloadRequest>, TraceError> {
+        let room = if self.timing.reorder {
+            REORDER_WINDOW
+        } else {
+            1
+        };
+        while !self.input_done && self.window.len() < room {
+            match self.next_record()? {
+                Some(r) => {
+                    if self.last_time.is_some_and(|t| r.time < t) {
+                        return Err(self.out_of_order(&r));
+                    }
+                    let seq = self.records;
+                    self.window.push(Reverse(Pending {
+                        time: r.time,
+                        seq,
+                        request: r.request,
+                    }));
+                }
+                None => {
+                    self.input_done = true;
+                    self.parser.finish(&mut self.warnings)?;
+                }
+            }
+        }
+        let Some(Reverse(p)) = self.window.pop() else {
+            return Ok(None);
+        };
+        if self.last_time.is_none() && self.timing.rebase {
+            self.origin = p.time;
+        }
+        self.last_time = Some(p.time);
+        let mut r = p.request;
+        r.arrival_us = (p.time - self.origin) / self.timing.per_us;
+        if r.arrival_us > MAX_ARRIVAL_US {
+            return Err(TraceError::at_line(
+                &self.source,
+                r.line,
+                format!(
+                    "arrival {} us exceeds gpumem's limit of {MAX_ARRIVAL_US}",
+                    r.arrival_us
+                ),
+            ));
+        }
+        Ok(Some(r))
+    }
+
+    fn out_of_order(&self, r: &Record) -> TraceError {
+        TraceError::at_line(
+            &self.source,
+            r.request.line,
+            format!(
+                "the request arrives before one {REORDER_WINDOW} or more requests earlier in the file; gpumem puts requests in arrival order only within {REORDER_WINDOW} requests (sort the trace by time)"
+            ),
+        )
+    }
+}
+
+impl Iterator for RequestStream<'_> {
+    type Item = Result<WorkloadRequest, TraceError>;
+
+    /// The next request in arrival order; after an error, None.
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let r = self.next_request();
+        self.failed = r.is_err();
+        r.transpose()
+    }
+}
