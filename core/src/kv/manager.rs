@@ -143,8 +143,13 @@ pub struct KvCacheManager<'x, P: EvictionPolicy = VllmLru> {
     /// Full blocks of a running request already cached (vLLM's `num_cached_block`).
     num_cached: Vec<u32>,
     stats: PrefixCacheStats,
+    /// Emptied tables of freed requests, kept for the next requests that take blocks.
+    spare_tables: Vec<Vec<BlockId>>,
     placed: Option<Placed<'x>>,
 }
+
+/// Most emptied block tables kept for reuse (about the requests that run at once).
+const MAX_SPARE_TABLES: usize = 1024;
 
 impl KvCacheManager<'_, VllmLru> {
     pub fn new(config: KvConfig) -> Self {
@@ -161,6 +166,7 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
             tables: Vec::new(),
             num_cached: Vec::new(),
             stats: PrefixCacheStats::default(),
+            spare_tables: Vec::new(),
             placed: None,
         }
     }
@@ -235,6 +241,11 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
         if req >= self.tables.len() {
             self.tables.resize_with(req + 1, Vec::new);
             self.num_cached.resize(req + 1, UNTRACKED);
+        }
+        if self.tables[req].capacity() == 0 {
+            if let Some(spare) = self.spare_tables.pop() {
+                self.tables[req] = spare;
+            }
         }
     }
 
@@ -411,8 +422,13 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
         let mut table = std::mem::take(&mut self.tables[req]);
         self.num_cached[req] = UNTRACKED;
         self.pool.free_blocks(table.iter().rev().copied());
-        table.clear();
-        self.tables[req] = table;
+        // The request's index may stay unused a long time (a caller reuses indices of
+        // finished requests for waiting ones): its table's memory goes to the next request
+        // that takes blocks, or is returned.
+        if self.spare_tables.len() < MAX_SPARE_TABLES && table.capacity() > 0 {
+            table.clear();
+            self.spare_tables.push(table);
+        }
     }
 
     /// vLLM's `record_prefix_cache_stats`, called when a waiting request is admitted.

@@ -23,6 +23,7 @@ pub mod hash;
 pub mod index;
 pub mod manager;
 pub mod pool;
+pub mod prefix_map;
 
 pub use block::{cdiv, BlockId, NULL_BLOCK};
 pub use eviction::{EvictionPolicy, VllmLru};

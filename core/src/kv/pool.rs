@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::block::{BlockId, NULL_BLOCK};
 use super::eviction::{EvictionPolicy, VllmLru};
-use super::hash::{BlockHash, BlockHashMap};
+use super::hash::BlockHash;
+use super::prefix_map::PrefixMap;
 
 /// Stored and removed hash counts (vLLM's `BlockStored` / `BlockRemoved` events, counted by
 /// hashes), since they were last taken.
@@ -58,37 +59,13 @@ pub struct BlockPoolSummary {
     pub cached_hashes: u32,
 }
 
-/// The blocks holding one hash, in insertion order (vLLM keeps a single block or a dict).
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Holders {
-    One(BlockId),
-    Many(Vec<BlockId>),
-}
-
-impl Holders {
-    #[inline]
-    fn first(&self) -> BlockId {
-        match self {
-            Holders::One(b) => *b,
-            Holders::Many(v) => v[0],
-        }
-    }
-
-    fn as_slice(&self) -> &[BlockId] {
-        match self {
-            Holders::One(b) => std::slice::from_ref(b),
-            Holders::Many(v) => v,
-        }
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct BlockPool<P: EvictionPolicy = VllmLru> {
     num_blocks: u32,
     enable_caching: bool,
     ref_cnt: Vec<u32>,
     hash: Vec<Option<BlockHash>>,
-    cached: BlockHashMap<Holders>,
+    cached: PrefixMap,
     policy: P,
     counters: StepCounters,
     totals: StepCounters,
@@ -119,7 +96,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
             enable_caching,
             ref_cnt: vec![0; num_blocks as usize],
             hash: vec![None; num_blocks as usize],
-            cached: BlockHashMap::default(),
+            cached: PrefixMap::new(num_blocks),
             policy,
             counters: StepCounters::default(),
             totals: StepCounters::default(),
@@ -174,7 +151,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
     /// The block to serve a hit on `h`: the first inserted of the blocks holding it.
     #[inline]
     pub fn get_cached(&self, h: BlockHash) -> Option<BlockId> {
-        self.cached.get(&h).map(Holders::first)
+        self.cached.first(h)
     }
 
     /// Takes `n` blocks from the free blocks (evicting cached content lazily), each with a
@@ -217,28 +194,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
     }
 
     fn remove_holder(&mut self, h: BlockHash, b: BlockId) -> bool {
-        use std::collections::hash_map::Entry;
-        let Entry::Occupied(mut e) = self.cached.entry(h) else {
-            return false;
-        };
-        match e.get_mut() {
-            Holders::One(x) => {
-                if *x != b {
-                    return false;
-                }
-                e.remove();
-            }
-            Holders::Many(v) => {
-                let Some(i) = v.iter().position(|&x| x == b) else {
-                    return false;
-                };
-                v.remove(i);
-                if v.is_empty() {
-                    e.remove();
-                }
-            }
-        }
-        true
+        self.cached.remove(h, b)
     }
 
     /// vLLM's `touch`: each block hit by a prefix lookup gains a reference; a free one leaves
@@ -316,18 +272,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
                 .map(|j| blocks[j])
                 .filter(|&p| p != NULL_BLOCK);
             self.policy.on_cached(b, h, parent);
-            match self.cached.entry(h) {
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(Holders::One(b));
-                }
-                std::collections::hash_map::Entry::Occupied(mut e) => {
-                    let holders = e.get_mut();
-                    match holders {
-                        Holders::One(x) => *holders = Holders::Many(vec![*x, b]),
-                        Holders::Many(v) => v.push(b),
-                    }
-                }
-            }
+            self.cached.insert(h, b);
         }
         self.counters.stored += stored;
         self.totals.stored += stored;
@@ -401,10 +346,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
             }
             used += (r > 0) as u32;
             if let Some(h) = self.hash[b as usize] {
-                let held = self
-                    .cached
-                    .get(&h)
-                    .is_some_and(|hs| hs.as_slice().contains(&b));
+                let held = self.cached.holders(h).any(|x| x == b);
                 if !held {
                     return Err(format!(
                         "block {b} holds {h:?}, which the map does not name"
@@ -420,13 +362,13 @@ impl<P: EvictionPolicy> BlockPool<P> {
             ));
         }
         let mut entries = 0usize;
-        for (h, hs) in &self.cached {
-            let s = hs.as_slice();
+        for h in self.cached.hashes() {
+            let s: Vec<BlockId> = self.cached.holders(h).collect();
             if s.is_empty() {
                 return Err(format!("{h:?} maps to no block"));
             }
             for (i, &b) in s.iter().enumerate() {
-                if self.hash.get(b as usize).copied().flatten() != Some(*h) {
+                if self.hash.get(b as usize).copied().flatten() != Some(h) {
                     return Err(format!("{h:?} maps to block {b}, which does not hold it"));
                 }
                 if s[..i].contains(&b) {
