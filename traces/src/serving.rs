@@ -59,18 +59,31 @@ pub enum Prompt {
 
 /// Appends tokens `start..end` of a prompt in the Mooncake form whose block `b` has id `id(b)`.
 fn fill_hashed(id: impl Fn(u64) -> i64, hb: u64, start: u64, end: u64, out: &mut Vec<u32>) {
+    const P: u64 = PROMPT_MOD as u64;
+    // (id * hb + o) mod P, from residues: every factor below 2^30, so no product overflows
+    // (and no 128-bit division runs per block).
+    let hb_mod = hb % P;
     let mut j = start;
     while j < end {
         let b = j / hb;
         let o = j % hb;
-        let run_end = end.min((b + 1) * hb);
-        let base = (id(b) as i128 * hb as i128 + o as i128).rem_euclid(PROMPT_MOD) as u64;
+        let run_end = end.min((b + 1).saturating_mul(hb));
+        let id_mod = id(b).rem_euclid(P as i64) as u64;
+        let base = (id_mod * hb_mod % P + o % P) % P;
         // Consecutive offsets in one hash block: no division per token.
-        let n = run_end - j;
-        if base + n <= PROMPT_MOD as u64 {
-            out.extend((base..base + n).map(|t| t as u32));
+        let n = (run_end - j) as usize;
+        let at = out.len();
+        out.resize(at + n, 0);
+        let run = &mut out[at..];
+        if base + n as u64 <= P {
+            let base = base as u32;
+            for (k, t) in run.iter_mut().enumerate() {
+                *t = base + k as u32;
+            }
         } else {
-            out.extend((base..base + n).map(|t| (t % PROMPT_MOD as u64) as u32));
+            for (k, t) in run.iter_mut().enumerate() {
+                *t = ((base + k as u64) % P) as u32;
+            }
         }
         j = run_end;
     }

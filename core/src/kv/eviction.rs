@@ -41,6 +41,13 @@ pub trait EvictionPolicy {
     /// The free block to hand out next.
     fn pop(&mut self) -> Option<BlockId>;
 
+    /// True when what `pop` hands out never depends on `on_evicted`: the pool may then take
+    /// several blocks before it evicts their content (and load ahead what it will touch).
+    #[inline]
+    fn pop_ignores_evictions(&self) -> bool {
+        false
+    }
+
     fn len(&self) -> u32;
 
     fn is_empty(&self) -> bool {
@@ -113,6 +120,12 @@ impl EvictionPolicy for VllmLru {
     #[inline]
     fn pop(&mut self) -> Option<BlockId> {
         self.queue.pop_front()
+    }
+
+    /// The free queue's order is fixed by releases and touches alone.
+    #[inline]
+    fn pop_ignores_evictions(&self) -> bool {
+        true
     }
 
     #[inline]
@@ -246,6 +259,11 @@ impl EvictionPolicy for Eviction {
     #[inline]
     fn pop(&mut self) -> Option<BlockId> {
         dispatch!(self, p => p.pop())
+    }
+
+    #[inline]
+    fn pop_ignores_evictions(&self) -> bool {
+        dispatch!(self, p => p.pop_ignores_evictions())
     }
 
     #[inline]

@@ -8,12 +8,23 @@ use super::block::BlockId;
 
 const NONE: u32 = u32::MAX;
 
+/// A block's neighbours in the queue, side by side (one cache line serves an unlink).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Link {
+    prev: u32,
+    next: u32,
+}
+
+const UNLINKED: Link = Link {
+    prev: NONE,
+    next: NONE,
+};
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreeQueue {
-    /// `prev[i]` / `next[i]` for block `i`; `NONE` when the block is not in the queue.
-    /// Index `n` is the fake head, `n + 1` the fake tail.
-    prev: Vec<u32>,
-    next: Vec<u32>,
+    /// `links[i]` for block `i`, both `NONE` when the block is not in the queue. Index `n` is
+    /// the fake head, `n + 1` the fake tail.
+    links: Vec<Link>,
     len: u32,
 }
 
@@ -22,13 +33,12 @@ impl FreeQueue {
     pub fn new(num_blocks: u32, initial: impl IntoIterator<Item = BlockId>) -> Self {
         let n = num_blocks as usize;
         let mut q = FreeQueue {
-            prev: vec![NONE; n + 2],
-            next: vec![NONE; n + 2],
+            links: vec![UNLINKED; n + 2],
             len: 0,
         };
         let (head, tail) = (q.head(), q.tail());
-        q.next[head as usize] = tail;
-        q.prev[tail as usize] = head;
+        q.links[head as usize].next = tail;
+        q.links[tail as usize].prev = head;
         for b in initial {
             q.push_back(b);
         }
@@ -37,12 +47,12 @@ impl FreeQueue {
 
     #[inline]
     fn head(&self) -> u32 {
-        (self.prev.len() - 2) as u32
+        (self.links.len() - 2) as u32
     }
 
     #[inline]
     fn tail(&self) -> u32 {
-        (self.prev.len() - 1) as u32
+        (self.links.len() - 1) as u32
     }
 
     #[inline]
@@ -57,16 +67,16 @@ impl FreeQueue {
 
     #[inline]
     pub fn contains(&self, b: BlockId) -> bool {
-        self.next[b as usize] != NONE
+        self.links[b as usize].next != NONE
     }
 
     #[inline]
     fn link(&mut self, after: u32, b: u32) {
-        let before = self.next[after as usize];
-        self.prev[b as usize] = after;
-        self.next[b as usize] = before;
-        self.next[after as usize] = b;
-        self.prev[before as usize] = b;
+        let before = self.links[after as usize].next;
+        self.links[b as usize].prev = after;
+        self.links[b as usize].next = before;
+        self.links[after as usize].next = b;
+        self.links[before as usize].prev = b;
         self.len += 1;
     }
 
@@ -74,7 +84,7 @@ impl FreeQueue {
     #[inline]
     pub fn push_back(&mut self, b: BlockId) {
         debug_assert!(!self.contains(b), "block {b} already free");
-        let last = self.prev[self.tail() as usize];
+        let last = self.links[self.tail() as usize].prev;
         self.link(last, b);
     }
 
@@ -91,22 +101,22 @@ impl FreeQueue {
     /// Unlinks `b`, which must be in the queue.
     #[inline]
     pub fn remove(&mut self, b: BlockId) {
-        let (p, n) = (self.prev[b as usize], self.next[b as usize]);
+        let (p, n) = (self.links[b as usize].prev, self.links[b as usize].next);
         assert!(
             p != NONE && n != NONE,
             "remove of block {b}, which is not free"
         );
-        self.next[p as usize] = n;
-        self.prev[n as usize] = p;
-        self.prev[b as usize] = NONE;
-        self.next[b as usize] = NONE;
+        self.links[p as usize].next = n;
+        self.links[n as usize].prev = p;
+        self.links[b as usize].prev = NONE;
+        self.links[b as usize].next = NONE;
         self.len -= 1;
     }
 
     /// Takes the head block.
     #[inline]
     pub fn pop_front(&mut self) -> Option<BlockId> {
-        let first = self.next[self.head() as usize];
+        let first = self.links[self.head() as usize].next;
         if first == self.tail() {
             return None;
         }
@@ -117,13 +127,13 @@ impl FreeQueue {
     /// The blocks from head to tail.
     pub fn iter(&self) -> impl Iterator<Item = BlockId> + '_ {
         let tail = self.tail();
-        let mut cur = self.next[self.head() as usize];
+        let mut cur = self.links[self.head() as usize].next;
         std::iter::from_fn(move || {
             if cur == tail {
                 return None;
             }
             let b = cur;
-            cur = self.next[b as usize];
+            cur = self.links[b as usize].next;
             Some(b)
         })
     }
@@ -133,7 +143,7 @@ impl FreeQueue {
         let mut count = 0u32;
         let mut prev = self.head();
         for b in self.iter() {
-            if self.prev[b as usize] != prev {
+            if self.links[b as usize].prev != prev {
                 return Err(format!("free queue: block {b} has a broken back link"));
             }
             count += 1;
@@ -142,7 +152,7 @@ impl FreeQueue {
             }
             prev = b;
         }
-        if self.prev[self.tail() as usize] != prev {
+        if self.links[self.tail() as usize].prev != prev {
             return Err("free queue: tail link broken".into());
         }
         if count != self.len {
@@ -151,9 +161,9 @@ impl FreeQueue {
                 self.len
             ));
         }
-        let linked = self.next[..self.prev.len() - 2]
+        let linked = self.links[..self.links.len() - 2]
             .iter()
-            .filter(|&&n| n != NONE)
+            .filter(|l| l.next != NONE)
             .count() as u32;
         if linked != self.len {
             return Err(format!(

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::block::{BlockId, NULL_BLOCK};
 use super::eviction::{EvictionPolicy, VllmLru};
 use super::hash::BlockHash;
-use super::prefix_map::PrefixMap;
+use super::prefix_map::{prefetch, PrefixMap};
 
 /// Stored and removed hash counts (vLLM's `BlockStored` / `BlockRemoved` events, counted by
 /// hashes), since they were last taken.
@@ -59,12 +59,44 @@ pub struct BlockPoolSummary {
     pub cached_hashes: u32,
 }
 
+/// One block's reference count and the hash it holds, side by side: the pool reads and writes
+/// both for the same block, and one cache line serves them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BlockState {
+    hash: u64,
+    ref_cnt: u32,
+    hashed: bool,
+}
+
+impl BlockState {
+    #[inline]
+    fn hash(&self) -> Option<BlockHash> {
+        self.hashed.then_some(BlockHash(self.hash))
+    }
+
+    #[inline]
+    fn take_hash(&mut self) -> Option<BlockHash> {
+        let h = self.hash();
+        self.hashed = false;
+        h
+    }
+
+    #[inline]
+    fn set_hash(&mut self, h: BlockHash) {
+        self.hash = h.0;
+        self.hashed = true;
+    }
+}
+
+/// How many blocks ahead the pool starts loading the prefix-map slots it will touch.
+const LOAD_AHEAD: usize = 4;
+
 #[derive(Clone, Debug)]
 pub struct BlockPool<P: EvictionPolicy = VllmLru> {
     num_blocks: u32,
     enable_caching: bool,
-    ref_cnt: Vec<u32>,
-    hash: Vec<Option<BlockHash>>,
+    /// Reference count and hash of every block.
+    blocks: Vec<BlockState>,
     cached: PrefixMap,
     policy: P,
     counters: StepCounters,
@@ -94,8 +126,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
         BlockPool {
             num_blocks,
             enable_caching,
-            ref_cnt: vec![0; num_blocks as usize],
-            hash: vec![None; num_blocks as usize],
+            blocks: vec![BlockState::default(); num_blocks as usize],
             cached: PrefixMap::new(num_blocks),
             policy,
             counters: StepCounters::default(),
@@ -140,12 +171,12 @@ impl<P: EvictionPolicy> BlockPool<P> {
 
     #[inline]
     pub fn ref_cnt(&self, b: BlockId) -> u32 {
-        self.ref_cnt[b as usize]
+        self.blocks[b as usize].ref_cnt
     }
 
     #[inline]
     pub fn block_hash(&self, b: BlockId) -> Option<BlockHash> {
-        self.hash[b as usize]
+        self.blocks[b as usize].hash()
     }
 
     /// The block to serve a hit on `h`: the first inserted of the blocks holding it.
@@ -164,22 +195,46 @@ impl<P: EvictionPolicy> BlockPool<P> {
             self.num_free()
         );
         out.reserve(n);
+        if self.enable_caching && self.policy.pop_ignores_evictions() {
+            // Take them all first: evicting each then finds the map slots it touches already
+            // on their way (one cache miss per block, overlapped).
+            let first = out.len();
+            out.extend((0..n).map(|_| self.policy.pop().expect("free count out of sync")));
+            for i in first..out.len() {
+                if let Some(&a) = out.get(i + 2 * LOAD_AHEAD) {
+                    prefetch(&self.blocks[a as usize]);
+                }
+                if let Some(h) = out.get(i + LOAD_AHEAD).and_then(|&a| self.block_hash(a)) {
+                    self.cached.load_ahead(h);
+                }
+                let b = out[i];
+                self.maybe_evict(b);
+                self.take_new(b);
+            }
+            return;
+        }
         for _ in 0..n {
             let b = self.policy.pop().expect("free count out of sync");
             if self.enable_caching {
                 self.maybe_evict(b);
             }
-            let r = &mut self.ref_cnt[b as usize];
-            debug_assert_eq!(*r, 0, "free block {b} is referenced");
-            *r = 1;
+            self.take_new(b);
             out.push(b);
         }
+    }
+
+    /// A free block handed out: one reference.
+    #[inline]
+    fn take_new(&mut self, b: BlockId) {
+        let r = &mut self.blocks[b as usize].ref_cnt;
+        debug_assert_eq!(*r, 0, "free block {b} is referenced");
+        *r = 1;
     }
 
     /// Removes every map entry that points at `b` and clears its hash. Returns whether it held
     /// a hash.
     fn maybe_evict(&mut self, b: BlockId) -> bool {
-        let Some(h) = self.hash[b as usize].take() else {
+        let Some(h) = self.blocks[b as usize].take_hash() else {
             return false;
         };
         self.policy.on_evicted(b, h);
@@ -204,7 +259,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
             if b == NULL_BLOCK {
                 continue;
             }
-            let r = &mut self.ref_cnt[b as usize];
+            let r = &mut self.blocks[b as usize].ref_cnt;
             if *r == 0 {
                 self.policy.take(b);
             }
@@ -223,11 +278,14 @@ impl<P: EvictionPolicy> BlockPool<P> {
             if b == NULL_BLOCK {
                 continue;
             }
-            let r = &mut self.ref_cnt[b as usize];
-            assert!(*r > 0, "free of block {b}, which is not referenced");
-            *r -= 1;
-            if *r == 0 {
-                if self.hash[b as usize].is_none() || !self.enable_caching {
+            let state = &mut self.blocks[b as usize];
+            assert!(
+                state.ref_cnt > 0,
+                "free of block {b}, which is not referenced"
+            );
+            state.ref_cnt -= 1;
+            if state.ref_cnt == 0 {
+                if !state.hashed || !self.enable_caching {
                     first.push(b);
                 } else {
                     last.push(b);
@@ -255,18 +313,21 @@ impl<P: EvictionPolicy> BlockPool<P> {
         assert!(num_full <= blocks.len() && num_full <= hashes.len());
         let mut stored = 0u64;
         for i in num_cached..num_full {
+            if i + LOAD_AHEAD < num_full {
+                self.cached.load_ahead(hashes[i + LOAD_AHEAD]);
+            }
             let b = blocks[i];
             if b == NULL_BLOCK {
                 continue;
             }
             let h = hashes[i];
             stored += 1;
-            match self.hash[b as usize] {
+            match self.blocks[b as usize].hash() {
                 Some(old) if old == h => continue,
                 Some(old) => panic!("block {b} already holds hash {old:?}"),
                 None => {}
             }
-            self.hash[b as usize] = Some(h);
+            self.blocks[b as usize].set_hash(h);
             let parent = i
                 .checked_sub(1)
                 .map(|j| blocks[j])
@@ -298,7 +359,9 @@ impl<P: EvictionPolicy> BlockPool<P> {
             return false;
         }
         self.cached.clear();
-        self.hash.iter_mut().for_each(|h| *h = None);
+        self.blocks.iter_mut().for_each(|s| {
+            s.take_hash();
+        });
         self.policy.on_reset();
         if let Some(ev) = &mut self.events {
             ev.push(KvEvent::AllCleared);
@@ -324,7 +387,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
         BlockPoolSummary {
             num_blocks: self.num_blocks,
             free_blocks: self.num_free(),
-            cached_blocks: self.hash.iter().filter(|h| h.is_some()).count() as u32,
+            cached_blocks: self.blocks.iter().filter(|s| s.hashed).count() as u32,
             cached_hashes: self.cached.len() as u32,
         }
     }
@@ -334,18 +397,19 @@ impl<P: EvictionPolicy> BlockPool<P> {
     /// block holding that hash and every hashed block is in the map.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.policy.check()?;
-        if self.policy.contains(NULL_BLOCK) || self.ref_cnt[0] != 0 || self.hash[0].is_some() {
+        if self.policy.contains(NULL_BLOCK) || self.blocks[0].ref_cnt != 0 || self.blocks[0].hashed
+        {
             return Err("null block is free, referenced or hashed".into());
         }
         let mut used = 0u32;
         for b in 1..self.num_blocks {
             let free = self.policy.contains(b);
-            let r = self.ref_cnt[b as usize];
+            let r = self.blocks[b as usize].ref_cnt;
             if free == (r > 0) {
                 return Err(format!("block {b}: free {free} with {r} references"));
             }
             used += (r > 0) as u32;
-            if let Some(h) = self.hash[b as usize] {
+            if let Some(h) = self.block_hash(b) {
                 let held = self.cached.holders(h).any(|x| x == b);
                 if !held {
                     return Err(format!(
@@ -368,7 +432,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
                 return Err(format!("{h:?} maps to no block"));
             }
             for (i, &b) in s.iter().enumerate() {
-                if self.hash.get(b as usize).copied().flatten() != Some(h) {
+                if self.blocks.get(b as usize).and_then(BlockState::hash) != Some(h) {
                     return Err(format!("{h:?} maps to block {b}, which does not hold it"));
                 }
                 if s[..i].contains(&b) {
@@ -377,7 +441,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
             }
             entries += s.len();
         }
-        let hashed = self.hash.iter().filter(|h| h.is_some()).count();
+        let hashed = self.blocks.iter().filter(|s| s.hashed).count();
         if entries != hashed {
             return Err(format!("{entries} map entries for {hashed} hashed blocks"));
         }

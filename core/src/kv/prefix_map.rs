@@ -12,6 +12,21 @@
 use super::hash::BlockHash;
 use super::BlockId;
 
+/// Asks the CPU to bring `value`'s cache line in, without waiting for it: the prefix map's
+/// slots are touched at random, and asking a few blocks ahead overlaps those cache misses.
+#[inline]
+pub(crate) fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults, whatever the address, and changes no
+    // state the program can observe; `value` is a valid reference anyway.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 /// No block: an empty slot, the end of a chain.
 const NONE: BlockId = BlockId::MAX;
 
@@ -19,11 +34,15 @@ const NONE: BlockId = BlockId::MAX;
 struct Slot {
     hash: u64,
     first: BlockId,
+    /// Other blocks hold the hash too (`next[first]` starts their chain): without them, the
+    /// per-block array is never touched.
+    chained: bool,
 }
 
 const EMPTY: Slot = Slot {
     hash: 0,
     first: NONE,
+    chained: false,
 };
 
 /// Hash → blocks holding it, for a pool of `num_blocks` blocks (see the module documentation).
@@ -34,7 +53,7 @@ pub struct PrefixMap {
     shift: u32,
     /// Distinct hashes held.
     len: usize,
-    /// Per block: the next block holding the same hash ([`NONE`] at the end).
+    /// Per block of a chain: the next block holding the same hash ([`NONE`] at the end).
     next: Vec<BlockId>,
 }
 
@@ -90,6 +109,13 @@ impl PrefixMap {
         }
     }
 
+    /// Starts loading the slot where `hash` lives (or would go), so that an operation on it a
+    /// little later finds it in cache. Changes nothing.
+    #[inline]
+    pub fn load_ahead(&self, hash: BlockHash) {
+        prefetch(&self.slots[self.home(hash.0)]);
+    }
+
     /// The first block inserted of those holding `hash`.
     #[inline]
     pub fn first(&self, hash: BlockHash) -> Option<BlockId> {
@@ -100,7 +126,6 @@ impl PrefixMap {
     /// Block `block` (holding no hash yet) now holds `hash`, after any other holder.
     pub fn insert(&mut self, hash: BlockHash, block: BlockId) {
         debug_assert!(block != NONE);
-        self.next[block as usize] = NONE;
         let (i, found) = self.find(hash.0);
         if !found {
             assert!(
@@ -110,15 +135,20 @@ impl PrefixMap {
             self.slots[i] = Slot {
                 hash: hash.0,
                 first: block,
+                chained: false,
             };
             self.len += 1;
             return;
         }
         let mut last = self.slots[i].first;
-        while self.next[last as usize] != NONE {
-            last = self.next[last as usize];
+        if self.slots[i].chained {
+            while self.next[last as usize] != NONE {
+                last = self.next[last as usize];
+            }
         }
+        self.slots[i].chained = true;
         self.next[last as usize] = block;
+        self.next[block as usize] = NONE;
     }
 
     /// `block` no longer holds `hash`. False (nothing changes) if it was not among its holders.
@@ -127,13 +157,19 @@ impl PrefixMap {
         if !found {
             return false;
         }
-        let first = self.slots[i].first;
+        let Slot { first, chained, .. } = self.slots[i];
         if first == block {
-            match self.next[block as usize] {
-                NONE => self.delete_slot(i),
-                second => self.slots[i].first = second,
+            if chained {
+                let second = self.next[block as usize];
+                self.slots[i].first = second;
+                self.slots[i].chained = self.next[second as usize] != NONE;
+            } else {
+                self.delete_slot(i);
             }
             return true;
+        }
+        if !chained {
+            return false;
         }
         let mut prev = first;
         loop {
@@ -142,7 +178,11 @@ impl PrefixMap {
                 return false;
             }
             if b == block {
-                self.next[prev as usize] = self.next[block as usize];
+                let after = self.next[block as usize];
+                self.next[prev as usize] = after;
+                if prev == first && after == NONE {
+                    self.slots[i].chained = false;
+                }
                 return true;
             }
             prev = b;
@@ -183,11 +223,19 @@ impl PrefixMap {
 
     /// The blocks holding `hash`, first inserted first.
     pub fn holders(&self, hash: BlockHash) -> impl Iterator<Item = BlockId> + '_ {
-        let mut b = self.first(hash).unwrap_or(NONE);
+        let (i, found) = self.find(hash.0);
+        let slot = if found { self.slots[i] } else { EMPTY };
+        let mut b = slot.first;
+        let mut chained = slot.chained;
         std::iter::from_fn(move || {
             let cur = b;
             (cur != NONE).then(|| {
-                b = self.next[cur as usize];
+                b = if chained {
+                    self.next[cur as usize]
+                } else {
+                    NONE
+                };
+                chained = true;
                 cur
             })
         })

@@ -287,3 +287,28 @@ fn formats_are_detected_by_content() {
         assert_eq!(WorkloadFormat::parse(f.name()), Some(f));
     }
 }
+
+proptest::proptest! {
+    /// Tokens follow the contract's rule, `(hash_id * hash_block + offset) mod 1_000_000_007`
+    /// computed in 128 bits, for any ids (negative, huge) and block sizes.
+    #[test]
+    fn fill_follows_the_expansion_rule(
+        ids in proptest::collection::vec(proptest::prelude::any::<i64>(), 1..5),
+        hb in proptest::prop_oneof![1u64..40, proptest::prelude::any::<u64>()],
+        a in 0u64..200,
+        b in 0u64..200,
+    ) {
+        let len = (ids.len() as u128 * hb as u128).min(200) as u64;
+        let (start, end) = (a.min(b).min(len), a.max(b).min(len));
+        let p = Prompt::HashIds { hash_ids: ids.clone(), input_length: len, hash_block: hb };
+        let mut out = Vec::new();
+        p.fill(start, end, &mut out);
+        let want: Vec<u32> = (start..end)
+            .map(|j| {
+                let h = ids[(j / hb) as usize] as i128;
+                (h * hb as i128 + (j % hb) as i128).rem_euclid(PROMPT_MOD) as u32
+            })
+            .collect();
+        proptest::prop_assert_eq!(out, want);
+    }
+}

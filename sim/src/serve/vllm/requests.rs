@@ -8,6 +8,9 @@ use gpumem_core::kv::{BlockHash, SlotRequest};
 
 use super::super::workload::WorkloadRequest;
 
+/// Most tokens made at once for hashing (bounds the scratch buffer, 32 KiB).
+const HASH_BATCH_TOKENS: u64 = 8192;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Status {
     Waiting,
@@ -75,19 +78,22 @@ impl Req {
         }
     }
 
-    /// Hashes the full blocks not hashed yet (vLLM's request block hasher). `tokens` is scratch.
+    /// Hashes the full blocks not hashed yet (vLLM's request block hasher). `tokens` is
+    /// scratch: the tokens of up to [`HASH_BATCH_TOKENS`] are made at once, then hashed block
+    /// by block.
     pub fn update_hashes(&mut self, block_size: u32, tokens: &mut Vec<u32>) {
         let bs = block_size as u64;
-        loop {
-            let i = self.hashes.len();
-            let start = i as u64 * bs;
-            if start + bs > self.num_tokens {
-                break;
+        let full_blocks = self.num_tokens / bs;
+        let per_batch = (HASH_BATCH_TOKENS / bs).max(1);
+        while (self.hashes.len() as u64) < full_blocks {
+            let first = self.hashes.len() as u64;
+            let last = full_blocks.min(first + per_batch);
+            self.fill_tokens(first * bs, last * bs, tokens);
+            for block in tokens.chunks_exact(bs as usize) {
+                let parent = self.hashes.last().copied();
+                let h = hash_request_block(parent, self.hashes.len(), block, &ExtraKeys::NONE);
+                self.hashes.push(h);
             }
-            self.fill_tokens(start, start + bs, tokens);
-            let parent = self.hashes.last().copied();
-            let h = hash_request_block(parent, i, tokens, &ExtraKeys::NONE);
-            self.hashes.push(h);
         }
     }
 
