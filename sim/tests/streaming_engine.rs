@@ -150,7 +150,7 @@ fn config() -> impl Strategy<Value = EngineConfig> {
             Just(EvictionKind::Arc),
             Just(EvictionKind::LeafLru)
         ],
-        prop_oneof![(1u64..3000).prop_map(|step_us| Some(step_us)), Just(None)],
+        prop_oneof![(1u64..3000).prop_map(Some), Just(None)],
     )
         .prop_map(
             |((blocks, bs), (seqs, extra), caching, policy, eviction, step)| {
