@@ -362,3 +362,35 @@ fn plot_and_step_log_are_written_for_any_format() {
     assert_eq!(first["step"], 0);
     assert_eq!(first["admitted"][0][0], "r0");
 }
+
+/// A trace read from a pipe (read once, lazily) gives the report the file gives.
+#[test]
+fn a_pipe_is_a_trace_too() {
+    let trace = mooncake_conversation();
+    let args = ["--limit", "300", "--kv-blocks", "3000", "--json"];
+    let mut from_file = vec!["kv", "--trace", trace.to_str().unwrap()];
+    from_file.extend(args);
+    let file = json_report(&from_file);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpumem"))
+        .args(["kv", "--trace", "/dev/stdin"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    let bytes = std::fs::read(&trace).unwrap();
+    // gpumem stops reading after 300 requests: the rest of the write may find the pipe closed.
+    let writer = std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut pipe, &bytes);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut piped: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(piped["config"]["trace"], "stdin");
+    piped["config"]["trace"] = file["config"]["trace"].clone();
+    assert_eq!(piped, file);
+    assert_eq!(file["requests"], 300);
+}

@@ -312,3 +312,124 @@ proptest::proptest! {
         proptest::prop_assert_eq!(out, want);
     }
 }
+
+fn mooncake_line(t_ms: u64) -> String {
+    format!(
+        "{{\"timestamp\": {t_ms}, \"input_length\": 4, \"output_length\": 1, \"hash_ids\": [1]}}\n"
+    )
+}
+
+#[test]
+fn imported_requests_come_in_arrival_order_ties_in_file_order() {
+    let text: String = [5, 3, 4, 3].into_iter().map(mooncake_line).collect();
+    let stream = RequestStream::from_reader(text.as_bytes(), "m", None, None).unwrap();
+    assert_eq!(stream.format(), WorkloadFormat::Mooncake);
+    let got: Vec<(String, u64)> = stream
+        .map(|r| r.map(|r| (r.id, r.arrival_us)))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let want = [("r1", 3000), ("r3", 3000), ("r2", 4000), ("r0", 5000)];
+    assert_eq!(got, want.map(|(id, t)| (id.to_string(), t)));
+}
+
+#[test]
+fn a_request_further_out_of_order_than_the_window_is_refused() {
+    let mut text: String = (1..=REORDER_WINDOW as u64 + 1).map(mooncake_line).collect();
+    text.push_str(&mooncake_line(0));
+    let line = REORDER_WINDOW + 2;
+    let err =
+        Workload::collect(RequestStream::from_reader(text.as_bytes(), "m", None, None).unwrap())
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "m:{line}: the request arrives before one {REORDER_WINDOW} or more requests earlier"
+        )),
+        "{err}"
+    );
+}
+
+/// A reader that counts the lines taken from it.
+struct CountingLines<'a> {
+    lines: std::iter::Peekable<std::str::Lines<'a>>,
+    taken: std::rc::Rc<std::cell::Cell<usize>>,
+    pending: Vec<u8>,
+}
+
+impl std::io::Read for CountingLines<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pending.is_empty() {
+            match self.lines.next() {
+                Some(l) => {
+                    self.taken.set(self.taken.get() + 1);
+                    self.pending = format!("{l}\n").into_bytes();
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_stream_reads_only_as_far_as_it_hands_out() {
+    let text: String = (0..1000)
+        .map(|i| {
+            format!("{{\"id\":\"r{i}\",\"arrival_us\":{i},\"prompt\":[1,2],\"max_tokens\":1}}\n")
+        })
+        .collect();
+    let taken = std::rc::Rc::new(std::cell::Cell::new(0));
+    let input = CountingLines {
+        lines: text.lines().peekable(),
+        taken: taken.clone(),
+        pending: Vec::new(),
+    };
+    let mut stream = RequestStream::from_reader(
+        std::io::BufReader::with_capacity(16, input),
+        "w",
+        None,
+        None,
+    )
+    .unwrap();
+    for i in 0..10 {
+        assert_eq!(stream.next().unwrap().unwrap().id, format!("r{i}"));
+    }
+    assert!(
+        taken.get() <= 12,
+        "{} lines read for 10 requests",
+        taken.get()
+    );
+    assert_eq!(stream.count(), 990);
+}
+
+#[test]
+fn a_line_longer_than_the_limit_is_refused_unread() {
+    // An endless line: refused once the limit is crossed, never read to its end.
+    let input = std::io::BufReader::new(std::io::Read::take(std::io::repeat(b'7'), u64::MAX));
+    let err = RequestStream::from_reader(input, "w", Some(WorkloadFormat::Mooncake), None)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!("w:1: the line is longer than gpumem's limit of {MAX_LINE_BYTES} bytes")
+    );
+}
+
+#[test]
+fn detection_skips_blank_lines_and_an_empty_input_is_refused() {
+    let text = format!("\n  \n{}", mooncake_line(1));
+    let stream = RequestStream::from_reader(text.as_bytes(), "m", None, None).unwrap();
+    assert_eq!(stream.format(), WorkloadFormat::Mooncake);
+    let w = Workload::collect(stream).unwrap();
+    assert_eq!((w.requests.len(), w.requests[0].line), (1, 3));
+    let err = RequestStream::from_reader("\n\n".as_bytes(), "e", None, None)
+        .err()
+        .unwrap();
+    assert_eq!(err.to_string(), "e: the file is empty");
+}
