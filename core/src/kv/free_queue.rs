@@ -1,44 +1,45 @@
-//! vLLM's `FreeKVCacheBlockQueue`: an intrusive doubly linked list of free blocks, kept as two
-//! index arrays over the block slab with a fake head and a fake tail, so that every operation
-//! (pop from the head, push at either end, unlink from the middle) is O(1) and allocation-free.
+//! vLLM's `FreeKVCacheBlockQueue`: the free blocks in order (pop from the head, push at either
+//! end, unlink from the middle), every operation O(1), amortized over the rare compactions.
+//!
+//! vLLM keeps a doubly linked list. Here the order lives in a ring of block ids with holes:
+//! unlinking a block leaves a hole that popping skips, and the ring is compacted (in order)
+//! when it runs full. A pool that evicts least recently freed blocks first hands out blocks
+//! that are cold in cache; walking a list would chase one cold link per block, the ring reads
+//! ahead in order (and the hardware prefetches it). Each block's place in the ring is kept in
+//! `pos`, so membership and unlinking need no search.
 
 use serde::{Deserialize, Serialize};
 
 use super::block::BlockId;
 
+/// Not in the queue (`pos`), or a hole (`ring`).
 const NONE: u32 = u32::MAX;
-
-/// A block's neighbours in the queue, side by side (one cache line serves an unlink).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Link {
-    prev: u32,
-    next: u32,
-}
-
-const UNLINKED: Link = Link {
-    prev: NONE,
-    next: NONE,
-};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreeQueue {
-    /// `links[i]` for block `i`, both `NONE` when the block is not in the queue. Index `n` is
-    /// the fake head, `n + 1` the fake tail.
-    links: Vec<Link>,
+    /// Block ids from `head` to `tail` (indices wrap at the ring's power-of-two length), with
+    /// [`NONE`] where a block was unlinked.
+    ring: Vec<u32>,
+    /// Per block: its index in `ring`, or [`NONE`].
+    pos: Vec<u32>,
+    /// Free-running positions; `tail - head` entries (blocks and holes) are in use.
+    head: u32,
+    tail: u32,
     len: u32,
 }
 
 impl FreeQueue {
     /// A queue over `num_blocks` blocks holding `initial` in that order (head first).
     pub fn new(num_blocks: u32, initial: impl IntoIterator<Item = BlockId>) -> Self {
-        let n = num_blocks as usize;
+        let capacity = (2 * num_blocks as usize).next_power_of_two().max(4);
+        assert!(capacity <= 1 << 31, "too many blocks for the free queue");
         let mut q = FreeQueue {
-            links: vec![UNLINKED; n + 2],
+            ring: vec![NONE; capacity],
+            pos: vec![NONE; num_blocks as usize],
+            head: 0,
+            tail: 0,
             len: 0,
         };
-        let (head, tail) = (q.head(), q.tail());
-        q.links[head as usize].next = tail;
-        q.links[tail as usize].prev = head;
         for b in initial {
             q.push_back(b);
         }
@@ -46,13 +47,8 @@ impl FreeQueue {
     }
 
     #[inline]
-    fn head(&self) -> u32 {
-        (self.links.len() - 2) as u32
-    }
-
-    #[inline]
-    fn tail(&self) -> u32 {
-        (self.links.len() - 1) as u32
+    fn mask(&self) -> u32 {
+        self.ring.len() as u32 - 1
     }
 
     #[inline]
@@ -67,107 +63,127 @@ impl FreeQueue {
 
     #[inline]
     pub fn contains(&self, b: BlockId) -> bool {
-        self.links[b as usize].next != NONE
+        self.pos[b as usize] != NONE
     }
 
+    /// Entries (blocks and holes) between head and tail.
     #[inline]
-    fn link(&mut self, after: u32, b: u32) {
-        let before = self.links[after as usize].next;
-        self.links[b as usize].prev = after;
-        self.links[b as usize].next = before;
-        self.links[after as usize].next = b;
-        self.links[before as usize].prev = b;
-        self.len += 1;
+    fn used(&self) -> u32 {
+        self.tail.wrapping_sub(self.head)
+    }
+
+    /// Makes room for one more entry: when the ring is full, rewrites its blocks in order
+    /// from index 0, without the holes.
+    #[inline]
+    fn reserve_one(&mut self) {
+        if self.used() as usize == self.ring.len() {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        let blocks: Vec<BlockId> = self.iter().collect();
+        self.ring.fill(NONE);
+        for (i, &b) in blocks.iter().enumerate() {
+            self.ring[i] = b;
+            self.pos[b as usize] = i as u32;
+        }
+        self.head = 0;
+        self.tail = blocks.len() as u32;
     }
 
     /// Appends at the tail.
     #[inline]
     pub fn push_back(&mut self, b: BlockId) {
         debug_assert!(!self.contains(b), "block {b} already free");
-        let last = self.links[self.tail() as usize].prev;
-        self.link(last, b);
+        self.reserve_one();
+        let i = self.tail & self.mask();
+        self.ring[i as usize] = b;
+        self.pos[b as usize] = i;
+        self.tail = self.tail.wrapping_add(1);
+        self.len += 1;
     }
 
     /// Puts `blocks` at the head, keeping their order: `blocks[0]` becomes the new head.
     pub fn prepend(&mut self, blocks: &[BlockId]) {
-        let mut after = self.head();
-        for &b in blocks {
+        for &b in blocks.iter().rev() {
             debug_assert!(!self.contains(b), "block {b} already free");
-            self.link(after, b);
-            after = b;
+            self.reserve_one();
+            self.head = self.head.wrapping_sub(1);
+            let i = self.head & self.mask();
+            self.ring[i as usize] = b;
+            self.pos[b as usize] = i;
+            self.len += 1;
         }
     }
 
     /// Unlinks `b`, which must be in the queue.
     #[inline]
     pub fn remove(&mut self, b: BlockId) {
-        let (p, n) = (self.links[b as usize].prev, self.links[b as usize].next);
-        assert!(
-            p != NONE && n != NONE,
-            "remove of block {b}, which is not free"
-        );
-        self.links[p as usize].next = n;
-        self.links[n as usize].prev = p;
-        self.links[b as usize].prev = NONE;
-        self.links[b as usize].next = NONE;
+        let i = self.pos[b as usize];
+        assert!(i != NONE, "remove of block {b}, which is not free");
+        self.ring[i as usize] = NONE;
+        self.pos[b as usize] = NONE;
         self.len -= 1;
     }
 
     /// Takes the head block.
     #[inline]
     pub fn pop_front(&mut self) -> Option<BlockId> {
-        let first = self.links[self.head() as usize].next;
-        if first == self.tail() {
+        if self.len == 0 {
+            // Only holes (if anything) are left: drop them.
+            self.head = self.tail;
             return None;
         }
-        self.remove(first);
-        Some(first)
+        let mask = self.mask();
+        loop {
+            let b = self.ring[(self.head & mask) as usize];
+            self.ring[(self.head & mask) as usize] = NONE;
+            self.head = self.head.wrapping_add(1);
+            if b != NONE {
+                self.pos[b as usize] = NONE;
+                self.len -= 1;
+                return Some(b);
+            }
+        }
     }
 
     /// The blocks from head to tail.
     pub fn iter(&self) -> impl Iterator<Item = BlockId> + '_ {
-        let tail = self.tail();
-        let mut cur = self.links[self.head() as usize].next;
-        std::iter::from_fn(move || {
-            if cur == tail {
-                return None;
-            }
-            let b = cur;
-            cur = self.links[b as usize].next;
-            Some(b)
-        })
+        let mask = self.mask();
+        (0..self.used())
+            .map(move |k| self.ring[(self.head.wrapping_add(k) & mask) as usize])
+            .filter(|&b| b != NONE)
     }
 
-    /// Full walk: links are symmetric and the length matches.
+    /// Full walk: every block in the ring knows its place, every placed block is there, and
+    /// the length matches.
     pub fn check(&self) -> Result<(), String> {
+        let mask = self.mask();
         let mut count = 0u32;
-        let mut prev = self.head();
-        for b in self.iter() {
-            if self.links[b as usize].prev != prev {
-                return Err(format!("free queue: block {b} has a broken back link"));
+        for k in 0..self.used() {
+            let i = self.head.wrapping_add(k) & mask;
+            let b = self.ring[i as usize];
+            if b == NONE {
+                continue;
+            }
+            if self.pos.get(b as usize) != Some(&i) {
+                return Err(format!(
+                    "free queue: block {b} at {i} does not know its place"
+                ));
             }
             count += 1;
-            if count > self.len {
-                return Err("free queue: longer than its length (cycle?)".into());
-            }
-            prev = b;
-        }
-        if self.links[self.tail() as usize].prev != prev {
-            return Err("free queue: tail link broken".into());
         }
         if count != self.len {
             return Err(format!(
-                "free queue: {count} linked, length says {}",
+                "free queue: {count} blocks queued, length says {}",
                 self.len
             ));
         }
-        let linked = self.links[..self.links.len() - 2]
-            .iter()
-            .filter(|l| l.next != NONE)
-            .count() as u32;
-        if linked != self.len {
+        let placed = self.pos.iter().filter(|&&i| i != NONE).count() as u32;
+        if placed != self.len {
             return Err(format!(
-                "free queue: {linked} blocks have links, {count} reachable"
+                "free queue: {placed} blocks have a place, {count} are queued"
             ));
         }
         Ok(())
@@ -177,6 +193,8 @@ impl FreeQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
 
     #[test]
     fn order_of_operations() {
@@ -198,5 +216,60 @@ mod tests {
         q.prepend(&[]);
         q.push_back(3);
         assert_eq!(q.iter().collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        PushBack(u32),
+        Prepend(Vec<u32>),
+        Remove(u32),
+        Pop,
+    }
+
+    proptest! {
+        /// Against a VecDeque: the same order after every operation, through wrap-arounds,
+        /// holes and compactions (a small ring fills up quickly).
+        #[test]
+        fn keeps_the_order_of_a_deque(ops in proptest::collection::vec(prop_oneof![
+            3 => (0u32..12).prop_map(Op::PushBack),
+            2 => proptest::collection::vec(0u32..12, 0..4).prop_map(Op::Prepend),
+            2 => (0u32..12).prop_map(Op::Remove),
+            3 => Just(Op::Pop),
+        ], 1..400)) {
+            let mut q = FreeQueue::new(12, 0..6);
+            let mut model: VecDeque<u32> = (0..6).collect();
+            for op in ops {
+                match op {
+                    Op::PushBack(b) if !model.contains(&b) => {
+                        q.push_back(b);
+                        model.push_back(b);
+                    }
+                    Op::Prepend(bs) => {
+                        let mut fresh = Vec::new();
+                        for b in bs {
+                            if !model.contains(&b) && !fresh.contains(&b) {
+                                fresh.push(b);
+                            }
+                        }
+                        q.prepend(&fresh);
+                        for &b in fresh.iter().rev() {
+                            model.push_front(b);
+                        }
+                    }
+                    Op::Remove(b) if model.contains(&b) => {
+                        q.remove(b);
+                        model.retain(|&x| x != b);
+                    }
+                    Op::Pop => prop_assert_eq!(q.pop_front(), model.pop_front()),
+                    _ => {}
+                }
+                prop_assert_eq!(q.iter().collect::<Vec<_>>(), model.iter().copied().collect::<Vec<_>>());
+                prop_assert_eq!(q.len() as usize, model.len());
+                for b in 0..12 {
+                    prop_assert_eq!(q.contains(b), model.contains(&b));
+                }
+                q.check().map_err(TestCaseError::fail)?;
+            }
+        }
     }
 }

@@ -336,7 +336,19 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
             num_new_tokens > 0 || num_hit_tokens > 0,
             "allocate_slots with nothing to allocate"
         );
-        if !self.can_allocate_slots(
+        let max_len = self.config.max_model_len;
+        let total_computed = (r.num_computed_tokens + num_hit_tokens).min(max_len);
+        let need = (total_computed + num_new_tokens).min(max_len);
+        let running = self.num_cached.get(r.req).is_some_and(|&n| n != UNTRACKED);
+        if running && !full_sequence_must_fit && !r.waiting {
+            // The common case (a running request's next chunk or token): vLLM's checks come
+            // down to the blocks it lacks, no watermark.
+            let required = cdiv(need, self.config.block_size as u64);
+            let held = self.tables[r.req].len() as u64;
+            if required.saturating_sub(held) > self.pool.num_free() as u64 {
+                return false;
+            }
+        } else if !self.can_allocate_slots(
             r,
             num_new_tokens,
             num_hit_tokens,
@@ -347,9 +359,6 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
             return false;
         }
         self.ensure(r.req);
-        let max_len = self.config.max_model_len;
-        let total_computed = (r.num_computed_tokens + num_hit_tokens).min(max_len);
-        let need = (total_computed + num_new_tokens).min(max_len);
         if self.num_cached[r.req] == UNTRACKED && self.config.enable_prefix_caching {
             // First allocation: take the hit blocks (they can no longer be evicted by the
             // allocation below) and mark them as already cached.
@@ -405,10 +414,12 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
             n => n as usize,
         };
         let hashed_tokens = r.block_hashes.len() as u64 * bs;
-        let full = (num_tokens.min(hashed_tokens) / bs) as usize;
-        if cached >= full {
+        let upto = num_tokens.min(hashed_tokens);
+        // Nothing newly full (most calls: a decode token inside a block), without dividing.
+        if (cached as u64 + 1) * bs > upto {
             return;
         }
+        let full = (upto / bs) as usize;
         self.pool
             .cache_full_blocks(&self.tables[r.req], r.block_hashes, cached, full);
         self.num_cached[r.req] = full as u32;
