@@ -84,6 +84,9 @@ impl PrefixCacheStats {
     }
 }
 
+/// How many hashes ahead a prefix lookup starts loading the map slots it will read.
+const LOOKUP_AHEAD: usize = 4;
+
 /// Untracked request (vLLM: not in `num_cached_block`).
 const UNTRACKED: u32 = u32::MAX;
 
@@ -265,7 +268,11 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
             return 0;
         }
         let max_blocks = ((num_tokens - 1) / self.config.block_size as u64) as usize;
-        for &h in block_hashes.iter().take(max_blocks) {
+        let looked_up = &block_hashes[..max_blocks.min(block_hashes.len())];
+        for (i, &h) in looked_up.iter().enumerate() {
+            if let Some(&ahead) = looked_up.get(i + LOOKUP_AHEAD) {
+                self.pool.load_ahead(ahead);
+            }
             match self.pool.get_cached(h) {
                 Some(b) => out.push(b),
                 None => break,
@@ -432,7 +439,7 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
         }
         let mut table = std::mem::take(&mut self.tables[req]);
         self.num_cached[req] = UNTRACKED;
-        self.pool.free_blocks(table.iter().rev().copied());
+        self.pool.free_table(&table);
         // The request's index may stay unused a long time (a caller reuses indices of
         // finished requests for waiting ones): its table's memory goes to the next request
         // that takes blocks, or is returned.

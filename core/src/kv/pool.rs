@@ -179,6 +179,12 @@ impl<P: EvictionPolicy> BlockPool<P> {
         self.blocks[b as usize].hash()
     }
 
+    /// Starts loading what [`get_cached`](Self::get_cached) of `h` will read (a hint).
+    #[inline]
+    pub fn load_ahead(&self, h: BlockHash) {
+        self.cached.load_ahead(h);
+    }
+
     /// The block to serve a hit on `h`: the first inserted of the blocks holding it.
     #[inline]
     pub fn get_cached(&self, h: BlockHash) -> Option<BlockId> {
@@ -270,28 +276,59 @@ impl<P: EvictionPolicy> BlockPool<P> {
 
     /// vLLM's `free_blocks`: `ordered` is in eviction priority (first evicted first).
     pub fn free_blocks(&mut self, ordered: impl IntoIterator<Item = BlockId>) {
+        let (mut first, mut last) = self.release_lists();
+        for b in ordered {
+            self.unref(b, &mut first, &mut last);
+        }
+        self.release(first, last);
+    }
+
+    /// [`free_blocks`](Self::free_blocks) of a request's block table, tail first (vLLM's
+    /// `free`), loading each block's state a few blocks ahead.
+    pub fn free_table(&mut self, table: &[BlockId]) {
+        let (mut first, mut last) = self.release_lists();
+        for i in (0..table.len()).rev() {
+            if let Some(&ahead) = i.checked_sub(LOAD_AHEAD).map(|k| &table[k]) {
+                prefetch(&self.blocks[ahead as usize]);
+            }
+            self.unref(table[i], &mut first, &mut last);
+        }
+        self.release(first, last);
+    }
+
+    /// The reused lists for blocks that become free, emptied.
+    fn release_lists(&mut self) -> (Vec<BlockId>, Vec<BlockId>) {
         let mut first = std::mem::take(&mut self.reuse_first);
         let mut last = std::mem::take(&mut self.reuse_last);
         first.clear();
         last.clear();
-        for b in ordered {
-            if b == NULL_BLOCK {
-                continue;
-            }
-            let state = &mut self.blocks[b as usize];
-            assert!(
-                state.ref_cnt > 0,
-                "free of block {b}, which is not referenced"
-            );
-            state.ref_cnt -= 1;
-            if state.ref_cnt == 0 {
-                if !state.hashed || !self.enable_caching {
-                    first.push(b);
-                } else {
-                    last.push(b);
-                }
+        (first, last)
+    }
+
+    /// Drops one reference to `b`; a block no one holds goes to `first` (no hash: reused
+    /// first) or `last` (cached: reused last).
+    #[inline]
+    fn unref(&mut self, b: BlockId, first: &mut Vec<BlockId>, last: &mut Vec<BlockId>) {
+        if b == NULL_BLOCK {
+            return;
+        }
+        let state = &mut self.blocks[b as usize];
+        assert!(
+            state.ref_cnt > 0,
+            "free of block {b}, which is not referenced"
+        );
+        state.ref_cnt -= 1;
+        if state.ref_cnt == 0 {
+            if !state.hashed || !self.enable_caching {
+                first.push(b);
+            } else {
+                last.push(b);
             }
         }
+    }
+
+    /// Hands the blocks no one holds to the policy, and keeps the lists for next time.
+    fn release(&mut self, first: Vec<BlockId>, last: Vec<BlockId>) {
         self.policy.release(&first, &last);
         self.reuse_first = first;
         self.reuse_last = last;
