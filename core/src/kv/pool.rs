@@ -117,7 +117,10 @@ impl<P: EvictionPolicy> BlockPool<P> {
     /// A pool over `num_blocks` blocks whose `policy` holds blocks `1..num_blocks` as free.
     pub fn with_policy(num_blocks: u32, enable_caching: bool, policy: P) -> Self {
         assert!(num_blocks >= 1, "a pool needs at least the null block");
-        assert!(num_blocks < u32::MAX - 2, "too many blocks");
+        assert!(
+            num_blocks <= super::prefix_map::MAX_BLOCKS,
+            "too many blocks"
+        );
         assert_eq!(
             policy.len(),
             num_blocks - 1,
@@ -188,7 +191,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
     /// The block to serve a hit on `h`: the first inserted of the blocks holding it.
     #[inline]
     pub fn get_cached(&self, h: BlockHash) -> Option<BlockId> {
-        self.cached.first(h)
+        self.cached.first(h, |b| self.blocks[b as usize].hash)
     }
 
     /// Takes `n` blocks from the free blocks (evicting cached content lazily), each with a
@@ -255,7 +258,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
     }
 
     fn remove_holder(&mut self, h: BlockHash, b: BlockId) -> bool {
-        self.cached.remove(h, b)
+        self.cached.remove(h, b, |x| self.blocks[x as usize].hash)
     }
 
     /// vLLM's `touch`: each block hit by a prefix lookup gains a reference; a free one leaves
@@ -370,7 +373,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
                 .map(|j| blocks[j])
                 .filter(|&p| p != NULL_BLOCK);
             self.policy.on_cached(b, h, parent);
-            self.cached.insert(h, b);
+            self.cached.insert(h, b, |x| self.blocks[x as usize].hash);
         }
         self.counters.stored += stored;
         self.totals.stored += stored;
@@ -447,7 +450,10 @@ impl<P: EvictionPolicy> BlockPool<P> {
             }
             used += (r > 0) as u32;
             if let Some(h) = self.block_hash(b) {
-                let held = self.cached.holders(h).any(|x| x == b);
+                let held = self
+                    .cached
+                    .holders(h, |x| self.blocks[x as usize].hash)
+                    .any(|x| x == b);
                 if !held {
                     return Err(format!(
                         "block {b} holds {h:?}, which the map does not name"
@@ -463,8 +469,10 @@ impl<P: EvictionPolicy> BlockPool<P> {
             ));
         }
         let mut entries = 0usize;
-        for h in self.cached.hashes() {
-            let s: Vec<BlockId> = self.cached.holders(h).collect();
+        let hash_of = |x: BlockId| self.blocks[x as usize].hash;
+        for first in self.cached.first_blocks() {
+            let h = BlockHash(hash_of(first));
+            let s: Vec<BlockId> = self.cached.holders(h, hash_of).collect();
             if s.is_empty() {
                 return Err(format!("{h:?} maps to no block"));
             }

@@ -3,11 +3,14 @@
 //! serves.
 //!
 //! It is on the hot path of every block cached, evicted and looked up, so it is built for that:
-//! open addressing with linear probing over 16-byte slots (hash, first block), never more than
-//! half full (the pool sizes it once: a hash is held by at least one block), deletion by
-//! backward shift (no tombstones), so one operation touches one cache line most of the time.
-//! The other blocks holding the same hash (rare: two requests computed the same block) are
-//! chained through a per-block array, in insertion order.
+//! open addressing with linear probing over 8-byte slots (32 bits of the hash and the first
+//! block holding it), never more than half full (the pool sizes it once: a hash is held by at
+//! least one block), deletion by backward shift (no tombstones). The full hash is not kept
+//! twice: the pool knows each block's hash, and a slot whose 32 bits match is confirmed
+//! through its block (`hash_of`). So the table stays small enough for the processor's cache,
+//! and one operation touches one cache line most of the time. The other blocks holding the
+//! same hash (rare: two requests computed the same block) are chained through a per-block
+//! array, in insertion order.
 
 use super::hash::BlockHash;
 use super::BlockId;
@@ -27,29 +30,58 @@ pub(crate) fn prefetch<T>(value: &T) {
     let _ = value;
 }
 
-/// No block: an empty slot, the end of a chain.
+/// No block: the end of a chain.
 const NONE: BlockId = BlockId::MAX;
+/// Most blocks the map serves: block ids below 2^31 (the top bit of a slot marks a chain).
+pub const MAX_BLOCKS: u32 = 1 << 31;
+const CHAINED: u32 = 1 << 31;
+/// An empty slot's `first`.
+const EMPTY_FIRST: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Slot {
-    hash: u64,
-    first: BlockId,
-    /// Other blocks hold the hash too (`next[first]` starts their chain): without them, the
-    /// per-block array is never touched.
-    chained: bool,
+    /// The top 32 bits of the mixed hash (they also pick the home slot).
+    tag: u32,
+    /// The first block holding the hash, with [`CHAINED`] when other blocks hold it too
+    /// (`next[first]` starts their chain); [`EMPTY_FIRST`] for an empty slot.
+    first: u32,
+}
+
+impl Slot {
+    #[inline]
+    fn is_empty(self) -> bool {
+        self.first == EMPTY_FIRST
+    }
+
+    #[inline]
+    fn block(self) -> BlockId {
+        self.first & !CHAINED
+    }
+
+    #[inline]
+    fn chained(self) -> bool {
+        self.first & CHAINED != 0
+    }
 }
 
 const EMPTY: Slot = Slot {
-    hash: 0,
-    first: NONE,
-    chained: false,
+    tag: 0,
+    first: EMPTY_FIRST,
 };
 
+/// Mixes a hash (Fibonacci hashing: any keys spread, mixed or not); its top bits are the tag.
+#[inline]
+fn tag_of(hash: u64) -> u32 {
+    (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+}
+
 /// Hash → blocks holding it, for a pool of `num_blocks` blocks (see the module documentation).
+/// The operations that compare hashes take `hash_of(block)`: the hash `block` holds (or, for
+/// a block being evicted, held until now).
 #[derive(Clone, Debug)]
 pub struct PrefixMap {
     slots: Vec<Slot>,
-    /// `64 - log2(slots.len())`: the top bits of the mixed hash pick the home slot.
+    /// `32 - log2(slots.len())`: the tag's top bits pick the home slot.
     shift: u32,
     /// Distinct hashes held.
     len: usize,
@@ -68,10 +100,14 @@ impl PrefixMap {
 
     /// A map with `capacity` slots (a power of two, at least twice the hashes it will hold).
     fn with_slots(num_blocks: u32, capacity: usize) -> Self {
-        assert!(capacity.is_power_of_two() && capacity >= 2);
+        assert!(
+            num_blocks <= MAX_BLOCKS,
+            "too many blocks for the prefix map"
+        );
+        assert!(capacity.is_power_of_two() && (2..=1 << 31).contains(&capacity));
         PrefixMap {
             slots: vec![EMPTY; capacity],
-            shift: 64 - capacity.trailing_zeros(),
+            shift: 32 - capacity.trailing_zeros(),
             len: 0,
             next: vec![NONE; num_blocks as usize],
         }
@@ -86,23 +122,23 @@ impl PrefixMap {
         self.len == 0
     }
 
-    /// The home slot of `hash` (Fibonacci hashing: any keys spread, mixed or not).
     #[inline]
-    fn home(&self, hash: u64) -> usize {
-        (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    fn home(&self, tag: u32) -> usize {
+        (tag >> self.shift) as usize
     }
 
     /// The slot holding `hash`, or the empty slot where it would go.
     #[inline]
-    fn find(&self, hash: u64) -> (usize, bool) {
+    fn find(&self, hash: u64, hash_of: impl Fn(BlockId) -> u64) -> (usize, bool) {
         let mask = self.slots.len() - 1;
-        let mut i = self.home(hash);
+        let tag = tag_of(hash);
+        let mut i = self.home(tag);
         loop {
             let s = self.slots[i];
-            if s.first == NONE {
+            if s.is_empty() {
                 return (i, false);
             }
-            if s.hash == hash {
+            if s.tag == tag && hash_of(s.block()) == hash {
                 return (i, true);
             }
             i = (i + 1) & mask;
@@ -113,62 +149,69 @@ impl PrefixMap {
     /// little later finds it in cache. Changes nothing.
     #[inline]
     pub fn load_ahead(&self, hash: BlockHash) {
-        prefetch(&self.slots[self.home(hash.0)]);
+        prefetch(&self.slots[self.home(tag_of(hash.0))]);
     }
 
     /// The first block inserted of those holding `hash`.
     #[inline]
-    pub fn first(&self, hash: BlockHash) -> Option<BlockId> {
-        let (i, found) = self.find(hash.0);
-        found.then(|| self.slots[i].first)
+    pub fn first(&self, hash: BlockHash, hash_of: impl Fn(BlockId) -> u64) -> Option<BlockId> {
+        let (i, found) = self.find(hash.0, hash_of);
+        found.then(|| self.slots[i].block())
     }
 
-    /// Block `block` (holding no hash yet) now holds `hash`, after any other holder.
-    pub fn insert(&mut self, hash: BlockHash, block: BlockId) {
-        debug_assert!(block != NONE);
-        let (i, found) = self.find(hash.0);
+    /// Block `block` (which `hash_of` already answers with `hash`) now holds `hash`, after
+    /// any other holder.
+    pub fn insert(&mut self, hash: BlockHash, block: BlockId, hash_of: impl Fn(BlockId) -> u64) {
+        debug_assert!(block < MAX_BLOCKS);
+        let (i, found) = self.find(hash.0, hash_of);
         if !found {
             assert!(
                 2 * (self.len + 1) <= self.slots.len(),
                 "prefix map over half full"
             );
             self.slots[i] = Slot {
-                hash: hash.0,
+                tag: tag_of(hash.0),
                 first: block,
-                chained: false,
             };
             self.len += 1;
             return;
         }
-        let mut last = self.slots[i].first;
-        if self.slots[i].chained {
+        let slot = self.slots[i];
+        let mut last = slot.block();
+        if slot.chained() {
             while self.next[last as usize] != NONE {
                 last = self.next[last as usize];
             }
         }
-        self.slots[i].chained = true;
+        self.slots[i].first |= CHAINED;
         self.next[last as usize] = block;
         self.next[block as usize] = NONE;
     }
 
     /// `block` no longer holds `hash`. False (nothing changes) if it was not among its holders.
-    pub fn remove(&mut self, hash: BlockHash, block: BlockId) -> bool {
-        let (i, found) = self.find(hash.0);
+    pub fn remove(
+        &mut self,
+        hash: BlockHash,
+        block: BlockId,
+        hash_of: impl Fn(BlockId) -> u64,
+    ) -> bool {
+        let (i, found) = self.find(hash.0, hash_of);
         if !found {
             return false;
         }
-        let Slot { first, chained, .. } = self.slots[i];
+        let slot = self.slots[i];
+        let first = slot.block();
         if first == block {
-            if chained {
+            if slot.chained() {
                 let second = self.next[block as usize];
-                self.slots[i].first = second;
-                self.slots[i].chained = self.next[second as usize] != NONE;
+                let more = self.next[second as usize] != NONE;
+                self.slots[i].first = second | if more { CHAINED } else { 0 };
             } else {
                 self.delete_slot(i);
             }
             return true;
         }
-        if !chained {
+        if !slot.chained() {
             return false;
         }
         let mut prev = first;
@@ -181,7 +224,7 @@ impl PrefixMap {
                 let after = self.next[block as usize];
                 self.next[prev as usize] = after;
                 if prev == first && after == NONE {
-                    self.slots[i].chained = false;
+                    self.slots[i].first = first;
                 }
                 return true;
             }
@@ -196,10 +239,10 @@ impl PrefixMap {
         loop {
             j = (j + 1) & mask;
             let s = self.slots[j];
-            if s.first == NONE {
+            if s.is_empty() {
                 break;
             }
-            let home = self.home(s.hash);
+            let home = self.home(s.tag);
             // Slot j may move to i when its home is not in the cyclic range (i, j].
             let stays = if i < j {
                 i < home && home <= j
@@ -222,11 +265,15 @@ impl PrefixMap {
     }
 
     /// The blocks holding `hash`, first inserted first.
-    pub fn holders(&self, hash: BlockHash) -> impl Iterator<Item = BlockId> + '_ {
-        let (i, found) = self.find(hash.0);
+    pub fn holders(
+        &self,
+        hash: BlockHash,
+        hash_of: impl Fn(BlockId) -> u64,
+    ) -> impl Iterator<Item = BlockId> + '_ {
+        let (i, found) = self.find(hash.0, hash_of);
         let slot = if found { self.slots[i] } else { EMPTY };
-        let mut b = slot.first;
-        let mut chained = slot.chained;
+        let mut b = if found { slot.block() } else { NONE };
+        let mut chained = slot.chained();
         std::iter::from_fn(move || {
             let cur = b;
             (cur != NONE).then(|| {
@@ -241,12 +288,12 @@ impl PrefixMap {
         })
     }
 
-    /// Every hash held (in slot order: for checks, never for decisions).
-    pub fn hashes(&self) -> impl Iterator<Item = BlockHash> + '_ {
+    /// The first block of every hash held (in slot order: for checks, never for decisions).
+    pub fn first_blocks(&self) -> impl Iterator<Item = BlockId> + '_ {
         self.slots
             .iter()
-            .filter(|s| s.first != NONE)
-            .map(|s| BlockHash(s.hash))
+            .filter(|s| !s.is_empty())
+            .map(|s| s.block())
     }
 }
 
@@ -279,6 +326,8 @@ mod tests {
         let mut map = PrefixMap::with_slots(num_blocks, slots);
         let mut model: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
         let mut held: BTreeMap<u32, u64> = BTreeMap::new();
+        // What the pool answers: the hash a block holds, or last held.
+        let mut hash_of_block = vec![0u64; num_blocks as usize];
         for op in ops {
             match *op {
                 Op::Insert(h, b) => {
@@ -286,12 +335,14 @@ mod tests {
                         continue;
                     }
                     held.insert(b, h);
+                    hash_of_block[b as usize] = h;
                     model.entry(h).or_default().push(b);
-                    map.insert(BlockHash(h), b);
+                    map.insert(BlockHash(h), b, |x| hash_of_block[x as usize]);
                 }
                 Op::Remove(h, b) => {
                     let want = model.get(&h).is_some_and(|v| v.contains(&b));
-                    prop_assert_eq!(map.remove(BlockHash(h), b), want);
+                    let hash_of = |x: u32| hash_of_block[x as usize];
+                    prop_assert_eq!(map.remove(BlockHash(h), b, hash_of), want);
                     if want {
                         held.remove(&b);
                         let v = model.get_mut(&h).unwrap();
@@ -308,11 +359,15 @@ mod tests {
                 }
             }
             prop_assert_eq!(map.len(), model.len());
+            let hash_of = |x: u32| hash_of_block[x as usize];
             for (&h, v) in &model {
-                prop_assert_eq!(map.first(BlockHash(h)), Some(v[0]));
-                prop_assert_eq!(map.holders(BlockHash(h)).collect::<Vec<_>>(), v.clone());
+                prop_assert_eq!(map.first(BlockHash(h), hash_of), Some(v[0]));
+                prop_assert_eq!(
+                    map.holders(BlockHash(h), hash_of).collect::<Vec<_>>(),
+                    v.clone()
+                );
             }
-            let mut hashes: Vec<u64> = map.hashes().map(|h| h.0).collect();
+            let mut hashes: Vec<u64> = map.first_blocks().map(hash_of).collect();
             hashes.sort_unstable();
             prop_assert_eq!(hashes, model.keys().copied().collect::<Vec<_>>());
         }
@@ -321,7 +376,7 @@ mod tests {
 
     /// A hash whose home slot in `map` is `slot` (the smallest, searching upwards from `from`).
     fn hash_at(map: &PrefixMap, slot: usize, from: u64) -> u64 {
-        (from..).find(|&h| map.home(h) == slot).unwrap()
+        (from..).find(|&h| map.home(tag_of(h)) == slot).unwrap()
     }
 
     /// Deleting at the table's end shifts back across the wrap, and an entry at its home just
@@ -332,19 +387,54 @@ mod tests {
         let a = hash_at(&map, 15, 0);
         let b = hash_at(&map, 15, a + 1);
         let c = hash_at(&map, 0, 0);
+        let hash_of = |x: u32| [0, a, b, c][x as usize];
         for (block, h) in [(1, a), (2, b), (3, c)] {
-            map.insert(BlockHash(h), block);
+            map.insert(BlockHash(h), block, hash_of);
         }
         // a at 15 (home), b at 0 (home 15, wrapped), c at 1 (home 0).
-        assert!(map.remove(BlockHash(a), 1));
-        assert_eq!(map.first(BlockHash(b)), Some(2));
-        assert_eq!(map.first(BlockHash(c)), Some(3));
-        assert_eq!(map.slots[15].first, 2, "b shifted back to its home");
-        assert_eq!(map.slots[0].first, 3, "c shifted back to its home");
+        assert!(map.remove(BlockHash(a), 1, hash_of));
+        assert_eq!(map.first(BlockHash(b), hash_of), Some(2));
+        assert_eq!(map.first(BlockHash(c), hash_of), Some(3));
+        assert_eq!(map.slots[15].block(), 2, "b shifted back to its home");
+        assert_eq!(map.slots[0].block(), 3, "c shifted back to its home");
         // c at its home 0, just past the end: removing b (at 15) must leave c alone.
-        assert!(map.remove(BlockHash(b), 2));
-        assert_eq!(map.first(BlockHash(c)), Some(3));
+        assert!(map.remove(BlockHash(b), 2, hash_of));
+        assert_eq!(map.first(BlockHash(c), hash_of), Some(3));
         assert_eq!(map.len(), 1);
+    }
+
+    /// Two hashes with the same 32 tag bits are told apart by the hash their block holds.
+    #[test]
+    fn hashes_sharing_a_tag_stay_apart() {
+        // y * K = x * K + 1 (mod 2^64), K the Fibonacci multiplier: the same top 32 bits.
+        const K: u64 = 0x9e37_79b9_7f4a_7c15;
+        let inverse = (0..6).fold(K, |i, _| {
+            i.wrapping_mul(2u64.wrapping_sub(K.wrapping_mul(i)))
+        });
+        let x = 12345u64;
+        let y = x.wrapping_add(inverse);
+        assert_ne!(x, y);
+        assert_eq!(tag_of(x), tag_of(y));
+        let mut map = PrefixMap::with_slots(8, 16);
+        let hash_of = |b: u32| [0, x, y, x][b as usize];
+        map.insert(BlockHash(x), 1, hash_of);
+        map.insert(BlockHash(y), 2, hash_of);
+        map.insert(BlockHash(x), 3, hash_of);
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.first(BlockHash(y), hash_of), Some(2));
+        assert_eq!(
+            map.holders(BlockHash(x), hash_of).collect::<Vec<_>>(),
+            [1, 3]
+        );
+        assert!(
+            !map.remove(BlockHash(y), 1, hash_of),
+            "block 1 holds x, not y"
+        );
+        assert!(map.remove(BlockHash(x), 1, hash_of));
+        assert_eq!(map.first(BlockHash(x), hash_of), Some(3));
+        assert!(map.remove(BlockHash(y), 2, hash_of));
+        assert_eq!(map.first(BlockHash(y), hash_of), None);
+        assert_eq!(map.first(BlockHash(x), hash_of), Some(3));
     }
 
     proptest! {
