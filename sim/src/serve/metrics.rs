@@ -114,7 +114,8 @@ impl Series {
     pub fn with_max_points(max_points: usize) -> Self {
         assert!(max_points >= 2, "a series keeps at least two points");
         Series {
-            points: Vec::new(),
+            // Reserved whole (untouched pages cost nothing): growing would copy it.
+            points: Vec::with_capacity(max_points),
             window_us: 1,
             max_points,
         }

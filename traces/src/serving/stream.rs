@@ -12,8 +12,7 @@
 //! longer line is never read), at most [`MAX_REQUESTS`] requests, arrivals up to
 //! [`MAX_ARRIVAL_US`]. The input may be a pipe: it is read once, front to back.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::VecDeque;
 use std::io::{BufRead, Read};
 use std::path::Path;
 
@@ -30,7 +29,7 @@ pub const MAX_REQUESTS: u64 = 1 << 26;
 
 /// How far out of arrival order an imported request may be, in requests: the stream reads this
 /// many ahead of the one it hands out.
-pub const REORDER_WINDOW: usize = 1 << 16;
+pub const REORDER_WINDOW: usize = 1 << 14;
 
 /// One request as a line gave it: its time in the format's own unit, not yet in arrival
 /// order (`request.arrival_us` is filled in by the stream).
@@ -70,28 +69,10 @@ pub trait LineParser {
     fn timing(&self) -> Timing;
 }
 
-/// A record waiting in the reorder window, ordered by (time, position in the file).
+/// A record waiting in the reorder window.
 struct Pending {
     time: u64,
-    seq: u64,
     request: WorkloadRequest,
-}
-
-impl PartialEq for Pending {
-    fn eq(&self, other: &Self) -> bool {
-        (self.time, self.seq) == (other.time, other.seq)
-    }
-}
-impl Eq for Pending {}
-impl PartialOrd for Pending {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Pending {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.time, self.seq).cmp(&(other.time, other.seq))
-    }
 }
 
 /// The requests of one workload input, in arrival order (see the module documentation).
@@ -107,7 +88,8 @@ pub struct RequestStream<'a> {
     buffer: Vec<u8>,
     limit: Option<u64>,
     records: u64,
-    window: BinaryHeap<Reverse<Pending>>,
+    /// Records read ahead, in arrival order (ties in file order).
+    window: VecDeque<Pending>,
     /// Time of the last request handed out, and the rebase origin (the first one's time).
     last_time: Option<u64>,
     origin: u64,
@@ -152,7 +134,7 @@ impl<'a> RequestStream<'a> {
             buffer: Vec::new(),
             limit,
             records: 0,
-            window: BinaryHeap::new(),
+            window: VecDeque::new(),
             last_time: None,
             origin: 0,
             warnings: Vec::new(),
@@ -279,12 +261,10 @@ impl<'a> RequestStream<'a> {
                     if self.last_time.is_some_and(|t| r.time < t) {
                         return Err(self.out_of_order(&r));
                     }
-                    let seq = self.records;
-                    self.window.push(Reverse(Pending {
+                    self.enter_window(Pending {
                         time: r.time,
-                        seq,
                         request: r.request,
-                    }));
+                    });
                 }
                 None => {
                     self.input_done = true;
@@ -292,7 +272,7 @@ impl<'a> RequestStream<'a> {
                 }
             }
         }
-        let Some(Reverse(p)) = self.window.pop() else {
+        let Some(p) = self.window.pop_front() else {
             return Ok(None);
         };
         if self.last_time.is_none() && self.timing.rebase {
@@ -312,6 +292,16 @@ impl<'a> RequestStream<'a> {
             ));
         }
         Ok(Some(r))
+    }
+
+    /// Puts `p` after every record that arrives no later (a trace in order: at the back).
+    fn enter_window(&mut self, p: Pending) {
+        if self.window.back().is_none_or(|last| last.time <= p.time) {
+            self.window.push_back(p);
+        } else {
+            let at = self.window.partition_point(|q| q.time <= p.time);
+            self.window.insert(at, p);
+        }
     }
 
     fn out_of_order(&self, r: &Record) -> TraceError {

@@ -85,6 +85,8 @@ impl Req {
         let bs = block_size as u64;
         let full_blocks = self.num_tokens / bs;
         let per_batch = (HASH_BATCH_TOKENS / bs).max(1);
+        self.hashes
+            .reserve((full_blocks as usize).saturating_sub(self.hashes.len()));
         while (self.hashes.len() as u64) < full_blocks {
             let first = self.hashes.len() as u64;
             let last = full_blocks.min(first + per_batch);
