@@ -17,7 +17,7 @@ use gpumem_sim::spec::{
     Named, ProfileSpec, RunSpec,
 };
 use gpumem_sim::{AllocCostModel, SimExecutor};
-use gpumem_traces::serving::generate::{serving, ServingParams};
+use gpumem_traces::serving::generate::{serving_source, ServingParams, ServingRequests};
 use gpumem_traces::serving::{detect_format, RequestStream, WorkloadFormat};
 
 use crate::progress::Progress;
@@ -395,23 +395,18 @@ impl<'s> Source<'s> {
         match &self.spec.trace {
             KvTraceSpec::File { path, format, .. } => (file_name(path), format.name().into()),
             KvTraceSpec::Generated { .. } => {
-                (serving(&self.generated(0)).source, "generated".into())
+                (serving_source(&self.generated()), "generated".into())
             }
         }
     }
 
-    /// The generator's parameters, `requests` of them (0: the spec's).
-    fn generated(&self, requests: u64) -> ServingParams {
-        let spec_requests = match self.spec.trace {
-            KvTraceSpec::Generated { requests } => requests,
-            KvTraceSpec::File { .. } => 0,
-        };
+    /// The built-in generator's parameters.
+    fn generated(&self) -> ServingParams {
         ServingParams {
             seed: self.spec.seed,
-            requests: if requests == 0 {
-                spec_requests
-            } else {
-                requests
+            requests: match self.spec.trace {
+                KvTraceSpec::Generated { requests } => requests,
+                KvTraceSpec::File { .. } => 0,
             },
             ..ServingParams::default()
         }
@@ -469,11 +464,15 @@ impl<'s> Source<'s> {
                 let source = s.source().to_string();
                 Arrivals::new(s, &source, max_model_len, too_long)
             }
-            None => Arrivals::from_workload(
-                serving(&self.generated(0)),
-                max_model_len,
-                TooLongPrompt::Reject,
-            ),
+            None => {
+                let params = self.generated();
+                Arrivals::new(
+                    ServingRequests::new(&params).map(Ok),
+                    &serving_source(&params),
+                    max_model_len,
+                    TooLongPrompt::Reject,
+                )
+            }
         }
     }
 }

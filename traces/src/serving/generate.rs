@@ -256,88 +256,132 @@ fn extend(ids: &mut Vec<i64>, len: u64, tokens: u64, next_id: &mut i64) {
 
 /// A workload named `generated:serving seed=N`, requests `r0, r1, …` in arrival order.
 pub fn serving(p: &ServingParams) -> Workload {
-    let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
-    let mut next_id: i64 = 0;
-    let round = |n: u64| n.max(1).div_ceil(GEN_HASH_BLOCK) * GEN_HASH_BLOCK;
-    let mut tree: Vec<(Vec<i64>, Vec<Vec<i64>>)> = Vec::new();
-    for _ in 0..p.prefix.roots {
-        let mut root = Vec::new();
-        extend(
-            &mut root,
-            0,
-            round(p.prefix.root_tokens.sample(&mut rng)),
-            &mut next_id,
-        );
-        let mut children = Vec::new();
-        for _ in 0..p.prefix.children {
-            let mut c = Vec::new();
-            extend(
-                &mut c,
-                0,
-                round(p.prefix.child_tokens.sample(&mut rng)),
-                &mut next_id,
-            );
-            children.push(c);
-        }
-        tree.push((root, children));
-    }
     let mut w = Workload {
-        source: format!("generated:serving seed={}", p.seed),
+        source: serving_source(p),
         ..Workload::default()
     };
     w.requests.reserve(p.requests.min(1 << 20) as usize);
-    let mut open: Vec<Session> = Vec::new();
-    let mut t_us = 0u64;
-    for i in 0..p.requests {
-        if i > 0 {
-            t_us = t_us.saturating_add(p.arrivals.gap_us(&mut rng));
+    w.requests.extend(ServingRequests::new(p));
+    w
+}
+
+/// The name of the workload [`serving`] generates.
+pub fn serving_source(p: &ServingParams) -> String {
+    format!("generated:serving seed={}", p.seed)
+}
+
+/// The requests of [`serving`], made one at a time as they are taken (a run streams them).
+pub struct ServingRequests {
+    p: ServingParams,
+    rng: ChaCha8Rng,
+    next_id: i64,
+    /// Shared system prompts: (root ids, children's ids).
+    tree: Vec<(Vec<i64>, Vec<Vec<i64>>)>,
+    /// Conversations with turns left.
+    open: Vec<Session>,
+    t_us: u64,
+    made: u64,
+}
+
+impl ServingRequests {
+    pub fn new(p: &ServingParams) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+        let mut next_id: i64 = 0;
+        let round = |n: u64| n.max(1).div_ceil(GEN_HASH_BLOCK) * GEN_HASH_BLOCK;
+        let mut tree: Vec<(Vec<i64>, Vec<Vec<i64>>)> = Vec::new();
+        for _ in 0..p.prefix.roots {
+            let mut root = Vec::new();
+            extend(
+                &mut root,
+                0,
+                round(p.prefix.root_tokens.sample(&mut rng)),
+                &mut next_id,
+            );
+            let mut children = Vec::new();
+            for _ in 0..p.prefix.children {
+                let mut c = Vec::new();
+                extend(
+                    &mut c,
+                    0,
+                    round(p.prefix.child_tokens.sample(&mut rng)),
+                    &mut next_id,
+                );
+                children.push(c);
+            }
+            tree.push((root, children));
         }
-        let mut k = None;
-        if !open.is_empty() && rng.gen_range(0..100u64) < p.sessions.followup_pct as u64 {
-            let s = rng.gen_range(0..open.len() as u64) as usize;
-            let add = open[s].last_output + p.prompt_tokens.sample(&mut rng).max(1);
-            if open[s].len + add <= p.max_prompt_tokens {
-                let o = &mut open[s];
-                extend(&mut o.ids, o.len, add, &mut next_id);
+        ServingRequests {
+            p: *p,
+            rng,
+            next_id,
+            tree,
+            open: Vec::new(),
+            t_us: 0,
+            made: 0,
+        }
+    }
+
+    /// The conversation the next request belongs to: a follow-up turn of an open one, or a
+    /// new one (maybe under a shared system prompt).
+    fn session(&mut self) -> usize {
+        let (p, rng) = (&self.p, &mut self.rng);
+        if !self.open.is_empty() && rng.gen_range(0..100u64) < p.sessions.followup_pct as u64 {
+            let s = rng.gen_range(0..self.open.len() as u64) as usize;
+            let add = self.open[s].last_output + p.prompt_tokens.sample(rng).max(1);
+            if self.open[s].len + add <= p.max_prompt_tokens {
+                let o = &mut self.open[s];
+                extend(&mut o.ids, o.len, add, &mut self.next_id);
                 o.len += add;
-                k = Some(s);
-            } else {
-                open.swap_remove(s);
+                return s;
+            }
+            self.open.swap_remove(s);
+        }
+        let mut ids = Vec::new();
+        if !self.tree.is_empty() && rng.gen_range(0..100u64) < p.prefix.share_pct as u64 {
+            let (root, children) = &self.tree[rng.gen_range(0..self.tree.len() as u64) as usize];
+            ids.extend_from_slice(root);
+            if !children.is_empty() {
+                let c = rng.gen_range(0..children.len() as u64) as usize;
+                ids.extend_from_slice(&children[c]);
             }
         }
-        let s = match k {
-            Some(s) => s,
-            None => {
-                let mut ids = Vec::new();
-                if !tree.is_empty() && rng.gen_range(0..100u64) < p.prefix.share_pct as u64 {
-                    let (root, children) = &tree[rng.gen_range(0..tree.len() as u64) as usize];
-                    ids.extend_from_slice(root);
-                    if !children.is_empty() {
-                        let c = rng.gen_range(0..children.len() as u64) as usize;
-                        ids.extend_from_slice(&children[c]);
-                    }
-                }
-                let shared = ids.len() as u64 * GEN_HASH_BLOCK;
-                let own = p
-                    .prompt_tokens
-                    .sample(&mut rng)
-                    .clamp(1, p.max_prompt_tokens.saturating_sub(shared).max(1));
-                extend(&mut ids, shared, own, &mut next_id);
-                open.push(Session {
-                    ids,
-                    len: shared + own,
-                    last_output: 0,
-                    turns_left: p.sessions.turns.sample(&mut rng).max(1),
-                });
-                open.len() - 1
-            }
-        };
-        let output = p.output_tokens.sample(&mut rng).max(1);
-        let sess = &mut open[s];
-        w.requests.push(WorkloadRequest {
+        let shared = ids.len() as u64 * GEN_HASH_BLOCK;
+        let own = p
+            .prompt_tokens
+            .sample(rng)
+            .clamp(1, p.max_prompt_tokens.saturating_sub(shared).max(1));
+        extend(&mut ids, shared, own, &mut self.next_id);
+        self.open.push(Session {
+            ids,
+            len: shared + own,
+            last_output: 0,
+            turns_left: p.sessions.turns.sample(rng).max(1),
+        });
+        self.open.len() - 1
+    }
+}
+
+impl Iterator for ServingRequests {
+    type Item = WorkloadRequest;
+
+    fn next(&mut self) -> Option<WorkloadRequest> {
+        let i = self.made;
+        if i >= self.p.requests {
+            return None;
+        }
+        self.made += 1;
+        if i > 0 {
+            self.t_us = self
+                .t_us
+                .saturating_add(self.p.arrivals.gap_us(&mut self.rng));
+        }
+        let s = self.session();
+        let output = self.p.output_tokens.sample(&mut self.rng).max(1);
+        let sess = &mut self.open[s];
+        let request = WorkloadRequest {
             priority: 0,
             id: format!("r{i}"),
-            arrival_us: t_us,
+            arrival_us: self.t_us,
             prompt: Prompt::HashIds {
                 hash_ids: sess.ids.clone(),
                 input_length: sess.len,
@@ -345,14 +389,14 @@ pub fn serving(p: &ServingParams) -> Workload {
             },
             max_tokens: output,
             line: i + 1,
-        });
+        };
         sess.last_output = output;
         sess.turns_left -= 1;
         if sess.turns_left == 0 {
-            open.swap_remove(s);
+            self.open.swap_remove(s);
         }
+        Some(request)
     }
-    w
 }
 
 #[cfg(test)]
