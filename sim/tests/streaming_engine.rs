@@ -204,3 +204,54 @@ proptest! {
         }
     }
 }
+
+/// The engine keeps only the requests in flight: after every step, those waiting, running or
+/// finished by that step, never the ones finished before.
+#[test]
+fn the_engine_holds_only_requests_in_flight() {
+    use gpumem_traces::serving::generate::{ServingParams, ServingRequests};
+    let p = ServingParams {
+        requests: 400,
+        ..ServingParams::default()
+    };
+    let gpu = GpuProfile::resolve("h100").unwrap();
+    let model = ModelProfile::resolve("llama-3.1-8b").unwrap();
+    let cfg = EngineConfig {
+        num_gpu_blocks: 3000,
+        block_size: 16,
+        max_num_seqs: 64,
+        max_num_batched_tokens: 8192,
+        max_model_len: 40_000,
+        enable_prefix_caching: true,
+        cost: CostModel::Roofline(Roofline::new(&gpu, &model)),
+        eviction: EvictionKind::Lru,
+        watermark_blocks: 0,
+        policy: SchedulingPolicy::Fcfs,
+    };
+    let mut engine = VllmEngine::new(cfg).unwrap();
+    let mut arrivals = Arrivals::new(
+        ServingRequests::new(&p).map(Ok),
+        "generated",
+        cfg.max_model_len,
+        TooLongPrompt::Reject,
+    );
+    let (mut steps, mut most) = (0u64, 0usize);
+    let sum = drive(
+        &mut engine,
+        &mut arrivals,
+        DriveOptions::default(),
+        &mut |rec, e| {
+            let in_flight = (rec.waiting + rec.running) as usize + rec.finished.len();
+            assert_eq!(e.requests_in_flight(), in_flight, "step {}", rec.step);
+            most = most.max(in_flight);
+            steps += 1;
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(sum.requests_finished, 400);
+    assert!(
+        steps > 1000 && most < 400,
+        "{steps} steps, at most {most} in flight"
+    );
+}
