@@ -271,6 +271,13 @@ fn trace_spec(args: &KvArgs) -> Result<KvTraceSpec, String> {
             path: path.clone(),
             format: match args.format {
                 Some(f) => f,
+                // Telling the format reads the input: a pipe could not be read again.
+                None if path.as_os_str() == "-" || !path.is_file() => {
+                    return Err(format!(
+                        "{}: the trace is not a file (a pipe is read once): give --format",
+                        path.display()
+                    ))
+                }
                 None => detect_format(path).map_err(|e| e.to_string())?,
             },
             limit: args.limit,
@@ -374,11 +381,22 @@ struct CountingReader<R> {
     count: Rc<Cell<u64>>,
 }
 
-impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+impl<R: std::io::BufRead> std::io::Read for CountingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.count.set(self.count.get() + n as u64);
         Ok(n)
+    }
+}
+
+impl<R: std::io::BufRead> std::io::BufRead for CountingReader<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.count.set(self.count.get() + n as u64);
+        self.inner.consume(n);
     }
 }
 
@@ -433,19 +451,13 @@ impl<'s> Source<'s> {
         else {
             return Ok(None);
         };
-        let file = std::fs::File::open(path)
-            .map_err(|e| format!("{}: cannot read the file: {e}", path.display()))?;
         let reader = CountingReader {
-            inner: file,
+            inner: gpumem_traces::read::open(path).map_err(|e| e.to_string())?,
             count: self.bytes_read.clone(),
         };
-        let stream = RequestStream::from_reader(
-            std::io::BufReader::with_capacity(1 << 16, reader),
-            &path.display().to_string(),
-            Some(*format),
-            *limit,
-        )
-        .map_err(|e| e.to_string())?;
+        let stream =
+            RequestStream::from_reader(reader, &path.display().to_string(), Some(*format), *limit)
+                .map_err(|e| e.to_string())?;
         Ok(Some(stream))
     }
 

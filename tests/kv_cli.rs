@@ -363,16 +363,27 @@ fn plot_and_step_log_are_written_for_any_format() {
     assert_eq!(first["admitted"][0][0], "r0");
 }
 
-/// A trace read from a pipe (read once, lazily) gives the report the file gives.
+/// A trace read from a pipe (read once, lazily) gives the report the file gives; its format
+/// must be named (telling it would read the pipe).
 #[test]
 fn a_pipe_is_a_trace_too() {
     let trace = mooncake_conversation();
-    let args = ["--limit", "300", "--kv-blocks", "3000", "--json"];
+    let no_format = gpumem(&["kv", "--trace", "/dev/stdin", "--json"]);
+    assert_clean_error(&no_format, &["/dev/stdin", "give --format"]);
+    let args = [
+        "--format",
+        "mooncake",
+        "--limit",
+        "300",
+        "--kv-blocks",
+        "3000",
+        "--json",
+    ];
     let mut from_file = vec!["kv", "--trace", trace.to_str().unwrap()];
     from_file.extend(args);
     let file = json_report(&from_file);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpumem"))
-        .args(["kv", "--trace", "/dev/stdin"])
+        .args(["kv", "--trace", "-"])
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -389,7 +400,7 @@ fn a_pipe_is_a_trace_too() {
     writer.join().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let mut piped: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(piped["config"]["trace"], "stdin");
+    assert_eq!(piped["config"]["trace"], "-");
     piped["config"]["trace"] = file["config"]["trace"].clone();
     assert_eq!(piped, file);
     assert_eq!(file["requests"], 300);

@@ -2,10 +2,12 @@
 //! (flipped, inserted, deleted bytes; truncations; spliced lines) must give a value or a clean
 //! error — never a panic — and must stay within a bounded amount of memory.
 //!
-//! The serving-trace importers are fuzzed beside their streaming reader.
+//! The serving traces go through their streaming reader ([`RequestStream`]), with the format
+//! given and detected.
 
 use std::path::{Path, PathBuf};
 
+use gpumem_traces::serving::{RequestStream, WorkloadFormat};
 use gpumem_traces::{jsonl, kv_events, torch};
 use proptest::prelude::*;
 
@@ -138,8 +140,94 @@ fn jsonl_sample() -> Vec<u8> {
     out
 }
 
+/// The first `lines` lines of a real file.
+fn head(path: &Path, lines: usize) -> Vec<u8> {
+    let text = String::from_utf8(real(path)).expect("a text trace");
+    text.lines()
+        .take(lines)
+        .flat_map(|l| format!("{l}\n").into_bytes())
+        .collect()
+}
+
+/// Samples of every serving format, real where the project has them.
+fn serving_samples() -> Vec<(&'static str, WorkloadFormat, Vec<u8>)> {
+    let traces = shared_traces();
+    let conformance = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/conformance/mooncake-500-small/workload.jsonl");
+    vec![
+        ("c.jsonl", WorkloadFormat::Conformance, head(&conformance, 20)),
+        (
+            "m.jsonl",
+            WorkloadFormat::Mooncake,
+            head(&traces.join("mooncake/conversation_trace.jsonl"), 20),
+        ),
+        (
+            "q.jsonl",
+            WorkloadFormat::QwenBailian,
+            (0..20)
+                .map(|i| format!("{{\"chat_id\": {i}, \"parent_chat_id\": -1, \"timestamp\": {}.5, \"input_length\": 40, \"output_length\": 3, \"type\": \"text\", \"turn\": 1, \"hash_ids\": [1, 2, {i}]}}\n", i * 2))
+                .collect::<String>()
+                .into_bytes(),
+        ),
+        (
+            "a.csv",
+            WorkloadFormat::Azure,
+            head(&traces.join("azure-llm-2023/AzureLLMInferenceTrace_code.csv"), 20),
+        ),
+        (
+            "b.csv",
+            WorkloadFormat::BurstGpt,
+            format!(
+                "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n{}",
+                (0..20)
+                    .map(|i| format!("{i}.25,ChatGPT,{},{},0,Conversation log\n", 100 + i, i % 3))
+                    .collect::<String>()
+            )
+            .into_bytes(),
+        ),
+    ]
+}
+
+/// Reads every request of `bytes` as `name` (format given or detected); a refusal names the
+/// file.
+fn read_serving(name: &str, format: Option<WorkloadFormat>, bytes: &[u8]) -> Result<(), String> {
+    let stream = match RequestStream::from_reader(bytes, name, format, None) {
+        Ok(s) => s,
+        Err(e) if e.to_string().contains(name) => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    for r in stream {
+        match r {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains(name) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn serving_traces_never_panic(
+        edits in proptest::collection::vec(mutation(), 1..6),
+        which in 0usize..5,
+        detect in any::<bool>(),
+    ) {
+        let (name, format, sample) = &serving_samples()[which];
+        let bytes = mutate(sample, &edits);
+        let format = (!detect).then_some(*format);
+        read_serving(name, format, &bytes).map_err(TestCaseError::fail)?;
+        assert_bounded();
+    }
+
+    #[test]
+    fn serving_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        for format in WorkloadFormat::ALL.into_iter().map(Some).chain([None]) {
+            read_serving("x", format, &bytes).map_err(TestCaseError::fail)?;
+        }
+    }
 
     #[test]
     fn torch_snapshots_never_panic(

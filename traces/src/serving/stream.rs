@@ -8,20 +8,19 @@
 //! has already let go is refused, naming its line. Traces whose times are relative to their
 //! first request (Qwen-Bailian, Azure, BurstGPT) are rebased to the earliest one.
 //!
-//! Limits, each named in its error: lines of at most [`MAX_LINE_BYTES`] bytes (the rest of a
-//! longer line is never read), at most [`MAX_REQUESTS`] requests, arrivals up to
-//! [`MAX_ARRIVAL_US`]. The input may be a pipe: it is read once, front to back.
+//! Limits, each named in its error: lines as the one line reader takes them ([`LineReader`]:
+//! at most [`MAX_LINE_BYTES`] bytes, the rest of a longer line never read), at most
+//! [`MAX_REQUESTS`] requests, arrivals up to [`MAX_ARRIVAL_US`]. The input may be a pipe: it is
+//! read once, front to back.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, Read};
+use std::io::BufRead;
 use std::path::Path;
 
 use super::{WorkloadFormat, WorkloadRequest, MAX_ARRIVAL_US};
 use crate::error::TraceError;
-
-/// Longest line accepted, in bytes (its line ending excluded): bounds what one line can make
-/// a reader allocate; the longest real lines (a prompt of explicit token ids) are a few MiB.
-pub const MAX_LINE_BYTES: usize = 64 << 20;
+use crate::read::LineReader;
+pub use crate::read::MAX_LINE_BYTES;
 
 /// Most requests one workload may hold (bounds the per-request integers a run keeps for its
 /// percentiles, and what a hostile file can make gpumem do).
@@ -79,13 +78,11 @@ struct Pending {
 pub struct RequestStream<'a> {
     source: String,
     format: WorkloadFormat,
-    input: Box<dyn BufRead + 'a>,
+    lines: LineReader<Box<dyn BufRead + 'a>>,
     parser: Box<dyn LineParser + 'a>,
     timing: Timing,
     /// A line read ahead (format detection) and not parsed yet.
     first_line: Option<(u64, String)>,
-    line_number: u64,
-    buffer: Vec<u8>,
     limit: Option<u64>,
     records: u64,
     /// Records read ahead, in arrival order (ties in file order).
@@ -99,21 +96,15 @@ pub struct RequestStream<'a> {
 }
 
 impl<'a> RequestStream<'a> {
-    /// Opens `path` in `format`, or in the format its first non-blank line shows; at most
-    /// `limit` requests (the first in the file).
+    /// Opens `path` (`-`: standard input) in `format`, or in the format its first non-blank
+    /// line shows; at most `limit` requests (the first in the file).
     pub fn open(
         path: &Path,
         format: Option<WorkloadFormat>,
         limit: Option<u64>,
     ) -> Result<RequestStream<'static>, TraceError> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))?;
-        RequestStream::from_reader(
-            std::io::BufReader::with_capacity(1 << 16, file),
-            &path.display().to_string(),
-            format,
-            limit,
-        )
+        let input = crate::read::open(path)?;
+        RequestStream::from_reader(input, &path.display().to_string(), format, limit)
     }
 
     /// Reads `input` (named `source` in errors), as [`open`](Self::open) reads a file.
@@ -126,12 +117,10 @@ impl<'a> RequestStream<'a> {
         let mut s = RequestStream {
             source: source.to_string(),
             format: format.unwrap_or(WorkloadFormat::Conformance),
-            input: Box::new(input),
+            lines: LineReader::new(Box::new(input) as Box<dyn BufRead + 'a>, source),
             parser: WorkloadFormat::Conformance.parser(source),
             timing: WorkloadFormat::Conformance.parser(source).timing(),
             first_line: None,
-            line_number: 0,
-            buffer: Vec::new(),
             limit,
             records: 0,
             window: VecDeque::new(),
@@ -165,52 +154,15 @@ impl<'a> RequestStream<'a> {
     /// Reads up to the first non-blank line and tells the format from it; the line is parsed
     /// later as the first one.
     fn detect(&mut self) -> Result<WorkloadFormat, TraceError> {
-        loop {
-            let Some(n) = self.read_line()? else {
-                return Err(TraceError::in_file(&self.source, "the file is empty"));
-            };
-            let text = self.line_text(n)?;
-            if !text.trim().is_empty() {
-                let format = WorkloadFormat::detect(Path::new(&self.source), n, text)?;
-                self.first_line = Some((n, text.to_string()));
+        while let Some(line) = self.lines.next_line() {
+            let line = line?;
+            if !line.is_blank() {
+                let format = WorkloadFormat::detect(line.path, line.number, line.text)?;
+                self.first_line = Some((line.number, line.text.to_string()));
                 return Ok(format);
             }
         }
-    }
-
-    /// Reads the next line into `buffer`, its ending dropped; returns its number, or None at
-    /// the end of the input.
-    fn read_line(&mut self) -> Result<Option<u64>, TraceError> {
-        self.buffer.clear();
-        self.line_number += 1;
-        let n = self.line_number;
-        let limit = MAX_LINE_BYTES as u64 + 1;
-        let read = (&mut self.input)
-            .take(limit)
-            .read_until(b'\n', &mut self.buffer)
-            .map_err(|e| TraceError::at_line(&self.source, n, e.to_string()))?;
-        if read == 0 {
-            return Ok(None);
-        }
-        if self.buffer.last() == Some(&b'\n') {
-            self.buffer.pop();
-        } else if self.buffer.len() > MAX_LINE_BYTES {
-            return Err(TraceError::at_line(
-                &self.source,
-                n,
-                format!("the line is longer than gpumem's limit of {MAX_LINE_BYTES} bytes"),
-            ));
-        }
-        if self.buffer.last() == Some(&b'\r') {
-            self.buffer.pop();
-        }
-        Ok(Some(n))
-    }
-
-    /// The line in `buffer` as text.
-    fn line_text(&self, n: u64) -> Result<&str, TraceError> {
-        std::str::from_utf8(&self.buffer)
-            .map_err(|_| TraceError::at_line(&self.source, n, "stream did not contain valid UTF-8"))
+        Err(TraceError::in_file(&self.source, "the file is empty"))
     }
 
     /// Parses lines until one gives a record, the limit is reached or the input ends.
@@ -222,16 +174,15 @@ impl<'a> RequestStream<'a> {
             let (n, parsed) = match self.first_line.take() {
                 Some((n, text)) => (n, self.parser.parse(n, &text, &mut self.warnings)?),
                 None => {
-                    let Some(n) = self.read_line()? else {
+                    let Some(line) = self.lines.next_line() else {
                         return Ok(None);
                     };
-                    let text = std::str::from_utf8(&self.buffer).map_err(|_| {
-                        TraceError::at_line(&self.source, n, "stream did not contain valid UTF-8")
-                    })?;
-                    if text.trim().is_empty() {
+                    let line = line?;
+                    if line.is_blank() {
                         continue;
                     }
-                    (n, self.parser.parse(n, text, &mut self.warnings)?)
+                    let n = line.number;
+                    (n, self.parser.parse(n, line.text, &mut self.warnings)?)
                 }
             };
             if let Some(r) = parsed {
