@@ -2,11 +2,12 @@
 //!
 //! - [`block`]: block ids, the null block, tokens to blocks.
 //! - [`hash`]: chained block hashes over token ids (plus extra keys: LoRA, cache salt).
-//! - [`free_queue`]: the intrusive doubly linked free list over a slab of block indices.
+//! - [`free_queue`]: vLLM's free block queue, as a ring of block ids with holes.
 //! - [`eviction`]: which free block is handed out next, behind one trait; [`eviction::VllmLru`]
 //!   is vLLM's free queue (uncached blocks reused first, cached blocks in LRU order).
 //! - [`pool`]: the block pool: reference counts, the prefix-cache map (duplicates allowed),
 //!   touch, lazy eviction, `reset_prefix_cache`, stored/removed counters and events.
+//! - [`prefix_map`]: the pool's map from a hash to the blocks holding it.
 //! - [`index`]: the cache index a KV-aware router rebuilds from an engine's KV-cache events.
 //! - [`manager`]: the per-request KV manager: block tables, prefix lookup, `allocate_slots`
 //!   with vLLM's admission gate (and `can_allocate_slots`, its checks alone), free, usage and
