@@ -1,6 +1,6 @@
 //! What `gpumem kv` reports ([`KvReport`], JSON or text by [`render_text`]): per-request
 //! latencies, prefix-cache hits, preemptions, evictions, and the KV usage and queue lengths
-//! over time. [`super::simulate`] runs a workload and fills it in.
+//! over time. [`simulate()`](super::simulate()) runs a workload and fills it in.
 //!
 //! Integers decide everything; the few floats (rates, throughput) are computed from integers
 //! for the report only, so the same run prints the same bytes anywhere.
@@ -124,7 +124,7 @@ pub struct KvReport {
     pub config: RunInfo,
     /// The state at [`TIMELINE_POINTS`] evenly spaced times.
     pub timeline: Vec<TimelinePoint>,
-    /// The state over time, bounded ([`Series`]): after every logged step while the run fits
+    /// The state over time, bounded ([`Series`](super::metrics::Series)): after every logged step while the run fits
     /// (for plots; not in the JSON).
     #[serde(skip)]
     pub series: Vec<TimelinePoint>,

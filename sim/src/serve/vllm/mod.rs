@@ -10,8 +10,8 @@
 //! `max_tokens` or `max_model_len`; finished requests freed in output order.
 //!
 //! One engine step follows vLLM's phases, one function each: `schedule()` (the RUNNING
-//! requests in [`schedule`](self::schedule), then the WAITING ones), `_update_after_schedule`
-//! and `update_from_output` (in [`output`](self::output)). The engine owns neither the clock
+//! requests in `schedule.rs`, then the WAITING ones), `_update_after_schedule`
+//! and `update_from_output` (in `output.rs`). The engine owns neither the clock
 //! nor the workload: a driver ([`super::driver`]) adds each request when the clock reaches its
 //! arrival ([`VllmEngine::add_request`]) and runs each step at a time it chooses
 //! ([`VllmEngine::step`]). A finished request is dropped after the step that finished it has
