@@ -103,6 +103,31 @@ impl Prompt {
         self.len() == 0
     }
 
+    /// The first token of prompt tokens `start..start + len` when they are consecutive ids
+    /// (`t, t + 1, …`: inside one hash block of the Mooncake form, short of the modulus), which
+    /// lets a hasher skip making them; None otherwise.
+    pub fn consecutive_from(&self, start: u64, len: u64) -> Option<u32> {
+        const P: u64 = PROMPT_MOD as u64;
+        let (id, hb) = match self {
+            Prompt::Tokens(_) => return None,
+            Prompt::HashIds {
+                hash_ids,
+                hash_block,
+                ..
+            } => (*hash_ids.get((start / hash_block) as usize)?, *hash_block),
+            Prompt::Unique { first_hash_id, .. } => (
+                first_hash_id.wrapping_add((start / DEFAULT_HASH_BLOCK) as i64),
+                DEFAULT_HASH_BLOCK,
+            ),
+        };
+        let o = start % hb;
+        if len > hb - o || start + len > self.len() {
+            return None;
+        }
+        let base = (id.rem_euclid(P as i64) as u64 * (hb % P) % P + o % P) % P;
+        (base + len <= P).then_some(base as u32)
+    }
+
     /// Appends prompt tokens `start..end` to `out`.
     pub fn fill(&self, start: u64, end: u64, out: &mut Vec<u32>) {
         debug_assert!(start <= end && end <= self.len());

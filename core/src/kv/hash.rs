@@ -127,6 +127,35 @@ pub fn hash_block(parent: Option<BlockHash>, tokens: &[u32], extra: u64) -> Bloc
     BlockHash(mum(seed ^ extra ^ P3, (tokens.len() as u64) ^ P1))
 }
 
+/// [`hash_block`] of the tokens `first, first + 1, …, first + len - 1` (prompts in the Mooncake
+/// form are runs of consecutive token ids), computed without the tokens in memory. The run
+/// must not pass `u32::MAX`.
+pub fn hash_consecutive_block(
+    parent: Option<BlockHash>,
+    first: u32,
+    len: usize,
+    extra: u64,
+) -> BlockHash {
+    debug_assert!(first as u64 + len as u64 <= 1 << 32, "token ids past 2^32");
+    let mut seed = parent.unwrap_or(NONE_HASH).0 ^ P0;
+    let mut t = first as u64;
+    for _ in 0..len / 4 {
+        let a = t | (t + 1) << 32;
+        let b = (t + 2) | (t + 3) << 32;
+        seed = mum(a ^ P1, b ^ seed);
+        t += 4;
+    }
+    let rest = len % 4;
+    let (a, b) = match rest {
+        0 => (0, 0),
+        1 => (t, 0),
+        2 => (t | (t + 1) << 32, 0),
+        _ => (t | (t + 1) << 32, t + 2),
+    };
+    seed = mum(a ^ P2, b ^ seed ^ rest as u64);
+    BlockHash(mum(seed ^ extra ^ P3, (len as u64) ^ P1))
+}
+
 /// Hash of arbitrary bytes (for LoRA names and cache salts), deterministic on every machine.
 pub fn hash_bytes(bytes: &[u8]) -> u64 {
     let mut seed = P3 ^ bytes.len() as u64;
@@ -173,6 +202,18 @@ pub fn hash_request_block(
     extra: &ExtraKeys,
 ) -> BlockHash {
     hash_block(parent, tokens, extra.word(block_index))
+}
+
+/// [`hash_request_block`] of a block whose tokens are `first, first + 1, …` (see
+/// [`hash_consecutive_block`]).
+pub fn hash_request_consecutive_block(
+    parent: Option<BlockHash>,
+    block_index: usize,
+    first: u32,
+    len: usize,
+    extra: &ExtraKeys,
+) -> BlockHash {
+    hash_consecutive_block(parent, first, len, extra.word(block_index))
 }
 
 /// Which function chains block hashes.
@@ -676,5 +717,28 @@ mod tests {
         assert!(parse_hash_algo("md5").is_err());
         assert_eq!(parse_hash_algo("SHA256-CBOR"), Ok(HashAlgo::Sha256Cbor));
         assert_eq!(BlockHash::from_digest(&[1, 2]), BlockHash(0x0102));
+    }
+}
+
+#[cfg(test)]
+mod consecutive_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A run of consecutive tokens hashes as the same tokens in memory.
+        #[test]
+        fn a_consecutive_run_hashes_as_its_tokens(
+            parent in proptest::option::of(any::<u64>().prop_map(BlockHash)),
+            first in prop_oneof![0u32..1000, (u32::MAX - 64)..(u32::MAX - 40)],
+            len in 0usize..40,
+            extra in any::<u64>(),
+        ) {
+            let tokens: Vec<u32> = (0..len as u32).map(|k| first + k).collect();
+            prop_assert_eq!(
+                hash_consecutive_block(parent, first, len, extra),
+                hash_block(parent, &tokens, extra)
+            );
+        }
     }
 }

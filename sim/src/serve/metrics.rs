@@ -100,7 +100,8 @@ pub const MAX_SERIES_POINTS: usize = 1 << 18;
 #[derive(Clone, Debug)]
 pub struct Series {
     points: Vec<TimelinePoint>,
-    window_us: u64,
+    /// log2 of the window's width in µs.
+    window_shift: u32,
     max_points: usize,
 }
 
@@ -116,7 +117,7 @@ impl Series {
         Series {
             // Reserved whole (untouched pages cost nothing): growing would copy it.
             points: Vec::with_capacity(max_points),
-            window_us: 1,
+            window_shift: 0,
             max_points,
         }
     }
@@ -125,7 +126,7 @@ impl Series {
     pub fn push(&mut self, p: TimelinePoint) {
         if let Some(last) = self.points.last_mut() {
             debug_assert!(last.t_us <= p.t_us, "points in time order");
-            if last.t_us / self.window_us == p.t_us / self.window_us {
+            if last.t_us >> self.window_shift == p.t_us >> self.window_shift {
                 *last = p;
                 return;
             }
@@ -138,13 +139,13 @@ impl Series {
 
     /// Doubles the window until the points fit in half the room, keeping each window's last.
     fn widen(&mut self) {
-        while self.points.len() > self.max_points / 2 {
-            self.window_us = self.window_us.saturating_mul(2);
-            let w = self.window_us;
+        while self.points.len() > self.max_points / 2 && self.window_shift < 63 {
+            self.window_shift += 1;
+            let w = self.window_shift;
             let mut kept = 0;
             for i in 0..self.points.len() {
                 let p = self.points[i];
-                if kept > 0 && self.points[kept - 1].t_us / w == p.t_us / w {
+                if kept > 0 && self.points[kept - 1].t_us >> w == p.t_us >> w {
                     self.points[kept - 1] = p;
                 } else {
                     self.points[kept] = p;
@@ -161,7 +162,7 @@ impl Series {
 
     /// Width of the windows, µs (1 while nothing was merged).
     pub fn window_us(&self) -> u64 {
-        self.window_us
+        1 << self.window_shift
     }
 }
 

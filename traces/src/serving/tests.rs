@@ -433,3 +433,61 @@ fn detection_skips_blank_lines_and_an_empty_input_is_refused() {
         .unwrap();
     assert_eq!(err.to_string(), "e: the file is empty");
 }
+
+proptest::proptest! {
+    /// Where a prompt says its tokens are consecutive, they are.
+    #[test]
+    fn consecutive_runs_are_what_fill_makes(
+        ids in proptest::collection::vec(proptest::prelude::any::<i64>(), 1..4),
+        hb in proptest::prop_oneof![1u64..40, 500u64..520],
+        unique in proptest::prelude::any::<bool>(),
+        start in 0u64..1500,
+        len in 1u64..40,
+    ) {
+        let p = if unique {
+            Prompt::Unique { first_hash_id: ids[0], input_length: 1500 }
+        } else {
+            let input_length = ids.len() as u64 * hb;
+            Prompt::HashIds { hash_ids: ids, input_length, hash_block: hb }
+        };
+        if let Some(first) = p.consecutive_from(start, len) {
+            let mut out = Vec::new();
+            p.fill(start, start + len, &mut out);
+            let want: Vec<u32> = (0..len as u32).map(|k| first + k).collect();
+            proptest::prop_assert_eq!(out, want);
+        }
+    }
+}
+
+#[test]
+fn runs_across_a_hash_block_or_the_modulus_are_not_consecutive() {
+    let p = Prompt::HashIds {
+        hash_ids: vec![0, 7],
+        input_length: 1024,
+        hash_block: 512,
+    };
+    assert_eq!(p.consecutive_from(0, 16), Some(0));
+    assert_eq!(p.consecutive_from(512, 16), Some(7 * 512));
+    assert_eq!(
+        p.consecutive_from(500, 16),
+        None,
+        "crosses into the next hash block"
+    );
+    assert_eq!(p.consecutive_from(1020, 16), None, "past the prompt");
+    // Hash id -1: the block starts 512 below the modulus, so it wraps.
+    let wraps = Prompt::HashIds {
+        hash_ids: vec![-1],
+        input_length: 512,
+        hash_block: 512,
+    };
+    assert_eq!(
+        wraps.consecutive_from(0, 16),
+        Some((PROMPT_MOD - 512) as u32)
+    );
+    assert_eq!(
+        wraps.consecutive_from(500, 16),
+        None,
+        "wraps at the modulus"
+    );
+    assert_eq!(Prompt::Tokens(vec![1, 2, 3]).consecutive_from(0, 2), None);
+}

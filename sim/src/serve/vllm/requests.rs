@@ -3,7 +3,7 @@
 //! request has finished and its last step has been read, so the engine's memory follows the
 //! requests in flight, never the length of the trace.
 
-use gpumem_core::kv::hash::{hash_request_block, ExtraKeys};
+use gpumem_core::kv::hash::{hash_request_block, hash_request_consecutive_block, ExtraKeys};
 use gpumem_core::kv::{BlockHash, SlotRequest};
 
 use super::super::workload::WorkloadRequest;
@@ -78,9 +78,9 @@ impl Req {
         }
     }
 
-    /// Hashes the full blocks not hashed yet (vLLM's request block hasher). `tokens` is
-    /// scratch: the tokens of up to [`HASH_BATCH_TOKENS`] are made at once, then hashed block
-    /// by block.
+    /// Hashes the full blocks not hashed yet (vLLM's request block hasher). A block of
+    /// consecutive prompt tokens (the Mooncake form) is hashed from its first token; others
+    /// from their tokens, made in batches of up to [`HASH_BATCH_TOKENS`] in `tokens`.
     pub fn update_hashes(&mut self, block_size: u32, tokens: &mut Vec<u32>) {
         let bs = block_size as u64;
         let full_blocks = self.num_tokens / bs;
@@ -89,6 +89,18 @@ impl Req {
             .reserve((full_blocks as usize).saturating_sub(self.hashes.len()));
         while (self.hashes.len() as u64) < full_blocks {
             let first = self.hashes.len() as u64;
+            let parent = self.hashes.last().copied();
+            if let Some(t) = self.input.prompt.consecutive_from(first * bs, bs) {
+                let h = hash_request_consecutive_block(
+                    parent,
+                    first as usize,
+                    t,
+                    bs as usize,
+                    &ExtraKeys::NONE,
+                );
+                self.hashes.push(h);
+                continue;
+            }
             let last = full_blocks.min(first + per_batch);
             self.fill_tokens(first * bs, last * bs, tokens);
             for block in tokens.chunks_exact(bs as usize) {
