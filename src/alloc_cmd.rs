@@ -247,6 +247,12 @@ pub fn check(spec: &AllocSpec) -> Result<Checked, String> {
 pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitCode, String> {
     let config = &checked.config;
     let strategies = &spec.strategy;
+    // Created first: an unwritable folder is found before a long run.
+    let plot_file = spec
+        .plot
+        .as_deref()
+        .map(crate::output::AtomicFile::create)
+        .transpose()?;
     let trace = load_trace(&spec.trace, spec.seed, spec.capacity_bytes)?;
     if let Some(path) = &spec.export_trace {
         export(&trace, path)?;
@@ -260,16 +266,6 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
     })
     .map_err(|e| format!("{}:{e}", trace.name))?;
     progress.finish();
-    if let Some(path) = &spec.plot {
-        let title = format!(
-            "{} — capacity {}",
-            trace.name,
-            gpumem_sim::report::human_bytes(config.alloc.capacity_bytes)
-        );
-        let svg = gpumem_sim::plot::reserved_allocated_svg(&title, &report.results);
-        std::fs::write(path, svg)
-            .map_err(|e| format!("{}: cannot write the plot: {e}", path.display()))?;
-    }
     let executed = match &spec.execute {
         Some(execute) => Some(execute_all(
             &trace,
@@ -294,6 +290,16 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
             text.push_str(&render_execution(&report, runs));
         }
         crate::output::print(&text)?;
+    }
+    // After the report: a plot that cannot be written must not cost the run its answer.
+    if let Some(file) = plot_file {
+        let title = format!(
+            "{} — capacity {}",
+            trace.name,
+            gpumem_sim::report::human_bytes(config.alloc.capacity_bytes)
+        );
+        let svg = gpumem_sim::plot::reserved_allocated_svg(&title, &report.results);
+        file.write_all_and_commit(svg.as_bytes())?;
     }
     let failed = executed.as_ref().is_some_and(|runs| {
         runs.iter()
@@ -548,11 +554,10 @@ fn load_trace(
 }
 
 fn export(trace: &AllocTrace, path: &std::path::Path) -> Result<(), String> {
-    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut w = std::io::BufWriter::new(file);
-    gpumem_traces::jsonl::write(trace, &mut w)
-        .and_then(|_| std::io::Write::flush(&mut w))
-        .map_err(|e| format!("{}: {e}", path.display()))
+    let mut file = crate::output::AtomicFile::create(path)?;
+    gpumem_traces::jsonl::write(trace, &mut file)
+        .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+    file.commit()
 }
 
 fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) -> String {

@@ -81,8 +81,13 @@ pub struct KvArgs {
     model: String,
 
     /// KV blocks in the pool, vLLM's num_gpu_blocks (block 0, the null block, included)
-    /// [default: sized from the GPU and model].
-    #[arg(long, value_name = "N", conflicts_with = "gpu_memory_utilization")]
+    /// [default: sized from the GPU and model]. vLLM's spelling --num-gpu-blocks-override works too.
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with = "gpu_memory_utilization",
+        alias = "num-gpu-blocks-override"
+    )]
     kv_blocks: Option<u64>,
 
     /// Fraction of GPU memory vLLM may use (weights, activations and KV cache).
@@ -119,9 +124,17 @@ pub struct KvArgs {
     #[arg(long, value_name = "POLICY", default_value = "lru", value_parser = parse_eviction)]
     eviction: EvictionKind,
 
-    /// Turn vLLM's prefix caching off.
-    #[arg(long)]
+    /// Turn vLLM's prefix caching off (vLLM's spelling --no-enable-prefix-caching works too).
+    #[arg(
+        long,
+        alias = "no-enable-prefix-caching",
+        overrides_with = "enable_prefix_caching"
+    )]
     no_prefix_caching: bool,
+
+    /// Prefix caching on, as by default (vLLM's flag; the last of the two wins).
+    #[arg(long, overrides_with = "no_prefix_caching")]
+    enable_prefix_caching: bool,
 
     /// Use only the first N requests of the trace (of the built-in workload: generate N;
     /// default 1000).
@@ -210,20 +223,25 @@ fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
         (None, sizing) => sizing.map_or(0, |s| s.num_blocks),
     };
     let pool_tokens = kv_blocks.saturating_sub(1).saturating_mul(args.block_size);
-    let execute = match args.execute {
-        Some(device) => Some(KvExecuteSpec {
-            device: device.into(),
-            bytes_per_block: args
-                .bytes_per_block
-                .or(sizing.map(|s| s.bytes_per_block))
-                .ok_or("--execute with --kv-blocks needs --bytes-per-block")?,
-            inject: args.inject.clone(),
-        }),
-        None if !args.inject.is_empty() => {
-            return Err(crate::alloc_cmd::INJECT_NEEDS_EXECUTE.into())
-        }
-        None => None,
-    };
+    let execute =
+        match args.execute {
+            Some(device) => Some(KvExecuteSpec {
+                device: device.into(),
+                bytes_per_block: args
+                    .bytes_per_block
+                    .or(sizing.map(|s| s.bytes_per_block))
+                    .ok_or("--execute with --kv-blocks needs --bytes-per-block")?,
+                inject: args.inject.clone(),
+            }),
+            None if !args.inject.is_empty() => {
+                return Err(crate::alloc_cmd::INJECT_NEEDS_EXECUTE.into())
+            }
+            None if args.bytes_per_block.is_some() => return Err(
+                "--bytes-per-block needs --execute host|cuda: it sizes the blocks in real memory"
+                    .into(),
+            ),
+            None => None,
+        };
     Ok(KvSpec {
         trace: trace_spec(args)?,
         seed: args.seed,
@@ -326,6 +344,12 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
             "-".into()
         }
     };
+    // Created first: an unwritable folder is found before a long run.
+    let plot_file = spec
+        .plot
+        .as_deref()
+        .map(crate::output::AtomicFile::create)
+        .transpose()?;
     let source = Source::new(spec);
     let (trace, format) = source.names();
     let info = RunInfo {
@@ -341,6 +365,7 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
         max_num_seqs: spec.max_num_seqs,
         max_num_batched_tokens: spec.max_num_batched_tokens,
         max_model_len: spec.max_model_len,
+        scheduling_policy: gpumem_sim::spec::Named::name(spec.scheduling_policy).into(),
         kv_sizing: *sizing,
         seed: matches!(spec.trace, KvTraceSpec::Generated { .. }).then_some(spec.seed),
     };
@@ -351,18 +376,20 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
     if let Some(execute) = &spec.execute {
         let (simulated, sim, executed) =
             execute_on_device(&source, engine, &info, execute, &checked.faults, spec.seed)?;
-        return report_execution(json, &report, &simulated, &sim, executed);
-    }
-    if let Some(path) = &spec.plot {
-        write_plot(path, &report)?;
+        let code = report_execution(json, &report, &simulated, &sim, executed)?;
+        if let Some(file) = plot_file {
+            write_plot(file, &report)?;
+        }
+        return Ok(code);
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).expect("report serializes")
-        );
+        crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
     } else {
-        print!("{}", gpumem_sim::serve::report::render_text(&report));
+        crate::output::print(&gpumem_sim::serve::report::render_text(&report))?;
+    }
+    // After the report: a plot that cannot be written must not cost the run its answer.
+    if let Some(file) = plot_file {
+        write_plot(file, &report)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -504,9 +531,7 @@ fn simulate_with_step_log(
     spec: &KvSpec,
 ) -> Result<Result<KvReport, ServeError>, String> {
     let mut log_file = match &spec.step_log {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        )),
+        Some(p) => Some(crate::output::AtomicFile::create(p)?),
         None => None,
     };
     let mut stream = source.open()?;
@@ -523,6 +548,10 @@ fn simulate_with_step_log(
     );
     drop(arrivals);
     progress.finish();
+    // The step log replaces an existing file only when the run completed.
+    if let (Some(file), Ok(_)) = (log_file, &result) {
+        file.commit()?;
+    }
     if let Some(s) = &stream {
         for w in s.warnings() {
             eprintln!("gpumem: warning: {}: {w}", s.source());
@@ -607,12 +636,9 @@ fn report_execution(
         value["bytes_verified"] = exec.bytes_verified.into();
         value["mismatches"] = exec.mismatches.into();
         value["execution"] = serde_json::to_value(&exec).expect("report serializes");
-        println!(
-            "{}",
-            serde_json::to_string(&value).expect("report serializes")
-        );
+        crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
     } else {
-        print!("{}", gpumem_sim::serve::report::render_text(&executed));
+        let mut text = gpumem_sim::serve::report::render_text(&executed);
         let (writes, reads) = ["write_kv", "read_kv"]
             .map(|k| {
                 exec.timings
@@ -621,21 +647,31 @@ fn report_execution(
                     .map_or((0, 0), |t| (t.count, t.measured_ns_total))
             })
             .into();
-        println!(
-            "\nexecuted on {}: digests {}, {} verified, {} mismatched bytes, {} prefix hits refused",
+        text.push_str(&format!(
+            "\nexecuted on {}: digests {}, {} verified, {} mismatched bytes, {} prefix hits refused\n",
             exec.device,
             if digests_equal { "equal to the simulation's" } else { "DIFFER from the simulation's" },
             gpumem_sim::report::human_bytes(exec.bytes_verified),
             exec.mismatches,
             executed.prefix_hits_refused
-        );
-        println!(
-            "  {} KV block writes, {:.0} ns each; {} prefix-hit reads, {:.0} ns each (measured, patterns included)",
+        ));
+        text.push_str(&format!(
+            "  {} KV block writes, {:.0} ns each; {} prefix-hit reads, {:.0} ns each (measured, patterns included)\n",
             writes.0,
             writes.1 as f64 / writes.0.max(1) as f64,
             reads.0,
             reads.1 as f64 / reads.0.max(1) as f64
-        );
+        ));
+        if exec.injections_moved_on > 0 {
+            text.push_str(&format!(
+                "  the injected corruption moved on {} times: the blocks it hit were written again before anything read them\n",
+                exec.injections_moved_on
+            ));
+        }
+        if let Some(note) = unseen_injection(&exec) {
+            text.push_str(&format!("  {note}\n"));
+        }
+        crate::output::print(&text)?;
     }
     let failed = exec.mismatches > 0 || !digests_equal;
     Ok(if failed {
@@ -645,12 +681,24 @@ fn report_execution(
     })
 }
 
-fn write_plot(path: &Path, r: &KvReport) -> Result<(), String> {
+/// A sentence when an injected corruption was never seen (no check found a wrong byte), which
+/// only a run that ends with its corrupted block rewritten can give.
+pub fn unseen_injection(exec: &ExecReport) -> Option<String> {
+    let injected = exec.injected_corruptions + exec.injections_moved_on;
+    (injected > 0 && exec.mismatches == 0).then(|| {
+        format!(
+            "the injected {} found no block that stayed as written: no check could see it",
+            exec.injections.join(", ")
+        )
+    })
+}
+
+fn write_plot(file: crate::output::AtomicFile, r: &KvReport) -> Result<(), String> {
     let c = &r.config;
     let title = format!(
         "{} — {} on {} / {}, {} blocks of {}",
         c.trace, c.engine, c.gpu, c.model, r.kv_blocks, c.block_size
     );
     let svg = gpumem_sim::plot::kv_timeline_svg(&title, &r.series, r.kv_blocks - 1);
-    std::fs::write(path, svg).map_err(|e| format!("{}: cannot write the plot: {e}", path.display()))
+    file.write_all_and_commit(svg.as_bytes())
 }

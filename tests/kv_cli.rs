@@ -405,3 +405,80 @@ fn a_pipe_is_a_trace_too() {
     assert_eq!(piped, file);
     assert_eq!(file["requests"], 300);
 }
+
+#[test]
+fn vllms_own_flag_spellings_are_accepted() {
+    let base = ["kv", "--limit", "30", "--json"];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        json_report(&args)
+    };
+    let plain = with(&[]);
+    let off = with(&["--no-prefix-caching"]);
+    assert_eq!(with(&["--no-enable-prefix-caching"]), off);
+    assert_eq!(with(&["--enable-prefix-caching"]), plain);
+    // The last of the two wins, as vLLM's argparse does.
+    assert_eq!(
+        with(&["--no-enable-prefix-caching", "--enable-prefix-caching"]),
+        plain
+    );
+    assert_eq!(
+        with(&["--num-gpu-blocks-override", "500"]),
+        with(&["--kv-blocks", "500"])
+    );
+    assert_eq!(plain["config"]["scheduling_policy"], "fcfs");
+}
+
+#[test]
+fn flags_without_effect_are_refused_and_the_policy_is_shown() {
+    assert_clean_error(
+        &gpumem(&["kv", "--bytes-per-block", "4KiB"]),
+        &["--bytes-per-block needs --execute"],
+    );
+    let conv = mooncake_conversation();
+    let priority = [
+        "kv",
+        "--trace",
+        conv.to_str().unwrap(),
+        "--scheduling-policy",
+        "priority",
+    ];
+    assert_clean_error(&gpumem(&priority), &["only the conformance format carries"]);
+    let text = stdout(&gpumem(&["kv", "--limit", "10"]));
+    assert!(text.contains("scheduler     fcfs,"), "{text}");
+}
+
+#[test]
+fn a_refused_run_leaves_an_existing_step_log_alone() {
+    let dir = scratch_dir();
+    let log = dir.join("steps.jsonl");
+    std::fs::write(&log, "a log from an earlier run\n").unwrap();
+    let out = gpumem(&[
+        "kv",
+        "--max-num-seqs",
+        "0",
+        "--step-log",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "a log from an earlier run\n"
+    );
+    // No temporary file stays behind.
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    // A completed run replaces it.
+    let ok = gpumem(&["kv", "--limit", "5", "--step-log", log.to_str().unwrap()]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .starts_with("{\"step\":"));
+    // An output that cannot be written is found before the run.
+    let unwritable = gpumem(&["kv", "--limit", "5", "--plot", "/nonexistent/kv.svg"]);
+    assert_clean_error(&unwritable, &["/nonexistent/kv.svg", "cannot write here"]);
+}

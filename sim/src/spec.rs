@@ -658,6 +658,19 @@ impl KvSpec {
                 s.num_blocks
             ));
         }
+        let carries_priorities = matches!(
+            self.trace,
+            KvTraceSpec::File {
+                format: WorkloadFormat::Conformance,
+                ..
+            }
+        );
+        if self.scheduling_policy == SchedulingPolicy::Priority && !carries_priorities {
+            return Err(
+                "scheduling_policy priority: only the conformance format carries request priorities; every other trace would run as fcfs"
+                    .into(),
+            );
+        }
         if self.kv_blocks < 2 {
             return Err(format!(
                 "kv_blocks {}: the pool is smaller than one block (vLLM's num_gpu_blocks counts the null block 0, so at least 2 are needed)",

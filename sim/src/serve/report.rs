@@ -68,6 +68,8 @@ pub struct RunInfo {
     pub max_num_seqs: u64,
     pub max_num_batched_tokens: u64,
     pub max_model_len: u64,
+    /// vLLM's scheduling policy: `fcfs` or `priority`.
+    pub scheduling_policy: String,
     /// How the pool was sized from the GPU and model (absent with --kv-blocks).
     pub kv_sizing: Option<KvSizing>,
     pub seed: Option<u64>,
@@ -284,8 +286,8 @@ pub fn render_text(r: &KvReport) -> String {
     line(
         "scheduler",
         format!(
-            "max_num_seqs {}, max_num_batched_tokens {}, max_model_len {}",
-            c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len
+            "{}, max_num_seqs {}, max_num_batched_tokens {}, max_model_len {}",
+            c.scheduling_policy, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len
         ),
     );
     out.push('\n');
