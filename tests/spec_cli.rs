@@ -321,6 +321,9 @@ fn a_printed_spec_reads_back_to_the_same_text_over_many_flag_combinations() {
          default_max_num_batched_tokens: 2048, links: (pcie_gen: 5))",
     )
     .unwrap();
+    // Only the conformance format carries priorities.
+    let priority_workload =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/exact-blocks/workload.jsonl");
     let combos: Vec<Vec<&str>> = vec![
         vec!["kv"],
         vec!["kv", "--seed", "3", "--limit", "10", "--eviction", "arc"],
@@ -350,6 +353,10 @@ fn a_printed_spec_reads_back_to_the_same_text_over_many_flag_combinations() {
             "100",
             "--cost",
             "fixed:20",
+            "--trace",
+            path_str(&priority_workload),
+            "--format",
+            "conformance",
             "--scheduling-policy",
             "priority",
         ],
