@@ -325,26 +325,44 @@ pub fn parse_faults(inject: &[String]) -> Result<Vec<Inject>, String> {
         .collect()
 }
 
-/// Refuses, before any execution, a run whose simulated peak does not fit what the device has.
-fn check_device_room(simulated: &AllocReport, execute: &AllocExecuteSpec) -> Result<(), String> {
-    let Some(worst) = simulated
+/// Refuses, before any execution, a run the device cannot carry out: a simulated peak above
+/// what the device has available, or a page size its mappings cannot have.
+fn check_device_room(
+    simulated: &AllocReport,
+    config: &ReplayConfig,
+    execute: &AllocExecuteSpec,
+) -> Result<(), String> {
+    let peak = simulated
         .results
         .iter()
-        .max_by_key(|r| r.bytes_reserved_peak)
-    else {
-        return Ok(());
-    };
-    let what = format!("--execute of {}", worst.strategy);
+        .max_by_key(|r| r.bytes_reserved_peak);
+    let what = peak.map_or(String::new(), |r| format!("--execute of {}", r.strategy));
+    let peak_bytes = peak.map_or(0, |r| r.bytes_reserved_peak);
+    let page_bytes = config.alloc.page_bytes;
     match execute.device {
         ExecuteDevice::Host => {
             let mut host = Scaled::new(HostDevice::new(), execute.scale)?;
-            check_room(&mut host, worst.bytes_reserved_peak, &what)
+            check_page(&host, page_bytes)?;
+            check_room(&mut host, peak_bytes, &what)
         }
         ExecuteDevice::Cuda => {
             let mut cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
-            check_room(&mut cuda, worst.bytes_reserved_peak, &what)
+            check_page(&cuda, page_bytes)?;
+            check_room(&mut cuda, peak_bytes, &what)
         }
     }
+}
+
+/// The arena strategies map `--page` at a time: a device maps whole pages of its granularity.
+fn check_page<D: Device>(device: &D, page_bytes: u64) -> Result<(), String> {
+    let granularity = device.granularity_bytes();
+    if page_bytes.is_multiple_of(granularity) {
+        return Ok(());
+    }
+    Err(format!(
+        "--page {page_bytes} is not a multiple of {}'s allocation granularity ({granularity} bytes): every map would be refused",
+        device.name()
+    ))
 }
 
 /// Replays every strategy again, one after the other (real memory is not shared), on the device.
@@ -357,7 +375,7 @@ fn execute_all(
     faults: &[Inject],
     seed: u64,
 ) -> Result<Vec<ExecReport>, String> {
-    check_device_room(simulated, execute)?;
+    check_device_room(simulated, config, execute)?;
     let ops = trace.ops.len() as u64;
     let progress = Progress::new(strategies.len(), ops * strategies.len() as u64);
     let mut runs = Vec::new();
