@@ -18,4 +18,4 @@ pub mod tiers;
 pub use books::{Account, Books};
 pub use decision::{AllocId, Decision, Loc, Refusal, SegmentId};
 pub use executor::{Executor, Ledger};
-pub use place::{DeviceId, Owner, Place, Tier};
+pub use place::{DeviceId, DeviceSet, Owner, Place, Tier};

@@ -13,6 +13,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use super::pool::KvEvent;
+
 /// Distinct media (`"GPU"`, `"CPU"`, …) an index tracks.
 pub const MAX_MEDIA: usize = 64;
 
@@ -51,6 +53,9 @@ pub enum KvCacheEvent {
     },
     AllBlocksCleared,
 }
+
+/// The medium gpumem's engines publish their GPU pool's events under (vLLM's name for it).
+pub const POOL_MEDIUM: &str = "GPU";
 
 /// No KV-cache group given (vLLM before group indices, or a stream without them).
 const NO_GROUP: u64 = u64::MAX;
@@ -148,44 +153,20 @@ impl CacheIndex {
                 ..
             } => {
                 let m = self.medium(medium)?;
-                let group = group_idx.unwrap_or(NO_GROUP);
-                let c = &mut self.counts;
-                c.block_stored_events += 1;
-                c.blocks_stored += block_hashes.len() as u64;
-                c.tokens_stored += token_ids.len() as u64;
                 if (block_hashes.len() as u64).checked_mul(*block_size)
                     != Some(token_ids.len() as u64)
                 {
-                    c.token_count_mismatches += 1;
+                    self.counts.token_count_mismatches += 1;
                 }
-                self.by_medium[m as usize].stored += block_hashes.len() as u64;
-                let mut parent = parent_block_hash.clone();
-                for h in block_hashes {
-                    let key = Key {
-                        medium: m,
-                        group,
-                        hash: h.clone(),
-                    };
-                    if self.entries.len() >= self.max_blocks && !self.entries.contains_key(&key) {
-                        return Err(format!(
-                            "the stream keeps more than {} distinct blocks live at once (the index's limit, MAX_INDEX_BLOCKS)",
-                            self.max_blocks
-                        ));
-                    }
-                    let e = self.entries.entry(key).or_insert_with(|| Entry {
-                        parent: parent.clone(),
-                        tokens: *block_size,
-                        copies: 0,
-                    });
-                    if e.copies > 0 {
-                        self.counts.duplicate_stores += 1;
-                    }
-                    e.copies += 1;
-                    self.live += 1;
-                    self.by_medium[m as usize].live += 1;
-                    parent = Some(h.clone());
-                }
-                self.max_live = self.max_live.max(self.live);
+                self.counts.tokens_stored += token_ids.len() as u64;
+                let group = group_idx.unwrap_or(NO_GROUP);
+                self.store(
+                    m,
+                    group,
+                    parent_block_hash.clone(),
+                    block_hashes,
+                    *block_size,
+                )
             }
             KvCacheEvent::BlockRemoved {
                 block_hashes,
@@ -193,40 +174,145 @@ impl CacheIndex {
                 group_idx,
             } => {
                 let m = self.medium(medium)?;
-                let group = group_idx.unwrap_or(NO_GROUP);
-                self.counts.block_removed_events += 1;
-                self.counts.blocks_removed += block_hashes.len() as u64;
-                self.by_medium[m as usize].removed += block_hashes.len() as u64;
-                for h in block_hashes {
-                    let key = Key {
-                        medium: m,
-                        group,
-                        hash: h.clone(),
-                    };
-                    match self.entries.get_mut(&key) {
-                        Some(e) => {
-                            e.copies -= 1;
-                            if e.copies == 0 {
-                                self.entries.remove(&key);
-                            }
-                            self.live -= 1;
-                            self.by_medium[m as usize].live -= 1;
-                        }
-                        None => self.counts.removed_unknown += 1,
-                    }
-                }
+                self.remove(
+                    m,
+                    group_idx.unwrap_or(NO_GROUP),
+                    block_hashes.iter().cloned(),
+                );
+                Ok(())
             }
-            // vLLM's `reset_prefix_cache`: the index forgets every block, on every medium.
             KvCacheEvent::AllBlocksCleared => {
-                self.counts.all_blocks_cleared += 1;
-                self.entries.clear();
-                self.live = 0;
-                for c in &mut self.by_medium {
-                    c.live = 0;
-                }
+                self.clear();
+                Ok(())
             }
         }
+    }
+
+    /// Applies an event of gpumem's own block pool, as the engine would publish it: medium
+    /// `"GPU"`, no KV-cache group, `block_size` tokens a block. (The pool's events carry no
+    /// token ids: the hashes already name the tokens.)
+    pub fn apply_pool_event(&mut self, ev: &KvEvent, block_size: u64) -> Result<(), String> {
+        let m = self.medium(&Some(POOL_MEDIUM.to_string()))?;
+        match ev {
+            KvEvent::Stored { parent, hashes } => {
+                let hashes: Vec<EventHash> = hashes.iter().map(|h| EventHash::Int(h.0)).collect();
+                self.counts.tokens_stored += hashes.len() as u64 * block_size;
+                let parent = parent.map(|h| EventHash::Int(h.0));
+                self.store(m, NO_GROUP, parent, &hashes, block_size)
+            }
+            KvEvent::Removed { hash } => {
+                self.remove(m, NO_GROUP, std::iter::once(EventHash::Int(hash.0)));
+                Ok(())
+            }
+            KvEvent::AllCleared => {
+                self.clear();
+                Ok(())
+            }
+        }
+    }
+
+    /// A `BlockStored` of `hashes` (each child of the one before, the first of `parent`).
+    fn store(
+        &mut self,
+        m: u16,
+        group: u64,
+        mut parent: Option<EventHash>,
+        hashes: &[EventHash],
+        block_size: u64,
+    ) -> Result<(), String> {
+        let c = &mut self.counts;
+        c.block_stored_events += 1;
+        c.blocks_stored += hashes.len() as u64;
+        self.by_medium[m as usize].stored += hashes.len() as u64;
+        for h in hashes {
+            let key = Key {
+                medium: m,
+                group,
+                hash: h.clone(),
+            };
+            if self.entries.len() >= self.max_blocks && !self.entries.contains_key(&key) {
+                return Err(format!(
+                    "the stream keeps more than {} distinct blocks live at once (the index's limit, MAX_INDEX_BLOCKS)",
+                    self.max_blocks
+                ));
+            }
+            let e = self.entries.entry(key).or_insert_with(|| Entry {
+                parent: parent.clone(),
+                tokens: block_size,
+                copies: 0,
+            });
+            if e.copies > 0 {
+                self.counts.duplicate_stores += 1;
+            }
+            e.copies += 1;
+            self.live += 1;
+            self.by_medium[m as usize].live += 1;
+            parent = Some(h.clone());
+        }
+        self.max_live = self.max_live.max(self.live);
         Ok(())
+    }
+
+    /// A `BlockRemoved`: one copy of each hash leaves.
+    fn remove(&mut self, m: u16, group: u64, hashes: impl ExactSizeIterator<Item = EventHash>) {
+        self.counts.block_removed_events += 1;
+        self.counts.blocks_removed += hashes.len() as u64;
+        self.by_medium[m as usize].removed += hashes.len() as u64;
+        for hash in hashes {
+            let key = Key {
+                medium: m,
+                group,
+                hash,
+            };
+            match self.entries.get_mut(&key) {
+                Some(e) => {
+                    e.copies -= 1;
+                    if e.copies == 0 {
+                        self.entries.remove(&key);
+                    }
+                    self.live -= 1;
+                    self.by_medium[m as usize].live -= 1;
+                }
+                None => self.counts.removed_unknown += 1,
+            }
+        }
+    }
+
+    /// vLLM's `reset_prefix_cache`: the index forgets every block, on every medium.
+    fn clear(&mut self) {
+        self.counts.all_blocks_cleared += 1;
+        self.entries.clear();
+        self.live = 0;
+        for c in &mut self.by_medium {
+            c.live = 0;
+        }
+    }
+
+    /// How many of a request's block hashes, from its first, the index holds on `medium` in
+    /// `group`: the prefix a KV-aware router expects the engine to serve from its cache.
+    pub fn prefix_blocks(
+        &self,
+        medium: Option<&str>,
+        group: Option<u64>,
+        hashes: impl IntoIterator<Item = EventHash>,
+    ) -> u64 {
+        let Some(m) = self.media.iter().position(|x| x.as_deref() == medium) else {
+            return 0;
+        };
+        let mut key = Key {
+            medium: m as u16,
+            group: group.unwrap_or(NO_GROUP),
+            hash: EventHash::Int(0),
+        };
+        let mut held = 0;
+        for hash in hashes {
+            key.hash = hash;
+            if !self.entries.contains_key(&key) {
+                break;
+            }
+            held += 1;
+        }
+        held
     }
 
     /// Physical blocks holding a hash now (copies counted).
@@ -417,5 +503,52 @@ mod tests {
         index.apply(&removed).unwrap();
         index.apply(&stored(8..9)).unwrap();
         assert_eq!(index.hashes_live(), 8);
+    }
+
+    #[test]
+    fn a_pool_event_stream_answers_the_prefix_a_request_would_hit() {
+        use crate::kv::BlockHash;
+        let h = |x: u64| BlockHash(x);
+        let mut index = CacheIndex::new();
+        let stored = KvEvent::Stored {
+            parent: None,
+            hashes: vec![h(10), h(11), h(12)],
+        };
+        index.apply_pool_event(&stored, 16).unwrap();
+        let child = KvEvent::Stored {
+            parent: Some(h(12)),
+            hashes: vec![h(13)],
+        };
+        index.apply_pool_event(&child, 16).unwrap();
+        let ask = |index: &CacheIndex, hs: &[u64]| {
+            index.prefix_blocks(
+                Some(POOL_MEDIUM),
+                None,
+                hs.iter().map(|&x| EventHash::Int(x)),
+            )
+        };
+        assert_eq!(ask(&index, &[10, 11, 12, 13, 14]), 4);
+        assert_eq!(
+            ask(&index, &[10, 99, 12]),
+            1,
+            "the prefix ends at the first miss"
+        );
+        assert_eq!(ask(&index, &[11]), 1);
+        assert_eq!(
+            index.prefix_blocks(Some("CPU"), None, [EventHash::Int(10)]),
+            0
+        );
+        index
+            .apply_pool_event(&KvEvent::Removed { hash: h(11) }, 16)
+            .unwrap();
+        assert_eq!(ask(&index, &[10, 11, 12]), 1);
+        let s = index.summary();
+        assert_eq!(
+            (s.blocks_stored, s.tokens_stored, s.token_count_mismatches),
+            (4, 64, 0)
+        );
+        assert_eq!(s.longest_chain_blocks, 2, "12 → 13 after 11 left");
+        index.apply_pool_event(&KvEvent::AllCleared, 16).unwrap();
+        assert_eq!(index.blocks_live(), 0);
     }
 }

@@ -52,7 +52,7 @@ pub struct RunSummary {
 
 impl RunSummary {
     /// Counts one step (every step, logged or not).
-    fn add_step(&mut self, rec: &StepRecord, usable_blocks: u32) {
+    pub fn add_step(&mut self, rec: &StepRecord, usable_blocks: u32) {
         self.kv_blocks_used_peak = self
             .kv_blocks_used_peak
             .max(usable_blocks - rec.free_blocks);
@@ -71,6 +71,17 @@ impl RunSummary {
         self.scheduled_tokens += rec.scheduled_tokens();
         self.requests_finished += rec.finished.len() as u64;
         self.sim_time_us = rec.end_ns / 1000;
+    }
+
+    /// The totals only the engine knows, taken when it has run its last step.
+    pub fn close(&mut self, engine: &VllmEngine<'_>) {
+        let kv = engine.kv();
+        let totals = kv.pool().totals();
+        self.requests = engine.requests_added();
+        self.blocks_evicted = totals.removed;
+        self.blocks_stored = totals.stored;
+        self.prefix_cache = *kv.stats();
+        self.digest = engine.digest_hex();
     }
 }
 
@@ -149,12 +160,6 @@ pub fn drive<'x>(
         step += 1;
         now_ns = rec.end_ns;
     }
-    let kv = engine.kv();
-    let totals = kv.pool().totals();
-    sum.requests = engine.requests_added();
-    sum.blocks_evicted = totals.removed;
-    sum.blocks_stored = totals.stored;
-    sum.prefix_cache = *kv.stats();
-    sum.digest = engine.digest_hex();
+    sum.close(engine);
     Ok(sum)
 }

@@ -42,20 +42,45 @@ impl Measured {
 
     /// Takes in a logged step.
     pub fn observe(&mut self, rec: &StepRecord) {
+        self.observe_in_fleet(rec, EngineState::after(rec, self.usable_blocks));
+    }
+
+    /// Takes in a logged step of one engine among several whose states, summed after the
+    /// step, are `fleet`: the peaks and the series follow the fleet.
+    pub fn observe_in_fleet(&mut self, rec: &StepRecord, fleet: EngineState) {
         rec.outcomes.iter().for_each(|o| self.latencies.record(o));
         self.hit_tokens += rec.admitted_hit_tokens();
         self.query_tokens += rec.admitted_tokens;
         self.scheduled_tokens += rec.scheduled_tokens();
-        self.running_peak = self.running_peak.max(rec.running);
-        self.waiting_peak = self.waiting_peak.max(rec.waiting);
+        self.running_peak = self.running_peak.max(fleet.running);
+        self.waiting_peak = self.waiting_peak.max(fleet.waiting);
         self.series.push(TimelinePoint {
             t_us: rec.end_ns / 1000,
-            kv_blocks_used: self.usable_blocks - rec.free_blocks as u64,
-            running: rec.running,
-            waiting: rec.waiting,
+            kv_blocks_used: fleet.kv_blocks_used,
+            running: fleet.running,
+            waiting: fleet.waiting,
             prefix_hit_tokens: self.hit_tokens,
             prefix_query_tokens: self.query_tokens,
         });
+    }
+}
+
+/// What an engine holds after a step (or a fleet of engines, summed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineState {
+    pub kv_blocks_used: u64,
+    pub running: u64,
+    pub waiting: u64,
+}
+
+impl EngineState {
+    /// The state after `rec` of an engine with `usable_blocks`.
+    pub fn after(rec: &StepRecord, usable_blocks: u64) -> EngineState {
+        EngineState {
+            kv_blocks_used: usable_blocks - rec.free_blocks as u64,
+            running: rec.running,
+            waiting: rec.waiting,
+        }
     }
 }
 

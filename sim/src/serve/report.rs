@@ -133,7 +133,7 @@ pub struct KvReport {
 }
 
 /// `num / den` in parts per million, as a float for the report.
-fn ratio(num: u64, den: u64) -> f64 {
+pub(crate) fn ratio(num: u64, den: u64) -> f64 {
     if den == 0 {
         0.0
     } else {
@@ -234,7 +234,7 @@ pub fn grouped(n: u64) -> String {
     out
 }
 
-fn pct(x: f64) -> String {
+pub(crate) fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 

@@ -32,7 +32,7 @@ use gpumem_core::decision::SegmentId;
 use gpumem_core::digest::Digest;
 use gpumem_core::executor::Executor;
 use gpumem_core::kv::eviction::Eviction;
-use gpumem_core::kv::{BlockId, KvCacheManager, KvConfig, KvPlacement};
+use gpumem_core::kv::{BlockId, KvCacheManager, KvConfig, KvEvent, KvPlacement};
 use gpumem_core::place::{Owner, Place};
 use serde::{Deserialize, Serialize};
 
@@ -223,6 +223,19 @@ impl<'x> VllmEngine<'x> {
 
     pub fn kv(&self) -> &KvCacheManager<'x, Eviction> {
         &self.kv
+    }
+
+    /// From now on, keeps the KV-cache events vLLM would publish (blocks stored, hashes
+    /// removed), for [`take_kv_events`](Self::take_kv_events): what a KV-aware router's index is
+    /// fed. They do not enter the digest.
+    pub fn publish_kv_events(&mut self) {
+        self.kv.pool_mut().record_events(true);
+    }
+
+    /// The KV-cache events since the last call (none unless
+    /// [`publish_kv_events`](Self::publish_kv_events) was called).
+    pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
+        self.kv.pool_mut().take_events()
     }
 
     /// Hex digest of the engine's decisions so far.
