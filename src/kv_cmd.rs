@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use std::rc::Rc;
 
 use clap::Args;
+use gpumem_core::place::DeviceSet;
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
+use gpumem_sim::cluster::{
+    render_cluster_text, simulate_cluster, ClusterReport, ClusterSetup, RouterPolicy,
+};
 use gpumem_sim::serve::{
     kv_sizing, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
     ModelProfile, RunInfo, SchedulingPolicy, ServeError, TooLongPrompt,
@@ -158,6 +162,22 @@ pub struct KvArgs {
     #[arg(long, value_name = "POLICY", default_value = "fcfs", value_parser = SchedulingPolicy::parse)]
     scheduling_policy: SchedulingPolicy,
 
+    /// Run N engines behind a router, each with its own KV pool on its own GPU (devices 0 to
+    /// N-1); the report adds each replica's figures and the router's. Without it, one engine.
+    #[arg(long, value_name = "N")]
+    replicas: Option<u64>,
+
+    /// With --replicas: round-robin, least-loaded (fewest outstanding tokens), or kv-aware[:W]
+    /// (lowest W x prompt tokens not in the replica's prefix cache + outstanding tokens; W
+    /// defaults to 1) [default: round-robin].
+    #[arg(long, value_name = "POLICY", value_parser = RouterPolicy::parse)]
+    router: Option<RouterPolicy>,
+
+    /// With --replicas: the engines' KV events reach the router this many µs after the step
+    /// that published them [default: 0].
+    #[arg(long, value_name = "US")]
+    router_lag_us: Option<u64>,
+
     /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -242,6 +262,9 @@ fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
             ),
             None => None,
         };
+    if args.replicas.is_none() && (args.router.is_some() || args.router_lag_us.is_some()) {
+        return Err("--router and --router-lag-us need --replicas N".into());
+    }
     Ok(KvSpec {
         trace: trace_spec(args)?,
         seed: args.seed,
@@ -262,6 +285,11 @@ fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
         eviction: args.eviction,
         prefix_caching: !args.no_prefix_caching,
         scheduling_policy: args.scheduling_policy,
+        replicas: args.replicas,
+        router: args
+            .replicas
+            .map(|_| args.router.unwrap_or(RouterPolicy::RoundRobin)),
+        router_lag_us: args.replicas.map(|_| args.router_lag_us.unwrap_or(0)),
         execute,
         step_log: args.step_log.clone(),
         plot: args.plot.clone(),
@@ -324,6 +352,126 @@ pub fn check(spec: &KvSpec) -> Result<Checked, String> {
 
 /// Runs a checked spec and prints its report: text, or JSON with `json`.
 pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode, String> {
+    // Created first: an unwritable folder is found before a long run.
+    let plot_file = spec
+        .plot
+        .as_deref()
+        .map(crate::output::AtomicFile::create)
+        .transpose()?;
+    let source = Source::new(spec);
+    let (engine, info) = engine_and_info(spec, checked, &source);
+    if spec.replicas.is_some() {
+        let report = match simulate_cluster_with_progress(&source, engine, &info, true)? {
+            Ok(r) => r,
+            Err(e) => return serve_failure(e),
+        };
+        let outcome = KvOutcome::Cluster(Box::new(report));
+        return print_outcome(&outcome, json, plot_file);
+    }
+    let report = match simulate_with_step_log(&source, engine, &info, spec)? {
+        Ok(r) => r,
+        Err(e) => return serve_failure(e),
+    };
+    if let Some(execute) = &spec.execute {
+        let (simulated, sim, executed) =
+            execute_on_device(&source, engine, &info, execute, &checked.faults, spec.seed)?;
+        let code = report_execution(json, &report, &simulated, &sim, executed)?;
+        if let Some(file) = plot_file {
+            write_plot(file, &report, 1)?;
+        }
+        return Ok(code);
+    }
+    print_outcome(&KvOutcome::Single(report), json, plot_file)
+}
+
+/// What a simulated `gpumem kv` run reports: one engine's report, or a cluster's.
+pub enum KvOutcome {
+    Single(KvReport),
+    Cluster(Box<ClusterReport>),
+}
+
+impl KvOutcome {
+    /// The whole run's figures (a cluster's fleet).
+    pub fn fleet(&self) -> &KvReport {
+        match self {
+            KvOutcome::Single(r) => r,
+            KvOutcome::Cluster(c) => &c.fleet,
+        }
+    }
+
+    /// The JSON report, as `--json` prints it.
+    pub fn to_json(&self) -> String {
+        match self {
+            KvOutcome::Single(r) => serde_json::to_string(r),
+            KvOutcome::Cluster(c) => serde_json::to_string(c),
+        }
+        .expect("report serializes")
+    }
+
+    fn text(&self) -> String {
+        match self {
+            KvOutcome::Single(r) => gpumem_sim::serve::report::render_text(r),
+            KvOutcome::Cluster(c) => render_cluster_text(c),
+        }
+    }
+
+    fn engines(&self) -> u64 {
+        match self {
+            KvOutcome::Single(_) => 1,
+            KvOutcome::Cluster(c) => c.replicas.len() as u64,
+        }
+    }
+}
+
+/// Prints a simulated run's report, then writes its plot.
+fn print_outcome(
+    outcome: &KvOutcome,
+    json: bool,
+    plot_file: Option<crate::output::AtomicFile>,
+) -> Result<ExitCode, String> {
+    if json {
+        crate::output::println(&outcome.to_json())?;
+    } else {
+        crate::output::print(&outcome.text())?;
+    }
+    // After the report: a plot that cannot be written must not cost the run its answer.
+    if let Some(file) = plot_file {
+        write_plot(file, outcome.fleet(), outcome.engines())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a checked spec without a word on the terminal (no progress bar, no output file): a
+/// point of a sweep or a plan. The inner error is the run's (a stall, a bad request); the
+/// outer one, the trace's.
+pub fn simulate_quietly(
+    spec: &KvSpec,
+    checked: &Checked,
+) -> Result<Result<KvOutcome, ServeError>, String> {
+    if spec.execute.is_some() || spec.step_log.is_some() || spec.plot.is_some() {
+        return Err(
+            "--execute, --step-log and --plot belong to single runs, not to sweeps or plans".into(),
+        );
+    }
+    let source = Source::new(spec);
+    let (engine, info) = engine_and_info(spec, checked, &source);
+    if spec.replicas.is_some() {
+        return Ok(
+            simulate_cluster_with_progress(&source, engine, &info, false)?
+                .map(|c| KvOutcome::Cluster(Box::new(c))),
+        );
+    }
+    let mut stream = source.open()?;
+    let mut arrivals = source.arrivals(stream.as_mut());
+    Ok(simulate(&mut arrivals, engine, info, None, &mut |_| {}).map(KvOutcome::Single))
+}
+
+/// The engine's config and what the report echoes of the spec.
+fn engine_and_info(
+    spec: &KvSpec,
+    checked: &Checked,
+    source: &Source<'_>,
+) -> (EngineConfig, RunInfo) {
     let KvResolved { gpu, model, sizing } = &checked.resolved;
     let engine = EngineConfig {
         num_gpu_blocks: spec.kv_blocks as u32,
@@ -344,13 +492,6 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
             "-".into()
         }
     };
-    // Created first: an unwritable folder is found before a long run.
-    let plot_file = spec
-        .plot
-        .as_deref()
-        .map(crate::output::AtomicFile::create)
-        .transpose()?;
-    let source = Source::new(spec);
     let (trace, format) = source.names();
     let info = RunInfo {
         trace,
@@ -369,29 +510,45 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
         kv_sizing: *sizing,
         seed: matches!(spec.trace, KvTraceSpec::Generated { .. }).then_some(spec.seed),
     };
-    let report = match simulate_with_step_log(&source, engine, &info, spec)? {
-        Ok(r) => r,
-        Err(e) => return serve_failure(e),
+    (engine, info)
+}
+
+/// The cluster's run (the spec has `replicas`), with a progress bar over the trace's bytes
+/// when `show_progress`.
+fn simulate_cluster_with_progress(
+    source: &Source<'_>,
+    engine: EngineConfig,
+    info: &RunInfo,
+    show_progress: bool,
+) -> Result<Result<ClusterReport, ServeError>, String> {
+    let spec = source.spec;
+    let setup = ClusterSetup {
+        engine,
+        devices: DeviceSet::first(spec.replicas.unwrap_or(1) as usize)?,
+        router: spec.router.unwrap_or(RouterPolicy::RoundRobin),
+        router_lag_us: spec.router_lag_us.unwrap_or(0),
     };
-    if let Some(execute) = &spec.execute {
-        let (simulated, sim, executed) =
-            execute_on_device(&source, engine, &info, execute, &checked.faults, spec.seed)?;
-        let code = report_execution(json, &report, &simulated, &sim, executed)?;
-        if let Some(file) = plot_file {
-            write_plot(file, &report)?;
-        }
-        return Ok(code);
-    }
-    if json {
-        crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
+    let mut stream = source.open()?;
+    let total_bytes = if show_progress {
+        source.total_bytes()
     } else {
-        crate::output::print(&gpumem_sim::serve::report::render_text(&report))?;
+        0
+    };
+    let progress = Progress::with_unit(1, total_bytes, "bytes");
+    let mut arrivals = source.arrivals(stream.as_mut());
+    let result = simulate_cluster(&mut arrivals, &setup, info.clone(), &mut |_| {
+        if show_progress {
+            progress.update(0, source.bytes_read.get().min(total_bytes))
+        }
+    });
+    drop(arrivals);
+    progress.finish();
+    if let Some(s) = &stream {
+        for w in s.warnings() {
+            eprintln!("gpumem: warning: {}: {w}", s.source());
+        }
     }
-    // After the report: a plot that cannot be written must not cost the run its answer.
-    if let Some(file) = plot_file {
-        write_plot(file, &report)?;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(result)
 }
 
 /// Where a spec's requests come from: a trace, read lazily (and again for each run of
@@ -693,12 +850,20 @@ pub fn unseen_injection(exec: &ExecReport) -> Option<String> {
     })
 }
 
-fn write_plot(file: crate::output::AtomicFile, r: &KvReport) -> Result<(), String> {
+/// The run's timeline as SVG; a cluster's (`engines` replicas) is the fleet's, over all their
+/// blocks.
+fn write_plot(file: crate::output::AtomicFile, r: &KvReport, engines: u64) -> Result<(), String> {
     let c = &r.config;
+    let fleet = if engines > 1 {
+        format!("{engines} x ")
+    } else {
+        String::new()
+    };
     let title = format!(
-        "{} — {} on {} / {}, {} blocks of {}",
+        "{} — {fleet}{} on {} / {}, {} blocks of {}",
         c.trace, c.engine, c.gpu, c.model, r.kv_blocks, c.block_size
     );
-    let svg = gpumem_sim::plot::kv_timeline_svg(&title, &r.series, r.kv_blocks - 1);
+    let usable = (r.kv_blocks - 1).saturating_mul(engines);
+    let svg = gpumem_sim::plot::kv_timeline_svg(&title, &r.series, usable);
     file.write_all_and_commit(svg.as_bytes())
 }

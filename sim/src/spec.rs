@@ -10,8 +10,9 @@
 //! - a value from a closed set is spelled as the flag spells it (`eviction: "leaf-lru"`,
 //!   `cost: "fixed:1000"`, `gpu: "h100"`); a GPU or model profile from a file is inlined;
 //! - every field must be present, except the output files (`plot`, `step_log`,
-//!   `export_trace`); an unknown field, a wrong type or an unknown value is refused with the
-//!   file, line and field;
+//!   `export_trace`) and a cluster's (`replicas`, `router`, `router_lag_us`: all three or
+//!   none; none is one engine without a router); an unknown field, a wrong type or an unknown
+//!   value is refused with the file, line and field;
 //! - a relative path resolves against the folder of the spec file (so a spec and its trace
 //!   move together); `--print-spec` writes absolute paths;
 //! - a spec names its trace (path, format, limit) or generator; it never holds the workload.
@@ -36,6 +37,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::alloc_replay::DefragMode;
+use crate::cluster::{RouterPolicy, MAX_REPLICAS};
 use crate::serve::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS};
 use crate::serve::SchedulingPolicy;
 use crate::serve::{kv_sizing, CostModel, GpuProfile, KvSizing, ModelProfile, Roofline};
@@ -135,6 +137,16 @@ pub struct KvSpec {
     pub prefix_caching: bool,
     #[serde(with = "names::one")]
     pub scheduling_policy: SchedulingPolicy,
+    /// Engines behind a router, each with its own pool on its own GPU (`--replicas`); absent,
+    /// one engine and no router: the single-engine run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u64>,
+    /// With `replicas`: how the router picks a replica, as `--router` spells it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterPolicy>,
+    /// With `replicas`: how late the engines' KV events reach the router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_lag_us: Option<u64>,
     /// Also run the KV pool on real memory.
     pub execute: Option<KvExecuteSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -686,7 +698,49 @@ impl KvSpec {
         if self.max_model_len == 0 {
             return Err("max_model_len must be at least 1".into());
         }
+        self.check_cluster()?;
         Ok(KvResolved { gpu, model, sizing })
+    }
+
+    /// A cluster names its replicas, router and lag together, and runs simulated only.
+    fn check_cluster(&self) -> Result<(), String> {
+        let Some(replicas) = self.replicas else {
+            if self.router.is_some() || self.router_lag_us.is_some() {
+                return Err(
+                    "router and router_lag_us need replicas (--router and --router-lag-us need --replicas N)"
+                        .into(),
+                );
+            }
+            return Ok(());
+        };
+        if !(1..=MAX_REPLICAS).contains(&replicas) {
+            return Err(format!(
+                "replicas {replicas}: a cluster has 1 to {MAX_REPLICAS} replicas (MAX_REPLICAS)"
+            ));
+        }
+        if self.router.is_none() || self.router_lag_us.is_none() {
+            return Err("replicas needs router and router_lag_us".into());
+        }
+        if self.router_lag_us > Some(crate::serve::vllm::MAX_CLOCK_US) {
+            return Err(format!(
+                "router_lag_us {}: beyond the simulated clock ({} us)",
+                self.router_lag_us.unwrap_or(0),
+                crate::serve::vllm::MAX_CLOCK_US
+            ));
+        }
+        if self.execute.is_some() {
+            return Err(
+                "--execute carries out one engine's pool; with --replicas the run is simulated only"
+                    .into(),
+            );
+        }
+        if self.step_log.is_some() {
+            return Err(
+                "--step-log writes one engine's steps; with --replicas there is one engine per replica"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// Whether the report names the GPU and model: only when they decide something (the

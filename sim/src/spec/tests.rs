@@ -10,6 +10,7 @@ use super::{
     KvExecuteSpec, KvSpec, KvTraceSpec, Named, ProfileSpec, RunSpec, MAX_SPEC_BYTES,
 };
 use crate::alloc_replay::DefragMode;
+use crate::cluster::RouterPolicy;
 use crate::serve::profile::LinkSpec;
 use crate::serve::{kv_sizing, GpuProfile, ModelProfile, SchedulingPolicy};
 
@@ -216,6 +217,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
             proptest::option::of(path()),
             proptest::option::of(path()),
         ),
+        proptest::option::of((any::<u64>(), router(), any::<u64>())),
     )
         .prop_map(
             |(
@@ -223,6 +225,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
                 (kv_blocks, gpu_memory_utilization, n),
                 (cost, eviction, prefix_caching, scheduling_policy),
                 (execute, step_log, plot),
+                cluster,
             )| KvSpec {
                 trace,
                 seed,
@@ -239,11 +242,23 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
                 eviction,
                 prefix_caching,
                 scheduling_policy,
+                replicas: cluster.map(|c| c.0),
+                router: cluster.map(|c| c.1),
+                router_lag_us: cluster.map(|c| c.2),
                 execute,
                 step_log,
                 plot,
             },
         )
+}
+
+fn router() -> impl Strategy<Value = RouterPolicy> {
+    prop_oneof![
+        Just(RouterPolicy::RoundRobin),
+        Just(RouterPolicy::LeastLoaded),
+        (0..=crate::cluster::router::MAX_KV_WEIGHT)
+            .prop_map(|weight_milli| RouterPolicy::KvAware { weight_milli }),
+    ]
 }
 
 fn run_spec() -> impl Strategy<Value = RunSpec> {
@@ -283,6 +298,9 @@ fn kv_text() -> String {
         eviction: EvictionKind::Lru,
         prefix_caching: true,
         scheduling_policy: SchedulingPolicy::Fcfs,
+        replicas: None,
+        router: None,
+        router_lag_us: None,
         execute: None,
         step_log: None,
         plot: None,
