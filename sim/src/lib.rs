@@ -10,6 +10,7 @@ pub mod plot;
 pub mod report;
 pub mod serve;
 pub mod spec;
+pub mod sweep;
 pub mod tiers;
 
 pub use alloc_replay::{
