@@ -162,7 +162,7 @@ pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
 }
 
 /// The spec the flags make, every default resolved.
-fn spec_from_args(args: &AllocArgs) -> Result<AllocSpec, String> {
+pub(crate) fn spec_from_args(args: &AllocArgs) -> Result<AllocSpec, String> {
     let trace = match (&args.trace, args.generate) {
         (Some(path), _) => AllocTraceSpec::File { path: path.clone() },
         (None, Generator::LlmServing) => AllocTraceSpec::LlmServing {
@@ -311,6 +311,20 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Runs a checked spec without a word on the terminal and answers its JSON report: a point
+/// of a sweep.
+pub fn json_quietly(spec: &AllocSpec, checked: &Checked) -> Result<String, String> {
+    if spec.execute.is_some() || spec.plot.is_some() || spec.export_trace.is_some() {
+        return Err(
+            "--execute, --plot and --export-trace belong to single runs, not to sweeps".into(),
+        );
+    }
+    let trace = load_trace(&spec.trace, spec.seed, spec.capacity_bytes)?;
+    let report = simulate_all(&trace, &spec.strategy, &checked.config, &|_, _| {})
+        .map_err(|e| format!("{}:{e}", trace.name))?;
+    Ok(serde_json::to_string(&report).expect("report serializes"))
 }
 
 /// Why `--inject` alone is refused.

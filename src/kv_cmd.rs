@@ -224,7 +224,7 @@ pub fn run(args: KvArgs) -> Result<ExitCode, String> {
 
 /// The spec the flags make, every default resolved: profiles by name (or inlined from a
 /// file), the pool sized, the scheduler limits of the GPU, the trace's format detected.
-fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
+pub(crate) fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
     let gpu_spec = profile_spec(&args.gpu, GpuProfile::resolve, |g| &g.name)?;
     let model_spec = profile_spec(&args.model, ModelProfile::resolve, |m| &m.name)?;
     let (gpu, model) = (gpu_spec.load()?, model_spec.load()?);

@@ -13,6 +13,7 @@ mod output;
 mod progress;
 mod run_cmd;
 mod selftest_cmd;
+mod sweep_cmd;
 mod units;
 
 #[derive(Parser)]
@@ -52,6 +53,10 @@ enum Command {
     /// on small inputs, simulated and on a device (`--execute host|cuda`), and print one table
     /// of digests, bytes verified and mismatches. Exit 0 only if they all agree.
     Selftest(selftest_cmd::SelftestArgs),
+    /// Run `gpumem kv` or `gpumem alloc` over the product of parameter axes in parallel, one
+    /// JSON line per point, byte-identical at any thread count; `--shard i/n` splits it over
+    /// a batch scheduler's tasks and `sweep merge` joins their files.
+    Sweep(sweep_cmd::SweepArgs),
 }
 
 /// Prints `spec` as RON with its paths made absolute, so the text runs from any folder.
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
         Command::KvEvents(args) => kv_events_cmd::run(args),
         Command::Run(args) => run_cmd::run(args),
         Command::Selftest(args) => selftest_cmd::run(args),
+        Command::Sweep(args) => sweep_cmd::run(args),
     };
     match outcome {
         Ok(code) => code,

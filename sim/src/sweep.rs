@@ -260,7 +260,12 @@ pub fn merge(inputs: Vec<(&Path, Box<dyn BufRead + '_>)>) -> Result<Vec<u8>, Str
         .map(|(i, _)| i.to_string())
         .collect();
     if !missing.is_empty() {
-        let shown = missing.iter().take(20).cloned().collect::<Vec<_>>().join(", ");
+        let shown = missing
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
         let more = if missing.len() > 20 { ", …" } else { "" };
         return Err(format!(
             "{} of {points} points missing ({shown}{more}): a shard is missing or incomplete",
@@ -345,14 +350,21 @@ mod tests {
             .collect();
         let err = merged(&shards[..2]).unwrap_err();
         assert!(err.contains("2 of 6 points missing (2, 5"), "{err}");
-        let twice = [shards[0].clone(), shards[1].clone(), shards[1].clone(), shards[2].clone()];
+        let twice = [
+            shards[0].clone(),
+            shards[1].clone(),
+            shards[1].clone(),
+            shards[2].clone(),
+        ];
         assert!(merged(&twice).unwrap_err().contains("twice"));
         let mut other = shards[2].clone();
         let at = other.windows(6).position(|w| w == b"sweep\"").unwrap() + 8;
         other[at] = if other[at] == b'0' { b'1' } else { b'0' };
         let err = merged(&[shards[0].clone(), shards[1].clone(), other]).unwrap_err();
         assert!(err.contains("another sweep"), "{err}");
-        assert!(merged(&[b"{}\n".to_vec()]).unwrap_err().contains("shard.jsonl:1"));
+        assert!(merged(&[b"{}\n".to_vec()])
+            .unwrap_err()
+            .contains("shard.jsonl:1"));
         assert!(merged(&[]).unwrap_err().contains("no sweep lines"));
     }
 }

@@ -1,0 +1,253 @@
+//! `gpumem sweep kv|alloc` and `gpumem sweep merge` end to end: thread counts change no byte,
+//! shards run as separate processes merge into the unsharded bytes, a point's report is its
+//! single run's, and missing, duplicate or foreign shards are refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::Value;
+
+fn gpumem_with_threads(threads: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpumem"))
+        .env("RAYON_NUM_THREADS", threads)
+        .args(args)
+        .output()
+        .expect("gpumem runs")
+}
+
+fn succeeded(out: Output) -> Output {
+    assert!(out.status.success(), "failed: {}", stderr(&out));
+    out
+}
+
+/// A kv sweep of 6 points over the first requests of the Mooncake conversation trace.
+fn kv_sweep(trace: &Path) -> Vec<String> {
+    [
+        "sweep",
+        "kv",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--limit",
+        "120",
+        "--axis",
+        "replicas=1,2,3",
+        "--axis=router=round-robin,kv-aware:0.5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn lines(bytes: &[u8]) -> Vec<Value> {
+    std::str::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[test]
+fn the_thread_count_changes_no_byte() {
+    let args = kv_sweep(&mooncake_conversation());
+    let one = succeeded(gpumem_with_threads("1", &strs(&args)));
+    let two = succeeded(gpumem_with_threads("2", &strs(&args)));
+    assert!(one.stdout == two.stdout, "1 and 2 threads differ");
+    let points = lines(&one.stdout);
+    assert_eq!(points.len(), 6);
+    for (i, p) in points.iter().enumerate() {
+        assert_eq!(p["point"], i);
+        assert_eq!(p["points"], 6);
+        assert_eq!(p["sweep"], points[0]["sweep"]);
+        // The last axis varies fastest.
+        assert_eq!(p["axes"]["replicas"], ["1", "2", "3"][i / 2]);
+        assert_eq!(p["spec"]["replicas"], [1, 2, 3][i / 2]);
+        let replicas = p["report"]["replicas"].as_array().unwrap();
+        assert_eq!(replicas.len(), i / 2 + 1);
+        assert_eq!(p["report"]["requests"], 120);
+    }
+    assert_ne!(points[2]["report"]["digest"], points[3]["report"]["digest"]);
+}
+
+#[test]
+fn a_points_report_is_its_single_runs() {
+    let trace = mooncake_conversation();
+    let out = succeeded(gpumem(&strs(&kv_sweep(&trace))));
+    let point = &lines(&out.stdout)[3];
+    assert_eq!(point["axes"]["router"], "kv-aware:0.5");
+    let single = succeeded(gpumem(&[
+        "kv",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--limit",
+        "120",
+        "--replicas",
+        "2",
+        "--router",
+        "kv-aware:0.5",
+        "--json",
+    ]));
+    let single: Value = serde_json::from_slice(&single.stdout).unwrap();
+    assert_eq!(point["report"], single);
+}
+
+/// Runs `args --shard i/n --out DIR/shard-i.jsonl` for every i as separate processes at
+/// once, as a batch scheduler's array tasks would.
+fn run_shards(args: &[String], n: usize, dir: &Path) -> Vec<PathBuf> {
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            let file = dir.join(format!("shard-{i}.jsonl"));
+            let child = Command::new(env!("CARGO_BIN_EXE_gpumem"))
+                .args(args)
+                .args(["--shard", &format!("{i}/{n}"), "--out"])
+                .arg(&file)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("gpumem starts");
+            (file, child)
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|(file, child)| {
+            succeeded(child.wait_with_output().unwrap());
+            file
+        })
+        .collect()
+}
+
+fn merge(files: &[&PathBuf], out: &Path) -> Output {
+    let mut args: Vec<&str> = vec!["sweep", "merge"];
+    args.extend(files.iter().map(|f| f.to_str().unwrap()));
+    args.extend(["--out", out.to_str().unwrap()]);
+    gpumem(&args)
+}
+
+#[test]
+fn shards_run_as_separate_processes_merge_into_the_unsharded_bytes() {
+    let dir = scratch_dir();
+    let args = kv_sweep(&mooncake_conversation());
+    let whole = succeeded(gpumem(&strs(&args))).stdout;
+    // 4 shards of 6 points: two hold two points, two hold one.
+    let shards = run_shards(&args, 4, &dir);
+    let merged = dir.join("merged.jsonl");
+    let order: Vec<&PathBuf> = [3, 1, 0, 2].iter().map(|&i| &shards[i]).collect();
+    succeeded(merge(&order, &merged));
+    assert!(std::fs::read(&merged).unwrap() == whole);
+    // More shards than points: some are empty, and the merge still is the whole.
+    let many = dir.join("many");
+    std::fs::create_dir_all(&many).unwrap();
+    let shards8 = run_shards(&args, 8, &many);
+    assert!(std::fs::read(&shards8[7]).unwrap().is_empty());
+    succeeded(merge(&shards8.iter().collect::<Vec<_>>(), &merged));
+    assert!(std::fs::read(&merged).unwrap() == whole);
+}
+
+#[test]
+fn missing_duplicate_and_foreign_shards_are_refused() {
+    let dir = scratch_dir();
+    let args = kv_sweep(&mooncake_conversation());
+    let shards = run_shards(&args, 3, &dir);
+    let merged = dir.join("merged.jsonl");
+    std::fs::write(&merged, "left alone\n").unwrap();
+    let out = merge(&[&shards[0], &shards[2]], &merged);
+    assert_clean_error(
+        &out,
+        &["2 of 6 points missing (1, 4)", "a shard is missing"],
+    );
+    let out = merge(&[&shards[0], &shards[1], &shards[1], &shards[2]], &merged);
+    assert_clean_error(&out, &["point 1 twice", "shard-1.jsonl:1"]);
+    // A shard of another sweep (another limit) does not join.
+    let mut other = args.clone();
+    other[5] = "121".into();
+    let foreign_dir = dir.join("other");
+    std::fs::create_dir_all(&foreign_dir).unwrap();
+    let foreign = run_shards(&other, 3, &foreign_dir);
+    let out = merge(&[&shards[0], &foreign[1], &shards[2]], &merged);
+    assert_clean_error(&out, &["another sweep", "shard-1.jsonl:1"]);
+    let junk = dir.join("junk.jsonl");
+    std::fs::write(&junk, "{\"not\": \"a sweep\"}\n").unwrap();
+    assert_clean_error(
+        &merge(&[&junk], &merged),
+        &["junk.jsonl:1", "not a sweep line"],
+    );
+    assert_eq!(std::fs::read_to_string(&merged).unwrap(), "left alone\n");
+}
+
+#[test]
+fn an_alloc_sweep_runs_its_points() {
+    let args = [
+        "sweep",
+        "alloc",
+        "--generate",
+        "occupancy",
+        "--ops",
+        "3000",
+        "--capacity",
+        "64MiB",
+        "--strategy",
+        "tlsf,buddy",
+        "--axis",
+        "occupancy=50,90",
+        "--axis",
+        "check=true,false",
+    ];
+    let one = succeeded(gpumem_with_threads("1", &args));
+    assert!(one.stdout == succeeded(gpumem_with_threads("2", &args)).stdout);
+    let points = lines(&one.stdout);
+    assert_eq!(points.len(), 4);
+    assert_eq!(points[0]["spec"]["check"], true);
+    assert_eq!(points[1]["spec"]["check"], false);
+    assert_eq!(points[3]["axes"]["occupancy"], "90");
+    assert_eq!(points[0]["report"]["results"].as_array().unwrap().len(), 2);
+    assert_ne!(points[0]["report"], points[2]["report"]);
+}
+
+#[test]
+fn bad_sweeps_are_refused_before_any_run() {
+    let cases: [(&[&str], &[&str]); 7] = [
+        (&["--axis", "bogus=1,2"], &["--axis bogus: not a flag"]),
+        (&["--axis", "eviction"], &["no '='"]),
+        (
+            &["--axis", "kv-blocks=1,100"],
+            &["point 0 (kv-blocks=1)", "kv_blocks 1"],
+        ),
+        (
+            &["--axis", "eviction=lru,fifo"],
+            &["point 1 (eviction=fifo)"],
+        ),
+        (
+            &["--eviction", "arc", "--axis", "eviction=lru"],
+            &["sets --eviction too"],
+        ),
+        (&["--axis", "no-prefix-caching=yes"], &["true,false"]),
+        (&["--shard", "4/4"], &["--shard 4/4"]),
+    ];
+    let dir = scratch_dir();
+    let out_file = dir.join("never.jsonl");
+    for (extra, needles) in cases {
+        let out = gpumem(
+            &[
+                &[
+                    "sweep",
+                    "kv",
+                    "--limit",
+                    "5",
+                    "--out",
+                    out_file.to_str().unwrap(),
+                ],
+                extra,
+            ]
+            .concat(),
+        );
+        assert_clean_error(&out, needles);
+        assert!(!out_file.exists(), "{extra:?} wrote its output");
+    }
+    assert_clean_error(&gpumem(&["sweep", "kv", "--json"]), &["--json"]);
+}
