@@ -10,6 +10,7 @@ mod alloc_cmd;
 mod kv_cmd;
 mod kv_events_cmd;
 mod output;
+mod plan_cmd;
 mod progress;
 mod run_cmd;
 mod selftest_cmd;
@@ -57,6 +58,10 @@ enum Command {
     /// JSON line per point, byte-identical at any thread count; `--shard i/n` splits it over
     /// a batch scheduler's tasks and `sweep merge` joins their files.
     Sweep(sweep_cmd::SweepArgs),
+    /// For each GPU kind, the smallest number of replicas behind a router whose run of the
+    /// trace meets every latency SLO (exponential then binary search), and the cheapest
+    /// where the GPU profiles carry a price.
+    Plan(plan_cmd::PlanArgs),
 }
 
 /// Prints `spec` as RON with its paths made absolute, so the text runs from any folder.
@@ -88,6 +93,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_cmd::run(args),
         Command::Selftest(args) => selftest_cmd::run(args),
         Command::Sweep(args) => sweep_cmd::run(args),
+        Command::Plan(args) => plan_cmd::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -71,9 +71,9 @@ struct MergeArgs {
 /// `gpumem kv`'s flags alone, to parse a point's.
 #[derive(Parser)]
 #[command(name = "gpumem sweep kv", no_binary_name = true)]
-struct KvPoint {
+pub(crate) struct KvPoint {
     #[command(flatten)]
-    args: KvArgs,
+    pub(crate) args: KvArgs,
 }
 
 /// `gpumem alloc`'s flags alone.

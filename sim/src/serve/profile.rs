@@ -30,6 +30,10 @@ pub struct GpuProfile {
     /// a profile file leaves it out).
     #[serde(default)]
     pub links: LinkSpec,
+    /// What one GPU costs an hour, US cents (`gpumem plan` prices a fleet with it); the
+    /// built-ins leave it out, prices being the buyer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_per_hour_usd_cents: Option<u64>,
 }
 
 /// The links of a GPU profile, in the units data sheets give.

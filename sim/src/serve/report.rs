@@ -234,7 +234,7 @@ pub fn grouped(n: u64) -> String {
     out
 }
 
-pub(crate) fn pct(x: f64) -> String {
+pub fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 

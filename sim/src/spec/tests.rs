@@ -103,9 +103,10 @@ fn gpu_profile() -> impl Strategy<Value = GpuProfile> {
         (3u32..=6, proptest::sample::select(vec![1u32, 2, 4, 8, 16])),
         (any::<u64>(), 1u64..=100, any::<u64>(), any::<u64>()),
         (1..u64::MAX, 1..u64::MAX, any::<u64>()),
+        proptest::option::of(any::<u64>()),
     )
         .prop_map(
-            |(name, aliases, (memory, flops, bandwidth, seqs, tokens), (gen, lanes), l, h)| {
+            |(name, aliases, (memory, flops, bandwidth, seqs, tokens), (gen, lanes), l, h, price)| {
                 GpuProfile {
                     name,
                     aliases,
@@ -125,6 +126,7 @@ fn gpu_profile() -> impl Strategy<Value = GpuProfile> {
                         disk_bytes_per_s: h.1,
                         disk_latency_ns: h.2,
                     },
+                    price_per_hour_usd_cents: price,
                 }
             },
         )
