@@ -38,7 +38,12 @@ pub struct PlanArgs {
     limit: Option<u64>,
 
     /// GPU kinds to plan for, comma separated: built-in names or FILE.ron profiles.
-    #[arg(long, value_name = "GPUS", default_value = "h100", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "GPUS",
+        default_value = "h100",
+        value_delimiter = ','
+    )]
     gpu: Vec<String>,
 
     /// Model: a built-in name or a FILE.ron profile.
@@ -134,7 +139,10 @@ pub fn run(args: PlanArgs) -> Result<ExitCode, String> {
             let m = run_fleet(&args, gpu, n)?;
             Ok::<_, String>((m.missed.is_empty() && m.error.is_none(), m))
         })?;
-        let metrics = search.answer.as_ref().map(|t: &Trial<Metrics>| t.run.clone());
+        let metrics = search
+            .answer
+            .as_ref()
+            .map(|t: &Trial<Metrics>| t.run.clone());
         let cost_per_hour_usd = match (&metrics, profile.price_per_hour_usd_cents) {
             (Some(m), Some(cents)) => Some(m.replicas as f64 * cents as f64 / 100.0),
             _ => None,

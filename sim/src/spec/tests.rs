@@ -106,7 +106,15 @@ fn gpu_profile() -> impl Strategy<Value = GpuProfile> {
         proptest::option::of(any::<u64>()),
     )
         .prop_map(
-            |(name, aliases, (memory, flops, bandwidth, seqs, tokens), (gen, lanes), l, h, price)| {
+            |(
+                name,
+                aliases,
+                (memory, flops, bandwidth, seqs, tokens),
+                (gen, lanes),
+                l,
+                h,
+                price,
+            )| {
                 GpuProfile {
                     name,
                     aliases,
