@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::rc::Rc;
 
 use clap::Args;
+use gpumem_core::buffers::SizesChoice;
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
+use gpumem_sim::monitor::Thresholds;
 use gpumem_sim::serve::{
     kv_sizing, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
     ModelProfile, RunInfo, SchedulingPolicy, ServeError, TooLongPrompt,
@@ -158,6 +160,18 @@ pub struct KvArgs {
     #[arg(long, value_name = "POLICY", default_value = "fcfs", value_parser = SchedulingPolicy::parse)]
     scheduling_policy: SchedulingPolicy,
 
+    /// Memory-pressure levels of the KV pool: warning at or above WARNING, critical at or above
+    /// CRITICAL, fractions of its usable blocks (0 < WARNING < CRITICAL <= 1).
+    #[arg(long, value_name = "WARNING,CRITICAL", default_value = "0.75,0.9", value_parser = Thresholds::parse)]
+    pressure_thresholds: Thresholds,
+
+    /// CUDA-graph capture sizes each step's batch is padded to: `vllm` (vLLM 0.33's defaults),
+    /// `auto` (planned from the run's batch sizes: as many sizes as vLLM's, vLLM's largest,
+    /// the fewest padded tokens), or a list such as 1,2,4,8,16. Reported; padding changes no
+    /// scheduling decision and no step time.
+    #[arg(long, value_name = "vllm|auto|LIST", default_value = "vllm", value_parser = SizesChoice::parse)]
+    cudagraph_sizes: SizesChoice,
+
     /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -262,6 +276,8 @@ fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
         eviction: args.eviction,
         prefix_caching: !args.no_prefix_caching,
         scheduling_policy: args.scheduling_policy,
+        pressure_thresholds: args.pressure_thresholds,
+        cudagraph_sizes: args.cudagraph_sizes.clone(),
         execute,
         step_log: args.step_log.clone(),
         plot: args.plot.clone(),
@@ -368,6 +384,9 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
         scheduling_policy: gpumem_sim::spec::Named::name(spec.scheduling_policy).into(),
         kv_sizing: *sizing,
         seed: matches!(spec.trace, KvTraceSpec::Generated { .. }).then_some(spec.seed),
+        pressure_thresholds: spec.pressure_thresholds,
+        cudagraph_sizes: spec.cudagraph_sizes.clone(),
+        cudagraph_bytes_per_graph: model.cudagraph_bytes_per_graph,
     };
     let report = match simulate_with_step_log(&source, engine, &info, spec)? {
         Ok(r) => r,
@@ -699,6 +718,12 @@ fn write_plot(file: crate::output::AtomicFile, r: &KvReport) -> Result<(), Strin
         "{} — {} on {} / {}, {} blocks of {}",
         c.trace, c.engine, c.gpu, c.model, r.kv_blocks, c.block_size
     );
-    let svg = gpumem_sim::plot::kv_timeline_svg(&title, &r.series, r.kv_blocks - 1);
+    let svg = gpumem_sim::plot::kv_timeline_svg(
+        &title,
+        &r.series,
+        r.kv_blocks - 1,
+        &r.pressure_periods,
+        c.pressure_thresholds,
+    );
     file.write_all_and_commit(svg.as_bytes())
 }

@@ -21,7 +21,7 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Events kept in full (every event is counted).
-pub const EVENTS_KEPT: usize = 100;
+pub const EVENTS_KEPT: usize = 20;
 /// Windows of history kept per place.
 pub const HISTORY_POINTS: usize = 2048;
 /// Observations the trend looks back over.
