@@ -632,5 +632,26 @@ fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) 
             ));
         }
     }
+    out.push_str(&render_pressure(report, config));
+    out
+}
+
+/// Each strategy's memory pressure: reserved bytes against the capacity.
+fn render_pressure(report: &AllocReport, config: &ReplayConfig) -> String {
+    let mut out = format!(
+        "
+pressure (reserved bytes of the capacity; warning, critical at {}):
+",
+        config.pressure
+    );
+    let width = report.results.iter().map(|r| r.strategy.len()).max();
+    for r in &report.results {
+        out.push_str(&format!(
+            "  {:<w$}  {}\n",
+            r.strategy,
+            r.pressure.summary(),
+            w = width.unwrap_or(0)
+        ));
+    }
     out
 }
