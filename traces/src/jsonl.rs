@@ -128,14 +128,8 @@ const FIELDS: [&str; 6] = ["t_ns", "op", "id", "bytes", "stream", "pinned"];
 /// One non-blank line → (t_ns, op).
 fn parse_line(text: &str) -> Result<(u64, OpKind), String> {
     // Syntax check without building a value.
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| {
-        let msg = e.to_string();
-        let msg = match msg.rfind(" at line ") {
-            Some(k) => &msg[..k],
-            None => &msg,
-        };
-        format!("malformed JSON: {msg} (column {})", e.column())
-    })?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|e| crate::error::json_reason(&e, "malformed JSON"))?;
     if !text.starts_with('{') {
         return Err(format!("expected a JSON object, found {}", json_type(text)));
     }

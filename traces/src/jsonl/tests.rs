@@ -134,11 +134,11 @@ fn errors_name_file_line_and_reason() {
         ),
         (
             r#"{"t_ns": 2, "op": "free" "id": 1}"#,
-            "t.jsonl:2: malformed JSON: expected `,` or `}` (column 26)",
+            "t.jsonl:2: column 26: malformed JSON: expected `,` or `}`",
         ),
         (
             r#"{"t_ns": 2, "op": "free", "id": 1"#,
-            "t.jsonl:2: malformed JSON: EOF while parsing an object (column 33)",
+            "t.jsonl:2: column 33: malformed JSON: EOF while parsing an object",
         ),
     ];
     for (line, want) in cases {
