@@ -12,14 +12,17 @@ pub enum Location {
     ByteOffset(u64),
     /// 1-based index of an entry in a torch snapshot's device trace.
     Event(u64),
+    /// 1-based index of an operation that no file line holds (generated, or synthesised from
+    /// a snapshot's state).
+    Op(u64),
     /// The file as a whole (cannot be read, a key of the snapshot is missing, ...).
     File,
 }
 
 /// An importer's error: never a panic, always the file, where, and why.
 ///
-/// Displays as `path:12: reason` (line), `path: byte 1234: reason`, `path: event 17: reason`
-/// or `path: reason`.
+/// Displays as `path:12: reason` (line), `path: byte 1234: reason`, `path: event 17: reason`,
+/// `path: op 9: reason` or `path: reason`: only a line looks like a line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceError {
     pub path: PathBuf,
@@ -60,6 +63,7 @@ impl fmt::Display for TraceError {
             Location::Line(n) => write!(f, "{p}:{n}: {}", self.reason),
             Location::ByteOffset(n) => write!(f, "{p}: byte {n}: {}", self.reason),
             Location::Event(n) => write!(f, "{p}: event {n}: {}", self.reason),
+            Location::Op(n) => write!(f, "{p}: op {n}: {}", self.reason),
             Location::File => write!(f, "{p}: {}", self.reason),
         }
     }
@@ -77,13 +81,31 @@ pub const ECHO_CHARS: usize = 80;
 /// with `…` and the whole length in bytes. Every importer echoes input through this one
 /// function, so no message can carry raw bytes or grow with its input.
 pub fn echo(text: &str) -> String {
+    echo_prefix(text, text.len(), false)
+}
+
+/// [`echo`] of bytes that may not be UTF-8 (a pickle's): invalid sequences shown as `�`, and
+/// only as many bytes decoded as can be shown.
+pub fn echo_bytes(bytes: &[u8]) -> String {
+    // A character takes at most 4 bytes: this many always fill the echo.
+    let prefix = &bytes[..bytes.len().min(4 * ECHO_CHARS)];
+    echo_prefix(
+        &String::from_utf8_lossy(prefix),
+        bytes.len(),
+        prefix.len() < bytes.len(),
+    )
+}
+
+/// Echoes `text`, the start of `total_bytes` of input (`more`: there is more than `text`).
+fn echo_prefix(text: &str, total_bytes: usize, more: bool) -> String {
     let mut out = String::new();
     let mut shown = 0;
+    let mut cut = more;
     for c in text.chars() {
         let escaped = is_unsafe_on_a_terminal(c).then(|| c.escape_debug().to_string());
         let width = escaped.as_ref().map_or(1, |e| e.chars().count());
         if shown + width > ECHO_CHARS {
-            out.push_str(&format!("… ({} bytes)", text.len()));
+            cut = true;
             break;
         }
         shown += width;
@@ -91,6 +113,9 @@ pub fn echo(text: &str) -> String {
             Some(e) => out.push_str(&e),
             None => out.push(c),
         }
+    }
+    if cut {
+        out.push_str(&format!("… ({total_bytes} bytes)"));
     }
     out
 }
@@ -135,6 +160,8 @@ mod tests {
         assert_eq!(e.to_string(), "file.pickle: event 17: size -5 is negative");
         let e = TraceError::in_file("f", "missing key 'segments'");
         assert_eq!(e.to_string(), "f: missing key 'segments'");
+        let e = TraceError::new("generated", Location::Op(9), "x");
+        assert_eq!(e.to_string(), "generated: op 9: x");
     }
 
     #[test]
@@ -162,6 +189,11 @@ mod tests {
             format!("{}… ({} bytes)", "é".repeat(ECHO_CHARS), long.len())
         );
         assert!(shown.chars().count() < 2 * ECHO_CHARS);
+        assert_eq!(
+            echo_bytes(&[b'a'; 1000]),
+            format!("{}… (1000 bytes)", "a".repeat(ECHO_CHARS))
+        );
+        assert_eq!(echo_bytes(b"ok\xff\x1b"), "ok\u{fffd}\\u{1b}");
         // Escapes count as what they show.
         let escapes = echo(&"\u{1b}".repeat(1000));
         assert_eq!(

@@ -290,3 +290,28 @@ proptest! {
         let _ = parse_str("fuzz.jsonl", &s);
     }
 }
+
+#[test]
+fn input_in_errors_is_escaped_and_cut() {
+    let hostile =
+        "{\"t_ns\": 0, \"op\": \"alloc\", \"id\": 1, \"bytes\": 1, \"\\u001b]0;x\\u0007\": 1}";
+    assert_eq!(err(hostile), "t.jsonl:1: unknown field '\\u{1b}]0;x\\u{7}'");
+    let long_key = format!(
+        "{{\"t_ns\": 0, \"op\": \"free\", \"{}\": 1}}",
+        "k".repeat(1 << 20)
+    );
+    let e = err(&long_key);
+    assert!(e.len() < 200 && e.ends_with("… (1048576 bytes)'"), "{e}");
+    let digits = format!(
+        "{{\"t_ns\": 0, \"op\": \"free\", \"id\": 1{}.5}}",
+        "0".repeat(1 << 20)
+    );
+    let e = err(&digits);
+    assert!(e.len() < 200 && e.contains("is not an integer"), "{e}");
+    let op = "{\"t_ns\": 0, \"op\": \"\\u0000\\u001b[2J\"}";
+    assert!(
+        err(op).starts_with("t.jsonl:1: unknown op '\\0\\u{1b}[2J'"),
+        "{}",
+        err(op)
+    );
+}
