@@ -273,7 +273,7 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
     let report = simulate_all(&trace, strategies, config, &|s, n| {
         progress.update(s as usize, n)
     })
-    .map_err(|e| format!("{}:{e}", trace.name))?;
+    .map_err(|e| trace.error_at(e.line, e.reason).to_string())?;
     progress.finish();
     let executed = match &spec.execute {
         Some(execute) => Some(execute_all(
@@ -439,7 +439,7 @@ impl Run<'_> {
         gpumem_sim::replay(self.trace, self.strategy, &config, &mut exec, &mut |done| {
             (self.progress)(done)
         })
-        .map_err(|e| format!("{}:{e}", self.trace.name))?;
+        .map_err(|e| self.trace.error_at(e.line, e.reason).to_string())?;
         Ok(exec.finish())
     }
 }
