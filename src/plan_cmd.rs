@@ -208,7 +208,7 @@ fn run_fleet(args: &PlanArgs, gpu: &str, n: u64) -> Result<Metrics, String> {
         argv.push(format!("--limit={l}"));
     }
     let point = KvPoint::try_parse_from(argv).map_err(|e| e.to_string())?;
-    let spec = kv_cmd::spec_from_args(&point.args)?;
+    let spec = kv_cmd::spec_for_many_runs(&point.args)?;
     let checked = kv_cmd::check(&spec)?;
     Ok(match kv_cmd::simulate_quietly(&spec, &checked)? {
         Ok(outcome) => metrics(&args.slo, n, &fleet(outcome)),

@@ -88,7 +88,7 @@ pub fn run(args: SweepArgs) -> Result<ExitCode, String> {
     match args.command {
         SweepCommand::Kv(p) => sweep("kv", p.flags, KvPoint::command(), &|argv| {
             let a = KvPoint::try_parse_from(argv).map_err(|e| e.to_string())?;
-            let spec = kv_cmd::spec_from_args(&a.args)?;
+            let spec = kv_cmd::spec_for_many_runs(&a.args)?;
             let checked = kv_cmd::check(&spec)?;
             let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
             Ok((spec_json, Box::new(move || run_kv(&spec, &checked)) as Job))

@@ -1,12 +1,13 @@
 //! `gpumem kv --replicas N`'s run: the cluster driver over a trace, what it measures, and the
 //! report ([`ClusterReport`]).
 
-use gpumem_core::place::DeviceSet;
+use gpumem_core::place::{DeviceSet, Place};
 
 use super::driver::Cluster;
 use super::report::{fleet_summary, ClusterReport, ReplicaReport, RouterReport};
 use super::RouterPolicy;
 use crate::serve::metrics::{Latencies, Measured};
+use crate::serve::vllm::KV_SEGMENT;
 use crate::serve::{Arrivals, EngineConfig, KvReport, RunInfo, ServeError};
 
 /// A cluster: one engine config for every replica, the devices they run on, the router.
@@ -32,10 +33,18 @@ pub fn simulate_cluster(
         setup.router,
         setup.router_lag_us,
     )?;
-    let mut measured = Measured::new(setup.engine.num_gpu_blocks);
+    let kv_places: Vec<_> = setup
+        .devices
+        .iter()
+        .map(|device| Place {
+            device,
+            ..KV_SEGMENT.place
+        })
+        .collect();
+    let mut measured = Measured::fleet(&setup.engine, &info, &kv_places);
     let mut ttft = vec![Latencies::default(); setup.devices.len()];
     cluster.drive(arrivals, &mut |replica, rec, fleet| {
-        measured.observe_in_fleet(rec, fleet);
+        measured.observe_in_fleet(replica, rec, fleet);
         rec.outcomes.iter().for_each(|o| ttft[replica].record(o));
         progress(measured.scheduled_tokens);
         Ok(())

@@ -1,11 +1,17 @@
 //! What a run measures while it runs, in memory that does not grow with its steps: per
 //! finished request the three latencies its percentiles need (exact, nearest-rank over all
-//! requests), and the state over time as a bounded series that keeps the last state of each
-//! time window, the window doubling whenever the series is full.
+//! requests), the state over time as a bounded series that keeps the last state of each
+//! time window, the window doubling whenever the series is full, the memory-pressure monitor
+//! fed with the KV pool's usage after every step, and each step's CUDA-graph padding.
 
-use super::report::{Percentiles, TimelinePoint};
+use gpumem_core::place::Place;
+
+use crate::monitor::{periods, Monitor, Period, WatchId};
+
+use super::cudagraph::GraphPadding;
+use super::report::{Percentiles, RunInfo, TimelinePoint};
 use super::step::StepRecord;
-use super::vllm::RequestOutcome;
+use super::vllm::{EngineConfig, RequestOutcome, KV_SEGMENT};
 
 /// What a run measures besides the driver's totals, step by logged step.
 #[derive(Clone, Debug)]
@@ -21,11 +27,49 @@ pub struct Measured {
     pub hit_tokens: u64,
     pub query_tokens: u64,
     pub scheduled_tokens: u64,
+    /// Fed with the KV blocks in use of the usable ones (vLLM's `kv_cache_usage`).
+    pub pressure: Monitor,
+    /// One per engine, in the engines' order.
+    kv_watches: Vec<WatchId>,
+    pub cudagraph: GraphPadding,
     usable_blocks: u64,
 }
 
 impl Measured {
-    pub fn new(num_gpu_blocks: u32) -> Self {
+    /// Measurements of a run of an engine with `cfg`, configured by `info` (the pressure
+    /// thresholds, the CUDA-graph sizes).
+    pub fn new(cfg: &EngineConfig, info: &RunInfo) -> Self {
+        let usable_blocks = cfg.num_gpu_blocks as u64 - 1;
+        let mut pressure = Monitor::new(info.pressure_thresholds);
+        let kv_watch = pressure.watch(KV_SEGMENT.place, usable_blocks);
+        // The pool is empty when the clock starts.
+        pressure.observe(kv_watch, 0, 0);
+        Self::with_watches(cfg, info, pressure, vec![kv_watch])
+    }
+
+    /// Measurements of a fleet: one engine with `cfg` on each place of `kv_places`, the
+    /// pressure monitor watching each pool.
+    pub fn fleet(cfg: &EngineConfig, info: &RunInfo, kv_places: &[Place]) -> Self {
+        let usable_blocks = cfg.num_gpu_blocks as u64 - 1;
+        let mut pressure = Monitor::new(info.pressure_thresholds);
+        let watches = kv_places
+            .iter()
+            .map(|&place| {
+                let w = pressure.watch(place, usable_blocks);
+                pressure.observe(w, 0, 0);
+                w
+            })
+            .collect();
+        Self::with_watches(cfg, info, pressure, watches)
+    }
+
+    fn with_watches(
+        cfg: &EngineConfig,
+        info: &RunInfo,
+        pressure: Monitor,
+        kv_watches: Vec<WatchId>,
+    ) -> Self {
+        let usable_blocks = cfg.num_gpu_blocks as u64 - 1;
         Measured {
             latencies: Latencies::default(),
             series: Series::default(),
@@ -36,24 +80,38 @@ impl Measured {
             hit_tokens: 0,
             query_tokens: 0,
             scheduled_tokens: 0,
-            usable_blocks: num_gpu_blocks as u64 - 1,
+            pressure,
+            kv_watches,
+            cudagraph: GraphPadding::new(
+                &info.cudagraph_sizes,
+                cfg,
+                info.cudagraph_bytes_per_graph,
+            ),
+            usable_blocks,
         }
     }
 
-    /// Takes in a logged step.
+    /// Takes in a logged step (a step that is not logged changes no usage and runs no batch).
     pub fn observe(&mut self, rec: &StepRecord) {
-        self.observe_in_fleet(rec, EngineState::after(rec, self.usable_blocks));
+        self.observe_in_fleet(0, rec, EngineState::after(rec, self.usable_blocks));
     }
 
-    /// Takes in a logged step of one engine among several whose states, summed after the
-    /// step, are `fleet`: the peaks and the series follow the fleet.
-    pub fn observe_in_fleet(&mut self, rec: &StepRecord, fleet: EngineState) {
+    /// Takes in a logged step of engine `replica` among several (as [`Measured::fleet`]
+    /// numbers them) whose states, summed after the step, are `fleet`: the peaks and the
+    /// series follow the fleet, the pressure monitor each replica's pool.
+    pub fn observe_in_fleet(&mut self, replica: usize, rec: &StepRecord, fleet: EngineState) {
         rec.outcomes.iter().for_each(|o| self.latencies.record(o));
+        let scheduled = rec.scheduled_tokens();
+        let kv_blocks_used = self.usable_blocks - rec.free_blocks as u64;
         self.hit_tokens += rec.admitted_hit_tokens();
         self.query_tokens += rec.admitted_tokens;
-        self.scheduled_tokens += rec.scheduled_tokens();
+        self.scheduled_tokens += scheduled;
         self.running_peak = self.running_peak.max(fleet.running);
         self.waiting_peak = self.waiting_peak.max(fleet.waiting);
+        // Pressure is a pool's, so each replica's own usage goes to its own device's watch.
+        let watch = self.kv_watches[replica];
+        self.pressure.observe(watch, rec.end_ns, kv_blocks_used);
+        self.cudagraph.observe(scheduled);
         self.series.push(TimelinePoint {
             t_us: rec.end_ns / 1000,
             kv_blocks_used: fleet.kv_blocks_used,
@@ -81,6 +139,14 @@ impl EngineState {
             running: rec.running,
             waiting: rec.waiting,
         }
+    }
+}
+
+impl Measured {
+    /// The KV pool's warning and critical periods up to the last step.
+    pub fn pressure_periods(&self) -> Vec<Period> {
+        let m = &self.pressure;
+        periods(m.history(KV_SEGMENT.place), m.last_ns())
     }
 }
 
