@@ -469,12 +469,12 @@ fn run_opened(
         }
         return Ok(code);
     }
-    print_outcome(&KvOutcome::Single(report), json, plot_file)
+    print_outcome(&KvOutcome::Single(Box::new(report)), json, plot_file)
 }
 
 /// What a simulated `gpumem kv` run reports: one engine's report, or a cluster's.
 pub enum KvOutcome {
-    Single(KvReport),
+    Single(Box<KvReport>),
     Cluster(Box<ClusterReport>),
 }
 
@@ -551,7 +551,8 @@ pub fn simulate_quietly(
     }
     let mut stream = source.open()?;
     let mut arrivals = source.arrivals(stream.as_mut());
-    Ok(simulate(&mut arrivals, engine, info, None, &mut |_| {}).map(KvOutcome::Single))
+    Ok(simulate(&mut arrivals, engine, info, None, &mut |_| {})
+        .map(|r| KvOutcome::Single(Box::new(r))))
 }
 
 /// The engine's config and what the report echoes of the spec.

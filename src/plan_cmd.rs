@@ -229,7 +229,7 @@ fn run_fleet(args: &PlanArgs, gpu: &str, n: u64) -> Result<Metrics, String> {
 
 fn fleet(outcome: KvOutcome) -> KvReport {
     match outcome {
-        KvOutcome::Single(r) => r,
+        KvOutcome::Single(r) => *r,
         KvOutcome::Cluster(c) => c.fleet,
     }
 }
