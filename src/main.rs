@@ -74,7 +74,7 @@ fn print_spec(mut spec: gpumem_sim::spec::RunSpec) -> Result<ExitCode, String> {
 
 /// `path` from `cwd`, its folder resolved (`..` and links) where it exists; the file name is
 /// kept as given, so a link to a trace stays the link.
-fn absolute(cwd: &std::path::Path, path: &std::path::Path) -> std::path::PathBuf {
+pub(crate) fn absolute(cwd: &std::path::Path, path: &std::path::Path) -> std::path::PathBuf {
     let joined = cwd.join(path);
     match (joined.parent(), joined.file_name()) {
         (Some(folder), Some(name)) => std::fs::canonicalize(folder)

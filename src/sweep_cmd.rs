@@ -3,19 +3,38 @@
 //! one JSON line per point (`gpumem_sim::sweep`).
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use gpumem_sim::sweep::{merge, point_line, points, run_points, sweep_digest, Axis, Point, Shard};
+use gpumem_sim::sweep::{
+    merge, point_line, points, run_points, sweep_digest, Axis, Point, Shard, SweepSpec,
+};
 
 use crate::alloc_cmd::{self, AllocArgs};
 use crate::kv_cmd::{self, KvArgs};
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct SweepArgs {
     #[command(subcommand)]
-    command: SweepCommand,
+    command: Option<SweepCommand>,
+
+    /// A sweep spec, as `gpumem sweep kv|alloc … --print-spec` writes it, to run.
+    #[arg(value_name = "SWEEP.ron")]
+    spec: Option<PathBuf>,
+
+    /// With SWEEP.ron: write the lines there (atomically) instead of to stdout.
+    #[arg(long, value_name = "FILE.jsonl")]
+    out: Option<PathBuf>,
+
+    /// With SWEEP.ron: run only the points whose number is ≡ I (mod N).
+    #[arg(long, value_name = "I/N", value_parser = Shard::parse)]
+    shard: Option<Shard>,
+
+    /// With SWEEP.ron: check it and print it as gpumem reads it (paths made absolute).
+    #[arg(long)]
+    print_spec: bool,
 }
 
 const POINT_HELP: &str =
@@ -24,6 +43,8 @@ const POINT_HELP: &str =
                         an on/off flag takes true,false
   --out FILE.jsonl      write the lines there (atomically) instead of to stdout
   --shard I/N           run only the points whose number is ≡ I (mod N), for batch schedulers
+  --print-spec          check every point, then print the sweep as RON (paths made absolute)
+                        instead of running it; `gpumem sweep FILE.ron` runs it
 
 One JSON line per point, in point order (the last axis varies fastest): the sweep's digest,
 the number of points, the point's number and axis values, its spec and its JSON report (or
@@ -85,26 +106,98 @@ struct AllocPoint {
 }
 
 pub fn run(args: SweepArgs) -> Result<ExitCode, String> {
-    match args.command {
-        SweepCommand::Kv(p) => sweep("kv", p.flags, KvPoint::command(), &|argv| {
-            let a = KvPoint::try_parse_from(argv).map_err(|e| e.to_string())?;
-            let spec = kv_cmd::spec_for_many_runs(&a.args)?;
-            let checked = kv_cmd::check(&spec)?;
-            let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
-            Ok((spec_json, Box::new(move || run_kv(&spec, &checked)) as Job))
-        }),
-        SweepCommand::Alloc(p) => sweep("alloc", p.flags, AllocPoint::command(), &|argv| {
-            let a = AllocPoint::try_parse_from(argv).map_err(|e| e.to_string())?;
-            let spec = alloc_cmd::spec_from_args(&a.args)?;
-            let checked = alloc_cmd::check(&spec)?;
-            let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
-            Ok((
-                spec_json,
-                Box::new(move || alloc_cmd::json_quietly(&spec, &checked).map(Ok)) as Job,
-            ))
-        }),
-        SweepCommand::Merge(m) => merge_files(&m),
+    let cwd = std::env::current_dir().map_err(|e| format!("the current folder: {e}"))?;
+    match (args.command, args.spec) {
+        (Some(SweepCommand::Kv(p)), _) => sweep("kv", split_flags(p.flags)?, &cwd),
+        (Some(SweepCommand::Alloc(p)), _) => sweep("alloc", split_flags(p.flags)?, &cwd),
+        (Some(SweepCommand::Merge(m)), _) => merge_files(&m),
+        (None, Some(path)) => {
+            let in_spec = |e: String| format!("{}: {e}", path.display());
+            let spec = SweepSpec::read_file(&path)?;
+            let own = split_flags(spec.flags.clone()).map_err(in_spec)?;
+            if !own.axes.is_empty() || own.out.is_some() || own.shard != Shard::ALL || own.print_spec
+            {
+                return Err(in_spec(
+                    "flags holds --axis, --out, --shard or --print-spec: axes go in `axes`, the others on the command line".into(),
+                ));
+            }
+            let folder = cwd.join(path.parent().unwrap_or(Path::new("")));
+            let flags = SweepFlags {
+                axes: spec.axes().map_err(in_spec)?,
+                out: args.out,
+                shard: args.shard.unwrap_or(Shard::ALL),
+                print_spec: args.print_spec,
+                base: spec.flags,
+            };
+            sweep(&spec.subcommand, flags, &folder)
+        }
+        (None, None) => Err(
+            "what to sweep: gpumem sweep kv|alloc [flags] --axis FLAG=V1,V2, gpumem sweep SWEEP.ron, or gpumem sweep merge FILES".into(),
+        ),
     }
+}
+
+/// The prepared run of a point of `subcommand` from its flags.
+fn prepare(subcommand: &str, argv: Vec<String>) -> Result<(String, Job), String> {
+    if subcommand == "kv" {
+        let a = KvPoint::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let spec = kv_cmd::spec_for_many_runs(&a.args)?;
+        let checked = kv_cmd::check(&spec)?;
+        let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+        Ok((spec_json, Box::new(move || run_kv(&spec, &checked)) as Job))
+    } else {
+        let a = AllocPoint::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let spec = alloc_cmd::spec_from_args(&a.args)?;
+        let checked = alloc_cmd::check(&spec)?;
+        let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+        Ok((
+            spec_json,
+            Box::new(move || alloc_cmd::json_quietly(&spec, &checked).map(Ok)) as Job,
+        ))
+    }
+}
+
+/// The flags whose values are files: made absolute (relative ones against `folder`), so a
+/// printed sweep runs from anywhere and its lines name the same files whichever way it ran.
+fn absolute_paths(flag: &str, value: &str, cwd: &Path, folder: &Path) -> String {
+    let is_path = match flag {
+        "trace" => value != "-",
+        "gpu" | "model" => value.ends_with(".ron"),
+        _ => false,
+    };
+    if !is_path {
+        return value.to_string();
+    }
+    crate::absolute(cwd, &folder.join(value))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `absolute_paths` over a command line's flags and the axes' values.
+fn absolute_flags(flags: &mut SweepFlags, folder: &Path) -> Result<(), String> {
+    let cwd = std::env::current_dir().map_err(|e| format!("the current folder: {e}"))?;
+    let mut pending: Option<String> = None;
+    for f in flags.base.iter_mut() {
+        if let Some(flag) = pending.take() {
+            *f = absolute_paths(&flag, f, &cwd, folder);
+            continue;
+        }
+        let Some(name) = f.strip_prefix("--") else {
+            continue;
+        };
+        match name.split_once('=') {
+            Some((flag, value)) => {
+                *f = format!("--{flag}={}", absolute_paths(flag, value, &cwd, folder));
+            }
+            None => pending = Some(name.to_string()),
+        }
+    }
+    for axis in &mut flags.axes {
+        for v in &mut axis.values {
+            *v = absolute_paths(&axis.flag, v, &cwd, folder);
+        }
+    }
+    Ok(())
 }
 
 /// A checked point, ready to run: its report (`Ok`), or why the run itself failed (`Err`
@@ -125,12 +218,14 @@ struct SweepFlags {
     axes: Vec<Axis>,
     out: Option<PathBuf>,
     shard: Shard,
+    print_spec: bool,
     base: Vec<String>,
 }
 
 fn split_flags(flags: Vec<String>) -> Result<SweepFlags, String> {
     let mut axes = Vec::new();
     let (mut out, mut shard) = (None, None);
+    let mut print_spec = false;
     let mut base = Vec::new();
     let mut it = flags.into_iter();
     while let Some(flag) = it.next() {
@@ -138,6 +233,10 @@ fn split_flags(flags: Vec<String>) -> Result<SweepFlags, String> {
             Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
             _ => (flag.clone(), None),
         };
+        if name == "--print-spec" && inline.is_none() {
+            print_spec = true;
+            continue;
+        }
         if !matches!(name.as_str(), "--axis" | "--out" | "--shard") {
             base.push(flag);
             continue;
@@ -153,7 +252,7 @@ fn split_flags(flags: Vec<String>) -> Result<SweepFlags, String> {
             _ => return Err(format!("{name} given twice")),
         }
     }
-    for refused in ["--json", "--print-spec", "--help", "-h"] {
+    for refused in ["--json", "--help", "-h"] {
         if base.iter().any(|f| f == refused) {
             return Err(format!(
                 "{refused}: not a flag of a sweep's runs (every point's report is JSON; see gpumem sweep kv|alloc --help)"
@@ -164,6 +263,7 @@ fn split_flags(flags: Vec<String>) -> Result<SweepFlags, String> {
         axes,
         out,
         shard: shard.unwrap_or(Shard::ALL),
+        print_spec,
         base,
     })
 }
@@ -199,19 +299,22 @@ fn point_flags(command: &clap::Command, point: &Point<'_>) -> Result<Vec<String>
     Ok(flags)
 }
 
-/// Checks every point's spec, then runs them (those of the shard) and writes their lines.
-fn sweep(
-    subcommand: &str,
-    flags: Vec<String>,
-    command: clap::Command,
-    prepare: &(dyn Fn(Vec<String>) -> Result<(String, Job), String> + Sync),
-) -> Result<ExitCode, String> {
+/// Checks every point's spec, then runs them (those of the shard) and writes their lines, or
+/// with `--print-spec` prints the sweep. Relative paths among the flags resolve against
+/// `folder`.
+fn sweep(subcommand: &str, mut flags: SweepFlags, folder: &Path) -> Result<ExitCode, String> {
+    absolute_flags(&mut flags, folder)?;
+    let command = match subcommand {
+        "kv" => KvPoint::command(),
+        _ => AllocPoint::command(),
+    };
     let SweepFlags {
         axes,
         out,
         shard,
+        print_spec,
         base,
-    } = split_flags(flags)?;
+    } = flags;
     for axis in &axes {
         let set = |f: &String| {
             f == &format!("--{}", axis.flag) || f.starts_with(&format!("--{}=", axis.flag))
@@ -239,7 +342,7 @@ fn sweep(
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        let job = prepare(argv).map_err(|e| {
+        let job = prepare(subcommand, argv).map_err(|e| {
             let e = e.trim_end().trim_start_matches("error: ");
             if point.values.is_empty() {
                 e.to_string()
@@ -252,6 +355,10 @@ fn sweep(
         } else {
             None
         });
+    }
+    if print_spec {
+        crate::output::print(&SweepSpec::new(subcommand, &base, &axes).to_ron()?)?;
+        return Ok(ExitCode::SUCCESS);
     }
     let mut file = out
         .as_deref()

@@ -251,3 +251,58 @@ fn bad_sweeps_are_refused_before_any_run() {
     }
     assert_clean_error(&gpumem(&["sweep", "kv", "--json"]), &["--json"]);
 }
+
+#[test]
+fn a_printed_sweep_runs_as_its_flags_and_resolves_against_its_folder() {
+    let dir = scratch_dir();
+    // A link beside the spec, named relatively in it: the spec and its trace move together.
+    let link = dir.join("trace.jsonl");
+    std::os::unix::fs::symlink(mooncake_conversation(), &link).unwrap();
+    let mut args = kv_sweep(&link);
+    let by_flags = succeeded(gpumem(&strs(&args))).stdout;
+    args.push("--print-spec".into());
+    let printed = stdout(&succeeded(gpumem(&strs(&args))));
+    assert!(
+        printed.contains(&format!("\"{}\"", link.display())),
+        "{printed}"
+    );
+    let relative = printed.replace(&format!("\"{}\"", link.display()), "\"trace.jsonl\"");
+    let spec = dir.join("sweep.ron");
+    std::fs::write(&spec, &relative).unwrap();
+    let elsewhere = Command::new(env!("CARGO_BIN_EXE_gpumem"))
+        .current_dir(std::env::temp_dir())
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(succeeded(elsewhere).stdout == by_flags);
+    // Read back, it prints itself with the path made absolute again.
+    let again = succeeded(gpumem(&["sweep", spec.to_str().unwrap(), "--print-spec"]));
+    assert_eq!(stdout(&again), printed);
+    let shard = succeeded(gpumem(&["sweep", spec.to_str().unwrap(), "--shard", "1/2"]));
+    assert_eq!(lines(&shard.stdout).len(), 3);
+}
+
+#[test]
+fn a_bad_sweep_spec_names_its_file_line_and_field() {
+    let dir = scratch_dir();
+    let spec = dir.join("bad.ron");
+    let cases: [(&str, &[&str]); 4] = [
+        (
+            "(subcommand: \"kv\", flags: [],\n axes: [(flag: \"eviction\", value: [\"lru\"])])",
+            &["bad.ron:2:", "axes[0]", "unknown field `value`"],
+        ),
+        ("(subcommand: \"train\", flags: [], axes: [])", &["subcommand \"train\""]),
+        (
+            "(subcommand: \"kv\", flags: [\"--axis\", \"eviction=lru\"], axes: [])",
+            &["axes go in `axes`"],
+        ),
+        (
+            "(subcommand: \"kv\", flags: [\"--limit\", \"5\"], axes: [(flag: \"eviction\", values: [\"lru\", \"fifo\"])])",
+            &["point 1 (eviction=fifo)"],
+        ),
+    ];
+    for (text, needles) in cases {
+        std::fs::write(&spec, text).unwrap();
+        assert_clean_error(&gpumem(&["sweep", spec.to_str().unwrap()]), needles);
+    }
+}

@@ -446,37 +446,7 @@ impl fmt::Display for SpecError {
 impl RunSpec {
     /// Parses a spec's text; paths stay as written.
     pub fn from_ron(text: &str) -> Result<RunSpec, SpecError> {
-        let mut de = ron::Deserializer::from_str(text).map_err(|e| SpecError {
-            line: e.position.line,
-            column: e.position.col,
-            field: String::new(),
-            message: describe(&e.code),
-        })?;
-        let spec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            // `?` stands for a segment the path could not name (inside a value that ended early).
-            let path = e.path().to_string();
-            let field = path
-                .trim_end_matches(".?")
-                .trim_matches(['.', '?'])
-                .to_string();
-            let spanned = de.span_error(e.into_inner());
-            SpecError {
-                line: spanned.position.line,
-                column: spanned.position.col,
-                field,
-                message: describe(&spanned.code),
-            }
-        })?;
-        de.end().map_err(|e| {
-            let spanned = de.span_error(e);
-            SpecError {
-                line: spanned.position.line,
-                column: spanned.position.col,
-                field: String::new(),
-                message: "text after the end of the spec".into(),
-            }
-        })?;
-        Ok(spec)
+        from_ron_as(text)
     }
 
     /// Reads a spec file (at most [`MAX_SPEC_BYTES`]); its relative paths resolve against the
@@ -533,6 +503,41 @@ impl RunSpec {
     }
 }
 
+/// Parses RON text as a `T` (a run spec, a sweep spec): errors name the line, column and field.
+pub(crate) fn from_ron_as<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, SpecError> {
+    let mut de = ron::Deserializer::from_str(text).map_err(|e| SpecError {
+        line: e.position.line,
+        column: e.position.col,
+        field: String::new(),
+        message: describe(&e.code),
+    })?;
+    let spec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // `?` stands for a segment the path could not name (inside a value that ended early).
+        let path = e.path().to_string();
+        let field = path
+            .trim_end_matches(".?")
+            .trim_matches(['.', '?'])
+            .to_string();
+        let spanned = de.span_error(e.into_inner());
+        SpecError {
+            line: spanned.position.line,
+            column: spanned.position.col,
+            field,
+            message: describe(&spanned.code),
+        }
+    })?;
+    de.end().map_err(|e| {
+        let spanned = de.span_error(e);
+        SpecError {
+            line: spanned.position.line,
+            column: spanned.position.col,
+            field: String::new(),
+            message: "text after the end of the spec".into(),
+        }
+    })?;
+    Ok(spec)
+}
+
 /// RON's error, in the words of a spec: what was found and what may stand there.
 fn describe(code: &ron::Error) -> String {
     let list = |names: &[&str]| names.join(", ");
@@ -555,7 +560,7 @@ fn describe(code: &ron::Error) -> String {
 }
 
 /// The file's text, refused when it is larger than [`MAX_SPEC_BYTES`] or not UTF-8.
-fn read_bounded(path: &Path) -> Result<String, String> {
+pub(crate) fn read_bounded(path: &Path) -> Result<String, String> {
     let file = std::fs::File::open(path)
         .map_err(|e| format!("{}: cannot read the spec: {e}", path.display()))?;
     let mut bytes = Vec::new();

@@ -59,6 +59,79 @@ impl Axis {
     }
 }
 
+/// A sweep as a file (`--print-spec` writes it, `gpumem sweep FILE.ron` runs it): the
+/// subcommand, its base flags as given on the command line, and the axes. Paths among the
+/// flags (`--trace`, profile files) are absolute as printed; relative ones resolve against the
+/// spec file's folder.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    /// `kv` or `alloc`.
+    pub subcommand: String,
+    pub flags: Vec<String>,
+    pub axes: Vec<AxisSpec>,
+}
+
+/// One axis of a [`SweepSpec`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AxisSpec {
+    pub flag: String,
+    pub values: Vec<String>,
+}
+
+impl SweepSpec {
+    pub fn new(subcommand: &str, flags: &[String], axes: &[Axis]) -> SweepSpec {
+        SweepSpec {
+            subcommand: subcommand.into(),
+            flags: flags.to_vec(),
+            axes: axes
+                .iter()
+                .map(|a| AxisSpec {
+                    flag: a.flag.clone(),
+                    values: a.values.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The axes, checked as `--axis` checks them.
+    pub fn axes(&self) -> Result<Vec<Axis>, String> {
+        self.axes
+            .iter()
+            .map(|a| Axis::parse(&format!("{}={}", a.flag, a.values.join(","))))
+            .collect()
+    }
+
+    /// Reads a sweep spec file (at most [`crate::spec::MAX_SPEC_BYTES`]); errors name the
+    /// file, line and field. Paths stay as written (the caller knows which flags are paths).
+    pub fn read_file(path: &Path) -> Result<SweepSpec, String> {
+        let text = crate::spec::read_bounded(path)?;
+        let spec: SweepSpec =
+            crate::spec::from_ron_as(&text).map_err(|e| format!("{}:{e}", path.display()))?;
+        if !matches!(spec.subcommand.as_str(), "kv" | "alloc") {
+            return Err(format!(
+                "{}: subcommand \"{}\": a sweep runs kv or alloc",
+                path.display(),
+                spec.subcommand
+            ));
+        }
+        Ok(spec)
+    }
+
+    /// The spec as RON, after a comment saying how to run it.
+    pub fn to_ron(&self) -> Result<String, String> {
+        let pretty = ron::ser::PrettyConfig::new()
+            .indentor("    ".into())
+            .new_line("\n".into());
+        let body = ron::ser::to_string_pretty(self, pretty)
+            .map_err(|e| format!("cannot write the sweep spec: {e}"))?;
+        Ok(format!(
+            "// gpumem sweep spec: `gpumem sweep FILE.ron [--out F.jsonl] [--shard I/N]`; relative paths resolve against this file's folder.\n{body}\n"
+        ))
+    }
+}
+
 /// Which points a process runs: those whose number is ≡ `index` (mod `count`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
