@@ -14,7 +14,9 @@ pub mod executor;
 pub mod kv;
 pub mod link;
 pub mod place;
+pub mod sleep;
 pub mod tiers;
+pub mod weights;
 
 pub use books::{Account, Books};
 pub use decision::{AllocId, Decision, Loc, Refusal, SegmentId};
