@@ -6,6 +6,7 @@
 //! not given.
 
 pub mod alloc;
+pub mod balance;
 pub mod books;
 pub mod buffers;
 pub mod decision;
@@ -13,6 +14,7 @@ pub mod digest;
 pub mod executor;
 pub mod kv;
 pub mod link;
+pub mod offloader;
 pub mod place;
 pub mod sleep;
 pub mod tiers;
