@@ -79,6 +79,16 @@ impl MultiGpuMemoryBalancer {
         Some(self.devices.device(i))
     }
 
+    /// The device with the fewest placed bytes (ties: the lowest), charged `bytes` even past
+    /// its capacity: for policies that hold more than fits at once and swap.
+    pub fn oversubscribe(&mut self, bytes: u64) -> DeviceId {
+        let i = (0..self.devices.len())
+            .min_by_key(|&i| (self.used_bytes[i], i))
+            .expect("a set holds a device");
+        self.used_bytes[i] = self.used_bytes[i].saturating_add(bytes);
+        self.devices.device(i)
+    }
+
     /// Gives `bytes` charged to `device` back.
     pub fn release(&mut self, device: DeviceId, bytes: u64) {
         let i = self.index(device);
@@ -100,7 +110,7 @@ impl MultiGpuMemoryBalancer {
         BalanceTotals {
             capacity_bytes,
             used_bytes,
-            free_bytes: capacity_bytes - used_bytes,
+            free_bytes: capacity_bytes.saturating_sub(used_bytes),
         }
     }
 
@@ -109,7 +119,7 @@ impl MultiGpuMemoryBalancer {
     }
 
     fn free(&self, i: usize) -> u64 {
-        self.capacity_bytes[i] - self.used_bytes[i]
+        self.capacity_bytes[i].saturating_sub(self.used_bytes[i])
     }
 
     fn index(&self, device: DeviceId) -> usize {
@@ -176,6 +186,10 @@ mod tests {
         assert_eq!(b.totals().used_bytes, 180);
         b.release(DeviceId(1), 70);
         assert_eq!(b.allocate(50), d(1));
+        // Used 70, 50, 40: the least placed takes what fits nowhere.
+        assert_eq!(b.oversubscribe(500), DeviceId(2));
+        assert_eq!(b.free_bytes(DeviceId(2)), 0);
+        assert_eq!(b.oversubscribe(1), DeviceId(1));
 
         let mut p = MultiGpuMemoryBalancer::new(set, 100, Placement::Packed);
         let got: Vec<_> = [40, 40, 40, 30].iter().map(|&x| p.allocate(x)).collect();

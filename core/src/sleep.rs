@@ -163,11 +163,17 @@ pub struct CuMemPool {
 
 impl CuMemPool {
     pub fn new(device: DeviceId) -> CuMemPool {
+        Self::numbered_from(device, 0)
+    }
+
+    /// A pool whose segments are numbered from `first_index`: several pools (one per engine,
+    /// as each vLLM process has its own allocator) share a device without id collisions.
+    pub fn numbered_from(device: DeviceId, first_index: u32) -> CuMemPool {
         CuMemPool {
             device,
             allocations: Vec::new(),
-            next_index: 0,
-            next_backup_index: 0,
+            next_index: first_index,
+            next_backup_index: first_index,
         }
     }
 
