@@ -31,7 +31,12 @@ fn five_models_on_one_h100_static_is_refused_naming_what_is_needed() {
     let out = gpumem(&["models", "--models", FIVE, "--policy", "static"]);
     assert_clean_error(
         &out,
-        &["static: the 5 models need", "GiB", "1 x h100 offers", "--policy lru"],
+        &[
+            "static: the 5 models need",
+            "GiB",
+            "1 x h100 offers",
+            "--policy lru",
+        ],
     );
 }
 
@@ -40,9 +45,19 @@ fn five_models_on_one_h100_every_dynamic_policy_serves_every_request_within_memo
     for policy in ["lru", "offloader", "sleep"] {
         let r = run_json(&["--models", FIVE, "--policy", policy]);
         assert_eq!(u(&r, "requests"), 150, "{policy}");
-        assert_eq!(u(&r, "requests_finished"), 150, "{policy}: every request served");
-        assert!(u(&r, "peak_gpu_bytes") <= u(&r, "gpu_bytes"), "{policy}: {r}");
-        assert!(u(&r, "weight_loads") > 0, "{policy}: five models cannot all stay");
+        assert_eq!(
+            u(&r, "requests_finished"),
+            150,
+            "{policy}: every request served"
+        );
+        assert!(
+            u(&r, "peak_gpu_bytes") <= u(&r, "gpu_bytes"),
+            "{policy}: {r}"
+        );
+        assert!(
+            u(&r, "weight_loads") > 0,
+            "{policy}: five models cannot all stay"
+        );
         let models = r["models"].as_array().unwrap();
         assert_eq!(models.len(), 5);
         let loads: u64 = models.iter().map(|m| u(m, "weight_loads")).sum();
@@ -92,7 +107,9 @@ fn two_gpus_balanced_report_both_and_what_each_holds() {
         .map(|g| g["models"].as_array().unwrap().len())
         .sum();
     assert_eq!(held, 5, "every model homed on one GPU");
-    assert!(gpus.iter().all(|g| !g["models"].as_array().unwrap().is_empty()));
+    assert!(gpus
+        .iter()
+        .all(|g| !g["models"].as_array().unwrap().is_empty()));
     // Packed fills the first GPU before the second.
     let p = run_json(&["--models", THREE, "--gpus", "2", "--placement", "packed"]);
     let first = p["gpus"][0]["models"].as_array().unwrap().len();
@@ -105,7 +122,10 @@ fn level_two_sleep_reloads_weights_from_disk_and_copies_nothing_back() {
     assert_eq!(u(&r, "bytes_d2h"), 0, "level 2 discards the weights");
     assert_eq!(u(&r, "requests_finished"), 150);
     let one = run_json(&["--models", FIVE, "--policy", "sleep", "--sleep-level", "1"]);
-    assert!(u(&r, "sleep_wake_us") > u(&one, "sleep_wake_us"), "disk is slower than PCIe");
+    assert!(
+        u(&r, "sleep_wake_us") > u(&one, "sleep_wake_us"),
+        "disk is slower than PCIe"
+    );
 }
 
 #[test]
@@ -116,7 +136,10 @@ fn impossible_configs_are_clear_errors() {
         (&["--models", "llama-3.1-8b@"], "empty tag"),
         (&["--models", "llama-3.1-70b"], "needs"),
         (&["--sleep-level", "3"], "--sleep-level"),
-        (&["--offload-threshold", "0.5", "--restore-threshold", "0.7"], "below the offload threshold"),
+        (
+            &["--offload-threshold", "0.5", "--restore-threshold", "0.7"],
+            "below the offload threshold",
+        ),
         (&["--gpus", "0"], "--gpus"),
         (&["--rate", "0"], "--rate"),
     ];

@@ -159,9 +159,7 @@ impl Run {
         let links = setup.gpu.links().map_err(ServeError::Input)?;
         let budget_bytes =
             (setup.gpu.memory_bytes as u128 * setup.utilization_ppm as u128 / 1_000_000) as u64;
-        let kv_each = kv_bytes_each(setup, budget_bytes)?;
-        let mut balancer =
-            MultiGpuMemoryBalancer::new(devices.clone(), budget_bytes, setup.placement);
+        let homes = plan_homes(setup, &devices, budget_bytes)?;
         let mut places = Vec::new();
         for d in devices.iter() {
             places.push((Place::gpu(d.0), budget_bytes));
@@ -194,7 +192,8 @@ impl Run {
         };
         for (i, choice) in setup.models.iter().enumerate() {
             let p = &choice.profile;
-            let (blocks, kv_bytes) = kv_sizing_bytes(p, kv_each, setup.block_size as u64)
+            let (device, kv_budget) = homes[i];
+            let (blocks, kv_bytes) = kv_sizing_bytes(p, kv_budget, setup.block_size as u64)
                 .map_err(|e| ServeError::Input(format!("model {}: {e}", choice.name)))?;
             let weight_bytes = p.weight_bytes();
             let other_bytes = kv_bytes + p.activation_reserve_bytes;
@@ -211,18 +210,6 @@ impl Run {
                     gib(budget_bytes)
                 )));
             }
-            let device = match balancer.allocate(footprint) {
-                Some(d) => d,
-                None if setup.policy == Policy::Static => {
-                    return Err(ServeError::Input(static_refusal(
-                        setup,
-                        budget_bytes,
-                        kv_each,
-                    )))
-                }
-                // More models than fit at once: the point of the dynamic policies.
-                None => balancer.oversubscribe(footprint),
-            };
             let cfg = EngineConfig {
                 num_gpu_blocks: blocks,
                 block_size: setup.block_size,
@@ -704,25 +691,48 @@ fn kv_segment(device: DeviceId, i: usize) -> SegmentId {
     SegmentId::new(Place::gpu(device.0), Owner::KvPool, i as u32)
 }
 
-/// Each model's KV pool: as given; under `static`, an even split of what the weights and
-/// reserves leave on the GPUs; otherwise [`DEFAULT_KV_BYTES`].
-fn kv_bytes_each(setup: &ModelsSetup, budget_bytes: u64) -> Result<u64, ServeError> {
-    if let Some(b) = setup.kv_bytes_per_model {
-        return Ok(b);
+/// Each model's home GPU and KV pool. Under `static` without `--kv-cache-gib`, models are
+/// placed by their weights and reserve, and each GPU's remaining memory is split evenly among
+/// its models' KV pools; otherwise every pool is the given size (or [`DEFAULT_KV_BYTES`]) and
+/// models are placed by their whole footprint — past the GPUs' memory for the dynamic
+/// policies, which swap.
+fn plan_homes(
+    setup: &ModelsSetup,
+    devices: &DeviceSet,
+    budget_bytes: u64,
+) -> Result<Vec<(DeviceId, u64)>, ServeError> {
+    let mut balancer = MultiGpuMemoryBalancer::new(devices.clone(), budget_bytes, setup.placement);
+    let fixed =
+        |m: &super::ModelChoice| m.profile.weight_bytes() + m.profile.activation_reserve_bytes;
+    let split = setup.policy == Policy::Static && setup.kv_bytes_per_model.is_none();
+    let kv_each = setup.kv_bytes_per_model.unwrap_or(DEFAULT_KV_BYTES);
+    let mut homes = Vec::with_capacity(setup.models.len());
+    for m in &setup.models {
+        let bytes = if split { fixed(m) } else { fixed(m) + kv_each };
+        let device = match balancer.allocate(bytes) {
+            Some(d) => d,
+            None if setup.policy == Policy::Static => {
+                let kv = if split { 0 } else { kv_each };
+                return Err(ServeError::Input(static_refusal(setup, budget_bytes, kv)));
+            }
+            // More models than fit at once: the point of the dynamic policies.
+            None => balancer.oversubscribe(bytes),
+        };
+        homes.push((device, kv_each));
     }
-    if setup.policy != Policy::Static {
-        return Ok(DEFAULT_KV_BYTES);
+    if split {
+        let shares: Vec<u64> = homes
+            .iter()
+            .map(|&(d, _)| {
+                let sharing = homes.iter().filter(|&&(e, _)| e == d).count() as u64;
+                balancer.free_bytes(d) / sharing
+            })
+            .collect();
+        for ((_, kv), share) in homes.iter_mut().zip(shares) {
+            *kv = share;
+        }
     }
-    let fixed: u64 = setup
-        .models
-        .iter()
-        .map(|m| m.profile.weight_bytes() + m.profile.activation_reserve_bytes)
-        .sum();
-    let total = budget_bytes * setup.gpus as u64;
-    if fixed >= total {
-        return Err(ServeError::Input(static_refusal(setup, budget_bytes, 0)));
-    }
-    Ok((total - fixed) / setup.models.len() as u64)
+    Ok(homes)
 }
 
 fn static_refusal(setup: &ModelsSetup, budget_bytes: u64, kv_each: u64) -> String {
