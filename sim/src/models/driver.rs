@@ -125,17 +125,13 @@ pub fn simulate_models(
     let mut arrivals = workload.requests(setup.models.len(), MAX_PROMPT_TOKENS);
     let mut next = arrivals.next();
     let mut arrived = 0u64;
-    loop {
-        let now_ns = match run.next_event(next.as_ref().map(|(_, r)| r.arrival_us * 1000)) {
-            Some(t) => t,
-            None => break,
-        };
+    while let Some(now_ns) = run.next_event(next.as_ref().map(|(_, r)| r.arrival_us * 1000)) {
         run.complete_loads(now_ns);
         run.publish_steps(now_ns);
         while let Some((m, req)) = next.take_if(|(_, r)| r.arrival_us * 1000 <= now_ns) {
             run.arrive(m, req, now_ns);
             arrived += 1;
-            if arrived % 1024 == 0 {
+            if arrived.is_multiple_of(1024) {
                 progress(arrived);
             }
             next = arrivals.next();
