@@ -318,6 +318,7 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
         eviction: spec.eviction,
         watermark_blocks: 0,
         policy: spec.scheduling_policy,
+        offload: None,
     };
     let profile_name = |name: &str| {
         if spec.uses_profiles() {

@@ -502,6 +502,18 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
         need.saturating_sub(self.blocks(req).len() as u64)
     }
 
+    /// Every request's block table (by request index) beside the executor the pool is placed
+    /// on, if any: what a connector reads and writes through at once.
+    pub fn tables_and_executor(
+        &mut self,
+    ) -> (&[Vec<BlockId>], Option<(KvPlacement, &mut dyn Executor)>) {
+        let exec = self
+            .placed
+            .as_mut()
+            .map(|p| (p.placement, &mut *p.exec as &mut dyn Executor));
+        (&self.tables, exec)
+    }
+
     /// Placed: where the pool lives and the executor it is carried out on (for the CPU tier's
     /// transfers).
     pub fn placed_executor(&mut self) -> Option<(KvPlacement, &mut dyn Executor)> {
