@@ -71,7 +71,11 @@ fn parse_offload(
     block_size: u64,
     source: &str,
 ) -> Result<Option<ConformanceOffload>, TraceError> {
-    let given: Vec<&str> = OFFLOAD_KEYS.iter().copied().filter(|k| m.contains_key(*k)).collect();
+    let given: Vec<&str> = OFFLOAD_KEYS
+        .iter()
+        .copied()
+        .filter(|k| m.contains_key(*k))
+        .collect();
     if given.is_empty() {
         return Ok(None);
     }

@@ -90,7 +90,8 @@ impl CopyEngine {
             TransferTiming::Steps { latency } => step.saturating_add(latency),
             TransferTiming::Link { link, block_bytes } => {
                 let start = now_ns.max(self.busy_until[dir]);
-                let end = start.saturating_add(link.transfer_ns(block_bytes.saturating_mul(blocks as u64)));
+                let end = start
+                    .saturating_add(link.transfer_ns(block_bytes.saturating_mul(blocks as u64)));
                 self.busy_until[dir] = end;
                 end
             }
@@ -168,7 +169,13 @@ impl Worker {
     /// One step's worker phase at engine step `step`, starting at `now_ns`. Fills `done` with
     /// the jobs reported (stores first, each direction in submission order) and returns when
     /// the step's forward pass can start (after any flush wait).
-    pub fn run_step(&mut self, mut jobs: StepJobs, step: u64, now_ns: u64, done: &mut Vec<JobId>) -> u64 {
+    pub fn run_step(
+        &mut self,
+        mut jobs: StepJobs,
+        step: u64,
+        now_ns: u64,
+        done: &mut Vec<JobId>,
+    ) -> u64 {
         // handle_preemptions: this step's flushed stores join the deferred ones, all submitted.
         if !jobs.flush.is_empty() {
             let flush = &jobs.flush;

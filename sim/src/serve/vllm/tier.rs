@@ -43,7 +43,12 @@ pub(super) struct Tier {
 }
 
 impl Tier {
-    pub fn new(o: OffloadEngineConfig, gpu_block_size: u32, num_gpu_blocks: u32, prefix_caching: bool) -> Tier {
+    pub fn new(
+        o: OffloadEngineConfig,
+        gpu_block_size: u32,
+        num_gpu_blocks: u32,
+        prefix_caching: bool,
+    ) -> Tier {
         let cfg = OffloadConfig {
             num_chunks: o.cpu_blocks,
             blocks_per_chunk: o.block_size / gpu_block_size,
@@ -229,7 +234,9 @@ impl VllmEngine<'_> {
         let id = q.offload.expect("a request known to the connector");
         let has_running = !self.running.is_empty();
         let mut hits = std::mem::take(&mut self.hit_buf);
-        let mut local = self.kv.get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
+        let mut local = self
+            .kv
+            .get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
         let admitted = loop {
             let lookup = self
                 .tier
@@ -258,7 +265,13 @@ impl VllmEngine<'_> {
                 has_scheduled_reqs: has_running,
             };
             let slot = q.slot_request(r);
-            if !self.kv.can_admit(slot, &Admission { hits: &hits, ..base }) {
+            if !self.kv.can_admit(
+                slot,
+                &Admission {
+                    hits: &hits,
+                    ..base
+                },
+            ) {
                 break Some(None);
             }
             let verified = self.kv.read_back_hits(&q.hashes, &mut hits);
@@ -266,7 +279,13 @@ impl VllmEngine<'_> {
                 local = verified;
                 continue;
             }
-            let done = self.kv.admit(slot, &Admission { hits: &hits, ..base });
+            let done = self.kv.admit(
+                slot,
+                &Admission {
+                    hits: &hits,
+                    ..base
+                },
+            );
             assert!(done, "admit refused what can_admit allowed");
             break Some(Some((external, num_new)));
         };
@@ -388,10 +407,16 @@ impl VllmEngine<'_> {
         let preempted: Vec<OffloadReqId> = rec
             .preempted
             .iter()
-            .map(|&r| requests.get(r).offload.expect("a request known to the connector"))
+            .map(|&r| {
+                requests
+                    .get(r)
+                    .offload
+                    .expect("a request known to the connector")
+            })
             .collect();
         let tier = self.tier.as_mut().expect("a CPU tier");
-        tier.connector.build_connector_meta(&scheduled, &preempted, exec)
+        tier.connector
+            .build_connector_meta(&scheduled, &preempted, exec)
     }
 
     /// The worker phase at `now_ns`; returns when the step's forward pass starts.
@@ -399,7 +424,9 @@ impl VllmEngine<'_> {
         let tier = self.tier();
         let mut done = std::mem::take(&mut tier.done);
         done.clear();
-        let start = tier.worker.run_step(jobs, tier.engine_steps, now_ns, &mut done);
+        let start = tier
+            .worker
+            .run_step(jobs, tier.engine_steps, now_ns, &mut done);
         tier.engine_steps += 1;
         tier.done = done;
         start
