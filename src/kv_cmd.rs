@@ -1,13 +1,15 @@
 //! `gpumem kv`: a request trace through a serving engine's paged KV cache with prefix caching.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::rc::Rc;
 
 use clap::Args;
+use gpumem_core::buffers::SizesChoice;
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
+use gpumem_sim::monitor::Thresholds;
 use gpumem_sim::serve::{
     kv_sizing, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
     ModelProfile, RunInfo, SchedulingPolicy, ServeError, TooLongPrompt,
@@ -18,7 +20,7 @@ use gpumem_sim::spec::{
 };
 use gpumem_sim::{AllocCostModel, SimExecutor};
 use gpumem_traces::serving::generate::{serving_source, ServingParams, ServingRequests};
-use gpumem_traces::serving::{detect_format, RequestStream, WorkloadFormat};
+use gpumem_traces::serving::{RequestStream, WorkloadFormat};
 
 use crate::progress::Progress;
 
@@ -81,8 +83,13 @@ pub struct KvArgs {
     model: String,
 
     /// KV blocks in the pool, vLLM's num_gpu_blocks (block 0, the null block, included)
-    /// [default: sized from the GPU and model].
-    #[arg(long, value_name = "N", conflicts_with = "gpu_memory_utilization")]
+    /// [default: sized from the GPU and model]. vLLM's spelling --num-gpu-blocks-override works too.
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with = "gpu_memory_utilization",
+        alias = "num-gpu-blocks-override"
+    )]
     kv_blocks: Option<u64>,
 
     /// Fraction of GPU memory vLLM may use (weights, activations and KV cache).
@@ -119,9 +126,17 @@ pub struct KvArgs {
     #[arg(long, value_name = "POLICY", default_value = "lru", value_parser = parse_eviction)]
     eviction: EvictionKind,
 
-    /// Turn vLLM's prefix caching off.
-    #[arg(long)]
+    /// Turn vLLM's prefix caching off (vLLM's spelling --no-enable-prefix-caching works too).
+    #[arg(
+        long,
+        alias = "no-enable-prefix-caching",
+        overrides_with = "enable_prefix_caching"
+    )]
     no_prefix_caching: bool,
+
+    /// Prefix caching on, as by default (vLLM's flag; the last of the two wins).
+    #[arg(long, overrides_with = "no_prefix_caching")]
+    enable_prefix_caching: bool,
 
     /// Use only the first N requests of the trace (of the built-in workload: generate N;
     /// default 1000).
@@ -144,6 +159,18 @@ pub struct KvArgs {
     /// highest running one is preempted). Only the conformance format carries priorities.
     #[arg(long, value_name = "POLICY", default_value = "fcfs", value_parser = SchedulingPolicy::parse)]
     scheduling_policy: SchedulingPolicy,
+
+    /// Memory-pressure levels of the KV pool: warning at or above WARNING, critical at or above
+    /// CRITICAL, fractions of its usable blocks (0 < WARNING < CRITICAL <= 1).
+    #[arg(long, value_name = "WARNING,CRITICAL", default_value = "0.75,0.9", value_parser = Thresholds::parse)]
+    pressure_thresholds: Thresholds,
+
+    /// CUDA-graph capture sizes each step's batch is padded to: `vllm` (vLLM 0.33's defaults),
+    /// `auto` (planned from the run's batch sizes: as many sizes as vLLM's, vLLM's largest,
+    /// the fewest padded tokens), or a list such as 1,2,4,8,16. Reported; padding changes no
+    /// scheduling decision and no step time.
+    #[arg(long, value_name = "vllm|auto|LIST", default_value = "vllm", value_parser = SizesChoice::parse)]
+    cudagraph_sizes: SizesChoice,
 
     /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
@@ -181,17 +208,18 @@ fn parse_eviction(s: &str) -> Result<EvictionKind, String> {
 }
 
 pub fn run(args: KvArgs) -> Result<ExitCode, String> {
-    let spec = spec_from_args(&args)?;
+    let (spec, opened) = spec_from_args(&args)?;
     let checked = check(&spec)?;
     if args.print_spec {
         return crate::print_spec(RunSpec::Kv(Box::new(spec)));
     }
-    run_spec(&spec, &checked, args.json)
+    run_opened(&spec, &checked, args.json, opened)
 }
 
 /// The spec the flags make, every default resolved: profiles by name (or inlined from a
-/// file), the pool sized, the scheduler limits of the GPU, the trace's format detected.
-fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
+/// file), the pool sized, the scheduler limits of the GPU, the trace's format detected (with
+/// the trace, opened to tell it, for the run to go on reading).
+fn spec_from_args(args: &KvArgs) -> Result<(KvSpec, Option<OpenedTrace>), String> {
     let gpu_spec = profile_spec(&args.gpu, GpuProfile::resolve, |g| &g.name)?;
     let model_spec = profile_spec(&args.model, ModelProfile::resolve, |m| &m.name)?;
     let (gpu, model) = (gpu_spec.load()?, model_spec.load()?);
@@ -210,22 +238,28 @@ fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
         (None, sizing) => sizing.map_or(0, |s| s.num_blocks),
     };
     let pool_tokens = kv_blocks.saturating_sub(1).saturating_mul(args.block_size);
-    let execute = match args.execute {
-        Some(device) => Some(KvExecuteSpec {
-            device: device.into(),
-            bytes_per_block: args
-                .bytes_per_block
-                .or(sizing.map(|s| s.bytes_per_block))
-                .ok_or("--execute with --kv-blocks needs --bytes-per-block")?,
-            inject: args.inject.clone(),
-        }),
-        None if !args.inject.is_empty() => {
-            return Err(crate::alloc_cmd::INJECT_NEEDS_EXECUTE.into())
-        }
-        None => None,
-    };
-    Ok(KvSpec {
-        trace: trace_spec(args)?,
+    let execute =
+        match args.execute {
+            Some(device) => Some(KvExecuteSpec {
+                device: device.into(),
+                bytes_per_block: args
+                    .bytes_per_block
+                    .or(sizing.map(|s| s.bytes_per_block))
+                    .ok_or("--execute with --kv-blocks needs --bytes-per-block")?,
+                inject: args.inject.clone(),
+            }),
+            None if !args.inject.is_empty() => {
+                return Err(crate::alloc_cmd::INJECT_NEEDS_EXECUTE.into())
+            }
+            None if args.bytes_per_block.is_some() => return Err(
+                "--bytes-per-block needs --execute host|cuda: it sizes the blocks in real memory"
+                    .into(),
+            ),
+            None => None,
+        };
+    let (trace, opened) = trace_spec(args)?;
+    let spec = KvSpec {
+        trace,
         seed: args.seed,
         max_num_seqs: args.max_num_seqs.unwrap_or(gpu.default_max_num_seqs),
         max_num_batched_tokens: args
@@ -244,10 +278,13 @@ fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
         eviction: args.eviction,
         prefix_caching: !args.no_prefix_caching,
         scheduling_policy: args.scheduling_policy,
+        pressure_thresholds: args.pressure_thresholds,
+        cudagraph_sizes: args.cudagraph_sizes.clone(),
         execute,
         step_log: args.step_log.clone(),
         plot: args.plot.clone(),
-    })
+    };
+    Ok((spec, opened))
 }
 
 /// A built-in profile by its canonical name; one from a FILE.ron inlined, so the spec does not
@@ -265,27 +302,67 @@ fn profile_spec<T>(
     })
 }
 
-fn trace_spec(args: &KvArgs) -> Result<KvTraceSpec, String> {
-    Ok(match &args.trace {
-        Some(path) => KvTraceSpec::File {
-            path: path.clone(),
-            format: match args.format {
-                Some(f) => f,
-                // Telling the format reads the input: a pipe could not be read again.
-                None if path.as_os_str() == "-" || !path.is_file() => {
-                    return Err(format!(
-                        "{}: the trace is not a file (a pipe is read once): give --format",
-                        path.display()
-                    ))
-                }
-                None => detect_format(path).map_err(|e| e.to_string())?,
-            },
-            limit: args.limit,
-        },
-        None => KvTraceSpec::Generated {
-            requests: args.limit.unwrap_or(ServingParams::default().requests),
-        },
-    })
+/// The trace's spec, and the trace itself when its format was told from its content: the
+/// stream that read its first line goes on from there, so a pipe, standard input or a FIFO is
+/// read once.
+fn trace_spec(args: &KvArgs) -> Result<(KvTraceSpec, Option<OpenedTrace>), String> {
+    let Some(path) = &args.trace else {
+        let requests = args.limit.unwrap_or(ServingParams::default().requests);
+        return Ok((KvTraceSpec::Generated { requests }, None));
+    };
+    if args.execute.is_some() {
+        // Before anything is read from a pipe.
+        execute_needs_a_file(path)?;
+    }
+    let (format, opened) = match args.format {
+        Some(format) => (format, None),
+        None => {
+            let bytes_read = Rc::default();
+            let stream = open_counted(path, None, args.limit, &bytes_read)?;
+            (stream.format(), Some(OpenedTrace { stream, bytes_read }))
+        }
+    };
+    let spec = KvTraceSpec::File {
+        path: path.clone(),
+        format,
+        limit: args.limit,
+    };
+    Ok((spec, opened))
+}
+
+/// `--execute` runs the trace three times (to report, simulated on the executor, on the
+/// device), reading it from its start each time: it must be a file that can be opened again.
+fn execute_needs_a_file(path: &Path) -> Result<(), String> {
+    if path.as_os_str() == "-" || !path.is_file() {
+        return Err(format!(
+            "{}: --execute reads the trace once per run, three times: give a file, not a pipe or standard input",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A trace opened (and its first line read) to tell its format.
+struct OpenedTrace {
+    stream: RequestStream<'static>,
+    /// Bytes taken from it so far (for progress).
+    bytes_read: Rc<Cell<u64>>,
+}
+
+/// The trace at `path` from its start (`format` None: told from its first line), counting
+/// the bytes read into `bytes_read`.
+fn open_counted(
+    path: &Path,
+    format: Option<WorkloadFormat>,
+    limit: Option<u64>,
+    bytes_read: &Rc<Cell<u64>>,
+) -> Result<RequestStream<'static>, String> {
+    let reader = CountingReader {
+        inner: gpumem_traces::read::open(path).map_err(|e| e.to_string())?,
+        count: bytes_read.clone(),
+    };
+    RequestStream::from_reader(reader, &path.display().to_string(), format, limit)
+        .map_err(|e| e.to_string())
 }
 
 /// A spec, checked: its profiles, how its pool was sized, its faults.
@@ -297,6 +374,9 @@ pub struct Checked {
 /// Everything about a spec that can be wrong before a trace is read.
 pub fn check(spec: &KvSpec) -> Result<Checked, String> {
     let resolved = spec.resolve()?;
+    if let (Some(_), KvTraceSpec::File { path, .. }) = (&spec.execute, &spec.trace) {
+        execute_needs_a_file(path)?;
+    }
     let faults = match &spec.execute {
         Some(e) => crate::alloc_cmd::parse_faults(&e.inject)?,
         None => Vec::new(),
@@ -306,6 +386,17 @@ pub fn check(spec: &KvSpec) -> Result<Checked, String> {
 
 /// Runs a checked spec and prints its report: text, or JSON with `json`.
 pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode, String> {
+    run_opened(spec, checked, json, None)
+}
+
+/// [`run_spec`], its first run reading on from `opened` (the spec's trace, opened to tell
+/// its format) instead of opening the trace again.
+fn run_opened(
+    spec: &KvSpec,
+    checked: &Checked,
+    json: bool,
+    opened: Option<OpenedTrace>,
+) -> Result<ExitCode, String> {
     let KvResolved { gpu, model, sizing } = &checked.resolved;
     let engine = EngineConfig {
         num_gpu_blocks: spec.kv_blocks as u32,
@@ -327,7 +418,13 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
             "-".into()
         }
     };
-    let source = Source::new(spec);
+    // Created first: an unwritable folder is found before a long run.
+    let plot_file = spec
+        .plot
+        .as_deref()
+        .map(crate::output::AtomicFile::create)
+        .transpose()?;
+    let source = Source::new(spec, opened);
     let (trace, format) = source.names();
     let info = RunInfo {
         trace,
@@ -342,8 +439,12 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
         max_num_seqs: spec.max_num_seqs,
         max_num_batched_tokens: spec.max_num_batched_tokens,
         max_model_len: spec.max_model_len,
+        scheduling_policy: gpumem_sim::spec::Named::name(spec.scheduling_policy).into(),
         kv_sizing: *sizing,
         seed: matches!(spec.trace, KvTraceSpec::Generated { .. }).then_some(spec.seed),
+        pressure_thresholds: spec.pressure_thresholds,
+        cudagraph_sizes: spec.cudagraph_sizes.clone(),
+        cudagraph_bytes_per_graph: model.cudagraph_bytes_per_graph,
     };
     let report = match simulate_with_step_log(&source, engine, &info, spec)? {
         Ok(r) => r,
@@ -352,18 +453,20 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
     if let Some(execute) = &spec.execute {
         let (simulated, sim, executed) =
             execute_on_device(&source, engine, &info, execute, &checked.faults, spec.seed)?;
-        return report_execution(json, &report, &simulated, &sim, executed);
-    }
-    if let Some(path) = &spec.plot {
-        write_plot(path, &report)?;
+        let code = report_execution(json, &report, &simulated, &sim, executed)?;
+        if let Some(file) = plot_file {
+            write_plot(file, &report)?;
+        }
+        return Ok(code);
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).expect("report serializes")
-        );
+        crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
     } else {
-        print!("{}", gpumem_sim::serve::report::render_text(&report));
+        crate::output::print(&gpumem_sim::serve::report::render_text(&report))?;
+    }
+    // After the report: a plot that cannot be written must not cost the run its answer.
+    if let Some(file) = plot_file {
+        write_plot(file, &report)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -374,6 +477,8 @@ struct Source<'s> {
     spec: &'s KvSpec,
     /// Bytes of the trace read so far (for progress), whatever run reads it.
     bytes_read: Rc<Cell<u64>>,
+    /// The trace as format detection left it, for the first run.
+    opened: RefCell<Option<RequestStream<'static>>>,
 }
 
 /// Counts the bytes taken from a reader into a shared cell.
@@ -402,10 +507,15 @@ impl<R: std::io::BufRead> std::io::BufRead for CountingReader<R> {
 }
 
 impl<'s> Source<'s> {
-    fn new(spec: &'s KvSpec) -> Self {
+    fn new(spec: &'s KvSpec, opened: Option<OpenedTrace>) -> Self {
+        let (stream, bytes_read) = match opened {
+            Some(o) => (Some(o.stream), o.bytes_read),
+            None => (None, Rc::default()),
+        };
         Source {
             spec,
-            bytes_read: Rc::default(),
+            bytes_read,
+            opened: RefCell::new(stream),
         }
     }
 
@@ -442,7 +552,8 @@ impl<'s> Source<'s> {
         }
     }
 
-    /// The trace from its start, read lazily (None: the generator's requests).
+    /// The trace from its start, read lazily (None: the generator's requests): the first
+    /// time, the stream that told its format, if one did.
     fn open(&self) -> Result<Option<RequestStream<'static>>, String> {
         let KvTraceSpec::File {
             path,
@@ -452,14 +563,10 @@ impl<'s> Source<'s> {
         else {
             return Ok(None);
         };
-        let reader = CountingReader {
-            inner: gpumem_traces::read::open(path).map_err(|e| e.to_string())?,
-            count: self.bytes_read.clone(),
-        };
-        let stream =
-            RequestStream::from_reader(reader, &path.display().to_string(), Some(*format), *limit)
-                .map_err(|e| e.to_string())?;
-        Ok(Some(stream))
+        if let Some(stream) = self.opened.borrow_mut().take() {
+            return Ok(Some(stream));
+        }
+        open_counted(path, Some(*format), *limit, &self.bytes_read).map(Some)
     }
 
     /// Arrivals for one run over `stream` (None: the generator's). A prompt of
@@ -505,9 +612,7 @@ fn simulate_with_step_log(
     spec: &KvSpec,
 ) -> Result<Result<KvReport, ServeError>, String> {
     let mut log_file = match &spec.step_log {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        )),
+        Some(p) => Some(crate::output::AtomicFile::create(p)?),
         None => None,
     };
     let mut stream = source.open()?;
@@ -524,6 +629,10 @@ fn simulate_with_step_log(
     );
     drop(arrivals);
     progress.finish();
+    // The step log replaces an existing file only when the run completed.
+    if let (Some(file), Ok(_)) = (log_file, &result) {
+        file.commit()?;
+    }
     if let Some(s) = &stream {
         for w in s.warnings() {
             eprintln!("gpumem: warning: {}: {w}", s.source());
@@ -533,7 +642,7 @@ fn simulate_with_step_log(
 }
 
 /// The run again, on the simulated executor and on the device, for the digests and bytes (the
-/// trace is read again for each run: it must be a file).
+/// trace is read again for each run: [`check`] made sure it is a file).
 fn execute_on_device(
     source: &Source<'_>,
     engine: EngineConfig,
@@ -542,14 +651,6 @@ fn execute_on_device(
     faults: &[Inject],
     seed: u64,
 ) -> Result<(KvReport, SimExecutor, (KvReport, ExecReport)), String> {
-    if let KvTraceSpec::File { path, .. } = &source.spec.trace {
-        if !path.is_file() {
-            return Err(format!(
-                "--execute reads the trace once per run: {} must be a file, not a pipe",
-                path.display()
-            ));
-        }
-    }
     let block_bytes = execute.bytes_per_block;
     let run = |mem: &mut dyn gpumem_core::executor::Executor| {
         let mut stream = source.open().map_err(ServeError::Input)?;
@@ -608,12 +709,9 @@ fn report_execution(
         value["bytes_verified"] = exec.bytes_verified.into();
         value["mismatches"] = exec.mismatches.into();
         value["execution"] = serde_json::to_value(&exec).expect("report serializes");
-        println!(
-            "{}",
-            serde_json::to_string(&value).expect("report serializes")
-        );
+        crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
     } else {
-        print!("{}", gpumem_sim::serve::report::render_text(&executed));
+        let mut text = gpumem_sim::serve::report::render_text(&executed);
         let (writes, reads) = ["write_kv", "read_kv"]
             .map(|k| {
                 exec.timings
@@ -622,21 +720,31 @@ fn report_execution(
                     .map_or((0, 0), |t| (t.count, t.measured_ns_total))
             })
             .into();
-        println!(
-            "\nexecuted on {}: digests {}, {} verified, {} mismatched bytes, {} prefix hits refused",
+        text.push_str(&format!(
+            "\nexecuted on {}: digests {}, {} verified, {} mismatched bytes, {} prefix hits refused\n",
             exec.device,
             if digests_equal { "equal to the simulation's" } else { "DIFFER from the simulation's" },
             gpumem_sim::report::human_bytes(exec.bytes_verified),
             exec.mismatches,
             executed.prefix_hits_refused
-        );
-        println!(
-            "  {} KV block writes, {:.0} ns each; {} prefix-hit reads, {:.0} ns each (measured, patterns included)",
+        ));
+        text.push_str(&format!(
+            "  {} KV block writes, {:.0} ns each; {} prefix-hit reads, {:.0} ns each (measured, patterns included)\n",
             writes.0,
             writes.1 as f64 / writes.0.max(1) as f64,
             reads.0,
             reads.1 as f64 / reads.0.max(1) as f64
-        );
+        ));
+        if exec.injections_moved_on > 0 {
+            text.push_str(&format!(
+                "  the injected corruption moved on {} times: the blocks it hit were written again before anything read them\n",
+                exec.injections_moved_on
+            ));
+        }
+        if let Some(note) = unseen_injection(&exec) {
+            text.push_str(&format!("  {note}\n"));
+        }
+        crate::output::print(&text)?;
     }
     let failed = exec.mismatches > 0 || !digests_equal;
     Ok(if failed {
@@ -646,12 +754,30 @@ fn report_execution(
     })
 }
 
-fn write_plot(path: &Path, r: &KvReport) -> Result<(), String> {
+/// A sentence when an injected corruption was never seen (no check found a wrong byte), which
+/// only a run that ends with its corrupted block rewritten can give.
+pub fn unseen_injection(exec: &ExecReport) -> Option<String> {
+    let injected = exec.injected_corruptions + exec.injections_moved_on;
+    (injected > 0 && exec.mismatches == 0).then(|| {
+        format!(
+            "the injected {} found no block that stayed as written: no check could see it",
+            exec.injections.join(", ")
+        )
+    })
+}
+
+fn write_plot(file: crate::output::AtomicFile, r: &KvReport) -> Result<(), String> {
     let c = &r.config;
     let title = format!(
         "{} — {} on {} / {}, {} blocks of {}",
         c.trace, c.engine, c.gpu, c.model, r.kv_blocks, c.block_size
     );
-    let svg = gpumem_sim::plot::kv_timeline_svg(&title, &r.series, r.kv_blocks - 1);
-    std::fs::write(path, svg).map_err(|e| format!("{}: cannot write the plot: {e}", path.display()))
+    let svg = gpumem_sim::plot::kv_timeline_svg(
+        &title,
+        &r.series,
+        r.kv_blocks - 1,
+        &r.pressure_periods,
+        c.pressure_thresholds,
+    );
+    file.write_all_and_commit(svg.as_bytes())
 }

@@ -363,45 +363,120 @@ fn plot_and_step_log_are_written_for_any_format() {
     assert_eq!(first["admitted"][0][0], "r0");
 }
 
-/// A trace read from a pipe (read once, lazily) gives the report the file gives; its format
-/// must be named (telling it would read the pipe).
+/// A trace read from a pipe (read once, lazily) gives the report the file gives, its format
+/// named or told from its first line (which the run then reads on from), as `-` or as
+/// `/dev/stdin`.
 #[test]
 fn a_pipe_is_a_trace_too() {
     let trace = mooncake_conversation();
-    let no_format = gpumem(&["kv", "--trace", "/dev/stdin", "--json"]);
-    assert_clean_error(&no_format, &["/dev/stdin", "give --format"]);
-    let args = [
-        "--format",
-        "mooncake",
-        "--limit",
-        "300",
-        "--kv-blocks",
-        "3000",
-        "--json",
-    ];
+    let args = ["--limit", "300", "--kv-blocks", "3000", "--json"];
     let mut from_file = vec!["kv", "--trace", trace.to_str().unwrap()];
     from_file.extend(args);
     let file = json_report(&from_file);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpumem"))
-        .args(["kv", "--trace", "-"])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    let bytes = std::fs::read(&trace).unwrap();
-    // gpumem stops reading after 300 requests: the rest of the write may find the pipe closed.
-    let writer = std::thread::spawn(move || {
-        let _ = std::io::Write::write_all(&mut pipe, &bytes);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut piped: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(piped["config"]["trace"], "-");
-    piped["config"]["trace"] = file["config"]["trace"].clone();
-    assert_eq!(piped, file);
     assert_eq!(file["requests"], 300);
+    let bytes = std::fs::read(&trace).unwrap();
+    for (name, format) in [("-", Some("mooncake")), ("-", None), ("/dev/stdin", None)] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gpumem"));
+        command.args(["kv", "--trace", name]).args(args);
+        if let Some(format) = format {
+            command.args(["--format", format]);
+        }
+        let mut child = command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = child.stdin.take().unwrap();
+        let bytes = bytes.clone();
+        // gpumem stops reading after 300 requests: the rest of the write may find the pipe
+        // closed.
+        let writer = std::thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut pipe, &bytes);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        assert!(out.status.success(), "{name} {format:?}: {}", stderr(&out));
+        let mut piped: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(piped["config"]["trace"], name.rsplit('/').next().unwrap());
+        piped["config"]["trace"] = file["config"]["trace"].clone();
+        assert_eq!(piped, file, "{name} {format:?}");
+    }
+}
+
+#[test]
+fn vllms_own_flag_spellings_are_accepted() {
+    let base = ["kv", "--limit", "30", "--json"];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        json_report(&args)
+    };
+    let plain = with(&[]);
+    let off = with(&["--no-prefix-caching"]);
+    assert_eq!(with(&["--no-enable-prefix-caching"]), off);
+    assert_eq!(with(&["--enable-prefix-caching"]), plain);
+    // The last of the two wins, as vLLM's argparse does.
+    assert_eq!(
+        with(&["--no-enable-prefix-caching", "--enable-prefix-caching"]),
+        plain
+    );
+    assert_eq!(
+        with(&["--num-gpu-blocks-override", "500"]),
+        with(&["--kv-blocks", "500"])
+    );
+    assert_eq!(plain["config"]["scheduling_policy"], "fcfs");
+}
+
+#[test]
+fn flags_without_effect_are_refused_and_the_policy_is_shown() {
+    assert_clean_error(
+        &gpumem(&["kv", "--bytes-per-block", "4KiB"]),
+        &["--bytes-per-block needs --execute"],
+    );
+    let conv = mooncake_conversation();
+    let priority = [
+        "kv",
+        "--trace",
+        conv.to_str().unwrap(),
+        "--scheduling-policy",
+        "priority",
+    ];
+    assert_clean_error(&gpumem(&priority), &["only the conformance format carries"]);
+    let text = stdout(&gpumem(&["kv", "--limit", "10"]));
+    assert!(text.contains("scheduler     fcfs,"), "{text}");
+}
+
+#[test]
+fn a_refused_run_leaves_an_existing_step_log_alone() {
+    let dir = scratch_dir();
+    let log = dir.join("steps.jsonl");
+    std::fs::write(&log, "a log from an earlier run\n").unwrap();
+    let out = gpumem(&[
+        "kv",
+        "--max-num-seqs",
+        "0",
+        "--step-log",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "a log from an earlier run\n"
+    );
+    // No temporary file stays behind.
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    // A completed run replaces it.
+    let ok = gpumem(&["kv", "--limit", "5", "--step-log", log.to_str().unwrap()]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .starts_with("{\"step\":"));
+    // An output that cannot be written is found before the run.
+    let unwritable = gpumem(&["kv", "--limit", "5", "--plot", "/nonexistent/kv.svg"]);
+    assert_clean_error(&unwritable, &["/nonexistent/kv.svg", "cannot write here"]);
 }

@@ -69,3 +69,20 @@ fn a_hit_on_corrupted_bytes_is_caught_and_not_counted() {
         "a refused hit changes the decisions"
     );
 }
+
+#[test]
+fn an_injected_corruption_is_never_lost_to_a_rewrite() {
+    // Blocks fill token by token and are written again as they do: a corruption of a block
+    // that is rewritten before anything reads it moves on to the next block written, so every
+    // N is caught by a read or by the final check.
+    for n in ["2", "7", "20"] {
+        let (code, r) = run(&["--inject", &format!("corrupt-block:{n}")]);
+        assert_eq!(code, Some(1), "corrupt-block:{n} must be caught");
+        let e = &r["execution"];
+        assert_eq!(e["injected_corruptions"], 1, "{e}");
+        assert!(
+            r["mismatches"].as_u64().unwrap() > 0,
+            "corrupt-block:{n}: {e}"
+        );
+    }
+}

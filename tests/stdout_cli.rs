@@ -44,6 +44,8 @@ fn commands() -> Vec<Vec<String>> {
         vec!["kv-events".into(), kv_events_fixture()],
         vec!["kv-events".into(), kv_events_fixture(), "--json".into()],
         vec!["alloc".into(), "--print-spec".into()],
+        vec!["kv".into(), "--limit".into(), "50".into()],
+        vec!["kv".into(), "--limit".into(), "50".into(), "--json".into()],
     ]
 }
 

@@ -127,6 +127,9 @@ pub struct ExecReport {
     pub injected_refusals: u64,
     pub injected_corruptions: u64,
     pub injected_transfer_corruptions: u64,
+    /// Corruptions of content blocks written again before anything read them: each moved on
+    /// to the next block written, so that a check can see it.
+    pub injections_moved_on: u64,
     /// The injections as resolved for this run, e.g. `corrupt-block:17`.
     pub injections: Vec<String>,
     pub reserved_bytes_peak: u64,
@@ -174,6 +177,7 @@ struct Stats {
     injected_refusals: u64,
     injected_corruptions: u64,
     injected_transfer_corruptions: u64,
+    injections_moved_on: u64,
     resident_start: Option<u64>,
     resident_peak: Option<u64>,
     resident_gap_max: Option<u64>,
@@ -192,6 +196,9 @@ pub struct DeviceExecutor<D: Device> {
     /// Content blocks (written by `WriteKv`, or the destination of a `Transfer`): (segment,
     /// offset) → (bytes, content), never overlapping; re-checked at checkpoints.
     contents: BTreeMap<(SegmentId, u64), (u64, u64)>,
+    /// A content block corrupted by injection that no check has read yet: if it is written
+    /// again first, the corruption is gone unseen and moves on to the next block written.
+    unread_corruption: Option<(SegmentId, u64)>,
     faults: Faults,
     stats: Stats,
 }
@@ -212,6 +219,7 @@ impl<D: Device> DeviceExecutor<D> {
             bases: BTreeMap::new(),
             placed: BTreeMap::new(),
             contents: BTreeMap::new(),
+            unread_corruption: None,
             faults: Faults::new(faults, seed),
             stats: Stats::default(),
         };
@@ -282,6 +290,7 @@ impl<D: Device> DeviceExecutor<D> {
             injected_refusals: s.injected_refusals,
             injected_corruptions: s.injected_corruptions,
             injected_transfer_corruptions: s.injected_transfer_corruptions,
+            injections_moved_on: s.injections_moved_on,
             injections: self.faults.plan.clone(),
             reserved_bytes_peak: self.ledger.books.reserved_bytes_peak(),
             allocated_bytes_peak: self.ledger.books.allocated_bytes_peak,
@@ -336,6 +345,9 @@ impl<D: Device> DeviceExecutor<D> {
                     self.device.name()
                 )
             });
+        if result.mismatched_bytes > 0 && self.unread_corruption == Some((at.segment, at.offset)) {
+            self.unread_corruption = None;
+        }
         let s = &mut self.stats;
         s.verifications += 1;
         s.bytes_verified += bytes;
@@ -633,6 +645,13 @@ impl<D: Device> DeviceExecutor<D> {
             .collect();
         for k in gone {
             self.contents.remove(&k);
+            if self.unread_corruption == Some(k) {
+                // Overwritten before anything read it: no check could ever see it.
+                self.unread_corruption = None;
+                self.stats.injected_corruptions -= 1;
+                self.stats.injections_moved_on += 1;
+                self.faults.rearm(Candidate::Write);
+            }
         }
     }
 
@@ -647,6 +666,9 @@ impl<D: Device> DeviceExecutor<D> {
                 .corrupt(base, offset + byte)
                 .unwrap_or_else(|e| self.fail(d, e));
             self.stats.injected_corruptions += 1;
+            if let Decision::WriteKv { at, .. } = *d {
+                self.unread_corruption = Some((at.segment, at.offset));
+            }
         }
     }
 

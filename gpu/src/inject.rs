@@ -148,6 +148,12 @@ impl Faults {
         }
     }
 
+    /// Moves a fault of `kind` that came to nothing on to the next candidate of that kind.
+    pub(crate) fn rearm(&mut self, kind: Candidate) {
+        let i = kind as usize;
+        self.hits[i].insert(self.seen[i] + 1);
+    }
+
     /// Counts one more candidate of `kind`; whether a fault hits it.
     pub(crate) fn next(&mut self, kind: Candidate) -> bool {
         let i = kind as usize;
