@@ -10,12 +10,13 @@ use clap::Args;
 use gpumem_core::buffers::SizesChoice;
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
 use gpumem_sim::monitor::Thresholds;
+use gpumem_core::kv::offload::OffloadPolicyKind;
 use gpumem_sim::serve::{
-    kv_sizing, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
+    kv_sizing, OffloadEngineConfig, OffloadInfo, TransferTiming, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
     ModelProfile, RunInfo, SchedulingPolicy, ServeError, TooLongPrompt,
 };
 use gpumem_sim::spec::{
-    CostSpec, Engine, ExecuteDevice, Fraction, KvExecuteSpec, KvResolved, KvSpec, KvTraceSpec,
+    CostSpec, Engine, ExecuteDevice, Fraction, KvOffloadSpec, KvExecuteSpec, KvResolved, KvSpec, KvTraceSpec,
     Named, ProfileSpec, RunSpec,
 };
 use gpumem_sim::{AllocCostModel, SimExecutor};
@@ -172,6 +173,36 @@ pub struct KvArgs {
     #[arg(long, value_name = "vllm|auto|LIST", default_value = "vllm", value_parser = SizesChoice::parse)]
     cudagraph_sizes: SizesChoice,
 
+    /// A CPU tier under the KV pool, vLLM's OffloadingConnector (`--kv-offloading-backend
+    /// native`) with N CPU blocks of --offload-block-size tokens (the conformance config's
+    /// offload_cpu_blocks): finished prompts' blocks are copied there, and a later prompt
+    /// with the same prefix loads them back instead of recomputing.
+    #[arg(long, value_name = "N", conflicts_with = "kv_offloading_size")]
+    cpu_offload_blocks: Option<u64>,
+
+    /// The CPU tier sized as vLLM sizes it: GIB GiB of host memory (vLLM's flag; a size such
+    /// as 512MiB also works) in CPU blocks of the model's KV, each rounded up to 4 KiB.
+    #[arg(long, value_name = "GIB", value_parser = parse_gib)]
+    kv_offloading_size: Option<u64>,
+
+    /// Tokens per CPU block: a multiple of --block-size [default: --block-size].
+    #[arg(long, value_name = "TOKENS")]
+    offload_block_size: Option<u64>,
+
+    /// Which CPU block the full tier drops: lru (vLLM's default) or arc.
+    #[arg(long, value_name = "lru|arc", value_parser = OffloadPolicyKind::parse)]
+    offload_policy: Option<OffloadPolicyKind>,
+
+    /// With --cost fixed:STEP_US: a copy between the GPU and the CPU tier completes K engine
+    /// steps after it starts (the conformance oracle's copy engine) [default: 0]. With the
+    /// roofline cost a copy takes the GPU's host link's time for its bytes.
+    #[arg(long, value_name = "K")]
+    offload_latency_steps: Option<u64>,
+
+    /// Offload generated tokens too, not only the prompt's (vLLM's offload_prompt_only: false).
+    #[arg(long)]
+    offload_all_tokens: bool,
+
     /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -201,6 +232,55 @@ pub struct KvArgs {
 
 fn parse_format(s: &str) -> Result<WorkloadFormat, String> {
     WorkloadFormat::from_name(s)
+}
+
+/// vLLM's `--kv-offloading-size`: a number of GiB, or a size with its unit.
+fn parse_gib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '_') {
+        crate::units::parse_bytes(&format!("{t}GiB"))
+    } else {
+        crate::units::parse_bytes(t)
+    }
+}
+
+/// The CPU tier the flags ask for, or why they cannot.
+fn offload_spec(args: &KvArgs) -> Result<Option<KvOffloadSpec>, String> {
+    let tier_flags = [
+        ("--offload-block-size", args.offload_block_size.is_some()),
+        ("--offload-policy", args.offload_policy.is_some()),
+        ("--offload-latency-steps", args.offload_latency_steps.is_some()),
+        ("--offload-all-tokens", args.offload_all_tokens),
+    ];
+    let bytes = args.kv_offloading_size;
+    let cpu_blocks = match (args.cpu_offload_blocks, bytes) {
+        (Some(n), _) => n,
+        (None, Some(bytes)) => {
+            let model = ModelProfile::resolve(&args.model)?;
+            let per_block = model.kv_bytes_per_token().saturating_mul(args.block_size);
+            let tokens = args.offload_block_size.unwrap_or(args.block_size);
+            let blocks_per_chunk = tokens / args.block_size.max(1);
+            bytes / gpumem_sim::spec::offload_chunk_bytes(per_block, blocks_per_chunk.max(1))
+        }
+        (None, None) => {
+            let given: Vec<&str> = tier_flags.iter().filter(|f| f.1).map(|f| f.0).collect();
+            if !given.is_empty() {
+                return Err(format!(
+                    "{} needs a CPU tier: give --cpu-offload-blocks N or --kv-offloading-size GIB",
+                    given.join(", ")
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    Ok(Some(KvOffloadSpec {
+        cpu_offload_blocks: cpu_blocks,
+        kv_offloading_bytes: bytes,
+        offload_block_size: args.offload_block_size.unwrap_or(args.block_size),
+        offload_policy: args.offload_policy.unwrap_or_default(),
+        offload_latency_steps: args.offload_latency_steps.unwrap_or(0),
+        offload_all_tokens: args.offload_all_tokens,
+    }))
 }
 
 fn parse_eviction(s: &str) -> Result<EvictionKind, String> {
@@ -281,6 +361,7 @@ fn spec_from_args(args: &KvArgs) -> Result<(KvSpec, Option<OpenedTrace>), String
         pressure_thresholds: args.pressure_thresholds,
         cudagraph_sizes: args.cudagraph_sizes.clone(),
         execute,
+        cpu_offload: offload_spec(args)?,
         step_log: args.step_log.clone(),
         plot: args.plot.clone(),
     };
@@ -398,6 +479,25 @@ fn run_opened(
     opened: Option<OpenedTrace>,
 ) -> Result<ExitCode, String> {
     let KvResolved { gpu, model, sizing } = &checked.resolved;
+    let kv_bytes_per_block = model.kv_bytes_per_token().saturating_mul(spec.block_size);
+    let offload = match &spec.cpu_offload {
+        Some(o) => Some(OffloadEngineConfig {
+            cpu_blocks: o.cpu_offload_blocks as u32,
+            block_size: o.offload_block_size as u32,
+            policy: o.offload_policy,
+            prompt_only: !o.offload_all_tokens,
+            timing: match spec.cost {
+                CostSpec::Fixed { .. } => TransferTiming::Steps {
+                    latency: o.offload_latency_steps,
+                },
+                CostSpec::Roofline => TransferTiming::Link {
+                    link: gpu.links()?.host_pinned,
+                    block_bytes: kv_bytes_per_block,
+                },
+            },
+        }),
+        None => None,
+    };
     let engine = EngineConfig {
         num_gpu_blocks: spec.kv_blocks as u32,
         block_size: spec.block_size as u32,
@@ -409,7 +509,7 @@ fn run_opened(
         eviction: spec.eviction,
         watermark_blocks: 0,
         policy: spec.scheduling_policy,
-        offload: None,
+        offload,
     };
     let profile_name = |name: &str| {
         if spec.uses_profiles() {
@@ -445,6 +545,21 @@ fn run_opened(
         pressure_thresholds: spec.pressure_thresholds,
         cudagraph_sizes: spec.cudagraph_sizes.clone(),
         cudagraph_bytes_per_graph: model.cudagraph_bytes_per_graph,
+        cpu_offload: spec.cpu_offload.as_ref().map(|o| OffloadInfo {
+            cpu_blocks: o.cpu_offload_blocks,
+            offload_block_size: o.offload_block_size,
+            offload_policy: o.offload_policy,
+            offload_latency_steps: matches!(spec.cost, CostSpec::Fixed { .. })
+                .then_some(o.offload_latency_steps),
+            offload_all_tokens: o.offload_all_tokens,
+            kv_bytes_per_block,
+            cpu_bytes: o.cpu_offload_blocks.saturating_mul(
+                gpumem_sim::spec::offload_chunk_bytes(
+                    kv_bytes_per_block,
+                    o.offload_block_size / spec.block_size,
+                ),
+            ),
+        }),
     };
     let report = match simulate_with_step_log(&source, engine, &info, spec)? {
         Ok(r) => r,

@@ -40,7 +40,7 @@ pub use driver::{drive, DriveOptions, OffloadSummary, RunSummary};
 pub use error::ServeError;
 pub use gpumem_traces::TraceError;
 pub use profile::{kv_sizing, GpuProfile, KvSizing, ModelProfile};
-pub use report::{KvReport, Percentiles, RunInfo, TimelinePoint};
+pub use report::{KvReport, OffloadInfo, OffloadReport, Percentiles, RunInfo, TimelinePoint};
 pub use simulate::{simulate, simulate_on};
 pub use step::{Now, StepRecord};
 pub use step_log::StepLogWriter;

@@ -2,10 +2,12 @@ use std::path::PathBuf;
 
 use gpumem_core::alloc::Strategy as AllocStrategy;
 use gpumem_core::kv::eviction::EvictionKind;
+use gpumem_core::kv::offload::OffloadPolicyKind;
 use gpumem_traces::serving::WorkloadFormat;
 use proptest::prelude::*;
 
 use super::{
+    KvOffloadSpec,
     AllocExecuteSpec, AllocSpec, AllocTraceSpec, CostSpec, Engine, ExecuteDevice, Fraction,
     KvExecuteSpec, KvSpec, KvTraceSpec, Named, ProfileSpec, RunSpec, MAX_SPEC_BYTES,
 };
@@ -217,6 +219,24 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
             inject,
         },
     ));
+    let cpu_offload = proptest::option::of(
+        (
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            pick::<OffloadPolicyKind>(),
+            any::<u64>(),
+            any::<bool>(),
+        )
+            .prop_map(|(blocks, bytes, size, policy, latency, all)| KvOffloadSpec {
+                cpu_offload_blocks: blocks,
+                kv_offloading_bytes: bytes,
+                offload_block_size: size,
+                offload_policy: policy,
+                offload_latency_steps: latency,
+                offload_all_tokens: all,
+            }),
+    );
     (
         (kv_trace(), any::<u64>(), gpu(), model()),
         (
@@ -233,6 +253,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
         (thresholds(), cudagraph_sizes()),
         (
             execute,
+            cpu_offload,
             proptest::option::of(path()),
             proptest::option::of(path()),
         ),
@@ -243,7 +264,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
                 (kv_blocks, gpu_memory_utilization, n),
                 (cost, eviction, prefix_caching, scheduling_policy),
                 (pressure_thresholds, cudagraph_sizes),
-                (execute, step_log, plot),
+                (execute, cpu_offload, step_log, plot),
             )| KvSpec {
                 trace,
                 seed,
@@ -263,6 +284,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
                 pressure_thresholds,
                 cudagraph_sizes,
                 execute,
+                cpu_offload,
                 step_log,
                 plot,
             },
@@ -309,6 +331,7 @@ fn kv_text() -> String {
         pressure_thresholds: Thresholds::default(),
         cudagraph_sizes: SizesChoice::Vllm,
         execute: None,
+        cpu_offload: None,
         step_log: None,
         plot: None,
     }))
