@@ -10,7 +10,9 @@ use clap::Args;
 use gpumem_core::buffers::SizesChoice;
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
 use gpumem_sim::monitor::Thresholds;
+use gpumem_core::books::Books;
 use gpumem_core::kv::offload::OffloadPolicyKind;
+use gpumem_core::place::{Place, Tier};
 use gpumem_sim::serve::{
     kv_sizing, OffloadEngineConfig, OffloadInfo, TransferTiming, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
     ModelProfile, RunInfo, SchedulingPolicy, ServeError, TooLongPrompt,
@@ -462,6 +464,15 @@ pub fn check(spec: &KvSpec) -> Result<Checked, String> {
         Some(e) => crate::alloc_cmd::parse_faults(&e.inject)?,
         None => Vec::new(),
     };
+    let offload_fault = faults
+        .iter()
+        .any(|f| matches!(f, Inject::CorruptOffload { .. }));
+    if offload_fault && spec.cpu_offload.is_none() {
+        return Err(
+            "--inject corrupt-offload needs a CPU tier (--cpu-offload-blocks or --kv-offloading-size): it corrupts a copy stored there"
+                .into(),
+        );
+    }
     Ok(Checked { resolved, faults })
 }
 
@@ -780,17 +791,32 @@ fn execute_on_device(
         )
     };
     let capacity = (engine.num_gpu_blocks as u64).saturating_mul(block_bytes);
-    let mut sim = SimExecutor::new(capacity, AllocCostModel::default());
+    // The CPU tier's pinned host memory, and room to stage a pool's worth of finished
+    // requests' blocks until their stores run.
+    let pinned = engine.offload.map(|o| {
+        (o.cpu_blocks as u64)
+            .saturating_mul((o.block_size / engine.block_size.max(1)) as u64)
+            .saturating_mul(block_bytes)
+            .saturating_add(capacity)
+    });
+    let books = || match pinned {
+        Some(pinned) => Books::with_places(&[
+            (Place::GPU0, capacity),
+            (Place::new(0, Tier::PinnedHost), pinned),
+        ]),
+        None => Books::new(capacity),
+    };
+    let mut sim = SimExecutor::with_books(books(), AllocCostModel::default(), GpuProfile::default_links());
     let simulated = run(&mut sim).map_err(|e| e.to_string())?;
     let executed = match execute.device {
         ExecuteDevice::Host => {
-            let mut exec = DeviceExecutor::new(HostDevice::new(), capacity, faults, seed);
+            let mut exec = DeviceExecutor::with_books(HostDevice::new(), books(), faults, seed);
             let r = run(&mut exec).map_err(|e| e.to_string())?;
             (r, exec.finish())
         }
         ExecuteDevice::Cuda => {
             let cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
-            let mut exec = DeviceExecutor::new(cuda, capacity, faults, seed);
+            let mut exec = DeviceExecutor::with_books(cuda, books(), faults, seed);
             let r = run(&mut exec).map_err(|e| e.to_string())?;
             (r, exec.finish())
         }
@@ -850,6 +876,20 @@ fn report_execution(
             reads.0,
             reads.1 as f64 / reads.0.max(1) as f64
         ));
+        if let Some(o) = &executed.cpu_offload {
+            let copies = exec
+                .timings
+                .iter()
+                .find(|t| t.kind == "transfer")
+                .map_or((0, 0), |t| (t.count, t.measured_ns_total));
+            text.push_str(&format!(
+                "  {} block copies between the GPU and the CPU tier, {:.0} ns each, checked at both ends; {} loads and {} stores refused\n",
+                copies.0,
+                copies.1 as f64 / copies.0.max(1) as f64,
+                o.loads_refused,
+                o.stores_refused
+            ));
+        }
         if exec.injections_moved_on > 0 {
             text.push_str(&format!(
                 "  the injected corruption moved on {} times: the blocks it hit were written again before anything read them\n",
@@ -872,7 +912,8 @@ fn report_execution(
 /// A sentence when an injected corruption was never seen (no check found a wrong byte), which
 /// only a run that ends with its corrupted block rewritten can give.
 pub fn unseen_injection(exec: &ExecReport) -> Option<String> {
-    let injected = exec.injected_corruptions + exec.injections_moved_on;
+    let injected =
+        exec.injected_corruptions + exec.injected_offload_corruptions + exec.injections_moved_on;
     (injected > 0 && exec.mismatches == 0).then(|| {
         format!(
             "the injected {} found no block that stayed as written: no check could see it",
