@@ -7,19 +7,20 @@ use std::process::ExitCode;
 use std::rc::Rc;
 
 use clap::Args;
-use gpumem_core::buffers::SizesChoice;
-use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
-use gpumem_sim::monitor::Thresholds;
 use gpumem_core::books::Books;
+use gpumem_core::buffers::SizesChoice;
 use gpumem_core::kv::offload::OffloadPolicyKind;
 use gpumem_core::place::{Place, Tier};
+use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
+use gpumem_sim::monitor::Thresholds;
 use gpumem_sim::serve::{
-    kv_sizing, OffloadEngineConfig, OffloadInfo, TransferTiming, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
-    ModelProfile, RunInfo, SchedulingPolicy, ServeError, TooLongPrompt,
+    kv_sizing, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
+    ModelProfile, OffloadEngineConfig, OffloadInfo, RunInfo, SchedulingPolicy, ServeError,
+    TooLongPrompt, TransferTiming,
 };
 use gpumem_sim::spec::{
-    CostSpec, Engine, ExecuteDevice, Fraction, KvOffloadSpec, KvExecuteSpec, KvResolved, KvSpec, KvTraceSpec,
-    Named, ProfileSpec, RunSpec,
+    CostSpec, Engine, ExecuteDevice, Fraction, KvExecuteSpec, KvOffloadSpec, KvResolved, KvSpec,
+    KvTraceSpec, Named, ProfileSpec, RunSpec,
 };
 use gpumem_sim::{AllocCostModel, SimExecutor};
 use gpumem_traces::serving::generate::{serving_source, ServingParams, ServingRequests};
@@ -239,7 +240,10 @@ fn parse_format(s: &str) -> Result<WorkloadFormat, String> {
 /// vLLM's `--kv-offloading-size`: a number of GiB, or a size with its unit.
 fn parse_gib(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '_') {
+    if !t.is_empty()
+        && t.chars()
+            .all(|c| c.is_ascii_digit() || c == '.' || c == '_')
+    {
         crate::units::parse_bytes(&format!("{t}GiB"))
     } else {
         crate::units::parse_bytes(t)
@@ -251,7 +255,10 @@ fn offload_spec(args: &KvArgs) -> Result<Option<KvOffloadSpec>, String> {
     let tier_flags = [
         ("--offload-block-size", args.offload_block_size.is_some()),
         ("--offload-policy", args.offload_policy.is_some()),
-        ("--offload-latency-steps", args.offload_latency_steps.is_some()),
+        (
+            "--offload-latency-steps",
+            args.offload_latency_steps.is_some(),
+        ),
         ("--offload-all-tokens", args.offload_all_tokens),
     ];
     let bytes = args.kv_offloading_size;
@@ -564,12 +571,12 @@ fn run_opened(
                 .then_some(o.offload_latency_steps),
             offload_all_tokens: o.offload_all_tokens,
             kv_bytes_per_block,
-            cpu_bytes: o.cpu_offload_blocks.saturating_mul(
-                gpumem_sim::spec::offload_chunk_bytes(
+            cpu_bytes: o
+                .cpu_offload_blocks
+                .saturating_mul(gpumem_sim::spec::offload_chunk_bytes(
                     kv_bytes_per_block,
                     o.offload_block_size / spec.block_size,
-                ),
-            ),
+                )),
         }),
     };
     let report = match simulate_with_step_log(&source, engine, &info, spec)? {
@@ -806,7 +813,11 @@ fn execute_on_device(
         ]),
         None => Books::new(capacity),
     };
-    let mut sim = SimExecutor::with_books(books(), AllocCostModel::default(), GpuProfile::default_links());
+    let mut sim = SimExecutor::with_books(
+        books(),
+        AllocCostModel::default(),
+        GpuProfile::default_links(),
+    );
     let simulated = run(&mut sim).map_err(|e| e.to_string())?;
     let executed = match execute.device {
         ExecuteDevice::Host => {

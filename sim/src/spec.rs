@@ -750,8 +750,7 @@ impl KvOffloadSpec {
         if self.offload_block_size > MAX_MODEL_LEN {
             return Err(format!(
                 "offload_block_size {} exceeds gpumem's limit of {}",
-                self.offload_block_size,
-                MAX_MODEL_LEN
+                self.offload_block_size, MAX_MODEL_LEN
             ));
         }
         if let Some(bytes) = self.kv_offloading_bytes {

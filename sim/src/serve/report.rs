@@ -390,7 +390,11 @@ pub fn render_text(r: &KvReport) -> String {
                 o.offload_block_size,
                 human_bytes(o.cpu_bytes),
                 o.offload_policy.name(),
-                if o.offload_all_tokens { "all" } else { "prompt" },
+                if o.offload_all_tokens {
+                    "all"
+                } else {
+                    "prompt"
+                },
                 match o.offload_latency_steps {
                     Some(k) => format!("{k} steps"),
                     None => "at the host link's speed".into(),

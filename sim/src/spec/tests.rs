@@ -7,9 +7,8 @@ use gpumem_traces::serving::WorkloadFormat;
 use proptest::prelude::*;
 
 use super::{
-    KvOffloadSpec,
     AllocExecuteSpec, AllocSpec, AllocTraceSpec, CostSpec, Engine, ExecuteDevice, Fraction,
-    KvExecuteSpec, KvSpec, KvTraceSpec, Named, ProfileSpec, RunSpec, MAX_SPEC_BYTES,
+    KvExecuteSpec, KvOffloadSpec, KvSpec, KvTraceSpec, Named, ProfileSpec, RunSpec, MAX_SPEC_BYTES,
 };
 use crate::alloc_replay::DefragMode;
 use crate::monitor::Thresholds;
@@ -228,14 +227,16 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
             any::<u64>(),
             any::<bool>(),
         )
-            .prop_map(|(blocks, bytes, size, policy, latency, all)| KvOffloadSpec {
-                cpu_offload_blocks: blocks,
-                kv_offloading_bytes: bytes,
-                offload_block_size: size,
-                offload_policy: policy,
-                offload_latency_steps: latency,
-                offload_all_tokens: all,
-            }),
+            .prop_map(
+                |(blocks, bytes, size, policy, latency, all)| KvOffloadSpec {
+                    cpu_offload_blocks: blocks,
+                    kv_offloading_bytes: bytes,
+                    offload_block_size: size,
+                    offload_policy: policy,
+                    offload_latency_steps: latency,
+                    offload_all_tokens: all,
+                },
+            ),
     );
     (
         (kv_trace(), any::<u64>(), gpu(), model()),
