@@ -178,6 +178,9 @@ impl KvCacheManager<'_, VllmLru> {
     }
 }
 
+/// Where a placed pool lives and the executor it is carried out on.
+pub type PlacedExecutor<'a> = (KvPlacement, &'a mut dyn Executor);
+
 impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
     pub fn with_policy(config: KvConfig, policy: P) -> Self {
         assert!(config.block_size > 0, "block size 0");
@@ -504,9 +507,7 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
 
     /// Every request's block table (by request index) beside the executor the pool is placed
     /// on, if any: what a connector reads and writes through at once.
-    pub fn tables_and_executor(
-        &mut self,
-    ) -> (&[Vec<BlockId>], Option<(KvPlacement, &mut dyn Executor)>) {
+    pub fn tables_and_executor(&mut self) -> (&[Vec<BlockId>], Option<PlacedExecutor<'_>>) {
         let exec = self
             .placed
             .as_mut()
