@@ -56,7 +56,7 @@ impl OffloadEngineConfig {
                 "offload_cpu_blocks and offload_block_size must be positive".into(),
             ));
         }
-        if gpu_block_size > 0 && self.block_size % gpu_block_size != 0 {
+        if gpu_block_size > 0 && !self.block_size.is_multiple_of(gpu_block_size) {
             return Err(ServeError::Input(format!(
                 "offload_block_size {} is not a multiple of block_size {gpu_block_size}: vLLM's OffloadingConnector rejects this (kv_connector_extra_config 'block_size' must be a multiple of the GPU KV cache block size)",
                 self.block_size
