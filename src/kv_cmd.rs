@@ -64,6 +64,9 @@ What the report means:
   end to end        arrival to the last token
   throughput        prompt + generated tokens per second of simulated time
   KV usage peak     most blocks in use at the end of a step
+  CPU tier          with --cpu-offload-blocks or --kv-offloading-size (vLLM's OffloadingConnector):
+                    prompt tokens loaded back from the tier at admission (cpu_hit_tokens), CPU
+                    blocks stored, loaded and evicted, and the bytes copied each way
   digest            names the engine's decision stream: equal inputs, equal digest
 Percentiles are nearest-rank. Time is simulated: the cost model (fixed:STEP_US, or roofline
 from the GPU's FLOP/s and bandwidth and the model's size) decides how long each step takes.
