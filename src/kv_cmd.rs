@@ -226,7 +226,8 @@ pub struct KvArgs {
     bytes_per_block: Option<u64>,
 
     /// With --execute: `corrupt-block[:N]` flips a byte of the N-th KV block written, to prove
-    /// a prefix hit on wrong bytes is caught and not counted.
+    /// a prefix hit on wrong bytes is caught and not counted; `corrupt-offload[:N]` one of the
+    /// N-th copy stored in the CPU tier, to prove a load of wrong bytes is refused.
     #[arg(long, value_name = "FAULT")]
     inject: Vec<String>,
 
