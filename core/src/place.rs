@@ -150,6 +150,8 @@ pub enum Owner {
     Scratch,
     /// The two tiers of a [`crate::tiers::TierCache`] (items swapped between GPU and host).
     TierCache,
+    /// Runtime memory of a sleeping engine (vLLM's `runtime` tag: workspaces, activations).
+    Runtime,
 }
 
 impl Owner {
@@ -162,6 +164,7 @@ impl Owner {
             Owner::GraphBuffers => "graph-buffers",
             Owner::Scratch => "scratch",
             Owner::TierCache => "tier-cache",
+            Owner::Runtime => "runtime",
         }
     }
 
@@ -205,6 +208,7 @@ mod tests {
                     Owner::KvOffload,
                     Owner::Scratch,
                     Owner::TierCache,
+                    Owner::Runtime,
                 ] {
                     for index in [0u32, 1, u32::MAX] {
                         assert!(seen.insert(pack(Place::new(device, tier), owner, index)));

@@ -6,6 +6,7 @@
 pub mod alloc_replay;
 pub mod cluster;
 pub mod executor;
+pub mod models;
 pub mod monitor;
 pub mod plan;
 pub mod plot;
