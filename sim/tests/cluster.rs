@@ -81,6 +81,7 @@ fn config() -> impl Strategy<Value = EngineConfig> {
                 eviction: EvictionKind::Lru,
                 watermark_blocks: 0,
                 policy: SchedulingPolicy::Fcfs,
+                offload: None,
             },
         )
 }
@@ -177,6 +178,7 @@ fn generated(requests: u64) -> (Workload, EngineConfig) {
         eviction: EvictionKind::Lru,
         watermark_blocks: 0,
         policy: SchedulingPolicy::Fcfs,
+        offload: None,
     };
     (w, cfg)
 }
