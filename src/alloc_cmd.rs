@@ -9,6 +9,7 @@ use gpumem_gpu::{
     check_room, CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject, Scaled,
 };
 use gpumem_sim::alloc_replay::{simulate_all, AllocReport};
+use gpumem_sim::monitor::Thresholds;
 use gpumem_sim::report::render_table;
 use gpumem_sim::spec::{AllocExecuteSpec, AllocSpec, AllocTraceSpec, ExecuteDevice, RunSpec};
 use gpumem_sim::{DefragMode, ReplayConfig};
@@ -79,11 +80,17 @@ pub struct AllocArgs {
     #[arg(long, value_enum, default_value_t = DefragArg::Off)]
     defrag: DefragArg,
 
+    /// Memory-pressure levels: warning at or above WARNING, critical at or above CRITICAL,
+    /// fractions of the capacity reserved (0 < WARNING < CRITICAL <= 1).
+    #[arg(long, value_name = "WARNING,CRITICAL", default_value = "0.75,0.9", value_parser = Thresholds::parse)]
+    pressure_thresholds: Thresholds,
+
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
 
-    /// Write reserved and allocated bytes over time as SVG, one colour per strategy.
+    /// Write reserved and allocated bytes over time as SVG, one colour per strategy, warning
+    /// and critical pressure shaded.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
 
@@ -207,6 +214,7 @@ fn spec_from_args(args: &AllocArgs) -> Result<AllocSpec, String> {
             DefragArg::OnFailure => DefragMode::OnFailure,
         },
         check: args.check,
+        pressure_thresholds: args.pressure_thresholds,
         execute,
         plot: args.plot.clone(),
         export_trace: args.export_trace.clone(),
@@ -230,6 +238,7 @@ pub fn check(spec: &AllocSpec) -> Result<Checked, String> {
     alloc.validate()?;
     let mut config = ReplayConfig::new(alloc);
     config.defrag = spec.defrag;
+    config.pressure = spec.pressure_thresholds;
     if spec.check {
         config.check_every_ops = 1;
     }
@@ -264,7 +273,7 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
     let report = simulate_all(&trace, strategies, config, &|s, n| {
         progress.update(s as usize, n)
     })
-    .map_err(|e| format!("{}:{e}", trace.name))?;
+    .map_err(|e| trace.error_at(e.line, e.reason).to_string())?;
     progress.finish();
     let executed = match &spec.execute {
         Some(execute) => Some(execute_all(
@@ -298,7 +307,12 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
             trace.name,
             gpumem_sim::report::human_bytes(config.alloc.capacity_bytes)
         );
-        let svg = gpumem_sim::plot::reserved_allocated_svg(&title, &report.results);
+        let svg = gpumem_sim::plot::reserved_allocated_svg(
+            &title,
+            &report.results,
+            config.alloc.capacity_bytes,
+            config.pressure,
+        );
         file.write_all_and_commit(svg.as_bytes())?;
     }
     let failed = executed.as_ref().is_some_and(|runs| {
@@ -425,7 +439,7 @@ impl Run<'_> {
         gpumem_sim::replay(self.trace, self.strategy, &config, &mut exec, &mut |done| {
             (self.progress)(done)
         })
-        .map_err(|e| format!("{}:{e}", self.trace.name))?;
+        .map_err(|e| self.trace.error_at(e.line, e.reason).to_string())?;
         Ok(exec.finish())
     }
 }
@@ -617,6 +631,27 @@ fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) 
                 if m.matches { " — a full match" } else { "" }
             ));
         }
+    }
+    out.push_str(&render_pressure(report, config));
+    out
+}
+
+/// Each strategy's memory pressure: reserved bytes against the capacity.
+fn render_pressure(report: &AllocReport, config: &ReplayConfig) -> String {
+    let mut out = format!(
+        "
+pressure (reserved bytes of the capacity; warning, critical at {}):
+",
+        config.pressure
+    );
+    let width = report.results.iter().map(|r| r.strategy.len()).max();
+    for r in &report.results {
+        out.push_str(&format!(
+            "  {:<w$}  {}\n",
+            r.strategy,
+            r.pressure.summary(),
+            w = width.unwrap_or(0)
+        ));
     }
     out
 }
