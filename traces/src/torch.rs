@@ -399,5 +399,8 @@ fn read_segments(
     Ok(out)
 }
 
+pub mod alloc_conf;
+pub mod recording;
+
 #[cfg(test)]
 mod tests;
