@@ -7,6 +7,7 @@ pub mod alloc_replay;
 pub mod executor;
 pub mod monitor;
 pub mod plot;
+pub mod recorded;
 pub mod report;
 pub mod serve;
 pub mod spec;

@@ -82,6 +82,18 @@ impl Caching {
         out
     }
 
+    /// The device address of `at` (a place this allocator handed out).
+    pub fn address_of(&self, at: Loc) -> Option<u64> {
+        let seg = self.segments.get(&at.segment.index)?;
+        Some(seg.address + at.offset)
+    }
+
+    /// Whether a block of `pool` cut to `size` bytes leaves a block of `remaining` bytes
+    /// (`should_split`): what tells the size of a block from its request.
+    pub fn would_split(&self, pool: SizePool, size: u64, remaining: u64) -> bool {
+        self.should_split(pool, size, remaining)
+    }
+
     /// The pool and stream of the segment (or mapped range) that holds `address`, if any.
     pub fn segment_at(&self, address: u64) -> Option<(PoolId, u32)> {
         let (&base, &id) = self.by_address.range(..=address).next_back()?;
