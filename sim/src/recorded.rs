@@ -18,16 +18,21 @@
 //!   its address at the end), the new segments taking the addresses of the segment events
 //!   recorded just before it; `free_requested` → the block waits for its stream
 //!   (`record_stream`); `free_completed` → the block returns to its pool. A run of
-//!   `segment_free` / `segment_unmap` is a release: `empty_cache` when no request follows it,
-//!   the OOM-retry release of the request it precedes otherwise (replayed as
-//!   `release_cached_blocks` before that request). Segment events are compared, never applied.
+//!   `segment_free` / `segment_unmap` is a release: the OOM-retry release of the request it
+//!   precedes when a reservation follows it in the run (or an `oom` follows), else an
+//!   `empty_cache`. A retry is replayed as that request with the
+//!   device refusing its first reservation (two with `max_split_size` when more than oversize
+//!   segments went); an `oom` is the request with every reservation refused, and the
+//!   simulation must fail it too. Segment events are compared, never applied.
 //! - **Comparison.** `events_matched` is the longest prefix of the recorded segment events the
 //!   simulation repeats (action, address, bytes, stream); `final_matched` the recorded final
 //!   segments the simulation holds too (address, bytes, stream, pool, size pool, expandable,
 //!   blocks' sizes and states).
 //!
-//! Not reproduced: `oom` (the device's free memory is not in the snapshot; counted), the
-//! oversize-only release of `max_split_size` before the retry, CUDA-graph capture boundaries.
+//! The device's free memory is not in a snapshot: refusals are taken from the recording, never
+//! modelled. Not reproduced: CUDA-graph capture boundaries (a private pool's requests are told
+//! by the pool of the segment that holds their address at the end), garbage collection (it needs
+//! a memory fraction, which a snapshot does not hold).
 
 use std::collections::BTreeMap;
 
@@ -133,6 +138,8 @@ struct Replay<'a> {
     caching: Caching,
     /// Restored blocks whose free was requested before the recording (`active_pending_free`).
     pending_at_start: Vec<AllocId>,
+    /// Segment events taken out of the allocator before [`Replay::drain`] collects them.
+    pending_events: Vec<SegmentEvent>,
     mem: Ledger,
     ids: BTreeMap<u64, AllocId>,
     next_id: u64,
@@ -178,6 +185,7 @@ fn replay_device(
         config: *config,
         caching,
         pending_at_start: Vec::new(),
+        pending_events: Vec::new(),
         mem: Ledger::new(Books::new(config.capacity_bytes)),
         ids: BTreeMap::new(),
         next_id: 0,
@@ -315,10 +323,18 @@ impl Replay<'_> {
                     }
                 }
                 Action::Segment(kind) if kind.releases() => {
-                    let at = ranges.range(..e.address).next_back().map(|(_, r)| *r);
                     let expandable = kind == SegmentEventKind::Unmap;
-                    let size_pool = match at {
-                        Some(r) if r.expandable && expandable => r.size_pool,
+                    let end = e.address.saturating_add(e.bytes);
+                    // Unmapped pages belong with the mapped range they touch; alone, their size
+                    // tells the page (20 MiB large, else 2 MiB small).
+                    let before = ranges.range(..e.address).next_back().map(|(_, r)| *r);
+                    let touching = before
+                        .filter(|r| r.end == e.address)
+                        .into_iter()
+                        .chain(ranges.get(&end).copied())
+                        .find(|r| r.expandable && r.stream == e.stream);
+                    let size_pool = match touching {
+                        Some(r) if expandable => r.size_pool,
                         _ if e.bytes == SizePool::Small.page_bytes() => SizePool::Small,
                         _ if expandable && e.bytes % SizePool::Large.page_bytes() != 0 => {
                             SizePool::Small
@@ -637,23 +653,46 @@ impl Replay<'_> {
 
     /// Replays the run of segment events `run` (releases) and the entry after it.
     fn settle(&mut self, run: &[RecordedEvent], next: Option<&RecordedEvent>) {
-        let release = run.iter().find(|e| match e.action {
-            Action::Segment(kind) => kind.releases(),
+        let releases: Vec<&RecordedEvent> = run
+            .iter()
+            .filter(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
+            .collect();
+        // A retry reserves after releasing (or fails: `oom`); releases with no reservation after
+        // them and no `oom` were an `empty_cache`, whatever request follows.
+        let reserves_after = run
+            .iter()
+            .skip_while(|e| !matches!(e.action, Action::Segment(kind) if kind.releases()))
+            .any(|e| matches!(e.action, Action::Segment(kind) if !kind.releases()));
+        let retry = match next {
+            Some(n) if n.action == Action::Oom => true,
+            Some(n) if n.action == Action::Alloc => reserves_after,
             _ => false,
-        });
-        if let Some(first) = release {
-            // Released by the request that follows (its OOM retry), else by `empty_cache`.
-            let entry = match next {
-                Some(n) if matches!(n.action, Action::Alloc | Action::Oom) => n.index,
-                _ => first.index,
-            };
+        };
+        let releases = if retry { releases } else { Vec::new() };
+        if let (Some(first), false) = (
+            run.iter()
+                .find(|e| matches!(e.action, Action::Segment(kind) if kind.releases())),
+            retry,
+        ) {
+            // No request behind the release: `empty_cache`.
             self.caching.empty_cache(&mut self.mem);
             self.out.releases_replayed += 1;
-            self.drain(entry);
+            self.drain(first.index);
         }
         let Some(e) = next else { return };
         match e.action {
-            Action::Alloc => self.alloc(run, e),
+            Action::Alloc => {
+                if retry {
+                    self.out.releases_replayed += 1;
+                }
+                self.alloc(run, e, retry);
+            }
+            Action::Oom => {
+                if !releases.is_empty() {
+                    self.out.releases_replayed += 1;
+                }
+                self.oom(e);
+            }
             Action::FreeRequested => {
                 if let Some(&id) = self.ids.get(&e.address) {
                     self.caching.free_requested(id);
@@ -666,12 +705,94 @@ impl Replay<'_> {
                 }
                 None => self.out.unknown_frees += 1,
             },
-            Action::Oom => self.out.ooms_recorded += 1,
             Action::Segment(_) | Action::Other => {}
         }
     }
 
-    fn alloc(&mut self, run: &[RecordedEvent], e: &RecordedEvent) {
+    /// A request whose retry released and reserved what `run` shows. How many reservations the
+    /// device refused is not recorded: one (then everything is released), or with
+    /// `max_split_size` one (only oversize blocks released) or two; and the releases may have been
+    /// an `empty_cache` just before the request. The first reading whose segment events are the
+    /// recorded ones is kept, else the first.
+    fn retry_alloc(
+        &mut self,
+        run: &[RecordedEvent],
+        req: AllocRequest,
+        pool: PoolId,
+    ) -> Result<gpumem_core::decision::Loc, gpumem_core::alloc::AllocError> {
+        let mut readings = vec![Some(1)];
+        if self.caching.settings().max_split_bytes.is_some() {
+            readings.push(Some(2));
+        }
+        readings.push(None);
+        let wanted: Vec<(SegmentEventKind, u64, u64)> = run
+            .iter()
+            .filter_map(|e| match e.action {
+                Action::Segment(kind) => Some((kind, e.address, e.bytes)),
+                _ => None,
+            })
+            .collect();
+        let mut first = None;
+        for reading in readings {
+            let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+            let at = match reading {
+                Some(refusals) => caching.alloc_refused(req, pool, refusals, &mut mem),
+                None => {
+                    caching.empty_cache(&mut mem);
+                    caching.alloc_in(req, pool, &mut mem)
+                }
+            };
+            let made: Vec<SegmentEvent> = caching.take_segment_events();
+            let same = made.len() == wanted.len()
+                && made
+                    .iter()
+                    .zip(&wanted)
+                    .all(|(m, w)| (m.kind, m.address, m.bytes) == *w);
+            let tried = (caching, mem, at, made);
+            if same {
+                first = Some(tried);
+                break;
+            }
+            first.get_or_insert(tried);
+        }
+        let (caching, mem, at, made) = first.expect("at least one reading");
+        self.caching = caching;
+        self.mem = mem;
+        self.pending_events = made;
+        self.forget_completed();
+        at
+    }
+
+    /// An `oom`: the request again, every reservation refused; the simulation must fail it
+    /// too (after the same releases).
+    fn oom(&mut self, e: &RecordedEvent) {
+        self.out.ooms_recorded += 1;
+        let id = AllocId(self.next_id);
+        self.next_id += 1;
+        let req = AllocRequest {
+            id,
+            bytes: e.bytes,
+            stream: e.stream,
+            pinned: false,
+        };
+        match self
+            .caching
+            .alloc_refused(req, DEFAULT_POOL, u32::MAX, &mut self.mem)
+        {
+            Ok(_) => self.caching.free(id, &mut self.mem),
+            Err(_) => self.out.ooms_simulated += 1,
+        }
+        self.forget_completed();
+        self.drain(e.index);
+    }
+
+    /// Frees `empty_cache` completed on the way (`synchronize_and_free_events`).
+    fn forget_completed(&mut self) {
+        let caching = &self.caching;
+        self.ids.retain(|_, id| caching.holds(*id));
+    }
+
+    fn alloc(&mut self, run: &[RecordedEvent], e: &RecordedEvent, retry: bool) {
         let pool = self.pool_at_end(e.address);
         let hints = run
             .iter()
@@ -701,7 +822,12 @@ impl Replay<'_> {
             pinned: false,
         };
         self.out.allocs += 1;
-        match self.caching.alloc_in(req, pool, &mut self.mem) {
+        let at = if retry {
+            self.retry_alloc(run, req, pool)
+        } else {
+            self.caching.alloc_in(req, pool, &mut self.mem)
+        };
+        match at {
             Ok(at) => {
                 self.ids.insert(e.address, id);
                 if self.caching.address_of(at) == Some(e.address) {
@@ -765,7 +891,8 @@ impl Replay<'_> {
 
     /// Collects the segment events the simulation made for trace entry `entry`.
     fn drain(&mut self, entry: u64) {
-        let made = self.caching.take_segment_events();
+        let mut made = std::mem::take(&mut self.pending_events);
+        made.extend(self.caching.take_segment_events());
         self.simulated
             .extend(made.into_iter().map(|event| Traced { event, entry }));
     }

@@ -294,6 +294,10 @@ pub struct Caching {
     hints: Vec<AddressHint>,
     /// Segment events since the last [`Caching::take_segment_events`], when recording.
     events: Option<Vec<SegmentEvent>>,
+    /// Reservations still to refuse as the device refused them in a recording (its free
+    /// memory is not recorded): [`Caching::alloc_refused`].
+    #[serde(default)]
+    refusals_left: u32,
 }
 
 impl Caching {
@@ -336,6 +340,7 @@ impl Caching {
             counters: Counters::default(),
             hints: Vec::new(),
             events: None,
+            refusals_left: 0,
         }
     }
 
@@ -389,6 +394,33 @@ impl Caching {
         pool_id: PoolId,
         mem: &mut dyn Executor,
     ) -> Result<Loc, AllocError> {
+        self.malloc(req, pool_id, true, mem)
+    }
+
+    /// `malloc` as a recording shows it when the device refused its first `refusals`
+    /// reservations (`u32::MAX`: all of them, an `oom`): the cache search had failed (or
+    /// there would have been no reservation to refuse), so it is not repeated; what follows —
+    /// the oversize release, `empty_cache` and the retry — runs as always.
+    pub fn alloc_refused(
+        &mut self,
+        req: AllocRequest,
+        pool_id: PoolId,
+        refusals: u32,
+        mem: &mut dyn Executor,
+    ) -> Result<Loc, AllocError> {
+        self.refusals_left = refusals;
+        let at = self.malloc(req, pool_id, false, mem);
+        self.refusals_left = 0;
+        at
+    }
+
+    fn malloc(
+        &mut self,
+        req: AllocRequest,
+        pool_id: PoolId,
+        search: bool,
+        mem: &mut dyn Executor,
+    ) -> Result<Loc, AllocError> {
         let slot = req.id.0 as usize;
         let taken = self.live.get(slot).is_some_and(Option::is_some);
         assert!(!taken, "{:?} allocated twice", req.id);
@@ -398,7 +430,7 @@ impl Caching {
                 rounded_bytes: req.bytes,
             });
         };
-        let Some(i) = self.find_or_reserve(p, mem) else {
+        let Some(i) = self.find_or_reserve(p, search, mem) else {
             self.counters.num_ooms += 1;
             return Err(AllocError::OutOfMemory {
                 rounded_bytes: p.size,
@@ -421,9 +453,11 @@ impl Caching {
 
     /// The search of `malloc`: a cached block, else new memory, else the same after releasing
     /// cached memory. The block found is in no index.
-    fn find_or_reserve(&mut self, p: Params, mem: &mut dyn Executor) -> Option<u32> {
-        if let Some(i) = self.get_free_block(p) {
-            return Some(i);
+    fn find_or_reserve(&mut self, p: Params, search: bool, mem: &mut dyn Executor) -> Option<u32> {
+        if search {
+            if let Some(i) = self.get_free_block(p) {
+                return Some(i);
+            }
         }
         if self.settings.collects_garbage() {
             self.garbage_collect_cached_blocks(mem);
@@ -566,6 +600,10 @@ impl Caching {
     fn alloc_block(&mut self, p: Params, retry: bool, mem: &mut dyn Executor) -> Option<u32> {
         if retry {
             self.counters.num_alloc_retries += 1;
+        }
+        if self.refusals_left > 0 {
+            self.refusals_left -= 1;
+            return None;
         }
         if let Some(allowed) = self.settings.allowed_bytes(self.capacity_bytes) {
             if self.reserved_bytes.saturating_add(p.alloc_size) > allowed {
