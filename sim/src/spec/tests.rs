@@ -101,6 +101,8 @@ fn alloc_spec() -> impl Strategy<Value = AllocSpec> {
                     execute,
                     plot,
                     export_trace: export,
+                    pytorch_alloc_conf: None,
+                    compare_segments: false,
                 }
             },
         )
@@ -504,6 +506,8 @@ fn relative_paths_resolve_against_the_spec_file() {
         execute: None,
         plot: Some("/abs/plot.svg".into()),
         export_trace: Some("out.jsonl".into()),
+        pytorch_alloc_conf: None,
+        compare_segments: false,
     });
     let file = dir.join("s.ron");
     std::fs::write(&file, spec.to_ron().unwrap()).unwrap();
@@ -585,6 +589,8 @@ fn an_alloc_spec_names_each_strategy_once() {
         execute: None,
         plot: None,
         export_trace: None,
+        pytorch_alloc_conf: None,
+        compare_segments: false,
     };
     assert!(spec.validate().unwrap_err().contains("at least one"));
     spec.strategy = vec![
