@@ -182,7 +182,7 @@ pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
     let spec = spec_from_args(&args)?;
     let checked = check(&spec)?;
     if args.print_spec {
-        return crate::print_spec(RunSpec::Alloc(spec));
+        return crate::print_spec(RunSpec::Alloc(Box::new(spec)));
     }
     run_spec(&spec, &checked, args.json)
 }

@@ -13,7 +13,7 @@ use gpumem_core::books::Books;
 use gpumem_core::decision::AllocId;
 use gpumem_core::executor::Ledger;
 use gpumem_traces::pickle::{to_bytes, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A `cudaStream_t` value: streams are pointers in a recording.
 const SIDE_STREAM: i128 = 0x5612_3400_0000;
@@ -213,7 +213,7 @@ fn write_snapshot(edit: impl Fn(&mut Vec<Value>)) -> PathBuf {
     path
 }
 
-fn compare_json(path: &PathBuf) -> serde_json::Value {
+fn compare_json(path: &Path) -> serde_json::Value {
     let out = gpumem(&[
         "alloc",
         "--trace",

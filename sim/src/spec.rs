@@ -50,7 +50,7 @@ pub const MAX_SPEC_BYTES: u64 = 1 << 20;
 /// One run of `gpumem`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunSpec {
-    Alloc(AllocSpec),
+    Alloc(Box<AllocSpec>),
     Kv(Box<KvSpec>),
 }
 

@@ -29,8 +29,7 @@ fn run(name: &str) -> SegmentsComparison {
         ..AllocConfig::default()
     };
     let settings = rec.settings.unwrap_or_default();
-    let c = compare(&rec, &config, &settings);
-    c
+    compare(&rec, &config, &settings)
 }
 
 /// `matched / recorded ≥ floor_ppm / 1e6`, with the numbers in the message.

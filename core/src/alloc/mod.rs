@@ -37,7 +37,8 @@ pub enum AllocatorState {
     Buddy(buddy::Buddy),
     Tlsf(tlsf::Tlsf),
     SizeClass(size_class::SizeClassAllocator),
-    Caching(caching::Caching),
+    /// Boxed: the caching allocator keeps far more than the others.
+    Caching(Box<caching::Caching>),
 }
 
 impl AllocatorState {
@@ -47,7 +48,7 @@ impl AllocatorState {
             AllocatorState::Buddy(a) => Box::new(a),
             AllocatorState::Tlsf(a) => Box::new(a),
             AllocatorState::SizeClass(a) => Box::new(a),
-            AllocatorState::Caching(a) => Box::new(a),
+            AllocatorState::Caching(a) => a,
         }
     }
 }
@@ -91,7 +92,7 @@ impl Allocator for size_class::SizeClassAllocator {
 
 impl Allocator for caching::Caching {
     fn snapshot(&self) -> AllocatorState {
-        AllocatorState::Caching(self.clone())
+        AllocatorState::Caching(Box::new(self.clone()))
     }
 
     fn as_caching_mut(&mut self) -> Option<&mut caching::Caching> {

@@ -273,7 +273,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
 
 fn run_spec() -> impl Strategy<Value = RunSpec> {
     prop_oneof![
-        alloc_spec().prop_map(RunSpec::Alloc),
+        alloc_spec().prop_map(|a| RunSpec::Alloc(Box::new(a))),
         kv_spec().prop_map(|k| RunSpec::Kv(Box::new(k))),
     ]
 }
@@ -491,7 +491,7 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn relative_paths_resolve_against_the_spec_file() {
     let dir = scratch("rebase");
-    let spec = RunSpec::Alloc(AllocSpec {
+    let spec = RunSpec::Alloc(Box::new(AllocSpec {
         trace: AllocTraceSpec::File {
             path: "traces/t.jsonl".into(),
         },
@@ -508,7 +508,7 @@ fn relative_paths_resolve_against_the_spec_file() {
         export_trace: Some("out.jsonl".into()),
         pytorch_alloc_conf: None,
         compare_segments: false,
-    });
+    }));
     let file = dir.join("s.ron");
     std::fs::write(&file, spec.to_ron().unwrap()).unwrap();
     let RunSpec::Alloc(read) = RunSpec::read_file(&file).unwrap() else {

@@ -93,7 +93,7 @@ impl Caching {
             return Err(format!("blocks cover {tiled:?} bytes, not {}", s.bytes));
         }
         let page = s.size_pool.page_bytes();
-        let mut offset = 0;
+        let mut offset: u64 = 0;
         for b in &s.blocks {
             match *b {
                 RestoredBlock::Unmapped { bytes } if !s.expandable => {
@@ -101,7 +101,9 @@ impl Caching {
                         "an unmapped block of {bytes} bytes in a physical segment"
                     ))
                 }
-                RestoredBlock::Unmapped { bytes } if offset % page != 0 || bytes % page != 0 => {
+                RestoredBlock::Unmapped { bytes }
+                    if !offset.is_multiple_of(page) || !bytes.is_multiple_of(page) =>
+                {
                     return Err(format!(
                         "unmapped block at +{offset} of {bytes} bytes is not on {page}-byte pages"
                     ))
@@ -111,7 +113,7 @@ impl Caching {
                         return Err(format!("{id:?} is live twice"));
                     }
                     let min = self.min_block_bytes;
-                    if offset % min != 0 || bytes % min != 0 {
+                    if !offset.is_multiple_of(min) || !bytes.is_multiple_of(min) {
                         return Err(format!(
                             "live block at +{offset} of {bytes} bytes is not aligned to {min} bytes"
                         ));
@@ -128,7 +130,7 @@ impl Caching {
                 .filter(|b| !matches!(b, RestoredBlock::Unmapped { .. }))
                 .map(RestoredBlock::bytes)
                 .sum();
-            if mapped % page != 0 {
+            if !mapped.is_multiple_of(page) {
                 return Err(format!(
                     "{mapped} mapped bytes are not whole {page}-byte pages"
                 ));

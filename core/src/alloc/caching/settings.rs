@@ -158,8 +158,10 @@ mod tests {
 
     #[test]
     fn power_of_two_divisions_round_as_pytorch_documents() {
-        let mut s = CachingSettings::default();
-        s.roundup_power2_divisions = [4; ROUNDUP_INTERVALS];
+        let mut s = CachingSettings {
+            roundup_power2_divisions: [4; ROUNDUP_INTERVALS],
+            ..CachingSettings::default()
+        };
         // The example of CUDACachingAllocator.cpp's comment, on the division itself…
         assert_eq!(roundup_power2_next_division(1200, 4), Some(1280));
         assert_eq!(roundup_power2_next_division(1024, 4), Some(1024));

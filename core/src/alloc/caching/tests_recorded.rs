@@ -412,8 +412,10 @@ fn the_memory_fraction_refuses_beyond_its_share() {
 
 #[test]
 fn power_of_two_divisions_make_larger_blocks() {
-    let mut settings = CachingSettings::default();
-    settings.roundup_power2_divisions = [4; settings::ROUNDUP_INTERVALS];
+    let settings = CachingSettings {
+        roundup_power2_divisions: [4; settings::ROUNDUP_INTERVALS],
+        ..CachingSettings::default()
+    };
     let mut t = T::with(GB, settings);
     t.alloc(5 * MIB + 1);
     assert_eq!(
