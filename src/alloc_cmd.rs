@@ -27,10 +27,13 @@ use crate::units::parse_bytes;
   gpumem alloc --trace snapshot.pickle --strategy caching,tlsf --plot mem.svg
   gpumem alloc --generate occupancy --ops 2000000 --capacity 1GiB --json
   gpumem alloc --trace t.jsonl --execute host    carry the decisions out on host memory and check them
+  gpumem alloc --trace snapshot.pickle --strategy caching --compare-segments
+                                                 replay the recording event by event and compare its segments
 
 Trace formats: PyTorch memory snapshots (torch.cuda.memory._dump_snapshot pickles; alloc and
 free_completed events are replayed, a segment_free with no allocation behind it is an
-empty_cache) and gpumem's JSON Lines, one operation a line:
+empty_cache; the caching strategies take the snapshot's allocator_settings, then
+--pytorch-alloc-conf) and gpumem's JSON Lines, one operation a line:
   {\"t_ns\": 1200, \"op\": \"alloc\", \"id\": 7, \"bytes\": 4096, \"stream\": 0}
   {\"t_ns\": 1900, \"op\": \"free\", \"id\": 7}
 

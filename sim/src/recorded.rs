@@ -691,7 +691,7 @@ impl Replay<'_> {
                 if !releases.is_empty() {
                     self.out.releases_replayed += 1;
                 }
-                self.oom(e);
+                self.oom(e, !releases.is_empty());
             }
             Action::FreeRequested => {
                 if let Some(&id) = self.ids.get(&e.address) {
@@ -764,8 +764,9 @@ impl Replay<'_> {
     }
 
     /// An `oom`: the request again, every reservation refused; the simulation must fail it
-    /// too (after the same releases).
-    fn oom(&mut self, e: &RecordedEvent) {
+    /// too, after the same releases. (An `oom` of a private pool, which releases nothing, is not
+    /// told apart: the entry does not name its pool.)
+    fn oom(&mut self, e: &RecordedEvent, released: bool) {
         self.out.ooms_recorded += 1;
         let id = AllocId(self.next_id);
         self.next_id += 1;
@@ -775,9 +776,10 @@ impl Replay<'_> {
             stream: e.stream,
             pinned: false,
         };
+        let pool = if released { DEFAULT_POOL } else { PoolId::MAX };
         match self
             .caching
-            .alloc_refused(req, DEFAULT_POOL, u32::MAX, &mut self.mem)
+            .alloc_refused(req, pool, u32::MAX, &mut self.mem)
         {
             Ok(_) => self.caching.free(id, &mut self.mem),
             Err(_) => self.out.ooms_simulated += 1,
@@ -998,6 +1000,7 @@ impl Replay<'_> {
             .collect();
         recorded.sort();
         simulated.sort();
+
         let (mut i, mut j, mut matched) = (0, 0, 0u64);
         while i < recorded.len() && j < simulated.len() {
             match recorded[i].cmp(&simulated[j]) {
