@@ -272,7 +272,6 @@ struct Range {
 struct StartBlock {
     bytes: Option<u64>,
     requested_bytes: u64,
-    stream: u32,
     pending: bool,
 }
 
@@ -290,7 +289,6 @@ impl Replay<'_> {
                     StartBlock {
                         bytes: Some(b.bytes),
                         requested_bytes: b.requested_bytes,
-                        stream: s.stream,
                         pending: b.state == BlockState::PendingFree,
                     },
                 );
@@ -312,7 +310,6 @@ impl Replay<'_> {
                         StartBlock {
                             bytes: None,
                             requested_bytes: e.bytes,
-                            stream: e.stream,
                             pending: true,
                         },
                     );
@@ -595,7 +592,6 @@ impl Replay<'_> {
             if b.pending {
                 self.pending_at_start.push(id);
             }
-            let _ = b.stream;
             blocks.push(RestoredBlock::Live {
                 bytes,
                 id,
@@ -764,8 +760,11 @@ impl Replay<'_> {
     }
 
     /// An `oom`: the request again, every reservation refused; the simulation must fail it
-    /// too, after the same releases. (An `oom` of a private pool, which releases nothing, is not
-    /// told apart: the entry does not name its pool.)
+    /// too, after the same releases. An `oom` with no release before it may come from a
+    /// private pool (a capture never releases the cache; the entry does not name its pool): it
+    /// is replayed in a pool of its own, which releases nothing either. (A default-pool `oom`
+    /// with nothing to release differs only by completing pending frees, whose
+    /// `free_completed` entries come before it and are replayed already.)
     fn oom(&mut self, e: &RecordedEvent, released: bool) {
         self.out.ooms_recorded += 1;
         let id = AllocId(self.next_id);
