@@ -53,7 +53,14 @@ impl StepLogWriter {
         for (i, &(r, h)) in rec.admitted.iter().enumerate() {
             l.extend_from_slice(if i > 0 { b",[" } else { b"[" });
             id(l, r);
-            let _ = write!(l, ",{h}]");
+            match rec.offload.and(rec.admitted_cpu.get(i)) {
+                Some(cpu) => {
+                    let _ = write!(l, ",{h},{cpu}]");
+                }
+                None => {
+                    let _ = write!(l, ",{h}]");
+                }
+            }
         }
         l.extend_from_slice(b"],\"finished\":[");
         for (i, &r) in rec.finished.iter().enumerate() {
@@ -62,11 +69,19 @@ impl StepLogWriter {
             }
             id(l, r);
         }
-        let _ = writeln!(
+        let _ = write!(
             l,
-            "],\"free_blocks\":{},\"stored\":{},\"removed\":{}}}",
+            "],\"free_blocks\":{},\"stored\":{},\"removed\":{}",
             rec.free_blocks, rec.stored, rec.removed
         );
+        if let Some(o) = rec.offload {
+            let _ = write!(
+                l,
+                ",\"offload_stored\":{},\"offload_loaded\":{},\"cpu_stored\":{},\"cpu_evicted\":{}",
+                o.offload_stored, o.offload_loaded, o.cpu_stored, o.cpu_evicted
+            );
+        }
+        l.extend_from_slice(b"}\n");
         l
     }
 }

@@ -4,6 +4,7 @@
 //! requests in flight, never the length of the trace.
 
 use gpumem_core::kv::hash::{hash_request_block, hash_request_consecutive_block, ExtraKeys};
+use gpumem_core::kv::offload::OffloadReqId;
 use gpumem_core::kv::{BlockHash, SlotRequest};
 
 use super::super::workload::WorkloadRequest;
@@ -16,6 +17,8 @@ pub(super) enum Status {
     Waiting,
     Running,
     Preempted,
+    /// Admitted with blocks whose KV a CPU-tier load fills (vLLM's `WAITING_FOR_REMOTE_KVS`).
+    WaitingForRemoteKvs,
     Finished,
 }
 
@@ -36,6 +39,13 @@ pub(super) struct Req {
     pub status: Status,
     pub num_preemptions: u32,
     pub first_token_ns: Option<u64>,
+    /// With a CPU tier: the request as the connector knows it.
+    pub offload: Option<OffloadReqId>,
+    /// Its load completed (`finished_recving`): with the tokens it really delivered when a
+    /// copy was refused.
+    pub load_done: Option<Option<u64>>,
+    /// In vLLM's `_inflight_prefills` (its prefill, or its load, is not done).
+    pub inflight: bool,
 }
 
 impl Req {
@@ -52,7 +62,15 @@ impl Req {
             status: Status::Waiting,
             num_preemptions: 0,
             first_token_ns: None,
+            offload: None,
+            load_done: None,
+            inflight: false,
         }
+    }
+
+    /// Holds KV blocks while it waits (vLLM's `_holds_kv_blocks`).
+    pub fn holds_kv(&self) -> bool {
+        self.num_computed > 0 || self.status == Status::WaitingForRemoteKvs
     }
 
     /// What the KV manager needs of the request in slot `slot`.
