@@ -217,6 +217,7 @@ impl Run {
                 eviction: EvictionKind::Lru,
                 watermark_blocks: 0,
                 policy: SchedulingPolicy::Fcfs,
+                offload: None,
             };
             let engine = VllmEngine::new(cfg)?;
             let g = run.gpu_index(device);
