@@ -8,6 +8,7 @@ pub mod executor;
 pub mod models;
 pub mod monitor;
 pub mod plot;
+pub mod recorded;
 pub mod report;
 pub mod serve;
 pub mod spec;
