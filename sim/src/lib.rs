@@ -4,6 +4,7 @@
 //! Runs are single-threaded and deterministic; only whole runs go in parallel.
 
 pub mod alloc_replay;
+pub mod colocate;
 pub mod executor;
 pub mod models;
 pub mod monitor;
