@@ -5,11 +5,13 @@
 
 pub mod alloc_replay;
 pub mod cluster;
+pub mod colocate;
 pub mod executor;
 pub mod models;
 pub mod monitor;
 pub mod plan;
 pub mod plot;
+pub mod recorded;
 pub mod report;
 pub mod serve;
 pub mod spec;
