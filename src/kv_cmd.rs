@@ -209,6 +209,13 @@ pub struct KvArgs {
     #[arg(long)]
     offload_all_tokens: bool,
 
+    /// gpumem's predictive prefetch (beyond vLLM): load the CPU-resident prompt prefixes of
+    /// the next N waiting requests while they queue, into free GPU blocks vLLM would hand out
+    /// before any cached one (never evicting, never taking a block from an admission), so the
+    /// admission finds them on the GPU. Roofline cost only; 0: vLLM's tier exactly [default: 0].
+    #[arg(long, value_name = "N")]
+    offload_prefetch: Option<u64>,
+
     /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -264,6 +271,7 @@ fn offload_spec(args: &KvArgs) -> Result<Option<KvOffloadSpec>, String> {
             args.offload_latency_steps.is_some(),
         ),
         ("--offload-all-tokens", args.offload_all_tokens),
+        ("--offload-prefetch", args.offload_prefetch.is_some()),
     ];
     let bytes = args.kv_offloading_size;
     let cpu_blocks = match (args.cpu_offload_blocks, bytes) {
@@ -293,6 +301,7 @@ fn offload_spec(args: &KvArgs) -> Result<Option<KvOffloadSpec>, String> {
         offload_policy: args.offload_policy.unwrap_or_default(),
         offload_latency_steps: args.offload_latency_steps.unwrap_or(0),
         offload_all_tokens: args.offload_all_tokens,
+        offload_prefetch: args.offload_prefetch.unwrap_or(0),
     }))
 }
 
@@ -517,6 +526,7 @@ fn run_opened(
                     block_bytes: kv_bytes_per_block,
                 },
             },
+            prefetch: u32::try_from(o.offload_prefetch).unwrap_or(u32::MAX),
         }),
         None => None,
     };
