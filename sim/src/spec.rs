@@ -809,6 +809,12 @@ impl KvOffloadSpec {
             if !spec.prefix_caching {
                 return Err("offload_prefetch needs the prefix cache: a prefetched block is found by its hash at admission".into());
             }
+            if spec.eviction != crate::serve::EvictionKind::Lru {
+                return Err(format!(
+                    "offload_prefetch needs vLLM's free queue (eviction lru), not {}: it loads only into free blocks that queue hands out before any cached one",
+                    spec.eviction.name()
+                ));
+            }
             if self.offload_prefetch > MAX_OFFLOAD_PREFETCH {
                 return Err(format!(
                     "offload_prefetch {} exceeds gpumem's limit of {MAX_OFFLOAD_PREFETCH}",

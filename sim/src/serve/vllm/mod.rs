@@ -300,6 +300,7 @@ impl<'x> VllmEngine<'x> {
     /// The KV manager's and the CPU tier's full invariant walks.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.kv.check_invariants()?;
+        self.prefetch_check()?;
         match &self.tier {
             Some(t) => t.connector.check_invariants(),
             None => Ok(()),

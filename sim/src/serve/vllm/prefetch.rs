@@ -268,6 +268,49 @@ impl VllmEngine<'_> {
         }
     }
 
+    /// The prefetch's promises, walked: it never changed the free count, every block it
+    /// counts is counted once, and every block it tracks is free and holds what it should.
+    pub(super) fn prefetch_check(&self) -> Result<(), String> {
+        let Some(p) = self.tier.as_ref().and_then(|t| t.prefetch.as_ref()) else {
+            return Ok(());
+        };
+        let t = p.totals;
+        if t.free_count_changes > 0 {
+            return Err(format!(
+                "the prefetch changed the free-block count in {} steps",
+                t.free_count_changes
+            ));
+        }
+        let tracked = p.landed.len() as u64
+            + p.jobs
+                .iter()
+                .flat_map(|j| &j.blocks)
+                .filter(|b| !b.2)
+                .count() as u64;
+        if t.hits + t.wasted + tracked != t.loads {
+            return Err(format!(
+                "prefetch: {} hits + {} wasted + {tracked} tracked != {} loads",
+                t.hits, t.wasted, t.loads
+            ));
+        }
+        let pool = self.kv.pool();
+        for &(b, h) in &p.landed {
+            if pool.ref_cnt(b) != 0 || pool.block_hash(b) != Some(h) {
+                return Err(format!("prefetched block {b} is not free with its hash"));
+            }
+        }
+        for (b, _, lost) in p.jobs.iter().flat_map(|j| &j.blocks) {
+            if !lost && (pool.ref_cnt(*b) != 0 || pool.block_hash(*b).is_some()) {
+                return Err(format!("block {b} being prefetched is not free and empty"));
+            }
+        }
+        let marked = p.marked.iter().filter(|&&m| m).count() as u64;
+        if marked != tracked {
+            return Err(format!("prefetch marks {marked} blocks, tracks {tracked}"));
+        }
+        Ok(())
+    }
+
     /// The prefetch's totals, when it is on.
     pub fn prefetch_totals(&self) -> Option<PrefetchTotals> {
         self.tier
