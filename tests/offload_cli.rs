@@ -388,7 +388,10 @@ fn prefetch_counters_add_up_and_zero_is_no_prefetch() {
 
     let plain = run_ok(&tier);
     let zero = run_ok(&[&tier[..], &["--offload-prefetch", "0"]].concat());
-    assert_eq!(zero, plain, "--offload-prefetch 0 is not the run without it");
+    assert_eq!(
+        zero, plain,
+        "--offload-prefetch 0 is not the run without it"
+    );
     let p: Value = serde_json::from_str(&plain).unwrap();
     assert!(p.get("prefetch_loads").is_none());
 

@@ -200,7 +200,9 @@ impl VllmEngine<'_> {
             q.update_hashes(self.cfg.block_size, &mut self.tok_buf);
             let q = self.requests.get(r);
             let mut hits = std::mem::take(&mut self.hit_buf);
-            let local = self.kv.get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
+            let local = self
+                .kv
+                .get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
             self.hit_buf = hits;
             let first = (local / bs) as usize;
             let max_blocks = (((q.num_tokens - 1) / bs) as usize).min(q.hashes.len());
