@@ -481,3 +481,31 @@ fn prefetch_is_refused_where_it_would_change_vllm() {
     }
     assert!(!dir.join("steps.jsonl").exists());
 }
+
+/// A printed spec carries the prefetch, and running it reports what the flags do; a spec
+/// without the key is the run without the prefetch.
+#[test]
+fn a_printed_spec_carries_the_prefetch() {
+    let dir = scratch_dir();
+    let args = [
+        "kv",
+        "--limit",
+        "200",
+        "--kv-blocks",
+        "300",
+        "--cpu-offload-blocks",
+        "600",
+        "--offload-prefetch",
+        "3",
+    ];
+    let spec = run_ok(&[&args[..], &["--print-spec"]].concat());
+    assert!(spec.contains("offload_prefetch: 3"), "{spec}");
+    std::fs::write(dir.join("spec.ron"), &spec).unwrap();
+    let by_flags = run_ok(&args);
+    let by_spec = run_ok(&["run", dir.join("spec.ron").to_str().unwrap()]);
+    assert_eq!(by_flags, by_spec);
+    assert!(by_flags.contains("GPU blocks loaded ahead"), "{by_flags}");
+
+    let plain = run_ok(&[&args[..7], &["--print-spec"]].concat());
+    assert!(!plain.contains("offload_prefetch"), "{plain}");
+}
