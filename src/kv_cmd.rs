@@ -67,6 +67,9 @@ What the report means:
   CPU tier          with --cpu-offload-blocks or --kv-offloading-size (vLLM's OffloadingConnector):
                     prompt tokens loaded back from the tier at admission (cpu_hit_tokens), CPU
                     blocks stored, loaded and evicted, and the bytes copied each way
+  prefetch          with --offload-prefetch N (gpumem's, beyond vLLM): GPU blocks loaded
+                    ahead for waiting requests, those an admission then used, and those
+                    handed out or evicted first (prefetch_loads, _hits, _wasted)
   digest            names the engine's decision stream: equal inputs, equal digest
 Percentiles are nearest-rank. Time is simulated: the cost model (fixed:STEP_US, or roofline
 from the GPU's FLOP/s and bandwidth and the model's size) decides how long each step takes.
