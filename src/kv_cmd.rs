@@ -71,6 +71,9 @@ What the report means:
   CPU tier          with --cpu-offload-blocks or --kv-offloading-size (vLLM's OffloadingConnector):
                     prompt tokens loaded back from the tier at admission (cpu_hit_tokens), CPU
                     blocks stored, loaded and evicted, and the bytes copied each way
+  prefetch          with --offload-prefetch N (gpumem's, beyond vLLM): GPU blocks loaded
+                    ahead for waiting requests, those an admission then used, and those
+                    handed out or evicted first (prefetch_loads, _hits, _wasted)
   digest            names the engine's decision stream: equal inputs, equal digest
 Percentiles are nearest-rank. Time is simulated: the cost model (fixed:STEP_US, or roofline
 from the GPU's FLOP/s and bandwidth and the model's size) decides how long each step takes.
@@ -228,6 +231,13 @@ pub struct KvArgs {
     #[arg(long)]
     offload_all_tokens: bool,
 
+    /// gpumem's predictive prefetch (beyond vLLM): load the CPU-resident prompt prefixes of
+    /// the next N waiting requests while they queue, into free GPU blocks vLLM would hand out
+    /// before any cached one (never evicting, never taking a block from an admission), so the
+    /// admission finds them on the GPU. Roofline cost only; 0: vLLM's tier exactly [default: 0].
+    #[arg(long, value_name = "N")]
+    offload_prefetch: Option<u64>,
+
     /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -283,6 +293,7 @@ fn offload_spec(args: &KvArgs) -> Result<Option<KvOffloadSpec>, String> {
             args.offload_latency_steps.is_some(),
         ),
         ("--offload-all-tokens", args.offload_all_tokens),
+        ("--offload-prefetch", args.offload_prefetch.is_some()),
     ];
     let bytes = args.kv_offloading_size;
     let cpu_blocks = match (args.cpu_offload_blocks, bytes) {
@@ -312,6 +323,7 @@ fn offload_spec(args: &KvArgs) -> Result<Option<KvOffloadSpec>, String> {
         offload_policy: args.offload_policy.unwrap_or_default(),
         offload_latency_steps: args.offload_latency_steps.unwrap_or(0),
         offload_all_tokens: args.offload_all_tokens,
+        offload_prefetch: args.offload_prefetch.unwrap_or(0),
     }))
 }
 
@@ -680,6 +692,7 @@ fn engine_and_info(
                     block_bytes: kv_bytes_per_block,
                 },
             },
+            prefetch: u32::try_from(o.offload_prefetch).unwrap_or(u32::MAX),
         }),
         None => None,
     };

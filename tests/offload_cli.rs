@@ -358,3 +358,154 @@ fn the_tier_runs_on_host_memory_and_a_corrupt_copy_is_caught() {
     // The refused load is not a hit: the run's decisions differ from the simulation's.
     assert_ne!(v["digest"], v["digest_simulated"]);
 }
+
+/// gpumem's prefetch on the generated workload at a small pool: its counters add up, it loads
+/// blocks that admissions use, the same run twice prints the same bytes, and `0` is the run
+/// without the flag, byte for byte.
+#[test]
+fn prefetch_counters_add_up_and_zero_is_no_prefetch() {
+    let tier = [
+        "kv",
+        "--limit",
+        "300",
+        "--kv-blocks",
+        "400",
+        "--json",
+        "--cpu-offload-blocks",
+        "800",
+    ];
+    let with = [&tier[..], &["--offload-prefetch", "4"]].concat();
+    let text = run_ok(&with);
+    assert_eq!(text, run_ok(&with), "not deterministic");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let u = |k: &str| {
+        v[k].as_u64()
+            .unwrap_or_else(|| panic!("no {k} in the report"))
+    };
+    assert!(u("prefetch_loads") > 0, "{text}");
+    assert!(u("prefetch_hits") > 0, "{text}");
+    assert!(u("prefetch_hits") + u("prefetch_wasted") <= u("prefetch_loads"));
+
+    let plain = run_ok(&tier);
+    let zero = run_ok(&[&tier[..], &["--offload-prefetch", "0"]].concat());
+    assert_eq!(
+        zero, plain,
+        "--offload-prefetch 0 is not the run without it"
+    );
+    let p: Value = serde_json::from_str(&plain).unwrap();
+    assert!(p.get("prefetch_loads").is_none());
+
+    let as_text: Vec<&str> = with.iter().copied().filter(|a| *a != "--json").collect();
+    let text = run_ok(&as_text);
+    assert!(text.contains("GPU blocks loaded ahead"), "{text}");
+}
+
+/// The prefetch is refused wherever it would change what is checked against vLLM, and where
+/// it cannot work.
+#[test]
+fn prefetch_is_refused_where_it_would_change_vllm() {
+    let dir = scratch_dir();
+    let log = dir.join("steps.jsonl");
+    let log = log.to_str().unwrap();
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--offload-prefetch", "2"],
+            &["--offload-prefetch needs a CPU tier"],
+        ),
+        (
+            &[
+                "--cpu-offload-blocks",
+                "8",
+                "--offload-prefetch",
+                "2",
+                "--cost",
+                "fixed:1000",
+            ],
+            &["gpumem's, not vLLM's", "conformance clock"],
+        ),
+        (
+            &[
+                "--cpu-offload-blocks",
+                "8",
+                "--offload-prefetch",
+                "2",
+                "--step-log",
+                log,
+            ],
+            &["step log is vLLM's exact behaviour"],
+        ),
+        (
+            &[
+                "--cpu-offload-blocks",
+                "8",
+                "--offload-prefetch",
+                "2",
+                "--no-prefix-caching",
+            ],
+            &["needs the prefix cache"],
+        ),
+        (
+            &[
+                "--cpu-offload-blocks",
+                "8",
+                "--offload-prefetch",
+                "2",
+                "--eviction",
+                "arc",
+            ],
+            &["needs vLLM's free queue"],
+        ),
+        (
+            &[
+                "--kv-blocks",
+                "100",
+                "--cpu-offload-blocks",
+                "8",
+                "--offload-prefetch",
+                "2",
+                "--execute",
+                "host",
+                "--bytes-per-block",
+                "4KiB",
+            ],
+            &["simulated only"],
+        ),
+        (
+            &["--cpu-offload-blocks", "8", "--offload-prefetch", "99999"],
+            &["exceeds gpumem's limit"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let args = [&["kv", "--limit", "2"], *extra].concat();
+        assert_clean_error(&gpumem(&args), needles);
+    }
+    assert!(!dir.join("steps.jsonl").exists());
+}
+
+/// A printed spec carries the prefetch, and running it reports what the flags do; a spec
+/// without the key is the run without the prefetch.
+#[test]
+fn a_printed_spec_carries_the_prefetch() {
+    let dir = scratch_dir();
+    let args = [
+        "kv",
+        "--limit",
+        "200",
+        "--kv-blocks",
+        "300",
+        "--cpu-offload-blocks",
+        "600",
+        "--offload-prefetch",
+        "3",
+    ];
+    let spec = run_ok(&[&args[..], &["--print-spec"]].concat());
+    assert!(spec.contains("offload_prefetch: 3"), "{spec}");
+    std::fs::write(dir.join("spec.ron"), &spec).unwrap();
+    let by_flags = run_ok(&args);
+    let by_spec = run_ok(&["run", dir.join("spec.ron").to_str().unwrap()]);
+    assert_eq!(by_flags, by_spec);
+    assert!(by_flags.contains("GPU blocks loaded ahead"), "{by_flags}");
+
+    let plain = run_ok(&[&args[..7], &["--print-spec"]].concat());
+    assert!(!plain.contains("offload_prefetch"), "{plain}");
+}

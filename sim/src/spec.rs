@@ -198,6 +198,14 @@ pub struct KvOffloadSpec {
     pub offload_latency_steps: u64,
     /// Every token offloaded, not only the prompt's (vLLM's `offload_prompt_only: false`).
     pub offload_all_tokens: bool,
+    /// gpumem's predictive prefetch (beyond vLLM): the CPU-resident prefixes of the next this
+    /// many waiting requests are loaded while they queue. 0 (absent): vLLM's tier exactly.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub offload_prefetch: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Where `gpumem kv`'s requests come from.
@@ -861,6 +869,32 @@ impl KvOffloadSpec {
                 self.offload_latency_steps
             ));
         }
+        if self.offload_prefetch > 0 {
+            if spec.cost != CostSpec::Roofline {
+                return Err("offload_prefetch is gpumem's, not vLLM's: it would change what the conformance clock (cost fixed:STEP_US) checks step for step against vLLM; use cost roofline".into());
+            }
+            if spec.step_log.is_some() {
+                return Err("offload_prefetch cannot write a step log: the step log is vLLM's exact behaviour, and a prefetch changes it".into());
+            }
+            if spec.execute.is_some() {
+                return Err("offload_prefetch is simulated only: --execute does not carry prefetch copies out yet".into());
+            }
+            if !spec.prefix_caching {
+                return Err("offload_prefetch needs the prefix cache: a prefetched block is found by its hash at admission".into());
+            }
+            if spec.eviction != crate::serve::EvictionKind::Lru {
+                return Err(format!(
+                    "offload_prefetch needs vLLM's free queue (eviction lru), not {}: it loads only into free blocks that queue hands out before any cached one",
+                    spec.eviction.name()
+                ));
+            }
+            if self.offload_prefetch > MAX_OFFLOAD_PREFETCH {
+                return Err(format!(
+                    "offload_prefetch {} exceeds gpumem's limit of {MAX_OFFLOAD_PREFETCH}",
+                    self.offload_prefetch
+                ));
+            }
+        }
         if self.offload_latency_steps > MAX_OFFLOAD_LATENCY_STEPS {
             return Err(format!(
                 "offload_latency_steps {} exceeds gpumem's limit of {MAX_OFFLOAD_LATENCY_STEPS}",
@@ -870,6 +904,9 @@ impl KvOffloadSpec {
         Ok(())
     }
 }
+
+/// Most waiting requests a prefetch looks ahead to.
+pub const MAX_OFFLOAD_PREFETCH: u64 = 4096;
 
 /// Longest copy latency the conformance clock takes, in engine steps.
 pub const MAX_OFFLOAD_LATENCY_STEPS: u64 = 1 << 20;

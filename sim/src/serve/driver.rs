@@ -75,6 +75,19 @@ pub struct OffloadSummary {
     /// Loads and stores whose copies the executor refused.
     pub loads_refused: u64,
     pub stores_refused: u64,
+    /// gpumem's prefetch, when it was on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<PrefetchSummary>,
+}
+
+/// GPU blocks gpumem's prefetch copied, and what became of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchSummary {
+    pub loads: u64,
+    /// Taken by a request holding the prefetched content.
+    pub hits: u64,
+    /// Handed out, evicted or redundant before any request used them.
+    pub wasted: u64,
 }
 
 impl RunSummary {
@@ -224,5 +237,10 @@ fn offload_summary(engine: &VllmEngine<'_>) -> Option<OffloadSummary> {
         store_failures: c.manager().store_failures(),
         loads_refused: t.loads_refused,
         stores_refused: t.stores_refused,
+        prefetch: engine.prefetch_totals().map(|p| PrefetchSummary {
+            loads: p.loads,
+            hits: p.hits,
+            wasted: p.wasted,
+        }),
     })
 }

@@ -45,7 +45,8 @@ pub use simulate::{simulate, simulate_on};
 pub use step::{Now, StepRecord};
 pub use step_log::StepLogWriter;
 pub use vllm::{
-    EngineConfig, OffloadEngineConfig, RequestOutcome, SchedulingPolicy, TransferTiming, VllmEngine,
+    EngineConfig, OffloadEngineConfig, PrefetchTotals, RequestOutcome, SchedulingPolicy,
+    TransferTiming, VllmEngine,
 };
 pub use workload::{Prompt, RequestStream, Workload, WorkloadFormat, WorkloadRequest};
 

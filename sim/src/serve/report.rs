@@ -128,6 +128,15 @@ pub struct OffloadReport {
     /// simulated): a refused load is not a hit, a refused store is not stored.
     pub loads_refused: u64,
     pub stores_refused: u64,
+    /// gpumem's prefetch (absent when off): GPU blocks it copied from the tier, those a
+    /// request later used, and those handed out or evicted first. Blocks still waiting in the
+    /// prefix cache at the end are neither used nor wasted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_loads: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_hits: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_wasted: Option<u64>,
 }
 
 impl OffloadReport {
@@ -144,6 +153,9 @@ impl OffloadReport {
             bytes_from_cpu: s.gpu_blocks_from_cpu.saturating_mul(kv_bytes_per_block),
             loads_refused: s.loads_refused,
             stores_refused: s.stores_refused,
+            prefetch_loads: s.prefetch.map(|p| p.loads),
+            prefetch_hits: s.prefetch.map(|p| p.hits),
+            prefetch_wasted: s.prefetch.map(|p| p.wasted),
         }
     }
 }
@@ -473,6 +485,19 @@ pub fn render_text(r: &KvReport) -> String {
                 human_bytes(o.bytes_from_cpu)
             ),
         );
+        if let (Some(loads), Some(hits), Some(wasted)) =
+            (o.prefetch_loads, o.prefetch_hits, o.prefetch_wasted)
+        {
+            line(
+                "prefetch",
+                format!(
+                    "{} GPU blocks loaded ahead; {} used, {} wasted",
+                    grouped(loads),
+                    grouped(hits),
+                    grouped(wasted)
+                ),
+            );
+        }
     }
     line(
         "time",

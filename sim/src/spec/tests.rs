@@ -248,6 +248,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
                     offload_policy: policy,
                     offload_latency_steps: latency,
                     offload_all_tokens: all,
+                    offload_prefetch: 0,
                 },
             ),
     );

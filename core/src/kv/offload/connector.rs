@@ -791,6 +791,16 @@ impl OffloadConnector {
         c
     }
 
+    /// Pins the ready chunk `key` for gpumem's prefetch (no request's load): its slot, or None
+    /// unless it is ready. Unpin with [`prefetch_unpin`](Self::prefetch_unpin).
+    pub fn prefetch_pin(&mut self, key: u64) -> Option<u32> {
+        self.manager.pin_ready(key)
+    }
+
+    pub fn prefetch_unpin(&mut self, slot: u32) {
+        self.manager.complete_load(&[slot]);
+    }
+
     /// Requests the connector still tracks (finished ones whose jobs are in flight included).
     pub fn live_requests(&self) -> usize {
         self.reqs.len() - self.free_ids.len()

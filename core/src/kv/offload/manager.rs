@@ -329,6 +329,22 @@ impl CpuOffloadManager {
         slots
     }
 
+    /// Pins the ready chunk holding `key` for a read that is no request's (gpumem's prefetch):
+    /// nothing is recorded for the eviction policy. Its slot, or None unless it is ready.
+    pub fn pin_ready(&mut self, key: u64) -> Option<u32> {
+        let slot = self.slot_of(key)?;
+        let rc = &mut self.ref_cnt[slot as usize];
+        if *rc < 0 {
+            return None;
+        }
+        if *rc == 0 {
+            self.policy.mark_non_evictable(slot);
+            self.num_evictable -= 1;
+        }
+        *rc += 1;
+        Some(slot)
+    }
+
     /// vLLM's `complete_load`: unpins.
     pub fn complete_load(&mut self, slots: &[u32]) {
         for &slot in slots {

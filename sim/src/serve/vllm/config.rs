@@ -83,6 +83,7 @@ impl EngineConfig {
                 timing: TransferTiming::Steps {
                     latency: o.latency_steps,
                 },
+                prefetch: 0,
             }),
         })
     }
@@ -122,6 +123,17 @@ impl EngineConfig {
         }
         if let Some(o) = &self.offload {
             o.check(self.block_size)?;
+            if o.prefetch > 0 && !self.enable_prefix_caching {
+                return Err(ServeError::Input(
+                    "offload prefetch needs the prefix cache: a prefetched block is found by its hash at admission".into(),
+                ));
+            }
+            if o.prefetch > 0 && self.eviction != super::super::EvictionKind::Lru {
+                return Err(ServeError::Input(format!(
+                    "offload prefetch needs vLLM's free queue (eviction lru), not {}: it loads only into free blocks that queue hands out before any cached one",
+                    self.eviction.name()
+                )));
+            }
         }
         Ok(())
     }

@@ -24,6 +24,7 @@
 mod config;
 mod offload;
 mod output;
+mod prefetch;
 mod requests;
 mod schedule;
 mod tier;
@@ -44,6 +45,7 @@ use super::workload::WorkloadRequest;
 use super::ServeError;
 pub use config::{EngineConfig, SchedulingPolicy};
 pub use offload::{OffloadEngineConfig, TransferTiming};
+pub use prefetch::PrefetchTotals;
 use requests::{Req, Requests};
 use tier::Tier;
 
@@ -211,12 +213,14 @@ impl<'x> VllmEngine<'x> {
                 self.schedule_waiting(&mut rec, budget);
             }
         }
+        self.prefetch_after_schedule();
         let jobs = self.tier.is_some().then(|| self.build_connector_meta(&rec));
         let work = self.update_after_schedule(&rec);
         let forward_ns = match jobs {
             Some(jobs) => self.run_worker(jobs, now.ns),
             None => now.ns,
         };
+        self.prefetch_at(forward_ns);
         rec.end_ns = match self.cfg.cost {
             // The conformance clock: every step takes step_us, whatever it waited for.
             CostModel::Fixed { .. } => now.ns.saturating_add(self.cfg.cost.step_ns(&work)),
@@ -309,6 +313,7 @@ impl<'x> VllmEngine<'x> {
     /// The KV manager's and the CPU tier's full invariant walks.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.kv.check_invariants()?;
+        self.prefetch_check()?;
         match &self.tier {
             Some(t) => t.connector.check_invariants(),
             None => Ok(()),

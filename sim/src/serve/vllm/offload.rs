@@ -45,6 +45,14 @@ pub struct OffloadEngineConfig {
     /// Only prompt tokens are offloaded (vLLM's default).
     pub prompt_only: bool,
     pub timing: TransferTiming,
+    /// gpumem's predictive prefetch (beyond vLLM): CPU-resident prefixes of the next this many
+    /// waiting requests are loaded while they queue. 0: vLLM's tier exactly.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prefetch: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl OffloadEngineConfig {
@@ -61,6 +69,11 @@ impl OffloadEngineConfig {
                 "offload_block_size {} is not a multiple of block_size {gpu_block_size}: vLLM's OffloadingConnector rejects this (kv_connector_extra_config 'block_size' must be a multiple of the GPU KV cache block size)",
                 self.block_size
             )));
+        }
+        if self.prefetch > 0 && matches!(self.timing, TransferTiming::Steps { .. }) {
+            return Err(ServeError::Input(
+                "offload prefetch is gpumem's, not vLLM's: it would change what the conformance clock (cost fixed:STEP_US) checks step for step against vLLM; use the roofline cost".into(),
+            ));
         }
         if let TransferTiming::Link { block_bytes: 0, .. } = self.timing {
             return Err(ServeError::Input(
@@ -82,6 +95,11 @@ struct CopyEngine {
     queues: [VecDeque<(JobId, u64)>; 2],
     /// With a link: when each direction's last job ends.
     busy_until: [u64; 2],
+    /// With a link: (start, duration) of the loads submitted since they were last taken (a
+    /// prefetch yields the link to them).
+    load_spans: Vec<(u64, u64)>,
+    /// Whether `load_spans` is kept (only a prefetch reads it).
+    record_spans: bool,
 }
 
 impl CopyEngine {
@@ -90,9 +108,12 @@ impl CopyEngine {
             TransferTiming::Steps { latency } => step.saturating_add(latency),
             TransferTiming::Link { link, block_bytes } => {
                 let start = now_ns.max(self.busy_until[dir]);
-                let end = start
-                    .saturating_add(link.transfer_ns(block_bytes.saturating_mul(blocks as u64)));
+                let took = link.transfer_ns(block_bytes.saturating_mul(blocks as u64));
+                let end = start.saturating_add(took);
                 self.busy_until[dir] = end;
+                if dir == LOAD && self.record_spans {
+                    self.load_spans.push((start, took));
+                }
                 end
             }
         };
@@ -162,6 +183,8 @@ impl Worker {
                 timing,
                 queues: [VecDeque::new(), VecDeque::new()],
                 busy_until: [0; 2],
+                load_spans: Vec::new(),
+                record_spans: false,
             },
         }
     }
@@ -207,6 +230,22 @@ impl Worker {
 
     pub fn next_done_ns(&self) -> Option<u64> {
         self.engine.next_done_ns()
+    }
+
+    /// Keeps the loads' spans for [`take_load_spans`](Self::take_load_spans).
+    pub fn record_load_spans(&mut self) {
+        self.engine.record_spans = true;
+    }
+
+    /// When the load direction's last job ends (a link only; 0 on the step clock).
+    pub fn loads_busy_until_ns(&self) -> u64 {
+        self.engine.busy_until[LOAD]
+    }
+
+    /// The loads submitted since the last call: (start, duration), in ns.
+    pub fn take_load_spans(&mut self, out: &mut Vec<(u64, u64)>) {
+        out.clear();
+        out.append(&mut self.engine.load_spans);
     }
 }
 

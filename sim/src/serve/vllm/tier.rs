@@ -21,7 +21,8 @@ use gpumem_core::kv::offload::{
 use gpumem_core::kv::{Admission, BlockId};
 
 use super::super::step::StepRecord;
-use super::offload::{OffloadEngineConfig, Worker};
+use super::offload::{OffloadEngineConfig, TransferTiming, Worker};
+use super::prefetch::Prefetch;
 use super::requests::Status;
 use super::{SchedulingPolicy, VllmEngine};
 
@@ -29,7 +30,9 @@ use super::{SchedulingPolicy, VllmEngine};
 /// scheduler keeps only with a connector.
 pub(super) struct Tier {
     pub connector: OffloadConnector,
-    worker: Worker,
+    pub worker: Worker,
+    /// gpumem's prefetch, when asked for (never on the conformance clock).
+    pub prefetch: Option<Prefetch>,
     /// Waiting requests that hold KV blocks (`kv_holding_waiting`), drained before `waiting`.
     pub kv_holding: VecDeque<usize>,
     /// Requests whose prefill (or load) is in flight (`_inflight_prefills`).
@@ -57,9 +60,18 @@ impl Tier {
             prompt_only: o.prompt_only,
             prefix_caching,
         };
+        let mut worker = Worker::new(o.timing);
+        let prefetch = match o.timing {
+            TransferTiming::Link { link, block_bytes } if o.prefetch > 0 => {
+                worker.record_load_spans();
+                Some(Prefetch::new(o.prefetch, link, block_bytes, num_gpu_blocks))
+            }
+            _ => None,
+        };
         Tier {
             connector: OffloadConnector::new(cfg, num_gpu_blocks),
-            worker: Worker::new(o.timing),
+            worker,
+            prefetch,
             kv_holding: VecDeque::new(),
             inflight: Vec::new(),
             engine_steps: 0,
