@@ -167,7 +167,6 @@ fn add(total: &mut SleepStats, s: SleepStats) {
 mod tests {
     use super::*;
     use crate::books::Books;
-    use crate::decision::{Decision, Refusal};
     use crate::executor::Ledger;
     use crate::place::{Place, Tier};
     use crate::sleep::Tag;
@@ -199,20 +198,6 @@ mod tests {
 
     #[test]
     fn sleep_all_and_wake_up_all_reach_every_device() {
-        struct Exec(Ledger);
-        impl Executor for Exec {
-            fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-                let outcome = self.0.books.admits(&d);
-                self.0.record(d, outcome);
-                outcome
-            }
-            fn books(&self) -> &Books {
-                &self.0.books
-            }
-            fn digest(&self) -> &crate::digest::Digest {
-                &self.0.digest
-            }
-        }
         let mib = 1 << 20;
         let places: Vec<(Place, u64)> = (0..2)
             .flat_map(|d| {
@@ -222,7 +207,7 @@ mod tests {
                 ]
             })
             .collect();
-        let mut x = Exec(Ledger::new(Books::with_places(&places)));
+        let mut x = Ledger::new(Books::with_places(&places));
         let mut pools = [CuMemPool::new(DeviceId(0)), CuMemPool::new(DeviceId(1))];
         for (i, pool) in pools.iter_mut().enumerate() {
             pool.allocate(Tag::Weights, 4 * mib, i as u64, &mut x)

@@ -512,27 +512,11 @@ mod tests {
     use crate::books::Books;
     use crate::executor::Ledger;
 
-    struct Exec(Ledger);
-
-    impl Executor for Exec {
-        fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-            let outcome = self.0.books.admits(&d);
-            self.0.record(d, outcome);
-            outcome
-        }
-        fn books(&self) -> &Books {
-            &self.0.books
-        }
-        fn digest(&self) -> &crate::digest::Digest {
-            &self.0.digest
-        }
-    }
-
-    fn exec(gpu_bytes: u64, host_bytes: u64) -> Exec {
-        Exec(Ledger::new(Books::with_places(&[
+    fn exec(gpu_bytes: u64, host_bytes: u64) -> Ledger {
+        Ledger::new(Books::with_places(&[
             (Place::GPU0, gpu_bytes),
             (Place::new(0, Tier::PinnedHost), host_bytes),
-        ])))
+        ]))
     }
 
     const MIB: u64 = 1 << 20;

@@ -463,30 +463,14 @@ mod tests {
     use crate::executor::Ledger;
     use proptest::prelude::*;
 
-    struct Exec(Ledger);
-
-    impl Executor for Exec {
-        fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-            let outcome = self.0.books.admits(&d);
-            self.0.record(d, outcome);
-            outcome
-        }
-        fn books(&self) -> &Books {
-            &self.0.books
-        }
-        fn digest(&self) -> &crate::digest::Digest {
-            &self.0.digest
-        }
-    }
-
-    fn exec(gpu_bytes: u64) -> Exec {
-        Exec(Ledger::new(Books::with_places(&[
+    fn exec(gpu_bytes: u64) -> Ledger {
+        Ledger::new(Books::with_places(&[
             (Place::GPU0, gpu_bytes),
             (Place::new(0, Tier::PinnedHost), u64::MAX / 2),
-        ])))
+        ]))
     }
 
-    fn gpu_reserved(x: &Exec) -> u64 {
+    fn gpu_reserved(x: &Ledger) -> u64 {
         x.books().account(Place::GPU0).reserved_bytes
     }
 
