@@ -3,7 +3,7 @@
 //! request has finished and its last step has been read, so the engine's memory follows the
 //! requests in flight, never the length of the trace.
 
-use gpumem_core::kv::hash::{hash_request_block, hash_request_consecutive_block, ExtraKeys};
+use gpumem_core::kv::hash::{extend_consecutive_block_hashes, hash_request_block, ExtraKeys};
 use gpumem_core::kv::{BlockHash, SlotRequest};
 
 use super::super::workload::WorkloadRequest;
@@ -89,17 +89,20 @@ impl Req {
             .reserve((full_blocks as usize).saturating_sub(self.hashes.len()));
         while (self.hashes.len() as u64) < full_blocks {
             let first = self.hashes.len() as u64;
-            let parent = self.hashes.last().copied();
-            if let Some(t) = self.input.prompt.consecutive_from(first * bs, bs) {
-                let h = hash_request_consecutive_block(
-                    parent,
-                    first as usize,
-                    t,
-                    bs as usize,
-                    &ExtraKeys::NONE,
-                );
-                self.hashes.push(h);
-                continue;
+            // A run of consecutive prompt tokens: every full block in it, one division for
+            // the run.
+            if let Some((t, run)) = self.input.prompt.consecutive_run(first * bs) {
+                let n = (run / bs).min(full_blocks - first);
+                if n > 0 {
+                    extend_consecutive_block_hashes(
+                        &mut self.hashes,
+                        t,
+                        bs as usize,
+                        n as usize,
+                        &ExtraKeys::NONE,
+                    );
+                    continue;
+                }
             }
             let last = full_blocks.min(first + per_batch);
             self.fill_tokens(first * bs, last * bs, tokens);
