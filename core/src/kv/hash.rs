@@ -265,6 +265,44 @@ pub fn extend_consecutive_block_hashes(
     }
 }
 
+/// [`extend_consecutive_block_hashes`] of two independent runs of `n` blocks each, together:
+/// a chain's blocks wait on each other's multiplications, two chains' overlap.
+pub fn extend_consecutive_block_hashes_pair(
+    (a, first_a): (&mut Vec<BlockHash>, u32),
+    (b, first_b): (&mut Vec<BlockHash>, u32),
+    block_size: usize,
+    n: usize,
+    extra: &ExtraKeys,
+) {
+    debug_assert!(
+        first_a.max(first_b) as u64 + (n * block_size) as u64 <= 1 << 32,
+        "token ids past 2^32"
+    );
+    a.reserve(n);
+    b.reserve(n);
+    let (mut pa, mut pb) = (a.last().copied(), b.last().copied());
+    let (mut ta, mut tb) = (first_a, first_b);
+    for _ in 0..n {
+        let (wa, wb) = (extra.word(a.len()), extra.word(b.len()));
+        let (ha, hb) = if block_size == 16 {
+            (
+                consecutive_block(pa, ta, 16, wa),
+                consecutive_block(pb, tb, 16, wb),
+            )
+        } else {
+            (
+                consecutive_block(pa, ta, block_size, wa),
+                consecutive_block(pb, tb, block_size, wb),
+            )
+        };
+        a.push(ha);
+        b.push(hb);
+        (pa, pb) = (Some(ha), Some(hb));
+        ta = ta.wrapping_add(block_size as u32);
+        tb = tb.wrapping_add(block_size as u32);
+    }
+}
+
 /// Which function chains block hashes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -810,7 +848,21 @@ mod consecutive_tests {
                 let t = first + (k * bs) as u32;
                 want.push(hash_request_consecutive_block(parent, i, t, bs, &extra));
             }
-            prop_assert_eq!(got, want);
+            prop_assert_eq!(&got, &want);
+            // Paired with another run, each comes out the same.
+            let mut other = vec![BlockHash(7)];
+            let mut other_want = other.clone();
+            extend_consecutive_block_hashes(&mut other_want, first / 2, bs, n, &extra);
+            let mut paired = start.clone();
+            extend_consecutive_block_hashes_pair(
+                (&mut paired, first),
+                (&mut other, first / 2),
+                bs,
+                n,
+                &extra,
+            );
+            prop_assert_eq!(paired, want);
+            prop_assert_eq!(other, other_want);
         }
     }
 }

@@ -3,7 +3,10 @@
 //! request has finished and its last step has been read, so the engine's memory follows the
 //! requests in flight, never the length of the trace.
 
-use gpumem_core::kv::hash::{extend_consecutive_block_hashes, hash_request_block, ExtraKeys};
+use gpumem_core::kv::hash::{
+    extend_consecutive_block_hashes, extend_consecutive_block_hashes_pair, hash_request_block,
+    ExtraKeys,
+};
 use gpumem_core::kv::{BlockHash, SlotRequest};
 
 use super::super::workload::WorkloadRequest;
@@ -114,6 +117,46 @@ impl Req {
         }
     }
 
+    /// Whether every full block is hashed.
+    pub fn is_hashed(&self, block_size: u32) -> bool {
+        self.hashes.len() as u64 == self.num_tokens / block_size as u64
+    }
+
+    /// The next blocks to hash when they are consecutive prompt tokens: the first token and
+    /// how many full blocks the run holds; None when done or the next block is not such.
+    fn next_run(&self, bs: u64) -> Option<(u32, u64)> {
+        let full_blocks = self.num_tokens / bs;
+        let first = self.hashes.len() as u64;
+        if first >= full_blocks {
+            return None;
+        }
+        let (t, run) = self.input.prompt.consecutive_run(first * bs)?;
+        let n = (run / bs).min(full_blocks - first);
+        (n > 0).then_some((t, n))
+    }
+
+    /// Hashes `a` and `b` together while both have a run of consecutive prompt tokens to
+    /// hash (the two chains' multiplications overlap). Returns whether `a` may have more such
+    /// runs (`b` ran out first).
+    pub fn hash_pair(a: &mut Req, b: &mut Req, block_size: u32) -> bool {
+        let bs = block_size as u64;
+        loop {
+            let Some((ta, na)) = a.next_run(bs) else {
+                return false;
+            };
+            let Some((tb, nb)) = b.next_run(bs) else {
+                return true;
+            };
+            extend_consecutive_block_hashes_pair(
+                (&mut a.hashes, ta),
+                (&mut b.hashes, tb),
+                bs as usize,
+                na.min(nb) as usize,
+                &ExtraKeys::NONE,
+            );
+        }
+    }
+
     /// vLLM's `Request.__lt__` key: priority, then arrival time, then request id.
     pub fn priority_key(&self) -> (i64, u64, &str) {
         (
@@ -163,6 +206,22 @@ impl Requests {
     #[inline]
     pub fn get_mut(&mut self, slot: usize) -> &mut Req {
         self.slots[slot].as_mut().expect("a live request's slot")
+    }
+
+    /// The requests in two different slots.
+    pub fn get_pair_mut(&mut self, a: usize, b: usize) -> (&mut Req, &mut Req) {
+        assert_ne!(a, b, "two different slots");
+        let (lo, hi) = (a.min(b), a.max(b));
+        let (left, right) = self.slots.split_at_mut(hi);
+        let (x, y) = (
+            left[lo].as_mut().expect("a live request's slot"),
+            right[0].as_mut().expect("a live request's slot"),
+        );
+        if a < b {
+            (x, y)
+        } else {
+            (y, x)
+        }
     }
 
     /// Requests in flight.
