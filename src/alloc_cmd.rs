@@ -9,6 +9,7 @@ use gpumem_gpu::{
     check_room, CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject, Scaled,
 };
 use gpumem_sim::alloc_replay::{simulate_all, AllocReport};
+use gpumem_sim::monitor::Thresholds;
 use gpumem_sim::report::render_table;
 use gpumem_sim::spec::{AllocExecuteSpec, AllocSpec, AllocTraceSpec, ExecuteDevice, RunSpec};
 use gpumem_sim::{DefragMode, ReplayConfig};
@@ -79,11 +80,17 @@ pub struct AllocArgs {
     #[arg(long, value_enum, default_value_t = DefragArg::Off)]
     defrag: DefragArg,
 
+    /// Memory-pressure levels: warning at or above WARNING, critical at or above CRITICAL,
+    /// fractions of the capacity reserved (0 < WARNING < CRITICAL <= 1).
+    #[arg(long, value_name = "WARNING,CRITICAL", default_value = "0.75,0.9", value_parser = Thresholds::parse)]
+    pressure_thresholds: Thresholds,
+
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
 
-    /// Write reserved and allocated bytes over time as SVG, one colour per strategy.
+    /// Write reserved and allocated bytes over time as SVG, one colour per strategy, warning
+    /// and critical pressure shaded.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
 
@@ -207,6 +214,7 @@ fn spec_from_args(args: &AllocArgs) -> Result<AllocSpec, String> {
             DefragArg::OnFailure => DefragMode::OnFailure,
         },
         check: args.check,
+        pressure_thresholds: args.pressure_thresholds,
         execute,
         plot: args.plot.clone(),
         export_trace: args.export_trace.clone(),
@@ -230,6 +238,7 @@ pub fn check(spec: &AllocSpec) -> Result<Checked, String> {
     alloc.validate()?;
     let mut config = ReplayConfig::new(alloc);
     config.defrag = spec.defrag;
+    config.pressure = spec.pressure_thresholds;
     if spec.check {
         config.check_every_ops = 1;
     }
@@ -264,7 +273,7 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
     let report = simulate_all(&trace, strategies, config, &|s, n| {
         progress.update(s as usize, n)
     })
-    .map_err(|e| format!("{}:{e}", trace.name))?;
+    .map_err(|e| trace.error_at(e.line, e.reason).to_string())?;
     progress.finish();
     let executed = match &spec.execute {
         Some(execute) => Some(execute_all(
@@ -298,7 +307,12 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
             trace.name,
             gpumem_sim::report::human_bytes(config.alloc.capacity_bytes)
         );
-        let svg = gpumem_sim::plot::reserved_allocated_svg(&title, &report.results);
+        let svg = gpumem_sim::plot::reserved_allocated_svg(
+            &title,
+            &report.results,
+            config.alloc.capacity_bytes,
+            config.pressure,
+        );
         file.write_all_and_commit(svg.as_bytes())?;
     }
     let failed = executed.as_ref().is_some_and(|runs| {
@@ -325,26 +339,44 @@ pub fn parse_faults(inject: &[String]) -> Result<Vec<Inject>, String> {
         .collect()
 }
 
-/// Refuses, before any execution, a run whose simulated peak does not fit what the device has.
-fn check_device_room(simulated: &AllocReport, execute: &AllocExecuteSpec) -> Result<(), String> {
-    let Some(worst) = simulated
+/// Refuses, before any execution, a run the device cannot carry out: a simulated peak above
+/// what the device has available, or a page size its mappings cannot have.
+fn check_device_room(
+    simulated: &AllocReport,
+    config: &ReplayConfig,
+    execute: &AllocExecuteSpec,
+) -> Result<(), String> {
+    let peak = simulated
         .results
         .iter()
-        .max_by_key(|r| r.bytes_reserved_peak)
-    else {
-        return Ok(());
-    };
-    let what = format!("--execute of {}", worst.strategy);
+        .max_by_key(|r| r.bytes_reserved_peak);
+    let what = peak.map_or(String::new(), |r| format!("--execute of {}", r.strategy));
+    let peak_bytes = peak.map_or(0, |r| r.bytes_reserved_peak);
+    let page_bytes = config.alloc.page_bytes;
     match execute.device {
         ExecuteDevice::Host => {
             let mut host = Scaled::new(HostDevice::new(), execute.scale)?;
-            check_room(&mut host, worst.bytes_reserved_peak, &what)
+            check_page(&host, page_bytes)?;
+            check_room(&mut host, peak_bytes, &what)
         }
         ExecuteDevice::Cuda => {
             let mut cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
-            check_room(&mut cuda, worst.bytes_reserved_peak, &what)
+            check_page(&cuda, page_bytes)?;
+            check_room(&mut cuda, peak_bytes, &what)
         }
     }
+}
+
+/// The arena strategies map `--page` at a time: a device maps whole pages of its granularity.
+fn check_page<D: Device>(device: &D, page_bytes: u64) -> Result<(), String> {
+    let granularity = device.granularity_bytes();
+    if page_bytes.is_multiple_of(granularity) {
+        return Ok(());
+    }
+    Err(format!(
+        "--page {page_bytes} is not a multiple of {}'s allocation granularity ({granularity} bytes): every map would be refused",
+        device.name()
+    ))
 }
 
 /// Replays every strategy again, one after the other (real memory is not shared), on the device.
@@ -357,7 +389,7 @@ fn execute_all(
     faults: &[Inject],
     seed: u64,
 ) -> Result<Vec<ExecReport>, String> {
-    check_device_room(simulated, execute)?;
+    check_device_room(simulated, config, execute)?;
     let ops = trace.ops.len() as u64;
     let progress = Progress::new(strategies.len(), ops * strategies.len() as u64);
     let mut runs = Vec::new();
@@ -407,7 +439,7 @@ impl Run<'_> {
         gpumem_sim::replay(self.trace, self.strategy, &config, &mut exec, &mut |done| {
             (self.progress)(done)
         })
-        .map_err(|e| format!("{}:{e}", self.trace.name))?;
+        .map_err(|e| self.trace.error_at(e.line, e.reason).to_string())?;
         Ok(exec.finish())
     }
 }
@@ -599,6 +631,27 @@ fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) 
                 if m.matches { " — a full match" } else { "" }
             ));
         }
+    }
+    out.push_str(&render_pressure(report, config));
+    out
+}
+
+/// Each strategy's memory pressure: reserved bytes against the capacity.
+fn render_pressure(report: &AllocReport, config: &ReplayConfig) -> String {
+    let mut out = format!(
+        "
+pressure (reserved bytes of the capacity; warning, critical at {}):
+",
+        config.pressure
+    );
+    let width = report.results.iter().map(|r| r.strategy.len()).max();
+    for r in &report.results {
+        out.push_str(&format!(
+            "  {:<w$}  {}\n",
+            r.strategy,
+            r.pressure.summary(),
+            w = width.unwrap_or(0)
+        ));
     }
     out
 }

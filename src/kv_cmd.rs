@@ -1,13 +1,15 @@
 //! `gpumem kv`: a request trace through a serving engine's paged KV cache with prefix caching.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::rc::Rc;
 
 use clap::Args;
+use gpumem_core::buffers::SizesChoice;
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
+use gpumem_sim::monitor::Thresholds;
 use gpumem_sim::serve::{
     kv_sizing, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
     ModelProfile, RunInfo, SchedulingPolicy, ServeError, TooLongPrompt,
@@ -18,7 +20,7 @@ use gpumem_sim::spec::{
 };
 use gpumem_sim::{AllocCostModel, SimExecutor};
 use gpumem_traces::serving::generate::{serving_source, ServingParams, ServingRequests};
-use gpumem_traces::serving::{detect_format, RequestStream, WorkloadFormat};
+use gpumem_traces::serving::{RequestStream, WorkloadFormat};
 
 use crate::progress::Progress;
 
@@ -158,6 +160,18 @@ pub struct KvArgs {
     #[arg(long, value_name = "POLICY", default_value = "fcfs", value_parser = SchedulingPolicy::parse)]
     scheduling_policy: SchedulingPolicy,
 
+    /// Memory-pressure levels of the KV pool: warning at or above WARNING, critical at or above
+    /// CRITICAL, fractions of its usable blocks (0 < WARNING < CRITICAL <= 1).
+    #[arg(long, value_name = "WARNING,CRITICAL", default_value = "0.75,0.9", value_parser = Thresholds::parse)]
+    pressure_thresholds: Thresholds,
+
+    /// CUDA-graph capture sizes each step's batch is padded to: `vllm` (vLLM 0.33's defaults),
+    /// `auto` (planned from the run's batch sizes: as many sizes as vLLM's, vLLM's largest,
+    /// the fewest padded tokens), or a list such as 1,2,4,8,16. Reported; padding changes no
+    /// scheduling decision and no step time.
+    #[arg(long, value_name = "vllm|auto|LIST", default_value = "vllm", value_parser = SizesChoice::parse)]
+    cudagraph_sizes: SizesChoice,
+
     /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -194,17 +208,18 @@ fn parse_eviction(s: &str) -> Result<EvictionKind, String> {
 }
 
 pub fn run(args: KvArgs) -> Result<ExitCode, String> {
-    let spec = spec_from_args(&args)?;
+    let (spec, opened) = spec_from_args(&args)?;
     let checked = check(&spec)?;
     if args.print_spec {
         return crate::print_spec(RunSpec::Kv(Box::new(spec)));
     }
-    run_spec(&spec, &checked, args.json)
+    run_opened(&spec, &checked, args.json, opened)
 }
 
 /// The spec the flags make, every default resolved: profiles by name (or inlined from a
-/// file), the pool sized, the scheduler limits of the GPU, the trace's format detected.
-fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
+/// file), the pool sized, the scheduler limits of the GPU, the trace's format detected (with
+/// the trace, opened to tell it, for the run to go on reading).
+fn spec_from_args(args: &KvArgs) -> Result<(KvSpec, Option<OpenedTrace>), String> {
     let gpu_spec = profile_spec(&args.gpu, GpuProfile::resolve, |g| &g.name)?;
     let model_spec = profile_spec(&args.model, ModelProfile::resolve, |m| &m.name)?;
     let (gpu, model) = (gpu_spec.load()?, model_spec.load()?);
@@ -242,8 +257,9 @@ fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
             ),
             None => None,
         };
-    Ok(KvSpec {
-        trace: trace_spec(args)?,
+    let (trace, opened) = trace_spec(args)?;
+    let spec = KvSpec {
+        trace,
         seed: args.seed,
         max_num_seqs: args.max_num_seqs.unwrap_or(gpu.default_max_num_seqs),
         max_num_batched_tokens: args
@@ -262,10 +278,13 @@ fn spec_from_args(args: &KvArgs) -> Result<KvSpec, String> {
         eviction: args.eviction,
         prefix_caching: !args.no_prefix_caching,
         scheduling_policy: args.scheduling_policy,
+        pressure_thresholds: args.pressure_thresholds,
+        cudagraph_sizes: args.cudagraph_sizes.clone(),
         execute,
         step_log: args.step_log.clone(),
         plot: args.plot.clone(),
-    })
+    };
+    Ok((spec, opened))
 }
 
 /// A built-in profile by its canonical name; one from a FILE.ron inlined, so the spec does not
@@ -283,27 +302,67 @@ fn profile_spec<T>(
     })
 }
 
-fn trace_spec(args: &KvArgs) -> Result<KvTraceSpec, String> {
-    Ok(match &args.trace {
-        Some(path) => KvTraceSpec::File {
-            path: path.clone(),
-            format: match args.format {
-                Some(f) => f,
-                // Telling the format reads the input: a pipe could not be read again.
-                None if path.as_os_str() == "-" || !path.is_file() => {
-                    return Err(format!(
-                        "{}: the trace is not a file (a pipe is read once): give --format",
-                        path.display()
-                    ))
-                }
-                None => detect_format(path).map_err(|e| e.to_string())?,
-            },
-            limit: args.limit,
-        },
-        None => KvTraceSpec::Generated {
-            requests: args.limit.unwrap_or(ServingParams::default().requests),
-        },
-    })
+/// The trace's spec, and the trace itself when its format was told from its content: the
+/// stream that read its first line goes on from there, so a pipe, standard input or a FIFO is
+/// read once.
+fn trace_spec(args: &KvArgs) -> Result<(KvTraceSpec, Option<OpenedTrace>), String> {
+    let Some(path) = &args.trace else {
+        let requests = args.limit.unwrap_or(ServingParams::default().requests);
+        return Ok((KvTraceSpec::Generated { requests }, None));
+    };
+    if args.execute.is_some() {
+        // Before anything is read from a pipe.
+        execute_needs_a_file(path)?;
+    }
+    let (format, opened) = match args.format {
+        Some(format) => (format, None),
+        None => {
+            let bytes_read = Rc::default();
+            let stream = open_counted(path, None, args.limit, &bytes_read)?;
+            (stream.format(), Some(OpenedTrace { stream, bytes_read }))
+        }
+    };
+    let spec = KvTraceSpec::File {
+        path: path.clone(),
+        format,
+        limit: args.limit,
+    };
+    Ok((spec, opened))
+}
+
+/// `--execute` runs the trace three times (to report, simulated on the executor, on the
+/// device), reading it from its start each time: it must be a file that can be opened again.
+fn execute_needs_a_file(path: &Path) -> Result<(), String> {
+    if path.as_os_str() == "-" || !path.is_file() {
+        return Err(format!(
+            "{}: --execute reads the trace once per run, three times: give a file, not a pipe or standard input",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A trace opened (and its first line read) to tell its format.
+struct OpenedTrace {
+    stream: RequestStream<'static>,
+    /// Bytes taken from it so far (for progress).
+    bytes_read: Rc<Cell<u64>>,
+}
+
+/// The trace at `path` from its start (`format` None: told from its first line), counting
+/// the bytes read into `bytes_read`.
+fn open_counted(
+    path: &Path,
+    format: Option<WorkloadFormat>,
+    limit: Option<u64>,
+    bytes_read: &Rc<Cell<u64>>,
+) -> Result<RequestStream<'static>, String> {
+    let reader = CountingReader {
+        inner: gpumem_traces::read::open(path).map_err(|e| e.to_string())?,
+        count: bytes_read.clone(),
+    };
+    RequestStream::from_reader(reader, &path.display().to_string(), format, limit)
+        .map_err(|e| e.to_string())
 }
 
 /// A spec, checked: its profiles, how its pool was sized, its faults.
@@ -315,6 +374,9 @@ pub struct Checked {
 /// Everything about a spec that can be wrong before a trace is read.
 pub fn check(spec: &KvSpec) -> Result<Checked, String> {
     let resolved = spec.resolve()?;
+    if let (Some(_), KvTraceSpec::File { path, .. }) = (&spec.execute, &spec.trace) {
+        execute_needs_a_file(path)?;
+    }
     let faults = match &spec.execute {
         Some(e) => crate::alloc_cmd::parse_faults(&e.inject)?,
         None => Vec::new(),
@@ -324,6 +386,17 @@ pub fn check(spec: &KvSpec) -> Result<Checked, String> {
 
 /// Runs a checked spec and prints its report: text, or JSON with `json`.
 pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode, String> {
+    run_opened(spec, checked, json, None)
+}
+
+/// [`run_spec`], its first run reading on from `opened` (the spec's trace, opened to tell
+/// its format) instead of opening the trace again.
+fn run_opened(
+    spec: &KvSpec,
+    checked: &Checked,
+    json: bool,
+    opened: Option<OpenedTrace>,
+) -> Result<ExitCode, String> {
     let KvResolved { gpu, model, sizing } = &checked.resolved;
     let engine = EngineConfig {
         num_gpu_blocks: spec.kv_blocks as u32,
@@ -350,7 +423,7 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
         .as_deref()
         .map(crate::output::AtomicFile::create)
         .transpose()?;
-    let source = Source::new(spec);
+    let source = Source::new(spec, opened);
     let (trace, format) = source.names();
     let info = RunInfo {
         trace,
@@ -368,6 +441,9 @@ pub fn run_spec(spec: &KvSpec, checked: &Checked, json: bool) -> Result<ExitCode
         scheduling_policy: gpumem_sim::spec::Named::name(spec.scheduling_policy).into(),
         kv_sizing: *sizing,
         seed: matches!(spec.trace, KvTraceSpec::Generated { .. }).then_some(spec.seed),
+        pressure_thresholds: spec.pressure_thresholds,
+        cudagraph_sizes: spec.cudagraph_sizes.clone(),
+        cudagraph_bytes_per_graph: model.cudagraph_bytes_per_graph,
     };
     let report = match simulate_with_step_log(&source, engine, &info, spec)? {
         Ok(r) => r,
@@ -400,6 +476,8 @@ struct Source<'s> {
     spec: &'s KvSpec,
     /// Bytes of the trace read so far (for progress), whatever run reads it.
     bytes_read: Rc<Cell<u64>>,
+    /// The trace as format detection left it, for the first run.
+    opened: RefCell<Option<RequestStream<'static>>>,
 }
 
 /// Counts the bytes taken from a reader into a shared cell.
@@ -428,10 +506,15 @@ impl<R: std::io::BufRead> std::io::BufRead for CountingReader<R> {
 }
 
 impl<'s> Source<'s> {
-    fn new(spec: &'s KvSpec) -> Self {
+    fn new(spec: &'s KvSpec, opened: Option<OpenedTrace>) -> Self {
+        let (stream, bytes_read) = match opened {
+            Some(o) => (Some(o.stream), o.bytes_read),
+            None => (None, Rc::default()),
+        };
         Source {
             spec,
-            bytes_read: Rc::default(),
+            bytes_read,
+            opened: RefCell::new(stream),
         }
     }
 
@@ -468,7 +551,8 @@ impl<'s> Source<'s> {
         }
     }
 
-    /// The trace from its start, read lazily (None: the generator's requests).
+    /// The trace from its start, read lazily (None: the generator's requests): the first
+    /// time, the stream that told its format, if one did.
     fn open(&self) -> Result<Option<RequestStream<'static>>, String> {
         let KvTraceSpec::File {
             path,
@@ -478,14 +562,10 @@ impl<'s> Source<'s> {
         else {
             return Ok(None);
         };
-        let reader = CountingReader {
-            inner: gpumem_traces::read::open(path).map_err(|e| e.to_string())?,
-            count: self.bytes_read.clone(),
-        };
-        let stream =
-            RequestStream::from_reader(reader, &path.display().to_string(), Some(*format), *limit)
-                .map_err(|e| e.to_string())?;
-        Ok(Some(stream))
+        if let Some(stream) = self.opened.borrow_mut().take() {
+            return Ok(Some(stream));
+        }
+        open_counted(path, Some(*format), *limit, &self.bytes_read).map(Some)
     }
 
     /// Arrivals for one run over `stream` (None: the generator's). A prompt of
@@ -561,7 +641,7 @@ fn simulate_with_step_log(
 }
 
 /// The run again, on the simulated executor and on the device, for the digests and bytes (the
-/// trace is read again for each run: it must be a file).
+/// trace is read again for each run: [`check`] made sure it is a file).
 fn execute_on_device(
     source: &Source<'_>,
     engine: EngineConfig,
@@ -570,14 +650,6 @@ fn execute_on_device(
     faults: &[Inject],
     seed: u64,
 ) -> Result<(KvReport, SimExecutor, (KvReport, ExecReport)), String> {
-    if let KvTraceSpec::File { path, .. } = &source.spec.trace {
-        if !path.is_file() {
-            return Err(format!(
-                "--execute reads the trace once per run: {} must be a file, not a pipe",
-                path.display()
-            ));
-        }
-    }
     let block_bytes = execute.bytes_per_block;
     let run = |mem: &mut dyn gpumem_core::executor::Executor| {
         let mut stream = source.open().map_err(ServeError::Input)?;
@@ -699,6 +771,12 @@ fn write_plot(file: crate::output::AtomicFile, r: &KvReport) -> Result<(), Strin
         "{} — {} on {} / {}, {} blocks of {}",
         c.trace, c.engine, c.gpu, c.model, r.kv_blocks, c.block_size
     );
-    let svg = gpumem_sim::plot::kv_timeline_svg(&title, &r.series, r.kv_blocks - 1);
+    let svg = gpumem_sim::plot::kv_timeline_svg(
+        &title,
+        &r.series,
+        r.kv_blocks - 1,
+        &r.pressure_periods,
+        c.pressure_thresholds,
+    );
     file.write_all_and_commit(svg.as_bytes())
 }

@@ -39,6 +39,8 @@ An example (gpumem kv --trace conversation_trace.jsonl --limit 200 --kv-blocks 2
       eviction: \"lru\",
       prefix_caching: true,
       scheduling_policy: \"fcfs\",
+      pressure_thresholds: \"0.75,0.9\",
+      cudagraph_sizes: \"vllm\",
       execute: Some((
           device: \"host\",
           bytes_per_block: 4096,

@@ -155,6 +155,18 @@ fn scaling_needs_a_host_execution_and_a_power_of_two() {
         &run(&["--checkpoint-every", "5"]),
         &["--checkpoint-every needs --execute"],
     );
+    // Pages a device cannot map are refused before the run, not as a run of refused maps.
+    assert_clean_error(
+        &run(&[
+            "--execute",
+            "host",
+            "--execute-scale",
+            "64",
+            "--page",
+            "64KiB",
+        ]),
+        &["--page 65536 is not a multiple", "granularity"],
+    );
 }
 
 #[test]

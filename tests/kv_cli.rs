@@ -363,47 +363,45 @@ fn plot_and_step_log_are_written_for_any_format() {
     assert_eq!(first["admitted"][0][0], "r0");
 }
 
-/// A trace read from a pipe (read once, lazily) gives the report the file gives; its format
-/// must be named (telling it would read the pipe).
+/// A trace read from a pipe (read once, lazily) gives the report the file gives, its format
+/// named or told from its first line (which the run then reads on from), as `-` or as
+/// `/dev/stdin`.
 #[test]
 fn a_pipe_is_a_trace_too() {
     let trace = mooncake_conversation();
-    let no_format = gpumem(&["kv", "--trace", "/dev/stdin", "--json"]);
-    assert_clean_error(&no_format, &["/dev/stdin", "give --format"]);
-    let args = [
-        "--format",
-        "mooncake",
-        "--limit",
-        "300",
-        "--kv-blocks",
-        "3000",
-        "--json",
-    ];
+    let args = ["--limit", "300", "--kv-blocks", "3000", "--json"];
     let mut from_file = vec!["kv", "--trace", trace.to_str().unwrap()];
     from_file.extend(args);
     let file = json_report(&from_file);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpumem"))
-        .args(["kv", "--trace", "-"])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    let bytes = std::fs::read(&trace).unwrap();
-    // gpumem stops reading after 300 requests: the rest of the write may find the pipe closed.
-    let writer = std::thread::spawn(move || {
-        let _ = std::io::Write::write_all(&mut pipe, &bytes);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut piped: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(piped["config"]["trace"], "-");
-    piped["config"]["trace"] = file["config"]["trace"].clone();
-    assert_eq!(piped, file);
     assert_eq!(file["requests"], 300);
+    let bytes = std::fs::read(&trace).unwrap();
+    for (name, format) in [("-", Some("mooncake")), ("-", None), ("/dev/stdin", None)] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gpumem"));
+        command.args(["kv", "--trace", name]).args(args);
+        if let Some(format) = format {
+            command.args(["--format", format]);
+        }
+        let mut child = command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = child.stdin.take().unwrap();
+        let bytes = bytes.clone();
+        // gpumem stops reading after 300 requests: the rest of the write may find the pipe
+        // closed.
+        let writer = std::thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut pipe, &bytes);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        assert!(out.status.success(), "{name} {format:?}: {}", stderr(&out));
+        let mut piped: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(piped["config"]["trace"], name.rsplit('/').next().unwrap());
+        piped["config"]["trace"] = file["config"]["trace"].clone();
+        assert_eq!(piped, file, "{name} {format:?}");
+    }
 }
 
 #[test]

@@ -109,6 +109,10 @@ fn a_kv_spec_prints_what_its_flags_print() {
             "--max-num-seqs",
             "16",
             "--no-prefix-caching",
+            "--pressure-thresholds",
+            "0.3,0.5",
+            "--cudagraph-sizes",
+            "auto",
         ],
     ] {
         let report = assert_spec_runs_as_flags(&args);
@@ -329,6 +333,14 @@ fn a_printed_spec_reads_back_to_the_same_text_over_many_flag_combinations() {
         vec!["kv", "--seed", "3", "--limit", "10", "--eviction", "arc"],
         vec![
             "kv",
+            "--pressure-thresholds",
+            "0.5,0.8",
+            "--cudagraph-sizes",
+            "16,1,8",
+        ],
+        vec!["kv", "--cudagraph-sizes", "auto"],
+        vec![
+            "kv",
             "--gpu",
             "a100-80gb",
             "--model",
@@ -398,6 +410,7 @@ fn a_printed_spec_reads_back_to_the_same_text_over_many_flag_combinations() {
             "llama-3.1-8b",
         ],
         vec!["alloc"],
+        vec!["alloc", "--pressure-thresholds", "0.6,1"],
         vec![
             "alloc",
             "--generate",

@@ -7,6 +7,7 @@
 
 pub mod alloc;
 pub mod books;
+pub mod buffers;
 pub mod decision;
 pub mod digest;
 pub mod executor;

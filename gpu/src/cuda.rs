@@ -37,6 +37,9 @@ use crate::pattern::{self, STAGING_BYTES};
 pub const NO_DRIVER: &str =
     "no CUDA driver: libcuda could not be loaded on this machine; use --execute host";
 
+/// The granularity a device without virtual memory management reports (it maps nothing).
+const NOMINAL_GRANULARITY: u64 = 2 << 20;
+
 /// Device bytes kept for copies between overlapping ranges.
 const SCRATCH_BYTES: u64 = 8 << 20;
 
@@ -72,6 +75,8 @@ pub struct CudaDevice {
     name: String,
     cu_device: sys::CUdevice,
     granularity: u64,
+    /// Whether the device supports the virtual memory management API (`cuMemCreate`, …).
+    virtual_memory: bool,
     /// Whether host and device share one address space, so that a pinned host pointer can be
     /// handed to `cuMemcpyAsync` as is (every 64-bit Linux GPU of the last decade; checked).
     unified_addressing: bool,
@@ -108,24 +113,38 @@ impl CudaDevice {
             name,
             cu_device,
             granularity: 0,
+            virtual_memory: false,
             unified_addressing: false,
             staging: Staging::Pageable(Vec::new()),
             scratch: 0,
         };
-        let prop = dev.prop();
-        let mut granularity = 0usize;
-        // SAFETY: both pointers point to live locals of the right types.
-        check(
-            unsafe {
-                sys::cuMemGetAllocationGranularity(
-                    &mut granularity,
-                    &prop,
-                    sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
-                )
-            },
-            || format!("{}: cuMemGetAllocationGranularity", dev.name),
-        )?;
-        dev.granularity = (granularity as u64).max(1);
+        // Some vGPU and WSL setups lack the virtual memory management API: everything but
+        // virtual ranges still runs there.
+        dev.virtual_memory = dev
+            .ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+            )
+            .map_err(|e| driver_error(|| format!("{}: VMM support attribute", dev.name), e))?
+            == 1;
+        dev.granularity = if dev.virtual_memory {
+            let prop = dev.prop();
+            let mut granularity = 0usize;
+            // SAFETY: both pointers point to live locals of the right types.
+            check(
+                unsafe {
+                    sys::cuMemGetAllocationGranularity(
+                        &mut granularity,
+                        &prop,
+                        sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+                    )
+                },
+                || format!("{}: cuMemGetAllocationGranularity", dev.name),
+            )?;
+            (granularity as u64).max(1)
+        } else {
+            NOMINAL_GRANULARITY
+        };
         dev.unified_addressing = dev
             .ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING)
@@ -200,21 +219,30 @@ impl CudaDevice {
         self.regions.span(base, offset, bytes, what)
     }
 
-    /// Unmaps the pages of `[offset, end)`, each mapped on its own by `map_pages`.
-    fn unmap_pages(&self, base: u64, offset: u64, end: u64) -> Result<(), DeviceError> {
+    /// Unmaps the pages of `[offset, end)` of the virtual range `base`, each mapped on its own
+    /// by `map_pages`, and takes each page out of the table once the driver has unmapped it: a
+    /// page the driver fails to unmap stays in the table (still mapped, still owned, freed by a
+    /// later call or at drop). Returns the first error.
+    fn unmap_pages(&mut self, base: u64, offset: u64, end: u64) -> Result<(), DeviceError> {
         let g = self.granularity;
         let mut first_err = Ok(());
         for page in (offset..end).step_by(g as usize) {
             // SAFETY: [base + page, +g) is one whole mapping created by `map_pages`.
             let r = unsafe { sys::cuMemUnmap(base + page, g as usize) };
-            if first_err.is_ok() {
-                first_err = check(r, || format!("{} cuMemUnmap {base:#x}+{page}", self.name));
+            match check(r, || format!("{} cuMemUnmap {base:#x}+{page}", self.name)) {
+                Ok(()) => {
+                    if let Ok(region) = self.regions.get_mut(base, "unmap") {
+                        region.access.remove(page, page + g);
+                    }
+                }
+                Err(e) if first_err.is_ok() => first_err = Err(e),
+                Err(_) => {}
             }
         }
         first_err
     }
 
-    /// Backs the one page at `addr` with a fresh physical allocation, readable and writable.
+    /// Backs the one page at `addr` with a fresh physical allocation (not yet accessible).
     fn map_page(&self, prop: &sys::CUmemAllocationProp, addr: u64) -> Result<(), DeviceError> {
         let g = self.granularity as usize;
         let name = &self.name;
@@ -235,15 +263,7 @@ impl CudaDevice {
             format!("{name} map: cuMemRelease")
         });
         mapped?;
-        let access = sys::CUmemAccessDesc {
-            location: prop.location,
-            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
-        // SAFETY: [addr, addr + g) is the mapping just made; `access` is one valid descriptor.
-        let accessible = check(unsafe { sys::cuMemSetAccess(addr, g, &access, 1) }, || {
-            format!("{name} map: cuMemSetAccess at {addr:#x}")
-        });
-        if let Err(e) = released.and(accessible) {
+        if let Err(e) = released {
             // SAFETY: undo the mapping just made; nothing else refers to it.
             unsafe { sys::cuMemUnmap(addr, g) };
             return Err(e);
@@ -251,17 +271,60 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Maps one physical allocation per page over `[offset, end)`; on failure, unmaps what it
-    /// mapped and reports the error.
+    /// Maps one physical allocation per page over `[offset, end)` (so that any whole pages can
+    /// be unmapped later on their own), then makes the whole range readable and writable with
+    /// one `cuMemSetAccess`. On failure, unmaps what it mapped and reports the error.
     fn map_pages(&self, base: u64, offset: u64, end: u64) -> Result<(), DeviceError> {
         let prop = self.prop();
-        for page in (offset..end).step_by(self.granularity as usize) {
+        let g = self.granularity;
+        let undo = |upto: u64| {
+            for page in (offset..upto).step_by(g as usize) {
+                // SAFETY: each page below `upto` was mapped by `map_page` just now.
+                unsafe { sys::cuMemUnmap(base + page, g as usize) };
+            }
+        };
+        for page in (offset..end).step_by(g as usize) {
             if let Err(e) = self.map_page(&prop, base + page) {
-                let _ = self.unmap_pages(base, offset, page);
+                undo(page);
                 return Err(e);
             }
         }
+        let access = sys::CUmemAccessDesc {
+            location: prop.location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        let bytes = (end - offset) as usize;
+        // SAFETY: [base + offset, base + end) is the run of mappings just made; `access` is one
+        // valid descriptor.
+        let accessible = check(
+            unsafe { sys::cuMemSetAccess(base + offset, bytes, &access, 1) },
+            || {
+                format!(
+                    "{} map: cuMemSetAccess at {:#x}+{bytes}",
+                    self.name,
+                    base + offset
+                )
+            },
+        );
+        if let Err(e) = accessible {
+            undo(end);
+            return Err(e);
+        }
         Ok(())
+    }
+
+    /// Refuses a virtual-range operation on a device without virtual memory management.
+    fn needs_virtual_memory(&self, what: &str) -> Result<(), DeviceError> {
+        if self.virtual_memory {
+            return Ok(());
+        }
+        Err(DeviceError::new(
+            DeviceErrorKind::Unsupported,
+            format!(
+                "{} {what}: the device does not support virtual memory management (cuMemCreate, cuMemMap); strategies that map pages cannot run here, the others can",
+                self.name
+            ),
+        ))
     }
 
     /// Frees the memory of a physical region already taken out of the table.
@@ -387,6 +450,7 @@ impl Device for CudaDevice {
     }
 
     fn reserve_va(&mut self, tier: Tier, bytes: u64) -> Result<u64, DeviceError> {
+        self.needs_virtual_memory("reserve_va")?;
         if tier != Tier::Gpu {
             return Err(DeviceError::new(
                 DeviceErrorKind::Unsupported,
@@ -411,7 +475,9 @@ impl Device for CudaDevice {
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: valid out-pointer; the range is owned by `regions` and freed once.
         check(
-            unsafe { sys::cuMemAddressReserve(&mut ptr, len as usize, 0, 0, 0) },
+            unsafe {
+                sys::cuMemAddressReserve(&mut ptr, len as usize, self.granularity as usize, 0, 0)
+            },
             || {
                 format!(
                     "{} reserve_va of {bytes} bytes (cuMemAddressReserve)",
@@ -425,6 +491,7 @@ impl Device for CudaDevice {
     }
 
     fn map(&mut self, base: u64, offset: u64, bytes: u64) -> Result<(), DeviceError> {
+        self.needs_virtual_memory("map")?;
         self.bind()?;
         let end = self
             .regions
@@ -447,27 +514,29 @@ impl Device for CudaDevice {
         check(unsafe { sys::cuCtxSynchronize() }, || {
             format!("{} unmap: cuCtxSynchronize", self.name)
         })?;
-        self.regions
-            .get_mut(base, "unmap")?
-            .access
-            .remove(offset, end);
         self.unmap_pages(base, offset, end)
     }
 
     fn release_va(&mut self, base: u64) -> Result<(), DeviceError> {
         self.bind()?;
-        let region = self.regions.remove(base, true, "release_va")?;
-        let mut result = Ok(());
-        for (s, l) in region.access.iter() {
-            result = result.and(self.unmap_pages(base, s, s + l));
+        let region = self.regions.get(base, "release_va")?;
+        if !region.is_virtual {
+            return Err(DeviceError::invalid(format!(
+                "{} release_va: {base:#x} is a physical segment",
+                self.name
+            )));
         }
-        // SAFETY: the range came from cuMemAddressReserve with this length, is unmapped now,
-        // and was removed from the table.
-        let freed = check(
-            unsafe { sys::cuMemAddressFree(base, region.len as usize) },
-            || format!("{} release_va {base:#x} (cuMemAddressFree)", self.name),
-        );
-        result.and(freed)
+        let (len, mapped): (u64, Vec<(u64, u64)>) = (region.len, region.access.iter().collect());
+        for (s, l) in mapped {
+            // A page that stays mapped keeps the range in the table: nothing leaks or is lost.
+            self.unmap_pages(base, s, s + l)?;
+        }
+        // SAFETY: the range came from cuMemAddressReserve with this length and is unmapped now.
+        check(unsafe { sys::cuMemAddressFree(base, len as usize) }, || {
+            format!("{} release_va {base:#x} (cuMemAddressFree)", self.name)
+        })?;
+        self.regions.remove(base, true, "release_va")?;
+        Ok(())
     }
 
     fn fill(&mut self, base: u64, offset: u64, bytes: u64, seed: u64) -> Result<(), DeviceError> {

@@ -2,7 +2,9 @@
 //! through several strategies in simulation ([`simulate_all`]).
 //!
 //! The driver owns the mapping from trace ids to allocation ids, classifies failures, samples
-//! statistics after every operation and, on request, defragments when an allocation fails.
+//! statistics after every operation, feeds the memory-pressure monitor the reserved bytes of
+//! every place the books keep after every operation and, on request, defragments when an
+//! allocation fails.
 
 use std::collections::HashMap;
 
@@ -15,7 +17,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::executor::{AllocCostModel, SimExecutor};
+use crate::monitor::{periods, Monitor, Period, PressureReport, Thresholds, WatchId};
 use gpumem_core::executor::Executor;
+use gpumem_core::place::Place;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -36,6 +40,8 @@ pub struct ReplayConfig {
     pub check_every_ops: u64,
     /// Ask the executor to re-check every live block every this many operations (0: never).
     pub checkpoint_every_ops: u64,
+    /// The memory-pressure monitor's thresholds, fractions of each place's capacity.
+    pub pressure: Thresholds,
 }
 
 impl ReplayConfig {
@@ -46,6 +52,7 @@ impl ReplayConfig {
             check_every_ops: 0,
             checkpoint_every_ops: 0,
             progress_every_ops: PROGRESS_EVERY_OPS,
+            pressure: Thresholds::default(),
         }
     }
 }
@@ -97,8 +104,13 @@ pub struct StrategyResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segments_match: Option<SegmentMatch>,
     pub digest: String,
+    /// What the memory-pressure monitor saw: reserved bytes of each place's capacity.
+    pub pressure: PressureReport,
     #[serde(skip)]
     pub timeline: Vec<Sample>,
+    /// Warning and critical periods of every place, bounded (for plots; not in the JSON).
+    #[serde(skip)]
+    pub pressure_periods: Vec<Period>,
 }
 
 /// Bad input met while replaying: the trace is well formed but inconsistent.
@@ -136,6 +148,9 @@ struct Driver<'a, E: Executor> {
     frag_area: f64,
     frag_ops_sum: f64,
     last: (u64, f64),
+    pressure: Monitor,
+    /// The places of the books, in their order, each with its watch.
+    watched: Vec<(Place, WatchId)>,
 }
 
 /// Replays `trace` through `strategy`, carrying its decisions out on `exec`.
@@ -150,6 +165,12 @@ pub fn replay<E: Executor>(
         .alloc
         .validate()
         .map_err(|reason| ReplayError { line: 0, reason })?;
+    let mut pressure = Monitor::new(config.pressure);
+    let watched = exec
+        .books()
+        .accounts()
+        .map(|(place, account)| (place, pressure.watch(place, account.capacity_bytes)))
+        .collect();
     let mut d = Driver {
         alloc: build(strategy, &config.alloc),
         exec,
@@ -161,6 +182,8 @@ pub fn replay<E: Executor>(
         frag_area: 0.0,
         frag_ops_sum: 0.0,
         last: (trace.ops.first().map_or(0, |op| op.t_ns), 0.0),
+        pressure,
+        watched,
     };
     let sample_every = (trace.ops.len() as u64 / TIMELINE_POINTS).max(1);
     for (i, op) in trace.ops.iter().enumerate() {
@@ -247,7 +270,9 @@ pub(crate) fn empty_result(strategy: Strategy) -> StrategyResult {
         modelled: Vec::new(),
         segments_match: None,
         digest: String::new(),
+        pressure: Monitor::new(Thresholds::default()).report("reserved-bytes"),
         timeline: Vec::new(),
+        pressure_periods: Vec::new(),
     }
 }
 
@@ -331,6 +356,10 @@ impl<E: Executor> Driver<'_, E> {
 
     fn observe(&mut self, t_ns: u64, sample: bool) {
         let books = self.exec.books();
+        for &(place, watch) in &self.watched {
+            let reserved = books.account(place).reserved_bytes;
+            self.pressure.observe(watch, t_ns, reserved);
+        }
         let (reserved, allocated) = (books.reserved_bytes(), books.allocated_bytes);
         let free = self.alloc.free_summary();
         let frag = free.external_fragmentation();
@@ -384,6 +413,14 @@ impl<E: Executor> Driver<'_, E> {
             }
         }
         r.digest = self.exec.digest().hex();
+        r.pressure = self.pressure.report("reserved-bytes");
+        let end_ns = self.pressure.last_ns();
+        let per_place: Vec<Vec<Period>> = self
+            .watched
+            .iter()
+            .map(|&(place, _)| periods(self.pressure.history(place), end_ns))
+            .collect();
+        r.pressure_periods = crate::monitor::merge_periods(&per_place);
         self.result
     }
 }

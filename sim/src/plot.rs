@@ -5,12 +5,17 @@
 //! 0, 200, 400 ms), so a reader never has to decode 4.12 GiB or 7004. Long series are reduced
 //! to the points a pixel column can show (first, last, lowest and highest of each column), so
 //! a plot's size is bounded whatever the number of samples and peaks are never lost.
+//!
+//! Memory pressure is shaded behind the lines: amber while at warning level, red while
+//! critical (the monitor's periods, each window at its worst level), with the two thresholds
+//! as dashed lines where they fall inside the axis.
 
 use plotters::coord::ranged1d::{KeyPointHint, NoDefaultFormatting, Ranged, ValueFormatter};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::alloc_replay::{Sample, StrategyResult};
+use crate::monitor::{merge_periods, Level, Period, Thresholds};
 use crate::serve::TimelinePoint;
 
 const WIDTH_PX: u32 = 960;
@@ -39,6 +44,10 @@ const COLOURS: [RGBColor; 8] = [
 const GREY: RGBColor = RGBColor(0x55, 0x55, 0x55);
 /// Lines are slightly transparent so that one drawn over another still shows it.
 const LINE_OPACITY: f64 = 0.85;
+/// Pressure shading: amber for warning, red for critical, light enough to read lines over.
+const WARNING_COLOUR: RGBColor = RGBColor(0xf2, 0xa9, 0x00);
+const CRITICAL_COLOUR: RGBColor = RGBColor(0xd6, 0x27, 0x28);
+const SHADE_OPACITY: f64 = 0.16;
 
 const BYTE_UNITS: [(&str, f64); 7] = [
     ("B", 1.0),
@@ -432,9 +441,93 @@ fn render_svg(height_px: u32, draw: impl FnOnce(&Area) -> Result<(), DrawError>)
     svg
 }
 
+/// Half way from `c` to white: a legend swatch about the shade's colour.
+fn towards_white(c: RGBColor) -> RGBColor {
+    let mix = |v: u8| ((v as u16 + 255) / 2) as u8;
+    RGBColor(mix(c.0), mix(c.1), mix(c.2))
+}
+
+/// Memory pressure to shade on a plot: the warning and critical periods (ns on the plot's own
+/// clock) and the thresholds, fractions of `capacity` in the plot's y unit.
+#[derive(Clone, Copy, Debug)]
+pub struct Pressure<'a> {
+    pub periods: &'a [Period],
+    pub thresholds: Thresholds,
+    /// What the thresholds are fractions of (bytes, blocks), in the y axis' base unit.
+    pub capacity: u64,
+}
+
+impl Pressure<'_> {
+    fn colour(level: Level) -> RGBColor {
+        match level {
+            Level::Critical => CRITICAL_COLOUR,
+            _ => WARNING_COLOUR,
+        }
+    }
+
+    /// Shades the periods, `t0_ns` being the x axis' 0, over the chart's whole height.
+    fn shade(&self, chart: &mut Chart, x: &Axis, y: &Axis, t0_ns: u64) -> Result<(), DrawError> {
+        let at = |t_ns: u64| {
+            x.position(t_ns.saturating_sub(t0_ns) as f64)
+                .clamp(0.0, x.top)
+        };
+        let boxes = self.periods.iter().filter_map(|p| {
+            let (from, to) = (at(p.start_ns), at(p.end_ns));
+            let fill = Self::colour(p.level).mix(SHADE_OPACITY).filled();
+            (to > from).then(|| Rectangle::new([(from, 0.0), (to, y.top)], fill))
+        });
+        chart.draw_series(boxes)?;
+        Ok(())
+    }
+
+    /// The two thresholds as dashed lines (those inside the y axis), and the shading's legend.
+    fn thresholds(
+        &self,
+        chart: &mut Chart,
+        legend: &mut Legend,
+        x: &Axis,
+        y: &Axis,
+    ) -> Result<(), DrawError> {
+        let levels = [
+            (Level::Warning, self.thresholds.warning_ppm()),
+            (Level::Critical, self.thresholds.critical_ppm()),
+        ];
+        for (level, ppm) in levels {
+            let value = self.capacity as f64 * ppm as f64 / 1e6;
+            let colour = Self::colour(level);
+            let line = LineStyle {
+                colour,
+                width_px: 1,
+                dashed: true,
+                marker: None,
+            };
+            let label = format!("{} ≥ {}%", level.name(), ppm as f64 / 1e4);
+            if y.position(value) <= y.top {
+                let points = [(0.0, y.position(value)), (x.top, y.position(value))];
+                draw_line(chart, legend, &points, line, None, (0, 1))?;
+            }
+            // A thick stroke in the legend stands for the shading.
+            let swatch = LineStyle {
+                colour: towards_white(colour),
+                width_px: 8,
+                dashed: false,
+                marker: None,
+            };
+            legend.push((label, swatch));
+        }
+        Ok(())
+    }
+}
+
 /// Reserved (solid, with markers) and allocated (thin, dashed) bytes over trace time, one colour
-/// per strategy, time counted from the first sample.
-pub fn reserved_allocated_svg(title: &str, results: &[StrategyResult]) -> String {
+/// per strategy, time counted from the first sample; pressure (reserved bytes of
+/// `capacity_bytes`) shaded where any strategy was at warning or critical level.
+pub fn reserved_allocated_svg(
+    title: &str,
+    results: &[StrategyResult],
+    capacity_bytes: u64,
+    thresholds: Thresholds,
+) -> String {
     let samples = || results.iter().flat_map(|r| &r.timeline);
     let t_first_ns = samples().map(|s| s.t_ns).min().unwrap_or(0);
     let t_last_ns = samples().map(|s| s.t_ns).max().unwrap_or(0);
@@ -444,6 +537,13 @@ pub fn reserved_allocated_svg(title: &str, results: &[StrategyResult]) -> String
         .unwrap_or(0);
     let x = Axis::time_ns((t_last_ns - t_first_ns) as f64);
     let y = Axis::bytes(bytes_max as f64);
+    let periods: Vec<Vec<Period>> = results.iter().map(|r| r.pressure_periods.clone()).collect();
+    let periods = merge_periods(&periods);
+    let pressure = Pressure {
+        periods: &periods,
+        thresholds,
+        capacity: capacity_bytes,
+    };
     let line = |r: &StrategyResult, bytes: fn(&Sample) -> u64| {
         let points = r.timeline.iter().map(|s| {
             let t_ns = (s.t_ns - t_first_ns) as f64;
@@ -456,6 +556,7 @@ pub fn reserved_allocated_svg(title: &str, results: &[StrategyResult]) -> String
         let time_name = "trace time since the first operation";
         let mut chart = chart_on(&plot_area, &clean_title(title), 20, (&x, &y), time_name)?;
         let mut legend = Legend::new();
+        pressure.shade(&mut chart, &x, &y, t_first_ns)?;
         for (i, r) in results.iter().enumerate() {
             let reserved = LineStyle::solid(COLOURS[i % COLOURS.len()], Some(i));
             let allocated = LineStyle {
@@ -479,6 +580,7 @@ pub fn reserved_allocated_svg(title: &str, results: &[StrategyResult]) -> String
             ..LineStyle::solid(GREY, None)
         };
         legend.push(("allocated".into(), allocated));
+        pressure.thresholds(&mut chart, &mut legend, &x, &y)?;
         draw_legend(&legend_area, &legend, 50)
     })
 }
@@ -493,9 +595,21 @@ fn hit_rate(p: &TimelinePoint) -> f64 {
 }
 
 /// Three stacked panels over simulated time: KV blocks in use (against the `usable_blocks`
-/// line), running and waiting requests, and the prefix-cache hit rate so far (re-admissions
-/// included). Takes any number of samples, per step or already downsampled.
-pub fn kv_timeline_svg(title: &str, samples: &[TimelinePoint], usable_blocks: u64) -> String {
+/// line and the pressure thresholds), running and waiting requests, and the prefix-cache hit
+/// rate so far (re-admissions included), each with the KV pool's warning and critical periods
+/// shaded. Takes any number of samples, per step or already downsampled.
+pub fn kv_timeline_svg(
+    title: &str,
+    samples: &[TimelinePoint],
+    usable_blocks: u64,
+    periods: &[Period],
+    thresholds: Thresholds,
+) -> String {
+    let pressure = Pressure {
+        periods,
+        thresholds,
+        capacity: usable_blocks,
+    };
     let t_last_ns = samples.iter().map(|p| p.t_us).max().unwrap_or(0) as f64 * 1e3;
     let x = Axis::time_ns(t_last_ns);
     let x_of = |p: &TimelinePoint| x.position(p.t_us as f64 * 1e3);
@@ -525,6 +639,7 @@ pub fn kv_timeline_svg(title: &str, samples: &[TimelinePoint], usable_blocks: u6
         let (plot_area, legend_area, caption, y) = panel(0, "KV blocks in use", &blocks);
         let mut chart = chart_on(&plot_area, &caption, 17, (&x, &y), time_name)?;
         let mut legend = Legend::new();
+        pressure.shade(&mut chart, &x, &y, 0)?;
         let used = line(&y, |p| p.kv_blocks_used as f64);
         draw_line(
             &mut chart,
@@ -552,11 +667,13 @@ pub fn kv_timeline_svg(title: &str, samples: &[TimelinePoint], usable_blocks: u6
             Some(format!("usable: {usable_blocks}")),
             (0, 1),
         )?;
+        pressure.thresholds(&mut chart, &mut legend, &x, &y)?;
         draw_legend(&legend_area, &legend, 40)?;
 
         let (plot_area, legend_area, caption, y) = panel(1, "requests", &requests);
         let mut chart = chart_on(&plot_area, &caption, 17, (&x, &y), time_name)?;
         let mut legend = Legend::new();
+        pressure.shade(&mut chart, &x, &y, 0)?;
         let running = line(&y, |p| p.running as f64);
         draw_line(
             &mut chart,
@@ -580,6 +697,7 @@ pub fn kv_timeline_svg(title: &str, samples: &[TimelinePoint], usable_blocks: u6
         let (plot_area, legend_area, caption, y) = panel(2, "prefix-cache hit rate so far", &rate);
         let mut chart = chart_on(&plot_area, &caption, 17, (&x, &y), time_name)?;
         let mut legend = Legend::new();
+        pressure.shade(&mut chart, &x, &y, 0)?;
         let hits = line(&y, hit_rate);
         draw_line(
             &mut chart,
@@ -732,7 +850,8 @@ mod tests {
             result("tlsf", sawtooth(500, (4.12 * GIB) as u64)),
             result("buddy", sawtooth(500, (4.12 * GIB) as u64)),
         ];
-        let svg = reserved_allocated_svg("trace & <more>", &results);
+        let svg =
+            reserved_allocated_svg("trace & <more>", &results, 80 << 30, Thresholds::default());
         let texts = texts(&svg);
         for tick in ["0", "1 GiB", "4 GiB", "5 GiB", "100 ms", "500 ms"] {
             assert!(texts.iter().any(|t| t == tick), "no tick {tick}: {texts:?}");
@@ -757,15 +876,15 @@ mod tests {
             result("pool", sawtooth(7, 1 << 20)),
         ];
         assert_eq!(
-            reserved_allocated_svg("t", &results),
-            reserved_allocated_svg("t", &results)
+            reserved_allocated_svg("t", &results, 80 << 30, Thresholds::default()),
+            reserved_allocated_svg("t", &results, 80 << 30, Thresholds::default())
         );
         let samples: Vec<TimelinePoint> = (0..5000)
             .map(|i| kv_point(i * 700, i % 900, i % 13))
             .collect();
         assert_eq!(
-            kv_timeline_svg("k", &samples, 1000),
-            kv_timeline_svg("k", &samples, 1000)
+            kv_timeline_svg("k", &samples, 1000, &[], Thresholds::default()),
+            kv_timeline_svg("k", &samples, 1000, &[], Thresholds::default())
         );
     }
 
@@ -773,11 +892,22 @@ mod tests {
     fn empty_and_single_point_inputs_give_complete_svgs() {
         let lone = [result("tlsf", sawtooth(1, 1 << 20))];
         for svg in [
-            reserved_allocated_svg("empty", &[]),
-            reserved_allocated_svg("no samples", &[result("tlsf", Vec::new())]),
-            reserved_allocated_svg("one sample", &lone),
-            kv_timeline_svg("empty", &[], 0),
-            kv_timeline_svg("one step", &[kv_point(5, 3, 1)], 10),
+            reserved_allocated_svg("empty", &[], 80 << 30, Thresholds::default()),
+            reserved_allocated_svg(
+                "no samples",
+                &[result("tlsf", Vec::new())],
+                80 << 30,
+                Thresholds::default(),
+            ),
+            reserved_allocated_svg("one sample", &lone, 80 << 30, Thresholds::default()),
+            kv_timeline_svg("empty", &[], 0, &[], Thresholds::default()),
+            kv_timeline_svg(
+                "one step",
+                &[kv_point(5, 3, 1)],
+                10,
+                &[],
+                Thresholds::default(),
+            ),
         ] {
             assert!(
                 svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
@@ -786,7 +916,7 @@ mod tests {
             assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
         }
         // A lone sample would be an invisible line: it is marked.
-        let svg = reserved_allocated_svg("one sample", &lone);
+        let svg = reserved_allocated_svg("one sample", &lone, 80 << 30, Thresholds::default());
         assert!(svg.contains("<circle"), "{svg}");
     }
 
@@ -795,7 +925,7 @@ mod tests {
         let samples: Vec<TimelinePoint> = (0..2000)
             .map(|i| kv_point(i * 1000, i % 7004, i % 37))
             .collect();
-        let svg = kv_timeline_svg("kv", &samples, 7004);
+        let svg = kv_timeline_svg("kv", &samples, 7004, &[], Thresholds::default());
         let texts = texts(&svg);
         for text in [
             "used",
@@ -816,11 +946,46 @@ mod tests {
     }
 
     #[test]
+    fn pressure_is_shaded_behind_the_lines_with_its_thresholds() {
+        let samples: Vec<TimelinePoint> = (0..100).map(|i| kv_point(i * 1000, i * 10, 0)).collect();
+        let period = |start_ns, end_ns, level| Period {
+            start_ns,
+            end_ns,
+            level,
+        };
+        let periods = [
+            period(75_000_000, 90_000_000, Level::Warning),
+            period(90_000_000, 99_000_000, Level::Critical),
+        ];
+        let svg = kv_timeline_svg("kv", &samples, 1000, &periods, Thresholds::default());
+        let texts = texts(&svg);
+        for text in ["warning ≥ 75%", "critical ≥ 90%"] {
+            assert!(texts.iter().any(|t| t == text), "no {text}: {texts:?}");
+        }
+        // Three panels, each with both periods shaded.
+        let shades = |colour: RGBColor| {
+            let fill = format!(
+                "opacity=\"0.16\" fill=\"#{:02X}{:02X}{:02X}\"",
+                colour.0, colour.1, colour.2
+            );
+            svg.matches(&fill).count()
+        };
+        assert_eq!(
+            (shades(WARNING_COLOUR), shades(CRITICAL_COLOUR)),
+            (3, 3),
+            "{svg}"
+        );
+        let calm = kv_timeline_svg("kv", &samples, 1000, &[], Thresholds::default());
+        assert!(!calm.contains("opacity=\"0.16\""));
+    }
+
+    #[test]
     fn control_characters_in_titles_are_replaced_and_long_titles_cut() {
         assert_eq!(clean_title("a\u{1b}]0;x\u{7}b"), "a\u{fffd}]0;x\u{fffd}b");
         let long = "x".repeat(10_000);
         assert_eq!(clean_title(&long).chars().count(), TITLE_MAX_CHARS + 1);
-        let svg = reserved_allocated_svg("a\u{1b}[31mred\u{0}", &[]);
+        let svg =
+            reserved_allocated_svg("a\u{1b}[31mred\u{0}", &[], 80 << 30, Thresholds::default());
         assert!(!svg.chars().any(|c| c.is_control() && c != '\n'), "{svg}");
     }
 
@@ -835,7 +1000,12 @@ mod tests {
         ];
         std::fs::write(
             dir.join("gpumem-alloc-example.svg"),
-            reserved_allocated_svg("demo — capacity 80 GiB", &results),
+            reserved_allocated_svg(
+                "demo — capacity 80 GiB",
+                &results,
+                80 << 30,
+                Thresholds::default(),
+            ),
         )
         .unwrap();
         let samples: Vec<TimelinePoint> = (0..20000)
@@ -843,7 +1013,7 @@ mod tests {
             .collect();
         std::fs::write(
             dir.join("gpumem-kv-example.svg"),
-            kv_timeline_svg("kv demo", &samples, 7004),
+            kv_timeline_svg("kv demo", &samples, 7004, &[], Thresholds::default()),
         )
         .unwrap();
     }

@@ -29,6 +29,7 @@ use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 use gpumem_core::alloc::Strategy;
+use gpumem_core::buffers::SizesChoice;
 use gpumem_core::kv::eviction::EvictionKind;
 use gpumem_traces::serving::import::parse_decimal;
 use gpumem_traces::serving::WorkloadFormat;
@@ -36,6 +37,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::alloc_replay::DefragMode;
+use crate::monitor::Thresholds;
 use crate::serve::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS};
 use crate::serve::SchedulingPolicy;
 use crate::serve::{kv_sizing, CostModel, GpuProfile, KvSizing, ModelProfile, Roofline};
@@ -69,6 +71,9 @@ pub struct AllocSpec {
     pub defrag: DefragMode,
     /// Walk every strategy's full invariants after every operation.
     pub check: bool,
+    /// The memory-pressure monitor's warning and critical fractions of the capacity, as
+    /// `--pressure-thresholds` takes them (`"0.75,0.9"`).
+    pub pressure_thresholds: Thresholds,
     /// Also carry the decisions out on real memory.
     pub execute: Option<AllocExecuteSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,6 +140,12 @@ pub struct KvSpec {
     pub prefix_caching: bool,
     #[serde(with = "names::one")]
     pub scheduling_policy: SchedulingPolicy,
+    /// The memory-pressure monitor's warning and critical fractions of the KV pool, as
+    /// `--pressure-thresholds` takes them (`"0.75,0.9"`).
+    pub pressure_thresholds: Thresholds,
+    /// CUDA-graph capture sizes as `--cudagraph-sizes` takes them: `"vllm"`, `"auto"` or a
+    /// list (`"1,2,4,8"`).
+    pub cudagraph_sizes: SizesChoice,
     /// Also run the KV pool on real memory.
     pub execute: Option<KvExecuteSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -686,6 +697,7 @@ impl KvSpec {
         if self.max_model_len == 0 {
             return Err("max_model_len must be at least 1".into());
         }
+        self.cudagraph_sizes.check(self.max_num_batched_tokens)?;
         Ok(KvResolved { gpu, model, sizing })
     }
 

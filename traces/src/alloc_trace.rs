@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::error::{Location, TraceError};
+
 /// Largest size (bytes) any importer accepts for one allocation, segment or block: 2^50 (1 PiB).
 /// Anything larger is an error, never an attempt.
 pub const MAX_BYTES: u64 = 1 << 50;
@@ -110,6 +112,23 @@ pub struct TraceSummary {
 }
 
 impl AllocTrace {
+    /// Where an operation is in the trace's source, from its [`AllocOp::line`]: a line of a
+    /// JSON Lines file, an event of a torch snapshot's device trace (never shown as a line),
+    /// an op of a generated or synthesised trace; 0 is the trace as a whole.
+    pub fn locate(&self, line: u64) -> Location {
+        match (line, self.source) {
+            (0, _) => Location::File,
+            (n, TraceSource::Jsonl) => Location::Line(n),
+            (n, TraceSource::TorchTrace) => Location::Event(n),
+            (n, TraceSource::TorchState | TraceSource::Generated) => Location::Op(n),
+        }
+    }
+
+    /// An error at operation `line` of the trace (see [`locate`](Self::locate)).
+    pub fn error_at(&self, line: u64, reason: impl Into<String>) -> TraceError {
+        TraceError::new(&self.name, self.locate(line), reason)
+    }
+
     /// An empty trace of the given name and source.
     pub fn new(name: impl Into<String>, source: TraceSource) -> Self {
         AllocTrace {
@@ -186,6 +205,29 @@ mod tests {
             line: t,
             kind,
         }
+    }
+
+    #[test]
+    fn an_event_of_a_snapshot_never_reads_as_a_line() {
+        let at = |source, line| {
+            AllocTrace::new("f", source)
+                .error_at(line, "id 3 is already live")
+                .to_string()
+        };
+        assert_eq!(at(TraceSource::Jsonl, 21), "f:21: id 3 is already live");
+        assert_eq!(
+            at(TraceSource::TorchTrace, 21),
+            "f: event 21: id 3 is already live"
+        );
+        assert_eq!(
+            at(TraceSource::TorchState, 21),
+            "f: op 21: id 3 is already live"
+        );
+        assert_eq!(
+            at(TraceSource::Generated, 2),
+            "f: op 2: id 3 is already live"
+        );
+        assert_eq!(at(TraceSource::Jsonl, 0), "f: id 3 is already live");
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //! the limit of 2^50`.
 
 use crate::alloc_trace::{AllocOp, AllocTrace, OpKind, TraceSource, MAX_BYTES};
-use crate::error::TraceError;
+use crate::error::{echo, TraceError};
 use crate::read::LineReader;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -128,14 +128,8 @@ const FIELDS: [&str; 6] = ["t_ns", "op", "id", "bytes", "stream", "pinned"];
 /// One non-blank line → (t_ns, op).
 fn parse_line(text: &str) -> Result<(u64, OpKind), String> {
     // Syntax check without building a value.
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| {
-        let msg = e.to_string();
-        let msg = match msg.rfind(" at line ") {
-            Some(k) => &msg[..k],
-            None => &msg,
-        };
-        format!("malformed JSON: {msg} (column {})", e.column())
-    })?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|e| crate::error::json_reason(&e, "malformed JSON"))?;
     if !text.starts_with('{') {
         return Err(format!("expected a JSON object, found {}", json_type(text)));
     }
@@ -144,10 +138,10 @@ fn parse_line(text: &str) -> Result<(u64, OpKind), String> {
     let mut vals: [Option<&str>; 6] = [None; 6];
     for (key, value) in raw {
         let Some(k) = FIELDS.iter().position(|f| *f == key) else {
-            return Err(format!("unknown field '{}'", key.escape_debug()));
+            return Err(format!("unknown field '{}'", echo(&key)));
         };
         if vals[k].is_some() {
-            return Err(format!("duplicate field '{key}'"));
+            return Err(format!("duplicate field '{}'", echo(&key)));
         }
         vals[k] = Some(value);
     }
@@ -164,7 +158,7 @@ fn parse_line(text: &str) -> Result<(u64, OpKind), String> {
         other => {
             return Err(format!(
                 "unknown op '{}' (expected alloc, free or empty_cache)",
-                other.escape_debug()
+                echo(other)
             ))
         }
     };
@@ -192,7 +186,8 @@ fn parse_line(text: &str) -> Result<(u64, OpKind), String> {
             let stream = match stream {
                 Some(raw) => {
                     let s = uint(raw, "stream")?;
-                    u32::try_from(s).map_err(|_| format!("stream {raw} does not fit in 32 bits"))?
+                    u32::try_from(s)
+                        .map_err(|_| format!("stream {} does not fit in 32 bits", echo(raw)))?
                 }
                 None => 0,
             };
@@ -231,16 +226,16 @@ fn uint(raw: &str, name: &str) -> Result<u64, String> {
         ));
     }
     if raw.contains(['.', 'e', 'E']) {
-        return Err(format!("{name} {raw} is not an integer"));
+        return Err(format!("{name} {} is not an integer", echo(raw)));
     }
     if let Some(digits) = raw.strip_prefix('-') {
         if digits.bytes().all(|c| c == b'0') {
             return Ok(0);
         }
-        return Err(format!("{name} {raw} is negative"));
+        return Err(format!("{name} {} is negative", echo(raw)));
     }
     raw.parse::<u64>()
-        .map_err(|_| format!("{name} {raw} does not fit in 64 bits"))
+        .map_err(|_| format!("{name} {} does not fit in 64 bits", echo(raw)))
 }
 
 /// "a string", "a number", ... from a JSON value's first character.

@@ -24,7 +24,7 @@ pub mod serving;
 pub mod torch;
 
 pub use alloc_trace::*;
-pub use error::{Location, TraceError};
+pub use error::{echo, Location, TraceError};
 
 use std::path::Path;
 

@@ -304,12 +304,9 @@ fn opname(op: u8) -> &'static str {
     }
 }
 
-/// Shortens and sanitises text taken from the input for an error message.
+/// Text taken from the input, as an error message shows it ([`crate::error::echo_bytes`]).
 fn excerpt(b: &[u8]) -> String {
-    let s = String::from_utf8_lossy(&b[..b.len().min(80)]);
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    crate::error::echo_bytes(b)
 }
 
 /// Decodes a little-endian two's-complement integer of any width, if it fits in 128 bits.

@@ -22,9 +22,9 @@ mod tests;
 use std::io::BufRead;
 use std::path::Path;
 
-use serde_json::Value;
+use serde::de::IgnoredAny;
 
-use crate::error::TraceError;
+use crate::error::{echo, json_reason, TraceError};
 pub use stream::{LineParser, RequestStream, MAX_LINE_BYTES, MAX_REQUESTS, REORDER_WINDOW};
 
 /// The contract's token expansion constants.
@@ -338,7 +338,8 @@ impl WorkloadFormat {
     }
 
     /// The format of a file whose first non-blank line is `first_line`: JSON Lines by their
-    /// keys, CSV by their header.
+    /// keys (values are skipped unread, so a huge or odd value never decides), CSV by their
+    /// header.
     pub fn detect(path: &Path, line: u64, first_line: &str) -> Result<WorkloadFormat, TraceError> {
         let undecided = |why: &str| {
             let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
@@ -353,26 +354,34 @@ impl WorkloadFormat {
         };
         let text = first_line.trim();
         if text.starts_with('{') {
-            let v: Value = serde_json::from_str(text)
-                .map_err(|e| undecided(&format!("the first line is not JSON: {e}")))?;
-            let has = |k: &str| v.get(k).is_some();
-            return if has("chat_id") || has("parent_chat_id") {
+            let keys: TopKeys = serde_json::from_str(text)
+                .map_err(|e| undecided(&json_reason(&e, "the first line is not a JSON object")))?;
+            let has = |k: &str| keys.has(k);
+            return if has("t_ns") && has("op") {
+                Err(TraceError::at_line(
+                    path,
+                    line,
+                    "this is an allocation trace (gpumem JSON Lines), not a request trace: `gpumem alloc --trace` reads it",
+                ))
+            } else if has("chat_id") || has("parent_chat_id") {
                 Ok(WorkloadFormat::QwenBailian)
             } else if has("arrival_us") || has("id") || has("prompt") {
                 Ok(WorkloadFormat::Conformance)
             } else if has("timestamp") && has("hash_ids") {
                 Ok(WorkloadFormat::Mooncake)
             } else {
-                Err(undecided("unknown JSON keys"))
+                Err(undecided(&if keys.first.is_empty() {
+                    "a JSON object with none of their keys".to_string()
+                } else {
+                    format!("unknown JSON keys: {}", keys.first)
+                }))
             };
         }
-        let header: Vec<&str> = text
-            .split(',')
-            .map(|c| c.trim().trim_matches('"'))
-            .collect();
-        if header.contains(&"ContextTokens") {
+        let mut header = csv::StringRecord::new();
+        import::csv_fields(text, &mut header).map_err(|m| undecided(&m))?;
+        if header.iter().any(|c| c == "ContextTokens") {
             Ok(WorkloadFormat::Azure)
-        } else if header.contains(&"Request tokens") {
+        } else if header.iter().any(|c| c == "Request tokens") {
             Ok(WorkloadFormat::BurstGpt)
         } else {
             Err(undecided("neither JSON Lines nor a known CSV header"))
@@ -380,19 +389,82 @@ impl WorkloadFormat {
     }
 }
 
-/// The format of the trace at `path`, told from its first non-blank line.
-pub fn detect_format(path: &Path) -> Result<WorkloadFormat, TraceError> {
-    let input = std::fs::File::open(path)
-        .map(std::io::BufReader::new)
-        .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))?;
-    let mut lines = crate::read::LineReader::new(input, path);
-    while let Some(line) = lines.next_line() {
-        let line = line?;
-        if !line.is_blank() {
-            return WorkloadFormat::detect(path, line.number, line.text);
-        }
+/// The top-level keys of a JSON object that format detection looks for, every value skipped
+/// unparsed ([`IgnoredAny`]: a number of any size, a list of millions, all just read past).
+#[derive(Default)]
+struct TopKeys {
+    /// Bit `i`: [`DETECTION_KEYS`]`[i]` is present.
+    found: u32,
+    /// The first few keys, echoed, for a line of unknown keys.
+    first: String,
+}
+
+/// Every key [`WorkloadFormat::detect`] asks about.
+const DETECTION_KEYS: [&str; 9] = [
+    "chat_id",
+    "parent_chat_id",
+    "arrival_us",
+    "id",
+    "prompt",
+    "timestamp",
+    "hash_ids",
+    "t_ns",
+    "op",
+];
+
+impl TopKeys {
+    fn has(&self, key: &str) -> bool {
+        DETECTION_KEYS
+            .iter()
+            .position(|k| *k == key)
+            .is_some_and(|i| self.found & (1 << i) != 0)
     }
-    Err(TraceError::in_file(path, "the file is empty"))
+}
+
+impl<'de> serde::Deserialize<'de> for TopKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TopKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<TopKeys, A::Error> {
+                const SHOWN_KEYS: usize = 3;
+                let mut keys = TopKeys::default();
+                let mut shown = 0;
+                while let Some(key) = map.next_key::<String>()? {
+                    match DETECTION_KEYS.iter().position(|k| *k == key) {
+                        Some(i) => keys.found |= 1 << i,
+                        None if shown < SHOWN_KEYS => {
+                            if shown > 0 {
+                                keys.first.push_str(", ");
+                            }
+                            keys.first.push_str(&format!("\"{}\"", echo(&key)));
+                            shown += 1;
+                        }
+                        None if shown == SHOWN_KEYS => {
+                            keys.first.push_str(", …");
+                            shown += 1;
+                        }
+                        None => {}
+                    }
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Ok(keys)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// The format of the trace at `path`, told from its first non-blank line (read once: a pipe
+/// is read up to that line, and what it held is then gone).
+pub fn detect_format(path: &Path) -> Result<WorkloadFormat, TraceError> {
+    Ok(RequestStream::open(path, None, Some(0))?.format())
 }
 
 /// Reads a workload file in `format`, or in the format [`detect_format`] finds; at most

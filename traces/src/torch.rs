@@ -30,7 +30,7 @@
 //!   within 64 bits; a missing required key is an error naming it.
 
 use crate::alloc_trace::{AllocOp, AllocTrace, OpKind, RecordedSegment, TraceSource, MAX_BYTES};
-use crate::error::TraceError;
+use crate::error::{echo, TraceError};
 use crate::pickle::{self, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -360,7 +360,7 @@ fn read_segments(
             let live = match state {
                 "active_allocated" | "active_pending_free" | "active_awaiting_free" => true,
                 "inactive" => false,
-                other => return Err(at(format!("unknown block state '{other}'"))),
+                other => return Err(at(format!("unknown block state '{}'", echo(other)))),
             };
             // Only a live block's requested size is used (inactive ones may hold stale values).
             let requested = match b.get("requested_size") {

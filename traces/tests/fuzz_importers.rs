@@ -3,7 +3,10 @@
 //! error — never a panic — and must stay within a bounded amount of memory.
 //!
 //! The serving traces go through their streaming reader ([`RequestStream`]), with the format
-//! given and detected.
+//! given and detected: samples of every format, and any window of every real Mooncake and
+//! Azure trace; besides what every importer must do, their messages must be safe to print
+//! (the file named, no control character, at most [`MAX_MESSAGE_BYTES`]) and their warnings
+//! few.
 
 use std::path::{Path, PathBuf};
 
@@ -82,7 +85,40 @@ enum Mutation {
         to: usize,
         len: usize,
     },
+    /// Inserts a piece of text that importers have choked on, or that a terminal obeys.
+    Hostile {
+        at: usize,
+        which: usize,
+    },
+    /// Repeats a run of the file many times over (long lines, many fields or keys).
+    Repeat {
+        from: usize,
+        len: usize,
+        times: usize,
+    },
 }
+
+/// What [`Mutation::Hostile`] inserts.
+const HOSTILE: [&[u8]; 18] = [
+    b"\x1b]0;owned\x07",
+    b"\x1b[31m",
+    b"\0",
+    b"0e2147483647",
+    b"1e400",
+    b"99999999999999999999999",
+    b"4294967297",
+    b"\xef\xbb\xbf",
+    b"\"",
+    b"\"\"",
+    b",",
+    b"\n",
+    b"\r\n",
+    b"{",
+    b"]",
+    b"\xff\xfe",
+    b"\\u001b",
+    b"\xe2\x80\xae",
+];
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     let at = any::<usize>();
@@ -93,6 +129,12 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (at, 1usize..64).prop_map(|(at, len)| Mutation::Delete { at, len }),
         at.prop_map(|at| Mutation::Truncate { at }),
         (at, at, 1usize..256).prop_map(|(from, to, len)| Mutation::Splice { from, to, len }),
+        (at, 0..HOSTILE.len()).prop_map(|(at, which)| Mutation::Hostile { at, which }),
+        (at, 1usize..64, 1usize..20_000).prop_map(|(from, len, times)| Mutation::Repeat {
+            from,
+            len,
+            times
+        }),
     ]
 }
 
@@ -119,6 +161,21 @@ fn mutate(original: &[u8], edits: &[Mutation]) -> Vec<u8> {
                 let len = (*len).min(n - from).min(n - to);
                 let run = b[from..from + len].to_vec();
                 b[to..to + len].copy_from_slice(&run);
+            }
+            Mutation::Hostile { at, which } => {
+                let at = at % (n + 1);
+                b.splice(at..at, HOSTILE[*which].iter().copied());
+            }
+            Mutation::Repeat { from, len, times } => {
+                let from = from % n;
+                let run = b[from..(from + len).min(n)].to_vec();
+                let copies: Vec<u8> = run
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(run.len() * times)
+                    .collect();
+                b.splice(from..from, copies);
             }
         }
     }
@@ -188,22 +245,92 @@ fn serving_samples() -> Vec<(&'static str, WorkloadFormat, Vec<u8>)> {
     ]
 }
 
-/// Reads every request of `bytes` as `name` (format given or detected); a refusal names the
-/// file.
-fn read_serving(name: &str, format: Option<WorkloadFormat>, bytes: &[u8]) -> Result<(), String> {
-    let stream = match RequestStream::from_reader(bytes, name, format, None) {
-        Ok(s) => s,
-        Err(e) if e.to_string().contains(name) => return Ok(()),
-        Err(e) => return Err(e.to_string()),
-    };
-    for r in stream {
-        match r {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains(name) => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        }
+/// Longest error or warning a serving trace may produce: input is echoed cut short.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// A message as a terminal may show it: naming the file when it is an error, no control
+/// character, no bidirectional override, bounded.
+fn check_message(name: &str, message: &str, is_error: bool) -> Result<(), String> {
+    if is_error && !message.starts_with(name) {
+        return Err(format!("does not name {name}: {message:?}"));
+    }
+    if message
+        .chars()
+        .any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c))
+    {
+        return Err(format!("raw control text: {message:?}"));
+    }
+    if message.len() > MAX_MESSAGE_BYTES {
+        return Err(format!("{} bytes: {}…", message.len(), &message[..200]));
     }
     Ok(())
+}
+
+/// Reads every request of `bytes` as `name` (format given or detected): a refusal names the
+/// file, and every message is safe to print (see [`check_message`]).
+fn read_serving(name: &str, format: Option<WorkloadFormat>, bytes: &[u8]) -> Result<(), String> {
+    let mut stream = match RequestStream::from_reader(bytes, name, format, None) {
+        Ok(s) => s,
+        Err(e) => return check_message(name, &e.to_string(), true),
+    };
+    for r in &mut stream {
+        if let Err(e) = r {
+            check_message(name, &e.to_string(), true)?;
+            break;
+        }
+    }
+    // Unknown fields: a few by name, then one count (plus the skipped rows' count).
+    if stream.warnings().len() > 10 {
+        return Err(format!("{} warnings", stream.warnings().len()));
+    }
+    for w in stream.warnings() {
+        check_message(name, w, false)?;
+    }
+    Ok(())
+}
+
+/// The real request traces of the shared set: every Mooncake JSON Lines file and every Azure
+/// CSV, each with its format and its lines.
+fn real_serving_traces() -> &'static [(String, WorkloadFormat, Vec<String>)] {
+    static TRACES: std::sync::OnceLock<Vec<(String, WorkloadFormat, Vec<String>)>> =
+        std::sync::OnceLock::new();
+    TRACES.get_or_init(|| {
+        let mut traces = Vec::new();
+        for (dir, ext, format) in [
+            ("mooncake", "jsonl", WorkloadFormat::Mooncake),
+            ("azure-llm-2023", "csv", WorkloadFormat::Azure),
+        ] {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(shared_traces().join(dir))
+                .unwrap_or_else(|e| panic!("{dir}: {e}"))
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == ext))
+                .collect();
+            files.sort();
+            for path in files {
+                let text = String::from_utf8(real(&path)).expect("a text trace");
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                traces.push((name, format, text.lines().map(str::to_owned).collect()));
+            }
+        }
+        assert!(traces.len() >= 4, "{} real request traces", traces.len());
+        traces
+    })
+}
+
+/// `count` lines of a real trace from line `start` on (wrapping), after its header if it has
+/// one: any part of the file, not only its head.
+fn window(lines: &[String], format: WorkloadFormat, start: usize, count: usize) -> Vec<u8> {
+    let csv = matches!(format, WorkloadFormat::Azure | WorkloadFormat::BurstGpt);
+    let (header, body) = if csv {
+        (&lines[..1], &lines[1..])
+    } else {
+        (&lines[..0], lines)
+    };
+    header
+        .iter()
+        .chain(body.iter().cycle().skip(start % body.len()).take(count))
+        .flat_map(|l| format!("{l}\n").into_bytes())
+        .collect()
 }
 
 proptest! {
@@ -217,6 +344,24 @@ proptest! {
     ) {
         let (name, format, sample) = &serving_samples()[which];
         let bytes = mutate(sample, &edits);
+        let format = (!detect).then_some(*format);
+        read_serving(name, format, &bytes).map_err(TestCaseError::fail)?;
+        assert_bounded();
+    }
+
+    /// Any window of every real Mooncake and Azure trace, mutated, read with its format given
+    /// or told from its content.
+    #[test]
+    fn real_request_traces_mutated_never_panic(
+        edits in proptest::collection::vec(mutation(), 1..6),
+        which in any::<usize>(),
+        start in any::<usize>(),
+        count in 1usize..40,
+        detect in any::<bool>(),
+    ) {
+        let traces = real_serving_traces();
+        let (name, format, lines) = &traces[which % traces.len()];
+        let bytes = mutate(&window(lines, *format, start, count), &edits);
         let format = (!detect).then_some(*format);
         read_serving(name, format, &bytes).map_err(TestCaseError::fail)?;
         assert_bounded();

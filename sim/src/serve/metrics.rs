@@ -1,11 +1,15 @@
 //! What a run measures while it runs, in memory that does not grow with its steps: per
 //! finished request the three latencies its percentiles need (exact, nearest-rank over all
-//! requests), and the state over time as a bounded series that keeps the last state of each
-//! time window, the window doubling whenever the series is full.
+//! requests), the state over time as a bounded series that keeps the last state of each
+//! time window, the window doubling whenever the series is full, the memory-pressure monitor
+//! fed with the KV pool's usage after every step, and each step's CUDA-graph padding.
 
-use super::report::{Percentiles, TimelinePoint};
+use crate::monitor::{periods, Monitor, Period, WatchId};
+
+use super::cudagraph::GraphPadding;
+use super::report::{Percentiles, RunInfo, TimelinePoint};
 use super::step::StepRecord;
-use super::vllm::RequestOutcome;
+use super::vllm::{EngineConfig, RequestOutcome, KV_SEGMENT};
 
 /// What a run measures besides the driver's totals, step by logged step.
 #[derive(Clone, Debug)]
@@ -21,11 +25,22 @@ pub struct Measured {
     pub hit_tokens: u64,
     pub query_tokens: u64,
     pub scheduled_tokens: u64,
+    /// Fed with the KV blocks in use of the usable ones (vLLM's `kv_cache_usage`).
+    pub pressure: Monitor,
+    kv_watch: WatchId,
+    pub cudagraph: GraphPadding,
     usable_blocks: u64,
 }
 
 impl Measured {
-    pub fn new(num_gpu_blocks: u32) -> Self {
+    /// Measurements of a run of an engine with `cfg`, configured by `info` (the pressure
+    /// thresholds, the CUDA-graph sizes).
+    pub fn new(cfg: &EngineConfig, info: &RunInfo) -> Self {
+        let usable_blocks = cfg.num_gpu_blocks as u64 - 1;
+        let mut pressure = Monitor::new(info.pressure_thresholds);
+        let kv_watch = pressure.watch(KV_SEGMENT.place, usable_blocks);
+        // The pool is empty when the clock starts.
+        pressure.observe(kv_watch, 0, 0);
         Measured {
             latencies: Latencies::default(),
             series: Series::default(),
@@ -36,26 +51,46 @@ impl Measured {
             hit_tokens: 0,
             query_tokens: 0,
             scheduled_tokens: 0,
-            usable_blocks: num_gpu_blocks as u64 - 1,
+            pressure,
+            kv_watch,
+            cudagraph: GraphPadding::new(
+                &info.cudagraph_sizes,
+                cfg,
+                info.cudagraph_bytes_per_graph,
+            ),
+            usable_blocks,
         }
     }
 
-    /// Takes in a logged step.
+    /// Takes in a logged step (a step that is not logged changes no usage and runs no batch).
     pub fn observe(&mut self, rec: &StepRecord) {
         rec.outcomes.iter().for_each(|o| self.latencies.record(o));
+        let scheduled = rec.scheduled_tokens();
+        let kv_blocks_used = self.usable_blocks - rec.free_blocks as u64;
         self.hit_tokens += rec.admitted_hit_tokens();
         self.query_tokens += rec.admitted_tokens;
-        self.scheduled_tokens += rec.scheduled_tokens();
+        self.scheduled_tokens += scheduled;
         self.running_peak = self.running_peak.max(rec.running);
         self.waiting_peak = self.waiting_peak.max(rec.waiting);
+        self.pressure
+            .observe(self.kv_watch, rec.end_ns, kv_blocks_used);
+        self.cudagraph.observe(scheduled);
         self.series.push(TimelinePoint {
             t_us: rec.end_ns / 1000,
-            kv_blocks_used: self.usable_blocks - rec.free_blocks as u64,
+            kv_blocks_used,
             running: rec.running,
             waiting: rec.waiting,
             prefix_hit_tokens: self.hit_tokens,
             prefix_query_tokens: self.query_tokens,
         });
+    }
+}
+
+impl Measured {
+    /// The KV pool's warning and critical periods up to the last step.
+    pub fn pressure_periods(&self) -> Vec<Period> {
+        let m = &self.pressure;
+        periods(m.history(KV_SEGMENT.place), m.last_ns())
     }
 }
 

@@ -8,7 +8,9 @@
 //!   arrival, one engine step at a time; [`arrivals`]: a trace read lazily on its way in;
 //!   [`step`]: what a step is given and what it did;
 //! - [`simulate`](mod@simulate): `gpumem kv`'s run (driver + measurements + step log);
-//!   [`metrics`]: latencies and the bounded time series; [`report`]: the report and its text;
+//!   [`metrics`]: latencies, the bounded time series and the memory-pressure monitor's feed;
+//!   [`cudagraph`]: each step's batch padded to a CUDA-graph size; [`report`]: the report and
+//!   its text;
 //! - [`conformance`]: the contract's config and runner; [`step_log`]: its step log;
 //! - [`profile`]: GPU and model profiles and KV sizing; [`cost`]: the cost models;
 //!   [`error`]: why a run did not complete; [`workload`]: the workload types and limits.
@@ -16,6 +18,7 @@
 pub mod arrivals;
 pub mod conformance;
 pub mod cost;
+pub mod cudagraph;
 pub mod driver;
 pub mod error;
 pub mod metrics;
@@ -30,6 +33,7 @@ pub mod workload;
 pub use arrivals::{Arrivals, TooLongPrompt};
 pub use conformance::{run_conformance, run_conformance_files, ConformanceConfig};
 pub use cost::{CostModel, Roofline, StepWork};
+pub use cudagraph::{CudagraphReport, GraphPadding};
 pub use driver::{drive, DriveOptions, RunSummary};
 pub use error::ServeError;
 pub use gpumem_traces::TraceError;

@@ -153,6 +153,11 @@ pub struct ModelProfile {
     pub max_model_len: u64,
     /// Memory vLLM keeps besides weights and KV (activation peak, CUDA graphs, non-torch).
     pub activation_reserve_bytes: u64,
+    /// Memory of one captured CUDA graph (an estimate; vLLM logs its own as "Estimated CUDA
+    /// graph memory"). Reported with the capture sizes; it is part of
+    /// `activation_reserve_bytes`, so it does not size the KV pool. 0 when a file leaves it out.
+    #[serde(default)]
+    pub cudagraph_bytes_per_graph: u64,
 }
 
 impl ModelProfile {

@@ -7,9 +7,13 @@
 
 use serde::Serialize;
 
+use gpumem_core::buffers::SizesChoice;
+
+use super::cudagraph::CudagraphReport;
 use super::driver::RunSummary;
 use super::metrics::Measured;
 use super::profile::KvSizing;
+use crate::monitor::{Period, PressureReport, Thresholds};
 use crate::report::human_bytes;
 
 /// Nearest-rank percentiles of integer samples (0 when there are none).
@@ -73,6 +77,13 @@ pub struct RunInfo {
     /// How the pool was sized from the GPU and model (absent with --kv-blocks).
     pub kv_sizing: Option<KvSizing>,
     pub seed: Option<u64>,
+    /// The memory-pressure monitor's thresholds (`--pressure-thresholds`).
+    pub pressure_thresholds: Thresholds,
+    /// The CUDA-graph capture sizes (`--cudagraph-sizes`).
+    pub cudagraph_sizes: SizesChoice,
+    /// The model profile's memory per captured graph (reported in `cudagraph.graph_bytes`).
+    #[serde(skip)]
+    pub cudagraph_bytes_per_graph: u64,
 }
 
 /// Points of the timeline in the JSON report.
@@ -123,6 +134,10 @@ pub struct KvReport {
     /// Prefix hits an executor refused because the block did not hold what it should (0 when
     /// simulated).
     pub prefix_hits_refused: u64,
+    /// What the memory-pressure monitor saw of the KV pool (blocks used of the usable ones).
+    pub pressure: PressureReport,
+    /// Each step's batch padded to a CUDA-graph size; the static input buffers.
+    pub cudagraph: CudagraphReport,
     pub config: RunInfo,
     /// The state at [`TIMELINE_POINTS`] evenly spaced times.
     pub timeline: Vec<TimelinePoint>,
@@ -130,6 +145,9 @@ pub struct KvReport {
     /// (for plots; not in the JSON).
     #[serde(skip)]
     pub series: Vec<TimelinePoint>,
+    /// The warning and critical periods of the KV pool, bounded (for plots; not in the JSON).
+    #[serde(skip)]
+    pub pressure_periods: Vec<Period>,
 }
 
 /// `num / den` in parts per million, as a float for the report.
@@ -176,6 +194,7 @@ impl KvReport {
             pc.queries + pc.preempted_queries,
         );
         let series = m.series.points().to_vec();
+        let pressure_periods = m.pressure_periods();
         KvReport {
             requests: sum.requests + m.rejected,
             requests_finished: sum.requests_finished,
@@ -203,9 +222,12 @@ impl KvReport {
             waiting_peak: m.waiting_peak,
             digest: sum.digest.clone(),
             prefix_hits_refused: m.prefix_hits_refused,
+            pressure: m.pressure.report("kv-blocks"),
+            cudagraph: m.cudagraph.report(),
             config: info,
             timeline: downsample(&series, TIMELINE_POINTS),
             series,
+            pressure_periods,
         }
     }
 }
@@ -338,6 +360,15 @@ pub fn render_text(r: &KvReport) -> String {
             r.waiting_peak
         ),
     );
+    line(
+        "pressure",
+        format!(
+            "{} (thresholds {} of usable blocks)",
+            r.pressure.summary(),
+            r.pressure.thresholds
+        ),
+    );
+    line("CUDA graphs", r.cudagraph.summary());
     line(
         "time",
         format!(

@@ -40,7 +40,7 @@ pub fn simulate_on(
         engine.place(mem, block_bytes)?;
     }
     let mut writer = StepLogWriter::new();
-    let mut measured = Measured::new(cfg.num_gpu_blocks);
+    let mut measured = Measured::new(&cfg, &info);
     let sum = drive(
         &mut engine,
         arrivals,

@@ -10,8 +10,10 @@ use super::{
     KvExecuteSpec, KvSpec, KvTraceSpec, Named, ProfileSpec, RunSpec, MAX_SPEC_BYTES,
 };
 use crate::alloc_replay::DefragMode;
+use crate::monitor::Thresholds;
 use crate::serve::profile::LinkSpec;
 use crate::serve::{kv_sizing, GpuProfile, ModelProfile, SchedulingPolicy};
+use gpumem_core::buffers::SizesChoice;
 
 fn pick<T: Named + std::fmt::Debug>() -> impl Strategy<Value = T> {
     proptest::sample::select(T::all())
@@ -39,6 +41,21 @@ fn alloc_trace() -> impl Strategy<Value = AllocTraceSpec> {
     ]
 }
 
+fn thresholds() -> impl Strategy<Value = Thresholds> {
+    (1u64..1_000_000)
+        .prop_flat_map(|w| (Just(w), w + 1..=1_000_000))
+        .prop_map(|(w, c)| Thresholds::new(w, c).unwrap())
+}
+
+fn cudagraph_sizes() -> impl Strategy<Value = SizesChoice> {
+    prop_oneof![
+        Just(SizesChoice::Vllm),
+        Just(SizesChoice::Auto),
+        proptest::collection::btree_set(1u64..=u64::MAX, 1..6)
+            .prop_map(|s| SizesChoice::List(s.into_iter().collect())),
+    ]
+}
+
 fn alloc_spec() -> impl Strategy<Value = AllocSpec> {
     let execute = proptest::option::of((device(), any::<u64>(), any::<u64>(), faults()).prop_map(
         |(device, checkpoint_every, scale, inject)| AllocExecuteSpec {
@@ -54,7 +71,7 @@ fn alloc_spec() -> impl Strategy<Value = AllocSpec> {
         proptest::collection::vec(pick::<AllocStrategy>(), 0..8),
         (any::<u64>(), any::<u64>(), any::<u64>()),
         pick::<DefragMode>(),
-        any::<bool>(),
+        (any::<bool>(), thresholds()),
         execute,
         proptest::option::of(path()),
         proptest::option::of(path()),
@@ -66,7 +83,7 @@ fn alloc_spec() -> impl Strategy<Value = AllocSpec> {
                 strategy,
                 (capacity, alignment, page),
                 defrag,
-                check,
+                (check, pressure_thresholds),
                 execute,
                 plot,
                 export,
@@ -80,6 +97,7 @@ fn alloc_spec() -> impl Strategy<Value = AllocSpec> {
                     page_bytes: page,
                     defrag,
                     check,
+                    pressure_thresholds,
                     execute,
                     plot,
                     export_trace: export,
@@ -132,7 +150,7 @@ fn gpu_profile() -> impl Strategy<Value = GpuProfile> {
 fn model_profile() -> impl Strategy<Value = ModelProfile> {
     (
         "[a-z0-9./-]{1,16}",
-        proptest::collection::vec(any::<u64>(), 8),
+        proptest::collection::vec(any::<u64>(), 9),
     )
         .prop_map(|(name, n)| ModelProfile {
             name,
@@ -145,6 +163,7 @@ fn model_profile() -> impl Strategy<Value = ModelProfile> {
             dtype_bytes: n[5],
             max_model_len: n[6],
             activation_reserve_bytes: n[7],
+            cudagraph_bytes_per_graph: n[8],
         })
 }
 
@@ -211,6 +230,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
             any::<bool>(),
             pick::<SchedulingPolicy>(),
         ),
+        (thresholds(), cudagraph_sizes()),
         (
             execute,
             proptest::option::of(path()),
@@ -222,6 +242,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
                 (trace, seed, gpu, model),
                 (kv_blocks, gpu_memory_utilization, n),
                 (cost, eviction, prefix_caching, scheduling_policy),
+                (pressure_thresholds, cudagraph_sizes),
                 (execute, step_log, plot),
             )| KvSpec {
                 trace,
@@ -239,6 +260,8 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
                 eviction,
                 prefix_caching,
                 scheduling_policy,
+                pressure_thresholds,
+                cudagraph_sizes,
                 execute,
                 step_log,
                 plot,
@@ -283,6 +306,8 @@ fn kv_text() -> String {
         eviction: EvictionKind::Lru,
         prefix_caching: true,
         scheduling_policy: SchedulingPolicy::Fcfs,
+        pressure_thresholds: Thresholds::default(),
+        cudagraph_sizes: SizesChoice::Vllm,
         execute: None,
         step_log: None,
         plot: None,
@@ -373,6 +398,16 @@ fn a_bad_value_is_named_with_its_line_and_the_known_ones() {
             "execute:",
             "    execute: Some((device: \"tpu\", bytes_per_block: 1, inject: [])),",
             "known: host, cuda",
+        ),
+        (
+            "pressure_thresholds:",
+            "    pressure_thresholds: \"0.9,0.75\",",
+            "0 < WARNING < CRITICAL <= 1",
+        ),
+        (
+            "cudagraph_sizes:",
+            "    cudagraph_sizes: \"1,0\",",
+            "'0' is not a batch size",
         ),
     ] {
         let (text, at) = kv_with(field, line);
@@ -465,6 +500,7 @@ fn relative_paths_resolve_against_the_spec_file() {
         page_bytes: 2 << 20,
         defrag: DefragMode::Off,
         check: false,
+        pressure_thresholds: Thresholds::default(),
         execute: None,
         plot: Some("/abs/plot.svg".into()),
         export_trace: Some("out.jsonl".into()),
@@ -545,6 +581,7 @@ fn an_alloc_spec_names_each_strategy_once() {
         page_bytes: 2 << 20,
         defrag: DefragMode::Off,
         check: false,
+        pressure_thresholds: Thresholds::default(),
         execute: None,
         plot: None,
         export_trace: None,

@@ -134,11 +134,11 @@ fn errors_name_file_line_and_reason() {
         ),
         (
             r#"{"t_ns": 2, "op": "free" "id": 1}"#,
-            "t.jsonl:2: malformed JSON: expected `,` or `}` (column 26)",
+            "t.jsonl:2: column 26: malformed JSON: expected `,` or `}`",
         ),
         (
             r#"{"t_ns": 2, "op": "free", "id": 1"#,
-            "t.jsonl:2: malformed JSON: EOF while parsing an object (column 33)",
+            "t.jsonl:2: column 33: malformed JSON: EOF while parsing an object",
         ),
     ];
     for (line, want) in cases {
@@ -289,4 +289,29 @@ proptest! {
     fn arbitrary_lines_never_panic(s in "[{}\\[\\]\":,0-9a-z_ .e\\-\n#]{0,200}") {
         let _ = parse_str("fuzz.jsonl", &s);
     }
+}
+
+#[test]
+fn input_in_errors_is_escaped_and_cut() {
+    let hostile =
+        "{\"t_ns\": 0, \"op\": \"alloc\", \"id\": 1, \"bytes\": 1, \"\\u001b]0;x\\u0007\": 1}";
+    assert_eq!(err(hostile), "t.jsonl:1: unknown field '\\u{1b}]0;x\\u{7}'");
+    let long_key = format!(
+        "{{\"t_ns\": 0, \"op\": \"free\", \"{}\": 1}}",
+        "k".repeat(1 << 20)
+    );
+    let e = err(&long_key);
+    assert!(e.len() < 200 && e.ends_with("… (1048576 bytes)'"), "{e}");
+    let digits = format!(
+        "{{\"t_ns\": 0, \"op\": \"free\", \"id\": 1{}.5}}",
+        "0".repeat(1 << 20)
+    );
+    let e = err(&digits);
+    assert!(e.len() < 200 && e.contains("is not an integer"), "{e}");
+    let op = "{\"t_ns\": 0, \"op\": \"\\u0000\\u001b[2J\"}";
+    assert!(
+        err(op).starts_with("t.jsonl:1: unknown op '\\0\\u{1b}[2J'"),
+        "{}",
+        err(op)
+    );
 }

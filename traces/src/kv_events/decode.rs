@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::msgpack::{self, Decoder, Node, Value};
-use crate::error::{Location, TraceError};
+use crate::error::{json_reason, Location, TraceError};
 use crate::read::LineReader;
 use gpumem_core::kv::index::{EventHash, KvCacheEvent};
 
@@ -207,7 +207,7 @@ fn for_each_jsonl_event(
         let fail = |r: String| line.error(r);
         let text = line.text.trim();
         let json: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| fail(format!("bad JSON: {e}")))?;
+            serde_json::from_str(text).map_err(|e| fail(json_reason(&e, "bad JSON")))?;
         let mut budget = MAX_VALUES_PER_BATCH;
         let node = from_json(json, &mut budget, 0).ok_or_else(|| {
             fail(format!(

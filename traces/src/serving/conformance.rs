@@ -2,17 +2,17 @@
 //! with the same checks as vLLM's oracle: ids unique, arrivals in order, every prompt
 //! non-empty, generated token ids within 32 bits.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 
 use serde_json::{Map, Value};
 
-use super::import::warn_unknown;
+use super::import::UnknownFields;
 use super::stream::{LineParser, Record, Timing};
 use super::{
     Prompt, WorkloadRequest, DEFAULT_HASH_BLOCK, GEN_BASE, GEN_STRIDE, MAX_ARRIVAL_US,
     MAX_PROMPT_TOKENS,
 };
-use crate::error::TraceError;
+use crate::error::{echo, json_reason, TraceError};
 
 const KNOWN: [&str; 8] = [
     "id",
@@ -51,7 +51,7 @@ fn fingerprint(id: &str) -> u128 {
 pub(super) struct Conformance {
     source: String,
     seen: HashSet<u128>,
-    warned: BTreeSet<String>,
+    unknown: UnknownFields,
     last_arrival: u64,
     requests: u64,
 }
@@ -61,7 +61,7 @@ impl Conformance {
         Conformance {
             source: source.to_string(),
             seen: HashSet::new(),
-            warned: BTreeSet::new(),
+            unknown: UnknownFields::new("workload"),
             last_arrival: 0,
             requests: 0,
         }
@@ -73,7 +73,7 @@ impl Conformance {
             _ => return Err("'id' must be a non-empty string".into()),
         };
         if !self.seen.insert(fingerprint(&id)) {
-            return Err(format!("duplicate id {id:?}"));
+            return Err(format!("duplicate id \"{}\"", echo(&id)));
         }
         let arrival_us = req_u64(r, "arrival_us", 0)?;
         if arrival_us > MAX_ARRIVAL_US {
@@ -202,11 +202,11 @@ impl LineParser for Conformance {
         warnings: &mut Vec<String>,
     ) -> Result<Option<Record>, TraceError> {
         let err = |m: String| TraceError::at_line(&self.source, line, m);
-        let v: Value = serde_json::from_str(text).map_err(|e| err(format!("bad JSON: {e}")))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| err(json_reason(&e, "bad JSON")))?;
         let Value::Object(r) = v else {
             return Err(err("each line must be a JSON object".into()));
         };
-        warn_unknown(&r, &KNOWN, &mut self.warned, warnings, "workload");
+        self.unknown.check(&r, &KNOWN, warnings);
         let request = self
             .request(&r, line)
             .map_err(|m| TraceError::at_line(&self.source, line, m))?;
@@ -215,6 +215,11 @@ impl LineParser for Conformance {
             time: request.arrival_us,
             request,
         }))
+    }
+
+    fn finish(&mut self, warnings: &mut Vec<String>) -> Result<(), TraceError> {
+        self.unknown.finish(warnings);
+        Ok(())
     }
 
     fn timing(&self) -> Timing {

@@ -23,51 +23,111 @@ use super::stream::{LineParser, Record, RequestStream, Timing};
 use super::{
     Prompt, Workload, WorkloadFormat, WorkloadRequest, DEFAULT_HASH_BLOCK, MAX_PROMPT_TOKENS,
 };
-use crate::error::TraceError;
+use crate::error::{echo, json_reason, TraceError};
 
 pub use super::stream::MAX_REQUESTS;
 /// Qwen-Bailian's hash block.
 pub const QWEN_HASH_BLOCK: u64 = 16;
 
+/// Largest exponent, in magnitude, that a decimal may carry: a 64-bit float never prints one
+/// beyond ±324, and past ±40 a value is 0 or beyond 64 bits whatever its digits. A larger one
+/// is refused rather than worked through (`0e2147483647` once took seconds a field).
+pub const MAX_DECIMAL_EXPONENT: u32 = 400;
+
+/// Why a text is not a decimal that [`decimal`] can read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecimalError {
+    /// Not digits with an optional fraction and exponent (a sign on the number included).
+    NotANumber,
+    /// An exponent beyond ±[`MAX_DECIMAL_EXPONENT`].
+    ExponentTooLarge,
+    /// The value does not fit in 64 bits.
+    TooLarge,
+}
+
+impl std::fmt::Display for DecimalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DecimalError::NotANumber => "is not a non-negative decimal number",
+            DecimalError::ExponentTooLarge => {
+                "has an exponent beyond ±400 (gpumem's limit, MAX_DECIMAL_EXPONENT)"
+            }
+            DecimalError::TooLarge => "does not fit in 64 bits",
+        })
+    }
+}
+
 /// `text` (digits, an optional fraction, an optional exponent; no sign) times `10^scale`,
-/// truncated. None when it is not such a number or does not fit in 64 bits.
+/// truncated. None when it is not such a number or does not fit in 64 bits ([`decimal`] says
+/// which).
 pub fn parse_decimal(text: &str, scale: u32) -> Option<u64> {
-    let (mantissa, exp) = match text.split_once(['e', 'E']) {
-        Some((m, e)) => (m, e.strip_prefix('+').unwrap_or(e).parse::<i32>().ok()?),
-        None => (text, 0),
-    };
+    decimal(text, scale).ok()
+}
+
+/// [`parse_decimal`] with the reason of a refusal. Time is linear in the text's length,
+/// whatever its exponent: an exponent beyond ±[`MAX_DECIMAL_EXPONENT`] is refused as read,
+/// and at most 20 digits are ever multiplied out.
+pub fn decimal(text: &str, scale: u32) -> Result<u64, DecimalError> {
+    let (mantissa, exponent) = text.split_once(['e', 'E']).unwrap_or((text, "0"));
     let (whole, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if whole.is_empty() && frac.is_empty()
-        || !whole
-            .bytes()
-            .chain(frac.bytes())
-            .all(|b| b.is_ascii_digit())
-    {
-        return None;
+    let is_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() && frac.is_empty() || !is_digits(whole) || !is_digits(frac) {
+        return Err(DecimalError::NotANumber);
     }
-    // value = digits * 10^(shift)
-    let digits = format!("{whole}{frac}");
-    let digits = digits.trim_start_matches('0');
-    let shift = exp as i64 + scale as i64 - frac.len() as i64;
+    let exponent = decimal_exponent(exponent)?;
+    // value = significant digits * 10^shift
+    let significant: Vec<u8> = whole
+        .bytes()
+        .chain(frac.bytes())
+        .skip_while(|&b| b == b'0')
+        .collect();
+    if significant.is_empty() {
+        return Ok(0);
+    }
+    let shift = exponent + scale as i64 - frac.len() as i64;
+    // Digits left of the point once shifted; the rest are truncated away.
+    let kept = (significant.len() as i64).saturating_add(shift.min(0));
+    if kept <= 0 {
+        return Ok(0);
+    }
+    // The first significant digit is not 0: 21 digits or more are at least 10^20 > 2^64.
+    if kept + shift.max(0) > 20 {
+        return Err(DecimalError::TooLarge);
+    }
     let mut v: u128 = 0;
-    let keep = if shift < 0 {
-        digits.len().saturating_sub((-shift) as usize)
-    } else {
-        digits.len()
+    for &b in &significant[..kept as usize] {
+        v = v * 10 + (b - b'0') as u128;
+    }
+    v *= 10u128.pow(shift.max(0) as u32);
+    u64::try_from(v).map_err(|_| DecimalError::TooLarge)
+}
+
+/// An exponent's text (`+`/`-` and digits), refused beyond ±[`MAX_DECIMAL_EXPONENT`] without
+/// reading more than its length.
+fn decimal_exponent(text: &str) -> Result<i64, DecimalError> {
+    let (negative, digits) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
     };
-    for b in digits[..keep].bytes() {
-        v = v.checked_mul(10)?.checked_add((b - b'0') as u128)?;
-        if v > u64::MAX as u128 {
-            return None;
-        }
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(DecimalError::NotANumber);
     }
-    for _ in 0..shift.max(0) {
-        v = v.checked_mul(10)?;
-        if v > u64::MAX as u128 {
-            return None;
-        }
+    let digits = digits.trim_start_matches('0');
+    // Four digits already exceed the limit; parsing more could overflow.
+    let magnitude: u32 = if digits.len() > 4 {
+        u32::MAX
+    } else {
+        digits.parse().unwrap_or(0)
+    };
+    if magnitude > MAX_DECIMAL_EXPONENT {
+        return Err(DecimalError::ExponentTooLarge);
     }
-    u64::try_from(v).ok()
+    Ok(if negative {
+        -(magnitude as i64)
+    } else {
+        magnitude as i64
+    })
 }
 
 /// Nanoseconds since 1970-01-01 of `YYYY-MM-DD[ T]HH:MM:SS[.fraction][Z|±HH:MM]`.
@@ -130,6 +190,17 @@ pub fn parse_datetime_ns(text: &str) -> Option<i128> {
     Some(secs as i128 * 1_000_000_000 + frac_ns)
 }
 
+/// A JSON value as a message shows it: a scalar echoed ([`echo`]: escaped and cut), a list
+/// or an object by its kind (it may be megabytes long).
+pub(super) fn shown(v: &Value) -> String {
+    match v {
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "an object".into(),
+        Value::String(s) => format!("\"{}\"", echo(s)),
+        v => echo(&v.to_string()),
+    }
+}
+
 /// A JSON length field: a non-negative integer up to [`MAX_PROMPT_TOKENS`].
 fn json_len(r: &Map<String, Value>, key: &str) -> Result<u64, String> {
     match r.get(key) {
@@ -145,7 +216,10 @@ fn json_len(r: &Map<String, Value>, key: &str) -> Result<u64, String> {
             }
         }
         Some(v) if v.is_i64() => Err(format!("'{key}' is negative ({v})")),
-        Some(v) => Err(format!("'{key}' must be a non-negative integer, got {v}")),
+        Some(v) => Err(format!(
+            "'{key}' must be a non-negative integer, got {}",
+            shown(v)
+        )),
     }
 }
 
@@ -154,13 +228,13 @@ fn json_len(r: &Map<String, Value>, key: &str) -> Result<u64, String> {
 fn json_time(r: &Map<String, Value>, key: &str, scale: u32) -> Result<u64, String> {
     let v = r.get(key).ok_or_else(|| format!("missing '{key}'"))?;
     let Value::Number(n) = v else {
-        return Err(format!("'{key}' must be a number, got {v}"));
+        return Err(format!("'{key}' must be a number, got {}", shown(v)));
     };
     let text = n.to_string();
     if text.starts_with('-') {
-        return Err(format!("'{key}' is negative ({text})"));
+        return Err(format!("'{key}' is negative ({})", echo(&text)));
     }
-    parse_decimal(&text, scale).ok_or_else(|| format!("'{key}' {text} is out of range"))
+    decimal(&text, scale).map_err(|e| format!("'{key}' {} {e}", echo(&text)))
 }
 
 fn json_hash_ids(r: &Map<String, Value>) -> Result<Vec<i64>, String> {
@@ -172,7 +246,7 @@ fn json_hash_ids(r: &Map<String, Value>) -> Result<Vec<i64>, String> {
         .map(|h| {
             h.as_i64()
                 .filter(|_| h.is_i64() || h.is_u64())
-                .ok_or_else(|| format!("hash id {h} is not a 64-bit signed integer"))
+                .ok_or_else(|| format!("hash id {} is not a 64-bit signed integer", shown(h)))
         })
         .collect()
 }
@@ -185,7 +259,11 @@ fn json_object(source: &str, line: u64, text: &str) -> Result<Map<String, Value>
             line,
             "each line must be a JSON object",
         )),
-        Err(e) => Err(TraceError::at_line(source, line, format!("bad JSON: {e}"))),
+        Err(e) => Err(TraceError::at_line(
+            source,
+            line,
+            json_reason(&e, "bad JSON"),
+        )),
     }
 }
 
@@ -262,7 +340,7 @@ pub fn burstgpt(
 pub(super) struct Mooncake {
     source: String,
     records: u64,
-    warned: std::collections::BTreeSet<String>,
+    unknown: UnknownFields,
 }
 
 impl Mooncake {
@@ -270,30 +348,82 @@ impl Mooncake {
         Mooncake {
             source: source.to_string(),
             records: 0,
-            warned: Default::default(),
+            unknown: UnknownFields::new("Mooncake"),
         }
     }
 }
 
-/// Most distinct unknown field names warned about (bounds the warnings of a hostile file).
-const MAX_FIELD_WARNINGS: usize = 64;
+/// Unknown field names warned about by name; any more are counted in one warning at the end.
+const NAMED_UNKNOWN_FIELDS: usize = 8;
 
-/// Warns once about each unknown key of `r` (at most [`MAX_FIELD_WARNINGS`] names).
-pub(super) fn warn_unknown(
-    r: &Map<String, Value>,
-    known: &[&str],
-    warned: &mut std::collections::BTreeSet<String>,
-    warnings: &mut Vec<String>,
-    what: &str,
-) {
-    for k in r.keys() {
-        if !known.contains(&k.as_str())
-            && warned.len() < MAX_FIELD_WARNINGS
-            && warned.insert(k.clone())
-        {
-            warnings.push(format!("ignoring unknown {what} field {k:?}"));
+/// Distinct unknown field names counted beyond the named ones (each kept as a 64-bit
+/// fingerprint: a hostile file's names cost no more than this many words).
+const COUNTED_UNKNOWN_FIELDS: usize = 1 << 16;
+
+/// The unknown fields of a JSON Lines trace: a warning for each of the first
+/// [`NAMED_UNKNOWN_FIELDS`] names (echoed: escaped and cut), then one that counts the rest,
+/// so that 200,000 stray keys make nine warnings, not 200,000.
+pub(super) struct UnknownFields {
+    /// The format, as warnings name it.
+    what: &'static str,
+    named: Vec<String>,
+    others: std::collections::HashSet<u64>,
+}
+
+impl UnknownFields {
+    pub(super) fn new(what: &'static str) -> Self {
+        UnknownFields {
+            what,
+            named: Vec::new(),
+            others: Default::default(),
         }
     }
+
+    /// Warns about (or counts) each key of `r` that is not in `known`.
+    pub(super) fn check(
+        &mut self,
+        r: &Map<String, Value>,
+        known: &[&str],
+        warnings: &mut Vec<String>,
+    ) {
+        for k in r.keys() {
+            if known.contains(&k.as_str()) || self.named.contains(k) {
+                continue;
+            }
+            if self.named.len() < NAMED_UNKNOWN_FIELDS {
+                warnings.push(format!(
+                    "ignoring unknown {} field \"{}\"",
+                    self.what,
+                    echo(k)
+                ));
+                self.named.push(k.clone());
+            } else if self.others.len() < COUNTED_UNKNOWN_FIELDS {
+                self.others.insert(fingerprint64(k));
+            }
+        }
+    }
+
+    /// The count of the unnamed ones, once the trace is read.
+    pub(super) fn finish(&mut self, warnings: &mut Vec<String>) {
+        let n = std::mem::take(&mut self.others).len();
+        let what = self.what;
+        if n >= COUNTED_UNKNOWN_FIELDS {
+            warnings.push(format!(
+                "ignoring {n} or more other unknown {what} fields (not listed)"
+            ));
+        } else if n > 0 {
+            warnings.push(format!(
+                "ignoring {n} more unknown {what} fields (not listed)"
+            ));
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: tells field names apart for counting.
+fn fingerprint64(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl LineParser for Mooncake {
@@ -312,7 +442,7 @@ impl LineParser for Mooncake {
             "delay",
         ];
         let r = json_object(&self.source, n, text)?;
-        warn_unknown(&r, &KNOWN, &mut self.warned, warnings, "Mooncake");
+        self.unknown.check(&r, &KNOWN, warnings);
         let parsed = (|| {
             let t_us = json_time(&r, "timestamp", 3)?;
             let input_length = json_len(&r, "input_length")?;
@@ -338,6 +468,11 @@ impl LineParser for Mooncake {
         let id = format!("r{}", self.records);
         self.records += 1;
         Ok(Some(record(n, t_us, id, prompt, output)))
+    }
+
+    fn finish(&mut self, warnings: &mut Vec<String>) -> Result<(), TraceError> {
+        self.unknown.finish(warnings);
+        Ok(())
     }
 
     fn timing(&self) -> Timing {
@@ -386,7 +521,10 @@ impl LineParser for QwenBailian {
                 Some(Value::String(s)) if !s.is_empty() => s.clone(),
                 Some(v @ Value::Number(_)) if v.is_i64() || v.is_u64() => v.to_string(),
                 Some(v) => {
-                    return Err(format!("'chat_id' must be an integer or a string, got {v}"))
+                    return Err(format!(
+                        "'chat_id' must be an integer or a string, got {}",
+                        shown(v)
+                    ))
                 }
                 None => return Err("missing 'chat_id'".to_string()),
             };
@@ -395,7 +533,8 @@ impl LineParser for QwenBailian {
                 Some(v) if v.is_i64() || v.is_u64() => {}
                 Some(v) => {
                     return Err(format!(
-                        "'parent_chat_id' must be an integer or a string, got {v}"
+                        "'parent_chat_id' must be an integer or a string, got {}",
+                        shown(v)
                     ))
                 }
             }
@@ -432,6 +571,46 @@ impl LineParser for QwenBailian {
     }
 }
 
+/// Most fields a CSV record may have (the traces have 3 and 6): bounds what one line of commas
+/// can make the reader hold.
+pub const MAX_CSV_FIELDS: usize = 64;
+
+/// The fields of one CSV line, by the `csv` crate's rules (quotes, `""` escapes), trimmed.
+///
+/// A record is one line: the line reader hands the lines out, so its limits apply, and a
+/// quoted field that runs past the end of its line (a line break inside quotes, which the
+/// traces never have) is refused there rather than read on: every error then names the line
+/// the record is on.
+pub(super) fn csv_fields(text: &str, record: &mut csv::StringRecord) -> Result<(), String> {
+    // A closed quoted field has an even number of quotes ("" escapes one): an odd count
+    // leaves one open at the end of the line.
+    if text.bytes().filter(|&b| b == b'"').count() % 2 == 1 {
+        return Err(
+            "a quoted field is not closed on its line (gpumem reads one CSV record a line)".into(),
+        );
+    }
+    // Commas bound the fields from above (a quoted comma counts too): checked before the
+    // record is built.
+    if text.bytes().filter(|&b| b == b',').count() >= MAX_CSV_FIELDS {
+        return Err(format!(
+            "more than {MAX_CSV_FIELDS} fields in a record (gpumem's limit, MAX_CSV_FIELDS)"
+        ));
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    match reader.read_record(record) {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            record.clear();
+            Ok(())
+        }
+        Err(e) => Err(format!("not a CSV record: {}", echo(&e.to_string()))),
+    }
+}
+
 /// A CSV file's header (first non-blank line): the column of each name in `wanted`.
 struct Csv {
     columns: Vec<usize>,
@@ -439,55 +618,66 @@ struct Csv {
 }
 
 impl Csv {
-    fn new(source: &str, line: u64, header: &str, wanted: &[&str]) -> Result<Self, TraceError> {
-        let names: Vec<&str> = header
-            .split(',')
-            .map(|c| c.trim().trim_matches('"'))
-            .collect();
+    fn new(
+        source: &str,
+        line: u64,
+        header: &str,
+        wanted: &[&str],
+        record: &mut csv::StringRecord,
+    ) -> Result<Self, TraceError> {
+        csv_fields(header, record).map_err(|m| TraceError::at_line(source, line, m))?;
         let mut columns = Vec::new();
         for w in wanted {
-            match names.iter().position(|n| n == w) {
+            match record.iter().position(|n| n == *w) {
                 Some(i) => columns.push(i),
                 None => {
                     return Err(TraceError::at_line(
                         source,
                         line,
-                        format!("the header lacks the column '{w}' (header: {header})"),
+                        format!(
+                            "the header lacks the column '{w}' (header: {})",
+                            echo(header)
+                        ),
                     ))
                 }
             }
         }
         Ok(Csv {
             columns,
-            width: names.len(),
+            width: record.len(),
         })
     }
 
     /// The wanted fields of a row, trimmed and unquoted.
-    fn row<'l>(&self, source: &str, line: u64, text: &'l str) -> Result<Vec<&'l str>, TraceError> {
-        let fields: Vec<&str> = text
-            .split(',')
-            .map(|c| c.trim().trim_matches('"'))
-            .collect();
-        if fields.len() != self.width {
+    fn row<'r>(
+        &self,
+        source: &str,
+        line: u64,
+        text: &str,
+        record: &'r mut csv::StringRecord,
+    ) -> Result<[&'r str; 3], TraceError> {
+        csv_fields(text, record).map_err(|m| TraceError::at_line(source, line, m))?;
+        if record.len() != self.width {
             return Err(TraceError::at_line(
                 source,
                 line,
-                format!("expected {} fields, got {}", self.width, fields.len()),
+                format!("expected {} fields, got {}", self.width, record.len()),
             ));
         }
-        Ok(self.columns.iter().map(|&i| fields[i]).collect())
+        let record: &csv::StringRecord = record;
+        Ok(std::array::from_fn(|k| &record[self.columns[k]]))
     }
 }
 
 fn csv_count(source: &str, line: u64, name: &str, text: &str) -> Result<u64, TraceError> {
     let err = |m: String| TraceError::at_line(source, line, m);
     if text.starts_with('-') {
-        return Err(err(format!("{name} is negative ({text})")));
+        return Err(err(format!("{name} is negative ({})", echo(text))));
     }
     let n: u64 = text.parse().map_err(|_| {
         err(format!(
-            "{name} must be a non-negative integer, got {text:?}"
+            "{name} must be a non-negative integer, got \"{}\"",
+            echo(text)
         ))
     })?;
     if n > MAX_PROMPT_TOKENS {
@@ -500,7 +690,8 @@ fn csv_count(source: &str, line: u64, name: &str, text: &str) -> Result<u64, Tra
 
 /// What a CSV format makes of a data row's wanted fields: (time, prompt length, output
 /// length), or None to skip the row.
-type CsvRow = fn(&str, u64, &[&str], &mut CsvState) -> Result<Option<(u64, u64, u64)>, TraceError>;
+type CsvRow =
+    fn(&str, u64, &[&str; 3], &mut CsvState) -> Result<Option<(u64, u64, u64)>, TraceError>;
 
 /// Per-file state of a CSV row reader.
 #[derive(Default)]
@@ -513,10 +704,12 @@ pub(super) struct CsvState {
 /// ([`Prompt::Unique`]); ids `r<row index>` counting skipped rows.
 pub(super) struct CsvTrace {
     source: String,
-    wanted: &'static [&'static str],
+    wanted: &'static [&'static str; 3],
     row: CsvRow,
     state: CsvState,
     csv: Option<Csv>,
+    /// One record's fields, reused line after line.
+    record: csv::StringRecord,
     next_id: i64,
     rows: u64,
     skipped: u64,
@@ -544,13 +737,14 @@ impl CsvTrace {
         )
     }
 
-    fn new(source: &str, wanted: &'static [&'static str], row: CsvRow, per_us: u64) -> Self {
+    fn new(source: &str, wanted: &'static [&'static str; 3], row: CsvRow, per_us: u64) -> Self {
         CsvTrace {
             source: source.to_string(),
             wanted,
             row,
             state: CsvState::default(),
             csv: None,
+            record: csv::StringRecord::new(),
             next_id: 0,
             rows: 0,
             skipped: 0,
@@ -571,10 +765,16 @@ impl LineParser for CsvTrace {
         _warnings: &mut Vec<String>,
     ) -> Result<Option<Record>, TraceError> {
         let Some(c) = &self.csv else {
-            self.csv = Some(Csv::new(&self.source, n, text, self.wanted)?);
+            self.csv = Some(Csv::new(
+                &self.source,
+                n,
+                text,
+                self.wanted,
+                &mut self.record,
+            )?);
             return Ok(None);
         };
-        let fields = c.row(&self.source, n, text)?;
+        let fields = c.row(&self.source, n, text, &mut self.record)?;
         let Some((t, input_length, output)) =
             (self.row)(&self.source, n, &fields, &mut self.state)?
         else {
@@ -596,7 +796,16 @@ impl LineParser for CsvTrace {
         if self.csv.is_none() {
             return Err(TraceError::in_file(
                 &self.source,
-                "the file is empty (no CSV header)",
+                "the trace holds no request",
+            ));
+        }
+        if self.rows == 0 && self.skipped > 0 {
+            return Err(TraceError::in_file(
+                &self.source,
+                format!(
+                    "the trace holds no request: its {} rows are all failed requests (zero request or response tokens)",
+                    self.skipped
+                ),
             ));
         }
         if self.skipped > 0 {
@@ -619,7 +828,7 @@ impl LineParser for CsvTrace {
 fn azure_row(
     source: &str,
     n: u64,
-    f: &[&str],
+    f: &[&str; 3],
     state: &mut CsvState,
 ) -> Result<Option<(u64, u64, u64)>, TraceError> {
     let t = parse_datetime_ns(f[0]).ok_or_else(|| {
@@ -627,14 +836,18 @@ fn azure_row(
             source,
             n,
             format!(
-                "TIMESTAMP {:?} is not a date and time like 2023-11-16 18:17:03.9799600",
-                f[0]
+                "TIMESTAMP \"{}\" is not a date and time like 2023-11-16 18:17:03.9799600",
+                echo(f[0])
             ),
         )
     })?;
     let t0 = *state.first_ns.get_or_insert(t - (1i128 << 62));
     let rel = u64::try_from(t - t0).map_err(|_| {
-        TraceError::at_line(source, n, format!("TIMESTAMP {:?} is out of range", f[0]))
+        TraceError::at_line(
+            source,
+            n,
+            format!("TIMESTAMP \"{}\" is out of range", echo(f[0])),
+        )
     })?;
     Ok(Some((
         rel,
@@ -646,23 +859,15 @@ fn azure_row(
 fn burstgpt_row(
     source: &str,
     n: u64,
-    f: &[&str],
+    f: &[&str; 3],
     _state: &mut CsvState,
 ) -> Result<Option<(u64, u64, u64)>, TraceError> {
-    let t = if f[0].starts_with('-') {
-        None
-    } else {
-        parse_decimal(f[0], 6)
-    };
-    let t = t.ok_or_else(|| {
-        TraceError::at_line(
-            source,
-            n,
-            format!(
-                "Timestamp {:?} must be a non-negative number of seconds",
-                f[0]
-            ),
-        )
+    let t = decimal(f[0], 6).map_err(|e| {
+        let why = match e {
+            DecimalError::NotANumber => "must be a non-negative number of seconds".to_string(),
+            e => e.to_string(),
+        };
+        TraceError::at_line(source, n, format!("Timestamp \"{}\" {why}", echo(f[0])))
     })?;
     let input = csv_count(source, n, "Request tokens", f[1])?;
     let output = csv_count(source, n, "Response tokens", f[2])?;

@@ -107,13 +107,36 @@ impl<'a> RequestStream<'a> {
         RequestStream::from_reader(input, &path.display().to_string(), format, limit)
     }
 
-    /// Reads `input` (named `source` in errors), as [`open`](Self::open) reads a file.
+    /// Reads `input` (named `source` in errors), as [`open`](Self::open) reads a file. A
+    /// file meant for another subcommand (an allocation snapshot, a KV-event stream) is refused
+    /// with the subcommand that reads it.
     pub fn from_reader(
         input: impl BufRead + 'a,
         source: &str,
         format: Option<WorkloadFormat>,
         limit: Option<u64>,
     ) -> Result<Self, TraceError> {
+        let mut input = input;
+        // The first bytes, unconsumed (what the reader buffered): no line of any serving
+        // format starts like these.
+        let head = crate::read::peek(&mut input, Path::new(source))?;
+        let pickle = match format {
+            None => crate::looks_like_pickle(&head),
+            // A named format's lines could start with '(' or ']'; only PROTO is sure.
+            Some(_) => head.first() == Some(&0x80),
+        };
+        if pickle {
+            return Err(TraceError::in_file(
+                source,
+                "this is an allocation snapshot (a pickle), not a request trace: `gpumem alloc --trace` reads it",
+            ));
+        }
+        if crate::kv_events::looks_like_msgpack_events(&head) {
+            return Err(TraceError::in_file(
+                source,
+                "this is a vLLM KV-event stream (msgpack), not a request trace: `gpumem kv-events` reads it",
+            ));
+        }
         let mut s = RequestStream {
             source: source.to_string(),
             format: format.unwrap_or(WorkloadFormat::Conformance),
@@ -162,7 +185,13 @@ impl<'a> RequestStream<'a> {
                 return Ok(format);
             }
         }
-        Err(TraceError::in_file(&self.source, "the file is empty"))
+        Err(self.no_request())
+    }
+
+    /// The refusal of an input that ends before its first request, as `gpumem alloc` and
+    /// `gpumem kv-events` refuse theirs.
+    fn no_request(&self) -> TraceError {
+        TraceError::in_file(&self.source, "the trace holds no request")
     }
 
     /// Parses lines until one gives a record, the limit is reached or the input ends.
@@ -220,6 +249,10 @@ impl<'a> RequestStream<'a> {
                 None => {
                     self.input_done = true;
                     self.parser.finish(&mut self.warnings)?;
+                    let limited = self.limit.is_some_and(|n| self.records >= n);
+                    if self.records == 0 && !limited {
+                        return Err(self.no_request());
+                    }
                 }
             }
         }

@@ -46,7 +46,7 @@ fn unique_prompts_expand_like_consecutive_hash_ids() {
 #[test]
 fn errors_name_file_and_line() {
     let bad = [
-        ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1],\"max_tokens\":1}\nnot json", "w:2: bad JSON"),
+        ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1],\"max_tokens\":1}\nnot json", "w:2: column 2: bad JSON: expected ident"),
         ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1],\"max_tokens\":0}", "w:1: 'max_tokens'"),
         ("{\"id\":\"a\",\"arrival_us\":-1,\"prompt\":[1],\"max_tokens\":1}", "w:1: 'arrival_us'"),
         ("{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[],\"max_tokens\":1}", "w:1: empty prompt"),
@@ -139,7 +139,10 @@ fn mooncake_reads_like_the_oracles_converter() {
             "{\"timestamp\": 0, \"input_length\": 5, \"hash_ids\": [0]}",
             "m:1: missing 'output_length'",
         ),
-        ("\n{\"timestamp\": 0,", "m:2: bad JSON"),
+        (
+            "\n{\"timestamp\": 0,",
+            "m:2: column 16: bad JSON: EOF while parsing",
+        ),
     ];
     for (text, want) in bad {
         let err = mooncake(text.as_bytes(), "m", None)
@@ -431,7 +434,7 @@ fn detection_skips_blank_lines_and_an_empty_input_is_refused() {
     let err = RequestStream::from_reader("\n\n".as_bytes(), "e", None, None)
         .err()
         .unwrap();
-    assert_eq!(err.to_string(), "e: the file is empty");
+    assert_eq!(err.to_string(), "e: the trace holds no request");
 }
 
 proptest::proptest! {
@@ -505,4 +508,370 @@ fn runs_across_a_hash_block_or_the_modulus_are_not_consecutive() {
         "wraps at the modulus"
     );
     assert_eq!(Prompt::Tokens(vec![1, 2, 3]).consecutive_from(0, 2), None);
+}
+
+/// The first error `text` gives as `format` (None: detected), or None when it reads whole.
+fn first_error(text: &[u8], format: Option<WorkloadFormat>) -> Option<String> {
+    match RequestStream::from_reader(text, "t", format, None) {
+        Err(e) => Some(e.to_string()),
+        Ok(stream) => Workload::collect(stream).err().map(|e| e.to_string()),
+    }
+}
+
+/// The decimal reader of before (a loop per unit of exponent), as the reference: right, but
+/// slow for a large exponent.
+fn decimal_by_loop(text: &str, scale: u32) -> Option<u64> {
+    let (mantissa, exp) = match text.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.strip_prefix('+').unwrap_or(e).parse::<i32>().ok()?),
+        None => (text, 0),
+    };
+    let (whole, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() && frac.is_empty()
+        || !whole
+            .bytes()
+            .chain(frac.bytes())
+            .all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let digits = format!("{whole}{frac}");
+    let digits = digits.trim_start_matches('0');
+    let shift = exp as i64 + scale as i64 - frac.len() as i64;
+    let mut v: u128 = 0;
+    let keep = if shift < 0 {
+        digits.len().saturating_sub((-shift) as usize)
+    } else {
+        digits.len()
+    };
+    for b in digits[..keep].bytes() {
+        v = v.checked_mul(10)?.checked_add((b - b'0') as u128)?;
+        if v > u64::MAX as u128 {
+            return None;
+        }
+    }
+    for _ in 0..shift.max(0) {
+        v = v.checked_mul(10)?;
+        if v > u64::MAX as u128 {
+            return None;
+        }
+    }
+    u64::try_from(v).ok()
+}
+
+#[test]
+fn absurd_exponents_are_refused_at_once() {
+    for text in [
+        "0e2147483647",
+        "1e2147483647",
+        "0e99999999999999999999",
+        "5e-401",
+    ] {
+        let start = std::time::Instant::now();
+        assert_eq!(
+            decimal(text, 6),
+            Err(DecimalError::ExponentTooLarge),
+            "{text}"
+        );
+        assert!(start.elapsed() < std::time::Duration::from_millis(50));
+    }
+    assert_eq!(decimal("0e400", 6), Ok(0));
+    assert_eq!(decimal("1e-400", 6), Ok(0));
+    assert_eq!(decimal("1.5e+3", 0), Ok(1500));
+    assert_eq!(decimal("18446744073709551615", 0), Ok(u64::MAX));
+    assert_eq!(
+        decimal("18446744073709551616", 0),
+        Err(DecimalError::TooLarge)
+    );
+    assert_eq!(decimal("1.8446744073709551615e19", 0), Ok(u64::MAX));
+    assert_eq!(decimal("e5", 0), Err(DecimalError::NotANumber));
+    assert_eq!(decimal("1e", 0), Err(DecimalError::NotANumber));
+    assert_eq!(decimal("1e+-5", 0), Err(DecimalError::NotANumber));
+
+    // Ten BurstGPT rows of such timestamps once took 37 s; each is refused with its line.
+    let rows: String = (0..10)
+        .map(|_| "0e2147483647,ChatGPT,472,18,490,Conversation log\n")
+        .collect();
+    let text =
+        format!("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n{rows}");
+    let start = std::time::Instant::now();
+    let err = burstgpt(text.as_bytes(), "b", None)
+        .unwrap_err()
+        .to_string();
+    assert!(start.elapsed() < std::time::Duration::from_millis(500));
+    assert_eq!(
+        err,
+        "b:2: Timestamp \"0e2147483647\" has an exponent beyond ±400 (gpumem's limit, MAX_DECIMAL_EXPONENT)"
+    );
+}
+
+proptest::proptest! {
+    /// Reading a decimal takes the same time whatever its exponent (none takes 10 ms, where
+    /// a loop per unit of exponent takes seconds), and gives the loop's answer wherever the
+    /// exponent is within the limit.
+    #[test]
+    fn decimal_time_does_not_depend_on_the_exponent(
+        whole in "[0-9]{0,22}",
+        frac in proptest::option::of("[0-9]{0,22}"),
+        exponent in proptest::prop_oneof![
+            -450i64..450,
+            proptest::strategy::Strategy::prop_map(proptest::prelude::any::<i32>(), i64::from),
+            proptest::prelude::any::<i64>(),
+        ],
+        scale in 0u32..10,
+    ) {
+        let mantissa = match &frac {
+            Some(f) => format!("{whole}.{f}"),
+            None => whole.clone(),
+        };
+        let text = format!("{mantissa}e{exponent}");
+        let start = std::time::Instant::now();
+        let got = decimal(&text, scale);
+        proptest::prop_assert!(
+            start.elapsed() < std::time::Duration::from_millis(10),
+            "{} took {:?}", text, start.elapsed()
+        );
+        if mantissa.is_empty() || mantissa == "." {
+            proptest::prop_assert_eq!(got, Err(DecimalError::NotANumber));
+        } else if exponent.unsigned_abs() > MAX_DECIMAL_EXPONENT as u64 {
+            proptest::prop_assert_eq!(got, Err(DecimalError::ExponentTooLarge));
+        } else {
+            proptest::prop_assert_eq!(got.ok(), decimal_by_loop(&text, scale));
+        }
+    }
+}
+
+#[test]
+fn input_is_echoed_escaped_and_cut() {
+    // A header that retitles the terminal and turns it red, with a NUL.
+    let hostile = "TIMESTAMP,\u{1b}]0;owned\u{7}\u{1b}[31m\0Tokens,GeneratedTokens\nx,1,2\n";
+    let err = first_error(hostile.as_bytes(), Some(WorkloadFormat::Azure)).unwrap();
+    assert!(err.starts_with("t:1: the header lacks the column 'ContextTokens' (header: TIMESTAMP,\\u{1b}]0;owned\\u{7}\\u{1b}[31m\\0Tokens"), "{err}");
+    assert!(!err.chars().any(|c| c.is_control()), "{err:?}");
+    // A 10 MB header: the error stays a line.
+    let huge = format!("TIMESTAMP,{}\n", "x".repeat(10 << 20));
+    let err = first_error(huge.as_bytes(), Some(WorkloadFormat::Azure)).unwrap();
+    assert!(err.len() < 300, "{} bytes", err.len());
+    assert!(
+        err.ends_with(&format!("… ({} bytes))", huge.len() - 1)),
+        "{err}"
+    );
+    // Values too.
+    let row = format!(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,{},1\n",
+        "\u{1b}[2J".repeat(1000)
+    );
+    let err = first_error(row.as_bytes(), None).unwrap();
+    assert!(err.len() < 300 && !err.contains('\u{1b}'), "{err:?}");
+    let moon = format!(
+        "{{\"timestamp\": 0, \"input_length\": \"{}\", \"output_length\": 1, \"hash_ids\": [0]}}\n",
+        "\\u001b".repeat(100_000)
+    );
+    let err = first_error(moon.as_bytes(), None).unwrap();
+    assert!(err.len() < 300 && !err.contains('\u{1b}'), "{err:?}");
+    let conf = "{\"id\":\"\\u0000\",\"arrival_us\":0,\"prompt\":[1],\"max_tokens\":1}\n".repeat(2);
+    let err = first_error(conf.as_bytes(), None).unwrap();
+    assert_eq!(err, "t:2: duplicate id \"\\0\"");
+}
+
+#[test]
+fn unknown_fields_are_named_a_few_times_then_counted() {
+    let keys: String = (0..200_000).map(|i| format!(", \"k{i}\": 0")).collect();
+    let text = format!(
+        "{{\"timestamp\": 0, \"input_length\": 5, \"output_length\": 1, \"hash_ids\": [0]{keys}}}\n\
+         {{\"timestamp\": 1, \"input_length\": 5, \"output_length\": 1, \"hash_ids\": [0], \"\\u001b[31m\": 1}}\n"
+    );
+    let w = mooncake(text.as_bytes(), "m", None).unwrap();
+    assert_eq!(w.requests.len(), 2);
+    assert_eq!(
+        w.warnings.len(),
+        9,
+        "{:?}",
+        &w.warnings[..9.min(w.warnings.len())]
+    );
+    assert_eq!(w.warnings[0], "ignoring unknown Mooncake field \"k0\"");
+    assert_eq!(
+        w.warnings[8],
+        "ignoring 65536 or more other unknown Mooncake fields (not listed)"
+    );
+    // Few enough: each counted; a name that is a terminal escape is escaped.
+    let text = format!(
+        "{{\"timestamp\": 0, \"input_length\": 5, \"output_length\": 1, \"hash_ids\": [0]{}}}\n\
+         {{\"timestamp\": 1, \"input_length\": 5, \"output_length\": 1, \"hash_ids\": [0], \"\\u001b[31m\": 1}}\n",
+        &keys[..keys.match_indices(',').nth(10).unwrap().0]
+    );
+    let w = mooncake(text.as_bytes(), "m", None).unwrap();
+    assert_eq!(
+        w.warnings[8..],
+        ["ignoring 3 more unknown Mooncake fields (not listed)"]
+    );
+    let conf = "{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1],\"max_tokens\":1,\"\\u001b]0;x\\u0007\":1}\n";
+    let w = Workload::read(conf.as_bytes(), "w").unwrap();
+    assert_eq!(
+        w.warnings,
+        ["ignoring unknown workload field \"\\u{1b}]0;x\\u{7}\""]
+    );
+}
+
+#[test]
+fn formats_are_told_by_keys_whatever_the_values() {
+    // No f64 holds 1e400 and no u64 holds 2^70: detection reads past them; the parser then
+    // refuses what it reads, naming the line.
+    let odd = "{\"timestamp\": 0, \"input_length\": 5, \"output_length\": 1, \"hash_ids\": [0], \"x\": 1e400}\n";
+    let stream = RequestStream::from_reader(odd.as_bytes(), "m", None, None).unwrap();
+    assert_eq!(stream.format(), WorkloadFormat::Mooncake);
+    let err = Workload::collect(stream).unwrap_err().to_string();
+    assert!(
+        err.starts_with("m:1: column 83: bad JSON: number out of range"),
+        "{err}"
+    );
+    // A first line with input_length at gpumem's limit (2^32) and past it: detected by the
+    // keys, then checked by the parser, at its line.
+    for (length, want) in [
+        (
+            1u64 << 32,
+            "t:1: input_length 4294967296 needs 8388608 hash_ids of 512 tokens, got 1",
+        ),
+        (
+            (1 << 32) + 1,
+            "t:1: 'input_length' 4294967297 exceeds gpumem's limit of 4294967296",
+        ),
+    ] {
+        let text = format!(
+            "{{\"timestamp\": 1, \"input_length\": {length}, \"output_length\": 1, \"hash_ids\": [0]}}\n{}",
+            mooncake_line(2)
+        );
+        assert_eq!(first_error(text.as_bytes(), None).as_deref(), Some(want));
+    }
+}
+
+#[test]
+fn a_file_for_another_subcommand_names_it() {
+    let cases: [(&[u8], &str); 4] = [
+        // Protocol 0 and protocol 4 pickles: allocation snapshots.
+        (b"(dp0\nVsegments\np1\n(lp2\ns.", "allocation snapshot (a pickle), not a request trace: `gpumem alloc --trace` reads it"),
+        (b"\x80\x04\x95\x10\x00", "allocation snapshot (a pickle), not a request trace: `gpumem alloc --trace` reads it"),
+        // A vLLM KV-event batch: [ts, [events]].
+        (b"\x92\xcb\x41\xd9\x00\x00\x00\x00\x00\x00\x90", "KV-event stream (msgpack), not a request trace: `gpumem kv-events` reads it"),
+        (b"{\"t_ns\": 0, \"op\": \"alloc\", \"id\": 1, \"bytes\": 512}\n", "allocation trace (gpumem JSON Lines), not a request trace: `gpumem alloc --trace` reads it"),
+    ];
+    for (bytes, want) in cases {
+        let err = first_error(bytes, None).unwrap();
+        assert!(err.starts_with("t") && err.contains(want), "{err}");
+    }
+    // A named format: a protocol-2+ pickle is still told apart.
+    let err = first_error(b"\x80\x04\x95", Some(WorkloadFormat::Mooncake)).unwrap();
+    assert!(err.contains("`gpumem alloc --trace` reads it"), "{err}");
+}
+
+#[test]
+fn a_trace_without_a_request_is_refused_in_every_format() {
+    let formats = || WorkloadFormat::ALL.into_iter().map(Some).chain([None]);
+    for text in ["", "\n \n", "\u{feff}\n"] {
+        for format in formats() {
+            assert_eq!(
+                first_error(text.as_bytes(), format).as_deref(),
+                Some("t: the trace holds no request"),
+                "{text:?} as {format:?}"
+            );
+        }
+    }
+    for (header, format) in [
+        (
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n",
+            WorkloadFormat::Azure,
+        ),
+        (
+            "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n",
+            WorkloadFormat::BurstGpt,
+        ),
+    ] {
+        for given in [Some(format), None] {
+            assert_eq!(
+                first_error(header.as_bytes(), given).as_deref(),
+                Some("t: the trace holds no request"),
+                "{header:?} as {given:?}"
+            );
+        }
+    }
+    let failed_only = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n\
+                       5,ChatGPT,472,0,472,Conversation log\n";
+    assert_eq!(
+        first_error(failed_only.as_bytes(), None).as_deref(),
+        Some("t: the trace holds no request: its 1 rows are all failed requests (zero request or response tokens)")
+    );
+    // --limit 0 asks for none: not a refusal.
+    let w = mooncake(mooncake_line(0).as_bytes(), "m", Some(0)).unwrap();
+    assert!(w.requests.is_empty());
+}
+
+#[test]
+fn csv_fields_follow_the_csv_rules_one_record_a_line() {
+    // Quoted names and fields, a quoted comma, a doubled quote, spaces around fields.
+    let text = "\"Timestamp\",Model,\"Request tokens\",Response tokens,Total tokens,Log Type\n\
+                5,\"Chat,\"\"GPT\"\"\", 472 ,18,490,Conversation log\n\
+                6.5,GPT-4,\"417\",276,693,API log\n";
+    let w = burstgpt(text.as_bytes(), "b", None).unwrap();
+    assert_eq!(w.requests.len(), 2);
+    assert_eq!(w.requests[1].arrival_us, 1_500_000);
+    assert_eq!(w.requests[1].prompt.len(), 417);
+    // A line break inside quotes: refused where the record starts, so no line number lies.
+    let split = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n\
+                 5,ChatGPT,472,18,490,Conversation log\n\
+                 6,\"Chat\nGPT\",472,18,490,API log\n\
+                 7,ChatGPT,472,18,490,API log\n";
+    assert_eq!(
+        first_error(split.as_bytes(), None).as_deref(),
+        Some("t:3: a quoted field is not closed on its line (gpumem reads one CSV record a line)")
+    );
+    // Too many fields: refused before the record is built.
+    let wide = format!(
+        "TIMESTAMP,ContextTokens,GeneratedTokens{}\n",
+        ",x".repeat(MAX_CSV_FIELDS)
+    );
+    assert_eq!(
+        first_error(wide.as_bytes(), Some(WorkloadFormat::Azure)).as_deref(),
+        Some("t:1: more than 64 fields in a record (gpumem's limit, MAX_CSV_FIELDS)")
+    );
+    let narrow = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,1,2,3\n";
+    assert_eq!(
+        first_error(narrow.as_bytes(), None).as_deref(),
+        Some("t:2: expected 3 fields, got 4")
+    );
+}
+
+#[test]
+fn every_format_reads_past_a_byte_order_mark() {
+    let samples = [
+        (
+            WorkloadFormat::Conformance,
+            "{\"id\":\"a\",\"arrival_us\":0,\"prompt\":[1,2],\"max_tokens\":1}\n".to_string(),
+        ),
+        (WorkloadFormat::Mooncake, mooncake_line(3)),
+        (
+            WorkloadFormat::QwenBailian,
+            "{\"chat_id\": 1, \"parent_chat_id\": -1, \"timestamp\": 1.5, \"input_length\": 20, \"output_length\": 3, \"hash_ids\": [5, 6]}\n".to_string(),
+        ),
+        (
+            WorkloadFormat::Azure,
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,4,10\n".to_string(),
+        ),
+        (
+            WorkloadFormat::BurstGpt,
+            "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n5,ChatGPT,472,18,490,Conversation log\n".to_string(),
+        ),
+    ];
+    for (format, text) in samples {
+        let plain = Workload::collect(
+            RequestStream::from_reader(text.as_bytes(), "t", Some(format), None).unwrap(),
+        )
+        .unwrap();
+        let with_bom = format!("\u{feff}{text}");
+        for given in [Some(format), None] {
+            let stream = RequestStream::from_reader(with_bom.as_bytes(), "t", given, None).unwrap();
+            assert_eq!(stream.format(), format);
+            let w = Workload::collect(stream).unwrap();
+            assert_eq!(w.requests, plain.requests, "{format:?}");
+            assert!(w.warnings.is_empty(), "{:?}", w.warnings);
+        }
+    }
 }
