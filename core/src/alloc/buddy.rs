@@ -11,9 +11,12 @@
 //!
 //! `alloc` takes the lowest-address free block of the smallest sufficient order that lies in
 //! mapped memory (else the lowest-address sufficient block) and splits it down, keeping the
-//! lower half each time; `free` merges with the buddy while it is free, upward.
+//! lower half each time; `free` merges with the buddy while it is free, upward. A bitmap of
+//! the orders that have a free block lets `alloc` visit only those (most of the 20-odd orders
+//! are empty at any time), and nothing is indexed by offset: only `empty_cache` and the
+//! layout need the live blocks in address order, and they walk the live table.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,10 +44,11 @@ pub struct Buddy {
     arena: Arena,
     /// `free[k]`: offsets of the free blocks of `alignment << k` bytes, by address.
     free: Vec<BTreeSet<u64>>,
+    /// Bit `k` set iff `free[k]` is not empty.
+    nonempty: u64,
     /// Indexed by `AllocId`.
     live: Vec<Option<Live>>,
-    /// Live blocks by offset.
-    by_offset: BTreeMap<u64, AllocId>,
+    live_count: usize,
     allocated_bytes: u64,
 }
 
@@ -54,25 +58,43 @@ impl Buddy {
         let align_log2 = config.alignment_bytes.trailing_zeros();
         let range = arena.range_bytes;
         let max_order = (63 - range.leading_zeros()) - align_log2;
-        let mut free = vec![BTreeSet::new(); max_order as usize + 1];
-        let mut offset = 0;
-        for bit in (align_log2..64).rev() {
-            if range & (1 << bit) != 0 {
-                free[(bit - align_log2) as usize].insert(offset);
-                offset += 1 << bit;
-            }
-        }
-        debug_assert_eq!(offset, range);
-        Buddy {
+        let mut b = Buddy {
             alignment_bytes: config.alignment_bytes,
             align_log2,
             max_order,
             arena,
-            free,
+            free: vec![BTreeSet::new(); max_order as usize + 1],
+            nonempty: 0,
             live: Vec::new(),
-            by_offset: BTreeMap::new(),
+            live_count: 0,
             allocated_bytes: 0,
+        };
+        let mut offset = 0;
+        for bit in (align_log2..64).rev() {
+            if range & (1 << bit) != 0 {
+                b.insert_free(bit - align_log2, offset);
+                offset += 1 << bit;
+            }
         }
+        debug_assert_eq!(offset, range);
+        b
+    }
+
+    #[inline]
+    fn insert_free(&mut self, order: u32, offset: u64) {
+        self.free[order as usize].insert(offset);
+        self.nonempty |= 1 << order;
+    }
+
+    /// Removes the free block of `order` at `offset`; false if there is none.
+    #[inline]
+    fn remove_free(&mut self, order: u32, offset: u64) -> bool {
+        let set = &mut self.free[order as usize];
+        let removed = set.remove(&offset);
+        if set.is_empty() {
+            self.nonempty &= !(1 << order);
+        }
+        removed
     }
 
     #[inline]
@@ -111,8 +133,15 @@ impl Buddy {
     /// jumping to a higher, smaller top-level block (80 GiB = 64 GiB + 16 GiB).
     fn choose(&self, order: u32, bytes: u64) -> Option<(u32, u64)> {
         let mapped = self.arena.mapped_bytes;
-        let candidates =
-            (order..=self.max_order).filter_map(|k| self.free[k as usize].first().map(|&o| (k, o)));
+        let mut orders = self.nonempty & (u64::MAX << order);
+        let candidates = std::iter::from_fn(|| {
+            (orders != 0).then(|| {
+                let k = orders.trailing_zeros();
+                orders &= orders - 1;
+                let first = *self.free[k as usize].first().expect("a non-empty order");
+                (k, first)
+            })
+        });
         let mut lowest: Option<(u32, u64)> = None;
         for (k, offset) in candidates {
             if offset + bytes <= mapped {
@@ -125,12 +154,15 @@ impl Buddy {
         lowest
     }
 
-    /// End of the highest live block (0 when none).
+    /// End of the highest live block (0 when none). A walk of the live table: only
+    /// `empty_cache` asks.
     fn top(&self) -> u64 {
-        self.by_offset.last_key_value().map_or(0, |(_, &id)| {
-            let b = self.live_at(id);
-            b.offset + self.size(b.order)
-        })
+        self.live
+            .iter()
+            .flatten()
+            .map(|b| b.offset + self.size(b.order))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The mapped part of the largest free block. Per order, only the lowest free block that
@@ -139,7 +171,10 @@ impl Buddy {
     fn largest_free(&self) -> u64 {
         let mapped = self.arena.mapped_bytes;
         let mut best = 0;
-        for k in (0..=self.max_order).rev() {
+        let mut orders = self.nonempty;
+        while orders != 0 {
+            let k = 63 - orders.leading_zeros();
+            orders &= !(1 << k);
             let size = self.size(k);
             if size <= best {
                 break;
@@ -175,10 +210,10 @@ impl Allocate for Buddy {
             self.live.resize(slot + 1, None);
         }
         assert!(self.live[slot].is_none(), "{:?} allocated twice", req.id);
-        self.free[from as usize].remove(&offset);
+        self.remove_free(from, offset);
         for k in (order..from).rev() {
             let upper = offset + self.size(k);
-            self.free[k as usize].insert(upper);
+            self.insert_free(k, upper);
         }
         self.live[slot] = Some(Live {
             offset,
@@ -186,7 +221,7 @@ impl Allocate for Buddy {
             requested_bytes: req.bytes,
             pinned: req.pinned,
         });
-        self.by_offset.insert(offset, req.id);
+        self.live_count += 1;
         self.allocated_bytes += bytes;
         Ok(Arena::place(req.id, offset, bytes, mem))
     }
@@ -195,19 +230,19 @@ impl Allocate for Buddy {
         let b = self.live_at(id);
         let bytes = self.size(b.order);
         self.live[id.0 as usize] = None;
-        self.by_offset.remove(&b.offset);
+        self.live_count -= 1;
         self.allocated_bytes -= bytes;
         Arena::free(id, b.offset, bytes, mem);
         let (mut offset, mut order) = (b.offset, b.order);
         while self.has_parent(offset, order) {
             let size = self.size(order);
-            if !self.free[order as usize].remove(&(offset ^ size)) {
+            if !self.remove_free(order, offset ^ size) {
                 break;
             }
             offset &= !(2 * size - 1);
             order += 1;
         }
-        self.free[order as usize].insert(offset);
+        self.insert_free(order, offset);
     }
 
     fn empty_cache(&mut self, mem: &mut dyn Executor) {
@@ -225,15 +260,16 @@ impl Allocate for Buddy {
     }
 
     fn live_blocks(&self) -> Vec<LiveBlock> {
-        sorted_blocks(self.by_offset.values().map(|&id| {
-            let b = self.live_at(id);
-            (
-                id,
-                b.offset,
-                self.size(b.order),
-                b.requested_bytes,
-                b.pinned,
-            )
+        sorted_blocks(self.live.iter().enumerate().filter_map(|(i, b)| {
+            b.map(|b| {
+                (
+                    AllocId(i as u64),
+                    b.offset,
+                    self.size(b.order),
+                    b.requested_bytes,
+                    b.pinned,
+                )
+            })
         }))
     }
 
@@ -250,6 +286,11 @@ impl Allocate for Buddy {
         let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
         for (k, set) in self.free.iter().enumerate() {
             let k = k as u32;
+            if set.is_empty() == (self.nonempty & (1 << k) != 0) {
+                return Err(format!(
+                    "order {k}'s bit does not say whether it has a free block"
+                ));
+            }
             let size = self.size(k);
             for &offset in set {
                 if offset % size != 0 || offset + size > range {
@@ -275,16 +316,10 @@ impl Allocate for Buddy {
                     l.offset, l.order
                 ));
             }
-            if self.by_offset.get(&l.offset) != Some(&AllocId(i as u64)) {
-                return Err(format!("live block {i} missing from the offset index"));
-            }
             pieces.push((l.offset, size, true));
         }
-        if live_count != self.by_offset.len() {
-            return Err(format!(
-                "{live_count} live, {} in the offset index",
-                self.by_offset.len()
-            ));
+        if live_count != self.live_count {
+            return Err(format!("{live_count} live, {} counted", self.live_count));
         }
         pieces.sort_unstable();
         // Neighbouring free blocks that are not buddies touch legitimately; tile their unions.
