@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::arena::{check_tiling, sorted_blocks, Arena};
 use super::defrag::Compaction;
 use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
+use super::live::LiveTable;
 use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
 use super::units::align_up;
 use crate::decision::{AllocId, Loc};
@@ -46,9 +47,8 @@ pub struct Buddy {
     free: Vec<BTreeSet<u64>>,
     /// Bit `k` set iff `free[k]` is not empty.
     nonempty: u64,
-    /// Indexed by `AllocId`.
-    live: Vec<Option<Live>>,
-    live_count: usize,
+    /// Live blocks by `AllocId`: 4 bytes per id ever seen, the records packed.
+    live: LiveTable<Live>,
     allocated_bytes: u64,
 }
 
@@ -65,8 +65,7 @@ impl Buddy {
             arena,
             free: vec![BTreeSet::new(); max_order as usize + 1],
             nonempty: 0,
-            live: Vec::new(),
-            live_count: 0,
+            live: LiveTable::default(),
             allocated_bytes: 0,
         };
         let mut offset = 0;
@@ -119,14 +118,6 @@ impl Buddy {
         (offset & !(parent_size - 1)) + parent_size <= self.arena.range_bytes
     }
 
-    fn live_at(&self, id: AllocId) -> Live {
-        self.live
-            .get(id.0 as usize)
-            .copied()
-            .flatten()
-            .unwrap_or_else(|| panic!("free of {id:?}, which is not live"))
-    }
-
     /// The free block to split for a block of `order`: the smallest sufficient order whose
     /// lowest free block fits in mapped memory (classic buddy), else the lowest-address free
     /// block of any sufficient order, so that the mapped heap grows from the bottom instead of
@@ -159,8 +150,7 @@ impl Buddy {
     fn top(&self) -> u64 {
         self.live
             .iter()
-            .flatten()
-            .map(|b| b.offset + self.size(b.order))
+            .map(|(_, b)| b.offset + self.size(b.order))
             .max()
             .unwrap_or(0)
     }
@@ -205,32 +195,30 @@ impl Allocate for Buddy {
         self.arena
             .ensure_mapped(offset + bytes, mem)
             .map_err(|_| oom)?;
-        let slot = req.id.0 as usize;
-        if slot >= self.live.len() {
-            self.live.resize(slot + 1, None);
-        }
-        assert!(self.live[slot].is_none(), "{:?} allocated twice", req.id);
+        assert!(
+            self.live.get(req.id).is_none(),
+            "{:?} allocated twice",
+            req.id
+        );
         self.remove_free(from, offset);
         for k in (order..from).rev() {
             let upper = offset + self.size(k);
             self.insert_free(k, upper);
         }
-        self.live[slot] = Some(Live {
+        let live = Live {
             offset,
             order,
             requested_bytes: req.bytes,
             pinned: req.pinned,
-        });
-        self.live_count += 1;
+        };
+        self.live.insert(req.id, live);
         self.allocated_bytes += bytes;
         Ok(Arena::place(req.id, offset, bytes, mem))
     }
 
     fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
-        let b = self.live_at(id);
+        let b = self.live.remove(id);
         let bytes = self.size(b.order);
-        self.live[id.0 as usize] = None;
-        self.live_count -= 1;
         self.allocated_bytes -= bytes;
         Arena::free(id, b.offset, bytes, mem);
         let (mut offset, mut order) = (b.offset, b.order);
@@ -260,16 +248,14 @@ impl Allocate for Buddy {
     }
 
     fn live_blocks(&self) -> Vec<LiveBlock> {
-        sorted_blocks(self.live.iter().enumerate().filter_map(|(i, b)| {
-            b.map(|b| {
-                (
-                    AllocId(i as u64),
-                    b.offset,
-                    self.size(b.order),
-                    b.requested_bytes,
-                    b.pinned,
-                )
-            })
+        sorted_blocks(self.live.iter().map(|(id, b)| {
+            (
+                id,
+                b.offset,
+                self.size(b.order),
+                b.requested_bytes,
+                b.pinned,
+            )
         }))
     }
 
@@ -305,10 +291,8 @@ impl Allocate for Buddy {
                 pieces.push((offset, size, false));
             }
         }
-        let mut live_count = 0;
-        for (i, l) in self.live.iter().enumerate() {
-            let Some(l) = l else { continue };
-            live_count += 1;
+        for (id, l) in self.live.iter() {
+            let i = id.0;
             let size = self.size(l.order);
             if l.offset % size != 0 || l.offset + size > range || l.order > self.max_order {
                 return Err(format!(
@@ -317,9 +301,6 @@ impl Allocate for Buddy {
                 ));
             }
             pieces.push((l.offset, size, true));
-        }
-        if live_count != self.live_count {
-            return Err(format!("{live_count} live, {} counted", self.live_count));
         }
         pieces.sort_unstable();
         // Neighbouring free blocks that are not buddies touch legitimately; tile their unions.
