@@ -40,14 +40,27 @@ impl Hasher for OffsetHasher {
 
 type OffsetMap = HashMap<u64, u64, BuildHasherDefault<OffsetHasher>>;
 
+/// (length, offset) as one integer, ordered as the pair.
+#[inline]
+fn size_key(len: u64, offset: u64) -> u128 {
+    (len as u128) << 64 | offset as u128
+}
+
+/// The (length, offset) of a [`size_key`].
+#[inline]
+fn unkey(k: u128) -> (u64, u64) {
+    ((k >> 64) as u64, k as u64)
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreeExtents {
     /// start → length of every free extent.
     by_start: OffsetMap,
     /// end → length of every free extent.
     by_end: OffsetMap,
-    /// (length, offset) of every free extent.
-    by_size: BTreeSet<(u64, u64)>,
+    /// (length, offset) of every free extent, as [`size_key`]: one integer compares faster
+    /// than a pair, in the same order.
+    by_size: BTreeSet<u128>,
     /// end → length again, in address order, for first fit only. Keyed by the end, so that
     /// carving the front of an extent (every allocation) updates it in place; disjoint
     /// extents sort the same by end as by start.
@@ -109,10 +122,10 @@ impl FreeExtents {
 
     /// Best fit: the smallest extent holding `bytes`, lowest address on ties.
     pub fn best_fit(&self, bytes: u64) -> Option<(u64, u64)> {
-        self.by_size
-            .range((bytes, 0)..)
-            .next()
-            .map(|&(len, offset)| (offset, len))
+        self.by_size.range(size_key(bytes, 0)..).next().map(|&k| {
+            let (len, offset) = unkey(k);
+            (offset, len)
+        })
     }
 
     /// First fit: the lowest-address extent holding `bytes`. Panics on extents built without
@@ -135,8 +148,9 @@ impl FreeExtents {
             .by_size
             .iter()
             .rev()
-            .find(|&&(_, offset)| offset != top)
-            .map_or(0, |&(len, _)| len);
+            .map(|&k| unkey(k))
+            .find(|&(_, offset)| offset != top)
+            .map_or(0, |(len, _)| len);
         hole.max(tail)
     }
 
@@ -149,7 +163,7 @@ impl FreeExtents {
             start = offset - p_len;
             total += p_len;
             self.by_start.remove(&start);
-            self.by_size.remove(&(p_len, start));
+            self.by_size.remove(&size_key(p_len, start));
             if let Some(m) = &mut self.by_address {
                 m.remove(&offset);
             }
@@ -159,8 +173,8 @@ impl FreeExtents {
             Some(n_len) => {
                 total += n_len;
                 let n_end = end + n_len;
-                self.by_size.remove(&(n_len, end));
-                self.by_size.insert((total, start));
+                self.by_size.remove(&size_key(n_len, end));
+                self.by_size.insert(size_key(total, start));
                 self.by_start.insert(start, total);
                 *self.by_end.get_mut(&n_end).expect("extent after") = total;
                 if let Some(m) = &mut self.by_address {
@@ -179,8 +193,8 @@ impl FreeExtents {
             return;
         }
         let rest = len - bytes;
-        self.by_size.remove(&(len, offset));
-        self.by_size.insert((rest, offset + bytes));
+        self.by_size.remove(&size_key(len, offset));
+        self.by_size.insert(size_key(rest, offset + bytes));
         self.by_start.remove(&offset);
         self.by_start.insert(offset + bytes, rest);
         *self
@@ -201,7 +215,7 @@ impl FreeExtents {
         {
             return Err("free extent indexes differ in length".into());
         }
-        for &(len, offset) in &self.by_size {
+        for (len, offset) in self.by_size.iter().map(|&k| unkey(k)) {
             if self.by_end.get(&(offset + len)) != Some(&len) {
                 return Err(format!("free extent {offset}+{len} missing by end"));
             }
@@ -232,7 +246,7 @@ impl FreeExtents {
         debug_assert!(len > 0);
         self.by_start.insert(offset, len);
         self.by_end.insert(offset + len, len);
-        self.by_size.insert((len, offset));
+        self.by_size.insert(size_key(len, offset));
         if let Some(m) = &mut self.by_address {
             m.insert(offset + len, len);
         }
@@ -242,7 +256,7 @@ impl FreeExtents {
         let removed = self.by_end.remove(&(offset + len));
         debug_assert_eq!(removed, Some(len));
         self.by_start.remove(&offset);
-        self.by_size.remove(&(len, offset));
+        self.by_size.remove(&size_key(len, offset));
         if let Some(m) = &mut self.by_address {
             m.remove(&(offset + len));
         }
