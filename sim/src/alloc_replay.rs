@@ -380,11 +380,13 @@ impl<E: Executor> Driver<'_, E> {
 
     fn observe(&mut self, t_ns: u64, sample: bool) {
         let books = self.exec.books();
-        for &(place, watch) in &self.watched {
-            let reserved = books.account(place).reserved_bytes;
-            self.pressure.observe(watch, t_ns, reserved);
+        // The books' places are fixed when they are made, and `watched` was taken from them in
+        // their order: walk both together rather than look each place up after every op.
+        for ((place, account), &(watched, watch)) in books.accounts().zip(&self.watched) {
+            debug_assert_eq!(place, watched);
+            self.pressure.observe(watch, t_ns, account.reserved_bytes);
         }
-        let (reserved, allocated) = (books.reserved_bytes(), books.allocated_bytes);
+        let allocated = books.allocated_bytes;
         let free = self.alloc.free_summary();
         let frag = free.external_fragmentation();
         let r = &mut self.result;
@@ -402,7 +404,7 @@ impl<E: Executor> Driver<'_, E> {
         if sample {
             r.timeline.push(Sample {
                 t_ns,
-                bytes_reserved: reserved,
+                bytes_reserved: books.reserved_bytes(),
                 bytes_allocated: allocated,
             });
         }

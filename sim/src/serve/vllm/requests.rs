@@ -140,6 +140,12 @@ impl Req {
     /// runs (`b` ran out first).
     pub fn hash_pair(a: &mut Req, b: &mut Req, block_size: u32) -> bool {
         let bs = block_size as u64;
+        // Room for every full block at once: runs are short (a Mooncake hash id is 32
+        // blocks), and growing run by run reallocated and copied a long prompt's hashes often.
+        for r in [&mut *a, &mut *b] {
+            let full_blocks = (r.num_tokens / bs) as usize;
+            r.hashes.reserve(full_blocks.saturating_sub(r.hashes.len()));
+        }
         loop {
             let Some((ta, na)) = a.next_run(bs) else {
                 return false;
