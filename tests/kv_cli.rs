@@ -284,7 +284,7 @@ fn bad_input_is_a_clear_error_naming_file_and_line() {
     let dir = scratch_dir();
     let ok = "{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 2, \"hash_ids\": [1]}\n";
     let cases: [(&str, String, &[&str]); 6] = [
-        ("malformed.jsonl", format!("{ok}{ok}{{\"timestamp\": 5,\n"), &["malformed.jsonl:3: bad JSON"]),
+        ("malformed.jsonl", format!("{ok}{ok}{{\"timestamp\": 5,\n"), &["malformed.jsonl:3: column 16: bad JSON: EOF while parsing"]),
         ("wrong-type.jsonl", format!("{ok}{{\"timestamp\": 0, \"input_length\": \"10\", \"output_length\": 2, \"hash_ids\": [1]}}\n"), &["wrong-type.jsonl:2: 'input_length' must be a non-negative integer"]),
         ("negative.jsonl", "{\"timestamp\": 0, \"input_length\": 10, \"output_length\": -2, \"hash_ids\": [1]}\n".to_string(), &["negative.jsonl:1: 'output_length' is negative (-2)"]),
         ("negative.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,-4808,10\n".to_string(), &["negative.csv:2: ContextTokens is negative"]),

@@ -249,8 +249,8 @@ pub fn plan_sizes(histogram: &[(u64, u64)], max_sizes: usize, largest: u64) -> P
         let mut row = vec![u128::MAX; m];
         let mut back = vec![usize::MAX; m];
         for j in t - 1..m {
-            for i in t - 2..j {
-                let cost = prev[i].saturating_add(padding(i + 1, j));
+            for (i, &below) in prev.iter().enumerate().take(j).skip(t - 2) {
+                let cost = below.saturating_add(padding(i + 1, j));
                 if cost < row[j] {
                     row[j] = cost;
                     back[j] = i;
