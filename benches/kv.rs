@@ -123,6 +123,7 @@ fn bench_engine(c: &mut Criterion) {
         eviction: EvictionKind::Lru,
         watermark_blocks: 0,
         policy: SchedulingPolicy::Fcfs,
+        offload: None,
     };
     group.bench_function("default_workload_roofline_h100", |b| {
         b.iter(|| {

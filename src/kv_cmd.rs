@@ -7,16 +7,20 @@ use std::process::ExitCode;
 use std::rc::Rc;
 
 use clap::Args;
+use gpumem_core::books::Books;
 use gpumem_core::buffers::SizesChoice;
+use gpumem_core::kv::offload::OffloadPolicyKind;
+use gpumem_core::place::{Place, Tier};
 use gpumem_gpu::{CudaDevice, DeviceExecutor, ExecReport, HostDevice, Inject};
 use gpumem_sim::monitor::Thresholds;
 use gpumem_sim::serve::{
     kv_sizing, simulate, simulate_on, Arrivals, EngineConfig, EvictionKind, GpuProfile, KvReport,
-    ModelProfile, RunInfo, SchedulingPolicy, ServeError, TooLongPrompt,
+    ModelProfile, OffloadEngineConfig, OffloadInfo, RunInfo, SchedulingPolicy, ServeError,
+    TooLongPrompt, TransferTiming,
 };
 use gpumem_sim::spec::{
-    CostSpec, Engine, ExecuteDevice, Fraction, KvExecuteSpec, KvResolved, KvSpec, KvTraceSpec,
-    Named, ProfileSpec, RunSpec,
+    CostSpec, Engine, ExecuteDevice, Fraction, KvExecuteSpec, KvOffloadSpec, KvResolved, KvSpec,
+    KvTraceSpec, Named, ProfileSpec, RunSpec,
 };
 use gpumem_sim::{AllocCostModel, SimExecutor};
 use gpumem_traces::serving::generate::{serving_source, ServingParams, ServingRequests};
@@ -60,6 +64,9 @@ What the report means:
   end to end        arrival to the last token
   throughput        prompt + generated tokens per second of simulated time
   KV usage peak     most blocks in use at the end of a step
+  CPU tier          with --cpu-offload-blocks or --kv-offloading-size (vLLM's OffloadingConnector):
+                    prompt tokens loaded back from the tier at admission (cpu_hit_tokens), CPU
+                    blocks stored, loaded and evicted, and the bytes copied each way
   digest            names the engine's decision stream: equal inputs, equal digest
 Percentiles are nearest-rank. Time is simulated: the cost model (fixed:STEP_US, or roofline
 from the GPU's FLOP/s and bandwidth and the model's size) decides how long each step takes.
@@ -172,6 +179,36 @@ pub struct KvArgs {
     #[arg(long, value_name = "vllm|auto|LIST", default_value = "vllm", value_parser = SizesChoice::parse)]
     cudagraph_sizes: SizesChoice,
 
+    /// A CPU tier under the KV pool, vLLM's OffloadingConnector (`--kv-offloading-backend
+    /// native`) with N CPU blocks of --offload-block-size tokens (the conformance config's
+    /// offload_cpu_blocks): finished prompts' blocks are copied there, and a later prompt
+    /// with the same prefix loads them back instead of recomputing.
+    #[arg(long, value_name = "N", conflicts_with = "kv_offloading_size")]
+    cpu_offload_blocks: Option<u64>,
+
+    /// The CPU tier sized as vLLM sizes it: GIB GiB of host memory (vLLM's flag; a size such
+    /// as 512MiB also works) in CPU blocks of the model's KV, each rounded up to 4 KiB.
+    #[arg(long, value_name = "GIB", value_parser = parse_gib)]
+    kv_offloading_size: Option<u64>,
+
+    /// Tokens per CPU block: a multiple of --block-size [default: --block-size].
+    #[arg(long, value_name = "TOKENS")]
+    offload_block_size: Option<u64>,
+
+    /// Which CPU block the full tier drops: lru (vLLM's default) or arc.
+    #[arg(long, value_name = "lru|arc", value_parser = OffloadPolicyKind::parse)]
+    offload_policy: Option<OffloadPolicyKind>,
+
+    /// With --cost fixed:STEP_US: a copy between the GPU and the CPU tier completes K engine
+    /// steps after it starts (the conformance oracle's copy engine) [default: 0]. With the
+    /// roofline cost a copy takes the GPU's host link's time for its bytes.
+    #[arg(long, value_name = "K")]
+    offload_latency_steps: Option<u64>,
+
+    /// Offload generated tokens too, not only the prompt's (vLLM's offload_prompt_only: false).
+    #[arg(long)]
+    offload_all_tokens: bool,
+
     /// Seed of the built-in workload (and of fault injection).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -189,7 +226,8 @@ pub struct KvArgs {
     bytes_per_block: Option<u64>,
 
     /// With --execute: `corrupt-block[:N]` flips a byte of the N-th KV block written, to prove
-    /// a prefix hit on wrong bytes is caught and not counted.
+    /// a prefix hit on wrong bytes is caught and not counted; `corrupt-offload[:N]` one of the
+    /// N-th copy stored in the CPU tier, to prove a load of wrong bytes is refused.
     #[arg(long, value_name = "FAULT")]
     inject: Vec<String>,
 
@@ -201,6 +239,61 @@ pub struct KvArgs {
 
 fn parse_format(s: &str) -> Result<WorkloadFormat, String> {
     WorkloadFormat::from_name(s)
+}
+
+/// vLLM's `--kv-offloading-size`: a number of GiB, or a size with its unit.
+fn parse_gib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty()
+        && t.chars()
+            .all(|c| c.is_ascii_digit() || c == '.' || c == '_')
+    {
+        crate::units::parse_bytes(&format!("{t}GiB"))
+    } else {
+        crate::units::parse_bytes(t)
+    }
+}
+
+/// The CPU tier the flags ask for, or why they cannot.
+fn offload_spec(args: &KvArgs) -> Result<Option<KvOffloadSpec>, String> {
+    let tier_flags = [
+        ("--offload-block-size", args.offload_block_size.is_some()),
+        ("--offload-policy", args.offload_policy.is_some()),
+        (
+            "--offload-latency-steps",
+            args.offload_latency_steps.is_some(),
+        ),
+        ("--offload-all-tokens", args.offload_all_tokens),
+    ];
+    let bytes = args.kv_offloading_size;
+    let cpu_blocks = match (args.cpu_offload_blocks, bytes) {
+        (Some(n), _) => n,
+        (None, Some(bytes)) => {
+            let model = ModelProfile::resolve(&args.model)?;
+            let per_block = model.kv_bytes_per_token().saturating_mul(args.block_size);
+            let tokens = args.offload_block_size.unwrap_or(args.block_size);
+            let blocks_per_chunk = tokens / args.block_size.max(1);
+            bytes / gpumem_sim::spec::offload_chunk_bytes(per_block, blocks_per_chunk.max(1))
+        }
+        (None, None) => {
+            let given: Vec<&str> = tier_flags.iter().filter(|f| f.1).map(|f| f.0).collect();
+            if !given.is_empty() {
+                return Err(format!(
+                    "{} needs a CPU tier: give --cpu-offload-blocks N or --kv-offloading-size GIB",
+                    given.join(", ")
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    Ok(Some(KvOffloadSpec {
+        cpu_offload_blocks: cpu_blocks,
+        kv_offloading_bytes: bytes,
+        offload_block_size: args.offload_block_size.unwrap_or(args.block_size),
+        offload_policy: args.offload_policy.unwrap_or_default(),
+        offload_latency_steps: args.offload_latency_steps.unwrap_or(0),
+        offload_all_tokens: args.offload_all_tokens,
+    }))
 }
 
 fn parse_eviction(s: &str) -> Result<EvictionKind, String> {
@@ -281,6 +374,7 @@ fn spec_from_args(args: &KvArgs) -> Result<(KvSpec, Option<OpenedTrace>), String
         pressure_thresholds: args.pressure_thresholds,
         cudagraph_sizes: args.cudagraph_sizes.clone(),
         execute,
+        cpu_offload: offload_spec(args)?,
         step_log: args.step_log.clone(),
         plot: args.plot.clone(),
     };
@@ -381,6 +475,15 @@ pub fn check(spec: &KvSpec) -> Result<Checked, String> {
         Some(e) => crate::alloc_cmd::parse_faults(&e.inject)?,
         None => Vec::new(),
     };
+    let offload_fault = faults
+        .iter()
+        .any(|f| matches!(f, Inject::CorruptOffload { .. }));
+    if offload_fault && spec.cpu_offload.is_none() {
+        return Err(
+            "--inject corrupt-offload needs a CPU tier (--cpu-offload-blocks or --kv-offloading-size): it corrupts a copy stored there"
+                .into(),
+        );
+    }
     Ok(Checked { resolved, faults })
 }
 
@@ -398,6 +501,25 @@ fn run_opened(
     opened: Option<OpenedTrace>,
 ) -> Result<ExitCode, String> {
     let KvResolved { gpu, model, sizing } = &checked.resolved;
+    let kv_bytes_per_block = model.kv_bytes_per_token().saturating_mul(spec.block_size);
+    let offload = match &spec.cpu_offload {
+        Some(o) => Some(OffloadEngineConfig {
+            cpu_blocks: o.cpu_offload_blocks as u32,
+            block_size: o.offload_block_size as u32,
+            policy: o.offload_policy,
+            prompt_only: !o.offload_all_tokens,
+            timing: match spec.cost {
+                CostSpec::Fixed { .. } => TransferTiming::Steps {
+                    latency: o.offload_latency_steps,
+                },
+                CostSpec::Roofline => TransferTiming::Link {
+                    link: gpu.links()?.host_pinned,
+                    block_bytes: kv_bytes_per_block,
+                },
+            },
+        }),
+        None => None,
+    };
     let engine = EngineConfig {
         num_gpu_blocks: spec.kv_blocks as u32,
         block_size: spec.block_size as u32,
@@ -409,6 +531,7 @@ fn run_opened(
         eviction: spec.eviction,
         watermark_blocks: 0,
         policy: spec.scheduling_policy,
+        offload,
     };
     let profile_name = |name: &str| {
         if spec.uses_profiles() {
@@ -444,6 +567,21 @@ fn run_opened(
         pressure_thresholds: spec.pressure_thresholds,
         cudagraph_sizes: spec.cudagraph_sizes.clone(),
         cudagraph_bytes_per_graph: model.cudagraph_bytes_per_graph,
+        cpu_offload: spec.cpu_offload.as_ref().map(|o| OffloadInfo {
+            cpu_blocks: o.cpu_offload_blocks,
+            offload_block_size: o.offload_block_size,
+            offload_policy: o.offload_policy,
+            offload_latency_steps: matches!(spec.cost, CostSpec::Fixed { .. })
+                .then_some(o.offload_latency_steps),
+            offload_all_tokens: o.offload_all_tokens,
+            kv_bytes_per_block,
+            cpu_bytes: o
+                .cpu_offload_blocks
+                .saturating_mul(gpumem_sim::spec::offload_chunk_bytes(
+                    kv_bytes_per_block,
+                    o.offload_block_size / spec.block_size,
+                )),
+        }),
     };
     let report = match simulate_with_step_log(&source, engine, &info, spec)? {
         Ok(r) => r,
@@ -664,17 +802,36 @@ fn execute_on_device(
         )
     };
     let capacity = (engine.num_gpu_blocks as u64).saturating_mul(block_bytes);
-    let mut sim = SimExecutor::new(capacity, AllocCostModel::default());
+    // The CPU tier's pinned host memory, and room to stage a pool's worth of finished
+    // requests' blocks until their stores run.
+    let pinned = engine.offload.map(|o| {
+        (o.cpu_blocks as u64)
+            .saturating_mul((o.block_size / engine.block_size.max(1)) as u64)
+            .saturating_mul(block_bytes)
+            .saturating_add(capacity)
+    });
+    let books = || match pinned {
+        Some(pinned) => Books::with_places(&[
+            (Place::GPU0, capacity),
+            (Place::new(0, Tier::PinnedHost), pinned),
+        ]),
+        None => Books::new(capacity),
+    };
+    let mut sim = SimExecutor::with_books(
+        books(),
+        AllocCostModel::default(),
+        GpuProfile::default_links(),
+    );
     let simulated = run(&mut sim).map_err(|e| e.to_string())?;
     let executed = match execute.device {
         ExecuteDevice::Host => {
-            let mut exec = DeviceExecutor::new(HostDevice::new(), capacity, faults, seed);
+            let mut exec = DeviceExecutor::with_books(HostDevice::new(), books(), faults, seed);
             let r = run(&mut exec).map_err(|e| e.to_string())?;
             (r, exec.finish())
         }
         ExecuteDevice::Cuda => {
             let cuda = CudaDevice::open(0).map_err(|e| format!("--execute cuda: {e}"))?;
-            let mut exec = DeviceExecutor::new(cuda, capacity, faults, seed);
+            let mut exec = DeviceExecutor::with_books(cuda, books(), faults, seed);
             let r = run(&mut exec).map_err(|e| e.to_string())?;
             (r, exec.finish())
         }
@@ -734,6 +891,20 @@ fn report_execution(
             reads.0,
             reads.1 as f64 / reads.0.max(1) as f64
         ));
+        if let Some(o) = &executed.cpu_offload {
+            let copies = exec
+                .timings
+                .iter()
+                .find(|t| t.kind == "transfer")
+                .map_or((0, 0), |t| (t.count, t.measured_ns_total));
+            text.push_str(&format!(
+                "  {} block copies between the GPU and the CPU tier, {:.0} ns each, checked at both ends; {} loads and {} stores refused\n",
+                copies.0,
+                copies.1 as f64 / copies.0.max(1) as f64,
+                o.loads_refused,
+                o.stores_refused
+            ));
+        }
         if exec.injections_moved_on > 0 {
             text.push_str(&format!(
                 "  the injected corruption moved on {} times: the blocks it hit were written again before anything read them\n",
@@ -756,7 +927,8 @@ fn report_execution(
 /// A sentence when an injected corruption was never seen (no check found a wrong byte), which
 /// only a run that ends with its corrupted block rewritten can give.
 pub fn unseen_injection(exec: &ExecReport) -> Option<String> {
-    let injected = exec.injected_corruptions + exec.injections_moved_on;
+    let injected =
+        exec.injected_corruptions + exec.injected_offload_corruptions + exec.injections_moved_on;
     (injected > 0 && exec.mismatches == 0).then(|| {
         format!(
             "the injected {} found no block that stayed as written: no check could see it",

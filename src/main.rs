@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod alloc_cmd;
 mod kv_cmd;
 mod kv_events_cmd;
+mod models_cmd;
 mod output;
 mod progress;
 mod run_cmd;
@@ -45,6 +46,9 @@ enum Command {
     /// index a KV-aware router would hold: blocks stored, removed and live, longest prefix
     /// chain, per medium.
     KvEvents(kv_events_cmd::KvEventsArgs),
+    /// Serve several models from fewer GPUs (static, LRU swapping, an automatic offloader,
+    /// vLLM's sleep mode) and report per-model latency, weight loads and peak memory.
+    Models(Box<models_cmd::ModelsArgs>),
     /// Run a run spec (RON), as `gpumem alloc|kv ... --print-spec` writes it: prints exactly
     /// what those flags print.
     Run(run_cmd::RunArgs),
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         Command::Alloc(args) => alloc_cmd::run(args),
         Command::Kv(args) => kv_cmd::run(*args),
         Command::KvEvents(args) => kv_events_cmd::run(args),
+        Command::Models(args) => models_cmd::run(*args),
         Command::Run(args) => run_cmd::run(args),
         Command::Selftest(args) => selftest_cmd::run(args),
     };

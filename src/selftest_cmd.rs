@@ -266,6 +266,7 @@ fn kv_path(ctx: &Context) -> Result<PathResult, String> {
         eviction: EvictionKind::Lru,
         watermark_blocks: 0,
         policy: SchedulingPolicy::Fcfs,
+        offload: None,
     };
     let capacity = KV_BLOCKS as u64 * KV_BLOCK_BYTES;
     let run = |exec: &mut dyn gpumem_core::executor::Executor| {

@@ -61,6 +61,13 @@ pub struct Loc {
     pub offset: u64,
 }
 
+impl Loc {
+    /// The start of `segment`.
+    pub const fn at(segment: SegmentId) -> Loc {
+        Loc { segment, offset: 0 }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Decision {
     /// Obtain `bytes` of physical memory as a new segment (cudaMalloc). May be refused.

@@ -6,6 +6,7 @@
 //! not given.
 
 pub mod alloc;
+pub mod balance;
 pub mod books;
 pub mod buffers;
 pub mod decision;
@@ -13,8 +14,11 @@ pub mod digest;
 pub mod executor;
 pub mod kv;
 pub mod link;
+pub mod offloader;
 pub mod place;
+pub mod sleep;
 pub mod tiers;
+pub mod weights;
 
 pub use books::{Account, Books};
 pub use decision::{AllocId, Decision, Loc, Refusal, SegmentId};

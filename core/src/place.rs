@@ -12,6 +12,50 @@ use serde::{Deserialize, Serialize};
 )]
 pub struct DeviceId(pub u16);
 
+/// The devices a run spreads its work over, in the order work is given to them: replica `i`
+/// of a cluster runs on the `i`-th; a balancer over several GPUs places its shares on the same
+/// set. Numbered from device 0, one device per share (no two shares on one device).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeviceSet {
+    devices: Vec<DeviceId>,
+}
+
+impl DeviceSet {
+    /// Most devices in a set (one `DeviceId` each).
+    pub const MAX_DEVICES: usize = u16::MAX as usize + 1;
+
+    /// Devices `0..count`.
+    pub fn first(count: usize) -> Result<DeviceSet, String> {
+        if count == 0 || count > Self::MAX_DEVICES {
+            return Err(format!(
+                "a device set holds 1 to {} devices, not {count}",
+                Self::MAX_DEVICES
+            ));
+        }
+        Ok(DeviceSet {
+            devices: (0..count).map(|i| DeviceId(i as u16)).collect(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Never: a set holds at least one device.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// The device of share `i`.
+    pub fn device(&self, i: usize) -> DeviceId {
+        self.devices[i]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = DeviceId> + '_ {
+        self.devices.iter().copied()
+    }
+}
+
 /// A kind of memory, fastest first. Host tiers belong to the device whose link reaches them.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -106,6 +150,8 @@ pub enum Owner {
     Scratch,
     /// The two tiers of a [`crate::tiers::TierCache`] (items swapped between GPU and host).
     TierCache,
+    /// Runtime memory of a sleeping engine (vLLM's `runtime` tag: workspaces, activations).
+    Runtime,
 }
 
 impl Owner {
@@ -118,6 +164,7 @@ impl Owner {
             Owner::GraphBuffers => "graph-buffers",
             Owner::Scratch => "scratch",
             Owner::TierCache => "tier-cache",
+            Owner::Runtime => "runtime",
         }
     }
 
@@ -138,6 +185,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_device_set_numbers_its_devices_from_zero() {
+        let set = DeviceSet::first(3).unwrap();
+        assert_eq!(
+            set.iter().collect::<Vec<_>>(),
+            [DeviceId(0), DeviceId(1), DeviceId(2)]
+        );
+        assert_eq!(set.device(2), DeviceId(2));
+        assert!(DeviceSet::first(0).is_err());
+        assert!(DeviceSet::first(DeviceSet::MAX_DEVICES + 1).is_err());
+    }
+
+    #[test]
     fn packing_is_injective_over_the_fields_and_arena_gpu0_is_the_bare_index() {
         assert_eq!(pack(Place::GPU0, Owner::Arena, 7), 7);
         let mut seen = std::collections::BTreeSet::new();
@@ -149,6 +208,7 @@ mod tests {
                     Owner::KvOffload,
                     Owner::Scratch,
                     Owner::TierCache,
+                    Owner::Runtime,
                 ] {
                     for index in [0u32, 1, u32::MAX] {
                         assert!(seen.insert(pack(Place::new(device, tier), owner, index)));

@@ -29,6 +29,7 @@ use gpumem_core::books::Books;
 use gpumem_core::decision::{AllocId, Decision, Loc, Refusal, SegmentId};
 use gpumem_core::digest::Digest;
 use gpumem_core::executor::{Executor, Ledger};
+use gpumem_core::place::Owner;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -127,8 +128,10 @@ pub struct ExecReport {
     pub injected_refusals: u64,
     pub injected_corruptions: u64,
     pub injected_transfer_corruptions: u64,
+    /// Copies in the KV offload tier corrupted after they were stored (`corrupt-offload`).
+    pub injected_offload_corruptions: u64,
     /// Corruptions of content blocks written again before anything read them: each moved on
-    /// to the next block written, so that a check can see it.
+    /// to the next block written (or copy stored), so that a check can see it.
     pub injections_moved_on: u64,
     /// The injections as resolved for this run, e.g. `corrupt-block:17`.
     pub injections: Vec<String>,
@@ -177,6 +180,7 @@ struct Stats {
     injected_refusals: u64,
     injected_corruptions: u64,
     injected_transfer_corruptions: u64,
+    injected_offload_corruptions: u64,
     injections_moved_on: u64,
     resident_start: Option<u64>,
     resident_peak: Option<u64>,
@@ -196,9 +200,10 @@ pub struct DeviceExecutor<D: Device> {
     /// Content blocks (written by `WriteKv`, or the destination of a `Transfer`): (segment,
     /// offset) → (bytes, content), never overlapping; re-checked at checkpoints.
     contents: BTreeMap<(SegmentId, u64), (u64, u64)>,
-    /// A content block corrupted by injection that no check has read yet: if it is written
-    /// again first, the corruption is gone unseen and moves on to the next block written.
-    unread_corruption: Option<(SegmentId, u64)>,
+    /// A content block corrupted by injection that no check has read yet, and the kind of
+    /// fault: if it is written again first, the corruption is gone unseen and moves on to the
+    /// next candidate of that kind.
+    unread_corruption: Option<((SegmentId, u64), Candidate)>,
     faults: Faults,
     stats: Stats,
 }
@@ -290,6 +295,7 @@ impl<D: Device> DeviceExecutor<D> {
             injected_refusals: s.injected_refusals,
             injected_corruptions: s.injected_corruptions,
             injected_transfer_corruptions: s.injected_transfer_corruptions,
+            injected_offload_corruptions: s.injected_offload_corruptions,
             injections_moved_on: s.injections_moved_on,
             injections: self.faults.plan.clone(),
             reserved_bytes_peak: self.ledger.books.reserved_bytes_peak(),
@@ -345,7 +351,9 @@ impl<D: Device> DeviceExecutor<D> {
                     self.device.name()
                 )
             });
-        if result.mismatched_bytes > 0 && self.unread_corruption == Some((at.segment, at.offset)) {
+        if result.mismatched_bytes > 0
+            && self.unread_corruption.map(|(k, _)| k) == Some((at.segment, at.offset))
+        {
             self.unread_corruption = None;
         }
         let s = &mut self.stats;
@@ -605,6 +613,15 @@ impl<D: Device> DeviceExecutor<D> {
             return Err(Refusal::Mismatch);
         }
         self.set_content(to, bytes, content);
+        if bytes > 0 && to.segment.owner == Owner::KvOffload && self.faults.next(Candidate::Offload)
+        {
+            let byte = self.faults.rng.gen_range(0..bytes);
+            self.device
+                .corrupt(dst.0, dst.1 + byte)
+                .unwrap_or_else(|e| self.fail(d, e));
+            self.stats.injected_offload_corruptions += 1;
+            self.unread_corruption = Some(((to.segment, to.offset), Candidate::Offload));
+        }
         Ok(())
     }
 
@@ -645,12 +662,15 @@ impl<D: Device> DeviceExecutor<D> {
             .collect();
         for k in gone {
             self.contents.remove(&k);
-            if self.unread_corruption == Some(k) {
+            if let Some((_, kind)) = self.unread_corruption.filter(|&(at, _)| at == k) {
                 // Overwritten before anything read it: no check could ever see it.
                 self.unread_corruption = None;
-                self.stats.injected_corruptions -= 1;
+                match kind {
+                    Candidate::Offload => self.stats.injected_offload_corruptions -= 1,
+                    _ => self.stats.injected_corruptions -= 1,
+                }
                 self.stats.injections_moved_on += 1;
-                self.faults.rearm(Candidate::Write);
+                self.faults.rearm(kind);
             }
         }
     }
@@ -667,7 +687,7 @@ impl<D: Device> DeviceExecutor<D> {
                 .unwrap_or_else(|e| self.fail(d, e));
             self.stats.injected_corruptions += 1;
             if let Decision::WriteKv { at, .. } = *d {
-                self.unread_corruption = Some((at.segment, at.offset));
+                self.unread_corruption = Some(((at.segment, at.offset), Candidate::Write));
             }
         }
     }

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 /// the seed.
 pub const INJECT_WINDOW: u64 = 64;
 
-/// A seeded fault, as the CLI names it: `corrupt-block[:N]`, `corrupt-transfer[:N]` or
-/// `refuse-alloc[:N]`.
+/// A seeded fault, as the CLI names it: `corrupt-block[:N]`, `corrupt-transfer[:N]`,
+/// `corrupt-offload[:N]` or `refuse-alloc[:N]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Inject {
     /// Flip one byte of the `nth` block written (1-based, counting `Place`s and `WriteKv`s of
@@ -26,6 +26,11 @@ pub enum Inject {
     /// Refuse the `nth` `Reserve` or `Map` (1-based, counting those the capacity admits) as if
     /// the device had; it returns `Refusal::Injected`.
     RefuseAlloc { nth: Option<u64> },
+    /// Flip one byte of the `nth` copy stored in the KV offload tier (1-based, counting
+    /// `Transfer`s of at least one byte into an `Owner::KvOffload` segment) after the copy was
+    /// verified: the store counts, and the load that reads it back must be refused. A copy
+    /// overwritten unread moves the fault on to the next one.
+    CorruptOffload { nth: Option<u64> },
 }
 
 /// Why an `--inject` value could not be parsed.
@@ -43,8 +48,9 @@ impl std::error::Error for ParseInjectError {}
 impl Inject {
     /// Parses `NAME` or `NAME:N` (N ≥ 1) for the names of [`Inject::NAMES`].
     pub fn parse(s: &str) -> Result<Inject, ParseInjectError> {
-        let expected = "expected corrupt-block, corrupt-transfer or refuse-alloc, each \
-                        optionally :N with N a whole number from 1 (e.g. refuse-alloc:N)";
+        let expected = "expected corrupt-block, corrupt-transfer, corrupt-offload or \
+                        refuse-alloc, each optionally :N with N a whole number from 1 (e.g. \
+                        refuse-alloc:N)";
         let (name, nth) = match s.split_once(':') {
             None => (s, None),
             Some((name, n)) => match n.parse::<u64>() {
@@ -59,6 +65,7 @@ impl Inject {
         match name {
             "corrupt-block" => Ok(Inject::CorruptBlock { nth }),
             "corrupt-transfer" => Ok(Inject::CorruptTransfer { nth }),
+            "corrupt-offload" => Ok(Inject::CorruptOffload { nth }),
             "refuse-alloc" => Ok(Inject::RefuseAlloc { nth }),
             _ => Err(ParseInjectError(format!(
                 "unknown fault injection `{s}`: {expected}"
@@ -66,12 +73,18 @@ impl Inject {
         }
     }
 
-    pub const NAMES: [&'static str; 3] = ["corrupt-block", "corrupt-transfer", "refuse-alloc"];
+    pub const NAMES: [&'static str; 4] = [
+        "corrupt-block",
+        "corrupt-transfer",
+        "corrupt-offload",
+        "refuse-alloc",
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Inject::CorruptBlock { .. } => "corrupt-block",
             Inject::CorruptTransfer { .. } => "corrupt-transfer",
+            Inject::CorruptOffload { .. } => "corrupt-offload",
             Inject::RefuseAlloc { .. } => "refuse-alloc",
         }
     }
@@ -80,6 +93,7 @@ impl Inject {
         match self {
             Inject::CorruptBlock { nth }
             | Inject::CorruptTransfer { nth }
+            | Inject::CorruptOffload { nth }
             | Inject::RefuseAlloc { nth } => nth,
         }
     }
@@ -110,14 +124,16 @@ pub(crate) enum Candidate {
     Transfer,
     /// A `Reserve` or `Map` the capacity admits.
     Alloc,
+    /// A `Transfer` into the KV offload tier.
+    Offload,
 }
 
 /// Resolved fault injections: which candidates of each kind they hit.
 #[derive(Clone, Debug)]
 pub(crate) struct Faults {
     pub(crate) rng: ChaCha8Rng,
-    hits: [BTreeSet<u64>; 3],
-    seen: [u64; 3],
+    hits: [BTreeSet<u64>; 4],
+    seen: [u64; 4],
     /// The injections as resolved, e.g. `corrupt-block:17`.
     pub(crate) plan: Vec<String>,
 }
@@ -125,7 +141,7 @@ pub(crate) struct Faults {
 impl Faults {
     pub(crate) fn new(faults: &[Inject], seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut hits: [BTreeSet<u64>; 3] = Default::default();
+        let mut hits: [BTreeSet<u64>; 4] = Default::default();
         let mut plan = Vec::new();
         for &f in faults {
             let n = f.nth().unwrap_or_else(|| rng.gen_range(1..=INJECT_WINDOW));
@@ -135,7 +151,7 @@ impl Faults {
         Faults {
             rng,
             hits,
-            seen: [0; 3],
+            seen: [0; 4],
             plan,
         }
     }
@@ -145,6 +161,7 @@ impl Faults {
             Inject::CorruptBlock { .. } => Candidate::Write,
             Inject::CorruptTransfer { .. } => Candidate::Transfer,
             Inject::RefuseAlloc { .. } => Candidate::Alloc,
+            Inject::CorruptOffload { .. } => Candidate::Offload,
         }
     }
 
@@ -178,6 +195,8 @@ mod tests {
             ),
             ("refuse-alloc", Inject::RefuseAlloc { nth: None }),
             ("refuse-alloc:1", Inject::RefuseAlloc { nth: Some(1) }),
+            ("corrupt-offload", Inject::CorruptOffload { nth: None }),
+            ("corrupt-offload:4", Inject::CorruptOffload { nth: Some(4) }),
         ];
         for (text, want) in cases {
             assert_eq!(text.parse::<Inject>(), Ok(want));

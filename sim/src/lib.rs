@@ -5,6 +5,7 @@
 
 pub mod alloc_replay;
 pub mod executor;
+pub mod models;
 pub mod monitor;
 pub mod plot;
 pub mod report;

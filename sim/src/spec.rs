@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use gpumem_core::alloc::Strategy;
 use gpumem_core::buffers::SizesChoice;
 use gpumem_core::kv::eviction::EvictionKind;
+use gpumem_core::kv::offload::OffloadPolicyKind;
 use gpumem_traces::serving::import::parse_decimal;
 use gpumem_traces::serving::WorkloadFormat;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -38,7 +39,8 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::alloc_replay::DefragMode;
 use crate::monitor::Thresholds;
-use crate::serve::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS};
+use crate::serve::conformance::MAX_OFFLOAD_BLOCKS;
+use crate::serve::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS, MAX_MODEL_LEN};
 use crate::serve::SchedulingPolicy;
 use crate::serve::{kv_sizing, CostModel, GpuProfile, KvSizing, ModelProfile, Roofline};
 pub use names::Named;
@@ -148,10 +150,34 @@ pub struct KvSpec {
     pub cudagraph_sizes: SizesChoice,
     /// Also run the KV pool on real memory.
     pub execute: Option<KvExecuteSpec>,
+    /// The KV cache's CPU tier (vLLM's OffloadingConnector); absent: no tier, and the run is
+    /// the one without these fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_offload: Option<KvOffloadSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_log: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plot: Option<PathBuf>,
+}
+
+/// `--cpu-offload-blocks` / `--kv-offloading-size` of `gpumem kv` and the tier's other flags.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvOffloadSpec {
+    /// CPU blocks in the tier (vLLM's chunks of `offload_block_size` tokens).
+    pub cpu_offload_blocks: u64,
+    /// What `cpu_offload_blocks` was sized from: vLLM's `--kv-offloading-size` in bytes (a run
+    /// checks it still sizes that many); None: given.
+    pub kv_offloading_bytes: Option<u64>,
+    /// Tokens per CPU block: a multiple of `block_size`.
+    pub offload_block_size: u64,
+    #[serde(with = "names::one")]
+    pub offload_policy: OffloadPolicyKind,
+    /// The copy engine's latency in engine steps: the conformance clock's (`cost: "fixed:…"`);
+    /// with the roofline a copy takes the host link's time and this must be 0.
+    pub offload_latency_steps: u64,
+    /// Every token offloaded, not only the prompt's (vLLM's `offload_prompt_only: false`).
+    pub offload_all_tokens: bool,
 }
 
 /// Where `gpumem kv`'s requests come from.
@@ -698,6 +724,9 @@ impl KvSpec {
             return Err("max_model_len must be at least 1".into());
         }
         self.cudagraph_sizes.check(self.max_num_batched_tokens)?;
+        if let Some(o) = &self.cpu_offload {
+            o.check(self, &model)?;
+        }
         Ok(KvResolved { gpu, model, sizing })
     }
 
@@ -706,6 +735,80 @@ impl KvSpec {
     pub fn uses_profiles(&self) -> bool {
         self.cost == CostSpec::Roofline || self.gpu_memory_utilization.is_some()
     }
+}
+
+impl KvOffloadSpec {
+    /// What vLLM refuses, what does nothing, and what gpumem cannot hold.
+    fn check(&self, spec: &KvSpec, model: &ModelProfile) -> Result<(), String> {
+        let block_size = spec.block_size;
+        if self.offload_block_size == 0 || !self.offload_block_size.is_multiple_of(block_size) {
+            return Err(format!(
+                "offload_block_size {} is not a multiple of block_size {block_size}: vLLM's OffloadingConnector rejects this (kv_connector_extra_config 'block_size' must be a multiple of the GPU KV cache block size)",
+                self.offload_block_size
+            ));
+        }
+        if self.offload_block_size > MAX_MODEL_LEN {
+            return Err(format!(
+                "offload_block_size {} exceeds gpumem's limit of {}",
+                self.offload_block_size, MAX_MODEL_LEN
+            ));
+        }
+        if let Some(bytes) = self.kv_offloading_bytes {
+            let per_block = model.kv_bytes_per_token().saturating_mul(block_size);
+            let blocks_per_chunk = self.offload_block_size / block_size;
+            let chunk_bytes = offload_chunk_bytes(per_block, blocks_per_chunk);
+            let n = bytes / chunk_bytes;
+            if n == 0 {
+                return Err(format!(
+                    "kv_offloading_bytes {bytes} holds no CPU block: one of {} tokens takes {chunk_bytes} bytes with {} ({} bytes per token, rounded up to 4 KiB pages), as vLLM sizes it",
+                    self.offload_block_size,
+                    model.name,
+                    model.kv_bytes_per_token()
+                ));
+            }
+            if n != self.cpu_offload_blocks {
+                return Err(format!(
+                    "cpu_offload_blocks {} is not the {n} CPU blocks that kv_offloading_bytes {bytes} sizes with {}; set cpu_offload_blocks: {n} or kv_offloading_bytes: None",
+                    self.cpu_offload_blocks, model.name
+                ));
+            }
+        }
+        if self.cpu_offload_blocks == 0 {
+            return Err("cpu_offload_blocks must be at least 1 (vLLM's CPU tier needs room for one CPU block)".into());
+        }
+        if self.cpu_offload_blocks > MAX_OFFLOAD_BLOCKS {
+            return Err(format!(
+                "cpu_offload_blocks {} exceeds gpumem's limit of {MAX_OFFLOAD_BLOCKS}",
+                self.cpu_offload_blocks
+            ));
+        }
+        if self.offload_latency_steps > 0 && spec.cost == CostSpec::Roofline {
+            return Err(format!(
+                "offload_latency_steps {} is the conformance clock's copy latency (cost fixed:STEP_US); with the roofline cost a copy takes the host link's time for its bytes",
+                self.offload_latency_steps
+            ));
+        }
+        if self.offload_latency_steps > MAX_OFFLOAD_LATENCY_STEPS {
+            return Err(format!(
+                "offload_latency_steps {} exceeds gpumem's limit of {MAX_OFFLOAD_LATENCY_STEPS}",
+                self.offload_latency_steps
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Longest copy latency the conformance clock takes, in engine steps.
+pub const MAX_OFFLOAD_LATENCY_STEPS: u64 = 1 << 20;
+
+/// Bytes of one CPU block of `blocks_per_chunk` GPU blocks of `kv_bytes_per_block`, as vLLM's
+/// `CPUOffloadingSpec` lays it out (one worker): rounded up to the 4 KiB page.
+pub fn offload_chunk_bytes(kv_bytes_per_block: u64, blocks_per_chunk: u64) -> u64 {
+    kv_bytes_per_block
+        .saturating_mul(blocks_per_chunk)
+        .max(1)
+        .div_ceil(4096)
+        .saturating_mul(4096)
 }
 
 #[cfg(test)]

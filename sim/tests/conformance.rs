@@ -121,7 +121,12 @@ fn invariants_hold_after_every_step() {
 #[test]
 fn deterministic() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance");
-    for case in ["mooncake-500-small", "pressure-0"] {
+    for case in [
+        "mooncake-500-small",
+        "pressure-0",
+        "offload-mooncake-300",
+        "offload-arc-k3-x2-nocache",
+    ] {
         let dir = root.join(case);
         let mut outs = Vec::new();
         for _ in 0..2 {
@@ -178,6 +183,92 @@ fn refusals_name_file_and_line() {
     assert_eq!(err.exit_code(), 2);
     assert!(
         err.to_string().contains("workload.jsonl:2: 'max_tokens'"),
+        "{err}"
+    );
+}
+
+/// The CPU-tier fixtures do what they are there for: every one stores into the tier and evicts
+/// from it, and all but the tiny one load hits back; the step log's per-step counters add up to
+/// the run's totals. Without the `offload_*` keys the same workload writes a log without the
+/// tier's keys.
+#[test]
+fn offload_fixtures_exercise_the_cpu_tier() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance");
+    let mut seen = 0;
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        if !name.starts_with("offload-") {
+            continue;
+        }
+        seen += 1;
+        let mut log = Vec::new();
+        let sum = run_conformance_files(
+            &dir.join("workload.jsonl"),
+            &dir.join("config.json"),
+            &mut log,
+            &mut |_| {},
+        )
+        .unwrap();
+        let o = sum.offload.unwrap_or_else(|| panic!("{name}: no CPU tier"));
+        assert!(o.offload_stored_blocks > 0, "{name}: nothing stored");
+        assert!(o.cpu_evicted_blocks > 0, "{name}: nothing evicted");
+        if name != "offload-tiny" {
+            assert!(o.cpu_hit_tokens > 0, "{name}: no CPU hit");
+        }
+        let (mut stored, mut loaded, mut evicted, mut hit_tokens) = (0, 0, 0, 0);
+        for line in String::from_utf8(log).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            stored += v["offload_stored"].as_u64().unwrap();
+            loaded += v["offload_loaded"].as_u64().unwrap();
+            evicted += v["cpu_evicted"].as_u64().unwrap();
+            for a in v["admitted"].as_array().unwrap() {
+                hit_tokens += a[2].as_u64().unwrap();
+            }
+        }
+        assert_eq!(stored, o.offload_stored_blocks, "{name}");
+        assert_eq!(loaded, o.offload_loaded_blocks, "{name}");
+        assert_eq!(evicted, o.cpu_evicted_blocks, "{name}");
+        assert_eq!(hit_tokens, o.cpu_hit_tokens, "{name}");
+    }
+    assert!(seen >= 8, "only {seen} offload fixtures");
+
+    // The tier off: no offload key anywhere in the log.
+    let dir = std::env::temp_dir().join(format!("gpumem-conf-off-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let case = root.join("offload-lru-k0");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("config.json")).unwrap()).unwrap();
+    let plain: serde_json::Map<String, serde_json::Value> = cfg
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| !k.starts_with("offload_"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&plain).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(case.join("workload.jsonl"), dir.join("workload.jsonl")).unwrap();
+    let got = run(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!got.is_empty());
+    assert!(!got.contains("offload"), "{got}");
+    let first: serde_json::Value = serde_json::from_str(got.lines().next().unwrap()).unwrap();
+    assert_eq!(first["admitted"][0].as_array().unwrap().len(), 2);
+}
+
+/// An offload block size that is not a multiple of the GPU block size is refused as vLLM
+/// refuses it, naming both sizes.
+#[test]
+fn offload_refusals_say_why() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance");
+    let err = run(&root.join("error-offload-block-size")).unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(
+        err.to_string()
+            .contains("offload_block_size 6 is not a multiple of block_size 4"),
         "{err}"
     );
 }

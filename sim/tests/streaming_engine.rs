@@ -173,6 +173,7 @@ fn config() -> impl Strategy<Value = EngineConfig> {
                     eviction,
                     watermark_blocks: 0,
                     policy,
+                    offload: None,
                 }
             },
         )
@@ -227,6 +228,7 @@ fn the_engine_holds_only_requests_in_flight() {
         eviction: EvictionKind::Lru,
         watermark_blocks: 0,
         policy: SchedulingPolicy::Fcfs,
+        offload: None,
     };
     let mut engine = VllmEngine::new(cfg).unwrap();
     let mut arrivals = Arrivals::new(

@@ -132,11 +132,56 @@ def cases():
                                            max_num_seqs=seqs, max_num_batched_tokens=budget,
                                            max_model_len=mml))
 
+    # The CPU offload tier (vLLM's OffloadingConnector): GPU pools small enough that cached
+    # prefixes leave the GPU, CPU tiers small enough that they evict, and prompts that come
+    # back later (CPU hits, loads). LRU and ARC, copy latency K, CPU blocks of 1-3 GPU blocks,
+    # all tokens offloaded, prefix caching off (the CPU tier is then the only cache).
+    # The smallest: A's chunks go to the CPU tier, B's push A out of the GPU pool, C re-sends A.
+    a = list(range(1, 18))
+    w = [{"id": "A", "arrival_us": 0, "prompt": a, "max_tokens": 3},
+         {"id": "B", "arrival_us": 1000, "prompt": list(range(100, 118)), "max_tokens": 3},
+         {"id": "C", "arrival_us": 20000, "prompt": a, "max_tokens": 2}]
+    out["offload-tiny"] = (w, dict(BASE, num_gpu_blocks=12, max_num_seqs=4,
+                                   max_num_batched_tokens=32, max_model_len=40,
+                                   offload_cpu_blocks=6, offload_latency_steps=1))
+    for name, (policy, k, bpc, caching, prompt_only, blocks, cpu) in {
+            "offload-lru-k0": ("lru", 0, 1, True, True, 16, 12),
+            "offload-lru-k2-x2": ("lru", 2, 2, True, True, 18, 8),
+            "offload-arc-k0": ("arc", 0, 1, True, True, 16, 12),
+            "offload-arc-k1-x2-all": ("arc", 1, 2, True, False, 16, 10),
+            "offload-lru-k1-x3-nocache": ("lru", 1, 3, False, True, 30, 7),
+            "offload-arc-k3-x2-nocache": ("arc", 3, 2, False, True, 30, 9),
+    }.items():
+        rng = random.Random(name)
+        prefixes = [[rng.randrange(1, 60) for _ in range(rng.randrange(4, 28))]
+                    for _ in range(5)]
+        w = []
+        t = 0
+        for i in range(36):
+            t += rng.choice([0, 0, 1000, 2000, 5000, 12000])
+            if w and rng.random() < 0.3:
+                p = list(rng.choice(w)["prompt"])
+            else:
+                p = list(rng.choice(prefixes)) + [rng.randrange(1, 60)
+                                                  for _ in range(rng.randrange(0, 10))]
+            w.append(req(i, t, p[:40] or [1], rng.randrange(1, 12)))
+        cfg = dict(BASE, num_gpu_blocks=blocks, max_num_seqs=4, max_num_batched_tokens=24,
+                   max_model_len=56, enable_prefix_caching=caching,
+                   offload_cpu_blocks=cpu, offload_policy=policy,
+                   offload_latency_steps=k)
+        if bpc != 1:
+            cfg["offload_block_size"] = 4 * bpc
+        if not prompt_only:
+            cfg["offload_prompt_only"] = False
+        out[name] = (w, cfg)
+
     # Refused inputs (the oracle exits 2; the step log is empty).
     w = [req(0, 0, range(1, 9), 2)]
     out["error-pool-too-small"] = (w, dict(BASE, num_gpu_blocks=10, max_model_len=40))
     w = [req(0, 0, range(1, 9), 2), req(1, 10, range(1, 61), 2)]
     out["error-prompt-too-long"] = (w, dict(BASE))
+    out["error-offload-block-size"] = (w[:1], dict(BASE, offload_cpu_blocks=8,
+                                                   offload_block_size=6))
     return out
 
 

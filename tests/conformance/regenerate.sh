@@ -21,10 +21,11 @@ python3 "$HERE/gen_cases.py" "$HERE" >/dev/null
 #    max_tokens is divided by D (rounded up) to keep each fixture under 1 MB.
 #    The small pool (1200 blocks of 16 = 19184 tokens) forces preemptions;
 #    requests that can never fit it are dropped by --max-seq-tokens.
-mooncake() { # name num_gpu_blocks max_model_len D
-    local d="$HERE/$1"
+mooncake() { # name num_gpu_blocks max_model_len D [limit] [extra config keys]
+    local d="$HERE/$1" keys='"enable_prefix_caching": true'
+    keys="${6:-$keys}"
     mkdir -p "$d"
-    python3 "$ORACLE/mooncake_to_workload.py" "$TRACE" --limit 500 --time-scale 0.1 \
+    python3 "$ORACLE/mooncake_to_workload.py" "$TRACE" --limit "${5:-500}" --time-scale 0.1 \
         --max-seq-tokens "$3" -o "$d/workload.full.jsonl"
     python3 - "$d/workload.full.jsonl" "$d/workload.jsonl" "$4" <<'PYEOF'
 import json, sys
@@ -37,11 +38,16 @@ PYEOF
     rm "$d/workload.full.jsonl"
     cat >"$d/config.json" <<CFG
 {"num_gpu_blocks": $2, "block_size": 16, "max_num_seqs": 64, "max_num_batched_tokens": 8192,
- "max_model_len": $3, "enable_prefix_caching": true, "step_us": 20000}
+ "max_model_len": $3, $keys, "step_us": 20000}
 CFG
 }
 mooncake mooncake-500-large 20000 131072 8
 mooncake mooncake-500-small 1200 19184 16
+# A CPU tier of 400 blocks of 64 tokens under the small pool, prefix caching off: the tier is
+# the only cache (first 300 requests).
+mooncake offload-mooncake-300 1200 19184 16 300 '"enable_prefix_caching": false,
+ "offload_cpu_blocks": 400, "offload_block_size": 64, "offload_policy": "lru",
+ "offload_latency_steps": 2'
 
 # 3. step logs
 for d in "$HERE"/*/; do

@@ -52,6 +52,24 @@ pub struct SlotRequest<'a> {
     pub waiting: bool,
 }
 
+/// What an admission asks of [`KvCacheManager::admit`] (vLLM's `allocate_slots` arguments
+/// beyond the plain case).
+#[derive(Clone, Copy, Debug)]
+pub struct Admission<'h> {
+    pub num_new_tokens: u64,
+    /// GPU prefix-hit tokens and their blocks.
+    pub hit_tokens: u64,
+    pub hits: &'h [BlockId],
+    /// Tokens past the hit that a connector loads (`num_external_computed_tokens`).
+    pub external_tokens: u64,
+    /// Blocks that must stay free for other in-flight prefills.
+    pub reserved_blocks: u64,
+    /// Do not cache the blocks yet (`delay_cache_blocks`: an asynchronous load fills them).
+    pub delay_cache: bool,
+    pub full_sequence_must_fit: bool,
+    pub has_scheduled_reqs: bool,
+}
+
 /// vLLM's `PrefixCacheStats` (tokens), with preempted requests kept apart as vLLM keeps them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrefixCacheStats {
@@ -159,6 +177,9 @@ impl KvCacheManager<'_, VllmLru> {
         Self::with_policy(config, VllmLru::new(config.num_blocks))
     }
 }
+
+/// Where a placed pool lives and the executor it is carried out on.
+pub type PlacedExecutor<'a> = (KvPlacement, &'a mut dyn Executor);
 
 impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
     pub fn with_policy(config: KvConfig, policy: P) -> Self {
@@ -394,6 +415,112 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
             );
         }
         true
+    }
+
+    /// vLLM's `allocate_slots` checks for an admission that may also load `external` tokens
+    /// from a connector and must leave `reserved_blocks` free (see [`Admission`]), without
+    /// taking any block.
+    pub fn can_admit(&self, r: SlotRequest<'_>, a: &Admission<'_>) -> bool {
+        let max_len = self.config.max_model_len;
+        let watermark = if a.has_scheduled_reqs && r.waiting {
+            self.config.watermark_blocks as u64
+        } else {
+            0
+        };
+        let free = self.pool.num_free() as u64;
+        if a.full_sequence_must_fit {
+            let full = r.num_tokens.min(max_len);
+            if self.blocks_to_allocate(r.req, full, a.hits) + watermark > free {
+                return false;
+            }
+        }
+        let total_computed =
+            (r.num_computed_tokens + a.hit_tokens + a.external_tokens).min(max_len);
+        let need = (total_computed + a.num_new_tokens).min(max_len);
+        self.blocks_to_allocate(r.req, need, a.hits) + watermark + a.reserved_blocks <= free
+    }
+
+    /// vLLM's `allocate_slots` with a connector: the prefix hits are taken, then blocks for
+    /// the `external` tokens (filled by a load, so not written here), then for the new tokens;
+    /// the blocks are cached unless `delay_cache` (an asynchronous load caches them when it
+    /// completes, [`cache_computed`](Self::cache_computed)). False, changing nothing, when the
+    /// blocks are not there.
+    pub fn admit(&mut self, r: SlotRequest<'_>, a: &Admission<'_>) -> bool {
+        if !self.can_admit(r, a) {
+            return false;
+        }
+        let max_len = self.config.max_model_len;
+        let bs = self.config.block_size as u64;
+        let local = r.num_computed_tokens + a.hit_tokens;
+        let total_computed = (local + a.external_tokens).min(max_len);
+        let need = (total_computed + a.num_new_tokens).min(max_len);
+        self.ensure(r.req);
+        if self.num_cached[r.req] == UNTRACKED && self.config.enable_prefix_caching {
+            self.pool.touch(a.hits);
+            self.tables[r.req].extend_from_slice(a.hits);
+            self.num_cached[r.req] = a.hits.len() as u32;
+        }
+        if a.external_tokens > 0 {
+            let table = &mut self.tables[r.req];
+            let n = cdiv(local + a.external_tokens, bs).saturating_sub(table.len() as u64);
+            self.pool.get_new_blocks(n as usize, table);
+        }
+        let required = cdiv(need, bs) as usize;
+        let table = &mut self.tables[r.req];
+        if required > table.len() {
+            let n = required - table.len();
+            self.pool.get_new_blocks(n, table);
+        }
+        if self.config.enable_prefix_caching && !a.delay_cache {
+            self.cache_blocks(r, (total_computed + a.num_new_tokens).min(r.num_tokens));
+        }
+        if let Some(placed) = self.placed.as_mut() {
+            let computed = local + a.external_tokens;
+            placed.write_blocks(
+                &self.tables[r.req],
+                r,
+                computed,
+                a.num_new_tokens,
+                self.config.block_size,
+            );
+        }
+        true
+    }
+
+    /// Caches the request's full blocks up to `num_tokens` (vLLM's `cache_blocks`, as a
+    /// completed asynchronous load does for its blocks). Nothing without prefix caching.
+    pub fn cache_computed(&mut self, r: SlotRequest<'_>, num_tokens: u64) {
+        if self.config.enable_prefix_caching && r.req < self.tables.len() {
+            self.cache_blocks(r, num_tokens);
+        }
+    }
+
+    /// Blocks the request still lacks for `num_tokens` tokens (vLLM's
+    /// `_request_remaining_blocks`, what an in-flight prefill reserves).
+    pub fn remaining_blocks(&self, req: usize, num_tokens: u64) -> u64 {
+        let need = cdiv(
+            num_tokens.min(self.config.max_model_len),
+            self.config.block_size as u64,
+        );
+        need.saturating_sub(self.blocks(req).len() as u64)
+    }
+
+    /// Every request's block table (by request index) beside the executor the pool is placed
+    /// on, if any: what a connector reads and writes through at once.
+    pub fn tables_and_executor(&mut self) -> (&[Vec<BlockId>], Option<PlacedExecutor<'_>>) {
+        let exec = self
+            .placed
+            .as_mut()
+            .map(|p| (p.placement, &mut *p.exec as &mut dyn Executor));
+        (&self.tables, exec)
+    }
+
+    /// Placed: where the pool lives and the executor it is carried out on (for the CPU tier's
+    /// transfers).
+    pub fn placed_executor(&mut self) -> Option<(KvPlacement, &mut dyn Executor)> {
+        self.placed
+            .as_mut()
+            .map(|p| (p.placement, &mut *p.exec as &mut dyn Executor))
     }
 
     /// Placed: reads the hit blocks of a waiting request back in order, before they count

@@ -13,6 +13,8 @@
 //!   with vLLM's admission gate (and `can_allocate_slots`, its checks alone), free, usage and
 //!   prefix-cache statistics; placed on an executor, it also reserves the pool, writes every
 //!   computed block and reads prefix hits back before they count.
+//! - [`offload`]: the CPU tier below the pool, exact to vLLM's `OffloadingConnector`: its
+//!   manager, LRU and ARC policies, and the scheduler side's lookups, loads and stores.
 //!
 //! Block 0 is the null block: never free, never referenced by a request. Blocks are named by
 //! dense indices (`BlockId`), requests by dense indices the caller assigns (`usize`).
@@ -23,6 +25,7 @@ pub mod free_queue;
 pub mod hash;
 pub mod index;
 pub mod manager;
+pub mod offload;
 pub mod pool;
 pub mod prefix_map;
 
@@ -30,6 +33,6 @@ pub use block::{cdiv, BlockId, NULL_BLOCK};
 pub use eviction::{EvictionPolicy, VllmLru};
 pub use hash::BlockHash;
 pub use manager::{
-    KvCacheManager, KvConfig, KvPlacement, PlaceError, PrefixCacheStats, SlotRequest,
+    Admission, KvCacheManager, KvConfig, KvPlacement, PlaceError, PrefixCacheStats, SlotRequest,
 };
 pub use pool::{BlockPool, BlockPoolSummary, KvEvent, StepCounters};

@@ -5,8 +5,9 @@
 
 use std::path::Path;
 
+use gpumem_core::kv::offload::OffloadPolicyKind;
 use gpumem_traces::TraceError;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::arrivals::{Arrivals, TooLongPrompt};
 use super::driver::{drive, DriveOptions, RunSummary};
@@ -34,6 +35,94 @@ pub struct ConformanceConfig {
     pub step_us: u64,
     /// vLLM's scheduling policy: `fcfs` (the default) or `priority` (optional key `policy`).
     pub priority_policy: bool,
+    /// The CPU offload tier (optional keys `offload_*`; see the contract's "CPU offload tier").
+    pub offload: Option<ConformanceOffload>,
+}
+
+/// The contract's CPU offload tier keys, defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConformanceOffload {
+    /// `offload_cpu_blocks`: CPU blocks (chunks) in the tier.
+    pub cpu_blocks: u64,
+    /// `offload_block_size` (default `block_size`): tokens per CPU block.
+    pub block_size: u64,
+    /// `offload_policy`: `lru` (default) or `arc`.
+    pub policy: OffloadPolicyKind,
+    /// `offload_latency_steps` (default 0): the simulated copy engine's latency K.
+    pub latency_steps: u64,
+    /// `offload_prompt_only` (default true).
+    pub prompt_only: bool,
+}
+
+/// Most CPU blocks gpumem simulates (the tier keeps a few words per block).
+pub const MAX_OFFLOAD_BLOCKS: u64 = 1 << 26;
+
+const OFFLOAD_KEYS: [&str; 5] = [
+    "offload_cpu_blocks",
+    "offload_block_size",
+    "offload_policy",
+    "offload_latency_steps",
+    "offload_prompt_only",
+];
+
+/// The optional offload keys, checked as the oracle checks them.
+fn parse_offload(
+    m: &Map<String, Value>,
+    block_size: u64,
+    source: &str,
+) -> Result<Option<ConformanceOffload>, TraceError> {
+    let given: Vec<&str> = OFFLOAD_KEYS
+        .iter()
+        .copied()
+        .filter(|k| m.contains_key(*k))
+        .collect();
+    if given.is_empty() {
+        return Ok(None);
+    }
+    if !m.contains_key("offload_cpu_blocks") {
+        return Err(TraceError::in_file(
+            source,
+            format!(
+                "{} given without offload_cpu_blocks (the CPU offload tier is off)",
+                given.join(", ")
+            ),
+        ));
+    }
+    let err = |msg: &str| TraceError::in_file(source, msg.to_string());
+    let positive = |k: &str| match m.get(k) {
+        Some(v) => match v.as_u64() {
+            Some(x) if x >= 1 && is_int(v) => Ok(Some(x)),
+            _ => Err(err(&format!("{k} must be a positive integer"))),
+        },
+        None => Ok(None),
+    };
+    let cpu_blocks = positive("offload_cpu_blocks")?.expect("checked above");
+    let block = positive("offload_block_size")?.unwrap_or(block_size);
+    let latency_steps = match m.get("offload_latency_steps") {
+        None => 0,
+        Some(v) => match v.as_u64() {
+            Some(x) if is_int(v) => x,
+            _ => return Err(err("offload_latency_steps must be an integer >= 0")),
+        },
+    };
+    let policy = match m.get("offload_policy") {
+        None => OffloadPolicyKind::Lru,
+        Some(Value::String(p)) if p == "lru" => OffloadPolicyKind::Lru,
+        Some(Value::String(p)) if p == "arc" => OffloadPolicyKind::Arc,
+        Some(_) => return Err(err("offload_policy must be one of lru, arc")),
+    };
+    let prompt_only = match m.get("offload_prompt_only") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(err("offload_prompt_only must be true or false")),
+    };
+    Ok(Some(ConformanceOffload {
+        cpu_blocks,
+        block_size: block,
+        policy,
+        latency_steps,
+        prompt_only,
+    }))
 }
 
 const CONFIG_KEYS: [&str; 7] = [
@@ -74,7 +163,11 @@ impl ConformanceConfig {
         let mut warnings = Vec::new();
         let unknown: Vec<&String> = m
             .keys()
-            .filter(|k| !CONFIG_KEYS.contains(&k.as_str()) && k.as_str() != "policy")
+            .filter(|k| {
+                !CONFIG_KEYS.contains(&k.as_str())
+                    && !OFFLOAD_KEYS.contains(&k.as_str())
+                    && k.as_str() != "policy"
+            })
             .collect();
         if !unknown.is_empty() {
             let names: Vec<&str> = unknown.iter().map(|s| s.as_str()).collect();
@@ -101,9 +194,10 @@ impl ConformanceConfig {
                 ))
             }
         };
+        let block_size = int("block_size")?;
         let c = ConformanceConfig {
             num_gpu_blocks: int("num_gpu_blocks")?,
-            block_size: int("block_size")?,
+            block_size,
             max_num_seqs: int("max_num_seqs")?,
             max_num_batched_tokens: int("max_num_batched_tokens")?,
             max_model_len: int("max_model_len")?,
@@ -120,6 +214,7 @@ impl ConformanceConfig {
                     ))
                 }
             },
+            offload: parse_offload(&m, block_size, source)?,
         };
         if c.num_gpu_blocks < 2 {
             return Err(TraceError::in_file(
@@ -147,6 +242,22 @@ impl ConformanceConfig {
             out.push(
                 "max_num_batched_tokens < max_num_seqs: vLLM's SchedulerConfig rejects this".into(),
             );
+        }
+        if let Some(o) = &self.offload {
+            if o.block_size % self.block_size != 0 {
+                out.push(format!(
+                    "offload_block_size {} is not a multiple of block_size {}: vLLM's OffloadingConnector rejects this (kv_connector_extra_config 'block_size' must be a multiple of the GPU KV cache block size)",
+                    o.block_size, self.block_size
+                ));
+            }
+            for (name, value, limit) in [
+                ("offload_cpu_blocks", o.cpu_blocks, MAX_OFFLOAD_BLOCKS),
+                ("offload_block_size", o.block_size, MAX_MODEL_LEN),
+            ] {
+                if value > limit {
+                    out.push(format!("{name} {value} exceeds gpumem's limit of {limit}"));
+                }
+            }
         }
         for (name, value, limit) in [
             ("num_gpu_blocks", self.num_gpu_blocks, MAX_GPU_BLOCKS),

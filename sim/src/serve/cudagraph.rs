@@ -213,6 +213,7 @@ mod tests {
             eviction: EvictionKind::Lru,
             watermark_blocks: 0,
             policy: SchedulingPolicy::Fcfs,
+            offload: None,
         }
     }
 

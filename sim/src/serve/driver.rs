@@ -48,6 +48,33 @@ pub struct RunSummary {
     pub kv_blocks_used_peak: u32,
     /// Hex digest of the engine's decisions.
     pub digest: String,
+    /// The CPU tier's totals, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<OffloadSummary>,
+}
+
+/// What the CPU tier did over a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffloadSummary {
+    pub cpu_blocks: u32,
+    pub cpu_block_size: u32,
+    /// Tokens admissions loaded from the tier, and how many admissions did.
+    pub cpu_hit_tokens: u64,
+    pub cpu_hit_admissions: u64,
+    /// CPU blocks in the store jobs issued, and in the load jobs.
+    pub offload_stored_blocks: u64,
+    pub offload_loaded_blocks: u64,
+    /// CPU blocks whose store completed; evicted from the tier.
+    pub cpu_stored_blocks: u64,
+    pub cpu_evicted_blocks: u64,
+    /// GPU blocks the jobs copied to and from the tier.
+    pub gpu_blocks_to_cpu: u64,
+    pub gpu_blocks_from_cpu: u64,
+    /// Offers the tier had no room for (vLLM's store allocation failures).
+    pub store_failures: u64,
+    /// Loads and stores whose copies the executor refused.
+    pub loads_refused: u64,
+    pub stores_refused: u64,
 }
 
 impl RunSummary {
@@ -108,7 +135,7 @@ pub fn drive<'x>(
             engine.add_request(req)?;
             next = arrivals.next().transpose()?;
         }
-        if !engine.has_unfinished_requests() && !finished_last {
+        if !engine.has_unfinished_requests() && !finished_last && !engine.has_pending_transfers() {
             let Some(req) = &next else {
                 break;
             };
@@ -122,6 +149,7 @@ pub fn drive<'x>(
             };
             continue;
         }
+        let transfers_before = engine.has_pending_transfers();
         engine.step(Now { step, ns: now_ns });
         let rec = engine.last_step();
         if rec.end_ns == u64::MAX {
@@ -132,7 +160,6 @@ pub fn drive<'x>(
         let every = options.check_invariants_every;
         if every > 0 && step.is_multiple_of(every) {
             engine
-                .kv()
                 .check_invariants()
                 .map_err(|e| ServeError::Internal(format!("step {step}: {e}")))?;
         }
@@ -140,7 +167,10 @@ pub fn drive<'x>(
         sum.add_step(rec, usable);
         if rec.is_logged() {
             on_step(rec, engine)?;
-        } else if engine.has_unfinished_requests() {
+        } else if engine.has_unfinished_requests()
+            && !transfers_before
+            && !engine.has_pending_transfers()
+        {
             return Err(ServeError::Stall(format!(
                 "step {step}: {}",
                 engine.stall_reason()
@@ -148,6 +178,15 @@ pub fn drive<'x>(
         }
         step += 1;
         now_ns = rec.end_ns;
+        // A roofline step that ran nothing and saw no transfer complete takes no time: only a
+        // transfer's end or an arrival changes anything, so the clock moves to the sooner.
+        let idle = rec.scheduled.is_empty() && rec.transfers_done == 0;
+        if idle && matches!(cfg.cost, CostModel::Roofline(_)) {
+            if let Some(done) = engine.next_transfer_done_ns() {
+                let arrival = next.as_ref().map_or(u64::MAX, |r| r.arrival_us * 1000);
+                now_ns = now_ns.max(done.min(arrival));
+            }
+        }
     }
     let kv = engine.kv();
     let totals = kv.pool().totals();
@@ -156,5 +195,29 @@ pub fn drive<'x>(
     sum.blocks_stored = totals.stored;
     sum.prefix_cache = *kv.stats();
     sum.digest = engine.digest_hex();
+    sum.offload = offload_summary(engine);
     Ok(sum)
+}
+
+fn offload_summary(engine: &VllmEngine<'_>) -> Option<OffloadSummary> {
+    let c = engine.offload()?;
+    let (admissions, tokens) = engine.cpu_hits();
+    let t = c.totals();
+    let tier = c.tier_totals();
+    let cfg = c.config();
+    Some(OffloadSummary {
+        cpu_blocks: cfg.num_chunks,
+        cpu_block_size: cfg.blocks_per_chunk * cfg.block_size,
+        cpu_hit_tokens: tokens,
+        cpu_hit_admissions: admissions,
+        offload_stored_blocks: t.offload_stored,
+        offload_loaded_blocks: t.offload_loaded,
+        cpu_stored_blocks: tier.stored,
+        cpu_evicted_blocks: tier.evicted,
+        gpu_blocks_to_cpu: t.blocks_to_cpu,
+        gpu_blocks_from_cpu: t.blocks_from_cpu,
+        store_failures: c.manager().store_failures(),
+        loads_refused: t.loads_refused,
+        stores_refused: t.stores_refused,
+    })
 }

@@ -114,6 +114,13 @@ impl Latencies {
         }
     }
 
+    /// Adds every latency of `other`.
+    pub fn absorb(&mut self, other: &Latencies) {
+        self.ttft_us.extend_from_slice(&other.ttft_us);
+        self.tpot_us.extend_from_slice(&other.tpot_us);
+        self.e2e_us.extend_from_slice(&other.e2e_us);
+    }
+
     /// Nearest-rank percentiles of (TTFT, TPOT, end to end).
     pub fn percentiles(&mut self) -> [Percentiles; 3] {
         [

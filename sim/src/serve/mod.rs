@@ -31,18 +31,22 @@ pub mod vllm;
 pub mod workload;
 
 pub use arrivals::{Arrivals, TooLongPrompt};
-pub use conformance::{run_conformance, run_conformance_files, ConformanceConfig};
+pub use conformance::{
+    run_conformance, run_conformance_files, ConformanceConfig, ConformanceOffload,
+};
 pub use cost::{CostModel, Roofline, StepWork};
 pub use cudagraph::{CudagraphReport, GraphPadding};
-pub use driver::{drive, DriveOptions, RunSummary};
+pub use driver::{drive, DriveOptions, OffloadSummary, RunSummary};
 pub use error::ServeError;
 pub use gpumem_traces::TraceError;
 pub use profile::{kv_sizing, GpuProfile, KvSizing, ModelProfile};
-pub use report::{KvReport, Percentiles, RunInfo, TimelinePoint};
+pub use report::{KvReport, OffloadInfo, OffloadReport, Percentiles, RunInfo, TimelinePoint};
 pub use simulate::{simulate, simulate_on};
 pub use step::{Now, StepRecord};
 pub use step_log::StepLogWriter;
-pub use vllm::{EngineConfig, RequestOutcome, SchedulingPolicy, VllmEngine};
+pub use vllm::{
+    EngineConfig, OffloadEngineConfig, RequestOutcome, SchedulingPolicy, TransferTiming, VllmEngine,
+};
 pub use workload::{Prompt, RequestStream, Workload, WorkloadFormat, WorkloadRequest};
 
 /// The KV block eviction policy of a run (`--eviction`): `lru` (vLLM's), `arc`, `leaf-lru`.

@@ -283,6 +283,28 @@ pub struct KvSizing {
     pub num_blocks: u64,
 }
 
+/// A KV pool of at most `kv_bytes` for `model`: its `num_gpu_blocks` (the null block
+/// included) and the bytes they take. Fails below two blocks or past gpumem's limit.
+pub fn kv_sizing_bytes(
+    model: &ModelProfile,
+    kv_bytes: u64,
+    block_size: u64,
+) -> Result<(u32, u64), String> {
+    let per_block = model.kv_bytes_per_token().saturating_mul(block_size).max(1);
+    let blocks = kv_bytes / per_block;
+    if blocks < 2 {
+        return Err(format!(
+            "a KV pool of {kv_bytes} bytes holds fewer than two blocks of {per_block} bytes"
+        ));
+    }
+    if blocks > MAX_GPU_BLOCKS {
+        return Err(format!(
+            "{blocks} KV blocks exceed gpumem's limit of {MAX_GPU_BLOCKS}; raise --block-size"
+        ));
+    }
+    Ok((blocks as u32, blocks * per_block))
+}
+
 /// vLLM's sizing: `(memory × utilization − weights − activation reserve) / bytes per block`,
 /// with the utilization in parts per million. Fails when not even two blocks (the null block
 /// and one usable) fit.

@@ -8,9 +8,10 @@
 use serde::Serialize;
 
 use gpumem_core::buffers::SizesChoice;
+use gpumem_core::kv::offload::OffloadPolicyKind;
 
 use super::cudagraph::CudagraphReport;
-use super::driver::RunSummary;
+use super::driver::{OffloadSummary, RunSummary};
 use super::metrics::Measured;
 use super::profile::KvSizing;
 use crate::monitor::{Period, PressureReport, Thresholds};
@@ -84,6 +85,67 @@ pub struct RunInfo {
     /// The model profile's memory per captured graph (reported in `cudagraph.graph_bytes`).
     #[serde(skip)]
     pub cudagraph_bytes_per_graph: u64,
+    /// The KV cache's CPU tier (absent without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_offload: Option<OffloadInfo>,
+}
+
+/// The CPU tier a run had, echoed in the report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct OffloadInfo {
+    /// CPU blocks (vLLM's chunks) in the tier.
+    pub cpu_blocks: u64,
+    /// Tokens per CPU block.
+    pub offload_block_size: u64,
+    pub offload_policy: OffloadPolicyKind,
+    /// The conformance clock's copy latency; None: each copy takes the host link's time.
+    pub offload_latency_steps: Option<u64>,
+    pub offload_all_tokens: bool,
+    /// KV bytes of one GPU block, what each block's copy moves.
+    pub kv_bytes_per_block: u64,
+    /// The tier's host memory: CPU blocks of page-rounded size, as vLLM allocates it.
+    pub cpu_bytes: u64,
+}
+
+/// What the CPU tier did (JSON: these fields at the report's top level).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OffloadReport {
+    /// Prompt tokens admissions loaded from the CPU tier, and how many admissions did.
+    pub cpu_hit_tokens: u64,
+    pub cpu_hit_admissions: u64,
+    /// CPU blocks in the store jobs issued; in the load jobs.
+    pub offload_stored_blocks: u64,
+    pub offload_loaded_blocks: u64,
+    /// CPU blocks whose store completed; evicted from the tier to make room.
+    pub cpu_stored_blocks: u64,
+    pub cpu_evicted_blocks: u64,
+    /// Offers the tier had no room for (vLLM's store allocation failures).
+    pub store_failures: u64,
+    /// KV bytes copied GPU → CPU and CPU → GPU.
+    pub bytes_to_cpu: u64,
+    pub bytes_from_cpu: u64,
+    /// Copies an executor refused because the bytes were not what they should be (0 when
+    /// simulated): a refused load is not a hit, a refused store is not stored.
+    pub loads_refused: u64,
+    pub stores_refused: u64,
+}
+
+impl OffloadReport {
+    fn new(s: &OffloadSummary, kv_bytes_per_block: u64) -> OffloadReport {
+        OffloadReport {
+            cpu_hit_tokens: s.cpu_hit_tokens,
+            cpu_hit_admissions: s.cpu_hit_admissions,
+            offload_stored_blocks: s.offload_stored_blocks,
+            offload_loaded_blocks: s.offload_loaded_blocks,
+            cpu_stored_blocks: s.cpu_stored_blocks,
+            cpu_evicted_blocks: s.cpu_evicted_blocks,
+            store_failures: s.store_failures,
+            bytes_to_cpu: s.gpu_blocks_to_cpu.saturating_mul(kv_bytes_per_block),
+            bytes_from_cpu: s.gpu_blocks_from_cpu.saturating_mul(kv_bytes_per_block),
+            loads_refused: s.loads_refused,
+            stores_refused: s.stores_refused,
+        }
+    }
 }
 
 /// Points of the timeline in the JSON report.
@@ -138,6 +200,9 @@ pub struct KvReport {
     pub pressure: PressureReport,
     /// Each step's batch padded to a CUDA-graph size; the static input buffers.
     pub cudagraph: CudagraphReport,
+    /// The CPU tier's totals, when the run has one.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub cpu_offload: Option<OffloadReport>,
     pub config: RunInfo,
     /// The state at [`TIMELINE_POINTS`] evenly spaced times.
     pub timeline: Vec<TimelinePoint>,
@@ -224,6 +289,10 @@ impl KvReport {
             prefix_hits_refused: m.prefix_hits_refused,
             pressure: m.pressure.report("kv-blocks"),
             cudagraph: m.cudagraph.report(),
+            cpu_offload: match (&sum.offload, &info.cpu_offload) {
+                (Some(s), Some(i)) => Some(OffloadReport::new(s, i.kv_bytes_per_block)),
+                _ => None,
+            },
             config: info,
             timeline: downsample(&series, TIMELINE_POINTS),
             series,
@@ -312,6 +381,27 @@ pub fn render_text(r: &KvReport) -> String {
             c.scheduling_policy, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len
         ),
     );
+    if let Some(o) = &c.cpu_offload {
+        line(
+            "CPU tier",
+            format!(
+                "{} blocks of {} tokens ({}), {}, {} tokens offloaded, copies {}",
+                grouped(o.cpu_blocks),
+                o.offload_block_size,
+                human_bytes(o.cpu_bytes),
+                o.offload_policy.name(),
+                if o.offload_all_tokens {
+                    "all"
+                } else {
+                    "prompt"
+                },
+                match o.offload_latency_steps {
+                    Some(k) => format!("{k} steps"),
+                    None => "at the host link's speed".into(),
+                }
+            ),
+        );
+    }
     out.push('\n');
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<13} {v}\n"));
     line(
@@ -369,6 +459,21 @@ pub fn render_text(r: &KvReport) -> String {
         ),
     );
     line("CUDA graphs", r.cudagraph.summary());
+    if let Some(o) = &r.cpu_offload {
+        line(
+            "CPU tier",
+            format!(
+                "{} tokens hit in {} admissions; CPU blocks stored {}, loaded {}, evicted {}; {} to CPU, {} back",
+                grouped(o.cpu_hit_tokens),
+                grouped(o.cpu_hit_admissions),
+                grouped(o.cpu_stored_blocks),
+                grouped(o.offload_loaded_blocks),
+                grouped(o.cpu_evicted_blocks),
+                human_bytes(o.bytes_to_cpu),
+                human_bytes(o.bytes_from_cpu)
+            ),
+        );
+    }
     line(
         "time",
         format!(

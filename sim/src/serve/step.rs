@@ -1,6 +1,8 @@
 //! What one engine step is given ([`Now`]) and what it did ([`StepRecord`]): the interface
 //! between an engine and the driver that owns the clock.
 
+use gpumem_core::kv::offload::OffloadStepCounts;
+
 use super::vllm::RequestOutcome;
 
 /// When an engine step runs: its number (the step log's `step`) and its start on the
@@ -22,6 +24,8 @@ pub struct StepRecord {
     pub preempted: Vec<usize>,
     /// (request, prefix-cache hit tokens) for each admission.
     pub admitted: Vec<(usize, u64)>,
+    /// With a CPU tier: tokens each admission loads from it (in `admitted`'s order).
+    pub admitted_cpu: Vec<u64>,
     /// Finished by this step's output, in output order.
     pub finished: Vec<usize>,
     /// What became of each request in `finished`, in the same order.
@@ -39,6 +43,10 @@ pub struct StepRecord {
     pub waiting: u64,
     /// Prompt (and recomputed) tokens of the requests admitted in this step.
     pub admitted_tokens: u64,
+    /// With a CPU tier: its four step-log counters.
+    pub offload: Option<OffloadStepCounts>,
+    /// Transfers between the GPU and the CPU tier that completed in this step.
+    pub transfers_done: u64,
 }
 
 impl StepRecord {
@@ -46,6 +54,7 @@ impl StepRecord {
         self.scheduled.clear();
         self.preempted.clear();
         self.admitted.clear();
+        self.admitted_cpu.clear();
         self.finished.clear();
         self.outcomes.clear();
         self.free_blocks = 0;
@@ -56,11 +65,23 @@ impl StepRecord {
         self.running = 0;
         self.waiting = 0;
         self.admitted_tokens = 0;
+        self.offload = None;
+        self.transfers_done = 0;
     }
 
-    /// A step that scheduled or preempted something: one line of the step log.
+    /// A step that scheduled or preempted something (with a CPU tier also: admitted a request,
+    /// or moved chunks): one line of the step log.
     pub fn is_logged(&self) -> bool {
-        !self.scheduled.is_empty() || !self.preempted.is_empty()
+        !self.scheduled.is_empty()
+            || !self.preempted.is_empty()
+            || self
+                .offload
+                .is_some_and(|o| !self.admitted.is_empty() || o.any())
+    }
+
+    /// Tokens the step's admissions load from the CPU tier.
+    pub fn admitted_cpu_tokens(&self) -> u64 {
+        self.admitted_cpu.iter().sum()
     }
 
     /// Tokens scheduled in the step.

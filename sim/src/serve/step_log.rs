@@ -57,6 +57,10 @@ impl StepLogWriter {
             id(l, r);
             l.push(b',');
             push_u64(l, h);
+            if let Some(cpu) = rec.offload.and(rec.admitted_cpu.get(i)) {
+                l.push(b',');
+                push_u64(l, *cpu);
+            }
             l.push(b']');
         }
         l.extend_from_slice(b"],\"finished\":[");
@@ -72,6 +76,17 @@ impl StepLogWriter {
         push_u64(l, rec.stored);
         l.extend_from_slice(b",\"removed\":");
         push_u64(l, rec.removed);
+        if let Some(o) = rec.offload {
+            for (key, n) in [
+                (&b",\"offload_stored\":"[..], o.offload_stored),
+                (b",\"offload_loaded\":", o.offload_loaded),
+                (b",\"cpu_stored\":", o.cpu_stored),
+                (b",\"cpu_evicted\":", o.cpu_evicted),
+            ] {
+                l.extend_from_slice(key);
+                push_u64(l, n);
+            }
+        }
         l.extend_from_slice(b"}\n");
         l
     }

@@ -8,6 +8,7 @@ use std::marker::PhantomData;
 
 use gpumem_core::alloc::Strategy;
 use gpumem_core::kv::eviction::EvictionKind;
+use gpumem_core::kv::offload::OffloadPolicyKind;
 use gpumem_traces::serving::WorkloadFormat;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::ser::Serializer;
@@ -149,6 +150,16 @@ impl Named for SchedulingPolicy {
     }
 }
 
+impl Named for OffloadPolicyKind {
+    const WHAT: &'static str = "CPU offload policy";
+    fn all() -> &'static [Self] {
+        &OffloadPolicyKind::ALL
+    }
+    fn name(self) -> &'static str {
+        OffloadPolicyKind::name(self)
+    }
+}
+
 impl Named for DefragMode {
     const WHAT: &'static str = "defrag mode";
     fn all() -> &'static [Self] {
@@ -181,6 +192,7 @@ mod tests {
         round_trip::<WorkloadFormat>();
         round_trip::<SchedulingPolicy>();
         round_trip::<DefragMode>();
+        round_trip::<OffloadPolicyKind>();
     }
 
     #[test]

@@ -2,12 +2,13 @@ use std::path::PathBuf;
 
 use gpumem_core::alloc::Strategy as AllocStrategy;
 use gpumem_core::kv::eviction::EvictionKind;
+use gpumem_core::kv::offload::OffloadPolicyKind;
 use gpumem_traces::serving::WorkloadFormat;
 use proptest::prelude::*;
 
 use super::{
     AllocExecuteSpec, AllocSpec, AllocTraceSpec, CostSpec, Engine, ExecuteDevice, Fraction,
-    KvExecuteSpec, KvSpec, KvTraceSpec, Named, ProfileSpec, RunSpec, MAX_SPEC_BYTES,
+    KvExecuteSpec, KvOffloadSpec, KvSpec, KvTraceSpec, Named, ProfileSpec, RunSpec, MAX_SPEC_BYTES,
 };
 use crate::alloc_replay::DefragMode;
 use crate::monitor::Thresholds;
@@ -217,6 +218,26 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
             inject,
         },
     ));
+    let cpu_offload = proptest::option::of(
+        (
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            pick::<OffloadPolicyKind>(),
+            any::<u64>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(blocks, bytes, size, policy, latency, all)| KvOffloadSpec {
+                    cpu_offload_blocks: blocks,
+                    kv_offloading_bytes: bytes,
+                    offload_block_size: size,
+                    offload_policy: policy,
+                    offload_latency_steps: latency,
+                    offload_all_tokens: all,
+                },
+            ),
+    );
     (
         (kv_trace(), any::<u64>(), gpu(), model()),
         (
@@ -233,6 +254,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
         (thresholds(), cudagraph_sizes()),
         (
             execute,
+            cpu_offload,
             proptest::option::of(path()),
             proptest::option::of(path()),
         ),
@@ -243,7 +265,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
                 (kv_blocks, gpu_memory_utilization, n),
                 (cost, eviction, prefix_caching, scheduling_policy),
                 (pressure_thresholds, cudagraph_sizes),
-                (execute, step_log, plot),
+                (execute, cpu_offload, step_log, plot),
             )| KvSpec {
                 trace,
                 seed,
@@ -263,6 +285,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
                 pressure_thresholds,
                 cudagraph_sizes,
                 execute,
+                cpu_offload,
                 step_log,
                 plot,
             },
@@ -309,6 +332,7 @@ fn kv_text() -> String {
         pressure_thresholds: Thresholds::default(),
         cudagraph_sizes: SizesChoice::Vllm,
         execute: None,
+        cpu_offload: None,
         step_log: None,
         plot: None,
     }))
@@ -598,4 +622,38 @@ fn an_alloc_spec_names_each_strategy_once() {
         .contains("'tlsf' is named twice"));
     spec.strategy.pop();
     assert_eq!(spec.validate(), Ok(()));
+}
+
+/// A CPU tier in a spec: read back with a bad policy named, its sizing checked against the
+/// bytes it was sized from (and refused when the model no longer gives that many), and the
+/// refusals vLLM makes.
+#[test]
+fn a_cpu_tier_is_read_and_checked() {
+    let tier = |blocks: u64, bytes: &str, size: u64, policy: &str, latency: u64| {
+        kv_with(
+            "execute:",
+            &format!(
+                "    execute: None, cpu_offload: Some((cpu_offload_blocks: {blocks}, kv_offloading_bytes: {bytes}, offload_block_size: {size}, offload_policy: \"{policy}\", offload_latency_steps: {latency}, offload_all_tokens: false)),"
+            ),
+        )
+    };
+    let resolve = |text: &str| match RunSpec::from_ron(text).unwrap() {
+        RunSpec::Kv(k) => k.resolve().map(|_| ()),
+        RunSpec::Alloc(_) => unreachable!(),
+    };
+    // Llama-3.1-8B: 2 MiB a block of 16 tokens, so 1 GiB is 512 CPU blocks of 16 tokens.
+    let (ok, _) = tier(512, "Some(1073741824)", 16, "arc", 2);
+    assert_eq!(resolve(&ok), Ok(()));
+    let (text, _) = tier(500, "Some(1073741824)", 16, "lru", 0);
+    let e = resolve(&text).unwrap_err();
+    assert!(e.contains("is not the 512 CPU blocks"), "{e}");
+    let (text, _) = tier(500, "None", 16, "lru", 0);
+    assert_eq!(resolve(&text), Ok(()));
+    let (text, _) = tier(500, "None", 20, "lru", 0);
+    let e = resolve(&text).unwrap_err();
+    assert!(e.contains("not a multiple of block_size 16"), "{e}");
+    let (text, line) = tier(500, "None", 16, "fifo", 0);
+    let e = RunSpec::from_ron(&text).unwrap_err();
+    assert_eq!(e.line, line, "{e}");
+    assert!(e.message.contains("known: lru, arc"), "{e}");
 }

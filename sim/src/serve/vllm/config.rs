@@ -6,6 +6,7 @@ use super::super::conformance::ConformanceConfig;
 use super::super::cost::CostModel;
 use super::super::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS, MAX_MODEL_LEN, MAX_STEP_US};
 use super::super::{EvictionKind, ServeError};
+use super::offload::{OffloadEngineConfig, TransferTiming};
 
 /// The scheduler and cache knobs of the personality.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +25,9 @@ pub struct EngineConfig {
     /// vLLM's `watermark` as blocks (`int(watermark * num_gpu_blocks)`); 0 in the contract.
     pub watermark_blocks: u32,
     pub policy: SchedulingPolicy,
+    /// A CPU tier below the KV pool (vLLM's OffloadingConnector); None: no tier, and nothing
+    /// of it runs.
+    pub offload: Option<OffloadEngineConfig>,
 }
 
 /// vLLM's scheduling policies.
@@ -71,6 +75,15 @@ impl EngineConfig {
             } else {
                 SchedulingPolicy::Fcfs
             },
+            offload: c.offload.map(|o| OffloadEngineConfig {
+                cpu_blocks: o.cpu_blocks as u32,
+                block_size: o.block_size as u32,
+                policy: o.policy,
+                prompt_only: o.prompt_only,
+                timing: TransferTiming::Steps {
+                    latency: o.latency_steps,
+                },
+            }),
         })
     }
 
@@ -106,6 +119,9 @@ impl EngineConfig {
             return Err(ServeError::Input(
                 "max_num_seqs must be >= 1 and max_num_batched_tokens >= max_num_seqs".into(),
             ));
+        }
+        if let Some(o) = &self.offload {
+            o.check(self.block_size)?;
         }
         Ok(())
     }

@@ -22,9 +22,11 @@
 //! executor ([`VllmEngine::place`]), the KV manager carries the pool out in memory.
 
 mod config;
+mod offload;
 mod output;
 mod requests;
 mod schedule;
+mod tier;
 
 use std::collections::VecDeque;
 
@@ -36,11 +38,14 @@ use gpumem_core::kv::{BlockId, KvCacheManager, KvConfig, KvPlacement};
 use gpumem_core::place::{Owner, Place};
 use serde::{Deserialize, Serialize};
 
+use super::cost::CostModel;
 use super::step::{Now, StepRecord};
 use super::workload::WorkloadRequest;
 use super::ServeError;
 pub use config::{EngineConfig, SchedulingPolicy};
+pub use offload::{OffloadEngineConfig, TransferTiming};
 use requests::{Req, Requests};
+use tier::Tier;
 
 /// Latest arrival the nanosecond clock takes (about 292 years).
 pub const MAX_CLOCK_US: u64 = u64::MAX / 2000;
@@ -75,6 +80,8 @@ pub struct VllmEngine<'x> {
     hit_buf: Vec<BlockId>,
     tok_buf: Vec<u32>,
     digest: Digest,
+    /// The CPU tier, when the config has one.
+    tier: Option<Box<Tier>>,
 }
 
 impl<'x> VllmEngine<'x> {
@@ -89,6 +96,14 @@ impl<'x> VllmEngine<'x> {
             watermark_blocks: cfg.watermark_blocks,
         };
         let kv = KvCacheManager::with_policy(kv_config, cfg.eviction.build(cfg.num_gpu_blocks));
+        let tier = cfg.offload.map(|o| {
+            Box::new(Tier::new(
+                o,
+                cfg.block_size,
+                cfg.num_gpu_blocks,
+                cfg.enable_prefix_caching,
+            ))
+        });
         Ok(VllmEngine {
             cfg,
             kv,
@@ -100,6 +115,7 @@ impl<'x> VllmEngine<'x> {
             hit_buf: Vec::new(),
             tok_buf: Vec::new(),
             digest: Digest::new(),
+            tier,
         })
     }
 
@@ -117,7 +133,14 @@ impl<'x> VllmEngine<'x> {
         };
         self.kv
             .place(placement, exec)
-            .map_err(|e| ServeError::Input(e.to_string()))
+            .map_err(|e| ServeError::Input(e.to_string()))?;
+        if let Some(tier) = self.tier.as_mut() {
+            let (_, exec) = self.kv.placed_executor().expect("the pool was just placed");
+            tier.connector
+                .place(block_bytes, exec)
+                .map_err(|e| ServeError::Input(format!("the CPU tier: {e}")))?;
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -142,13 +165,32 @@ impl<'x> VllmEngine<'x> {
         }
         let slot = self.requests.insert(Req::new(self.requests_added, input));
         self.requests_added += 1;
+        if let Some(tier) = self.tier.as_mut() {
+            self.requests.get_mut(slot).offload = Some(tier.connector.on_new_request(slot));
+        }
         self.enqueue_waiting(slot);
         Ok(())
     }
 
-    /// vLLM's `has_unfinished_requests`: anything waiting or running.
+    /// vLLM's `has_unfinished_requests`: anything waiting (a load in flight included) or
+    /// running.
     pub fn has_unfinished_requests(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty()
+            || !self.running.is_empty()
+            || self.tier.as_ref().is_some_and(|t| !t.kv_holding.is_empty())
+    }
+
+    /// Transfers between the GPU and the CPU tier issued and not yet completed (vLLM's
+    /// `has_pending_push_work`): the engine keeps stepping while there are any.
+    pub fn has_pending_transfers(&self) -> bool {
+        self.tier
+            .as_ref()
+            .is_some_and(|t| t.connector.has_pending_jobs())
+    }
+
+    /// With a link clock: when the next transfer in flight ends.
+    pub fn next_transfer_done_ns(&self) -> Option<u64> {
+        self.tier.as_ref().and_then(|t| t.next_done_ns())
     }
 
     /// One engine step starting at `now`: `schedule()`, the model's output (one token for
@@ -163,10 +205,23 @@ impl<'x> VllmEngine<'x> {
         rec.start_ns = now.ns;
         let budget = self.schedule_running(&mut rec, self.cfg.max_num_batched_tokens);
         if rec.preempted.is_empty() {
-            self.schedule_waiting(&mut rec, budget);
+            if self.tier.is_some() {
+                self.schedule_waiting_tier(&mut rec, budget);
+            } else {
+                self.schedule_waiting(&mut rec, budget);
+            }
         }
+        let jobs = self.tier.is_some().then(|| self.build_connector_meta(&rec));
         let work = self.update_after_schedule(&rec);
-        rec.end_ns = now.ns.saturating_add(self.cfg.cost.step_ns(&work));
+        let forward_ns = match jobs {
+            Some(jobs) => self.run_worker(jobs, now.ns),
+            None => now.ns,
+        };
+        rec.end_ns = match self.cfg.cost {
+            // The conformance clock: every step takes step_us, whatever it waited for.
+            CostModel::Fixed { .. } => now.ns.saturating_add(self.cfg.cost.step_ns(&work)),
+            CostModel::Roofline(_) => forward_ns.saturating_add(self.cfg.cost.step_ns(&work)),
+        };
         self.update_from_output(&mut rec);
         self.record = rec;
         &self.record
@@ -202,7 +257,8 @@ impl<'x> VllmEngine<'x> {
 
     /// Why nothing could be scheduled while requests remain (vLLM would wait forever).
     pub fn stall_reason(&self) -> String {
-        match self.waiting.front() {
+        let holding = self.tier.as_ref().and_then(|t| t.kv_holding.front());
+        match holding.or(self.waiting.front()) {
             Some(&slot) => {
                 let q = self.requests.get(slot);
                 format!(
@@ -223,6 +279,27 @@ impl<'x> VllmEngine<'x> {
 
     pub fn kv(&self) -> &KvCacheManager<'x, Eviction> {
         &self.kv
+    }
+
+    /// The CPU tier's connector, when there is a tier.
+    pub fn offload(&self) -> Option<&gpumem_core::kv::offload::OffloadConnector> {
+        self.tier.as_ref().map(|t| &t.connector)
+    }
+
+    /// Admissions whose load hit the CPU tier, and the tokens it held for them.
+    pub fn cpu_hits(&self) -> (u64, u64) {
+        self.tier
+            .as_ref()
+            .map_or((0, 0), |t| (t.cpu_hit_admissions, t.cpu_hit_tokens))
+    }
+
+    /// The KV manager's and the CPU tier's full invariant walks.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.kv.check_invariants()?;
+        match &self.tier {
+            Some(t) => t.connector.check_invariants(),
+            None => Ok(()),
+        }
     }
 
     /// Hex digest of the engine's decisions so far.

@@ -26,6 +26,15 @@ impl VllmEngine<'_> {
             d.word(table.len() as u64);
             d.word(table.last().map_or(0, |&b| b as u64));
         }
+        if self.tier.is_some() {
+            // Out of the in-flight prefills once their prefill is complete.
+            for &(r, _) in &rec.scheduled {
+                let q = self.requests.get(r);
+                if q.inflight && q.num_computed >= q.num_tokens {
+                    self.unmark_inflight(r);
+                }
+            }
+        }
         work
     }
 
@@ -45,11 +54,16 @@ impl VllmEngine<'_> {
             q.num_output += 1;
             q.first_token_ns.get_or_insert(end_ns);
             let stop = q.num_tokens >= max_len || q.num_output >= q.input.max_tokens;
-            if self.cfg.enable_prefix_caching && q.num_tokens.is_multiple_of(bs) {
+            let hashing = self.cfg.enable_prefix_caching || self.tier.is_some();
+            if hashing && q.num_tokens.is_multiple_of(bs) {
                 q.update_hashes(self.cfg.block_size, &mut self.tok_buf);
             }
             if stop {
                 q.status = Status::Finished;
+                if self.tier.is_some() {
+                    self.connector_request_finished(r);
+                }
+                let q = self.requests.get_mut(r);
                 q.hashes = Vec::new();
                 rec.outcomes.push(RequestOutcome {
                     arrival_ns: q.input.arrival_us * 1000,
@@ -68,12 +82,19 @@ impl VllmEngine<'_> {
             self.running
                 .retain(|&r| requests.get(r).status != Status::Finished);
         }
+        if self.tier.is_some() {
+            self.connector_output(rec);
+        }
         rec.free_blocks = self.kv.num_free_blocks();
         let c = self.kv.pool_mut().take_counters();
         rec.stored = c.stored;
         rec.removed = c.removed;
         rec.running = self.running.len() as u64;
         rec.waiting = self.waiting.len() as u64;
+        if let Some(tier) = self.tier.as_mut() {
+            rec.waiting += tier.kv_holding.len() as u64;
+            rec.offload = Some(tier.connector.take_step_counts());
+        }
         self.digest_outcome(rec);
     }
 
@@ -93,5 +114,13 @@ impl VllmEngine<'_> {
         d.word(rec.free_blocks as u64);
         d.word(rec.stored);
         d.word(rec.removed);
+        // Only with a CPU tier, so that runs without one keep their digests.
+        if let Some(o) = rec.offload {
+            rec.admitted_cpu.iter().for_each(|&h| d.word(h));
+            d.word(o.offload_stored);
+            d.word(o.offload_loaded);
+            d.word(o.cpu_stored);
+            d.word(o.cpu_evicted);
+        }
     }
 }

@@ -7,6 +7,7 @@ use gpumem_core::kv::hash::{
     extend_consecutive_block_hashes, extend_consecutive_block_hashes_pair, hash_request_block,
     ExtraKeys,
 };
+use gpumem_core::kv::offload::OffloadReqId;
 use gpumem_core::kv::{BlockHash, SlotRequest};
 
 use super::super::workload::WorkloadRequest;
@@ -19,6 +20,8 @@ pub(super) enum Status {
     Waiting,
     Running,
     Preempted,
+    /// Admitted with blocks whose KV a CPU-tier load fills (vLLM's `WAITING_FOR_REMOTE_KVS`).
+    WaitingForRemoteKvs,
     Finished,
 }
 
@@ -39,6 +42,13 @@ pub(super) struct Req {
     pub status: Status,
     pub num_preemptions: u32,
     pub first_token_ns: Option<u64>,
+    /// With a CPU tier: the request as the connector knows it.
+    pub offload: Option<OffloadReqId>,
+    /// Its load completed (`finished_recving`): with the tokens it really delivered when a
+    /// copy was refused.
+    pub load_done: Option<Option<u64>>,
+    /// In vLLM's `_inflight_prefills` (its prefill, or its load, is not done).
+    pub inflight: bool,
 }
 
 impl Req {
@@ -55,7 +65,15 @@ impl Req {
             status: Status::Waiting,
             num_preemptions: 0,
             first_token_ns: None,
+            offload: None,
+            load_done: None,
+            inflight: false,
         }
+    }
+
+    /// Holds KV blocks while it waits (vLLM's `_holds_kv_blocks`).
+    pub fn holds_kv(&self) -> bool {
+        self.num_computed > 0 || self.status == Status::WaitingForRemoteKvs
     }
 
     /// What the KV manager needs of the request in slot `slot`.

@@ -24,9 +24,13 @@ impl VllmEngine<'_> {
                 i += 1;
                 continue;
             }
+            let held = self.kv.blocks(r).len();
             let scheduled = loop {
                 let slot = self.requests.get(r).slot_request(r);
                 if self.kv.allocate_slots(slot, n, 0, &[], false, true) {
+                    if self.tier.is_some() {
+                        self.note_allocated(r, held);
+                    }
                     break true;
                 }
                 let (victim, index) = self.take_victim();
@@ -206,6 +210,9 @@ impl VllmEngine<'_> {
     /// Preemption by recompute: the request frees its blocks and waits again, at the front
     /// (FCFS) or in priority order.
     fn preempt(&mut self, slot: usize) {
+        if self.tier.is_some() {
+            self.unmark_inflight(slot);
+        }
         self.kv.free(slot);
         let q = self.requests.get_mut(slot);
         debug_assert_eq!(q.status, Status::Running);

@@ -1,0 +1,221 @@
+//! `gpumem models`: several models served from fewer GPUs, under one residency policy.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use gpumem_core::balance::Placement;
+use gpumem_core::offloader::OffloaderConfig;
+use gpumem_core::sleep::SleepLevel;
+use gpumem_sim::models::{
+    render_models_text, simulate_models, ModelChoice, ModelsSetup, ModelsWorkload, Policy,
+    MAX_MODELS,
+};
+use gpumem_sim::serve::profile::{GpuProfile, ModelProfile};
+use gpumem_sim::spec::Fraction;
+use gpumem_traces::serving::import::parse_decimal;
+
+use crate::progress::Progress;
+
+/// The models of a run without `--models`: five on one H100 (three profiles, two fine-tunes),
+/// more than fit at once.
+const DEFAULT_MODELS: &str = "llama-3.1-8b,qwen2.5-7b,mistral-7b,llama-3.1-8b@ft1,qwen2.5-7b@ft2";
+
+#[derive(Args)]
+#[command(after_help = "Examples:
+  gpumem models                                   five models on one H100, least recently used swapped out
+  gpumem models --policy static --models llama-3.1-8b,qwen2.5-7b,mistral-7b
+                                                  three models that fit: no weight load
+  gpumem models --policy sleep --sleep-level 2    vLLM's sleep mode; weights reload from disk
+  gpumem models --gpus 2 --placement balanced     models spread over two GPUs
+  gpumem models --policy offloader --predict-horizon-ms 2000 --json
+
+Policies:
+  static     every model resident all the time; refused when they do not fit
+  lru        a request for a model that is not resident waits while idle models are
+             offloaded (least recently used first) and its weights are loaded from their
+             pinned host copy over the GPU's link
+  offloader  lru, plus offloads of idle models whenever GPU usage passes --offload-threshold,
+             down to --restore-threshold (hysteresis), and with --predict-horizon-ms,
+             prefetches models whose next request is expected within the horizon
+  sleep      vLLM's sleep mode per engine: an offload is sleep(level) (level 1 copies the
+             weights GPU -> host, level 2 discards them), a load is wake_up at the same
+             addresses (level 2 reloads the weights from disk)
+Offloading a model discards its KV cache (vLLM resets the prefix cache on sleep). Models on
+one GPU take turns: their steps never overlap, and their loads share the host link.
+
+A model is NAME or NAME@TAG (a fine-tune: the same sizes, its own weights); names are the
+built-in profiles of `gpumem kv --model` or a profile file. The workload is the built-in
+seeded one of `gpumem kv`, each request given to a model by Zipf popularity (the first model
+most popular) in bursts (--burst percent of requests stay with the previous model).")]
+pub struct ModelsArgs {
+    /// Comma-separated models, NAME or NAME@TAG.
+    #[arg(long, value_name = "LIST", default_value = DEFAULT_MODELS)]
+    models: String,
+
+    /// static | lru | offloader | sleep.
+    #[arg(long, default_value = "lru", value_parser = Policy::parse)]
+    policy: Policy,
+
+    /// GPU profile (built-in name or a profile file).
+    #[arg(long, value_name = "GPU", default_value = "h100")]
+    gpu: String,
+
+    /// Number of GPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    gpus: usize,
+
+    /// How models are homed on the GPUs: balanced (most free memory) or packed (first that
+    /// fits).
+    #[arg(long, default_value = "balanced", value_parser = Placement::parse)]
+    placement: Placement,
+
+    /// Share of each GPU's memory the models may use (vLLM's gpu_memory_utilization).
+    #[arg(long, value_name = "FRACTION", default_value = "0.9", value_parser = Fraction::parse)]
+    gpu_memory_utilization: Fraction,
+
+    /// Each model's KV pool, GiB [default: static splits what the weights leave; others 4].
+    #[arg(long, value_name = "GIB")]
+    kv_cache_gib: Option<u64>,
+
+    /// Tokens per KV block.
+    #[arg(long, value_name = "TOKENS", default_value_t = 16)]
+    block_size: u32,
+
+    /// offloader: offload idle models above this share of the GPU.
+    #[arg(long, value_name = "FRACTION", default_value = "0.8", value_parser = Fraction::parse)]
+    offload_threshold: Fraction,
+
+    /// offloader: stop offloading, and allow prefetches, below this share.
+    #[arg(long, value_name = "FRACTION", default_value = "0.6", value_parser = Fraction::parse)]
+    restore_threshold: Fraction,
+
+    /// offloader: keep and prefetch models whose next request is expected within this many
+    /// milliseconds (0: not predictive).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    predict_horizon_ms: u64,
+
+    /// sleep: vLLM's sleep level, 1 (weights to host) or 2 (weights discarded).
+    #[arg(long, value_name = "LEVEL", default_value_t = 1)]
+    sleep_level: u64,
+
+    /// Requests of the built-in workload.
+    #[arg(long, value_name = "N", default_value_t = 400)]
+    requests: u64,
+
+    /// Arrivals per second (Poisson), up to three decimals.
+    #[arg(long, value_name = "PER_S", default_value = "4")]
+    rate: String,
+
+    /// Percent of requests that stay with the previous request's model.
+    #[arg(long, value_name = "PCT", default_value_t = 70)]
+    burst: u32,
+
+    /// Seed of the workload.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
+    let (setup, workload) = resolve(&args)?;
+    let progress = Progress::with_unit(1, workload.requests, "requests");
+    let report = simulate_models(&setup, &workload, &mut |n| progress.update(0, n));
+    progress.finish();
+    let report = report.map_err(|e| e.to_string())?;
+    if args.json {
+        crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
+    } else {
+        crate::output::print(&render_models_text(&report))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resolve(args: &ModelsArgs) -> Result<(ModelsSetup, ModelsWorkload), String> {
+    let models = parse_models(&args.models)?;
+    if args.gpus == 0 || args.gpus > 64 {
+        return Err(format!("--gpus {}: must be 1 to 64", args.gpus));
+    }
+    let offloader = OffloaderConfig {
+        offload_ppm: args.offload_threshold.ppm as u32,
+        restore_ppm: args.restore_threshold.ppm as u32,
+        horizon_us: args.predict_horizon_ms.saturating_mul(1000),
+    };
+    offloader
+        .validate()
+        .map_err(|e| format!("--offload-threshold / --restore-threshold: {e}"))?;
+    let kv_bytes_per_model = match args.kv_cache_gib {
+        None => None,
+        Some(g) if (1..=1 << 20).contains(&g) => Some(g << 30),
+        Some(g) => return Err(format!("--kv-cache-gib {g}: must be 1 to 1048576")),
+    };
+    if !matches!(args.block_size, 1..=1024) {
+        return Err(format!(
+            "--block-size {}: must be 1 to 1024",
+            args.block_size
+        ));
+    }
+    let setup = ModelsSetup {
+        models,
+        gpu: GpuProfile::resolve(&args.gpu)?,
+        gpus: args.gpus,
+        placement: args.placement,
+        policy: args.policy,
+        utilization_ppm: args.gpu_memory_utilization.ppm,
+        kv_bytes_per_model,
+        block_size: args.block_size,
+        offloader,
+        sleep_level: SleepLevel::from_number(args.sleep_level)
+            .map_err(|e| format!("--sleep-level: {e}"))?,
+    };
+    let rate = parse_decimal(args.rate.trim(), 3)
+        .filter(|&r| r > 0)
+        .ok_or_else(|| {
+            format!(
+                "--rate {:?}: a positive number of requests per second, three decimals at most",
+                args.rate
+            )
+        })?;
+    let workload = ModelsWorkload {
+        seed: args.seed,
+        requests: args.requests,
+        rate_milli_per_s: rate,
+        burst_pct: args.burst,
+    };
+    workload.validate()?;
+    Ok((setup, workload))
+}
+
+/// `NAME[@TAG],…`: each resolved to its profile; a name given twice must differ by its tag.
+fn parse_models(list: &str) -> Result<Vec<ModelChoice>, String> {
+    let mut models: Vec<ModelChoice> = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        if item.is_empty() {
+            return Err(format!("--models {list:?}: an empty model name"));
+        }
+        let base = item.split_once('@').map_or(item, |(b, _)| b);
+        if item.ends_with('@') {
+            return Err(format!("--models: {item:?} has an empty tag after '@'"));
+        }
+        if models.iter().any(|m| m.name == item) {
+            return Err(format!(
+                "--models: {item:?} is given twice; tell copies apart with NAME@TAG"
+            ));
+        }
+        let profile = ModelProfile::resolve(base).map_err(|e| format!("--models: {e}"))?;
+        models.push(ModelChoice {
+            name: item.to_string(),
+            profile,
+        });
+    }
+    if models.len() > MAX_MODELS {
+        return Err(format!(
+            "--models: {} models, more than gpumem's limit of {MAX_MODELS}",
+            models.len()
+        ));
+    }
+    Ok(models)
+}
