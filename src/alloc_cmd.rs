@@ -4,12 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
+use gpumem_core::alloc::caching::CachingSettings;
 use gpumem_core::alloc::{AllocConfig, Strategy};
 use gpumem_gpu::{
     check_room, CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Inject, Scaled,
 };
 use gpumem_sim::alloc_replay::{simulate_all, AllocReport};
 use gpumem_sim::monitor::Thresholds;
+use gpumem_sim::recorded::SegmentsComparison;
 use gpumem_sim::report::render_table;
 use gpumem_sim::spec::{AllocExecuteSpec, AllocSpec, AllocTraceSpec, ExecuteDevice, RunSpec};
 use gpumem_sim::{DefragMode, ReplayConfig};
@@ -25,10 +27,13 @@ use crate::units::parse_bytes;
   gpumem alloc --trace snapshot.pickle --strategy caching,tlsf --plot mem.svg
   gpumem alloc --generate occupancy --ops 2000000 --capacity 1GiB --json
   gpumem alloc --trace t.jsonl --execute host    carry the decisions out on host memory and check them
+  gpumem alloc --trace snapshot.pickle --strategy caching --compare-segments
+                                                 replay the recording event by event and compare its segments
 
 Trace formats: PyTorch memory snapshots (torch.cuda.memory._dump_snapshot pickles; alloc and
 free_completed events are replayed, a segment_free with no allocation behind it is an
-empty_cache) and gpumem's JSON Lines, one operation a line:
+empty_cache; the caching strategies take the snapshot's allocator_settings, then
+--pytorch-alloc-conf) and gpumem's JSON Lines, one operation a line:
   {\"t_ns\": 1200, \"op\": \"alloc\", \"id\": 7, \"bytes\": 4096, \"stream\": 0}
   {\"t_ns\": 1900, \"op\": \"free\", \"id\": 7}
 
@@ -124,6 +129,23 @@ pub struct AllocArgs {
     #[arg(long, value_name = "FAULT")]
     inject: Vec<String>,
 
+    /// Settings of the caching strategies in PyTorch's own syntax, applied on top of the
+    /// snapshot's `allocator_settings`: e.g. "expandable_segments:True,max_split_size_mb:128,
+    /// roundup_power2_divisions:4,garbage_collection_threshold:0.6" (keys:
+    /// max_split_size_mb, max_non_split_rounding_mb, roundup_power2_divisions (N or
+    /// [MB:N,...,>:N]), garbage_collection_threshold, per_process_memory_fraction,
+    /// expandable_segments, backend:native). Unknown keys and bad values are errors.
+    #[arg(long, value_name = "CONF")]
+    pytorch_alloc_conf: Option<String>,
+
+    /// With a PyTorch snapshot and --strategy caching: replay the recording event by event from
+    /// the state before its first event (every device on its own) and compare the segment
+    /// events (segment_alloc/free/map/unmap, in order, with sizes, addresses and streams) and
+    /// the final segments with the recorded ones; prints the counts and the first divergence
+    /// (JSON: `segments` under the caching result).
+    #[arg(long)]
+    compare_segments: bool,
+
     /// Print the run spec these flags make, every default resolved, as RON, and exit; `gpumem
     /// run FILE.ron` runs it.
     #[arg(long)]
@@ -163,7 +185,7 @@ pub fn run(args: AllocArgs) -> Result<ExitCode, String> {
     let spec = spec_from_args(&args)?;
     let checked = check(&spec)?;
     if args.print_spec {
-        return crate::print_spec(RunSpec::Alloc(spec));
+        return crate::print_spec(RunSpec::Alloc(Box::new(spec)));
     }
     run_spec(&spec, &checked, args.json)
 }
@@ -218,6 +240,8 @@ fn spec_from_args(args: &AllocArgs) -> Result<AllocSpec, String> {
         execute,
         plot: args.plot.clone(),
         export_trace: args.export_trace.clone(),
+        pytorch_alloc_conf: args.pytorch_alloc_conf.clone(),
+        compare_segments: args.compare_segments,
     })
 }
 
@@ -237,6 +261,19 @@ pub fn check(spec: &AllocSpec) -> Result<Checked, String> {
     };
     alloc.validate()?;
     let mut config = ReplayConfig::new(alloc);
+    if let Some(conf) = &spec.pytorch_alloc_conf {
+        // Checked against the defaults now; a snapshot's own settings come under it later.
+        config.caching = gpumem_traces::torch::alloc_conf::parse(conf, CachingSettings::default())
+            .map_err(|e| format!("--pytorch-alloc-conf: {e}"))?;
+    }
+    if spec.compare_segments {
+        compared_strategy(&spec.strategy)?;
+        if !matches!(spec.trace, AllocTraceSpec::File { .. }) {
+            return Err(
+                "--compare-segments needs --trace SNAPSHOT: a recording to compare with".into(),
+            );
+        }
+    }
     config.defrag = spec.defrag;
     config.pressure = spec.pressure_thresholds;
     if spec.check {
@@ -266,6 +303,7 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
     if let Some(path) = &spec.export_trace {
         export(&trace, path)?;
     }
+    let config = &with_recorded_settings(config, &trace, spec)?;
     let progress = Progress::new(
         Strategy::ALL.len(),
         trace.ops.len() as u64 * strategies.len() as u64,
@@ -275,6 +313,10 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
     })
     .map_err(|e| trace.error_at(e.line, e.reason).to_string())?;
     progress.finish();
+    let mut report = report;
+    if spec.compare_segments {
+        compare_segments(spec, config, &mut report)?;
+    }
     let executed = match &spec.execute {
         Some(execute) => Some(execute_all(
             &trace,
@@ -325,6 +367,57 @@ pub fn run_spec(spec: &AllocSpec, checked: &Checked, json: bool) -> Result<ExitC
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The caching strategies' settings: the snapshot's, then `--pytorch-alloc-conf` on top.
+fn with_recorded_settings(
+    config: &ReplayConfig,
+    trace: &AllocTrace,
+    spec: &AllocSpec,
+) -> Result<ReplayConfig, String> {
+    let base = trace.caching_settings.unwrap_or_default();
+    let caching = match &spec.pytorch_alloc_conf {
+        Some(conf) => gpumem_traces::torch::alloc_conf::parse(conf, base)
+            .map_err(|e| format!("--pytorch-alloc-conf: {e}"))?,
+        None => base,
+    };
+    Ok(ReplayConfig { caching, ..*config })
+}
+
+/// The strategy `--compare-segments` compares: `caching`, else `caching-expandable`.
+fn compared_strategy(strategies: &[Strategy]) -> Result<usize, String> {
+    strategies
+        .iter()
+        .position(|&s| s == Strategy::Caching)
+        .or_else(|| {
+            strategies
+                .iter()
+                .position(|&s| s == Strategy::CachingExpandable)
+        })
+        .ok_or_else(|| {
+            "--compare-segments compares PyTorch's allocator: name --strategy caching".into()
+        })
+}
+
+/// Replays the snapshot event by event through `caching` and puts the comparison under the
+/// compared strategy's result.
+fn compare_segments(
+    spec: &AllocSpec,
+    config: &ReplayConfig,
+    report: &mut AllocReport,
+) -> Result<(), String> {
+    let AllocTraceSpec::File { path } = &spec.trace else {
+        return Err("--compare-segments needs --trace SNAPSHOT".into());
+    };
+    let recording = gpumem_traces::torch::recording::read(path).map_err(|e| e.to_string())?;
+    let at = compared_strategy(&spec.strategy)?;
+    let mut settings = config.caching;
+    if spec.strategy[at] == Strategy::CachingExpandable {
+        settings.expandable_segments = true;
+    }
+    let comparison = gpumem_sim::recorded::compare(&recording, &config.alloc, &settings);
+    report.results[at].segments = Some(comparison);
+    Ok(())
 }
 
 /// Why `--inject` alone is refused.
@@ -632,7 +725,70 @@ fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) 
             ));
         }
     }
+    for r in &report.results {
+        if let Some(c) = &r.segments {
+            out.push_str(&render_segments(r.strategy, c));
+        }
+    }
     out.push_str(&render_pressure(report, config));
+    out
+}
+
+/// `--compare-segments`: counts per device, and the first divergence.
+fn render_segments(strategy: &str, c: &SegmentsComparison) -> String {
+    let pct = |m: u64, r: u64| {
+        if r == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.1}%", m as f64 * 100.0 / r as f64)
+        }
+    };
+    let mut out = format!(
+        "\nsegments of the recording replayed through {strategy}:\n  segment events  {} of {} matched in order ({})\n  final segments  {} of {} reproduced ({})\n",
+        c.events_matched,
+        c.events_recorded,
+        pct(c.events_matched, c.events_recorded),
+        c.final_matched,
+        c.final_recorded,
+        pct(c.final_matched, c.final_recorded),
+    );
+    for d in &c.devices {
+        out.push_str(&format!(
+            "  device {}: from the {} state ({} segments, {} live blocks); events {}/{}, final {}/{}; {} of {} allocations at their recorded address; {} releases, {} of {} recorded OOMs reproduced, {} unknown frees\n",
+            d.device,
+            d.start,
+            d.restored_segments,
+            d.restored_blocks,
+            d.events_matched,
+            d.events_recorded,
+            d.final_matched,
+            d.final_recorded,
+            d.allocs_at_recorded_address,
+            d.allocs,
+            d.releases_replayed,
+            d.ooms_simulated.min(d.ooms_recorded),
+            d.ooms_recorded,
+            d.unknown_frees,
+        ));
+        if let Some(m) = d.final_matched_from_empty {
+            out.push_str(&format!(
+                "    built from nothing instead (live blocks in address order): final {m}/{}\n",
+                d.final_recorded
+            ));
+        }
+        for note in &d.restore_notes {
+            out.push_str(&format!("    note: {note}\n"));
+        }
+    }
+    if let Some(div) = &c.first_divergence {
+        out.push_str(&format!(
+            "  first divergence at segment event {}: recorded {}, simulated {}; caused by {}\n",
+            div.event,
+            div.recorded.as_deref().unwrap_or("nothing more"),
+            div.simulated.as_deref().unwrap_or("nothing more"),
+            div.cause
+        ));
+    }
     out
 }
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod alloc_cmd;
+mod colocate_cmd;
 mod kv_cmd;
 mod kv_events_cmd;
 mod models_cmd;
@@ -49,6 +50,10 @@ enum Command {
     /// Serve several models from fewer GPUs (static, LRU swapping, an automatic offloader,
     /// vLLM's sleep mode) and report per-model latency, weight loads and peak memory.
     Models(Box<models_cmd::ModelsArgs>),
+    /// Alternate a training step (a PyTorch snapshot) and rollout serving on one GPU, the
+    /// serving engine sleeping while training runs (vLLM's sleep mode): peaks, time in sleep
+    /// and wake, serving latency.
+    Colocate(Box<colocate_cmd::ColocateArgs>),
     /// Run a run spec (RON), as `gpumem alloc|kv ... --print-spec` writes it: prints exactly
     /// what those flags print.
     Run(run_cmd::RunArgs),
@@ -85,6 +90,7 @@ fn main() -> ExitCode {
         Command::Kv(args) => kv_cmd::run(*args),
         Command::KvEvents(args) => kv_events_cmd::run(args),
         Command::Models(args) => models_cmd::run(*args),
+        Command::Colocate(args) => colocate_cmd::run(*args),
         Command::Run(args) => run_cmd::run(args),
         Command::Selftest(args) => selftest_cmd::run(args),
     };

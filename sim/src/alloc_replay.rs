@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use gpumem_core::alloc::caching::CachingSettings;
 use gpumem_core::alloc::{
-    build, AllocConfig, AllocError, AllocRequest, Allocator, SegmentLayout, Strategy,
+    build_with, AllocConfig, AllocError, AllocRequest, Allocator, SegmentLayout, Strategy,
 };
 use gpumem_core::decision::AllocId;
 use gpumem_traces::{AllocTrace, OpKind, RecordedSegment};
@@ -43,6 +44,8 @@ pub struct ReplayConfig {
     pub checkpoint_every_ops: u64,
     /// The memory-pressure monitor's thresholds, fractions of each place's capacity.
     pub pressure: Thresholds,
+    /// Settings of the caching strategies (PyTorch's `PYTORCH_CUDA_ALLOC_CONF`).
+    pub caching: CachingSettings,
 }
 
 impl ReplayConfig {
@@ -54,6 +57,7 @@ impl ReplayConfig {
             checkpoint_every_ops: 0,
             progress_every_ops: PROGRESS_EVERY_OPS,
             pressure: Thresholds::default(),
+            caching: CachingSettings::default(),
         }
     }
 }
@@ -104,6 +108,9 @@ pub struct StrategyResult {
     pub modelled: Vec<crate::executor::KindCost>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segments_match: Option<SegmentMatch>,
+    /// `--compare-segments`: the recording replayed event by event, compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments: Option<crate::recorded::SegmentsComparison>,
     pub digest: String,
     /// What the memory-pressure monitor saw: reserved bytes of each place's capacity.
     pub pressure: PressureReport,
@@ -196,7 +203,7 @@ pub fn replay<E: Executor>(
         .map(|(place, account)| (place, pressure.watch(place, account.capacity_bytes)))
         .collect();
     let mut d = Driver {
-        alloc: build(strategy, &config.alloc),
+        alloc: build_with(strategy, &config.alloc, &config.caching),
         exec,
         config: *config,
         ids: HashMap::default(),
@@ -293,6 +300,7 @@ pub(crate) fn empty_result(strategy: Strategy) -> StrategyResult {
         modelled_ns: 0,
         modelled: Vec::new(),
         segments_match: None,
+        segments: None,
         digest: String::new(),
         pressure: Monitor::new(Thresholds::default()).report("reserved-bytes"),
         timeline: Vec::new(),

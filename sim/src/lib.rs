@@ -4,10 +4,12 @@
 //! Runs are single-threaded and deterministic; only whole runs go in parallel.
 
 pub mod alloc_replay;
+pub mod colocate;
 pub mod executor;
 pub mod models;
 pub mod monitor;
 pub mod plot;
+pub mod recorded;
 pub mod report;
 pub mod serve;
 pub mod spec;

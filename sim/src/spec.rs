@@ -52,7 +52,7 @@ pub const MAX_SPEC_BYTES: u64 = 1 << 20;
 /// One run of `gpumem`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunSpec {
-    Alloc(AllocSpec),
+    Alloc(Box<AllocSpec>),
     Kv(Box<KvSpec>),
 }
 
@@ -82,6 +82,14 @@ pub struct AllocSpec {
     pub plot: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_trace: Option<PathBuf>,
+    /// The caching strategies' settings in PyTorch's `PYTORCH_CUDA_ALLOC_CONF` syntax, on top
+    /// of those a snapshot recorded (`--pytorch-alloc-conf`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pytorch_alloc_conf: Option<String>,
+    /// Replay a snapshot event by event through `caching` and compare its segment events and
+    /// final segments with the recorded ones (`--compare-segments`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compare_segments: bool,
 }
 
 /// Where `gpumem alloc`'s operations come from.

@@ -1,6 +1,7 @@
 //! The allocation workload: a sequence of alloc / free / empty-cache operations, whatever file
 //! or generator it came from.
 
+use gpumem_core::alloc::caching::CachingSettings;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,6 +24,9 @@ pub struct AllocTrace {
     pub recorded_ooms: u64,
     /// Events not replayed (segment_alloc, free_requested, snapshot, ...; torch).
     pub skipped_events: u64,
+    /// The caching allocator's settings a torch snapshot recorded (`allocator_settings`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caching_settings: Option<CachingSettings>,
 }
 
 /// Where a trace came from.
@@ -138,6 +142,7 @@ impl AllocTrace {
             recorded_segments: None,
             recorded_ooms: 0,
             skipped_events: 0,
+            caching_settings: None,
         }
     }
 

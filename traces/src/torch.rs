@@ -68,6 +68,10 @@ pub fn from_value(path: &Path, root: &Value) -> Result<AllocTrace, TraceError> {
         traces.push(list_of(t, &format!("device_traces[{d}]")).map_err(file_err)?);
     }
 
+    let caching_settings = match root.get("allocator_settings") {
+        None | Some(Value::None) => None,
+        Some(v) => Some(alloc_conf::from_snapshot(v).map_err(file_err)?),
+    };
     let device = choose_device(&traces, segments);
     let trace: &[Value] = traces.get(device).copied().unwrap_or(&[]);
     let has_alloc = trace.iter().any(|e| action(e) == Some("alloc"));
@@ -112,6 +116,7 @@ pub fn from_value(path: &Path, root: &Value) -> Result<AllocTrace, TraceError> {
         }
     }
     out.recorded_segments = Some(segs.into_iter().map(|s| s.rec).collect());
+    out.caching_settings = caching_settings;
     Ok(out)
 }
 
@@ -398,6 +403,9 @@ fn read_segments(
     out.sort_by_key(|s| s.rec.address);
     Ok(out)
 }
+
+pub mod alloc_conf;
+pub mod recording;
 
 #[cfg(test)]
 mod tests;

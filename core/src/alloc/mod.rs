@@ -37,7 +37,8 @@ pub enum AllocatorState {
     Buddy(buddy::Buddy),
     Tlsf(tlsf::Tlsf),
     SizeClass(size_class::SizeClassAllocator),
-    Caching(caching::Caching),
+    /// Boxed: the caching allocator keeps far more than the others.
+    Caching(Box<caching::Caching>),
 }
 
 impl AllocatorState {
@@ -47,7 +48,7 @@ impl AllocatorState {
             AllocatorState::Buddy(a) => Box::new(a),
             AllocatorState::Tlsf(a) => Box::new(a),
             AllocatorState::SizeClass(a) => Box::new(a),
-            AllocatorState::Caching(a) => Box::new(a),
+            AllocatorState::Caching(a) => a,
         }
     }
 }
@@ -56,6 +57,13 @@ impl AllocatorState {
 /// the strategies need not know [`AllocatorState`], which names them all.
 pub trait Allocator: Allocate {
     fn snapshot(&self) -> AllocatorState;
+
+    /// PyTorch's caching allocator, for the drivers that replay a recording of it (restored
+    /// state, private pools, pending frees, recorded addresses and segment events); `None` for
+    /// every other strategy.
+    fn as_caching_mut(&mut self) -> Option<&mut caching::Caching> {
+        None
+    }
 }
 
 impl Allocator for fit::FitAllocator {
@@ -84,19 +92,51 @@ impl Allocator for size_class::SizeClassAllocator {
 
 impl Allocator for caching::Caching {
     fn snapshot(&self) -> AllocatorState {
-        AllocatorState::Caching(self.clone())
+        AllocatorState::Caching(Box::new(self.clone()))
+    }
+
+    fn as_caching_mut(&mut self) -> Option<&mut caching::Caching> {
+        Some(self)
     }
 }
 
+/// `strategy` with PyTorch's default settings.
 pub fn build(strategy: Strategy, config: &AllocConfig) -> Box<dyn Allocator> {
+    build_with(strategy, config, &caching::CachingSettings::default())
+}
+
+/// `strategy`; the caching strategies take `settings` (`caching-expandable` with expandable
+/// segments whatever they say), the others ignore them.
+pub fn build_with(
+    strategy: Strategy,
+    config: &AllocConfig,
+    settings: &caching::CachingSettings,
+) -> Box<dyn Allocator> {
+    match strategy {
+        Strategy::Caching => {
+            Box::new(caching::Caching::with_settings(config, *settings).named(strategy))
+        }
+        Strategy::CachingExpandable => {
+            let settings = caching::CachingSettings {
+                expandable_segments: true,
+                ..*settings
+            };
+            Box::new(caching::Caching::with_settings(config, settings).named(strategy))
+        }
+        _ => build_other(strategy, config),
+    }
+}
+
+fn build_other(strategy: Strategy, config: &AllocConfig) -> Box<dyn Allocator> {
     match strategy {
         Strategy::FirstFit => Box::new(fit::FitAllocator::new(fit::FitPolicy::First, config)),
         Strategy::BestFit => Box::new(fit::FitAllocator::new(fit::FitPolicy::Best, config)),
         Strategy::Buddy => Box::new(buddy::Buddy::new(config)),
         Strategy::Tlsf => Box::new(tlsf::Tlsf::new(config)),
         Strategy::SizeClass => Box::new(size_class::SizeClassAllocator::new(config)),
-        Strategy::Caching => Box::new(caching::Caching::new(config, false)),
-        Strategy::CachingExpandable => Box::new(caching::Caching::new(config, true)),
+        Strategy::Caching | Strategy::CachingExpandable => {
+            unreachable!("build_with builds the caching strategies")
+        }
     }
 }
 

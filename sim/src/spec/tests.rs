@@ -102,6 +102,8 @@ fn alloc_spec() -> impl Strategy<Value = AllocSpec> {
                     execute,
                     plot,
                     export_trace: export,
+                    pytorch_alloc_conf: None,
+                    compare_segments: false,
                 }
             },
         )
@@ -294,7 +296,7 @@ fn kv_spec() -> impl Strategy<Value = KvSpec> {
 
 fn run_spec() -> impl Strategy<Value = RunSpec> {
     prop_oneof![
-        alloc_spec().prop_map(RunSpec::Alloc),
+        alloc_spec().prop_map(|a| RunSpec::Alloc(Box::new(a))),
         kv_spec().prop_map(|k| RunSpec::Kv(Box::new(k))),
     ]
 }
@@ -513,7 +515,7 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn relative_paths_resolve_against_the_spec_file() {
     let dir = scratch("rebase");
-    let spec = RunSpec::Alloc(AllocSpec {
+    let spec = RunSpec::Alloc(Box::new(AllocSpec {
         trace: AllocTraceSpec::File {
             path: "traces/t.jsonl".into(),
         },
@@ -528,7 +530,9 @@ fn relative_paths_resolve_against_the_spec_file() {
         execute: None,
         plot: Some("/abs/plot.svg".into()),
         export_trace: Some("out.jsonl".into()),
-    });
+        pytorch_alloc_conf: None,
+        compare_segments: false,
+    }));
     let file = dir.join("s.ron");
     std::fs::write(&file, spec.to_ron().unwrap()).unwrap();
     let RunSpec::Alloc(read) = RunSpec::read_file(&file).unwrap() else {
@@ -609,6 +613,8 @@ fn an_alloc_spec_names_each_strategy_once() {
         execute: None,
         plot: None,
         export_trace: None,
+        pytorch_alloc_conf: None,
+        compare_segments: false,
     };
     assert!(spec.validate().unwrap_err().contains("at least one"));
     spec.strategy = vec![

@@ -1,7 +1,13 @@
-//! The block slab, the per-segment block lists and the pools' free indexes: the bookkeeping
-//! every path of the allocator shares. Blocks are slab indices, never pointers.
+//! The block slab, the per-segment block lists, the pools' free indexes and the segments'
+//! addresses: the bookkeeping every path of the allocator shares. Blocks are slab indices, never
+//! pointers.
 
-use super::{Block, Caching, FreeKey, Segment, State, UnmappedKey, NIL};
+use super::events::{AddressHint, SegmentEvent, SegmentEventKind};
+use super::{Block, Caching, FreeKey, Params, PoolId, Segment, State, UnmappedKey, NIL};
+use crate::alloc::units::{align_up, MIB};
+
+/// Synthetic addresses are handed out on this alignment (the driver's 2 MiB granularity).
+const ADDRESS_ALIGN: u64 = 2 * MIB;
 
 impl Caching {
     pub(super) fn b(&self, i: u32) -> &Block {
@@ -20,6 +26,12 @@ impl Caching {
         self.segments
             .get_mut(&id)
             .expect("block of a known segment")
+    }
+
+    /// Device address of block `i`.
+    pub(super) fn addr(&self, i: u32) -> u64 {
+        let b = self.b(i);
+        self.seg(b.segment).address + b.offset
     }
 
     pub(super) fn new_block(&mut self, b: Block) -> u32 {
@@ -57,17 +69,24 @@ impl Caching {
 
     pub(super) fn free_key(&self, i: u32) -> FreeKey {
         let b = self.b(i);
-        (b.stream, b.size, b.segment, b.offset, i)
+        (b.pool_id, b.stream, b.size, self.addr(i), i)
     }
 
     pub(super) fn unmapped_key(&self, i: u32) -> UnmappedKey {
         let b = self.b(i);
-        (b.stream, b.segment, b.offset, i)
+        (b.pool_id, b.stream, self.addr(i), i)
     }
 
+    /// `insert_into_blocks`: indexes free block `i`, stamping its age base.
     pub(super) fn insert_free(&mut self, i: u32) {
         debug_assert_eq!(self.b(i).state, State::Free);
-        let (key, pool, size) = (self.free_key(i), self.b(i).pool, self.b(i).size);
+        let (pool_id, pool, size) = (self.b(i).pool_id, self.b(i).pool, self.b(i).size);
+        self.bm(i).gc_base = if pool_id == super::DEFAULT_POOL {
+            self.gc_calls[pool.index()]
+        } else {
+            0
+        };
+        let key = self.free_key(i);
         let p = &mut self.size_pools[pool.index()];
         let inserted = p.blocks.insert(key);
         debug_assert!(inserted, "free block indexed twice");
@@ -124,6 +143,91 @@ impl Caching {
         let id = self.next_segment;
         self.next_segment = id.checked_add(1)?;
         Some(id)
+    }
+
+    /// Registers a segment under its id and address.
+    pub(super) fn add_segment(&mut self, id: u32, segment: Segment) {
+        let end = segment.address.saturating_add(segment.bytes);
+        self.next_address = self
+            .next_address
+            .max(align_up(end, ADDRESS_ALIGN).unwrap_or(u64::MAX));
+        self.by_address.insert(segment.address, id);
+        self.segments.insert(id, segment);
+    }
+
+    /// Forgets a segment.
+    pub(super) fn remove_segment(&mut self, id: u32) -> Segment {
+        let seg = self.segments.remove(&id).expect("segment of a block");
+        self.by_address.remove(&seg.address);
+        seg
+    }
+
+    /// Whether `[address, address + bytes)` overlaps a segment held.
+    pub(super) fn overlaps_a_segment(&self, address: u64, bytes: u64) -> bool {
+        let end = address.saturating_add(bytes);
+        let before = self.by_address.range(..end).next_back();
+        before.is_some_and(|(&a, &id)| a.saturating_add(self.seg(id).bytes) > address)
+    }
+
+    /// The address of a new segment (or virtual range) of `bytes` that request `p` creates:
+    /// the first unused hint of the recording that fits (same kind, stream and pool; the same
+    /// size for a physical segment) and overlaps nothing, else the next synthetic address.
+    pub(super) fn segment_address(&mut self, kind: SegmentEventKind, p: Params, bytes: u64) -> u64 {
+        let fits = |h: &AddressHint| {
+            h.kind == kind
+                && h.stream == p.stream
+                && h.pool == p.pool_id
+                && (kind != SegmentEventKind::Alloc || h.bytes == bytes)
+        };
+        let found = (0..self.hints.len()).find(|&k| {
+            fits(&self.hints[k]) && !self.overlaps_a_segment(self.hints[k].address, bytes)
+        });
+        match found {
+            Some(k) => self.hints.remove(k).address,
+            None => self.next_address,
+        }
+    }
+
+    /// Addresses the recording gave the segments (`segment_alloc`) and virtual ranges (first
+    /// `segment_map`) the next request creates; replaces any left from the request before.
+    pub fn set_address_hints(&mut self, hints: Vec<AddressHint>) {
+        self.hints = hints;
+    }
+
+    /// Synthetic addresses start at or above `floor` (the end of every address a recording
+    /// names), so that they never collide with a recorded one.
+    pub fn set_address_floor(&mut self, floor: u64) {
+        let floor = align_up(floor, ADDRESS_ALIGN).unwrap_or(u64::MAX);
+        self.next_address = self.next_address.max(floor);
+    }
+
+    /// Starts (or stops) keeping the segment events.
+    pub fn record_segment_events(&mut self, on: bool) {
+        self.events = on.then(Vec::new);
+    }
+
+    /// The segment events since the last call, in order.
+    pub fn take_segment_events(&mut self) -> Vec<SegmentEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub(super) fn emit(
+        &mut self,
+        kind: SegmentEventKind,
+        address: u64,
+        bytes: u64,
+        stream: u32,
+        pool: PoolId,
+    ) {
+        if let Some(events) = &mut self.events {
+            events.push(SegmentEvent {
+                kind,
+                address,
+                bytes,
+                stream,
+                pool,
+            });
+        }
     }
 
     pub(super) fn charge(&mut self, bytes: u64) {

@@ -9,7 +9,8 @@
 //! free blocks and releases a range once it is entirely unmapped. Unmapped blocks therefore
 //! always start and end on page boundaries, and a block never spans two ranges.
 
-use super::{Block, Caching, Segment, SizePool, State, NIL};
+use super::events::SegmentEventKind;
+use super::{Block, Caching, Params, Segment, SizePool, State, NIL};
 use crate::decision::{Decision, SegmentId};
 use crate::executor::Executor;
 
@@ -30,17 +31,16 @@ impl Caching {
     /// a range and fail to map it).
     pub(super) fn try_allocate_expandable_block(
         &mut self,
-        stream: u32,
-        pool: SizePool,
-        size: u64,
+        p: Params,
         mem: &mut dyn Executor,
     ) -> Option<u32> {
-        if size > self.va_range_bytes(pool) {
+        let size = p.size;
+        if size > self.va_range_bytes(p.pool) {
             return None;
         }
-        let mut candidate = match self.find_expandable_block(stream, pool, size) {
+        let mut candidate = match self.find_expandable_block(p) {
             Some(c) => c,
-            None => self.new_va_range(stream, pool, mem)?,
+            None => self.new_va_range(p, mem)?,
         };
         if self.b(candidate).state == State::Unmapped {
             let bytes = size.min(self.b(candidate).size);
@@ -64,11 +64,12 @@ impl Caching {
     /// `find_expandable_block`: for each unmapped block of `stream` in address order, a run
     /// starting at it (or at the free mapped block right before it) of free and unmapped blocks
     /// totalling at least `size`. Returns the run's first block.
-    fn find_expandable_block(&self, stream: u32, pool: SizePool, size: u64) -> Option<u32> {
+    fn find_expandable_block(&self, p: Params) -> Option<u32> {
         let allocatable = |i: u32| i != NIL && self.b(i).state.is_free_space();
-        let unmapped = &self.size_pools[pool.index()].unmapped;
-        for &(s, _, _, u) in unmapped.range((stream, 0, 0, 0)..) {
-            if s != stream {
+        let size = p.size;
+        let unmapped = &self.size_pools[p.pool.index()].unmapped;
+        for &(pool_id, s, _, u) in unmapped.range((p.pool_id, p.stream, 0, 0)..) {
+            if (pool_id, s) != (p.pool_id, p.stream) {
                 break;
             }
             let prev = self.b(u).prev;
@@ -86,29 +87,35 @@ impl Caching {
         None
     }
 
-    /// Reserves a new range for (stream, pool): one unmapped block, indexed.
-    fn new_va_range(&mut self, stream: u32, pool: SizePool, mem: &mut dyn Executor) -> Option<u32> {
-        let bytes = self.va_range_bytes(pool);
+    /// Reserves a new range for the request's (stream, pool): one unmapped block, indexed. Its
+    /// address is the recording's first `segment_map` of the request, if any.
+    fn new_va_range(&mut self, p: Params, mem: &mut dyn Executor) -> Option<u32> {
+        let bytes = self.va_range_bytes(p.pool);
         let id = self.take_segment_id()?;
         let reserve = Decision::ReserveVa {
             segment: SegmentId::arena(id),
             bytes,
         };
         mem.apply(reserve).ok()?;
+        let address = self.segment_address(SegmentEventKind::Map, p, bytes);
         let block = Block {
             segment: id,
-            stream,
-            pool,
+            pool_id: p.pool_id,
+            stream: p.stream,
+            pool: p.pool,
             offset: 0,
             size: bytes,
             prev: NIL,
             next: NIL,
             state: State::Unmapped,
+            gc_base: 0,
         };
         let first = self.new_block(block);
         let segment = Segment {
-            stream,
-            pool,
+            address,
+            pool_id: p.pool_id,
+            stream: p.stream,
+            pool: p.pool,
             bytes,
             expandable: true,
             first,
@@ -116,7 +123,7 @@ impl Caching {
             live_count: 0,
             live_bytes: 0,
         };
-        self.segments.insert(id, segment);
+        self.add_segment(id, segment);
         self.insert_unmapped(first);
         Some(first)
     }
@@ -156,6 +163,8 @@ impl Caching {
         self.insert_free(i);
         self.charge(bytes);
         self.seg_mut(b.segment).mapped_bytes += bytes;
+        let address = self.seg(b.segment).address + b.offset;
+        self.emit(SegmentEventKind::Map, address, bytes, b.stream, b.pool_id);
         Some(i)
     }
 
@@ -208,6 +217,14 @@ impl Caching {
         self.reserved_bytes -= stop - begin;
         self.seg_mut(b.segment).mapped_bytes -= stop - begin;
         self.counters.num_device_free += 1;
+        let address = self.seg(b.segment).address + begin;
+        self.emit(
+            SegmentEventKind::Unmap,
+            address,
+            stop - begin,
+            b.stream,
+            b.pool_id,
+        );
     }
 
     /// `release_expandable_segment`: frees the range whose only block is the unmapped `i`.
@@ -215,7 +232,7 @@ impl Caching {
         let segment = self.b(i).segment;
         self.remove_unmapped(i);
         self.drop_block(i);
-        let seg = self.segments.remove(&segment).expect("segment of a block");
+        let seg = self.remove_segment(segment);
         debug_assert_eq!(seg.mapped_bytes, 0);
         let release = Decision::ReleaseVa {
             segment: SegmentId::arena(segment),

@@ -1,8 +1,25 @@
-//! Read-only views of the allocator: live blocks, segment layouts, and the full invariant walk.
+//! Read-only views of the allocator: live blocks, segment layouts (also as a snapshot records
+//! them), and the full invariant walk.
 
-use super::{Caching, Live, State, NIL};
+use serde::{Deserialize, Serialize};
+
+use super::{Caching, Live, PoolId, SizePool, State, NIL};
 use crate::alloc::layout::{LiveBlock, SegmentLayout};
 use crate::decision::{AllocId, Loc, SegmentId};
+
+/// A segment as `torch.cuda.memory._snapshot()` reports it: a physical segment, or one
+/// contiguous mapped range of an expandable one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RecordedLayout {
+    pub address: u64,
+    pub bytes: u64,
+    pub stream: u32,
+    pub pool: PoolId,
+    pub size_pool: SizePool,
+    pub expandable: bool,
+    /// (block bytes, live or pending) in address order, covering the segment exactly.
+    pub blocks: Vec<(u64, bool)>,
+}
 
 impl Caching {
     pub(super) fn live_block(&self, id: AllocId, live: Live) -> LiveBlock {
@@ -41,6 +58,49 @@ impl Caching {
         layouts
     }
 
+    /// The segments as a snapshot reports them, in address order.
+    pub fn recorded_layout(&self) -> Vec<RecordedLayout> {
+        let mut out = Vec::new();
+        for (&id, seg) in &self.segments {
+            for run in self.mapped_runs(id) {
+                out.push(RecordedLayout {
+                    address: seg.address + run.start,
+                    bytes: run.end - run.start,
+                    stream: seg.stream,
+                    pool: seg.pool_id,
+                    size_pool: seg.pool,
+                    expandable: seg.expandable,
+                    blocks: run
+                        .blocks
+                        .iter()
+                        .map(|&i| (self.b(i).size, matches!(self.b(i).state, State::Live(_))))
+                        .collect(),
+                });
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The device address of `at` (a place this allocator handed out).
+    pub fn address_of(&self, at: Loc) -> Option<u64> {
+        let seg = self.segments.get(&at.segment.index)?;
+        Some(seg.address + at.offset)
+    }
+
+    /// Whether a block of `pool` cut to `size` bytes leaves a block of `remaining` bytes
+    /// (`should_split`): what tells the size of a block from its request.
+    pub fn would_split(&self, pool: SizePool, size: u64, remaining: u64) -> bool {
+        self.should_split(pool, size, remaining)
+    }
+
+    /// The pool and stream of the segment (or mapped range) that holds `address`, if any.
+    pub fn segment_at(&self, address: u64) -> Option<(PoolId, u32)> {
+        let (&base, &id) = self.by_address.range(..=address).next_back()?;
+        let seg = self.seg(id);
+        (address < base.saturating_add(seg.bytes)).then_some((seg.pool_id, seg.stream))
+    }
+
     /// Walks every segment's block list and checks it against the indexes and the counters.
     pub(super) fn check(&self) -> Result<(), String> {
         let mut visited = 0usize;
@@ -50,6 +110,23 @@ impl Caching {
         let mut live_count = 0usize;
         let (mut reserved, mut allocated, mut inactive) = (0u64, 0u64, 0u64);
         let min = self.min_block_bytes;
+        if self.by_address.len() != self.segments.len()
+            || self
+                .by_address
+                .iter()
+                .any(|(&a, id)| self.segments.get(id).map(|s| s.address) != Some(a))
+        {
+            return Err("address index out of date".into());
+        }
+        let mut end_before = 0u64;
+        for (&a, id) in &self.by_address {
+            if a < end_before {
+                return Err(format!(
+                    "segment {id} at {a:#x} overlaps the segment before it"
+                ));
+            }
+            end_before = a + self.seg(*id).bytes;
+        }
         for (&id, seg) in &self.segments {
             if id >= self.next_segment {
                 return Err(format!(
@@ -73,7 +150,11 @@ impl Caching {
                     return Err(format!("segment {id}: block list has a cycle"));
                 }
                 let at = format!("segment {id} block {i} at {}+{}", b.offset, b.size);
-                if b.segment != id || b.stream != seg.stream || b.pool != seg.pool {
+                if b.segment != id
+                    || b.stream != seg.stream
+                    || b.pool != seg.pool
+                    || b.pool_id != seg.pool_id
+                {
                     return Err(format!(
                         "{at}: segment, stream or pool differs from its segment"
                     ));
@@ -179,6 +260,19 @@ impl Caching {
         }
         if self.live.iter().flatten().count() != live_count {
             return Err("live map holds allocations that are not in any segment".into());
+        }
+        let pending = self.live.iter().flatten().filter(|l| l.pending).count();
+        if pending != self.pending.len()
+            || self.pending.iter().any(|id| {
+                !self
+                    .live
+                    .get(id.0 as usize)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|l| l.pending)
+            })
+        {
+            return Err("pending frees out of date".into());
         }
         if reserved != self.reserved_bytes {
             return Err(format!(

@@ -589,5 +589,5 @@ fn a_snapshot_round_trips_through_json() {
     t.free(a);
     let json = serde_json::to_string(&t.a.snapshot()).unwrap();
     let back: AllocatorState = serde_json::from_str(&json).unwrap();
-    assert_eq!(back, AllocatorState::Caching(t.a.clone()));
+    assert_eq!(back, AllocatorState::Caching(Box::new(t.a.clone())));
 }

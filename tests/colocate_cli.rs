@@ -1,0 +1,95 @@
+//! `gpumem colocate` end to end: training and rollouts taking turns on one GPU.
+
+mod common;
+
+use common::{assert_clean_error, gpumem, mooncake_conversation, snapshot, stdout};
+use serde_json::Value;
+
+fn run_json(level: &str) -> Value {
+    let train = snapshot("yiyi_1.3b_snapshot.pickle");
+    let serve = mooncake_conversation();
+    let out = gpumem(&[
+        "colocate",
+        "--train",
+        train.to_str().unwrap(),
+        "--serve",
+        serve.to_str().unwrap(),
+        "--limit",
+        "60",
+        "--rounds",
+        "3",
+        "--sleep-level",
+        level,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[test]
+fn sleeping_frees_the_gpu_for_training_and_stays_within_memory() {
+    for level in ["1", "2"] {
+        let r = run_json(level);
+        assert!(u(&r, "peak_gpu_bytes") <= u(&r, "gpu_bytes"), "{r}");
+        assert_eq!(
+            u(&r, "serving_bytes_asleep"),
+            0,
+            "level {level} unmaps everything"
+        );
+        assert_eq!(u(&r, "requests_finished"), 60);
+        assert!(u(&r, "sleep_wake_us") > 0);
+        assert_eq!(
+            r["phases"].as_array().unwrap().len(),
+            6,
+            "3 rollouts, 3 steps"
+        );
+        // The peak is a training phase's: the sleeping engine holds nothing.
+        let train_peak = u(&r, "training_reserved_peak_bytes");
+        assert!(u(&r, "peak_gpu_bytes") >= train_peak);
+    }
+    let one = run_json("1");
+    assert!(u(&one, "bytes_d2h") > 0, "level 1 backs the weights up");
+    assert_eq!(u(&run_json("2"), "bytes_d2h"), 0, "level 2 discards them");
+}
+
+#[test]
+fn a_paused_engine_keeps_its_memory_during_training() {
+    let paused = run_json("0");
+    let slept = run_json("1");
+    assert_eq!(
+        u(&paused, "serving_bytes_asleep"),
+        u(&paused, "serving_bytes")
+    );
+    assert_eq!(u(&paused, "sleep_wake_us"), 0);
+    assert!(u(&paused, "peak_gpu_bytes") >= u(&slept, "peak_gpu_bytes"));
+}
+
+#[test]
+fn two_runs_are_byte_identical() {
+    let a = run_json("1");
+    let b = run_json("1");
+    assert_eq!(a, b);
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let train = snapshot("yiyi_1.3b_snapshot.pickle");
+    let serve = mooncake_conversation();
+    let (t, s) = (train.to_str().unwrap(), serve.to_str().unwrap());
+    let out = gpumem(&["colocate", "--train", t, "--serve", s, "--sleep-level", "3"]);
+    assert_clean_error(&out, &["--sleep-level 3"]);
+    let out = gpumem(&["colocate", "--train", s, "--serve", s]);
+    assert_clean_error(&out, &["conversation_trace.jsonl"]);
+    let out = gpumem(&["colocate", "--train", t, "--serve", s, "--rounds", "0"]);
+    assert_clean_error(&out, &["--rounds 0"]);
+}
