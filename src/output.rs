@@ -46,7 +46,8 @@ impl AtomicFile {
         Ok(AtomicFile {
             path: path.to_path_buf(),
             temporary,
-            file: Some(BufWriter::new(file)),
+            // A step log runs to tens of megabytes: 1 MiB writes, not 8 KiB ones.
+            file: Some(BufWriter::with_capacity(1 << 20, file)),
         })
     }
 

@@ -7,6 +7,7 @@
 //! allocation fails.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use gpumem_core::alloc::caching::CachingSettings;
 use gpumem_core::alloc::{
@@ -140,6 +141,29 @@ enum Tracked {
     Failed,
 }
 
+/// Hashes a trace's allocation id with a fixed mix: std's default (SipHash, keyed per process)
+/// cost a tenth of a simulated replay, and nothing here iterates the map, so its order cannot
+/// reach a result. Ids are counters or addresses: both halves are folded in and spread.
+#[derive(Clone, Copy, Debug, Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        let x = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = x ^ (x >> 32);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ b as u64);
+        }
+    }
+}
+
 const TIMELINE_POINTS: u64 = 2000;
 /// How often a simulated replay reports progress.
 pub const PROGRESS_EVERY_OPS: u64 = 1 << 16;
@@ -148,7 +172,7 @@ struct Driver<'a, E: Executor> {
     alloc: Box<dyn Allocator>,
     exec: &'a mut E,
     config: ReplayConfig,
-    ids: HashMap<u64, Tracked>,
+    ids: HashMap<u64, Tracked, BuildHasherDefault<IdHasher>>,
     next_id: u64,
     bytes_requested: u64,
     result: StrategyResult,
@@ -182,7 +206,7 @@ pub fn replay<E: Executor>(
         alloc: build_with(strategy, &config.alloc, &config.caching),
         exec,
         config: *config,
-        ids: HashMap::new(),
+        ids: HashMap::default(),
         next_id: 0,
         bytes_requested: 0,
         result: empty_result(strategy),
@@ -364,11 +388,13 @@ impl<E: Executor> Driver<'_, E> {
 
     fn observe(&mut self, t_ns: u64, sample: bool) {
         let books = self.exec.books();
-        for &(place, watch) in &self.watched {
-            let reserved = books.account(place).reserved_bytes;
-            self.pressure.observe(watch, t_ns, reserved);
+        // The books' places are fixed when they are made, and `watched` was taken from them in
+        // their order: walk both together rather than look each place up after every op.
+        for ((place, account), &(watched, watch)) in books.accounts().zip(&self.watched) {
+            debug_assert_eq!(place, watched);
+            self.pressure.observe(watch, t_ns, account.reserved_bytes);
         }
-        let (reserved, allocated) = (books.reserved_bytes(), books.allocated_bytes);
+        let allocated = books.allocated_bytes;
         let free = self.alloc.free_summary();
         let frag = free.external_fragmentation();
         let r = &mut self.result;
@@ -386,7 +412,7 @@ impl<E: Executor> Driver<'_, E> {
         if sample {
             r.timeline.push(Sample {
                 t_ns,
-                bytes_reserved: reserved,
+                bytes_reserved: books.reserved_bytes(),
                 bytes_allocated: allocated,
             });
         }

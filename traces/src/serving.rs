@@ -128,6 +128,36 @@ impl Prompt {
         (base + len <= P).then_some(base as u32)
     }
 
+    /// The longest run of consecutive token ids (`t, t + 1, …`) starting at prompt token
+    /// `start`: its first token and length, within one hash block of the Mooncake form, the
+    /// prompt and the modulus. One division per run, where [`consecutive_from`] of each block
+    /// of the run would take several per block. None for explicit tokens or past the prompt.
+    ///
+    /// [`consecutive_from`]: Self::consecutive_from
+    pub fn consecutive_run(&self, start: u64) -> Option<(u32, u64)> {
+        const P: u64 = PROMPT_MOD as u64;
+        let (id, hb) = match self {
+            Prompt::Tokens(_) => return None,
+            Prompt::HashIds {
+                hash_ids,
+                hash_block,
+                ..
+            } => (*hash_ids.get((start / hash_block) as usize)?, *hash_block),
+            Prompt::Unique { first_hash_id, .. } => (
+                first_hash_id.wrapping_add((start / DEFAULT_HASH_BLOCK) as i64),
+                DEFAULT_HASH_BLOCK,
+            ),
+        };
+        let len = self.len();
+        if start >= len {
+            return None;
+        }
+        let o = start % hb;
+        let base = (id.rem_euclid(P as i64) as u64 * (hb % P) % P + o % P) % P;
+        let run = (hb - o).min(len - start).min(P - base);
+        Some((base as u32, run))
+    }
+
     /// Appends prompt tokens `start..end` to `out`.
     pub fn fill(&self, start: u64, end: u64, out: &mut Vec<u32>) {
         debug_assert!(start <= end && end <= self.len());

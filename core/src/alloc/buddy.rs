@@ -11,15 +11,19 @@
 //!
 //! `alloc` takes the lowest-address free block of the smallest sufficient order that lies in
 //! mapped memory (else the lowest-address sufficient block) and splits it down, keeping the
-//! lower half each time; `free` merges with the buddy while it is free, upward.
+//! lower half each time; `free` merges with the buddy while it is free, upward. A bitmap of
+//! the orders that have a free block lets `alloc` visit only those (most of the 20-odd orders
+//! are empty at any time), and nothing is indexed by offset: only `empty_cache` and the
+//! layout need the live blocks in address order, and they walk the live table.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
 use super::arena::{check_tiling, sorted_blocks, Arena};
 use super::defrag::Compaction;
 use super::layout::{FreeSummary, LiveBlock, SegmentLayout};
+use super::live::LiveTable;
 use super::strategy::{AllocConfig, AllocError, AllocRequest, Allocate, Strategy};
 use super::units::align_up;
 use crate::decision::{AllocId, Loc};
@@ -41,10 +45,10 @@ pub struct Buddy {
     arena: Arena,
     /// `free[k]`: offsets of the free blocks of `alignment << k` bytes, by address.
     free: Vec<BTreeSet<u64>>,
-    /// Indexed by `AllocId`.
-    live: Vec<Option<Live>>,
-    /// Live blocks by offset.
-    by_offset: BTreeMap<u64, AllocId>,
+    /// Bit `k` set iff `free[k]` is not empty.
+    nonempty: u64,
+    /// Live blocks by `AllocId`: 4 bytes per id ever seen, the records packed.
+    live: LiveTable<Live>,
     allocated_bytes: u64,
 }
 
@@ -54,25 +58,42 @@ impl Buddy {
         let align_log2 = config.alignment_bytes.trailing_zeros();
         let range = arena.range_bytes;
         let max_order = (63 - range.leading_zeros()) - align_log2;
-        let mut free = vec![BTreeSet::new(); max_order as usize + 1];
-        let mut offset = 0;
-        for bit in (align_log2..64).rev() {
-            if range & (1 << bit) != 0 {
-                free[(bit - align_log2) as usize].insert(offset);
-                offset += 1 << bit;
-            }
-        }
-        debug_assert_eq!(offset, range);
-        Buddy {
+        let mut b = Buddy {
             alignment_bytes: config.alignment_bytes,
             align_log2,
             max_order,
             arena,
-            free,
-            live: Vec::new(),
-            by_offset: BTreeMap::new(),
+            free: vec![BTreeSet::new(); max_order as usize + 1],
+            nonempty: 0,
+            live: LiveTable::default(),
             allocated_bytes: 0,
+        };
+        let mut offset = 0;
+        for bit in (align_log2..64).rev() {
+            if range & (1 << bit) != 0 {
+                b.insert_free(bit - align_log2, offset);
+                offset += 1 << bit;
+            }
         }
+        debug_assert_eq!(offset, range);
+        b
+    }
+
+    #[inline]
+    fn insert_free(&mut self, order: u32, offset: u64) {
+        self.free[order as usize].insert(offset);
+        self.nonempty |= 1 << order;
+    }
+
+    /// Removes the free block of `order` at `offset`; false if there is none.
+    #[inline]
+    fn remove_free(&mut self, order: u32, offset: u64) -> bool {
+        let set = &mut self.free[order as usize];
+        let removed = set.remove(&offset);
+        if set.is_empty() {
+            self.nonempty &= !(1 << order);
+        }
+        removed
     }
 
     #[inline]
@@ -97,22 +118,21 @@ impl Buddy {
         (offset & !(parent_size - 1)) + parent_size <= self.arena.range_bytes
     }
 
-    fn live_at(&self, id: AllocId) -> Live {
-        self.live
-            .get(id.0 as usize)
-            .copied()
-            .flatten()
-            .unwrap_or_else(|| panic!("free of {id:?}, which is not live"))
-    }
-
     /// The free block to split for a block of `order`: the smallest sufficient order whose
     /// lowest free block fits in mapped memory (classic buddy), else the lowest-address free
     /// block of any sufficient order, so that the mapped heap grows from the bottom instead of
     /// jumping to a higher, smaller top-level block (80 GiB = 64 GiB + 16 GiB).
     fn choose(&self, order: u32, bytes: u64) -> Option<(u32, u64)> {
         let mapped = self.arena.mapped_bytes;
-        let candidates =
-            (order..=self.max_order).filter_map(|k| self.free[k as usize].first().map(|&o| (k, o)));
+        let mut orders = self.nonempty & (u64::MAX << order);
+        let candidates = std::iter::from_fn(|| {
+            (orders != 0).then(|| {
+                let k = orders.trailing_zeros();
+                orders &= orders - 1;
+                let first = *self.free[k as usize].first().expect("a non-empty order");
+                (k, first)
+            })
+        });
         let mut lowest: Option<(u32, u64)> = None;
         for (k, offset) in candidates {
             if offset + bytes <= mapped {
@@ -125,12 +145,14 @@ impl Buddy {
         lowest
     }
 
-    /// End of the highest live block (0 when none).
+    /// End of the highest live block (0 when none). A walk of the live table: only
+    /// `empty_cache` asks.
     fn top(&self) -> u64 {
-        self.by_offset.last_key_value().map_or(0, |(_, &id)| {
-            let b = self.live_at(id);
-            b.offset + self.size(b.order)
-        })
+        self.live
+            .iter()
+            .map(|(_, b)| b.offset + self.size(b.order))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The mapped part of the largest free block. Per order, only the lowest free block that
@@ -139,7 +161,10 @@ impl Buddy {
     fn largest_free(&self) -> u64 {
         let mapped = self.arena.mapped_bytes;
         let mut best = 0;
-        for k in (0..=self.max_order).rev() {
+        let mut orders = self.nonempty;
+        while orders != 0 {
+            let k = 63 - orders.leading_zeros();
+            orders &= !(1 << k);
             let size = self.size(k);
             if size <= best {
                 break;
@@ -170,44 +195,42 @@ impl Allocate for Buddy {
         self.arena
             .ensure_mapped(offset + bytes, mem)
             .map_err(|_| oom)?;
-        let slot = req.id.0 as usize;
-        if slot >= self.live.len() {
-            self.live.resize(slot + 1, None);
-        }
-        assert!(self.live[slot].is_none(), "{:?} allocated twice", req.id);
-        self.free[from as usize].remove(&offset);
+        assert!(
+            self.live.get(req.id).is_none(),
+            "{:?} allocated twice",
+            req.id
+        );
+        self.remove_free(from, offset);
         for k in (order..from).rev() {
             let upper = offset + self.size(k);
-            self.free[k as usize].insert(upper);
+            self.insert_free(k, upper);
         }
-        self.live[slot] = Some(Live {
+        let live = Live {
             offset,
             order,
             requested_bytes: req.bytes,
             pinned: req.pinned,
-        });
-        self.by_offset.insert(offset, req.id);
+        };
+        self.live.insert(req.id, live);
         self.allocated_bytes += bytes;
         Ok(Arena::place(req.id, offset, bytes, mem))
     }
 
     fn free(&mut self, id: AllocId, mem: &mut dyn Executor) {
-        let b = self.live_at(id);
+        let b = self.live.remove(id);
         let bytes = self.size(b.order);
-        self.live[id.0 as usize] = None;
-        self.by_offset.remove(&b.offset);
         self.allocated_bytes -= bytes;
         Arena::free(id, b.offset, bytes, mem);
         let (mut offset, mut order) = (b.offset, b.order);
         while self.has_parent(offset, order) {
             let size = self.size(order);
-            if !self.free[order as usize].remove(&(offset ^ size)) {
+            if !self.remove_free(order, offset ^ size) {
                 break;
             }
             offset &= !(2 * size - 1);
             order += 1;
         }
-        self.free[order as usize].insert(offset);
+        self.insert_free(order, offset);
     }
 
     fn empty_cache(&mut self, mem: &mut dyn Executor) {
@@ -225,8 +248,7 @@ impl Allocate for Buddy {
     }
 
     fn live_blocks(&self) -> Vec<LiveBlock> {
-        sorted_blocks(self.by_offset.values().map(|&id| {
-            let b = self.live_at(id);
+        sorted_blocks(self.live.iter().map(|(id, b)| {
             (
                 id,
                 b.offset,
@@ -250,6 +272,11 @@ impl Allocate for Buddy {
         let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
         for (k, set) in self.free.iter().enumerate() {
             let k = k as u32;
+            if set.is_empty() == (self.nonempty & (1 << k) != 0) {
+                return Err(format!(
+                    "order {k}'s bit does not say whether it has a free block"
+                ));
+            }
             let size = self.size(k);
             for &offset in set {
                 if offset % size != 0 || offset + size > range {
@@ -264,10 +291,8 @@ impl Allocate for Buddy {
                 pieces.push((offset, size, false));
             }
         }
-        let mut live_count = 0;
-        for (i, l) in self.live.iter().enumerate() {
-            let Some(l) = l else { continue };
-            live_count += 1;
+        for (id, l) in self.live.iter() {
+            let i = id.0;
             let size = self.size(l.order);
             if l.offset % size != 0 || l.offset + size > range || l.order > self.max_order {
                 return Err(format!(
@@ -275,16 +300,7 @@ impl Allocate for Buddy {
                     l.offset, l.order
                 ));
             }
-            if self.by_offset.get(&l.offset) != Some(&AllocId(i as u64)) {
-                return Err(format!("live block {i} missing from the offset index"));
-            }
             pieces.push((l.offset, size, true));
-        }
-        if live_count != self.by_offset.len() {
-            return Err(format!(
-                "{live_count} live, {} in the offset index",
-                self.by_offset.len()
-            ));
         }
         pieces.sort_unstable();
         // Neighbouring free blocks that are not buddies touch legitimately; tile their unions.

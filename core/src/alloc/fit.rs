@@ -42,10 +42,19 @@ impl FitAllocator {
         FitAllocator {
             policy,
             alignment_bytes: config.alignment_bytes,
-            free: FreeExtents::between(&[], arena.range_bytes),
+            free: Self::extents(policy, &[], arena.range_bytes),
             live: LiveTable::default(),
             allocated_bytes: 0,
             arena,
+        }
+    }
+
+    /// The free gaps between `blocks`; first fit scans them in address order.
+    fn extents(policy: FitPolicy, blocks: &[LiveBlock], end: u64) -> FreeExtents {
+        let free = FreeExtents::between(blocks, end);
+        match policy {
+            FitPolicy::First => free.with_address_order(),
+            FitPolicy::Best => free,
         }
     }
 
@@ -146,7 +155,7 @@ impl Allocate for FitAllocator {
             let slot = self.live.get_mut(b.id).expect("block is live");
             slot.offset = b.at.offset;
         }
-        self.free = FreeExtents::between(&blocks, self.arena.range_bytes);
+        self.free = Self::extents(self.policy, &blocks, self.arena.range_bytes);
         Some(Compaction {
             moves,
             bytes_moved,

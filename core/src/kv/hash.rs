@@ -130,19 +130,36 @@ pub fn hash_block(parent: Option<BlockHash>, tokens: &[u32], extra: u64) -> Bloc
 /// [`hash_block`] of the tokens `first, first + 1, …, first + len - 1` (prompts in the Mooncake
 /// form are runs of consecutive token ids), computed without the tokens in memory. The run
 /// must not pass `u32::MAX`.
+#[inline]
 pub fn hash_consecutive_block(
     parent: Option<BlockHash>,
     first: u32,
     len: usize,
     extra: u64,
 ) -> BlockHash {
+    // vLLM's default block size, unrolled by the compiler (the same function of `len`).
+    if len == 16 {
+        consecutive_block(parent, first, 16, extra)
+    } else {
+        consecutive_block(parent, first, len, extra)
+    }
+}
+
+#[inline(always)]
+fn consecutive_block(parent: Option<BlockHash>, first: u32, len: usize, extra: u64) -> BlockHash {
     debug_assert!(first as u64 + len as u64 <= 1 << 32, "token ids past 2^32");
     let mut seed = parent.unwrap_or(NONE_HASH).0 ^ P0;
     let mut t = first as u64;
+    // The words of tokens t..t + 4: (t | (t + 1) << 32, t + 2 | (t + 3) << 32). No token
+    // passes 2^32, so each half is a sum that never carries into the other, and the next four
+    // tokens' words are these plus 4 in each half.
+    const FOUR: u64 = 4 | 4 << 32;
+    let mut a = t | (t + 1) << 32;
+    let mut b = a.wrapping_add(2 | 2 << 32);
     for _ in 0..len / 4 {
-        let a = t | (t + 1) << 32;
-        let b = (t + 2) | (t + 3) << 32;
         seed = mum(a ^ P1, b ^ seed);
+        a = a.wrapping_add(FOUR);
+        b = b.wrapping_add(FOUR);
         t += 4;
     }
     let rest = len % 4;
@@ -206,6 +223,7 @@ pub fn hash_request_block(
 
 /// [`hash_request_block`] of a block whose tokens are `first, first + 1, …` (see
 /// [`hash_consecutive_block`]).
+#[inline]
 pub fn hash_request_consecutive_block(
     parent: Option<BlockHash>,
     block_index: usize,
@@ -214,6 +232,75 @@ pub fn hash_request_consecutive_block(
     extra: &ExtraKeys,
 ) -> BlockHash {
     hash_consecutive_block(parent, first, len, extra.word(block_index))
+}
+
+/// Appends the hashes of `n` full blocks of `block_size` consecutive tokens each, the first
+/// starting at token `first` (block `k` at `first + k × block_size`), chained after the last
+/// hash in `hashes`: [`hash_request_consecutive_block`] of each block in turn, in one loop.
+pub fn extend_consecutive_block_hashes(
+    hashes: &mut Vec<BlockHash>,
+    first: u32,
+    block_size: usize,
+    n: usize,
+    extra: &ExtraKeys,
+) {
+    debug_assert!(
+        first as u64 + (n * block_size) as u64 <= 1 << 32,
+        "token ids past 2^32"
+    );
+    hashes.reserve(n);
+    let mut parent = hashes.last().copied();
+    let mut t = first;
+    for _ in 0..n {
+        let i = hashes.len();
+        let words = extra.word(i);
+        let h = if block_size == 16 {
+            consecutive_block(parent, t, 16, words)
+        } else {
+            consecutive_block(parent, t, block_size, words)
+        };
+        hashes.push(h);
+        parent = Some(h);
+        t = t.wrapping_add(block_size as u32);
+    }
+}
+
+/// [`extend_consecutive_block_hashes`] of two independent runs of `n` blocks each, together:
+/// a chain's blocks wait on each other's multiplications, two chains' overlap.
+pub fn extend_consecutive_block_hashes_pair(
+    (a, first_a): (&mut Vec<BlockHash>, u32),
+    (b, first_b): (&mut Vec<BlockHash>, u32),
+    block_size: usize,
+    n: usize,
+    extra: &ExtraKeys,
+) {
+    debug_assert!(
+        first_a.max(first_b) as u64 + (n * block_size) as u64 <= 1 << 32,
+        "token ids past 2^32"
+    );
+    a.reserve(n);
+    b.reserve(n);
+    let (mut pa, mut pb) = (a.last().copied(), b.last().copied());
+    let (mut ta, mut tb) = (first_a, first_b);
+    for _ in 0..n {
+        let (wa, wb) = (extra.word(a.len()), extra.word(b.len()));
+        let (ha, hb) = if block_size == 16 {
+            (
+                consecutive_block(pa, ta, 16, wa),
+                consecutive_block(pb, tb, 16, wb),
+            )
+        } else {
+            (
+                consecutive_block(pa, ta, block_size, wa),
+                consecutive_block(pb, tb, block_size, wb),
+            )
+        };
+        a.push(ha);
+        b.push(hb);
+        (pa, pb) = (Some(ha), Some(hb));
+        ta = ta.wrapping_add(block_size as u32);
+        tb = tb.wrapping_add(block_size as u32);
+    }
 }
 
 /// Which function chains block hashes.
@@ -731,7 +818,7 @@ mod consecutive_tests {
         fn a_consecutive_run_hashes_as_its_tokens(
             parent in proptest::option::of(any::<u64>().prop_map(BlockHash)),
             first in prop_oneof![0u32..1000, (u32::MAX - 64)..(u32::MAX - 40)],
-            len in 0usize..40,
+            len in prop_oneof![Just(16usize), 0usize..40],
             extra in any::<u64>(),
         ) {
             let tokens: Vec<u32> = (0..len as u32).map(|k| first + k).collect();
@@ -739,6 +826,43 @@ mod consecutive_tests {
                 hash_consecutive_block(parent, first, len, extra),
                 hash_block(parent, &tokens, extra)
             );
+        }
+
+        /// Blocks of a consecutive run hash as the request's blocks one by one.
+        #[test]
+        fn consecutive_runs_extend_as_block_by_block(
+            start in proptest::collection::vec(any::<u64>().prop_map(BlockHash), 0..3),
+            first in 0u32..100_000,
+            bs in prop_oneof![Just(16usize), 1usize..40],
+            n in 0usize..6,
+            lora in proptest::option::of(any::<u64>()),
+            salt in proptest::option::of(any::<u64>()),
+        ) {
+            let extra = ExtraKeys { lora, cache_salt: salt };
+            let mut got = start.clone();
+            extend_consecutive_block_hashes(&mut got, first, bs, n, &extra);
+            let mut want = start.clone();
+            for k in 0..n {
+                let i = want.len();
+                let parent = want.last().copied();
+                let t = first + (k * bs) as u32;
+                want.push(hash_request_consecutive_block(parent, i, t, bs, &extra));
+            }
+            prop_assert_eq!(&got, &want);
+            // Paired with another run, each comes out the same.
+            let mut other = vec![BlockHash(7)];
+            let mut other_want = other.clone();
+            extend_consecutive_block_hashes(&mut other_want, first / 2, bs, n, &extra);
+            let mut paired = start.clone();
+            extend_consecutive_block_hashes_pair(
+                (&mut paired, first),
+                (&mut other, first / 2),
+                bs,
+                n,
+                &extra,
+            );
+            prop_assert_eq!(paired, want);
+            prop_assert_eq!(other, other_want);
         }
     }
 }

@@ -94,7 +94,7 @@ impl PrefixMap {
     pub fn new(num_blocks: u32) -> Self {
         Self::with_slots(
             num_blocks,
-            (2 * num_blocks as usize).next_power_of_two().max(16),
+            (4 * num_blocks as usize).next_power_of_two().max(16),
         )
     }
 

@@ -459,6 +459,21 @@ proptest::proptest! {
             let want: Vec<u32> = (0..len as u32).map(|k| first + k).collect();
             proptest::prop_assert_eq!(out, want);
         }
+        // A run covers exactly the blocks `consecutive_from` answers, with the same tokens.
+        match p.consecutive_run(start) {
+            Some((first, run)) => {
+                proptest::prop_assert!(run >= 1);
+                let mut out = Vec::new();
+                p.fill(start, start + run, &mut out);
+                let want: Vec<u32> = (0..run as u32).map(|k| first + k).collect();
+                proptest::prop_assert_eq!(out, want);
+                proptest::prop_assert_eq!(
+                    p.consecutive_from(start, len),
+                    (len <= run).then_some(first)
+                );
+            }
+            None => proptest::prop_assert_eq!(p.consecutive_from(start, len), None),
+        }
     }
 }
 

@@ -3,7 +3,10 @@
 //! request has finished and its last step has been read, so the engine's memory follows the
 //! requests in flight, never the length of the trace.
 
-use gpumem_core::kv::hash::{hash_request_block, hash_request_consecutive_block, ExtraKeys};
+use gpumem_core::kv::hash::{
+    extend_consecutive_block_hashes, extend_consecutive_block_hashes_pair, hash_request_block,
+    ExtraKeys,
+};
 use gpumem_core::kv::offload::OffloadReqId;
 use gpumem_core::kv::{BlockHash, SlotRequest};
 
@@ -107,17 +110,20 @@ impl Req {
             .reserve((full_blocks as usize).saturating_sub(self.hashes.len()));
         while (self.hashes.len() as u64) < full_blocks {
             let first = self.hashes.len() as u64;
-            let parent = self.hashes.last().copied();
-            if let Some(t) = self.input.prompt.consecutive_from(first * bs, bs) {
-                let h = hash_request_consecutive_block(
-                    parent,
-                    first as usize,
-                    t,
-                    bs as usize,
-                    &ExtraKeys::NONE,
-                );
-                self.hashes.push(h);
-                continue;
+            // A run of consecutive prompt tokens: every full block in it, one division for
+            // the run.
+            if let Some((t, run)) = self.input.prompt.consecutive_run(first * bs) {
+                let n = (run / bs).min(full_blocks - first);
+                if n > 0 {
+                    extend_consecutive_block_hashes(
+                        &mut self.hashes,
+                        t,
+                        bs as usize,
+                        n as usize,
+                        &ExtraKeys::NONE,
+                    );
+                    continue;
+                }
             }
             let last = full_blocks.min(first + per_batch);
             self.fill_tokens(first * bs, last * bs, tokens);
@@ -126,6 +132,52 @@ impl Req {
                 let h = hash_request_block(parent, self.hashes.len(), block, &ExtraKeys::NONE);
                 self.hashes.push(h);
             }
+        }
+    }
+
+    /// Whether every full block is hashed.
+    pub fn is_hashed(&self, block_size: u32) -> bool {
+        self.hashes.len() as u64 == self.num_tokens / block_size as u64
+    }
+
+    /// The next blocks to hash when they are consecutive prompt tokens: the first token and
+    /// how many full blocks the run holds; None when done or the next block is not such.
+    fn next_run(&self, bs: u64) -> Option<(u32, u64)> {
+        let full_blocks = self.num_tokens / bs;
+        let first = self.hashes.len() as u64;
+        if first >= full_blocks {
+            return None;
+        }
+        let (t, run) = self.input.prompt.consecutive_run(first * bs)?;
+        let n = (run / bs).min(full_blocks - first);
+        (n > 0).then_some((t, n))
+    }
+
+    /// Hashes `a` and `b` together while both have a run of consecutive prompt tokens to
+    /// hash (the two chains' multiplications overlap). Returns whether `a` may have more such
+    /// runs (`b` ran out first).
+    pub fn hash_pair(a: &mut Req, b: &mut Req, block_size: u32) -> bool {
+        let bs = block_size as u64;
+        // Room for every full block at once: runs are short (a Mooncake hash id is 32
+        // blocks), and growing run by run reallocated and copied a long prompt's hashes often.
+        for r in [&mut *a, &mut *b] {
+            let full_blocks = (r.num_tokens / bs) as usize;
+            r.hashes.reserve(full_blocks.saturating_sub(r.hashes.len()));
+        }
+        loop {
+            let Some((ta, na)) = a.next_run(bs) else {
+                return false;
+            };
+            let Some((tb, nb)) = b.next_run(bs) else {
+                return true;
+            };
+            extend_consecutive_block_hashes_pair(
+                (&mut a.hashes, ta),
+                (&mut b.hashes, tb),
+                bs as usize,
+                na.min(nb) as usize,
+                &ExtraKeys::NONE,
+            );
         }
     }
 
@@ -178,6 +230,22 @@ impl Requests {
     #[inline]
     pub fn get_mut(&mut self, slot: usize) -> &mut Req {
         self.slots[slot].as_mut().expect("a live request's slot")
+    }
+
+    /// The requests in two different slots.
+    pub fn get_pair_mut(&mut self, a: usize, b: usize) -> (&mut Req, &mut Req) {
+        assert_ne!(a, b, "two different slots");
+        let (lo, hi) = (a.min(b), a.max(b));
+        let (left, right) = self.slots.split_at_mut(hi);
+        let (x, y) = (
+            left[lo].as_mut().expect("a live request's slot"),
+            right[0].as_mut().expect("a live request's slot"),
+        );
+        if a < b {
+            (x, y)
+        } else {
+            (y, x)
+        }
     }
 
     /// Requests in flight.

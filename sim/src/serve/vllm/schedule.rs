@@ -3,7 +3,7 @@
 //! preemption victims for FCFS and priority scheduling.
 
 use super::super::step::StepRecord;
-use super::requests::Status;
+use super::requests::{Req, Status};
 use super::{SchedulingPolicy, VllmEngine};
 
 impl VllmEngine<'_> {
@@ -76,8 +76,7 @@ impl VllmEngine<'_> {
             // vLLM hashes a request's blocks when it arrives; hashing it when it is first
             // considered gives the same hashes without holding them while it queues.
             if self.cfg.enable_prefix_caching {
-                let q = self.requests.get_mut(r);
-                q.update_hashes(self.cfg.block_size, &mut self.tok_buf);
+                self.hash_head(r);
             }
             let Some((hit_tokens, n)) = self.try_admit(r, budget) else {
                 break;
@@ -97,6 +96,35 @@ impl VllmEngine<'_> {
             rec.scheduled.push((r, n));
             budget -= n;
         }
+    }
+
+    /// Hashes the full blocks of `head`, the head of the waiting queue, that are not hashed
+    /// yet. The requests after it are considered next: while `head` is hashed, they are
+    /// hashed beside it, a few at most, one at a time (the two chains' multiplications
+    /// overlap; a request left part hashed is finished when its turn comes). The hashes are
+    /// the same whenever they are made.
+    fn hash_head(&mut self, head: usize) {
+        /// How far down the queue the second chain goes.
+        const HASH_AHEAD: usize = 8;
+        let bs = self.cfg.block_size;
+        if self.requests.get(head).is_hashed(bs) {
+            return;
+        }
+        for k in 1..=HASH_AHEAD {
+            let Some(&next) = self.waiting.get(k) else {
+                break;
+            };
+            if self.requests.get(next).is_hashed(bs) {
+                continue;
+            }
+            let (a, b) = self.requests.get_pair_mut(head, next);
+            if !Req::hash_pair(a, b, bs) {
+                break;
+            }
+        }
+        self.requests
+            .get_mut(head)
+            .update_hashes(bs, &mut self.tok_buf);
     }
 
     /// Allocates the waiting request `r`'s first chunk (at most `budget` tokens after its
