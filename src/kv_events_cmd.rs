@@ -80,20 +80,9 @@ fn format_name(f: StreamFormat) -> &'static str {
     }
 }
 
-/// Largest event stream read (it is decoded from memory): recordings of hours of a busy
-/// engine are a few hundred MB (10 M events take about 100 MB of msgpack).
-const MAX_EVENT_STREAM_BYTES: u64 = 1 << 30;
-
 pub fn run(args: KvEventsArgs) -> Result<ExitCode, String> {
     let path = &args.file;
-    let mut input = gpumem_traces::read::open(path).map_err(|e| e.to_string())?;
-    let bytes = gpumem_traces::read::read_capped(
-        &mut *input,
-        path,
-        MAX_EVENT_STREAM_BYTES,
-        "MAX_EVENT_STREAM_BYTES",
-    )
-    .map_err(|e| e.to_string())?;
+    let bytes = gpumem_traces::kv_events::read_stream(path).map_err(|e| e.to_string())?;
     if bytes.is_empty() {
         return Err(format!("{}: the stream holds no event", path.display()));
     }

@@ -35,4 +35,6 @@ pub use decode::{
     EventMeta, StreamFormat, StreamInfo, TimedEvent, MAX_HASH_BYTES, MAX_VALUES_PER_BATCH,
 };
 pub use gpumem_core::kv::index::{CacheIndex, EventHash, KvCacheEvent, MediumSummary, MAX_MEDIA};
-pub use import::{import_bytes, import_bytes_as, import_file, KvEventsReport};
+pub use import::{
+    import_bytes, import_bytes_as, import_file, read_stream, KvEventsReport, MAX_EVENT_STREAM_BYTES,
+};

@@ -35,10 +35,15 @@ use crate::pickle::{self, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Reads a snapshot pickle from a file.
+/// Reads a snapshot pickle from a file, at most `MAX_SNAPSHOT_BYTES` (named in the error).
 pub fn read(path: &Path) -> Result<AllocTrace, TraceError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))?;
+    let mut input = crate::read::open(path)?;
+    let bytes = crate::read::read_capped(
+        &mut *input,
+        path,
+        crate::MAX_SNAPSHOT_BYTES,
+        "MAX_SNAPSHOT_BYTES",
+    )?;
     parse_bytes(path, &bytes)
 }
 

@@ -119,10 +119,24 @@ pub fn import_bytes_as(
     Ok((index, report))
 }
 
+/// Largest event stream read (it is decoded from memory): recordings of hours of a busy
+/// engine are a few hundred MB (10 M events take about 100 MB of msgpack).
+pub const MAX_EVENT_STREAM_BYTES: u64 = 1 << 30;
+
+/// Reads a KV-event recording, at most [`MAX_EVENT_STREAM_BYTES`] (named in the error).
+pub fn read_stream(path: &Path) -> Result<Vec<u8>, TraceError> {
+    let mut input = crate::read::open(path)?;
+    crate::read::read_capped(
+        &mut *input,
+        path,
+        MAX_EVENT_STREAM_BYTES,
+        "MAX_EVENT_STREAM_BYTES",
+    )
+}
+
 /// Reads and imports a KV-event recording.
 pub fn import_file(path: &Path) -> Result<KvEventsReport, TraceError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| TraceError::in_file(path, format!("cannot read the file: {e}")))?;
+    let bytes = read_stream(path)?;
     import_bytes(path, &bytes).map(|(_, r)| r)
 }
 
