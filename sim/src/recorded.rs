@@ -767,14 +767,7 @@ impl Replay<'_> {
     /// `free_completed` entries come before it and are replayed already.)
     fn oom(&mut self, e: &RecordedEvent, released: bool) {
         self.out.ooms_recorded += 1;
-        let id = AllocId(self.next_id);
-        self.next_id += 1;
-        let req = AllocRequest {
-            id,
-            bytes: e.bytes,
-            stream: e.stream,
-            pinned: false,
-        };
+        let (id, req) = self.request(e.bytes, e.stream);
         let pool = if released { DEFAULT_POOL } else { PoolId::MAX };
         match self
             .caching
@@ -814,14 +807,7 @@ impl Replay<'_> {
         // An address allocated again without a free in between: the earlier block was freed
         // where the recording does not show it; it stays live in the simulation.
         self.ids.remove(&e.address);
-        let id = AllocId(self.next_id);
-        self.next_id += 1;
-        let req = AllocRequest {
-            id,
-            bytes: e.bytes,
-            stream: e.stream,
-            pinned: false,
-        };
+        let (id, req) = self.request(e.bytes, e.stream);
         self.out.allocs += 1;
         let at = if retry {
             self.retry_alloc(run, req, pool)
@@ -864,14 +850,7 @@ impl Replay<'_> {
         for s in &self.device.segments {
             for b in s.blocks.iter().filter(|b| b.live()) {
                 self.caching.set_address_hints(hints.clone());
-                let id = AllocId(self.next_id);
-                self.next_id += 1;
-                let req = AllocRequest {
-                    id,
-                    bytes: b.requested_bytes,
-                    stream: s.stream,
-                    pinned: false,
-                };
+                let (id, req) = self.request(b.requested_bytes, s.stream);
                 self.out.allocs += 1;
                 match self.caching.alloc_in(req, s.pool, &mut self.mem) {
                     Ok(at) => {
@@ -891,6 +870,19 @@ impl Replay<'_> {
     }
 
     /// Collects the segment events the simulation made for trace entry `entry`.
+    /// The next allocation id, and a request of `bytes` on `stream` under it.
+    fn request(&mut self, bytes: u64, stream: u32) -> (AllocId, AllocRequest) {
+        let id = AllocId(self.next_id);
+        self.next_id += 1;
+        let req = AllocRequest {
+            id,
+            bytes,
+            stream,
+            pinned: false,
+        };
+        (id, req)
+    }
+
     fn drain(&mut self, entry: u64) {
         let mut made = std::mem::take(&mut self.pending_events);
         made.extend(self.caching.take_segment_events());
