@@ -8,12 +8,14 @@
 //! (`caching` empties its cache when a reservation is refused) is credited back; the bench
 //! checks that the strategy alone refuses exactly the requests the full replay refuses.
 
+mod common;
+use common::CapacityOnly;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gpumem_core::alloc::{build, AllocConfig, AllocRequest, Strategy, GIB};
 use gpumem_core::books::Books;
-use gpumem_core::decision::{AllocId, Decision, Refusal};
+use gpumem_core::decision::AllocId;
 use gpumem_core::digest::Digest;
-use gpumem_core::executor::Executor;
 use gpumem_sim::{replay, AllocCostModel, ReplayConfig, SimExecutor};
 use gpumem_traces::generate::{occupancy, OccupancyParams};
 use gpumem_traces::{AllocTrace, OpKind};
@@ -35,29 +37,6 @@ fn config() -> AllocConfig {
     AllocConfig {
         capacity_bytes: GIB,
         ..AllocConfig::default()
-    }
-}
-
-/// Only what a strategy needs to be told: whether a reservation fits. Its books see segments
-/// and mappings only (no per-allocation bookkeeping) and it keeps no digest, so that the
-/// strategy's own cost shows.
-struct CapacityOnly {
-    books: Books,
-    digest: Digest,
-}
-
-impl Executor for CapacityOnly {
-    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-        match d {
-            Decision::Place { .. } | Decision::Free { .. } | Decision::Move { .. } => Ok(()),
-            _ => self.books.apply(d),
-        }
-    }
-    fn books(&self) -> &Books {
-        &self.books
-    }
-    fn digest(&self) -> &Digest {
-        &self.digest
     }
 }
 

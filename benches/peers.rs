@@ -12,6 +12,9 @@
 //! Not a criterion benchmark: the figure wanted is a ratio between allocators measured in the
 //! same process under the same load, and the refusal rates beside it.
 
+mod common;
+use common::CapacityOnly;
+
 use std::hint::black_box;
 
 use gpumem_core::alloc::buddy::Buddy;
@@ -19,9 +22,8 @@ use gpumem_core::alloc::fit::{FitAllocator, FitPolicy};
 use gpumem_core::alloc::tlsf::Tlsf;
 use gpumem_core::alloc::{AllocConfig, AllocRequest, Allocate, Strategy, GIB, KIB, MIB};
 use gpumem_core::books::Books;
-use gpumem_core::decision::{AllocId, Decision, Refusal};
+use gpumem_core::decision::AllocId;
 use gpumem_core::digest::Digest;
-use gpumem_core::executor::Executor;
 use gpumem_sim::{replay, AllocCostModel, ReplayConfig, SimExecutor};
 use gpumem_traces::generate::{occupancy, OccupancyParams};
 use gpumem_traces::{AllocTrace, OpKind};
@@ -164,26 +166,6 @@ impl<A: Allocate> Peer for Gpumem<A> {
     }
     fn free(&mut self, id: AllocId, _: u32) {
         self.a.free(id, &mut self.mem)
-    }
-}
-
-struct CapacityOnly {
-    books: Books,
-    digest: Digest,
-}
-
-impl Executor for CapacityOnly {
-    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-        match d {
-            Decision::Place { .. } | Decision::Free { .. } | Decision::Move { .. } => Ok(()),
-            _ => self.books.apply(d),
-        }
-    }
-    fn books(&self) -> &Books {
-        &self.books
-    }
-    fn digest(&self) -> &Digest {
-        &self.digest
     }
 }
 
