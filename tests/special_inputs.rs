@@ -52,7 +52,9 @@ fn endless_and_odd_files_are_clear_errors_for_alloc_and_kv_events() {
             &["alloc", "--trace", "/dev/zero"],
             &["/dev/zero:1", "limit"],
         ),
-        (&["alloc", "--trace", "/dev/urandom"], &["/dev/urandom:1"]),
+        // Random bytes are read as JSON Lines (an error on line 1) or, when the first byte is
+        // a pickle's, as a snapshot (an error at a byte offset of the first megabyte).
+        (&["alloc", "--trace", "/dev/urandom"], &["/dev/urandom:"]),
         (
             &["alloc", "--trace", "/dev/null"],
             &["/dev/null: the trace holds no operation"],
@@ -73,6 +75,28 @@ fn endless_and_odd_files_are_clear_errors_for_alloc_and_kv_events() {
         assert_clean_error(&out, mentions);
         // A folder's error has no line: nothing was read.
         assert!(!stderr(&out).contains("/:1:"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn a_stream_that_starts_like_a_pickle_is_refused_without_reading_it_all() {
+    // A pickle's first byte, then an unknown opcode, then more than the probe: refused at the
+    // opcode, from the first megabyte (2 MiB written; the rest is never needed).
+    let mut input = vec![0x80, 4, 0xff];
+    input.resize(2 << 20, 0);
+    for args in [
+        &["alloc", "--trace", "-"][..],
+        &[
+            "alloc",
+            "--trace",
+            "-",
+            "--strategy",
+            "caching",
+            "--compare-segments",
+        ][..],
+    ] {
+        let out = with_stdin(args, &input);
+        assert_clean_error(&out, &["byte 2", "unknown opcode 0xff"]);
     }
 }
 

@@ -47,7 +47,7 @@ pub fn load_alloc_trace(path: &Path) -> Result<AllocTrace, TraceError> {
     let mut input = read::open(path)?;
     let head = read::peek(&mut *input, path)?;
     let trace = if looks_like_pickle(&head) {
-        let bytes = read::read_capped(&mut *input, path, MAX_SNAPSHOT_BYTES, "MAX_SNAPSHOT_BYTES")?;
+        let bytes = torch::read_snapshot_bytes(&mut *input, path)?;
         torch::parse_bytes(path, &bytes)?
     } else {
         if let Some(kind) = serving_trace_kind(&head) {

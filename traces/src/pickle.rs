@@ -128,6 +128,14 @@ pub struct PickleError {
     pub reason: String,
 }
 
+impl PickleError {
+    /// Whether the input ended before the pickle did (every such reason starts "truncated at
+    /// byte"): more input might parse, unlike any other error.
+    pub fn is_truncation(&self) -> bool {
+        self.reason.starts_with("truncated at byte")
+    }
+}
+
 impl fmt::Display for PickleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "byte {}: {}", self.offset, self.reason)

@@ -38,12 +38,7 @@ use std::path::Path;
 /// Reads a snapshot pickle from a file, at most `MAX_SNAPSHOT_BYTES` (named in the error).
 pub fn read(path: &Path) -> Result<AllocTrace, TraceError> {
     let mut input = crate::read::open(path)?;
-    let bytes = crate::read::read_capped(
-        &mut *input,
-        path,
-        crate::MAX_SNAPSHOT_BYTES,
-        "MAX_SNAPSHOT_BYTES",
-    )?;
+    let bytes = read_snapshot_bytes(&mut *input, path)?;
     parse_bytes(path, &bytes)
 }
 
@@ -51,6 +46,39 @@ pub fn read(path: &Path) -> Result<AllocTrace, TraceError> {
 pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<AllocTrace, TraceError> {
     let v = pickle::parse(bytes).map_err(|e| TraceError::from_pickle(path, e))?;
     from_value(path, &v)
+}
+
+/// How much of a snapshot is parsed before the rest is read: enough to refuse a stream that is
+/// no pickle (random bytes, a device) without reading `MAX_SNAPSHOT_BYTES` of it first.
+const SNAPSHOT_PROBE_BYTES: u64 = 1 << 20;
+
+/// The bytes of a snapshot pickle, at most `MAX_SNAPSHOT_BYTES` (named in the error). A prefix
+/// is parsed first: an error there that is not the prefix's end is reported at once.
+pub fn read_snapshot_bytes(
+    input: &mut dyn std::io::BufRead,
+    path: &Path,
+) -> Result<Vec<u8>, TraceError> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(&mut *input, SNAPSHOT_PROBE_BYTES),
+        &mut bytes,
+    )
+    .map_err(|e| TraceError::in_file(path, format!("cannot read the input: {e}")))?;
+    if bytes.len() as u64 == SNAPSHOT_PROBE_BYTES {
+        if let Err(e) = pickle::parse(&bytes) {
+            if !e.is_truncation() {
+                return Err(TraceError::from_pickle(path, e));
+            }
+        }
+        let rest = crate::read::read_capped(
+            input,
+            path,
+            crate::MAX_SNAPSHOT_BYTES - SNAPSHOT_PROBE_BYTES,
+            "MAX_SNAPSHOT_BYTES",
+        )?;
+        bytes.extend_from_slice(&rest);
+    }
+    Ok(bytes)
 }
 
 /// Converts an unpickled snapshot; `path` names the trace and its errors.

@@ -211,6 +211,7 @@ fn every_refused_opcode_is_named() {
     assert!(e.reason.contains("INST 'posix system'"), "{e}");
     let e = parse(&[0x80, 2, 0xff]).unwrap_err();
     assert_eq!(e.to_string(), "byte 2: unknown opcode 0xff");
+    assert!(!e.is_truncation());
 }
 
 #[test]
@@ -220,6 +221,7 @@ fn every_prefix_of_a_valid_pickle_is_an_error() {
         for n in 0..data.len() {
             let e = parse(&data[..n]).unwrap_err();
             assert!(e.reason.contains("truncated at byte"), "prefix {n}: {e}");
+            assert!(e.is_truncation(), "prefix {n}: {e}");
             assert!(
                 e.reason.contains(&format!("at byte {n}")),
                 "prefix {n}: {e}"

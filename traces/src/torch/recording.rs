@@ -100,12 +100,7 @@ pub struct Recording {
 /// Reads a snapshot pickle as a recording.
 pub fn read(path: &Path) -> Result<Recording, TraceError> {
     let mut input = crate::read::open(path)?;
-    let bytes = crate::read::read_capped(
-        &mut *input,
-        path,
-        crate::MAX_SNAPSHOT_BYTES,
-        "MAX_SNAPSHOT_BYTES",
-    )?;
+    let bytes = super::read_snapshot_bytes(&mut *input, path)?;
     if !crate::looks_like_pickle(&bytes) {
         return Err(TraceError::in_file(
             path,
