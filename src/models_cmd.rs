@@ -11,8 +11,8 @@ use gpumem_core::balance::Placement;
 use gpumem_core::offloader::OffloaderConfig;
 use gpumem_core::sleep::SleepLevel;
 use gpumem_sim::models::{
-    render_models_text, simulate_models, simulate_models_trace, trace_max_model_len, ModelChoice,
-    ModelMap, ModelsReport, ModelsSetup, ModelsWorkload, Policy, TraceArrivals, MAX_MODELS,
+    render_models_text, simulate_models, simulate_models_trace, ModelChoice, ModelMap,
+    ModelsReport, ModelsSetup, ModelsWorkload, Policy, TraceArrivals, MAX_MODELS,
 };
 use gpumem_sim::serve::profile::{GpuProfile, ModelProfile};
 use gpumem_sim::spec::Fraction;
@@ -212,9 +212,8 @@ fn run_trace(
     }
     let bytes_read = Rc::new(Cell::new(0));
     let stream = crate::kv_cmd::open_counted(path, args.format, args.limit, &bytes_read)?;
-    let max_model_len = trace_max_model_len(setup);
-    let mut arrivals = TraceArrivals::new(stream, &setup.models, &max_model_len, map.as_ref())
-        .map_err(|e| e.to_string())?;
+    let mut arrivals =
+        TraceArrivals::new(stream, &setup.models, map.as_ref()).map_err(|e| e.to_string())?;
     let total_bytes = std::fs::metadata(path)
         .ok()
         .filter(|m| m.is_file())

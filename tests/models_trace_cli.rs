@@ -460,11 +460,38 @@ fn a_prompt_longer_than_its_model_takes_is_refused_with_its_line() {
     );
     let trace = write(&dir, "long-prompt.jsonl", &text);
     let t = trace.to_str().unwrap();
+    // The default 4 GiB KV pool holds 32752 tokens, less than the profile's 32768.
     let out = gpumem(&["models", "--trace", t, "--models", "mistral-7b"]);
     assert_clean_error(
         &out,
-        &[&format!("{t}:2:"), "40000 tokens", "mistral-7b", "32768"],
+        &[
+            &format!("{t}:2:"),
+            "40000 tokens",
+            "mistral-7b",
+            "max_model_len 32752",
+        ],
     );
+    let out = gpumem(&[
+        "models",
+        "--trace",
+        t,
+        "--models",
+        "mistral-7b",
+        "--kv-cache-gib",
+        "8",
+    ]);
+    assert_clean_error(&out, &[&format!("{t}:2:"), "max_model_len 32768"]);
+    // Within the limit, it is served.
+    let short = write(&dir, "short.jsonl", &text.replace("40000", "30000"));
+    let r = run_json(&[
+        "models",
+        "--trace",
+        short.to_str().unwrap(),
+        "--models",
+        "mistral-7b",
+        "--json",
+    ]);
+    assert_eq!(r["requests_finished"].as_u64(), Some(2));
 }
 
 #[test]
@@ -485,7 +512,8 @@ fn kv_ignores_the_model_field_byte_for_byte() {
     let kv = |p: &Path| {
         let out = gpumem(&["kv", "--trace", p.to_str().unwrap(), "--json"]);
         assert!(out.status.success(), "{}", stderr(&out));
-        (out.stdout, stderr(&out))
+        let err = stderr(&out);
+        (out.stdout, err)
     };
     let (ja, ea) = kv(&a);
     let (jb, eb) = kv(&b);

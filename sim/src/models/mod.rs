@@ -29,7 +29,7 @@ use gpumem_core::sleep::SleepLevel;
 
 use crate::serve::profile::{GpuProfile, ModelProfile};
 
-pub use driver::{simulate_models, simulate_models_trace, trace_max_model_len};
+pub use driver::{simulate_models, simulate_models_trace};
 pub use report::{render_models_text, ModelsReport};
 pub use trace::{ModelMap, TraceArrivals};
 pub use workload::{ModelsWorkload, MAX_MODELS};

@@ -104,11 +104,11 @@ pub struct TraceArrivals<'a> {
 
 impl<'a> TraceArrivals<'a> {
     /// The requests of `stream` (not read from yet) for `models`, each prompt shorter than
-    /// its model's `max_model_len` (`max_model_len[i]` for model `i`).
+    /// its model's `max_model_len` ([`set_max_model_len`](Self::set_max_model_len); the
+    /// driver sets it).
     pub fn new(
         mut stream: RequestStream<'a>,
         models: &[ModelChoice],
-        max_model_len: &[u64],
         map: Option<&ModelMap>,
     ) -> Result<Self, ServeError> {
         if !stream.read_models() {
@@ -127,12 +127,18 @@ impl<'a> TraceArrivals<'a> {
             stream,
             models: models
                 .iter()
-                .zip(max_model_len)
-                .map(|(m, &len)| (m.name.clone(), len))
+                .map(|m| (m.name.clone(), m.profile.max_model_len))
                 .collect(),
             map,
             failed: false,
         })
+    }
+
+    /// Model `i` takes prompts shorter than `max_model_len[i]`.
+    pub fn set_max_model_len(&mut self, max_model_len: Vec<u64>) {
+        for ((_, len), new) in self.models.iter_mut().zip(max_model_len) {
+            *len = new;
+        }
     }
 
     /// Warnings of the stream so far (ignored fields, skipped rows).
@@ -193,8 +199,8 @@ impl<'a> TraceArrivals<'a> {
         let len = r.prompt.len();
         if len >= *max_model_len {
             return Err(at(format!(
-                "the prompt has {len} tokens, but model {name} takes at most {} (max_model_len {max_model_len})",
-                max_model_len - 1
+                "the prompt has {len} tokens, but model {name} takes at most {} (max_model_len {max_model_len}: its profile's, or what its KV pool holds if less)",
+                max_model_len.saturating_sub(1)
             )));
         }
         if r.arrival_us > MAX_CLOCK_US {
