@@ -68,7 +68,8 @@ detected from the first line when --format is not given):
 A request's model must equal one of --models exactly, NAME or NAME@TAG (with --model-map: be
 one of the map's keys), and be at most 256 bytes (MAX_MODEL_NAME_BYTES); a request naming
 another, or none, stops the run with its file and line. A prompt must be shorter than its
-model's max_model_len. The trace is read one request at a time, so it may be large or a pipe
+model's max_model_len (its profile's, or what its KV pool holds if less). The trace is read
+one request at a time, so it may be large or a pipe
 (-: standard input); `gpumem kv` reads the same files and ignores the model field.")]
 pub struct ModelsArgs {
     /// Comma-separated models, NAME or NAME@TAG.
