@@ -521,3 +521,47 @@ fn kv_ignores_the_model_field_byte_for_byte() {
     assert!(!ea.contains("model"), "no warning about the field: {ea}");
     assert_eq!(ea, eb);
 }
+
+#[test]
+fn the_trace_is_streamed_limit_stops_reading_and_a_pipe_works() {
+    let dir = scratch_dir();
+    let n = 30;
+    let good = conformance(n, |i| model_of(i).into());
+    // Past the first n requests, a line that would stop any reader that got to it.
+    let trace = write(&dir, "tail.jsonl", &format!("{good}{{not json\n"));
+    let t = trace.to_str().unwrap();
+    let limit = n.to_string();
+    let r = run_json(&[
+        "models", "--trace", t, "--models", FIVE, "--limit", &limit, "--json",
+    ]);
+    assert_eq!(per_model(&r), counts((0..n).map(model_of)));
+    let out = gpumem(&["models", "--trace", t, "--models", FIVE]);
+    assert_clean_error(&out, &[&format!("{t}:{}:", n + 1)]);
+
+    // Standard input, read once: the same report as the file.
+    let plain = write(&dir, "plain.jsonl", &good);
+    let file = gpumem(&[
+        "models",
+        "--trace",
+        plain.to_str().unwrap(),
+        "--models",
+        FIVE,
+        "--json",
+    ]);
+    assert!(file.status.success(), "{}", stderr(&file));
+    let piped = std::process::Command::new(env!("CARGO_BIN_EXE_gpumem"))
+        .args(["models", "--trace", "-", "--models", FIVE, "--json"])
+        .stdin(std::fs::File::open(&plain).unwrap())
+        .output()
+        .unwrap();
+    assert!(piped.status.success(), "{}", stderr(&piped));
+    assert_eq!(piped.stdout, file.stdout);
+}
+
+#[test]
+fn a_shared_mooncake_trace_without_model_fields_is_refused_at_its_first_line() {
+    let p = common::mooncake_conversation();
+    let t = p.to_str().unwrap();
+    let out = gpumem(&["models", "--trace", t, "--limit", "100"]);
+    assert_clean_error(&out, &[&format!("{t}:1:"), "names no model"]);
+}
