@@ -725,7 +725,13 @@ fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) 
     }
     out.push('\n');
     out.push_str(&render_table(report));
-    let unknown = report.results.first().map_or(0, |r| r.unknown_frees);
+    out.push_str(&render_starts(report));
+    // Counted by the strategies that started empty (the same count for each).
+    let unknown = report
+        .results
+        .iter()
+        .find(|r| r.start.as_ref().is_none_or(|s| s.start != "recorded"))
+        .map_or(0, |r| r.unknown_frees);
     if unknown > 0 {
         out.push_str(&format!(
             "\n{unknown} frees name allocations made before the recording started; they are counted, not replayed.\n"
@@ -749,6 +755,42 @@ fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) 
         }
     }
     out.push_str(&render_pressure(report, config));
+    out
+}
+
+/// Where each strategy's replay of a torch snapshot started: the recorded state before its
+/// first event, or empty (and why); the strategies that are not PyTorch's on one line.
+fn render_starts(report: &AllocReport) -> String {
+    use gpumem_sim::recorded::OTHER_STRATEGY_STARTS_EMPTY;
+    use gpumem_sim::report::human_bytes;
+    let mut out = String::new();
+    let mut others = Vec::new();
+    for r in &report.results {
+        let Some(s) = &r.start else { continue };
+        match s.start_reason.as_deref() {
+            None => out.push_str(&format!(
+                "\n{}: started from the recorded state before the first event ({} segments, {} live blocks, {} reserved)",
+                r.strategy,
+                s.start_segments,
+                s.start_live_blocks,
+                human_bytes(s.start_reserved_bytes)
+            )),
+            Some(OTHER_STRATEGY_STARTS_EMPTY) => others.push(r.strategy),
+            Some(reason) => out.push_str(&format!("\n{}: started empty: {reason}", r.strategy)),
+        }
+        for note in &s.start_notes {
+            out.push_str(&format!("\n  note: {note}"));
+        }
+    }
+    if !others.is_empty() {
+        out.push_str(&format!(
+            "\n{}: started empty ({OTHER_STRATEGY_STARTS_EMPTY})",
+            others.join(", ")
+        ));
+    }
+    if !out.is_empty() {
+        out.push('\n');
+    }
     out
 }
 

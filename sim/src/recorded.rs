@@ -47,6 +47,7 @@ use gpumem_core::executor::Ledger;
 use gpumem_traces::torch::recording::{
     Action, BlockState, DeviceRecording, RecordedEvent, Recording, SnapshotSegment,
 };
+use gpumem_traces::{AllocOp, AllocTrace, TraceSource};
 use serde::Serialize;
 
 /// One device's comparison.
@@ -147,18 +148,148 @@ struct Replay<'a> {
     out: DeviceComparison,
 }
 
+/// Whether a device's trace changes its allocator's state (else the final segments are the
+/// state throughout).
+fn changes_state(device: &DeviceRecording) -> bool {
+    device.events.iter().any(|e| {
+        matches!(
+            e.action,
+            Action::Alloc | Action::FreeRequested | Action::FreeCompleted | Action::Segment(_)
+        )
+    })
+}
+
+/// Where a replay of a torch snapshot started (JSON: flattened into the strategy's result).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StartReport {
+    /// `recorded` (the state before the recording's first event) or `empty`.
+    pub start: &'static str,
+    /// Why an empty start: the strategy models no recording, or the recording cannot be
+    /// restored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_reason: Option<String>,
+    /// Segments (virtual ranges of expandable segments) and live blocks restored.
+    pub start_segments: u64,
+    pub start_live_blocks: u64,
+    /// Bytes the restored segments hold physically.
+    pub start_reserved_bytes: u64,
+    /// What the rebuilt state could not hold (inconsistent recordings); the replay went on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub start_notes: Vec<String>,
+}
+
+impl StartReport {
+    fn empty(reason: String) -> Self {
+        StartReport {
+            start: "empty",
+            start_reason: Some(reason),
+            start_segments: 0,
+            start_live_blocks: 0,
+            start_reserved_bytes: 0,
+            start_notes: Vec::new(),
+        }
+    }
+}
+
+/// How a replay of a torch snapshot starts: the report, and for a recorded start the state
+/// to restore and the ops to replay from it.
+pub struct PlannedStart<'t> {
+    pub report: StartReport,
+    pub state: Option<StartState>,
+    /// The end of every address the recording names: new segments go above it.
+    pub address_floor: u64,
+    /// The ops to replay instead of the trace's (a state-only trace started from the state
+    /// before its events replays those events).
+    pub ops: Option<&'t [AllocOp]>,
+}
+
+/// Why only the caching strategies start from a recording.
+pub const OTHER_STRATEGY_STARTS_EMPTY: &str =
+    "only the caching strategies model the allocator whose state the snapshot recorded";
+
+/// How a replay of `trace` starts, for an allocator `caching` (holding nothing; `None` for the
+/// strategies that are not PyTorch's) with `capacity_bytes`: `None` for a trace that is no
+/// torch snapshot (it starts empty, as always). `caching` and `caching-expandable` start from
+/// the state before the recording's first event, rebuilt as `--compare-segments` rebuilds it,
+/// when the recording's segments are of the allocator's kind (expandable or not) and the
+/// state fits the capacity; every other case starts empty, with the reason.
+pub fn plan_start<'t>(
+    trace: &'t AllocTrace,
+    caching: Option<&Caching>,
+    capacity_bytes: u64,
+) -> Option<PlannedStart<'t>> {
+    let held = trace.recording.as_deref()?;
+    let empty = |reason: String| PlannedStart {
+        report: StartReport::empty(reason),
+        state: None,
+        address_floor: 0,
+        ops: None,
+    };
+    let Some(caching) = caching else {
+        return Some(empty(OTHER_STRATEGY_STARTS_EMPTY.into()));
+    };
+    let recording = match held {
+        Ok(r) => r,
+        Err(e) => return Some(empty(e.clone())),
+    };
+    let device = &recording.device;
+    let ops =
+        match (trace.source, recording.event_ops.as_deref()) {
+            (TraceSource::TorchState, _) if !changes_state(device) => return Some(empty(
+                "the snapshot records no event that changes the allocator: its live blocks are \
+                 allocated from nothing, in address order"
+                    .into(),
+            )),
+            (TraceSource::TorchState, Some(ops)) => Some(ops),
+            _ => None,
+        };
+    let recorded_expandable = device.segments.iter().any(|s| s.expandable)
+        || device.events.iter().any(|e| {
+            matches!(
+                e.action,
+                Action::Segment(SegmentEventKind::Map | SegmentEventKind::Unmap)
+            )
+        });
+    let expandable = caching.settings().expandable_segments;
+    if recorded_expandable != expandable {
+        let kind = |e: bool| if e { "expandable" } else { "not expandable" };
+        return Some(empty(format!(
+            "the recording's segments are {}, this replay's are {}",
+            kind(recorded_expandable),
+            kind(expandable)
+        )));
+    }
+    let state = start_state(device, caching);
+    // Tried on books of the capacity first: a state that does not fit starts empty, and the
+    // executor never sees half of it.
+    let mut trial = caching.clone();
+    let mut books = Ledger::new(Books::new(capacity_bytes));
+    if let Err(e) = trial.restore(&state.segments, &mut books) {
+        return Some(empty(format!("the recorded state cannot be restored: {e}")));
+    }
+    let report = StartReport {
+        start: "recorded",
+        start_reason: None,
+        start_segments: state.segments.len() as u64,
+        start_live_blocks: state.ids.len() as u64,
+        start_reserved_bytes: state.reserved_bytes(),
+        start_notes: state.notes.clone(),
+    };
+    Some(PlannedStart {
+        report,
+        state: Some(state),
+        address_floor: highest_address(device),
+        ops,
+    })
+}
+
 /// One device's replay and comparison.
 pub fn compare_device(
     device: &DeviceRecording,
     config: &AllocConfig,
     settings: &CachingSettings,
 ) -> DeviceComparison {
-    let changes_state = device.events.iter().any(|e| {
-        matches!(
-            e.action,
-            Action::Alloc | Action::FreeRequested | Action::FreeCompleted | Action::Segment(_)
-        )
-    });
+    let changes_state = changes_state(device);
     let has_alloc = device.events.iter().any(|e| e.action == Action::Alloc);
     let from_empty = (!has_alloc).then(|| replay_device(device, config, settings, false));
     if !changes_state {
@@ -275,14 +406,90 @@ struct StartBlock {
     pending: bool,
 }
 
-impl Replay<'_> {
-    /// Undoes the trace against the final segments, then restores the state it finds.
-    fn restore(&mut self) {
+/// The state before a recording's first event, rebuilt from its final segments by undoing its
+/// events; the live blocks have ids 0, 1, … in address order.
+#[derive(Clone, Debug, Default)]
+pub struct StartState {
+    /// Segments (whole virtual ranges for expandable segments), for [`Caching::restore`].
+    pub segments: Vec<RestoredSegment>,
+    /// Every live block's address and id.
+    pub ids: BTreeMap<u64, AllocId>,
+    /// Live blocks whose free was requested before the recording (`active_pending_free`).
+    pub pending: Vec<AllocId>,
+    /// What the rebuilt state could not hold (inconsistent recordings).
+    pub notes: Vec<String>,
+}
+
+impl StartState {
+    /// Bytes the segments hold physically (mapped bytes of expandable ones).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| {
+                s.blocks
+                    .iter()
+                    .filter(|b| !matches!(b, RestoredBlock::Unmapped { .. }))
+                    .map(RestoredBlock::bytes)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Every live block: address, id and requested bytes, in address order.
+    pub fn live_blocks(&self) -> Vec<(u64, AllocId, u64)> {
+        let mut out = Vec::new();
+        for s in &self.segments {
+            let mut at = s.address;
+            for b in &s.blocks {
+                if let RestoredBlock::Live {
+                    id,
+                    requested_bytes,
+                    ..
+                } = *b
+                {
+                    out.push((at, id, requested_bytes));
+                }
+                at += b.bytes();
+            }
+        }
+        out
+    }
+}
+
+/// Rebuilds the state of `device`'s allocator before its first event; `caching` (holding
+/// nothing, with the replay's settings) rounds the requests of blocks put back.
+pub fn start_state(device: &DeviceRecording, caching: &Caching) -> StartState {
+    let mut b = Rebuild {
+        caching,
+        ids: BTreeMap::new(),
+        next_id: 0,
+        pending: Vec::new(),
+    };
+    let mut notes = Notes::default();
+    let segments = b.undo(device, &mut notes);
+    StartState {
+        segments,
+        ids: b.ids,
+        pending: b.pending,
+        notes: notes.finish(),
+    }
+}
+
+/// Live blocks get ids as the segments are tiled.
+struct Rebuild<'a> {
+    caching: &'a Caching,
+    ids: BTreeMap<u64, AllocId>,
+    next_id: u64,
+    pending: Vec<AllocId>,
+}
+
+impl Rebuild<'_> {
+    /// Undoes the trace against the final segments: the segments before its first event.
+    fn undo(&mut self, device: &DeviceRecording, notes: &mut Notes) -> Vec<RestoredSegment> {
         let mut ranges: BTreeMap<u64, Range> = BTreeMap::new();
         let mut live: BTreeMap<u64, StartBlock> = BTreeMap::new();
-        let mut notes = Notes::default();
-        for s in &self.device.segments {
-            add_range(&mut ranges, s.address, range_of(s), &mut notes);
+        for s in &device.segments {
+            add_range(&mut ranges, s.address, range_of(s), notes);
             for b in s.blocks.iter().filter(|b| b.live()) {
                 live.insert(
                     b.address,
@@ -294,7 +501,7 @@ impl Replay<'_> {
                 );
             }
         }
-        for e in self.device.events.iter().rev() {
+        for e in device.events.iter().rev() {
             match e.action {
                 Action::Alloc => {
                     if live.remove(&e.address).is_none() {
@@ -345,15 +552,30 @@ impl Replay<'_> {
                         size_pool,
                         expandable,
                     };
-                    add_range(&mut ranges, e.address, range, &mut notes);
+                    add_range(&mut ranges, e.address, range, notes);
                 }
                 Action::Segment(_) => {
-                    remove_range(&mut ranges, e.address, e.bytes, &mut notes, e.index);
+                    remove_range(&mut ranges, e.address, e.bytes, notes, e.index);
                 }
                 Action::Oom | Action::Other => {}
             }
         }
-        let segments = self.start_segments(&ranges, &mut live, &mut notes);
+        self.start_segments(&ranges, &mut live, notes)
+    }
+}
+
+impl Replay<'_> {
+    /// Restores the state before the first event.
+    fn restore(&mut self) {
+        let start = start_state(self.device, &self.caching);
+        let mut notes = Notes {
+            kept: start.notes,
+            more: 0,
+        };
+        self.ids = start.ids;
+        self.next_id = self.ids.len() as u64;
+        self.pending_at_start = start.pending;
+        let segments = start.segments;
         self.out.restored_segments = segments.len() as u64;
         self.out.restored_blocks = self.ids.len() as u64;
         if let Err(e) = self.caching.restore(&segments, &mut self.mem) {
@@ -477,7 +699,7 @@ fn remove_range(
     }
 }
 
-impl Replay<'_> {
+impl Rebuild<'_> {
     /// The segments to restore: every plain segment, and the mapped ranges of each expandable
     /// segment gathered into its virtual range; live blocks get allocation ids.
     fn start_segments(
@@ -590,7 +812,7 @@ impl Replay<'_> {
             self.next_id += 1;
             self.ids.insert(address, id);
             if b.pending {
-                self.pending_at_start.push(id);
+                self.pending.push(id);
             }
             blocks.push(RestoredBlock::Live {
                 bytes,
@@ -622,7 +844,9 @@ impl Replay<'_> {
             rounded
         }
     }
+}
 
+impl Replay<'_> {
     /// The private pool of the final segment holding `address` (the default pool if none).
     fn pool_at_end(&self, address: u64) -> PoolId {
         let segs = &self.device.segments;
