@@ -33,7 +33,10 @@ use crate::units::parse_bytes;
 Trace formats: PyTorch memory snapshots (torch.cuda.memory._dump_snapshot pickles; alloc and
 free_completed events are replayed, a segment_free with no allocation behind it is an
 empty_cache; the caching strategies take the snapshot's allocator_settings, then
---pytorch-alloc-conf) and gpumem's JSON Lines, one operation a line:
+--pytorch-alloc-conf, and start from the state before the recording's first event, rebuilt
+from its final segments as --compare-segments rebuilds it: the report's `start` says so, or
+why they started empty; the other strategies start empty) and gpumem's JSON Lines, one
+operation a line:
   {\"t_ns\": 1200, \"op\": \"alloc\", \"id\": 7, \"bytes\": 4096, \"stream\": 0}
   {\"t_ns\": 1900, \"op\": \"free\", \"id\": 7}
 
@@ -734,7 +737,7 @@ fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) 
         .map_or(0, |r| r.unknown_frees);
     if unknown > 0 {
         out.push_str(&format!(
-            "\n{unknown} frees name allocations made before the recording started; they are counted, not replayed.\n"
+            "\n{unknown} frees name allocations made before the recording started; the strategies that started empty count them, not replay them.\n"
         ));
     }
     for r in &report.results {
