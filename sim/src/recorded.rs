@@ -883,9 +883,16 @@ impl Replay<'_> {
             .iter()
             .skip_while(|e| !matches!(e.action, Action::Segment(kind) if kind.releases()))
             .any(|e| matches!(e.action, Action::Segment(kind) if !kind.releases()));
+        // With `max_split_size` a retry that released oversize blocks may then find room
+        // without reserving (an expandable segment's free block just before the pages it
+        // unmapped): releases with no reservation after them are that retry or an
+        // `empty_cache`, told apart by where the request landed.
+        let released_only = !reserves_after
+            && !releases.is_empty()
+            && self.caching.settings().max_split_bytes.is_some();
         let retry = match next {
             Some(n) if n.action == Action::Oom => true,
-            Some(n) if n.action == Action::Alloc => reserves_after,
+            Some(n) if n.action == Action::Alloc => reserves_after || released_only,
             _ => false,
         };
         let releases = if retry { releases } else { Vec::new() };
@@ -932,19 +939,28 @@ impl Replay<'_> {
     /// A request whose retry released and reserved what `run` shows. How many reservations the
     /// device refused is not recorded: one (then everything is released), or with
     /// `max_split_size` one (only oversize blocks released) or two; and the releases may have been
-    /// an `empty_cache` just before the request. The first reading whose segment events are the
-    /// recorded ones is kept, else the first.
+    /// an `empty_cache` just before the request (tried first when nothing was reserved after
+    /// them). The first reading whose segment events are the recorded ones and whose block is at
+    /// the recorded `address` is kept, else the first whose events are, else the first.
     fn retry_alloc(
         &mut self,
         run: &[RecordedEvent],
         req: AllocRequest,
         pool: PoolId,
+        address: u64,
     ) -> Result<gpumem_core::decision::Loc, gpumem_core::alloc::AllocError> {
+        let reserves = run
+            .iter()
+            .any(|e| matches!(e.action, Action::Segment(kind) if !kind.releases()));
         let mut readings = vec![Some(1)];
         if self.caching.settings().max_split_bytes.is_some() {
             readings.push(Some(2));
         }
-        readings.push(None);
+        if reserves {
+            readings.push(None);
+        } else {
+            readings.insert(0, None);
+        }
         let wanted: Vec<(SegmentEventKind, u64, u64)> = run
             .iter()
             .filter_map(|e| match e.action {
@@ -953,6 +969,7 @@ impl Replay<'_> {
             })
             .collect();
         let mut first = None;
+        let mut same_events = None;
         for reading in readings {
             let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
             let at = match reading {
@@ -968,14 +985,21 @@ impl Replay<'_> {
                     .iter()
                     .zip(&wanted)
                     .all(|(m, w)| (m.kind, m.address, m.bytes) == *w);
+            let landed = at
+                .as_ref()
+                .is_ok_and(|&at| caching.address_of(at) == Some(address));
             let tried = (caching, mem, at, made);
-            if same {
-                first = Some(tried);
+            if same && landed {
+                same_events = Some(tried);
                 break;
             }
-            first.get_or_insert(tried);
+            if same {
+                same_events.get_or_insert(tried);
+            } else {
+                first.get_or_insert(tried);
+            }
         }
-        let (caching, mem, at, made) = first.expect("at least one reading");
+        let (caching, mem, at, made) = same_events.or(first).expect("at least one reading");
         self.caching = caching;
         self.mem = mem;
         self.pending_events = made;
@@ -1034,7 +1058,7 @@ impl Replay<'_> {
         let (id, req) = self.request(e.bytes, e.stream);
         self.out.allocs += 1;
         let at = if retry {
-            self.retry_alloc(run, req, pool)
+            self.retry_alloc(run, req, pool, e.address)
         } else {
             self.caching.alloc_in(req, pool, &mut self.mem)
         };
