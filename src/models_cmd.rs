@@ -1,6 +1,9 @@
 //! `gpumem models`: several models served from fewer GPUs, under one residency policy.
 
+use std::cell::Cell;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::rc::Rc;
 
 use clap::Args;
 
@@ -8,12 +11,13 @@ use gpumem_core::balance::Placement;
 use gpumem_core::offloader::OffloaderConfig;
 use gpumem_core::sleep::SleepLevel;
 use gpumem_sim::models::{
-    render_models_text, simulate_models, ModelChoice, ModelsSetup, ModelsWorkload, Policy,
-    MAX_MODELS,
+    render_models_text, simulate_models, simulate_models_trace, ModelChoice, ModelMap,
+    ModelsReport, ModelsSetup, ModelsWorkload, Policy, TraceArrivals, MAX_MODELS,
 };
 use gpumem_sim::serve::profile::{GpuProfile, ModelProfile};
 use gpumem_sim::spec::Fraction;
 use gpumem_traces::serving::import::parse_decimal;
+use gpumem_traces::serving::{WorkloadFormat, MAX_MODEL_NAME_BYTES};
 
 use crate::progress::Progress;
 
@@ -29,6 +33,10 @@ const DEFAULT_MODELS: &str = "llama-3.1-8b,qwen2.5-7b,mistral-7b,llama-3.1-8b@ft
   gpumem models --policy sleep --sleep-level 2    vLLM's sleep mode; weights reload from disk
   gpumem models --gpus 2 --placement balanced     models spread over two GPUs
   gpumem models --policy offloader --predict-horizon-ms 2000 --json
+  gpumem models --trace requests.jsonl --models llama-3.1-8b,llama-3.1-8b@ft1,qwen2.5-7b
+                                                  each request served by the model it names
+  gpumem models --trace BurstGPT_1.csv --limit 5000 --models llama-3.1-8b,qwen2.5-7b \\
+      --model-map ChatGPT=llama-3.1-8b,GPT-4=qwen2.5-7b
 
 Policies:
   static     every model resident all the time; refused when they do not fit
@@ -45,9 +53,24 @@ Offloading a model discards its KV cache (vLLM resets the prefix cache on sleep)
 one GPU take turns: their steps never overlap, and their loads share the host link.
 
 A model is NAME or NAME@TAG (a fine-tune: the same sizes, its own weights); names are the
-built-in profiles of `gpumem kv --model` or a profile file. The workload is the built-in
-seeded one of `gpumem kv`, each request given to a model by Zipf popularity (the first model
-most popular) in bursts (--burst percent of requests stay with the previous model).")]
+built-in profiles of `gpumem kv --model` or a profile file.
+
+Without --trace the workload is the built-in seeded one of `gpumem kv`, each request given to
+a model by Zipf popularity (the first model most popular) in bursts (--burst percent of
+requests stay with the previous model). With --trace, each request names its model (formats
+detected from the first line when --format is not given):
+  conformance   {\"id\", \"arrival_us\", \"prompt\": [tokens] | \"hash_ids\" + \"input_length\",
+                \"max_tokens\", \"model\": \"qwen2.5-7b@ft2\"}
+  mooncake      {\"timestamp\" (ms), \"input_length\", \"output_length\", \"hash_ids\" (512-token
+                blocks), \"model\": \"llama-3.1-8b\"}
+  burstgpt      CSV Timestamp,Model,Request tokens,Response tokens,... (failed requests skipped);
+                its Model column (ChatGPT, GPT-4) mapped by --model-map ChatGPT=M1,GPT-4=M2
+A request's model must equal one of --models exactly, NAME or NAME@TAG (with --model-map: be
+one of the map's keys), and be at most 256 bytes (MAX_MODEL_NAME_BYTES); a request naming
+another, or none, stops the run with its file and line. A prompt must be shorter than its
+model's max_model_len (its profile's, or what its KV pool holds if less). The trace is read
+one request at a time, so it may be large or a pipe
+(-: standard input); `gpumem kv` reads the same files and ignores the model field.")]
 pub struct ModelsArgs {
     /// Comma-separated models, NAME or NAME@TAG.
     #[arg(long, value_name = "LIST", default_value = DEFAULT_MODELS)]
@@ -99,20 +122,53 @@ pub struct ModelsArgs {
     #[arg(long, value_name = "LEVEL", default_value_t = 1)]
     sleep_level: u64,
 
+    /// Request trace whose requests name their model (see the formats below; -: standard
+    /// input). Without it the built-in seeded workload runs.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+
+    /// Trace format: conformance, mooncake, burstgpt [default: detected].
+    #[arg(long, value_name = "FORMAT", requires = "trace", value_parser = parse_format)]
+    format: Option<WorkloadFormat>,
+
+    /// Use only the first N requests of the trace.
+    #[arg(long, value_name = "N", requires = "trace")]
+    limit: Option<u64>,
+
+    /// The trace's model names mapped to --models, TRACE_NAME=MODEL,… (BurstGPT:
+    /// ChatGPT=llama-3.1-8b,GPT-4=qwen2.5-7b); every name in the trace must be a key.
+    #[arg(long, value_name = "MAP", requires = "trace")]
+    model_map: Option<String>,
+
     /// Requests of the built-in workload.
-    #[arg(long, value_name = "N", default_value_t = 400)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 400,
+        conflicts_with = "trace"
+    )]
     requests: u64,
 
-    /// Arrivals per second (Poisson), up to three decimals.
-    #[arg(long, value_name = "PER_S", default_value = "4")]
+    /// Arrivals per second (Poisson) of the built-in workload, up to three decimals.
+    #[arg(
+        long,
+        value_name = "PER_S",
+        default_value = "4",
+        conflicts_with = "trace"
+    )]
     rate: String,
 
-    /// Percent of requests that stay with the previous request's model.
-    #[arg(long, value_name = "PCT", default_value_t = 70)]
+    /// Percent of requests that stay with the previous request's model (built-in workload).
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 70,
+        conflicts_with = "trace"
+    )]
     burst: u32,
 
-    /// Seed of the workload.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the built-in workload.
+    #[arg(long, default_value_t = 0, conflicts_with = "trace")]
     seed: u64,
 
     /// Print one JSON object instead of the text report.
@@ -122,16 +178,72 @@ pub struct ModelsArgs {
 
 pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
     let (setup, workload) = resolve(&args)?;
-    let progress = Progress::with_unit(1, workload.requests, "requests");
-    let report = simulate_models(&setup, &workload, &mut |n| progress.update(0, n));
-    progress.finish();
-    let report = report.map_err(|e| e.to_string())?;
+    let report = match &args.trace {
+        None => {
+            let progress = Progress::with_unit(1, workload.requests, "requests");
+            let report = simulate_models(&setup, &workload, &mut |n| progress.update(0, n));
+            progress.finish();
+            report.map_err(|e| e.to_string())?
+        }
+        Some(path) => run_trace(&args, &setup, path)?,
+    };
     if args.json {
         crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
     } else {
         crate::output::print(&render_models_text(&report))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+// `--help` spells the limit out.
+const _: () = assert!(MAX_MODEL_NAME_BYTES == 256, "update the limit in --help");
+
+/// The run over `--trace`: read lazily, progress over its bytes (a pipe: none).
+fn run_trace(
+    args: &ModelsArgs,
+    setup: &ModelsSetup,
+    path: &std::path::Path,
+) -> Result<ModelsReport, String> {
+    let map = match &args.model_map {
+        Some(text) => Some(ModelMap::parse(text)?),
+        None => None,
+    };
+    if args.limit == Some(0) {
+        return Err("--limit 0: give at least one request".into());
+    }
+    let bytes_read = Rc::new(Cell::new(0));
+    let stream = crate::kv_cmd::open_counted(path, args.format, args.limit, &bytes_read)?;
+    let mut arrivals =
+        TraceArrivals::new(stream, &setup.models, map.as_ref()).map_err(|e| e.to_string())?;
+    let total_bytes = std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map_or(0, |m| m.len());
+    let progress = Progress::with_unit(1, total_bytes, "bytes");
+    let report = simulate_models_trace(setup, &mut arrivals, &mut |_| {
+        progress.update(0, bytes_read.get().min(total_bytes))
+    });
+    progress.finish();
+    let report = report.map_err(|e| e.to_string())?;
+    for w in arrivals.warnings() {
+        eprintln!("gpumem: warning: {}: {w}", arrivals.source());
+    }
+    Ok(report)
+}
+
+fn parse_format(s: &str) -> Result<WorkloadFormat, String> {
+    match WorkloadFormat::parse(s) {
+        Some(
+            f @ (WorkloadFormat::Conformance | WorkloadFormat::Mooncake | WorkloadFormat::BurstGpt),
+        ) => Ok(f),
+        Some(f) => Err(format!(
+            "a {} trace names no model; expected conformance, mooncake or burstgpt",
+            f.name()
+        )),
+        None => Err(format!(
+            "unknown format '{s}'; expected conformance, mooncake or burstgpt"
+        )),
+    }
 }
 
 fn resolve(args: &ModelsArgs) -> Result<(ModelsSetup, ModelsWorkload), String> {

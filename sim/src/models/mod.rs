@@ -20,6 +20,7 @@
 
 pub mod driver;
 pub mod report;
+pub mod trace;
 pub mod workload;
 
 use gpumem_core::balance::Placement;
@@ -28,8 +29,9 @@ use gpumem_core::sleep::SleepLevel;
 
 use crate::serve::profile::{GpuProfile, ModelProfile};
 
-pub use driver::simulate_models;
+pub use driver::{simulate_models, simulate_models_trace};
 pub use report::{render_models_text, ModelsReport};
+pub use trace::{ModelMap, TraceArrivals};
 pub use workload::{ModelsWorkload, MAX_MODELS};
 
 /// When models leave and enter the GPU.
