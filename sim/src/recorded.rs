@@ -20,7 +20,10 @@
 //!   (`record_stream`); `free_completed` → the block returns to its pool. A run of
 //!   `segment_free` / `segment_unmap` is a release: the OOM-retry release of the request it
 //!   precedes when a reservation follows it in the run (or an `oom` follows), else an
-//!   `empty_cache`. A retry is replayed as that request with the
+//!   `empty_cache` (with `max_split_size`, releases and no reservation before a request may
+//!   be a retry that then found room: the request's address tells). A `free_completed` between
+//!   a retry's releases is the retry's (`release_cached_blocks` completes pending frees) and
+//!   belongs to its run. A retry is replayed as that request with the
 //!   device refusing its first reservation (two with `max_split_size` when more than oversize
 //!   segments went); an `oom` is the request with every reservation refused, and the
 //!   simulation must fail it too. Segment events are compared, never applied.
@@ -373,6 +376,32 @@ fn replay_device(
     r.compare_events(&recorded);
     r.compare_final();
     r.out
+}
+
+/// Whether entry `k` is a `free_completed` that a request's retry made: PyTorch's
+/// `release_cached_blocks` completes the pending frees (`synchronize_and_free_events`) after
+/// `release_available_cached_blocks` released oversize blocks and before it releases the
+/// rest, so the entry lies between releases, and only releases, reservations and such entries
+/// lie between it and the request (`alloc` or `oom`). It belongs to the request's run: the
+/// retry replayed completes it. (A completion between an `empty_cache` and a request that
+/// reserves without releasing is the request's `process_events`, not a retry's.)
+fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
+    let segment_or_completion =
+        |e: &&RecordedEvent| matches!(e.action, Action::Segment(_) | Action::FreeCompleted);
+    events[k].action == Action::FreeCompleted
+        && events[..k]
+            .iter()
+            .rev()
+            .find(|e| e.action != Action::FreeCompleted)
+            .is_some_and(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
+        && events[k + 1..]
+            .iter()
+            .find(|e| !segment_or_completion(e))
+            .is_some_and(|e| matches!(e.action, Action::Alloc | Action::Oom))
+        && events[k + 1..]
+            .iter()
+            .take_while(segment_or_completion)
+            .any(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
 }
 
 /// The end of every address the recording names: synthetic addresses start above it.
@@ -862,13 +891,27 @@ impl Replay<'_> {
         let events = &self.device.events;
         let mut run_start = 0;
         for (k, e) in events.iter().enumerate() {
-            if matches!(e.action, Action::Segment(_)) {
+            if matches!(e.action, Action::Segment(_)) || completed_by_a_retry(events, k) {
                 continue;
             }
             self.settle(&events[run_start..k], Some(e));
             run_start = k + 1;
         }
         self.settle(&events[run_start..], None);
+    }
+
+    /// The `free_completed` entries of a run (see [`completed_by_a_retry`]) the replay of its
+    /// request did not complete itself: completed now.
+    fn complete_the_rest(&mut self, run: &[RecordedEvent]) {
+        for e in run.iter().filter(|e| e.action == Action::FreeCompleted) {
+            if let Some(&id) = self.ids.get(&e.address) {
+                if self.caching.holds(id) {
+                    self.ids.remove(&e.address);
+                    self.caching.free(id, &mut self.mem);
+                    self.drain(e.index);
+                }
+            }
+        }
     }
 
     /// Replays the run of segment events `run` (releases) and the entry after it.
@@ -902,6 +945,7 @@ impl Replay<'_> {
             retry,
         ) {
             // No request behind the release: `empty_cache`.
+            self.complete_the_rest(run);
             self.caching.empty_cache(&mut self.mem);
             self.out.releases_replayed += 1;
             self.drain(first.index);
@@ -913,12 +957,14 @@ impl Replay<'_> {
                     self.out.releases_replayed += 1;
                 }
                 self.alloc(run, e, retry);
+                self.complete_the_rest(run);
             }
             Action::Oom => {
                 if !releases.is_empty() {
                     self.out.releases_replayed += 1;
                 }
                 self.oom(e, !releases.is_empty());
+                self.complete_the_rest(run);
             }
             Action::FreeRequested => {
                 if let Some(&id) = self.ids.get(&e.address) {
