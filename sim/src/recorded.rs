@@ -23,7 +23,10 @@
 //!   `empty_cache` (with `max_split_size`, releases and no reservation before a request may
 //!   be a retry that then found room: the request's address tells). A `free_completed` between
 //!   a retry's releases is the retry's (`release_cached_blocks` completes pending frees) and
-//!   belongs to its run. A retry is replayed as that request with the
+//!   belongs to its run. With expandable segments a request maps run by run, so the device
+//!   may refuse a later run: a retry or an `oom` is also tried on a device that gives the
+//!   request what the recording shows it mapped before the releases. A retry is replayed as
+//!   that request with the
 //!   device refusing its first reservation (two with `max_split_size` when more than oversize
 //!   segments went); an `oom` is the request with every reservation refused, and the
 //!   simulation must fail it too. Segment events are compared, never applied.
@@ -46,7 +49,8 @@ use gpumem_core::alloc::caching::{
 use gpumem_core::alloc::{AllocConfig, AllocRequest, Allocate};
 use gpumem_core::books::Books;
 use gpumem_core::decision::AllocId;
-use gpumem_core::executor::Ledger;
+use gpumem_core::decision::{Decision, Refusal};
+use gpumem_core::executor::{Executor, Ledger};
 use gpumem_traces::torch::recording::{
     Action, BlockState, DeviceRecording, RecordedEvent, Recording, SnapshotSegment,
 };
@@ -404,6 +408,48 @@ fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
             .any(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
 }
 
+/// The device as a recording shows it during one request: it reserves or maps until the
+/// reserved bytes would pass `limit` (what it gave the request before it refused), then
+/// refuses; what the request's retry releases is free again.
+struct Budget<'a> {
+    inner: &'a mut Ledger,
+    limit: u64,
+}
+
+impl Executor for Budget<'_> {
+    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
+        let asks = match d {
+            Decision::Reserve { bytes, .. } | Decision::Map { bytes, .. } => bytes,
+            _ => 0,
+        };
+        if asks > 0 && self.inner.books.reserved_bytes().saturating_add(asks) > self.limit {
+            self.inner.record(d, Err(Refusal::Device));
+            return Err(Refusal::Device);
+        }
+        self.inner.apply(d)
+    }
+
+    fn books(&self) -> &Books {
+        self.inner.books()
+    }
+
+    fn digest(&self) -> &gpumem_core::digest::Digest {
+        self.inner.digest()
+    }
+}
+
+/// What the device gave a request before it refused, as `run` shows it: the bytes reserved or
+/// mapped before the first release; `None` when nothing was.
+fn given_before_refusal(run: &[RecordedEvent]) -> Option<u64> {
+    let given: u64 = run
+        .iter()
+        .take_while(|e| !matches!(e.action, Action::Segment(kind) if kind.releases()))
+        .filter(|e| matches!(e.action, Action::Segment(kind) if !kind.releases()))
+        .map(|e| e.bytes)
+        .sum();
+    (given > 0).then_some(given)
+}
+
 /// The end of every address the recording names: synthetic addresses start above it.
 fn highest_address(device: &DeviceRecording) -> u64 {
     let events = device
@@ -629,6 +675,17 @@ impl Replay<'_> {
         self.caching.take_segment_events();
         self.out.restore_notes = notes.finish();
     }
+}
+
+/// How a request's retry may have gone (the device's free memory is not recorded).
+#[derive(Clone, Copy)]
+enum Reading {
+    /// The first `n` reservations refused.
+    Refused(u32),
+    /// An `empty_cache` before the request, which then had room.
+    EmptyCache,
+    /// The device gave the request this many bytes, then refused.
+    Device(u64),
 }
 
 /// At most this many notes are kept; the rest are counted.
@@ -926,13 +983,15 @@ impl Replay<'_> {
             .iter()
             .skip_while(|e| !matches!(e.action, Action::Segment(kind) if kind.releases()))
             .any(|e| matches!(e.action, Action::Segment(kind) if !kind.releases()));
-        // With `max_split_size` a retry that released oversize blocks may then find room
-        // without reserving (an expandable segment's free block just before the pages it
-        // unmapped): releases with no reservation after them are that retry or an
-        // `empty_cache`, told apart by where the request landed.
+        // A retry may find room after its releases without reserving: with `max_split_size`
+        // an expandable segment's free block just before the oversize pages it unmapped, with
+        // expandable segments a free block (made by the frees the retry completed) before
+        // unmapped pages. So with either, releases with no reservation after them are that
+        // retry or an `empty_cache`, told apart by where the request landed.
+        let settings = self.caching.settings();
         let released_only = !reserves_after
             && !releases.is_empty()
-            && self.caching.settings().max_split_bytes.is_some();
+            && (settings.max_split_bytes.is_some() || settings.expandable_segments);
         let retry = match next {
             Some(n) if n.action == Action::Oom => true,
             Some(n) if n.action == Action::Alloc => reserves_after || released_only,
@@ -963,7 +1022,7 @@ impl Replay<'_> {
                 if !releases.is_empty() {
                     self.out.releases_replayed += 1;
                 }
-                self.oom(e, !releases.is_empty());
+                self.oom(run, e, !releases.is_empty());
                 self.complete_the_rest(run);
             }
             Action::FreeRequested => {
@@ -998,14 +1057,19 @@ impl Replay<'_> {
         let reserves = run
             .iter()
             .any(|e| matches!(e.action, Action::Segment(kind) if !kind.releases()));
-        let mut readings = vec![Some(1)];
+        let mut readings = vec![Reading::Refused(1)];
         if self.caching.settings().max_split_bytes.is_some() {
-            readings.push(Some(2));
+            readings.push(Reading::Refused(2));
         }
         if reserves {
-            readings.push(None);
+            readings.push(Reading::EmptyCache);
         } else {
-            readings.insert(0, None);
+            readings.insert(0, Reading::EmptyCache);
+        }
+        // Expandable segments map a request's pages run by run: the device may have refused a
+        // later run, not the first.
+        if let Some(given) = given_before_refusal(run) {
+            readings.push(Reading::Device(given));
         }
         let wanted: Vec<(SegmentEventKind, u64, u64)> = run
             .iter()
@@ -1019,10 +1083,18 @@ impl Replay<'_> {
         for reading in readings {
             let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
             let at = match reading {
-                Some(refusals) => caching.alloc_refused(req, pool, refusals, &mut mem),
-                None => {
+                Reading::Refused(refusals) => caching.alloc_refused(req, pool, refusals, &mut mem),
+                Reading::EmptyCache => {
                     caching.empty_cache(&mut mem);
                     caching.alloc_in(req, pool, &mut mem)
+                }
+                Reading::Device(given) => {
+                    let limit = mem.books.reserved_bytes().saturating_add(given);
+                    let mut device = Budget {
+                        inner: &mut mem,
+                        limit,
+                    };
+                    caching.alloc_in(req, pool, &mut device)
                 }
             };
             let made: Vec<SegmentEvent> = caching.take_segment_events();
@@ -1059,10 +1131,44 @@ impl Replay<'_> {
     /// is replayed in a pool of its own, which releases nothing either. (A default-pool `oom`
     /// with nothing to release differs only by completing pending frees, whose
     /// `free_completed` entries come before it and are replayed already.)
-    fn oom(&mut self, e: &RecordedEvent, released: bool) {
+    fn oom(&mut self, run: &[RecordedEvent], e: &RecordedEvent, released: bool) {
         self.out.ooms_recorded += 1;
         let (id, req) = self.request(e.bytes, e.stream);
         let pool = if released { DEFAULT_POOL } else { PoolId::MAX };
+        // Expandable segments: the request may have mapped some runs of pages before the
+        // device refused one; tried first, kept when it makes the recorded events and fails.
+        if let (true, Some(given)) = (released, given_before_refusal(run)) {
+            let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+            let limit = mem.books.reserved_bytes().saturating_add(given);
+            let mut device = Budget {
+                inner: &mut mem,
+                limit,
+            };
+            let at = caching.alloc_in(req, pool, &mut device);
+            let made = caching.take_segment_events();
+            let wanted = run
+                .iter()
+                .filter(|r| matches!(r.action, Action::Segment(_)))
+                .map(|r| match r.action {
+                    Action::Segment(kind) => (kind, r.address, r.bytes),
+                    _ => unreachable!("segment events only"),
+                });
+            let same = made.len()
+                == run
+                    .iter()
+                    .filter(|r| matches!(r.action, Action::Segment(_)))
+                    .count()
+                && made.iter().map(|m| (m.kind, m.address, m.bytes)).eq(wanted);
+            if at.is_err() && same {
+                self.caching = caching;
+                self.mem = mem;
+                self.pending_events = made;
+                self.out.ooms_simulated += 1;
+                self.forget_completed();
+                self.drain(e.index);
+                return;
+            }
+        }
         match self
             .caching
             .alloc_refused(req, pool, u32::MAX, &mut self.mem)

@@ -274,6 +274,23 @@ fn oom_after_a_map(rec: &Recording) -> bool {
     })
 }
 
+/// Whether a run of segment events holds a map and, after it, a release: a request of
+/// expandable segments mapped some pages, the device refused more, and the retry released.
+fn map_then_release(rec: &Recording) -> bool {
+    let mut mapped = false;
+    for e in &rec.devices[0].events {
+        match e.action {
+            Action::Segment(SegmentEventKind::Map) => mapped = true,
+            Action::Segment(SegmentEventKind::Unmap | SegmentEventKind::Free) if mapped => {
+                return true
+            }
+            Action::Segment(_) => {}
+            _ => mapped = false,
+        }
+    }
+    false
+}
+
 fn config(capacity_bytes: u64) -> AllocConfig {
     AllocConfig {
         capacity_bytes,
@@ -290,16 +307,16 @@ proptest! {
         (settings, capacity) in settings(),
     ) {
         let rec = record(&ops, settings, capacity);
+        // Left out: a request that mapped part of what it needed, was refused and released
+        // (see `a_retry_after_a_partial_map_of_an_expandable_segment`, ignored).
+        prop_assume!(!map_then_release(&rec));
         let c = compare(&rec, &config(capacity), &settings);
-        // Expandable segments on a small device (refusals) are replayed, not asserted: a case
-        // in about a thousand diverges there, as it did before these settings were added (one
-        // kind is `an_oom_after_a_partial_map_of_an_expandable_segment`, ignored; others, a
-        // retry's map at another address, are not yet understood), and a final layout was
-        // seen to differ, every event matched, when a free was still pending at the end.
-        // Every other setting must match, expandable ones on a device that never refuses too.
-        let refusing_expandable = settings.expandable_segments && capacity != 1 << 40;
-        if !refusing_expandable {
-            prop_assert_eq!(c.events_matched, c.events_recorded, "{:#?}", c.first_divergence);
+        prop_assert_eq!(c.events_matched, c.events_recorded, "{:#?}", c.first_divergence);
+        // Expandable segments on a small device (refusals): a final layout was seen to differ,
+        // every event matched (about a case in 5,000; not yet understood, as before these
+        // settings were added); every other setting must match, expandable segments on a
+        // device that never refuses too.
+        if !settings.expandable_segments || capacity == 1 << 40 {
             prop_assert_eq!(c.final_matched, c.final_recorded, "{:#?}", c.devices);
             let d = &c.devices[0];
             prop_assert_eq!(d.allocs_at_recorded_address, d.allocs);
@@ -717,14 +734,11 @@ fn a_retry_that_completes_a_pending_free_between_its_releases() {
     assert_eq!(c.final_matched, c.final_recorded);
 }
 
-/// Not left out of the property, but rare there (found once in 3,000 cases; it was there
-/// before): expandable segments on a small device, a request that maps one run of pages, is
-/// refused the next, releases both and fails (`segment_map`, `segment_unmap`, `oom`). The
-/// replay of an `oom` refuses every reservation of the request, so it never makes the first
-/// map (segment event 7 of 8). To fix: replay an `oom` refusing only after the maps the
-/// recording shows before its releases.
+/// Found by the property (expandable segments on a small device), shrunk: a request maps one
+/// run of pages, is refused the next, releases both and fails (`segment_map`, `segment_unmap`,
+/// `oom`). Replayed with every reservation refused it would never make the first map; the
+/// replay tries the device as the recording shows it first (it gave the request 20 MiB).
 #[test]
-#[ignore = "known divergence, see the comment"]
 fn an_oom_after_a_partial_map_of_an_expandable_segment() {
     let a = |bytes: u64, stream: u32| Op::Alloc {
         bytes,
@@ -764,6 +778,147 @@ fn an_oom_after_a_partial_map_of_an_expandable_segment() {
     };
     let rec = record(&ops, settings, 160 * MIB);
     assert!(oom_after_a_map(&rec), "the case needs an oom after a map");
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+}
+
+/// Found by the property (expandable segments on a small device), shrunk: a request is refused
+/// a map, the retry's `release_cached_blocks` completes three pending frees and unmaps the
+/// free pages, and the free block left before unmapped pages now holds the request: nothing is
+/// mapped. As an `empty_cache` followed by best fit, the request would land elsewhere.
+#[test]
+fn an_expandable_retry_that_finds_room_without_mapping() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(23228417, 1),
+        a(10933761, 0),
+        a(1, 0),
+        f(1498268576482514802, false),
+        a(19468289, 1),
+        a(1, 0),
+        a(16760321, 1),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(5089281, 0),
+        a(1014845, 0),
+        f(11404073606987819236, false),
+        f(8776748579612080037, false),
+        f(5960906061608649063, true),
+        a(1443412, 1),
+        f(4748653330032418576, false),
+        f(5674850967513774154, false),
+        f(7804607496302215812, false),
+        f(8598929038866082994, true),
+        a(16760666, 1),
+        a(525008, 1),
+        a(39145256, 0),
+        f(14326047845124900902, false),
+        a(9825224, 0),
+        a(30651761, 0),
+        f(18101696693654983561, false),
+        a(14367169, 0),
+        f(16068820094065744539, false),
+        f(13145664238190928216, true),
+        f(5914455856447490064, false),
+        a(2562903, 0),
+        a(4669095, 0),
+        a(19468309, 1),
+        a(7322391, 0),
+        a(7414551, 0),
+        a(981330, 1),
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Left out of the property (found by it, shrunk): expandable segments on a small device, a
+/// request of 40 MiB + 1 on stream 1 maps 20 MiB, is refused more, releases 40 MiB of each
+/// stream and maps 60 MiB. Replayed with the device as the recording shows it (20 MiB given,
+/// then what was released), every event up to the last is the recorded one, but the last map
+/// goes back into the virtual range just unmapped (0x10000016800000) where the recording maps a
+/// new one (0x10000021c00000): not yet understood.
+#[test]
+#[ignore = "known divergence, see the comment"]
+fn a_retry_after_a_partial_map_of_an_expandable_segment() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize| Op::Free { n, deferred: false };
+    let ops = vec![
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0),
+        f(0),
+        a(33744385, 0),
+        f(858879690833826951),
+        a(1, 0),
+        a(1, 0),
+        f(274262908206112398),
+        a(3673601, 0),
+        a(1, 0),
+        a(7567873, 0),
+        a(3441153, 0),
+        a(3225601, 0),
+        f(7913750535237769328),
+        a(1, 0),
+        a(1, 0),
+        f(8058871150329992428),
+        f(6469274310391582356),
+        f(16324515029489915729),
+        f(2315328840945161231),
+        f(14500859273890104516),
+        Op::Complete,
+        f(3887897739434109033),
+        a(1, 0),
+        a(16793089, 1),
+        a(4177409, 1),
+        a(10110977, 0),
+        a(1048577, 1),
+        a(22119425, 0),
+        f(8757896344619560051),
+        f(2984416871708724612),
+        Op::EmptyCache,
+        f(2542572565739653319),
+        a(1, 0),
+        a(1, 0),
+        f(1041315527795498925),
+        a(1, 0),
+        a(41943041, 1),
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    assert!(
+        map_then_release(&rec),
+        "the case needs a map, then a release"
+    );
     let c = compare(&rec, &config(160 * MIB), &settings);
     assert_eq!(
         c.events_matched, c.events_recorded,
