@@ -20,8 +20,8 @@
 //!   (`record_stream`); `free_completed` → the block returns to its pool. A run of
 //!   `segment_free` / `segment_unmap` is a release: the OOM-retry release of the request it
 //!   precedes when a reservation follows it in the run (or an `oom` follows), else an
-//!   `empty_cache` (with `max_split_size`, releases and no reservation before a request may
-//!   be a retry that then found room: the request's address tells). A `free_completed` between
+//!   `empty_cache` (with `max_split_size` or expandable segments, releases and no reservation
+//!   before a request may be a retry that then found room: the request's address tells). A `free_completed` between
 //!   a retry's releases is the retry's (`release_cached_blocks` completes pending frees) and
 //!   belongs to its run. With expandable segments a request maps run by run, so the device
 //!   may refuse a later run: a retry or an `oom` is also tried on a device that gives the
