@@ -33,7 +33,10 @@ use crate::units::parse_bytes;
 Trace formats: PyTorch memory snapshots (torch.cuda.memory._dump_snapshot pickles; alloc and
 free_completed events are replayed, a segment_free with no allocation behind it is an
 empty_cache; the caching strategies take the snapshot's allocator_settings, then
---pytorch-alloc-conf) and gpumem's JSON Lines, one operation a line:
+--pytorch-alloc-conf, and start from the state before the recording's first event, rebuilt
+from its final segments as --compare-segments rebuilds it: the report's `start` says so, or
+why they started empty; the other strategies start empty) and gpumem's JSON Lines, one
+operation a line:
   {\"t_ns\": 1200, \"op\": \"alloc\", \"id\": 7, \"bytes\": 4096, \"stream\": 0}
   {\"t_ns\": 1900, \"op\": \"free\", \"id\": 7}
 
@@ -725,10 +728,16 @@ fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) 
     }
     out.push('\n');
     out.push_str(&render_table(report));
-    let unknown = report.results.first().map_or(0, |r| r.unknown_frees);
+    out.push_str(&render_starts(report));
+    // Counted by the strategies that started empty (the same count for each).
+    let unknown = report
+        .results
+        .iter()
+        .find(|r| r.start.as_ref().is_none_or(|s| s.start != "recorded"))
+        .map_or(0, |r| r.unknown_frees);
     if unknown > 0 {
         out.push_str(&format!(
-            "\n{unknown} frees name allocations made before the recording started; they are counted, not replayed.\n"
+            "\n{unknown} frees name allocations made before the recording started; the strategies that started empty count them, not replay them.\n"
         ));
     }
     for r in &report.results {
@@ -749,6 +758,42 @@ fn render_text(trace: &AllocTrace, report: &AllocReport, config: &ReplayConfig) 
         }
     }
     out.push_str(&render_pressure(report, config));
+    out
+}
+
+/// Where each strategy's replay of a torch snapshot started: the recorded state before its
+/// first event, or empty (and why); the strategies that are not PyTorch's on one line.
+fn render_starts(report: &AllocReport) -> String {
+    use gpumem_sim::recorded::OTHER_STRATEGY_STARTS_EMPTY;
+    use gpumem_sim::report::human_bytes;
+    let mut out = String::new();
+    let mut others = Vec::new();
+    for r in &report.results {
+        let Some(s) = &r.start else { continue };
+        match s.start_reason.as_deref() {
+            None => out.push_str(&format!(
+                "\n{}: started from the recorded state before the first event ({} segments, {} live blocks, {} reserved)",
+                r.strategy,
+                s.start_segments,
+                s.start_live_blocks,
+                human_bytes(s.start_reserved_bytes)
+            )),
+            Some(OTHER_STRATEGY_STARTS_EMPTY) => others.push(r.strategy),
+            Some(reason) => out.push_str(&format!("\n{}: started empty: {reason}", r.strategy)),
+        }
+        for note in &s.start_notes {
+            out.push_str(&format!("\n  note: {note}"));
+        }
+    }
+    if !others.is_empty() {
+        out.push_str(&format!(
+            "\n{}: started empty ({OTHER_STRATEGY_STARTS_EMPTY})",
+            others.join(", ")
+        ));
+    }
+    if !out.is_empty() {
+        out.push('\n');
+    }
     out
 }
 

@@ -63,6 +63,24 @@ fn sleeping_frees_the_gpu_for_training_and_stays_within_memory() {
 }
 
 #[test]
+fn the_training_step_starts_from_the_snapshots_recorded_state() {
+    // As `gpumem alloc --strategy caching` replays it: the 257 segments (7,608,467,456 bytes)
+    // held before the recording's first event are there from the start; an empty start peaked
+    // at 6,111,100,928 bytes.
+    let r = run_json("1");
+    assert_eq!(r["training_start"]["start"], "recorded", "{r}");
+    assert_eq!(u(&r["training_start"], "start_segments"), 257);
+    assert_eq!(
+        u(&r["training_start"], "start_reserved_bytes"),
+        7_608_467_456
+    );
+    assert!(
+        u(&r, "training_reserved_peak_bytes") >= 7_608_467_456,
+        "{r}"
+    );
+}
+
+#[test]
 fn a_paused_engine_keeps_its_memory_during_training() {
     let paused = run_json("0");
     let slept = run_json("1");

@@ -306,3 +306,48 @@ fn a_bad_sweep_spec_names_its_file_line_and_field() {
         assert_clean_error(&gpumem(&["sweep", spec.to_str().unwrap()]), needles);
     }
 }
+
+#[test]
+fn a_snapshot_swept_through_caching_starts_as_alloc_starts_it() {
+    // One replay path: each point's report is `gpumem alloc --json` at its capacity, and the
+    // caching strategy starts from the recorded state where it fits (80 GiB), empty where the
+    // 4,238,344,192 bytes held before the first event do not (3 GiB).
+    let trace = snapshot("cs336_bcrafton_memory_snapshot.pickle");
+    let trace = trace.to_str().unwrap();
+    let out = succeeded(gpumem(&[
+        "sweep",
+        "alloc",
+        "--trace",
+        trace,
+        "--strategy",
+        "caching",
+        "--axis",
+        "capacity=3GiB,80GiB",
+    ]));
+    let points: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &Value| v.get("report").is_some())
+        .collect();
+    assert_eq!(points.len(), 2);
+    for (point, (capacity, start, peak)) in points.iter().zip([
+        ("3GiB", "empty", 2_151_677_952u64),
+        ("80GiB", "recorded", 4_238_344_192),
+    ]) {
+        let single = succeeded(gpumem(&[
+            "alloc",
+            "--trace",
+            trace,
+            "--strategy",
+            "caching",
+            "--capacity",
+            capacity,
+            "--json",
+        ]));
+        let single: Value = serde_json::from_str(&stdout(&single)).unwrap();
+        assert_eq!(point["report"], single, "{capacity}");
+        let r = &single["results"][0];
+        assert_eq!(r["start"], start, "{capacity}: {r}");
+        assert_eq!(r["bytes_reserved_peak"], peak, "{capacity}");
+    }
+}

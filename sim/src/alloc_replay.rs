@@ -15,12 +15,13 @@ use gpumem_core::alloc::{
     build_with, AllocConfig, AllocError, AllocRequest, Allocator, SegmentLayout, Strategy,
 };
 use gpumem_core::decision::AllocId;
-use gpumem_traces::{AllocTrace, OpKind, RecordedSegment};
+use gpumem_traces::{AllocOp, AllocTrace, OpKind, RecordedSegment};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::executor::{AllocCostModel, SimExecutor};
 use crate::monitor::{periods, Monitor, Period, PressureReport, Thresholds, WatchId};
+use crate::recorded::{plan_start, PlannedStart, StartReport};
 use gpumem_core::executor::Executor;
 use gpumem_core::place::Place;
 
@@ -112,6 +113,10 @@ pub struct StrategyResult {
     /// `--compare-segments`: the recording replayed event by event, compared.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segments: Option<crate::recorded::SegmentsComparison>,
+    /// A torch snapshot's replay: whether it started from the recorded state or empty, and
+    /// why (`start`, `start_reason`, …; absent for other traces).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub start: Option<StartReport>,
     pub digest: String,
     /// What the memory-pressure monitor saw: reserved bytes of each place's capacity.
     pub pressure: PressureReport,
@@ -207,8 +212,15 @@ pub fn replay<E: Executor>(
         .accounts()
         .map(|(place, account)| (place, pressure.watch(place, account.capacity_bytes)))
         .collect();
+    let mut alloc = build_with(strategy, &config.alloc, &config.caching);
+    let planned = plan_start(
+        trace,
+        alloc.as_caching_mut().map(|c| &*c),
+        config.alloc.capacity_bytes,
+    );
+    let ops: &[AllocOp] = planned.as_ref().and_then(|p| p.ops).unwrap_or(&trace.ops);
     let mut d = Driver {
-        alloc: build_with(strategy, &config.alloc, &config.caching),
+        alloc,
         exec,
         config: *config,
         ids: HashMap::default(),
@@ -218,12 +230,15 @@ pub fn replay<E: Executor>(
         result: empty_result(strategy),
         frag_area: 0.0,
         frag_ops_sum: 0.0,
-        last: (trace.ops.first().map_or(0, |op| op.t_ns), 0.0),
+        last: (ops.first().map_or(0, |op| op.t_ns), 0.0),
         pressure,
         watched,
     };
-    let sample_every = (trace.ops.len() as u64 / TIMELINE_POINTS).max(1);
-    for (i, op) in trace.ops.iter().enumerate() {
+    if let Some(planned) = planned {
+        d.start(planned)?;
+    }
+    let sample_every = (ops.len() as u64 / TIMELINE_POINTS).max(1);
+    for (i, op) in ops.iter().enumerate() {
         let n = i as u64 + 1;
         d.step(&op.kind).map_err(|reason| ReplayError {
             line: op.line,
@@ -243,8 +258,8 @@ pub fn replay<E: Executor>(
             progress(n);
         }
     }
-    progress(trace.ops.len() as u64);
-    Ok(d.finish(trace))
+    progress(ops.len() as u64);
+    Ok(d.finish(trace, ops))
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -307,6 +322,7 @@ pub(crate) fn empty_result(strategy: Strategy) -> StrategyResult {
         modelled: Vec::new(),
         segments_match: None,
         segments: None,
+        start: None,
         digest: String::new(),
         pressure: Monitor::new(Thresholds::default()).report("reserved-bytes"),
         timeline: Vec::new(),
@@ -315,6 +331,35 @@ pub(crate) fn empty_result(strategy: Strategy) -> StrategyResult {
 }
 
 impl<E: Executor> Driver<'_, E> {
+    /// Restores a recorded start on the executor: its live blocks become the live allocations
+    /// of the trace ids their addresses are (torch ids are addresses), so frees of allocations
+    /// made before the recording free them.
+    fn start(&mut self, planned: PlannedStart) -> Result<(), ReplayError> {
+        if let Some(state) = &planned.state {
+            let caching = self
+                .alloc
+                .as_caching_mut()
+                .expect("only a caching strategy starts from a recording");
+            caching.set_address_floor(planned.address_floor);
+            caching
+                .restore(&state.segments, self.exec)
+                .map_err(|e| ReplayError {
+                    line: 0,
+                    reason: format!(
+                        "the executor refused the recorded state (which fits the capacity): {e}"
+                    ),
+                })?;
+            for (address, id, requested) in state.live_blocks() {
+                self.ids.insert(address, Tracked::Live(id, requested));
+                self.bytes_requested += requested;
+                self.next_id = self.next_id.max(id.0 + 1);
+            }
+            self.result.bytes_requested_peak = self.bytes_requested;
+        }
+        self.result.start = Some(planned.report);
+        Ok(())
+    }
+
     fn step(&mut self, op: &OpKind) -> Result<(), String> {
         self.result.ops += 1;
         match *op {
@@ -437,8 +482,8 @@ impl<E: Executor> Driver<'_, E> {
         }
     }
 
-    fn finish(mut self, trace: &AllocTrace) -> StrategyResult {
-        let first_t = trace.ops.first().map_or(0, |op| op.t_ns);
+    fn finish(mut self, trace: &AllocTrace, ops: &[AllocOp]) -> StrategyResult {
+        let first_t = ops.first().map_or(0, |op| op.t_ns);
         let span = self.last.0.saturating_sub(first_t);
         let r = &mut self.result;
         r.fragmentation_mean = if span > 0 {

@@ -15,7 +15,6 @@
 
 use serde::Serialize;
 
-use gpumem_core::alloc::caching::CachingSettings;
 use gpumem_core::alloc::{AllocConfig, Strategy};
 use gpumem_core::books::Books;
 use gpumem_core::place::{DeviceId, Place, Tier};
@@ -26,6 +25,7 @@ use gpumem_traces::serving::WorkloadRequest;
 use crate::alloc_replay::{replay, DefragMode, ReplayConfig};
 use crate::executor::{AllocCostModel, SimExecutor};
 use crate::monitor::Thresholds;
+use crate::recorded::StartReport;
 use crate::serve::cost::{CostModel, Roofline};
 use crate::serve::metrics::Latencies;
 use crate::serve::profile::{kv_sizing, GpuProfile, ModelProfile};
@@ -76,6 +76,11 @@ pub struct ColocateReport {
     pub training_reserved_peak_bytes: u64,
     /// Training allocations refused for want of memory, over every round.
     pub training_ooms: u64,
+    /// Where each training step's replay started (a torch snapshot: the recorded state before
+    /// its first event, or empty and why; as `gpumem alloc` replays it). Absent for other
+    /// traces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training_start: Option<StartReport>,
     pub sleep_wake_us: u64,
     pub bytes_h2d: u64,
     pub bytes_d2h: u64,
@@ -165,6 +170,7 @@ pub fn simulate_colocation(
     let (mut training_peak, mut training_ooms, mut peak_gpu_bytes) = (0u64, 0u64, serving_bytes);
     let mut asleep_bytes = serving_bytes;
     let mut phases = Vec::new();
+    let mut training_start = None;
     for round in 0..setup.rounds {
         // Rollout.
         let start = t_ns;
@@ -221,7 +227,8 @@ pub fn simulate_colocation(
             check_every_ops: 0,
             checkpoint_every_ops: 0,
             pressure: Thresholds::default(),
-            caching: CachingSettings::default(),
+            // The snapshot's own settings, as `gpumem alloc` replays it.
+            caching: training.caching_settings.unwrap_or_default(),
         };
         let mut train_exec = SimExecutor::new(capacity, AllocCostModel::default());
         let result = replay(
@@ -233,6 +240,9 @@ pub fn simulate_colocation(
         )
         .map_err(|e| ServeError::Input(training.error_at(e.line, e.reason).to_string()))?;
         training_peak = training_peak.max(result.bytes_reserved_peak);
+        if training_start.is_none() {
+            training_start = result.start.clone();
+        }
         training_ooms += result.ooms + result.fragmentation_failures;
         t_ns += train_span_ns;
         let peak = asleep_bytes + result.bytes_reserved_peak;
@@ -271,6 +281,7 @@ pub fn simulate_colocation(
         serving_bytes_asleep: asleep_bytes,
         training_reserved_peak_bytes: training_peak,
         training_ooms,
+        training_start,
         sleep_wake_us: sleep_wake_ns / 1000,
         bytes_h2d,
         bytes_d2h,
@@ -301,6 +312,16 @@ pub fn render_colocate_text(r: &ColocateReport) -> String {
         gib(r.training_reserved_peak_bytes),
         r.training_ooms
     );
+    if let Some(start) = &r.training_start {
+        out += &match &start.start_reason {
+            None => format!(
+                "training start: the recorded state before the first event ({} segments, {} reserved)\n",
+                start.start_segments,
+                gib(start.start_reserved_bytes)
+            ),
+            Some(reason) => format!("training start: empty ({reason})\n"),
+        };
+    }
     out += &format!(
         "sleep and wake: {} ({} GPU -> host, {} host -> GPU)\n",
         us(r.sleep_wake_us),

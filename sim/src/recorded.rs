@@ -20,7 +20,13 @@
 //!   (`record_stream`); `free_completed` → the block returns to its pool. A run of
 //!   `segment_free` / `segment_unmap` is a release: the OOM-retry release of the request it
 //!   precedes when a reservation follows it in the run (or an `oom` follows), else an
-//!   `empty_cache`. A retry is replayed as that request with the
+//!   `empty_cache` (with `max_split_size` or expandable segments, releases and no reservation
+//!   before a request may be a retry that then found room: the request's address tells). A `free_completed` between
+//!   a retry's releases is the retry's (`release_cached_blocks` completes pending frees) and
+//!   belongs to its run. With expandable segments a request maps run by run, so the device
+//!   may refuse a later run: a retry or an `oom` is also tried on a device that gives the
+//!   request what the recording shows it mapped before the releases. A retry is replayed as
+//!   that request with the
 //!   device refusing its first reservation (two with `max_split_size` when more than oversize
 //!   segments went); an `oom` is the request with every reservation refused, and the
 //!   simulation must fail it too. Segment events are compared, never applied.
@@ -43,10 +49,12 @@ use gpumem_core::alloc::caching::{
 use gpumem_core::alloc::{AllocConfig, AllocRequest, Allocate};
 use gpumem_core::books::Books;
 use gpumem_core::decision::AllocId;
-use gpumem_core::executor::Ledger;
+use gpumem_core::decision::{Decision, Refusal};
+use gpumem_core::executor::{Executor, Ledger};
 use gpumem_traces::torch::recording::{
     Action, BlockState, DeviceRecording, RecordedEvent, Recording, SnapshotSegment,
 };
+use gpumem_traces::{AllocOp, AllocTrace, TraceSource};
 use serde::Serialize;
 
 /// One device's comparison.
@@ -147,18 +155,148 @@ struct Replay<'a> {
     out: DeviceComparison,
 }
 
+/// Whether a device's trace changes its allocator's state (else the final segments are the
+/// state throughout).
+fn changes_state(device: &DeviceRecording) -> bool {
+    device.events.iter().any(|e| {
+        matches!(
+            e.action,
+            Action::Alloc | Action::FreeRequested | Action::FreeCompleted | Action::Segment(_)
+        )
+    })
+}
+
+/// Where a replay of a torch snapshot started (JSON: flattened into the strategy's result).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StartReport {
+    /// `recorded` (the state before the recording's first event) or `empty`.
+    pub start: &'static str,
+    /// Why an empty start: the strategy models no recording, or the recording cannot be
+    /// restored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_reason: Option<String>,
+    /// Segments (virtual ranges of expandable segments) and live blocks restored.
+    pub start_segments: u64,
+    pub start_live_blocks: u64,
+    /// Bytes the restored segments hold physically.
+    pub start_reserved_bytes: u64,
+    /// What the rebuilt state could not hold (inconsistent recordings); the replay went on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub start_notes: Vec<String>,
+}
+
+impl StartReport {
+    fn empty(reason: String) -> Self {
+        StartReport {
+            start: "empty",
+            start_reason: Some(reason),
+            start_segments: 0,
+            start_live_blocks: 0,
+            start_reserved_bytes: 0,
+            start_notes: Vec::new(),
+        }
+    }
+}
+
+/// How a replay of a torch snapshot starts: the report, and for a recorded start the state
+/// to restore and the ops to replay from it.
+pub struct PlannedStart<'t> {
+    pub report: StartReport,
+    pub state: Option<StartState>,
+    /// The end of every address the recording names: new segments go above it.
+    pub address_floor: u64,
+    /// The ops to replay instead of the trace's (a state-only trace started from the state
+    /// before its events replays those events).
+    pub ops: Option<&'t [AllocOp]>,
+}
+
+/// Why only the caching strategies start from a recording.
+pub const OTHER_STRATEGY_STARTS_EMPTY: &str =
+    "only the caching strategies model the allocator whose state the snapshot recorded";
+
+/// How a replay of `trace` starts, for an allocator `caching` (holding nothing; `None` for the
+/// strategies that are not PyTorch's) with `capacity_bytes`: `None` for a trace that is no
+/// torch snapshot (it starts empty, as always). `caching` and `caching-expandable` start from
+/// the state before the recording's first event, rebuilt as `--compare-segments` rebuilds it,
+/// when the recording's segments are of the allocator's kind (expandable or not) and the
+/// state fits the capacity; every other case starts empty, with the reason.
+pub fn plan_start<'t>(
+    trace: &'t AllocTrace,
+    caching: Option<&Caching>,
+    capacity_bytes: u64,
+) -> Option<PlannedStart<'t>> {
+    let held = trace.recording.as_deref()?;
+    let empty = |reason: String| PlannedStart {
+        report: StartReport::empty(reason),
+        state: None,
+        address_floor: 0,
+        ops: None,
+    };
+    let Some(caching) = caching else {
+        return Some(empty(OTHER_STRATEGY_STARTS_EMPTY.into()));
+    };
+    let recording = match held {
+        Ok(r) => r,
+        Err(e) => return Some(empty(e.clone())),
+    };
+    let device = &recording.device;
+    let ops =
+        match (trace.source, recording.event_ops.as_deref()) {
+            (TraceSource::TorchState, _) if !changes_state(device) => return Some(empty(
+                "the snapshot records no event that changes the allocator: its live blocks are \
+                 allocated from nothing, in address order"
+                    .into(),
+            )),
+            (TraceSource::TorchState, Some(ops)) => Some(ops),
+            _ => None,
+        };
+    let recorded_expandable = device.segments.iter().any(|s| s.expandable)
+        || device.events.iter().any(|e| {
+            matches!(
+                e.action,
+                Action::Segment(SegmentEventKind::Map | SegmentEventKind::Unmap)
+            )
+        });
+    let expandable = caching.settings().expandable_segments;
+    if recorded_expandable != expandable {
+        let kind = |e: bool| if e { "expandable" } else { "not expandable" };
+        return Some(empty(format!(
+            "the recording's segments are {}, this replay's are {}",
+            kind(recorded_expandable),
+            kind(expandable)
+        )));
+    }
+    let state = start_state(device, caching);
+    // Tried on books of the capacity first: a state that does not fit starts empty, and the
+    // executor never sees half of it.
+    let mut trial = caching.clone();
+    let mut books = Ledger::new(Books::new(capacity_bytes));
+    if let Err(e) = trial.restore(&state.segments, &mut books) {
+        return Some(empty(format!("the recorded state cannot be restored: {e}")));
+    }
+    let report = StartReport {
+        start: "recorded",
+        start_reason: None,
+        start_segments: state.segments.len() as u64,
+        start_live_blocks: state.ids.len() as u64,
+        start_reserved_bytes: state.reserved_bytes(),
+        start_notes: state.notes.clone(),
+    };
+    Some(PlannedStart {
+        report,
+        state: Some(state),
+        address_floor: highest_address(device),
+        ops,
+    })
+}
+
 /// One device's replay and comparison.
 pub fn compare_device(
     device: &DeviceRecording,
     config: &AllocConfig,
     settings: &CachingSettings,
 ) -> DeviceComparison {
-    let changes_state = device.events.iter().any(|e| {
-        matches!(
-            e.action,
-            Action::Alloc | Action::FreeRequested | Action::FreeCompleted | Action::Segment(_)
-        )
-    });
+    let changes_state = changes_state(device);
     let has_alloc = device.events.iter().any(|e| e.action == Action::Alloc);
     let from_empty = (!has_alloc).then(|| replay_device(device, config, settings, false));
     if !changes_state {
@@ -244,6 +382,74 @@ fn replay_device(
     r.out
 }
 
+/// Whether entry `k` is a `free_completed` that a request's retry made: PyTorch's
+/// `release_cached_blocks` completes the pending frees (`synchronize_and_free_events`) after
+/// `release_available_cached_blocks` released oversize blocks and before it releases the
+/// rest, so the entry lies between releases, and only releases, reservations and such entries
+/// lie between it and the request (`alloc` or `oom`). It belongs to the request's run: the
+/// retry replayed completes it. (A completion between an `empty_cache` and a request that
+/// reserves without releasing is the request's `process_events`, not a retry's.)
+fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
+    let segment_or_completion =
+        |e: &&RecordedEvent| matches!(e.action, Action::Segment(_) | Action::FreeCompleted);
+    events[k].action == Action::FreeCompleted
+        && events[..k]
+            .iter()
+            .rev()
+            .find(|e| e.action != Action::FreeCompleted)
+            .is_some_and(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
+        && events[k + 1..]
+            .iter()
+            .find(|e| !segment_or_completion(e))
+            .is_some_and(|e| matches!(e.action, Action::Alloc | Action::Oom))
+        && events[k + 1..]
+            .iter()
+            .take_while(segment_or_completion)
+            .any(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
+}
+
+/// The device as a recording shows it during one request: it reserves or maps until the
+/// reserved bytes would pass `limit` (what it gave the request before it refused), then
+/// refuses; what the request's retry releases is free again.
+struct Budget<'a> {
+    inner: &'a mut Ledger,
+    limit: u64,
+}
+
+impl Executor for Budget<'_> {
+    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
+        let asks = match d {
+            Decision::Reserve { bytes, .. } | Decision::Map { bytes, .. } => bytes,
+            _ => 0,
+        };
+        if asks > 0 && self.inner.books.reserved_bytes().saturating_add(asks) > self.limit {
+            self.inner.record(d, Err(Refusal::Device));
+            return Err(Refusal::Device);
+        }
+        self.inner.apply(d)
+    }
+
+    fn books(&self) -> &Books {
+        self.inner.books()
+    }
+
+    fn digest(&self) -> &gpumem_core::digest::Digest {
+        self.inner.digest()
+    }
+}
+
+/// What the device gave a request before it refused, as `run` shows it: the bytes reserved or
+/// mapped before the first release; `None` when nothing was.
+fn given_before_refusal(run: &[RecordedEvent]) -> Option<u64> {
+    let given: u64 = run
+        .iter()
+        .take_while(|e| !matches!(e.action, Action::Segment(kind) if kind.releases()))
+        .filter(|e| matches!(e.action, Action::Segment(kind) if !kind.releases()))
+        .map(|e| e.bytes)
+        .sum();
+    (given > 0).then_some(given)
+}
+
 /// The end of every address the recording names: synthetic addresses start above it.
 fn highest_address(device: &DeviceRecording) -> u64 {
     let events = device
@@ -275,14 +481,90 @@ struct StartBlock {
     pending: bool,
 }
 
-impl Replay<'_> {
-    /// Undoes the trace against the final segments, then restores the state it finds.
-    fn restore(&mut self) {
+/// The state before a recording's first event, rebuilt from its final segments by undoing its
+/// events; the live blocks have ids 0, 1, … in address order.
+#[derive(Clone, Debug, Default)]
+pub struct StartState {
+    /// Segments (whole virtual ranges for expandable segments), for [`Caching::restore`].
+    pub segments: Vec<RestoredSegment>,
+    /// Every live block's address and id.
+    pub ids: BTreeMap<u64, AllocId>,
+    /// Live blocks whose free was requested before the recording (`active_pending_free`).
+    pub pending: Vec<AllocId>,
+    /// What the rebuilt state could not hold (inconsistent recordings).
+    pub notes: Vec<String>,
+}
+
+impl StartState {
+    /// Bytes the segments hold physically (mapped bytes of expandable ones).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| {
+                s.blocks
+                    .iter()
+                    .filter(|b| !matches!(b, RestoredBlock::Unmapped { .. }))
+                    .map(RestoredBlock::bytes)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Every live block: address, id and requested bytes, in address order.
+    pub fn live_blocks(&self) -> Vec<(u64, AllocId, u64)> {
+        let mut out = Vec::new();
+        for s in &self.segments {
+            let mut at = s.address;
+            for b in &s.blocks {
+                if let RestoredBlock::Live {
+                    id,
+                    requested_bytes,
+                    ..
+                } = *b
+                {
+                    out.push((at, id, requested_bytes));
+                }
+                at += b.bytes();
+            }
+        }
+        out
+    }
+}
+
+/// Rebuilds the state of `device`'s allocator before its first event; `caching` (holding
+/// nothing, with the replay's settings) rounds the requests of blocks put back.
+pub fn start_state(device: &DeviceRecording, caching: &Caching) -> StartState {
+    let mut b = Rebuild {
+        caching,
+        ids: BTreeMap::new(),
+        next_id: 0,
+        pending: Vec::new(),
+    };
+    let mut notes = Notes::default();
+    let segments = b.undo(device, &mut notes);
+    StartState {
+        segments,
+        ids: b.ids,
+        pending: b.pending,
+        notes: notes.finish(),
+    }
+}
+
+/// Live blocks get ids as the segments are tiled.
+struct Rebuild<'a> {
+    caching: &'a Caching,
+    ids: BTreeMap<u64, AllocId>,
+    next_id: u64,
+    pending: Vec<AllocId>,
+}
+
+impl Rebuild<'_> {
+    /// Undoes the trace against the final segments: the segments before its first event.
+    fn undo(&mut self, device: &DeviceRecording, notes: &mut Notes) -> Vec<RestoredSegment> {
         let mut ranges: BTreeMap<u64, Range> = BTreeMap::new();
         let mut live: BTreeMap<u64, StartBlock> = BTreeMap::new();
-        let mut notes = Notes::default();
-        for s in &self.device.segments {
-            add_range(&mut ranges, s.address, range_of(s), &mut notes);
+        for s in &device.segments {
+            add_range(&mut ranges, s.address, range_of(s), notes);
             for b in s.blocks.iter().filter(|b| b.live()) {
                 live.insert(
                     b.address,
@@ -294,7 +576,7 @@ impl Replay<'_> {
                 );
             }
         }
-        for e in self.device.events.iter().rev() {
+        for e in device.events.iter().rev() {
             match e.action {
                 Action::Alloc => {
                     if live.remove(&e.address).is_none() {
@@ -345,15 +627,30 @@ impl Replay<'_> {
                         size_pool,
                         expandable,
                     };
-                    add_range(&mut ranges, e.address, range, &mut notes);
+                    add_range(&mut ranges, e.address, range, notes);
                 }
                 Action::Segment(_) => {
-                    remove_range(&mut ranges, e.address, e.bytes, &mut notes, e.index);
+                    remove_range(&mut ranges, e.address, e.bytes, notes, e.index);
                 }
                 Action::Oom | Action::Other => {}
             }
         }
-        let segments = self.start_segments(&ranges, &mut live, &mut notes);
+        self.start_segments(&ranges, &mut live, notes)
+    }
+}
+
+impl Replay<'_> {
+    /// Restores the state before the first event.
+    fn restore(&mut self) {
+        let start = start_state(self.device, &self.caching);
+        let mut notes = Notes {
+            kept: start.notes,
+            more: 0,
+        };
+        self.ids = start.ids;
+        self.next_id = self.ids.len() as u64;
+        self.pending_at_start = start.pending;
+        let segments = start.segments;
         self.out.restored_segments = segments.len() as u64;
         self.out.restored_blocks = self.ids.len() as u64;
         if let Err(e) = self.caching.restore(&segments, &mut self.mem) {
@@ -378,6 +675,17 @@ impl Replay<'_> {
         self.caching.take_segment_events();
         self.out.restore_notes = notes.finish();
     }
+}
+
+/// How a request's retry may have gone (the device's free memory is not recorded).
+#[derive(Clone, Copy)]
+enum Reading {
+    /// The first `n` reservations refused.
+    Refused(u32),
+    /// An `empty_cache` before the request, which then had room.
+    EmptyCache,
+    /// The device gave the request this many bytes, then refused.
+    Device(u64),
 }
 
 /// At most this many notes are kept; the rest are counted.
@@ -477,7 +785,7 @@ fn remove_range(
     }
 }
 
-impl Replay<'_> {
+impl Rebuild<'_> {
     /// The segments to restore: every plain segment, and the mapped ranges of each expandable
     /// segment gathered into its virtual range; live blocks get allocation ids.
     fn start_segments(
@@ -590,7 +898,7 @@ impl Replay<'_> {
             self.next_id += 1;
             self.ids.insert(address, id);
             if b.pending {
-                self.pending_at_start.push(id);
+                self.pending.push(id);
             }
             blocks.push(RestoredBlock::Live {
                 bytes,
@@ -622,7 +930,9 @@ impl Replay<'_> {
             rounded
         }
     }
+}
 
+impl Replay<'_> {
     /// The private pool of the final segment holding `address` (the default pool if none).
     fn pool_at_end(&self, address: u64) -> PoolId {
         let segs = &self.device.segments;
@@ -638,13 +948,27 @@ impl Replay<'_> {
         let events = &self.device.events;
         let mut run_start = 0;
         for (k, e) in events.iter().enumerate() {
-            if matches!(e.action, Action::Segment(_)) {
+            if matches!(e.action, Action::Segment(_)) || completed_by_a_retry(events, k) {
                 continue;
             }
             self.settle(&events[run_start..k], Some(e));
             run_start = k + 1;
         }
         self.settle(&events[run_start..], None);
+    }
+
+    /// The `free_completed` entries of a run (see [`completed_by_a_retry`]) the replay of its
+    /// request did not complete itself: completed now.
+    fn complete_the_rest(&mut self, run: &[RecordedEvent]) {
+        for e in run.iter().filter(|e| e.action == Action::FreeCompleted) {
+            if let Some(&id) = self.ids.get(&e.address) {
+                if self.caching.holds(id) {
+                    self.ids.remove(&e.address);
+                    self.caching.free(id, &mut self.mem);
+                    self.drain(e.index);
+                }
+            }
+        }
     }
 
     /// Replays the run of segment events `run` (releases) and the entry after it.
@@ -659,9 +983,18 @@ impl Replay<'_> {
             .iter()
             .skip_while(|e| !matches!(e.action, Action::Segment(kind) if kind.releases()))
             .any(|e| matches!(e.action, Action::Segment(kind) if !kind.releases()));
+        // A retry may find room after its releases without reserving: with `max_split_size`
+        // an expandable segment's free block just before the oversize pages it unmapped, with
+        // expandable segments a free block (made by the frees the retry completed) before
+        // unmapped pages. So with either, releases with no reservation after them are that
+        // retry or an `empty_cache`, told apart by where the request landed.
+        let settings = self.caching.settings();
+        let released_only = !reserves_after
+            && !releases.is_empty()
+            && (settings.max_split_bytes.is_some() || settings.expandable_segments);
         let retry = match next {
             Some(n) if n.action == Action::Oom => true,
-            Some(n) if n.action == Action::Alloc => reserves_after,
+            Some(n) if n.action == Action::Alloc => reserves_after || released_only,
             _ => false,
         };
         let releases = if retry { releases } else { Vec::new() };
@@ -671,6 +1004,7 @@ impl Replay<'_> {
             retry,
         ) {
             // No request behind the release: `empty_cache`.
+            self.complete_the_rest(run);
             self.caching.empty_cache(&mut self.mem);
             self.out.releases_replayed += 1;
             self.drain(first.index);
@@ -682,12 +1016,14 @@ impl Replay<'_> {
                     self.out.releases_replayed += 1;
                 }
                 self.alloc(run, e, retry);
+                self.complete_the_rest(run);
             }
             Action::Oom => {
                 if !releases.is_empty() {
                     self.out.releases_replayed += 1;
                 }
-                self.oom(e, !releases.is_empty());
+                self.oom(run, e, !releases.is_empty());
+                self.complete_the_rest(run);
             }
             Action::FreeRequested => {
                 if let Some(&id) = self.ids.get(&e.address) {
@@ -708,19 +1044,33 @@ impl Replay<'_> {
     /// A request whose retry released and reserved what `run` shows. How many reservations the
     /// device refused is not recorded: one (then everything is released), or with
     /// `max_split_size` one (only oversize blocks released) or two; and the releases may have been
-    /// an `empty_cache` just before the request. The first reading whose segment events are the
-    /// recorded ones is kept, else the first.
+    /// an `empty_cache` just before the request (tried first when nothing was reserved after
+    /// them). The first reading whose segment events are the recorded ones and whose block is at
+    /// the recorded `address` is kept, else the first whose events are, else the first.
     fn retry_alloc(
         &mut self,
         run: &[RecordedEvent],
         req: AllocRequest,
         pool: PoolId,
+        address: u64,
     ) -> Result<gpumem_core::decision::Loc, gpumem_core::alloc::AllocError> {
-        let mut readings = vec![Some(1)];
+        let reserves = run
+            .iter()
+            .any(|e| matches!(e.action, Action::Segment(kind) if !kind.releases()));
+        let mut readings = vec![Reading::Refused(1)];
         if self.caching.settings().max_split_bytes.is_some() {
-            readings.push(Some(2));
+            readings.push(Reading::Refused(2));
         }
-        readings.push(None);
+        if reserves {
+            readings.push(Reading::EmptyCache);
+        } else {
+            readings.insert(0, Reading::EmptyCache);
+        }
+        // Expandable segments map a request's pages run by run: the device may have refused a
+        // later run, not the first.
+        if let Some(given) = given_before_refusal(run) {
+            readings.push(Reading::Device(given));
+        }
         let wanted: Vec<(SegmentEventKind, u64, u64)> = run
             .iter()
             .filter_map(|e| match e.action {
@@ -729,13 +1079,22 @@ impl Replay<'_> {
             })
             .collect();
         let mut first = None;
+        let mut same_events = None;
         for reading in readings {
             let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
             let at = match reading {
-                Some(refusals) => caching.alloc_refused(req, pool, refusals, &mut mem),
-                None => {
+                Reading::Refused(refusals) => caching.alloc_refused(req, pool, refusals, &mut mem),
+                Reading::EmptyCache => {
                     caching.empty_cache(&mut mem);
                     caching.alloc_in(req, pool, &mut mem)
+                }
+                Reading::Device(given) => {
+                    let limit = mem.books.reserved_bytes().saturating_add(given);
+                    let mut device = Budget {
+                        inner: &mut mem,
+                        limit,
+                    };
+                    caching.alloc_in(req, pool, &mut device)
                 }
             };
             let made: Vec<SegmentEvent> = caching.take_segment_events();
@@ -744,14 +1103,21 @@ impl Replay<'_> {
                     .iter()
                     .zip(&wanted)
                     .all(|(m, w)| (m.kind, m.address, m.bytes) == *w);
+            let landed = at
+                .as_ref()
+                .is_ok_and(|&at| caching.address_of(at) == Some(address));
             let tried = (caching, mem, at, made);
-            if same {
-                first = Some(tried);
+            if same && landed {
+                same_events = Some(tried);
                 break;
             }
-            first.get_or_insert(tried);
+            if same {
+                same_events.get_or_insert(tried);
+            } else {
+                first.get_or_insert(tried);
+            }
         }
-        let (caching, mem, at, made) = first.expect("at least one reading");
+        let (caching, mem, at, made) = same_events.or(first).expect("at least one reading");
         self.caching = caching;
         self.mem = mem;
         self.pending_events = made;
@@ -765,10 +1131,44 @@ impl Replay<'_> {
     /// is replayed in a pool of its own, which releases nothing either. (A default-pool `oom`
     /// with nothing to release differs only by completing pending frees, whose
     /// `free_completed` entries come before it and are replayed already.)
-    fn oom(&mut self, e: &RecordedEvent, released: bool) {
+    fn oom(&mut self, run: &[RecordedEvent], e: &RecordedEvent, released: bool) {
         self.out.ooms_recorded += 1;
         let (id, req) = self.request(e.bytes, e.stream);
         let pool = if released { DEFAULT_POOL } else { PoolId::MAX };
+        // Expandable segments: the request may have mapped some runs of pages before the
+        // device refused one; tried first, kept when it makes the recorded events and fails.
+        if let (true, Some(given)) = (released, given_before_refusal(run)) {
+            let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+            let limit = mem.books.reserved_bytes().saturating_add(given);
+            let mut device = Budget {
+                inner: &mut mem,
+                limit,
+            };
+            let at = caching.alloc_in(req, pool, &mut device);
+            let made = caching.take_segment_events();
+            let wanted = run
+                .iter()
+                .filter(|r| matches!(r.action, Action::Segment(_)))
+                .map(|r| match r.action {
+                    Action::Segment(kind) => (kind, r.address, r.bytes),
+                    _ => unreachable!("segment events only"),
+                });
+            let same = made.len()
+                == run
+                    .iter()
+                    .filter(|r| matches!(r.action, Action::Segment(_)))
+                    .count()
+                && made.iter().map(|m| (m.kind, m.address, m.bytes)).eq(wanted);
+            if at.is_err() && same {
+                self.caching = caching;
+                self.mem = mem;
+                self.pending_events = made;
+                self.out.ooms_simulated += 1;
+                self.forget_completed();
+                self.drain(e.index);
+                return;
+            }
+        }
         match self
             .caching
             .alloc_refused(req, pool, u32::MAX, &mut self.mem)
@@ -810,7 +1210,7 @@ impl Replay<'_> {
         let (id, req) = self.request(e.bytes, e.stream);
         self.out.allocs += 1;
         let at = if retry {
-            self.retry_alloc(run, req, pool)
+            self.retry_alloc(run, req, pool, e.address)
         } else {
             self.caching.alloc_in(req, pool, &mut self.mem)
         };

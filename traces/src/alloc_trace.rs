@@ -5,8 +5,10 @@ use gpumem_core::alloc::caching::CachingSettings;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{Location, TraceError};
+use crate::torch::recording::DeviceRecording;
 
 /// Largest size (bytes) any importer accepts for one allocation, segment or block: 2^50 (1 PiB).
 /// Anything larger is an error, never an attempt.
@@ -27,6 +29,24 @@ pub struct AllocTrace {
     /// The caching allocator's settings a torch snapshot recorded (`allocator_settings`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caching_settings: Option<CachingSettings>,
+    /// A torch snapshot's recording of the device the ops come from, which the caching
+    /// strategies start from (the state before its first event); the error says why the
+    /// snapshot could not be read as a recording. `None` for other sources. Not serialized: a
+    /// trace written out (JSON Lines) is replayed from empty.
+    #[serde(skip)]
+    pub recording: Option<Arc<Result<TraceRecording, String>>>,
+}
+
+/// What a replay needs of a torch snapshot to start from the recorded state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceRecording {
+    /// The recording of the trace's device, its streams numbered as the trace's ops number
+    /// them.
+    pub device: DeviceRecording,
+    /// For a trace synthesised from the final state ([`TraceSource::TorchState`]): the ops of
+    /// its recorded events (`free_completed` → `Free`, a run of segment releases →
+    /// `EmptyCache`), which a replay from the state before the first event runs instead.
+    pub event_ops: Option<Vec<AllocOp>>,
 }
 
 /// Where a trace came from.
@@ -143,6 +163,7 @@ impl AllocTrace {
             recorded_ooms: 0,
             skipped_events: 0,
             caching_settings: None,
+            recording: None,
         }
     }
 

@@ -29,9 +29,12 @@
 //! - **Validation:** sizes are integers in 0..=2^50, addresses and streams non-negative and
 //!   within 64 bits; a missing required key is an error naming it.
 
-use crate::alloc_trace::{AllocOp, AllocTrace, OpKind, RecordedSegment, TraceSource, MAX_BYTES};
+use crate::alloc_trace::{
+    AllocOp, AllocTrace, OpKind, RecordedSegment, TraceRecording, TraceSource, MAX_BYTES,
+};
 use crate::error::{echo, TraceError};
 use crate::pickle::{self, Value};
+use recording::DeviceRecording;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -150,7 +153,55 @@ pub fn from_value(path: &Path, root: &Value) -> Result<AllocTrace, TraceError> {
     }
     out.recorded_segments = Some(segs.into_iter().map(|s| s.rec).collect());
     out.caching_settings = caching_settings;
+    let held = trace_recording(path, root, trace, device, has_alloc, &mut streams);
+    out.recording = Some(std::sync::Arc::new(held));
     Ok(out)
+}
+
+/// The recording of the trace's device, read from the same snapshot, with its streams
+/// renumbered as the trace's ops number them.
+fn trace_recording(
+    path: &Path,
+    root: &Value,
+    trace: &[Value],
+    device: usize,
+    has_alloc: bool,
+    streams: &mut Streams,
+) -> Result<TraceRecording, String> {
+    let (recording, raw) = recording::from_value_with_streams(path, root)
+        .map_err(|e| format!("the snapshot cannot be read as a recording: {e}"))?;
+    let mut dev = recording
+        .devices
+        .into_iter()
+        .find(|d| d.device as usize == device)
+        .unwrap_or(DeviceRecording {
+            device: device as u32,
+            events: Vec::new(),
+            segments: Vec::new(),
+        });
+    // Dense index in the recording → raw stream → dense index in the trace.
+    let by_index: BTreeMap<u32, u64> = raw.0.iter().map(|(&r, &i)| (i, r)).collect();
+    let mut renumber = |i: u32| match by_index.get(&i) {
+        Some(&r) => streams.raw_index(r),
+        None => i,
+    };
+    for e in &mut dev.events {
+        e.stream = renumber(e.stream);
+    }
+    for s in &mut dev.segments {
+        s.stream = renumber(s.stream);
+    }
+    let event_ops = if has_alloc {
+        None
+    } else {
+        let mut ops = AllocTrace::named_after(path, TraceSource::TorchTrace);
+        replay_trace(path, trace, &mut Streams::default(), &mut ops).map_err(|e| e.to_string())?;
+        Some(ops.ops)
+    };
+    Ok(TraceRecording {
+        device: dev,
+        event_ops,
+    })
 }
 
 fn action(e: &Value) -> Option<&str> {
@@ -201,7 +252,7 @@ fn req_size(d: &Value, key: &str) -> Result<u64, String> {
 
 /// Dense stream indices: 0 stays 0, others numbered by first appearance.
 #[derive(Default)]
-struct Streams(BTreeMap<u64, u32>);
+pub(crate) struct Streams(BTreeMap<u64, u32>);
 
 impl Streams {
     fn index(&mut self, d: &Value) -> Result<u32, String> {
@@ -209,11 +260,16 @@ impl Streams {
             Some(v) => uint(v, "stream")?,
             None => 0,
         };
+        Ok(self.raw_index(raw))
+    }
+
+    /// The dense index of a raw `cudaStream_t` value.
+    fn raw_index(&mut self, raw: u64) -> u32 {
         if raw == 0 {
-            return Ok(0);
+            return 0;
         }
         let next = self.0.len() as u32 + 1;
-        Ok(*self.0.entry(raw).or_insert(next))
+        *self.0.entry(raw).or_insert(next)
     }
 }
 

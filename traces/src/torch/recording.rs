@@ -113,6 +113,14 @@ pub fn read(path: &Path) -> Result<Recording, TraceError> {
 
 /// Converts an unpickled snapshot.
 pub fn from_value(path: &Path, root: &Value) -> Result<Recording, TraceError> {
+    from_value_with_streams(path, root).map(|(r, _)| r)
+}
+
+/// [`from_value`], and the raw stream values behind the dense indices.
+pub(crate) fn from_value_with_streams(
+    path: &Path,
+    root: &Value,
+) -> Result<(Recording, Streams), TraceError> {
     let file_err = |r: String| TraceError::in_file(path, r);
     if root.as_dict().is_none() {
         return Err(file_err(format!(
@@ -179,11 +187,12 @@ pub fn from_value(path: &Path, root: &Value) -> Result<Recording, TraceError> {
             }
         }
     }
-    Ok(Recording {
+    let recording = Recording {
         name: crate::AllocTrace::named_after(path, crate::TraceSource::TorchTrace).name,
         settings,
         devices,
-    })
+    };
+    Ok((recording, streams))
 }
 
 fn event(e: &Value, index: u64, streams: &mut Streams) -> Result<RecordedEvent, String> {

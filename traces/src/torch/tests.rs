@@ -212,6 +212,84 @@ fn device_with_most_allocs_is_chosen() {
 }
 
 #[test]
+fn the_trace_carries_its_devices_recording_with_the_ops_stream_numbers() {
+    // Device 0's trace names stream 0x77 first, so the recording (streams numbered over the
+    // whole file) calls device 1's 0x99 stream 2; the trace of device 1 (chosen: most allocs)
+    // calls it 1, and so must the recording it carries.
+    let traces = vec![
+        vec![ev("alloc", 0x10, 512, 0x77, 0)],
+        vec![
+            ev("segment_alloc", 0x200, 2 << 20, 0x99, 1),
+            ev("alloc", 0x200, 512, 0x99, 1),
+            ev("free_completed", 0x400, 512, 0x99, 2),
+            ev("alloc", 0x400, 512, 0x99, 3),
+        ],
+    ];
+    let mut seg = segment(
+        1,
+        0x200,
+        2 << 20,
+        "small",
+        vec![
+            block(Some(0x200), 512, Some(512), "active_allocated"),
+            block(Some(0x400), 512, Some(512), "active_allocated"),
+            block(Some(0x600), (2 << 20) - 1024, None, "inactive"),
+        ],
+    );
+    if let Value::Dict(pairs) = &mut seg {
+        for (k, v) in pairs.iter_mut() {
+            if *k == s("stream") {
+                *v = i(0x99);
+            }
+        }
+    }
+    let t = convert(&snapshot(vec![seg], traces)).unwrap();
+    assert_eq!(t.ops[0].kind, alloc(0x200, 512, 1));
+    let held = t
+        .recording
+        .as_deref()
+        .expect("a snapshot carries its recording");
+    let rec = held.as_ref().expect("readable as a recording");
+    assert_eq!(rec.device.device, 1);
+    assert_eq!(
+        rec.event_ops, None,
+        "the trace has allocs: its own ops are the events'"
+    );
+    assert!(rec.device.events.iter().all(|e| e.stream == 1));
+    assert_eq!(rec.device.events.len(), 4);
+    assert!(rec.device.segments.iter().all(|s| s.stream == 1));
+    // Written out and read back (JSON Lines), a trace has no recording.
+    let json = serde_json::to_string(&t).unwrap();
+    let back: AllocTrace = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.recording, None);
+}
+
+#[test]
+fn a_snapshot_without_allocs_carries_the_ops_of_its_events() {
+    // One free and no alloc: the ops allocate the final live block; the recording keeps the
+    // free as the op a replay from the state before it runs.
+    let traces = vec![vec![ev("free_completed", 0x400, 512, 0, 5)]];
+    let seg = segment(
+        0,
+        0x200,
+        2 << 20,
+        "small",
+        vec![
+            block(Some(0x200), 512, Some(512), "active_allocated"),
+            block(Some(0x400), (2 << 20) - 512, None, "inactive"),
+        ],
+    );
+    let t = convert(&snapshot(vec![seg], traces)).unwrap();
+    assert_eq!(t.source, TraceSource::TorchState);
+    assert_eq!(t.ops.len(), 1);
+    let held = t.recording.as_deref().unwrap().as_ref().unwrap();
+    let ops = held.event_ops.as_ref().expect("the events as ops");
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0].kind, OpKind::Free { id: 0x400 });
+    assert_eq!(ops[0].line, 1);
+}
+
+#[test]
 fn state_only_snapshot_synthesises_live_blocks() {
     // torch 2.0 layout: no block address (history instead), no time_us; segments unsorted;
     // most segments on device 1 and no alloc anywhere.
