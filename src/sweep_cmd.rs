@@ -1,5 +1,5 @@
 //! `gpumem sweep kv|alloc [its flags] --axis FLAG=V1,V2 … [--out F.jsonl] [--shard i/n]` and
-//! `gpumem sweep merge FILES… [--out F]`: flags → one spec per point → runs in parallel →
+//! `gpumem sweep merge FILES… [--out F]`, `gpumem sweep plot F.jsonl --metric M --x AXIS`: flags → one spec per point → runs in parallel →
 //! one JSON line per point (`gpumem_sim::sweep`).
 
 use std::io::{BufRead, Write};
@@ -66,6 +66,36 @@ enum SweepCommand {
     /// Join shard files (`--shard i/n` outputs) into exactly the unsharded sweep's bytes;
     /// refuses a missing or duplicate shard and shards of different sweeps.
     Merge(MergeArgs),
+    /// Draw one metric of a sweep's output against one axis, a line per value of another (SVG).
+    #[command(after_help = PLOT_HELP)]
+    Plot(PlotArgs),
+}
+
+const PLOT_HELP: &str = "The metric is a path into each point's JSON report: keys and array
+indices joined by dots. A numeric axis (every value a number) is drawn to scale; any other
+axis places its values evenly, in the sweep's order. Points whose run failed are left out.
+
+Examples:
+  gpumem sweep plot fleet.jsonl --metric ttft_us.p99 --x replicas --series router --out ttft.svg
+  gpumem sweep plot caps.jsonl --metric results.0.bytes_reserved_peak --x capacity --out peak.svg";
+
+#[derive(Args)]
+struct PlotArgs {
+    /// A sweep's lines (`gpumem sweep … --out`, or `sweep merge`'s output); `-` for stdin.
+    #[arg(value_name = "FILE.jsonl")]
+    file: PathBuf,
+    /// What to draw: a number in each point's report, e.g. `ttft_us.p99`, `prefix_hit_rate`.
+    #[arg(long, value_name = "PATH")]
+    metric: String,
+    /// The axis along x (an `--axis` of the sweep, e.g. `replicas`).
+    #[arg(long, value_name = "AXIS")]
+    x: String,
+    /// The axis whose values get a line each (default: one line).
+    #[arg(long, value_name = "AXIS")]
+    series: Option<String>,
+    /// Where to write the SVG (atomically).
+    #[arg(long, value_name = "FILE.svg")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -111,6 +141,7 @@ pub fn run(args: SweepArgs) -> Result<ExitCode, String> {
         (Some(SweepCommand::Kv(p)), _) => sweep("kv", split_flags(p.flags)?, &cwd),
         (Some(SweepCommand::Alloc(p)), _) => sweep("alloc", split_flags(p.flags)?, &cwd),
         (Some(SweepCommand::Merge(m)), _) => merge_files(&m),
+        (Some(SweepCommand::Plot(p)), _) => plot_file(&p),
         (None, Some(path)) => {
             let in_spec = |e: String| format!("{}: {e}", path.display());
             let spec = SweepSpec::read_file(&path)?;
@@ -385,6 +416,22 @@ fn sweep(subcommand: &str, mut flags: SweepFlags, folder: &Path) -> Result<ExitC
     if let Some(f) = file {
         f.commit()?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plot_file(p: &PlotArgs) -> Result<ExitCode, String> {
+    if p.series.as_deref() == Some(p.x.as_str()) {
+        return Err(format!("--series {0} is also --x {0}: name two axes", p.x));
+    }
+    let input = gpumem_traces::read::open(&p.file).map_err(|e| e.to_string())?;
+    let values =
+        gpumem_sim::sweep::plot_values(input, &p.file, &p.metric, &p.x, p.series.as_deref())?;
+    let title = match &p.series {
+        Some(series) => format!("{} by {}, one line per {series}", p.metric, p.x),
+        None => format!("{} by {}", p.metric, p.x),
+    };
+    let svg = gpumem_sim::plot::sweep_svg(&title, &p.x, &p.metric, &values);
+    crate::output::AtomicFile::create(&p.out)?.write_all_and_commit(svg.as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }
 

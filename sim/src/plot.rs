@@ -68,6 +68,8 @@ struct Axis {
     unit_size: f64,
     step: f64,
     top: f64,
+    /// A categorical axis' names, one per whole position from 0 (empty for a numeric axis).
+    names: Vec<String>,
 }
 
 impl Axis {
@@ -93,6 +95,18 @@ impl Axis {
             unit_size: 0.01,
             step: 20.0,
             top: 100.0,
+            names: Vec::new(),
+        }
+    }
+
+    /// Named values at positions 0, 1, … in the order given.
+    fn categories(names: Vec<String>) -> Axis {
+        Axis {
+            unit: "",
+            unit_size: 1.0,
+            step: 1.0,
+            top: names.len().saturating_sub(1).max(1) as f64,
+            names,
         }
     }
 
@@ -116,6 +130,7 @@ impl Axis {
             unit_size,
             step,
             top: intervals * step,
+            names: Vec::new(),
         }
     }
 
@@ -132,6 +147,10 @@ impl Axis {
 
     /// A tick's text: its value with as many decimals as the step needs, then the unit.
     fn label(&self, value: f64) -> String {
+        if !self.names.is_empty() {
+            let name = self.names.get(value.round() as usize);
+            return name.map_or(String::new(), |n| clean_title(n));
+        }
         if value == 0.0 {
             return "0".to_string();
         }
@@ -581,6 +600,78 @@ pub fn reserved_allocated_svg(
         };
         legend.push(("allocated".into(), allocated));
         pressure.thresholds(&mut chart, &mut legend, &x, &y)?;
+        draw_legend(&legend_area, &legend, 50)
+    })
+}
+
+/// A sweep's metric against one axis, a line per value of another: `values` in point order.
+/// The x axis is numeric when every x value is a non-negative number, else one position per
+/// distinct value in order of first appearance; series likewise keep that order.
+pub fn sweep_svg(
+    title: &str,
+    x_name: &str,
+    metric: &str,
+    values: &[crate::sweep::PlotValue],
+) -> String {
+    let numeric = values
+        .iter()
+        .all(|v| v.x.parse::<f64>().is_ok_and(|x| x.is_finite() && x >= 0.0));
+    let mut names: Vec<&str> = Vec::new();
+    let mut series: Vec<Option<&str>> = Vec::new();
+    for v in values {
+        if !names.contains(&v.x.as_str()) {
+            names.push(&v.x);
+        }
+        if !series.contains(&v.series.as_deref()) {
+            series.push(v.series.as_deref());
+        }
+    }
+    let x_of = |v: &crate::sweep::PlotValue| -> f64 {
+        if numeric {
+            v.x.parse().unwrap_or(0.0)
+        } else {
+            names.iter().position(|&n| n == v.x).unwrap_or(0) as f64
+        }
+    };
+    let x = if numeric {
+        let max = values.iter().map(x_of).fold(0.0, f64::max);
+        Axis::in_units(max, &[("", 1.0)], false)
+    } else {
+        Axis::categories(names.iter().map(|n| n.to_string()).collect())
+    };
+    // Units from the metric's name, as the reports name their fields: `…_us`, `…bytes…`.
+    let in_us = metric.split('.').any(|key| key.ends_with("_us"));
+    let scale = if in_us { 1e3 } else { 1.0 };
+    let y_max = values.iter().map(|v| v.y * scale).fold(0.0, f64::max);
+    let y = if in_us {
+        Axis::time_ns(y_max)
+    } else if metric.contains("bytes") {
+        Axis::bytes(y_max)
+    } else {
+        Axis::in_units(y_max, &[("", 1.0)], false)
+    };
+    render_svg(ALLOC_HEIGHT_PX, |root| {
+        let (plot_area, legend_area) = split_for_legend(root);
+        let mut chart = chart_on(&plot_area, &clean_title(title), 20, (&x, &y), x_name)?;
+        let mut legend = Legend::new();
+        for (i, s) in series.iter().enumerate() {
+            let mut points: Vec<(f64, f64)> = values
+                .iter()
+                .filter(|v| v.series.as_deref() == *s)
+                .map(|v| (x.position(x_of(v)), y.position((v.y * scale).max(0.0))))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let style = LineStyle::solid(COLOURS[i % COLOURS.len()], Some(i));
+            let name = s.map_or_else(|| clean_title(metric), clean_title);
+            draw_line(
+                &mut chart,
+                &mut legend,
+                &points,
+                style,
+                Some(name),
+                (i, series.len()),
+            )?;
+        }
         draw_legend(&legend_area, &legend, 50)
     })
 }

@@ -441,3 +441,99 @@ mod tests {
         assert!(merged(&[]).unwrap_err().contains("no sweep lines"));
     }
 }
+
+/// One point of a sweep as a plot takes it: its value on the x axis, on the series axis (when
+/// one is asked) and the metric.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlotValue {
+    pub x: String,
+    pub series: Option<String>,
+    pub y: f64,
+}
+
+/// The metric at `path` in a point's report: keys and array indices joined by dots
+/// (`ttft_us.p99`, `results.0.bytes_reserved_peak`).
+fn metric_at<'v>(report: &'v serde_json::Value, path: &str) -> Option<&'v serde_json::Value> {
+    path.split('.').try_fold(report, |v, key| match v {
+        serde_json::Value::Array(items) => items.get(key.parse::<usize>().ok()?),
+        _ => v.get(key),
+    })
+}
+
+/// Reads a sweep's lines (as `gpumem sweep` or `sweep merge` wrote them) and takes from each
+/// point its value of axis `x`, of axis `series` if given, and the number at `metric` in its
+/// report. A point whose run failed is left out; a metric that is missing or not a number is
+/// an error naming the line and what the report holds there.
+pub fn plot_values(
+    input: impl BufRead,
+    path: &Path,
+    metric: &str,
+    x: &str,
+    series: Option<&str>,
+) -> Result<Vec<PlotValue>, String> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        axes: std::collections::BTreeMap<String, String>,
+        report: Option<serde_json::Value>,
+    }
+    let mut values = Vec::new();
+    let mut reader = LineReader::new(input, path);
+    while let Some(line) = reader.next_line() {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.is_blank() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), line.number);
+        let point: Line =
+            serde_json::from_str(line.text).map_err(|e| format!("{at}: not a sweep line: {e}"))?;
+        if values.len() >= MAX_POINTS {
+            return Err(format!("{at}: more than {MAX_POINTS} points (MAX_POINTS)"));
+        }
+        let axis = |name: &str| {
+            point.axes.get(name).cloned().ok_or_else(|| {
+                let known: Vec<&str> = point.axes.keys().map(String::as_str).collect();
+                format!(
+                    "{at}: no axis '{}' (the sweep's axes: {})",
+                    gpumem_traces::echo(name),
+                    known.join(", ")
+                )
+            })
+        };
+        let x_value = axis(x)?;
+        let series_value = series.map(axis).transpose()?;
+        let Some(report) = point.report else {
+            continue;
+        };
+        let y = match metric_at(&report, metric) {
+            Some(v) => v.as_f64().filter(|y| y.is_finite()).ok_or_else(|| {
+                format!(
+                    "{at}: metric '{}' is not a number here",
+                    gpumem_traces::echo(metric)
+                )
+            })?,
+            None => {
+                let keys: Vec<&str> = report
+                    .as_object()
+                    .map(|o| o.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "{at}: the report has no '{}' (its keys: {})",
+                    gpumem_traces::echo(metric),
+                    keys.join(", ")
+                ));
+            }
+        };
+        values.push(PlotValue {
+            x: x_value,
+            series: series_value,
+            y,
+        });
+    }
+    if values.is_empty() {
+        return Err(format!(
+            "{}: no point with a report to plot",
+            path.display()
+        ));
+    }
+    Ok(values)
+}
