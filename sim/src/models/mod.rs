@@ -28,7 +28,7 @@ use gpumem_core::sleep::SleepLevel;
 
 use crate::serve::profile::{GpuProfile, ModelProfile};
 
-pub use driver::simulate_models;
+pub use driver::{models_books, simulate_models, simulate_models_on};
 pub use report::{render_models_text, ModelsReport};
 pub use workload::{ModelsWorkload, MAX_MODELS};
 
