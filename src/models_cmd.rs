@@ -7,15 +7,18 @@ use clap::Args;
 use gpumem_core::balance::Placement;
 use gpumem_core::offloader::OffloaderConfig;
 use gpumem_core::sleep::SleepLevel;
+use gpumem_sim::executor::{AllocCostModel, SimExecutor};
 use gpumem_sim::models::{
-    render_models_text, simulate_models, ModelChoice, ModelsSetup, ModelsWorkload, Policy,
-    MAX_MODELS,
+    models_books, render_models_text, simulate_models_on, ModelChoice, ModelsSetup, ModelsWorkload,
+    Policy, MAX_MODELS,
 };
 use gpumem_sim::serve::profile::{GpuProfile, ModelProfile};
 use gpumem_sim::spec::Fraction;
+use gpumem_sim::Executor;
 use gpumem_traces::serving::import::parse_decimal;
 
 use crate::progress::Progress;
+use crate::sleep_exec::{self, SleepExecuteArgs};
 
 /// The models of a run without `--models`: five on one H100 (three profiles, two fine-tunes),
 /// more than fit at once.
@@ -29,6 +32,12 @@ const DEFAULT_MODELS: &str = "llama-3.1-8b,qwen2.5-7b,mistral-7b,llama-3.1-8b@ft
   gpumem models --policy sleep --sleep-level 2    vLLM's sleep mode; weights reload from disk
   gpumem models --gpus 2 --placement balanced     models spread over two GPUs
   gpumem models --policy offloader --predict-horizon-ms 2000 --json
+  gpumem models --policy sleep --requests 100 --execute host --weight-bytes-scale 1/512
+                                                  the same run on host memory: every sleep
+                                                  unmaps, every wake maps the same addresses
+                                                  and restores the checked weights
+  gpumem models --policy sleep --execute host --weight-bytes-scale 1/512 --inject corrupt-backup
+                                                  a corrupted backup must be caught (exit 1)
 
 Policies:
   static     every model resident all the time; refused when they do not fit
@@ -47,7 +56,15 @@ one GPU take turns: their steps never overlap, and their loads share the host li
 A model is NAME or NAME@TAG (a fine-tune: the same sizes, its own weights); names are the
 built-in profiles of `gpumem kv --model` or a profile file. The workload is the built-in
 seeded one of `gpumem kv`, each request given to a model by Zipf popularity (the first model
-most popular) in bursts (--burst percent of requests stay with the previous model).")]
+most popular) in bursts (--burst percent of requests stay with the previous model).
+
+With --execute host|cuda the run is made twice, simulated and on real memory, with the same
+decisions: weights and KV pools are written with a pattern of their content, each sleep's
+backup and each wake's restore is checked at both ends, and the JSON adds
+`addresses_preserved` (every wake found every range at the address it was allocated at),
+`rss_drop_bytes` (resident memory the sleeps gave back, measured), `bytes_verified`,
+`mismatches`, `digest_simulated` and the executor's whole report under `execution`. Exit 1 on
+a wrong byte, a digest other than the simulation's or a range that moved.")]
 pub struct ModelsArgs {
     /// Comma-separated models, NAME or NAME@TAG.
     #[arg(long, value_name = "LIST", default_value = DEFAULT_MODELS)]
@@ -118,20 +135,68 @@ pub struct ModelsArgs {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    exec: SleepExecuteArgs,
 }
 
 pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
     let (setup, workload) = resolve(&args)?;
-    let progress = Progress::with_unit(1, workload.requests, "requests");
-    let report = simulate_models(&setup, &workload, &mut |n| progress.update(0, n));
+    args.exec.validate()?;
+    let runs = if args.exec.execute.is_some() { 2 } else { 1 };
+    let progress = Progress::with_unit(runs, workload.requests, "requests");
+    let books = models_books(&setup).map_err(|e| e.to_string())?;
+    let links = setup.gpu.links()?;
+    let mut sim = SimExecutor::with_books(books.clone(), AllocCostModel::default(), links);
+    let simulated = simulate_models_on(&setup, &workload, &mut sim, &mut |n| progress.update(0, n));
+    let report = match simulated {
+        Ok((report, _)) => report,
+        Err(e) => {
+            progress.finish();
+            return Err(e.to_string());
+        }
+    };
+    let Some(device) = args.exec.execute else {
+        progress.finish();
+        if args.json {
+            crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
+        } else {
+            crate::output::print(&render_models_text(&report))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let peak = sleep_exec::peak_bytes(sim.books());
+    let what = format!("--execute of {} models", setup.models.len());
+    let executed = sleep_exec::execute(
+        &args.exec,
+        device,
+        args.seed,
+        books,
+        peak,
+        &what,
+        &mut |exec| {
+            simulate_models_on(&setup, &workload, exec, &mut |n| progress.update(1, n))
+                .map_err(|e| e.to_string())
+        },
+    );
     progress.finish();
-    let report = report.map_err(|e| e.to_string())?;
+    let executed = executed?;
+    let ok = sleep_exec::passed(&executed.report.digest, &report.digest, &executed);
     if args.json {
-        crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
+        let value = serde_json::to_value(&executed.report).expect("report serializes");
+        let value = sleep_exec::json_with_execution(
+            value,
+            &report.digest,
+            args.exec.weight_bytes_scale,
+            &executed,
+        );
+        crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
     } else {
-        crate::output::print(&render_models_text(&report))?;
+        let mut text = render_models_text(&executed.report);
+        text += &sleep_exec::text(&report.digest, &executed.report.digest, &executed);
+        crate::output::print(&text)?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(sleep_exec::exit_code(ok))
 }
 
 fn resolve(args: &ModelsArgs) -> Result<(ModelsSetup, ModelsWorkload), String> {
