@@ -93,6 +93,9 @@ pub fn peak_bytes(books: &Books) -> u64 {
         .fold(0u64, u64::saturating_add)
 }
 
+/// A run on any executor: its report and what the executor observed of sleeps and wakes.
+pub type RunOn<'a, R> = dyn FnMut(&mut dyn Executor) -> Result<(R, SleepObservations), String> + 'a;
+
 /// Runs `run` again on the device the flags name, with `books` (the simulated run's places
 /// and capacities). `peak_bytes` (the simulation's) is checked against what the device has
 /// first, so a run too large for it is a clear error, not an OOM half way.
@@ -103,7 +106,7 @@ pub fn execute<R>(
     books: Books,
     peak_bytes: u64,
     what: &str,
-    run: &mut dyn FnMut(&mut dyn Executor) -> Result<(R, SleepObservations), String>,
+    run: &mut RunOn<'_, R>,
 ) -> Result<Executed<R>, String> {
     let faults = parse_faults(&args.inject)?;
     fn on<D: Device, R>(
@@ -113,7 +116,7 @@ pub fn execute<R>(
         seed: u64,
         peak_bytes: u64,
         what: &str,
-        run: &mut dyn FnMut(&mut dyn Executor) -> Result<(R, SleepObservations), String>,
+        run: &mut RunOn<'_, R>,
     ) -> Result<Executed<R>, String> {
         check_room(&mut device, peak_bytes, what)
             .map_err(|e| e.replace("(--execute-scale)", "(--weight-bytes-scale 1/512)"))?;
