@@ -294,9 +294,12 @@ pub fn colocate_on<E: Executor>(
             bytes_h2d += s.bytes_copied;
             let mut took = exec.modelled_ns_total() - before;
             if reload {
+                // Reloaded from storage: disk time, not the write's.
                 pool.write(weights, 1, &mut exec);
                 took += links.disk.transfer_ns(sizing.weight_bytes);
             }
+            // A device executor re-checks every content it holds: the weights just woken.
+            exec.checkpoint();
             sleep_wake_ns += took;
             t_ns += took;
         }

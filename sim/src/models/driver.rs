@@ -496,6 +496,10 @@ impl<E: Executor> Run<E> {
         let took_ns = self.exec.modelled_ns_total() - before + extra_ns;
         if self.setup.policy == Policy::Sleep {
             self.sleep_wake_ns += took_ns;
+            // A device executor re-checks every content it holds now: the weights just loaded
+            // or woken (written, restored or reloaded) and every other model's, backups
+            // included. Observation only: the simulator checks nothing and no decision follows.
+            self.exec.checkpoint();
         }
         let start = now_ns.max(self.gpus[g].link_free_ns);
         let ready_ns = start + took_ns;
