@@ -297,9 +297,10 @@ pub fn colocate_on<E: Executor>(
                 // Reloaded from storage: disk time, not the write's.
                 pool.write(weights, 1, &mut exec);
                 took += links.disk.transfer_ns(sizing.weight_bytes);
+                // Written in place, with no copy check: a device executor re-checks every
+                // content it holds (a restored backup was checked at both ends of its copy).
+                exec.checkpoint();
             }
-            // A device executor re-checks every content it holds: the weights just woken.
-            exec.checkpoint();
             sleep_wake_ns += took;
             t_ns += took;
         }

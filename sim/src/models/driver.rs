@@ -431,6 +431,7 @@ impl<E: Executor> Run<E> {
         let g = self.gpu_index(self.slots[i].device);
         let before = self.exec.modelled_ns_total();
         let mut extra_ns = 0;
+        let mut written = false;
         let s = &self.slots[i];
         let (model, other, weight_bytes) = (s.model, s.other_bytes, s.weight_bytes);
         let name = s.name.clone();
@@ -457,6 +458,7 @@ impl<E: Executor> Run<E> {
                         Err(e) => return Err(internal(format!("wake: {e}"))),
                     };
                     if reload {
+                        written = true;
                         h.pool.write(h.weights, i as u64 + 1, &mut self.exec);
                         extra_ns = self.links.disk.transfer_ns(weight_bytes);
                     }
@@ -472,6 +474,7 @@ impl<E: Executor> Run<E> {
                         .map_err(|r| internal(format!("weights refused ({r:?})")))?;
                     pool.allocate(Tag::KvCache, other, 0, &mut self.exec)
                         .map_err(|r| internal(format!("KV pool refused ({r:?})")))?;
+                    written = true;
                     // The first load reads the weights from the host copy, as the others do.
                     extra_ns = self.links.host_pinned.transfer_ns(weight_bytes);
                     self.bytes_h2d += weight_bytes;
@@ -496,10 +499,13 @@ impl<E: Executor> Run<E> {
         let took_ns = self.exec.modelled_ns_total() - before + extra_ns;
         if self.setup.policy == Policy::Sleep {
             self.sleep_wake_ns += took_ns;
-            // A device executor re-checks every content it holds now: the weights just loaded
-            // or woken (written, restored or reloaded) and every other model's, backups
-            // included. Observation only: the simulator checks nothing and no decision follows.
-            self.exec.checkpoint();
+            if written {
+                // Weights written in place (a first load, or a reload from storage) have had
+                // no copy check: a device executor re-checks every content it holds now, these
+                // and every other model's, backups included (a restored backup was checked at
+                // both ends of its copy). Observation only: no decision follows.
+                self.exec.checkpoint();
+            }
         }
         let start = now_ns.max(self.gpus[g].link_free_ns);
         let ready_ns = start + took_ns;
