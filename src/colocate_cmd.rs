@@ -146,7 +146,12 @@ pub fn run(args: ColocateArgs) -> Result<ExitCode, String> {
         crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
     } else {
         let mut text = render_colocate_text(&executed.report);
-        text += &sleep_exec::text(&report.digest, &executed.report.digest, &executed);
+        text += &sleep_exec::text(
+            &report.digest,
+            &executed.report.digest,
+            args.exec.weight_bytes_scale,
+            &executed,
+        );
         crate::output::print(&text)?;
     }
     Ok(sleep_exec::exit_code(ok))

@@ -36,7 +36,7 @@ const DEFAULT_MODELS: &str = "llama-3.1-8b,qwen2.5-7b,mistral-7b,llama-3.1-8b@ft
                                                   the same run on host memory: every sleep
                                                   unmaps, every wake maps the same addresses
                                                   and restores the checked weights
-  gpumem models --policy sleep --execute host --weight-bytes-scale 1/512 --inject corrupt-backup
+  gpumem models --policy sleep --execute host --weight-bytes-scale 1/512 --inject corrupt-backup:1
                                                   a corrupted backup must be caught (exit 1)
 
 Policies:
@@ -193,7 +193,12 @@ pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
         crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
     } else {
         let mut text = render_models_text(&executed.report);
-        text += &sleep_exec::text(&report.digest, &executed.report.digest, &executed);
+        text += &sleep_exec::text(
+            &report.digest,
+            &executed.report.digest,
+            args.exec.weight_bytes_scale,
+            &executed,
+        );
         crate::output::print(&text)?;
     }
     Ok(sleep_exec::exit_code(ok))

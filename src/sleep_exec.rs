@@ -177,12 +177,21 @@ pub fn json_with_execution(
 }
 
 /// The text lines of what the device observed.
-pub fn text(simulated_digest: &str, executed_digest: &str, e: &Executed<impl Sized>) -> String {
+pub fn text(
+    simulated_digest: &str,
+    executed_digest: &str,
+    scale: u64,
+    e: &Executed<impl Sized>,
+) -> String {
     let x = &e.exec;
     let o = &e.observed;
     let equal = executed_digest == simulated_digest && x.digest == simulated_digest;
+    let in_memory = match scale {
+        1 => String::new(),
+        k => format!(" (as the decisions name them; 1/{k} of that in memory)"),
+    };
     let mut out = format!(
-        "\nexecuted on {}: digests {}, {} verified, {} mismatched bytes\n",
+        "\nexecuted on {}: digests {}, {} verified{in_memory}, {} mismatched bytes\n",
         x.device,
         if equal {
             "equal to the simulation's"
