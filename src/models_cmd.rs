@@ -143,6 +143,12 @@ pub struct ModelsArgs {
 pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
     let (setup, workload) = resolve(&args)?;
     args.exec.validate()?;
+    if args.exec.execute == Some(crate::alloc_cmd::ExecuteArg::Cuda) && setup.gpus > 1 {
+        return Err(format!(
+            "--execute cuda drives one GPU, not --gpus {}: run --gpus 1, or --execute host (host memory stands in for every GPU)",
+            setup.gpus
+        ));
+    }
     let runs = if args.exec.execute.is_some() { 2 } else { 1 };
     let progress = Progress::with_unit(runs, workload.requests, "requests");
     let books = models_books(&setup).map_err(|e| e.to_string())?;

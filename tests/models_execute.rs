@@ -129,7 +129,11 @@ fn a_corrupted_backup_is_caught_when_its_wake_restores_it() {
 
 #[test]
 fn execution_flags_are_checked() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--gpus", "2", "--execute", "cuda"],
+            "--execute cuda drives one GPU",
+        ),
         (
             &["--weight-bytes-scale", "1/512"],
             "--weight-bytes-scale needs --execute host",
