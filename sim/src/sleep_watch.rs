@@ -97,3 +97,93 @@ impl SleepWatch {
         obs
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpumem_core::books::Books;
+    use gpumem_core::decision::{Decision, Refusal};
+    use gpumem_core::digest::Digest;
+    use gpumem_core::executor::Ledger;
+    use gpumem_core::place::{DeviceId, Place, Tier};
+    use gpumem_core::sleep::{SleepLevel, Tag};
+
+    /// Books plus made-up addresses (each range's base moves by `shift` at every map) and a
+    /// resident figure that follows the mapped bytes.
+    struct Addressed {
+        ledger: Ledger,
+        shift: u64,
+        maps: u64,
+    }
+
+    impl Executor for Addressed {
+        fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
+            if matches!(d, Decision::Map { .. }) {
+                self.maps += 1;
+            }
+            self.ledger.apply(d)
+        }
+        fn books(&self) -> &Books {
+            &self.ledger.books
+        }
+        fn digest(&self) -> &Digest {
+            &self.ledger.digest
+        }
+        fn segment_base(&self, segment: SegmentId) -> Option<u64> {
+            Some(segment.packed() + self.shift * self.maps)
+        }
+        fn resident_bytes_now(&mut self) -> Option<u64> {
+            Some(self.ledger.books.account(Place::GPU0).reserved_bytes)
+        }
+    }
+
+    fn run(shift: u64) -> SleepObservations {
+        let mut exec = Addressed {
+            ledger: Ledger::new(Books::with_places(&[
+                (Place::GPU0, 1 << 30),
+                (Place::new(0, Tier::PinnedHost), 1 << 30),
+            ])),
+            shift,
+            maps: 0,
+        };
+        let mut pool = CuMemPool::new(DeviceId(0));
+        pool.allocate(Tag::Weights, 4 << 20, 1, &mut exec).unwrap();
+        pool.allocate(Tag::KvCache, 8 << 20, 0, &mut exec).unwrap();
+        let mut watch = SleepWatch::new();
+        watch.allocated(&pool, &exec);
+        for _ in 0..2 {
+            watch.before_sleep(&mut exec);
+            pool.sleep(SleepLevel::One, &mut exec).unwrap();
+            watch.after_sleep(&mut exec);
+            pool.wake_up(None, &mut exec).unwrap();
+            watch.after_wake(&pool, &exec);
+        }
+        watch.observations()
+    }
+
+    #[test]
+    fn wakes_at_the_first_addresses_are_preserved_and_a_moved_range_is_not() {
+        let kept = run(0);
+        assert_eq!((kept.sleeps, kept.wakes, kept.ranges_checked), (2, 2, 4));
+        assert_eq!(kept.addresses_preserved, Some(true));
+        assert_eq!(kept.rss_drop_bytes, Some(2 * (12 << 20)));
+        let moved = run(4096);
+        assert_eq!(moved.ranges_moved, 4);
+        assert_eq!(moved.addresses_preserved, Some(false));
+    }
+
+    #[test]
+    fn the_books_alone_observe_nothing() {
+        let mut exec = Ledger::new(Books::new(1 << 30));
+        let mut pool = CuMemPool::new(DeviceId(0));
+        pool.allocate(Tag::KvCache, 2 << 20, 0, &mut exec).unwrap();
+        let mut watch = SleepWatch::new();
+        watch.allocated(&pool, &exec);
+        watch.before_sleep(&mut exec);
+        watch.after_sleep(&mut exec);
+        watch.after_wake(&pool, &exec);
+        let o = watch.observations();
+        assert_eq!((o.addresses_preserved, o.rss_drop_bytes), (None, None));
+        assert_eq!(o.ranges_checked, 0);
+    }
+}
