@@ -149,23 +149,35 @@ struct Gpumem<A> {
     a: A,
     mem: CapacityOnly,
     next: u64,
+    /// Freed ids, reused most recent first (as `gpumem alloc`'s replay does): the peers reuse
+    /// their handles, and a strategy's id-indexed tables then stay the size of the live set.
+    free_ids: Vec<AllocId>,
 }
 
 impl<A: Allocate> Peer for Gpumem<A> {
     type Handle = AllocId;
     fn alloc(&mut self, units: u32) -> Option<AllocId> {
-        let id = AllocId(self.next);
-        self.next += 1;
+        let id = self.free_ids.pop().unwrap_or_else(|| {
+            self.next += 1;
+            AllocId(self.next - 1)
+        });
         let req = AllocRequest {
             id,
             bytes: units as u64 * UNIT,
             stream: 0,
             pinned: false,
         };
-        self.a.alloc(req, &mut self.mem).ok().map(|_| id)
+        match self.a.alloc(req, &mut self.mem) {
+            Ok(_) => Some(id),
+            Err(_) => {
+                self.free_ids.push(id);
+                None
+            }
+        }
     }
     fn free(&mut self, id: AllocId, _: u32) {
-        self.a.free(id, &mut self.mem)
+        self.a.free(id, &mut self.mem);
+        self.free_ids.push(id);
     }
 }
 
@@ -185,6 +197,7 @@ fn gpumem<A>(a: A) -> Gpumem<A> {
             digest: Digest::new(),
         },
         next: 0,
+        free_ids: Vec::new(),
     }
 }
 

@@ -499,7 +499,7 @@ struct OpenedTrace {
 
 /// The trace at `path` from its start (`format` None: told from its first line), counting
 /// the bytes read into `bytes_read`.
-fn open_counted(
+pub(crate) fn open_counted(
     path: &Path,
     format: Option<WorkloadFormat>,
     limit: Option<u64>,

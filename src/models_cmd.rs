@@ -1,6 +1,9 @@
 //! `gpumem models`: several models served from fewer GPUs, under one residency policy.
 
+use std::cell::Cell;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::rc::Rc;
 
 use clap::Args;
 
@@ -9,13 +12,15 @@ use gpumem_core::offloader::OffloaderConfig;
 use gpumem_core::sleep::SleepLevel;
 use gpumem_sim::executor::{AllocCostModel, SimExecutor};
 use gpumem_sim::models::{
-    models_books, render_models_text, simulate_models_on, ModelChoice, ModelsSetup, ModelsWorkload,
-    Policy, MAX_MODELS,
+    models_books, render_models_text, simulate_models_on, simulate_models_trace_on, ModelChoice,
+    ModelMap, ModelsReport, ModelsSetup, ModelsWorkload, Policy, TraceArrivals, MAX_MODELS,
 };
 use gpumem_sim::serve::profile::{GpuProfile, ModelProfile};
+use gpumem_sim::sleep_watch::SleepObservations;
 use gpumem_sim::spec::Fraction;
 use gpumem_sim::Executor;
 use gpumem_traces::serving::import::parse_decimal;
+use gpumem_traces::serving::{WorkloadFormat, MAX_MODEL_NAME_BYTES};
 
 use crate::progress::Progress;
 use crate::sleep_exec::{self, SleepExecuteArgs};
@@ -32,6 +37,10 @@ const DEFAULT_MODELS: &str = "llama-3.1-8b,qwen2.5-7b,mistral-7b,llama-3.1-8b@ft
   gpumem models --policy sleep --sleep-level 2    vLLM's sleep mode; weights reload from disk
   gpumem models --gpus 2 --placement balanced     models spread over two GPUs
   gpumem models --policy offloader --predict-horizon-ms 2000 --json
+  gpumem models --trace requests.jsonl --models llama-3.1-8b,llama-3.1-8b@ft1,qwen2.5-7b
+                                                  each request served by the model it names
+  gpumem models --trace BurstGPT_1.csv --limit 5000 --models llama-3.1-8b,qwen2.5-7b \\
+      --model-map ChatGPT=llama-3.1-8b,GPT-4=qwen2.5-7b
   gpumem models --policy sleep --requests 100 --execute host --weight-bytes-scale 1/512
                                                   the same run on host memory: every sleep
                                                   unmaps, every wake maps the same addresses
@@ -54,9 +63,24 @@ Offloading a model discards its KV cache (vLLM resets the prefix cache on sleep)
 one GPU take turns: their steps never overlap, and their loads share the host link.
 
 A model is NAME or NAME@TAG (a fine-tune: the same sizes, its own weights); names are the
-built-in profiles of `gpumem kv --model` or a profile file. The workload is the built-in
-seeded one of `gpumem kv`, each request given to a model by Zipf popularity (the first model
-most popular) in bursts (--burst percent of requests stay with the previous model).
+built-in profiles of `gpumem kv --model` or a profile file.
+
+Without --trace the workload is the built-in seeded one of `gpumem kv`, each request given to
+a model by Zipf popularity (the first model most popular) in bursts (--burst percent of
+requests stay with the previous model). With --trace, each request names its model (formats
+detected from the first line when --format is not given):
+  conformance   {\"id\", \"arrival_us\", \"prompt\": [tokens] | \"hash_ids\" + \"input_length\",
+                \"max_tokens\", \"model\": \"qwen2.5-7b@ft2\"}
+  mooncake      {\"timestamp\" (ms), \"input_length\", \"output_length\", \"hash_ids\" (512-token
+                blocks), \"model\": \"llama-3.1-8b\"}
+  burstgpt      CSV Timestamp,Model,Request tokens,Response tokens,... (failed requests skipped);
+                its Model column (ChatGPT, GPT-4) mapped by --model-map ChatGPT=M1,GPT-4=M2
+A request's model must equal one of --models exactly, NAME or NAME@TAG (with --model-map: be
+one of the map's keys), and be at most 256 bytes (MAX_MODEL_NAME_BYTES); a request naming
+another, or none, stops the run with its file and line. A prompt must be shorter than its
+model's max_model_len (its profile's, or what its KV pool holds if less). The trace is read
+one request at a time, so it may be large or a pipe
+(-: standard input); `gpumem kv` reads the same files and ignores the model field.
 
 With --execute host|cuda the run is made twice, simulated and on real memory, with the same
 decisions: weights and KV pools are written with a pattern of their content, each sleep's
@@ -64,7 +88,8 @@ backup and each wake's restore is checked at both ends, and the JSON adds
 `addresses_preserved` (every wake found every range at the address it was allocated at),
 `rss_drop_bytes` (resident memory the sleeps gave back, measured), `bytes_verified`,
 `mismatches`, `digest_simulated` and the executor's whole report under `execution`. Exit 1 on
-a wrong byte, a digest other than the simulation's or a range that moved.")]
+a wrong byte, a digest other than the simulation's or a range that moved. With --trace it
+reads the trace twice: give a file.")]
 pub struct ModelsArgs {
     /// Comma-separated models, NAME or NAME@TAG.
     #[arg(long, value_name = "LIST", default_value = DEFAULT_MODELS)]
@@ -116,20 +141,53 @@ pub struct ModelsArgs {
     #[arg(long, value_name = "LEVEL", default_value_t = 1)]
     sleep_level: u64,
 
+    /// Request trace whose requests name their model (see the formats below; -: standard
+    /// input). Without it the built-in seeded workload runs.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+
+    /// Trace format: conformance, mooncake, burstgpt [default: detected].
+    #[arg(long, value_name = "FORMAT", requires = "trace", value_parser = parse_format)]
+    format: Option<WorkloadFormat>,
+
+    /// Use only the first N requests of the trace.
+    #[arg(long, value_name = "N", requires = "trace")]
+    limit: Option<u64>,
+
+    /// The trace's model names mapped to --models, TRACE_NAME=MODEL,… (BurstGPT:
+    /// ChatGPT=llama-3.1-8b,GPT-4=qwen2.5-7b); every name in the trace must be a key.
+    #[arg(long, value_name = "MAP", requires = "trace")]
+    model_map: Option<String>,
+
     /// Requests of the built-in workload.
-    #[arg(long, value_name = "N", default_value_t = 400)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 400,
+        conflicts_with = "trace"
+    )]
     requests: u64,
 
-    /// Arrivals per second (Poisson), up to three decimals.
-    #[arg(long, value_name = "PER_S", default_value = "4")]
+    /// Arrivals per second (Poisson) of the built-in workload, up to three decimals.
+    #[arg(
+        long,
+        value_name = "PER_S",
+        default_value = "4",
+        conflicts_with = "trace"
+    )]
     rate: String,
 
-    /// Percent of requests that stay with the previous request's model.
-    #[arg(long, value_name = "PCT", default_value_t = 70)]
+    /// Percent of requests that stay with the previous request's model (built-in workload).
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 70,
+        conflicts_with = "trace"
+    )]
     burst: u32,
 
-    /// Seed of the workload.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the built-in workload.
+    #[arg(long, default_value_t = 0, conflicts_with = "trace")]
     seed: u64,
 
     /// Print one JSON object instead of the text report.
@@ -149,21 +207,19 @@ pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
             setup.gpus
         ));
     }
-    let runs = if args.exec.execute.is_some() { 2 } else { 1 };
-    let progress = Progress::with_unit(runs, workload.requests, "requests");
+    if let (Some(path), Some(_)) = (&args.trace, args.exec.execute) {
+        if path.as_os_str() == "-" || !path.is_file() {
+            return Err(format!(
+                "{}: --execute reads the trace twice (simulated, then on the device): give a file, not a pipe or standard input",
+                path.display()
+            ));
+        }
+    }
     let books = models_books(&setup).map_err(|e| e.to_string())?;
     let links = setup.gpu.links()?;
     let mut sim = SimExecutor::with_books(books.clone(), AllocCostModel::default(), links);
-    let simulated = simulate_models_on(&setup, &workload, &mut sim, &mut |n| progress.update(0, n));
-    let report = match simulated {
-        Ok((report, _)) => report,
-        Err(e) => {
-            progress.finish();
-            return Err(e.to_string());
-        }
-    };
+    let (report, _) = run_on(&args, &setup, &workload, &mut sim, 0)?;
     let Some(device) = args.exec.execute else {
-        progress.finish();
         if args.json {
             crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
         } else {
@@ -180,13 +236,8 @@ pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
         books,
         peak,
         &what,
-        &mut |exec| {
-            simulate_models_on(&setup, &workload, exec, &mut |n| progress.update(1, n))
-                .map_err(|e| e.to_string())
-        },
-    );
-    progress.finish();
-    let executed = executed?;
+        &mut |exec| run_on(&args, &setup, &workload, exec, 1),
+    )?;
     let ok = sleep_exec::passed(&executed.report.digest, &report.digest, &executed);
     if args.json {
         let value = serde_json::to_value(&executed.report).expect("report serializes");
@@ -208,6 +259,81 @@ pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
         crate::output::print(&text)?;
     }
     Ok(sleep_exec::exit_code(ok))
+}
+
+/// One run on `exec`, of the built-in workload or of `--trace` (`pass`: 0 simulated, 1 on the
+/// device, whose trace warnings are the simulated run's and are not repeated).
+fn run_on(
+    args: &ModelsArgs,
+    setup: &ModelsSetup,
+    workload: &ModelsWorkload,
+    exec: &mut dyn Executor,
+    pass: usize,
+) -> Result<(ModelsReport, SleepObservations), String> {
+    match &args.trace {
+        None => {
+            let progress = Progress::with_unit(1, workload.requests, "requests");
+            let run = simulate_models_on(setup, workload, exec, &mut |n| progress.update(0, n));
+            progress.finish();
+            run.map_err(|e| e.to_string())
+        }
+        Some(path) => run_trace(args, setup, path, exec, pass == 0),
+    }
+}
+
+// `--help` spells the limit out.
+const _: () = assert!(MAX_MODEL_NAME_BYTES == 256, "update the limit in --help");
+
+/// The run over `--trace`: read lazily, progress over its bytes (a pipe: none).
+fn run_trace(
+    args: &ModelsArgs,
+    setup: &ModelsSetup,
+    path: &std::path::Path,
+    exec: &mut dyn Executor,
+    warn: bool,
+) -> Result<(ModelsReport, SleepObservations), String> {
+    let map = match &args.model_map {
+        Some(text) => Some(ModelMap::parse(text)?),
+        None => None,
+    };
+    if args.limit == Some(0) {
+        return Err("--limit 0: give at least one request".into());
+    }
+    let bytes_read = Rc::new(Cell::new(0));
+    let stream = crate::kv_cmd::open_counted(path, args.format, args.limit, &bytes_read)?;
+    let mut arrivals =
+        TraceArrivals::new(stream, &setup.models, map.as_ref()).map_err(|e| e.to_string())?;
+    let total_bytes = std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map_or(0, |m| m.len());
+    let progress = Progress::with_unit(1, total_bytes, "bytes");
+    let report = simulate_models_trace_on(setup, &mut arrivals, exec, &mut |_| {
+        progress.update(0, bytes_read.get().min(total_bytes))
+    });
+    progress.finish();
+    let report = report.map_err(|e| e.to_string())?;
+    if warn {
+        for w in arrivals.warnings() {
+            eprintln!("gpumem: warning: {}: {w}", arrivals.source());
+        }
+    }
+    Ok(report)
+}
+
+fn parse_format(s: &str) -> Result<WorkloadFormat, String> {
+    match WorkloadFormat::parse(s) {
+        Some(
+            f @ (WorkloadFormat::Conformance | WorkloadFormat::Mooncake | WorkloadFormat::BurstGpt),
+        ) => Ok(f),
+        Some(f) => Err(format!(
+            "a {} trace names no model; expected conformance, mooncake or burstgpt",
+            f.name()
+        )),
+        None => Err(format!(
+            "unknown format '{s}'; expected conformance, mooncake or burstgpt"
+        )),
+    }
 }
 
 fn resolve(args: &ModelsArgs) -> Result<(ModelsSetup, ModelsWorkload), String> {

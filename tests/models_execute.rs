@@ -183,3 +183,49 @@ fn cuda_without_a_driver_is_a_clear_error() {
     assert_clean_error(&out, &["--execute cuda", "driver"]);
     assert!(stdout(&out).is_empty());
 }
+
+#[test]
+fn a_trace_naming_its_models_executes_too_and_a_pipe_is_refused() {
+    let names = [
+        "llama-3.1-8b",
+        "qwen2.5-7b",
+        "mistral-7b",
+        "llama-3.1-8b@ft1",
+        "qwen2.5-7b@ft2",
+    ];
+    // Runs of requests per model, in turn: every model is needed again after others.
+    let trace: String = (0..60)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"q{i}\", \"arrival_us\": {}, \"hash_ids\": [{}], \"input_length\": 400, \"max_tokens\": 8, \"model\": \"{}\"}}\n",
+                i * 200_000,
+                i % 4,
+                names[(i / 4) % 5]
+            )
+        })
+        .collect();
+    let dir = common::scratch_dir();
+    let path = dir.join("trace.jsonl");
+    std::fs::write(&path, trace).unwrap();
+    let p = path.to_str().unwrap();
+    let base = [
+        "models", "--json", "--models", FIVE, "--policy", "sleep", "--trace", p,
+    ];
+    let simulated: Value = serde_json::from_str(&stdout(&gpumem(&base))).unwrap();
+    let mut args = base.to_vec();
+    args.extend(HOST);
+    let out = gpumem(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(r["digest"], simulated["digest"]);
+    assert_eq!(u(&r, "requests_finished"), 60);
+    assert!(u(&r["execution"], "wakes") > 0, "{r}");
+    assert_eq!(r["addresses_preserved"], true);
+    assert_eq!(u(&r, "mismatches"), 0);
+
+    let mut piped = vec![
+        "models", "--models", FIVE, "--policy", "sleep", "--trace", "-",
+    ];
+    piped.extend(HOST);
+    assert_clean_error(&gpumem(&piped), &["--execute reads the trace twice"]);
+}

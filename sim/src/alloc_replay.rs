@@ -6,6 +6,7 @@
 //! every place the books keep after every operation and, on request, defragments when an
 //! allocation fails.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -173,6 +174,10 @@ struct Driver<'a, E: Executor> {
     exec: &'a mut E,
     config: ReplayConfig,
     ids: HashMap<u64, Tracked, BuildHasherDefault<IdHasher>>,
+    /// Ids handed to the strategy are recycled, most recently freed first: the books, the
+    /// strategy and an executor index their live blocks by id, so their memory follows the
+    /// live count, not the number of operations replayed.
+    ids_free: Vec<AllocId>,
     next_id: u64,
     bytes_requested: u64,
     result: StrategyResult,
@@ -207,6 +212,7 @@ pub fn replay<E: Executor>(
         exec,
         config: *config,
         ids: HashMap::default(),
+        ids_free: Vec::new(),
         next_id: 0,
         bytes_requested: 0,
         result: empty_result(strategy),
@@ -331,19 +337,23 @@ impl<E: Executor> Driver<'_, E> {
     }
 
     fn alloc_op(&mut self, id: u64, bytes: u64, stream: u32, pinned: bool) -> Result<(), String> {
-        if let Some(Tracked::Live(..)) = self.ids.get(&id) {
-            return Err(format!(
-                "allocation id {id} is allocated again while still live"
-            ));
-        }
-        self.result.allocs += 1;
         let req = AllocRequest {
-            id: AllocId(self.next_id),
+            id: self.take_id(),
             bytes,
             stream,
             pinned,
         };
-        self.next_id += 1;
+        // One probe of the id map per allocation: it is as large as the live set, and its
+        // lookups miss the cache.
+        let tracked = self.ids.entry(id);
+        if let Entry::Occupied(e) = &tracked {
+            if let Tracked::Live(..) = e.get() {
+                return Err(format!(
+                    "allocation id {id} is allocated again while still live"
+                ));
+            }
+        }
+        self.result.allocs += 1;
         let mut outcome = self.alloc.alloc(req, self.exec);
         if outcome.is_err() && self.config.defrag == DefragMode::OnFailure {
             if let Some(c) = self.alloc.compact(self.exec) {
@@ -355,13 +365,14 @@ impl<E: Executor> Driver<'_, E> {
         }
         match outcome {
             Ok(_) => {
-                self.ids.insert(id, Tracked::Live(req.id, bytes));
+                *tracked.or_insert(Tracked::Failed) = Tracked::Live(req.id, bytes);
                 self.bytes_requested += bytes;
                 self.result.bytes_requested_peak =
                     self.result.bytes_requested_peak.max(self.bytes_requested);
             }
             Err(AllocError::OutOfMemory { rounded_bytes }) => {
-                self.ids.insert(id, Tracked::Failed);
+                *tracked.or_insert(Tracked::Failed) = Tracked::Failed;
+                self.ids_free.push(req.id);
                 let books = self.exec.books();
                 let free = books.capacity_bytes() - books.allocated_bytes;
                 if free >= rounded_bytes {
@@ -374,12 +385,20 @@ impl<E: Executor> Driver<'_, E> {
         Ok(())
     }
 
+    fn take_id(&mut self) -> AllocId {
+        self.ids_free.pop().unwrap_or_else(|| {
+            self.next_id += 1;
+            AllocId(self.next_id - 1)
+        })
+    }
+
     fn free_op(&mut self, id: u64) {
         match self.ids.remove(&id) {
             Some(Tracked::Live(alloc_id, bytes)) => {
                 self.result.frees += 1;
                 self.bytes_requested -= bytes;
                 self.alloc.free(alloc_id, self.exec);
+                self.ids_free.push(alloc_id);
             }
             Some(Tracked::Failed) => self.result.frees_of_failed_allocs += 1,
             None => self.result.unknown_frees += 1,
@@ -489,5 +508,76 @@ pub fn compare_segments(recorded: &[RecordedSegment], simulated: &[SegmentLayout
         simulated: sim.len(),
         identical,
         matches: identical == rec.len() && identical == sim.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpumem_core::alloc::{AllocConfig, GIB, KIB, MIB};
+    use gpumem_core::books::Books;
+    use gpumem_core::decision::{Decision, Refusal};
+    use gpumem_core::digest::Digest;
+    use gpumem_traces::generate::{occupancy, OccupancyParams};
+
+    /// Remembers the largest id placed and the most blocks live at once.
+    struct IdWatch {
+        inner: SimExecutor,
+        id_max: u64,
+        live_peak: u64,
+    }
+
+    impl Executor for IdWatch {
+        fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
+            if let Decision::Place { id, .. } = d {
+                self.id_max = self.id_max.max(id.0);
+            }
+            let outcome = self.inner.apply(d);
+            self.live_peak = self.live_peak.max(self.inner.books().live_count);
+            outcome
+        }
+        fn books(&self) -> &Books {
+            self.inner.books()
+        }
+        fn digest(&self) -> &Digest {
+            self.inner.digest()
+        }
+    }
+
+    #[test]
+    fn ids_are_recycled_so_tables_follow_the_live_set_not_the_ops() {
+        let capacity = GIB;
+        let trace = occupancy(&OccupancyParams {
+            seed: 7,
+            ops: 40_000,
+            capacity_bytes: capacity,
+            target_occupancy_pct: 90,
+            min_bytes: 4 * KIB,
+            max_bytes: 16 * MIB,
+        });
+        let config = ReplayConfig::new(AllocConfig {
+            capacity_bytes: capacity,
+            ..AllocConfig::default()
+        });
+        for strategy in [Strategy::Tlsf, Strategy::Caching, Strategy::BestFit] {
+            let mut exec = IdWatch {
+                inner: SimExecutor::new(capacity, AllocCostModel::default()),
+                id_max: 0,
+                live_peak: 0,
+            };
+            let r = replay(&trace, strategy, &config, &mut exec, &mut |_| {}).unwrap();
+            assert!(
+                r.allocs > 10 * exec.live_peak,
+                "{}: too few ops",
+                strategy.name()
+            );
+            assert!(
+                exec.id_max < exec.live_peak,
+                "{}: id {} placed with at most {} live",
+                strategy.name(),
+                exec.id_max,
+                exec.live_peak
+            );
+        }
     }
 }

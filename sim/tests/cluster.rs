@@ -42,6 +42,7 @@ fn workload(max_model_len: u64) -> impl Strategy<Value = Workload> {
                     max_tokens,
                     priority: 0,
                     line: i as u64 + 1,
+                    model: None,
                 }
             })
             .collect();

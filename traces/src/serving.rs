@@ -36,6 +36,26 @@ pub const DEFAULT_HASH_BLOCK: u64 = 512;
 pub const MAX_PROMPT_TOKENS: u64 = 1 << 32;
 /// Latest arrival time accepted (keeps the simulated clock far from overflow).
 pub const MAX_ARRIVAL_US: u64 = 1 << 60;
+/// Longest model name a request may carry, in bytes (what a hostile trace can make every
+/// request hold).
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
+/// A request's model name as a trace gives it (`what` names the field in errors): non-empty, at
+/// most [`MAX_MODEL_NAME_BYTES`] bytes. Any other character is kept as it is; errors echo it
+/// escaped.
+pub(crate) fn model_name(what: &str, text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err(format!("{what} is empty: give the name of a model"));
+    }
+    if text.len() > MAX_MODEL_NAME_BYTES {
+        return Err(format!(
+            "{what} \"{}\" is {} bytes long, over gpumem's limit of {MAX_MODEL_NAME_BYTES} (MAX_MODEL_NAME_BYTES)",
+            echo(text),
+            text.len()
+        ));
+    }
+    Ok(text.to_string())
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Prompt {
@@ -189,6 +209,11 @@ pub struct WorkloadRequest {
     pub priority: i64,
     /// 1-based line in the workload file (for error messages).
     pub line: u64,
+    /// The model the request names (the `model` field of the conformance and Mooncake JSON
+    /// Lines, BurstGPT's `Model` column), at most [`MAX_MODEL_NAME_BYTES`] bytes. Read only by a
+    /// stream asked for it ([`RequestStream::read_models`]: `gpumem models`); None otherwise,
+    /// and for every request a format without model names gives.
+    pub model: Option<String>,
 }
 
 impl WorkloadRequest {
@@ -290,9 +315,10 @@ impl Workload {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkloadFormat {
     /// `../shared/conformance/README.md`: `{"id", "arrival_us", "prompt" | "hash_ids" +
-    /// "input_length", "max_tokens"}`.
+    /// "input_length", "max_tokens"}`, and gpumem's optional `"model"`.
     Conformance,
-    /// Mooncake (FAST'25): `{"timestamp" (ms), "input_length", "output_length", "hash_ids"}`.
+    /// Mooncake (FAST'25): `{"timestamp" (ms), "input_length", "output_length", "hash_ids"}`,
+    /// and gpumem's optional `"model"`.
     Mooncake,
     /// Qwen-Bailian: `{"chat_id", "parent_chat_id", "timestamp" (s), "input_length",
     /// "output_length", "hash_ids" (16-token blocks), ...}`.

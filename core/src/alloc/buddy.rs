@@ -16,9 +16,9 @@
 //! are empty at any time), and nothing is indexed by offset: only `empty_cache` and the
 //! layout need the live blocks in address order, and they walk the live table.
 
-use std::collections::BTreeSet;
-
 use serde::{Deserialize, Serialize};
+
+use super::bits::IndexSet;
 
 use super::arena::{check_tiling, sorted_blocks, Arena};
 use super::defrag::Compaction;
@@ -43,8 +43,8 @@ pub struct Buddy {
     align_log2: u32,
     max_order: u32,
     arena: Arena,
-    /// `free[k]`: offsets of the free blocks of `alignment << k` bytes, by address.
-    free: Vec<BTreeSet<u64>>,
+    /// `free[k]`: the free blocks of `alignment << k` bytes, each as its offset / its size.
+    free: Vec<IndexSet>,
     /// Bit `k` set iff `free[k]` is not empty.
     nonempty: u64,
     /// Live blocks by `AllocId`: 4 bytes per id ever seen, the records packed.
@@ -63,7 +63,9 @@ impl Buddy {
             align_log2,
             max_order,
             arena,
-            free: vec![BTreeSet::new(); max_order as usize + 1],
+            free: (0..=max_order)
+                .map(|k| IndexSet::new(range >> (align_log2 + k)))
+                .collect(),
             nonempty: 0,
             live: LiveTable::default(),
             allocated_bytes: 0,
@@ -81,7 +83,11 @@ impl Buddy {
 
     #[inline]
     fn insert_free(&mut self, order: u32, offset: u64) {
-        self.free[order as usize].insert(offset);
+        let inserted = self.free[order as usize].insert(offset >> (self.align_log2 + order));
+        debug_assert!(
+            inserted,
+            "free block {offset} of order {order} inserted twice"
+        );
         self.nonempty |= 1 << order;
     }
 
@@ -89,7 +95,7 @@ impl Buddy {
     #[inline]
     fn remove_free(&mut self, order: u32, offset: u64) -> bool {
         let set = &mut self.free[order as usize];
-        let removed = set.remove(&offset);
+        let removed = set.remove(offset >> (self.align_log2 + order));
         if set.is_empty() {
             self.nonempty &= !(1 << order);
         }
@@ -129,8 +135,8 @@ impl Buddy {
             (orders != 0).then(|| {
                 let k = orders.trailing_zeros();
                 orders &= orders - 1;
-                let first = *self.free[k as usize].first().expect("a non-empty order");
-                (k, first)
+                let first = self.free[k as usize].first().expect("a non-empty order");
+                (k, first << (self.align_log2 + k))
             })
         });
         let mut lowest: Option<(u32, u64)> = None;
@@ -169,7 +175,10 @@ impl Buddy {
             if size <= best {
                 break;
             }
-            if let Some(&offset) = self.free[k as usize].range(..mapped).next() {
+            let lowest = self.free[k as usize]
+                .first()
+                .map(|i| i << (self.align_log2 + k));
+            if let Some(offset) = lowest.filter(|&offset| offset < mapped) {
                 let part = self.arena.mapped_part(offset, size);
                 best = best.max(part);
             }
@@ -278,11 +287,13 @@ impl Allocate for Buddy {
                 ));
             }
             let size = self.size(k);
-            for &offset in set {
+            for offset in set.iter().map(|i| i << (self.align_log2 + k)) {
                 if offset % size != 0 || offset + size > range {
                     return Err(format!("free block {offset} of order {k} misplaced"));
                 }
-                if self.has_parent(offset, k) && set.contains(&(offset ^ size)) {
+                if self.has_parent(offset, k)
+                    && set.contains((offset ^ size) >> (self.align_log2 + k))
+                {
                     return Err(format!(
                         "free buddies {offset} and {} not merged",
                         offset ^ size
@@ -347,7 +358,12 @@ mod tests {
     }
 
     fn free_sets(b: &Buddy) -> Vec<Vec<u64>> {
-        b.free.iter().map(|s| s.iter().copied().collect()).collect()
+        (0..=b.max_order)
+            .map(|k| {
+                let shift = b.align_log2 + k;
+                b.free[k as usize].iter().map(|i| i << shift).collect()
+            })
+            .collect()
     }
 
     #[test]

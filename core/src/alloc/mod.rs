@@ -11,6 +11,7 @@
 //! and this module, which knows them all: [`build`], [`Allocator`], [`AllocatorState`].
 
 pub mod arena;
+pub mod bits;
 pub mod buddy;
 pub mod caching;
 pub mod defrag;

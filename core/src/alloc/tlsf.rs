@@ -30,6 +30,10 @@ use crate::executor::Executor;
 pub const SL_LOG2: u32 = 5;
 /// Second-level classes per first-level class.
 pub const SL_COUNT: u32 = 1 << SL_LOG2;
+/// Blocks of the request's own class tried before good fit: a block there that fits keeps the
+/// larger blocks whole (on the peers benchmark's stream, 0.116% refused → 0.070%, against
+/// xalloc's 0.095%), and a few probes keep the allocation O(1).
+const OWN_CLASS_PROBES: usize = 4;
 /// "No block": the end of a list or of the physical chain.
 const NIL: u32 = u32::MAX;
 /// `prev_free` of a live block.
@@ -199,21 +203,23 @@ impl Tlsf {
         Some(self.heads[(fl * SL_COUNT + sl) as usize])
     }
 
-    /// Slow path when good fit finds nothing: a block of the request's own class may still be
-    /// large enough (mapping_search skips that class). First such block in list order.
-    fn scan_own_class(&self, bytes: u64) -> Option<u32> {
+    /// The first block of the request's own class, among its first `probes`, that is large
+    /// enough (good fit rounds up past that class, so it would split a larger block instead).
+    #[inline]
+    fn scan_own_class(&self, bytes: u64, probes: usize) -> Option<u32> {
         let (fl, sl) = self.class_of(bytes);
         let mut i = self.heads[(fl * SL_COUNT + sl) as usize];
-        while i != NIL {
+        let mut probed = 0;
+        while i != NIL && probed < probes {
             if self.blocks[i as usize].bytes >= bytes {
                 return Some(i);
             }
             i = self.blocks[i as usize].next_free;
+            probed += 1;
         }
         None
     }
 
-    #[inline]
     fn insert_free(&mut self, i: u32) {
         let (fl, sl) = self.class_of(self.blocks[i as usize].bytes);
         let h = (fl * SL_COUNT + sl) as usize;
@@ -384,9 +390,12 @@ impl Allocate for Tlsf {
             rounded_bytes: bytes,
         };
         let (fl, sl) = mapping_search(bytes >> self.align_log2);
-        let i = match self.find_suitable(fl, sl) {
+        let i = match self
+            .scan_own_class(bytes, OWN_CLASS_PROBES)
+            .or_else(|| self.find_suitable(fl, sl))
+        {
             Some(i) => i,
-            None => self.scan_own_class(bytes).ok_or(oom)?,
+            None => self.scan_own_class(bytes, usize::MAX).ok_or(oom)?,
         };
         let b = self.blocks[i as usize];
         let end = b.offset + bytes;
@@ -744,18 +753,28 @@ mod tests {
     }
 
     #[test]
-    fn good_fit_skips_a_hole_of_the_request_class_that_might_not_fit() {
+    fn a_hole_of_the_request_class_is_used_when_it_fits_and_skipped_when_not() {
         let mut mem = crate::executor::Ledger::new(Books::new(64 * MIB));
         let mut t = Tlsf::new(&config(64 * MIB));
-        // A hole of 65 units (class (2,0) holds 64..66 units) between two live blocks.
+        // Holes of 65 and 64 units (class (2,0) holds 64..66 units) between live blocks.
         t.alloc(req(0, 65 * 512), &mut mem).unwrap();
         t.alloc(req(1, 512), &mut mem).unwrap();
+        t.alloc(req(2, 64 * 512), &mut mem).unwrap();
+        t.alloc(req(3, 512), &mut mem).unwrap();
         t.free(AllocId(0), &mut mem);
-        // 65 units searches class (2,1): the hole is skipped, the top is used.
-        let at = t.alloc(req(2, 65 * 512), &mut mem).unwrap();
-        assert_eq!(at.offset, 66 * 512);
-        // 64 units is served from the hole (class (2,0) guarantees 64).
-        assert_eq!(t.alloc(req(3, 64 * 512), &mut mem).unwrap().offset, 0);
+        t.free(AllocId(2), &mut mem);
+        // 65 units: the 64-unit hole (first in its list) is too small, the 65-unit one fits.
+        assert_eq!(t.alloc(req(4, 65 * 512), &mut mem).unwrap().offset, 0);
+        // 65 units again: only the 64-unit hole is left in the class; good fit takes the top.
+        assert_eq!(
+            t.alloc(req(5, 65 * 512), &mut mem).unwrap().offset,
+            131 * 512
+        );
+        // 64 units is served from the hole.
+        assert_eq!(
+            t.alloc(req(6, 64 * 512), &mut mem).unwrap().offset,
+            66 * 512
+        );
         t.check_invariants().unwrap();
     }
 

@@ -25,6 +25,7 @@ use gpumem_core::weights::{ModelId, ModelWeightCache};
 use gpumem_traces::serving::WorkloadRequest;
 
 use super::report::{GpuReport, ModelReport, ModelsReport};
+use super::trace::TraceArrivals;
 use super::workload::ModelsWorkload;
 use super::{ModelsSetup, Policy, DEFAULT_KV_BYTES, HOST_BYTES_PER_GPU};
 use crate::executor::{AllocCostModel, SimExecutor, Timed};
@@ -156,10 +157,60 @@ pub fn simulate_models_on<E: Executor>(
     exec: E,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(ModelsReport, SleepObservations), ServeError> {
-    let mut run = Run::new(setup, exec)?;
+    let max_model_len: Vec<u64> = setup
+        .models
+        .iter()
+        .map(|m| m.profile.max_model_len.min(MAX_PROMPT_TOKENS + 8192))
+        .collect();
+    let arrivals = workload
+        .requests(setup.models.len(), MAX_PROMPT_TOKENS)
+        .map(Ok);
+    drive(
+        Run::new(setup, exec, &max_model_len, false)?,
+        arrivals,
+        progress,
+    )
+}
+
+/// Runs a trace's requests through the models of `setup`, each request given to the model it
+/// names ([`TraceArrivals`]); `progress` is told how many requests have arrived. Each model
+/// takes prompts up to its profile's `max_model_len`, or what its KV pool holds if less (a
+/// longer prompt is refused with its file and line).
+pub fn simulate_models_trace(
+    setup: &ModelsSetup,
+    arrivals: &mut TraceArrivals<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<ModelsReport, ServeError> {
+    let links = setup.gpu.links().map_err(ServeError::Input)?;
+    let exec = SimExecutor::with_books(models_books(setup)?, AllocCostModel::default(), links);
+    simulate_models_trace_on(setup, arrivals, exec, progress).map(|(report, _)| report)
+}
+
+/// [`simulate_models_trace`] on any executor, as [`simulate_models_on`].
+pub fn simulate_models_trace_on<E: Executor>(
+    setup: &ModelsSetup,
+    arrivals: &mut TraceArrivals<'_>,
+    exec: E,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(ModelsReport, SleepObservations), ServeError> {
+    let profile: Vec<u64> = setup
+        .models
+        .iter()
+        .map(|m| m.profile.max_model_len)
+        .collect();
+    let run = Run::new(setup, exec, &profile, true)?;
+    arrivals.set_max_model_len(run.slots.iter().map(|s| s.cfg.max_model_len).collect());
+    drive(run, arrivals, progress)
+}
+
+/// The clock of `run` over `arrivals` (model index and request, in arrival order).
+fn drive<E: Executor>(
+    mut run: Run<E>,
+    mut arrivals: impl Iterator<Item = Result<(usize, WorkloadRequest), ServeError>>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(ModelsReport, SleepObservations), ServeError> {
     run.place_at_start()?;
-    let mut arrivals = workload.requests(setup.models.len(), MAX_PROMPT_TOKENS);
-    let mut next = arrivals.next();
+    let mut next = arrivals.next().transpose()?;
     let mut arrived = 0u64;
     while let Some(now_ns) = run.next_event(next.as_ref().map(|(_, r)| r.arrival_us * 1000)) {
         run.complete_loads(now_ns);
@@ -170,10 +221,10 @@ pub fn simulate_models_on<E: Executor>(
             if arrived.is_multiple_of(1024) {
                 progress(arrived);
             }
-            next = arrivals.next();
+            next = arrivals.next().transpose()?;
         }
         run.start_blocked_loads(now_ns)?;
-        if setup.policy == Policy::Offloader {
+        if run.setup.policy == Policy::Offloader {
             run.offload_by_thresholds(now_ns)?;
         }
         run.step_gpus(now_ns)?;
@@ -185,7 +236,14 @@ pub fn simulate_models_on<E: Executor>(
 }
 
 impl<E: Executor> Run<E> {
-    fn new(setup: &ModelsSetup, exec: E) -> Result<Run<E>, ServeError> {
+    /// Model `i`'s engine takes prompts shorter than `max_model_len[i]` (`within_pool`: or
+    /// than its KV pool holds, if less).
+    fn new(
+        setup: &ModelsSetup,
+        exec: E,
+        max_model_len: &[u64],
+        within_pool: bool,
+    ) -> Result<Run<E>, ServeError> {
         let input = ServeError::Input;
         let devices = DeviceSet::first(setup.gpus).map_err(input)?;
         let links = setup.gpu.links().map_err(ServeError::Input)?;
@@ -238,7 +296,11 @@ impl<E: Executor> Run<E> {
                 block_size: setup.block_size,
                 max_num_seqs: setup.gpu.default_max_num_seqs,
                 max_num_batched_tokens: setup.gpu.default_max_num_batched_tokens,
-                max_model_len: p.max_model_len.min(MAX_PROMPT_TOKENS + 8192),
+                max_model_len: match within_pool {
+                    true => max_model_len[i]
+                        .min((blocks as u64).saturating_sub(1) * setup.block_size as u64),
+                    false => max_model_len[i],
+                },
                 enable_prefix_caching: true,
                 cost: CostModel::Roofline(Roofline::new(&setup.gpu, p)),
                 eviction: EvictionKind::Lru,

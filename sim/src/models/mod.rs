@@ -20,6 +20,7 @@
 
 pub mod driver;
 pub mod report;
+pub mod trace;
 pub mod workload;
 
 use gpumem_core::balance::Placement;
@@ -28,8 +29,12 @@ use gpumem_core::sleep::SleepLevel;
 
 use crate::serve::profile::{GpuProfile, ModelProfile};
 
-pub use driver::{models_books, simulate_models, simulate_models_on};
+pub use driver::{
+    models_books, simulate_models, simulate_models_on, simulate_models_trace,
+    simulate_models_trace_on,
+};
 pub use report::{render_models_text, ModelsReport};
+pub use trace::{ModelMap, TraceArrivals};
 pub use workload::{ModelsWorkload, MAX_MODELS};
 
 /// When models leave and enter the GPU.

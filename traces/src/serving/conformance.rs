@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value};
 
-use super::import::UnknownFields;
+use super::import::{json_model, UnknownFields};
 use super::stream::{LineParser, Record, Timing};
 use super::{
     Prompt, WorkloadRequest, DEFAULT_HASH_BLOCK, GEN_BASE, GEN_STRIDE, MAX_ARRIVAL_US,
@@ -14,7 +14,7 @@ use super::{
 };
 use crate::error::{echo, json_reason, TraceError};
 
-const KNOWN: [&str; 8] = [
+const KNOWN: [&str; 9] = [
     "id",
     "priority",
     "arrival_us",
@@ -23,6 +23,7 @@ const KNOWN: [&str; 8] = [
     "input_length",
     "hash_block",
     "max_tokens",
+    "model",
 ];
 
 fn is_int(v: &Value) -> bool {
@@ -54,6 +55,8 @@ pub(super) struct Conformance {
     unknown: UnknownFields,
     last_arrival: u64,
     requests: u64,
+    /// Read the `model` field (else it is ignored unread).
+    models: bool,
 }
 
 impl Conformance {
@@ -64,6 +67,7 @@ impl Conformance {
             unknown: UnknownFields::new("workload"),
             last_arrival: 0,
             requests: 0,
+            models: false,
         }
     }
 
@@ -114,6 +118,10 @@ impl Conformance {
                 prompt.len()
             ));
         }
+        let model = match self.models {
+            true => json_model(r)?,
+            false => None,
+        };
         let index = self.requests;
         let last_gen =
             GEN_BASE as u128 + index as u128 * GEN_STRIDE as u128 + (max_tokens - 1) as u128;
@@ -129,6 +137,7 @@ impl Conformance {
             max_tokens,
             priority,
             line,
+            model,
         })
     }
 }
@@ -220,6 +229,11 @@ impl LineParser for Conformance {
     fn finish(&mut self, warnings: &mut Vec<String>) -> Result<(), TraceError> {
         self.unknown.finish(warnings);
         Ok(())
+    }
+
+    fn read_models(&mut self) -> bool {
+        self.models = true;
+        true
     }
 
     fn timing(&self) -> Timing {

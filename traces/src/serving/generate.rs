@@ -389,6 +389,7 @@ impl Iterator for ServingRequests {
             },
             max_tokens: output,
             line: i + 1,
+            model: None,
         };
         sess.last_output = output;
         sess.turns_left -= 1;

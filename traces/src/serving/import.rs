@@ -21,7 +21,8 @@ use serde_json::{Map, Value};
 
 use super::stream::{LineParser, Record, RequestStream, Timing};
 use super::{
-    Prompt, Workload, WorkloadFormat, WorkloadRequest, DEFAULT_HASH_BLOCK, MAX_PROMPT_TOKENS,
+    model_name, Prompt, Workload, WorkloadFormat, WorkloadRequest, DEFAULT_HASH_BLOCK,
+    MAX_PROMPT_TOKENS,
 };
 use crate::error::{echo, json_reason, TraceError};
 
@@ -237,6 +238,18 @@ fn json_time(r: &Map<String, Value>, key: &str, scale: u32) -> Result<u64, Strin
     decimal(&text, scale).map_err(|e| format!("'{key}' {} {e}", echo(&text)))
 }
 
+/// The optional `"model"` of a JSON Lines request: a string (see [`model_name`]).
+pub(super) fn json_model(r: &Map<String, Value>) -> Result<Option<String>, String> {
+    match r.get("model") {
+        None => Ok(None),
+        Some(Value::String(s)) => model_name("'model'", s).map(Some),
+        Some(v) => Err(format!(
+            "'model' must be a string (a model's name), got {}",
+            shown(v)
+        )),
+    }
+}
+
 fn json_hash_ids(r: &Map<String, Value>) -> Result<Vec<i64>, String> {
     let Some(Value::Array(items)) = r.get("hash_ids") else {
         return Err("'hash_ids' must be a list of integers".into());
@@ -268,7 +281,14 @@ fn json_object(source: &str, line: u64, text: &str) -> Result<Map<String, Value>
 }
 
 /// A request of an imported trace: `max_tokens = max(1, output tokens)`.
-fn record(line: u64, time: u64, id: String, prompt: Prompt, output_tokens: u64) -> Record {
+fn record(
+    line: u64,
+    time: u64,
+    id: String,
+    prompt: Prompt,
+    output_tokens: u64,
+    model: Option<String>,
+) -> Record {
     Record {
         time,
         request: WorkloadRequest {
@@ -278,6 +298,7 @@ fn record(line: u64, time: u64, id: String, prompt: Prompt, output_tokens: u64) 
             prompt,
             max_tokens: output_tokens.max(1),
             line,
+            model,
         },
     }
 }
@@ -341,6 +362,8 @@ pub(super) struct Mooncake {
     source: String,
     records: u64,
     unknown: UnknownFields,
+    /// Read the `model` field (else it is ignored unread).
+    models: bool,
 }
 
 impl Mooncake {
@@ -349,6 +372,7 @@ impl Mooncake {
             source: source.to_string(),
             records: 0,
             unknown: UnknownFields::new("Mooncake"),
+            models: false,
         }
     }
 }
@@ -433,13 +457,14 @@ impl LineParser for Mooncake {
         text: &str,
         warnings: &mut Vec<String>,
     ) -> Result<Option<Record>, TraceError> {
-        const KNOWN: [&str; 6] = [
+        const KNOWN: [&str; 7] = [
             "timestamp",
             "input_length",
             "output_length",
             "hash_ids",
             "session_id",
             "delay",
+            "model",
         ];
         let r = json_object(&self.source, n, text)?;
         self.unknown.check(&r, &KNOWN, warnings);
@@ -455,9 +480,13 @@ impl LineParser for Mooncake {
                     hash_ids.len()
                 ));
             }
-            Ok((t_us, input_length, output, hash_ids))
+            let model = match self.models {
+                true => json_model(&r)?,
+                false => None,
+            };
+            Ok((t_us, input_length, output, hash_ids, model))
         })();
-        let (t_us, input_length, output, hash_ids) =
+        let (t_us, input_length, output, hash_ids, model) =
             parsed.map_err(|m| TraceError::at_line(&self.source, n, m))?;
         let prompt = Prompt::HashIds {
             hash_ids,
@@ -467,12 +496,17 @@ impl LineParser for Mooncake {
         nonempty(&self.source, n, &prompt)?;
         let id = format!("r{}", self.records);
         self.records += 1;
-        Ok(Some(record(n, t_us, id, prompt, output)))
+        Ok(Some(record(n, t_us, id, prompt, output, model)))
     }
 
     fn finish(&mut self, warnings: &mut Vec<String>) -> Result<(), TraceError> {
         self.unknown.finish(warnings);
         Ok(())
+    }
+
+    fn read_models(&mut self) -> bool {
+        self.models = true;
+        true
     }
 
     fn timing(&self) -> Timing {
@@ -559,7 +593,7 @@ impl LineParser for QwenBailian {
             hash_block: QWEN_HASH_BLOCK,
         };
         nonempty(&self.source, n, &prompt)?;
-        Ok(Some(record(n, t_us, id, prompt, output)))
+        Ok(Some(record(n, t_us, id, prompt, output, None)))
     }
 
     fn timing(&self) -> Timing {
@@ -714,6 +748,12 @@ pub(super) struct CsvTrace {
     rows: u64,
     skipped: u64,
     timing: Timing,
+    /// The column that names each request's model (BurstGPT's `Model`), if the format has one.
+    model_column: Option<&'static str>,
+    /// Read models ([`LineParser::read_models`]); the model column's index once the header is
+    /// read.
+    models: bool,
+    model_at: Option<usize>,
 }
 
 impl CsvTrace {
@@ -727,14 +767,21 @@ impl CsvTrace {
         )
     }
 
+    /// The column that names each request's model.
+    pub(super) const BURSTGPT_MODEL: &'static str = "Model";
+
     /// BurstGPT: `Timestamp` s, `Request tokens`, `Response tokens`; failed requests skipped.
+    /// With models read, `Model` too.
     pub(super) fn burstgpt(source: &str) -> Self {
-        Self::new(
-            source,
-            &["Timestamp", "Request tokens", "Response tokens"],
-            burstgpt_row,
-            1,
-        )
+        CsvTrace {
+            model_column: Some(Self::BURSTGPT_MODEL),
+            ..Self::new(
+                source,
+                &["Timestamp", "Request tokens", "Response tokens"],
+                burstgpt_row,
+                1,
+            )
+        }
     }
 
     fn new(source: &str, wanted: &'static [&'static str; 3], row: CsvRow, per_us: u64) -> Self {
@@ -753,6 +800,9 @@ impl CsvTrace {
                 rebase: true,
                 per_us,
             },
+            model_column: None,
+            models: false,
+            model_at: None,
         }
     }
 }
@@ -772,6 +822,19 @@ impl LineParser for CsvTrace {
                 self.wanted,
                 &mut self.record,
             )?);
+            if let (true, Some(name)) = (self.models, self.model_column) {
+                let at = self.record.iter().position(|c| c == name).ok_or_else(|| {
+                    TraceError::at_line(
+                        &self.source,
+                        n,
+                        format!(
+                            "the header lacks the column '{name}', which names each request's model (header: {})",
+                            echo(text)
+                        ),
+                    )
+                })?;
+                self.model_at = Some(at);
+            }
             return Ok(None);
         };
         let fields = c.row(&self.source, n, text, &mut self.record)?;
@@ -781,6 +844,14 @@ impl LineParser for CsvTrace {
             self.skipped += 1;
             return Ok(None);
         };
+        let model = match self.model_at {
+            Some(at) => {
+                let what = format!("'{}'", self.model_column.unwrap_or_default());
+                let name = self.record.get(at).unwrap_or_default();
+                Some(model_name(&what, name).map_err(|m| TraceError::at_line(&self.source, n, m))?)
+            }
+            None => None,
+        };
         let prompt = Prompt::Unique {
             first_hash_id: self.next_id,
             input_length,
@@ -789,7 +860,7 @@ impl LineParser for CsvTrace {
         self.next_id += input_length.div_ceil(DEFAULT_HASH_BLOCK) as i64;
         let id = format!("r{}", self.rows + self.skipped);
         self.rows += 1;
-        Ok(Some(record(n, t, id, prompt, output)))
+        Ok(Some(record(n, t, id, prompt, output, model)))
     }
 
     fn finish(&mut self, warnings: &mut Vec<String>) -> Result<(), TraceError> {
@@ -819,6 +890,11 @@ impl LineParser for CsvTrace {
 
     fn timing(&self) -> Timing {
         self.timing
+    }
+
+    fn read_models(&mut self) -> bool {
+        self.models = self.model_column.is_some();
+        self.models
     }
 }
 

@@ -66,6 +66,12 @@ pub trait LineParser {
     }
 
     fn timing(&self) -> Timing;
+
+    /// From now on, reads each request's model name into [`WorkloadRequest::model`]; false
+    /// (and nothing changes) for a format that carries none.
+    fn read_models(&mut self) -> bool {
+        false
+    }
 }
 
 /// A record waiting in the reorder window.
@@ -167,6 +173,15 @@ impl<'a> RequestStream<'a> {
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Reads each request's model name too ([`WorkloadRequest::model`]: the `model` field of
+    /// the conformance and Mooncake JSON Lines, BurstGPT's `Model` column, each checked against
+    /// [`MAX_MODEL_NAME_BYTES`](super::MAX_MODEL_NAME_BYTES)); without this call a model
+    /// field is ignored unread. Call it before the first request is taken. False for a format
+    /// that carries no model names (Qwen-Bailian, Azure).
+    pub fn read_models(&mut self) -> bool {
+        self.parser.read_models()
     }
 
     /// Ignored fields and skipped records so far, one message each.

@@ -875,3 +875,59 @@ fn every_format_reads_past_a_byte_order_mark() {
         }
     }
 }
+
+/// Every request's model, reading models or not.
+fn models_of(text: &str, read: bool) -> Result<Vec<Option<String>>, String> {
+    let mut s =
+        RequestStream::from_reader(text.as_bytes(), "t", None, None).map_err(|e| e.to_string())?;
+    if read {
+        assert!(s.read_models(), "{:?} carries model names", s.format());
+    }
+    s.map(|r| r.map(|r| r.model).map_err(|e| e.to_string()))
+        .collect()
+}
+
+#[test]
+fn model_names_are_read_only_when_asked_and_bounded() {
+    let conformance = "{\"id\": \"a\", \"arrival_us\": 0, \"prompt\": [1, 2], \"max_tokens\": 2, \"model\": \"m@ft\"}\n{\"id\": \"b\", \"arrival_us\": 1, \"prompt\": [1], \"max_tokens\": 2}\n";
+    assert_eq!(
+        models_of(conformance, true).unwrap(),
+        [Some("m@ft".to_string()), None]
+    );
+    assert_eq!(models_of(conformance, false).unwrap(), [None, None]);
+    let mooncake = "{\"timestamp\": 0, \"input_length\": 3, \"output_length\": 1, \"hash_ids\": [1], \"model\": \"x\"}\n";
+    assert_eq!(models_of(mooncake, true).unwrap(), [Some("x".to_string())]);
+    let burst = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n1,GPT-4,5,0,5,c\n2,ChatGPT,5,3,8,c\n";
+    assert_eq!(
+        models_of(burst, true).unwrap(),
+        [Some("ChatGPT".to_string())]
+    );
+    assert_eq!(models_of(burst, false).unwrap(), [None]);
+
+    // At most MAX_MODEL_NAME_BYTES, named in the error with the line; ignored unread when not
+    // asked for (`gpumem kv`).
+    let long = "é".repeat(MAX_MODEL_NAME_BYTES / 2 + 1);
+    let line = format!("{{\"id\": \"a\", \"arrival_us\": 0, \"prompt\": [1], \"max_tokens\": 2, \"model\": \"{long}\"}}\n");
+    let e = models_of(&line, true).unwrap_err();
+    assert!(
+        e.starts_with("t:1:") && e.contains("MAX_MODEL_NAME_BYTES"),
+        "{e}"
+    );
+    assert!(models_of(&line, false).is_ok());
+    let fits = "é".repeat(MAX_MODEL_NAME_BYTES / 2);
+    assert!(models_of(&line.replace(&long, &fits), true).is_ok());
+    for bad in ["\"\"", "7", "null", "[\"m\"]"] {
+        let line = conformance.lines().next().unwrap().replace("\"m@ft\"", bad);
+        let e = models_of(&line, true).unwrap_err();
+        assert!(e.starts_with("t:1:") && e.contains("'model'"), "{bad}: {e}");
+        assert!(models_of(&line, false).is_ok(), "{bad}");
+    }
+    // A BurstGPT header without its Model column: kv reads it, models cannot.
+    let no_model = "Timestamp,Request tokens,Response tokens\n1,5,3\n";
+    assert!(models_of(no_model, false).is_ok());
+    assert!(models_of(no_model, true).unwrap_err().contains("'Model'"));
+    // Formats without model names say so.
+    let azure = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,3,4\n";
+    let mut s = RequestStream::from_reader(azure.as_bytes(), "t", None, None).unwrap();
+    assert!(!s.read_models());
+}
