@@ -5,10 +5,14 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use gpumem_sim::colocate::{render_colocate_text, simulate_colocation, ColocateSetup};
+use gpumem_sim::colocate::{colocate_books, colocate_on, render_colocate_text, ColocateSetup};
+use gpumem_sim::executor::{AllocCostModel, SimExecutor};
 use gpumem_sim::serve::profile::{GpuProfile, ModelProfile};
 use gpumem_sim::spec::Fraction;
+use gpumem_sim::Executor;
 use gpumem_traces::serving::{RequestStream, Workload};
+
+use crate::sleep_exec::{self, SleepExecuteArgs};
 
 #[derive(Args)]
 #[command(after_help = "Examples:
@@ -16,6 +20,9 @@ use gpumem_traces::serving::{RequestStream, Workload};
       --serve ../shared/traces/mooncake/conversation_trace.jsonl --limit 400
   gpumem colocate ... --sleep-level 0          vLLM's pause: nothing freed, training gets the rest
   gpumem colocate ... --sleep-level 2 --json   weights discarded and reloaded from disk
+  gpumem colocate ... --execute host --weight-bytes-scale 1/512
+                                               the engine's memory on host memory: sleeps
+                                               unmap it, wakes map the same addresses
 
 Each round is a rollout (the first --limit requests of --serve, split evenly over --rounds,
 all arriving at the rollout's start, served by vLLM 0.33's engine) and then a training step
@@ -23,7 +30,13 @@ all arriving at the rollout's start, served by vLLM 0.33's engine) and then a tr
 engine sleeps (vLLM's sleep mode: level 1 backs its weights up to pinned host memory and
 discards the KV cache, level 2 discards both) and wakes for the next rollout at the same
 addresses. The training step may use the GPU less what the sleeping engine still holds; an
-allocation that does not fit is counted as an OOM.")]
+allocation that does not fit is counted as an OOM.
+
+With --execute host|cuda the serving engine's memory (its weights and KV cache: allocation,
+every sleep and wake) is carried out a second time on real memory, with the simulation's
+decisions; the training step stays simulated. The JSON adds `addresses_preserved`,
+`rss_drop_bytes`, `bytes_verified`, `mismatches`, `digest_simulated` and `execution`, as
+`gpumem models --execute` does; exit 1 on a wrong byte, another digest or a moved range.")]
 pub struct ColocateArgs {
     /// The training step: a PyTorch memory snapshot (.pickle) or allocation trace.
     #[arg(long, value_name = "SNAPSHOT")]
@@ -64,6 +77,13 @@ pub struct ColocateArgs {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
+
+    /// With --execute: seed of the fault injection.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+
+    #[command(flatten)]
+    exec: SleepExecuteArgs,
 }
 
 pub fn run(args: ColocateArgs) -> Result<ExitCode, String> {
@@ -84,16 +104,55 @@ pub fn run(args: ColocateArgs) -> Result<ExitCode, String> {
         sleep_level: args.sleep_level,
         rounds: args.rounds,
     };
+    args.exec.validate()?;
     let training = gpumem_traces::load_alloc_trace(&args.train).map_err(|e| e.to_string())?;
     let stream =
         RequestStream::open(&args.serve, None, Some(args.limit)).map_err(|e| e.to_string())?;
     let workload = Workload::collect(stream).map_err(|e| e.to_string())?;
-    let report =
-        simulate_colocation(&setup, &training, workload.requests).map_err(|e| e.to_string())?;
+    let books = colocate_books(&setup);
+    let links = setup.gpu.links()?;
+    let mut sim = SimExecutor::with_books(books.clone(), AllocCostModel::default(), links);
+    let (report, _) = colocate_on(&setup, &training, workload.requests.clone(), &mut sim)
+        .map_err(|e| e.to_string())?;
+    let Some(device) = args.exec.execute else {
+        if args.json {
+            crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
+        } else {
+            crate::output::print(&render_colocate_text(&report))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let executed = sleep_exec::execute(
+        &args.exec,
+        device,
+        args.seed,
+        books,
+        sleep_exec::peak_bytes(sim.books()),
+        "--execute of the serving engine",
+        &mut |exec| {
+            colocate_on(&setup, &training, workload.requests.clone(), exec)
+                .map_err(|e| e.to_string())
+        },
+    )?;
+    let ok = sleep_exec::passed(&executed.report.digest, &report.digest, &executed);
     if args.json {
-        crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
+        let value = serde_json::to_value(&executed.report).expect("report serializes");
+        let value = sleep_exec::json_with_execution(
+            value,
+            &report.digest,
+            args.exec.weight_bytes_scale,
+            &executed,
+        );
+        crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
     } else {
-        crate::output::print(&render_colocate_text(&report))?;
+        let mut text = render_colocate_text(&executed.report);
+        text += &sleep_exec::text(
+            &report.digest,
+            &executed.report.digest,
+            args.exec.weight_bytes_scale,
+            &executed,
+        );
+        crate::output::print(&text)?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(sleep_exec::exit_code(ok))
 }

@@ -1112,8 +1112,10 @@ fn report_execution(
 /// A sentence when an injected corruption was never seen (no check found a wrong byte), which
 /// only a run that ends with its corrupted block rewritten can give.
 pub fn unseen_injection(exec: &ExecReport) -> Option<String> {
-    let injected =
-        exec.injected_corruptions + exec.injected_offload_corruptions + exec.injections_moved_on;
+    let injected = exec.injected_corruptions
+        + exec.injected_offload_corruptions
+        + exec.injected_backup_corruptions
+        + exec.injections_moved_on;
     (injected > 0 && exec.mismatches == 0).then(|| {
         format!(
             "the injected {} found no block that stayed as written: no check could see it",

@@ -16,6 +16,7 @@ mod plan_cmd;
 mod progress;
 mod run_cmd;
 mod selftest_cmd;
+mod sleep_exec;
 mod sweep_cmd;
 mod units;
 

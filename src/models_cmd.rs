@@ -10,16 +10,20 @@ use clap::Args;
 use gpumem_core::balance::Placement;
 use gpumem_core::offloader::OffloaderConfig;
 use gpumem_core::sleep::SleepLevel;
+use gpumem_sim::executor::{AllocCostModel, SimExecutor};
 use gpumem_sim::models::{
-    render_models_text, simulate_models, simulate_models_trace, ModelChoice, ModelMap,
-    ModelsReport, ModelsSetup, ModelsWorkload, Policy, TraceArrivals, MAX_MODELS,
+    models_books, render_models_text, simulate_models_on, simulate_models_trace_on, ModelChoice,
+    ModelMap, ModelsReport, ModelsSetup, ModelsWorkload, Policy, TraceArrivals, MAX_MODELS,
 };
 use gpumem_sim::serve::profile::{GpuProfile, ModelProfile};
+use gpumem_sim::sleep_watch::SleepObservations;
 use gpumem_sim::spec::Fraction;
+use gpumem_sim::Executor;
 use gpumem_traces::serving::import::parse_decimal;
 use gpumem_traces::serving::{WorkloadFormat, MAX_MODEL_NAME_BYTES};
 
 use crate::progress::Progress;
+use crate::sleep_exec::{self, SleepExecuteArgs};
 
 /// The models of a run without `--models`: five on one H100 (three profiles, two fine-tunes),
 /// more than fit at once.
@@ -37,6 +41,12 @@ const DEFAULT_MODELS: &str = "llama-3.1-8b,qwen2.5-7b,mistral-7b,llama-3.1-8b@ft
                                                   each request served by the model it names
   gpumem models --trace BurstGPT_1.csv --limit 5000 --models llama-3.1-8b,qwen2.5-7b \\
       --model-map ChatGPT=llama-3.1-8b,GPT-4=qwen2.5-7b
+  gpumem models --policy sleep --requests 100 --execute host --weight-bytes-scale 1/512
+                                                  the same run on host memory: every sleep
+                                                  unmaps, every wake maps the same addresses
+                                                  and restores the checked weights
+  gpumem models --policy sleep --execute host --weight-bytes-scale 1/512 --inject corrupt-backup:1
+                                                  a corrupted backup must be caught (exit 1)
 
 Policies:
   static     every model resident all the time; refused when they do not fit
@@ -70,7 +80,16 @@ one of the map's keys), and be at most 256 bytes (MAX_MODEL_NAME_BYTES); a reque
 another, or none, stops the run with its file and line. A prompt must be shorter than its
 model's max_model_len (its profile's, or what its KV pool holds if less). The trace is read
 one request at a time, so it may be large or a pipe
-(-: standard input); `gpumem kv` reads the same files and ignores the model field.")]
+(-: standard input); `gpumem kv` reads the same files and ignores the model field.
+
+With --execute host|cuda the run is made twice, simulated and on real memory, with the same
+decisions: weights and KV pools are written with a pattern of their content, each sleep's
+backup and each wake's restore is checked at both ends, and the JSON adds
+`addresses_preserved` (every wake found every range at the address it was allocated at),
+`rss_drop_bytes` (resident memory the sleeps gave back, measured), `bytes_verified`,
+`mismatches`, `digest_simulated` and the executor's whole report under `execution`. Exit 1 on
+a wrong byte, a digest other than the simulation's or a range that moved. With --trace it
+reads the trace twice: give a file.")]
 pub struct ModelsArgs {
     /// Comma-separated models, NAME or NAME@TAG.
     #[arg(long, value_name = "LIST", default_value = DEFAULT_MODELS)]
@@ -174,25 +193,92 @@ pub struct ModelsArgs {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    exec: SleepExecuteArgs,
 }
 
 pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
     let (setup, workload) = resolve(&args)?;
-    let report = match &args.trace {
+    args.exec.validate()?;
+    if args.exec.execute == Some(crate::alloc_cmd::ExecuteArg::Cuda) && setup.gpus > 1 {
+        return Err(format!(
+            "--execute cuda drives one GPU, not --gpus {}: run --gpus 1, or --execute host (host memory stands in for every GPU)",
+            setup.gpus
+        ));
+    }
+    if let (Some(path), Some(_)) = (&args.trace, args.exec.execute) {
+        if path.as_os_str() == "-" || !path.is_file() {
+            return Err(format!(
+                "{}: --execute reads the trace twice (simulated, then on the device): give a file, not a pipe or standard input",
+                path.display()
+            ));
+        }
+    }
+    let books = models_books(&setup).map_err(|e| e.to_string())?;
+    let links = setup.gpu.links()?;
+    let mut sim = SimExecutor::with_books(books.clone(), AllocCostModel::default(), links);
+    let (report, _) = run_on(&args, &setup, &workload, &mut sim, 0)?;
+    let Some(device) = args.exec.execute else {
+        if args.json {
+            crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
+        } else {
+            crate::output::print(&render_models_text(&report))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let peak = sleep_exec::peak_bytes(sim.books());
+    let what = format!("--execute of {} models", setup.models.len());
+    let executed = sleep_exec::execute(
+        &args.exec,
+        device,
+        args.seed,
+        books,
+        peak,
+        &what,
+        &mut |exec| run_on(&args, &setup, &workload, exec, 1),
+    )?;
+    let ok = sleep_exec::passed(&executed.report.digest, &report.digest, &executed);
+    if args.json {
+        let value = serde_json::to_value(&executed.report).expect("report serializes");
+        let value = sleep_exec::json_with_execution(
+            value,
+            &report.digest,
+            args.exec.weight_bytes_scale,
+            &executed,
+        );
+        crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
+    } else {
+        let mut text = render_models_text(&executed.report);
+        text += &sleep_exec::text(
+            &report.digest,
+            &executed.report.digest,
+            args.exec.weight_bytes_scale,
+            &executed,
+        );
+        crate::output::print(&text)?;
+    }
+    Ok(sleep_exec::exit_code(ok))
+}
+
+/// One run on `exec`, of the built-in workload or of `--trace` (`pass`: 0 simulated, 1 on the
+/// device, whose trace warnings are the simulated run's and are not repeated).
+fn run_on(
+    args: &ModelsArgs,
+    setup: &ModelsSetup,
+    workload: &ModelsWorkload,
+    exec: &mut dyn Executor,
+    pass: usize,
+) -> Result<(ModelsReport, SleepObservations), String> {
+    match &args.trace {
         None => {
             let progress = Progress::with_unit(1, workload.requests, "requests");
-            let report = simulate_models(&setup, &workload, &mut |n| progress.update(0, n));
+            let run = simulate_models_on(setup, workload, exec, &mut |n| progress.update(0, n));
             progress.finish();
-            report.map_err(|e| e.to_string())?
+            run.map_err(|e| e.to_string())
         }
-        Some(path) => run_trace(&args, &setup, path)?,
-    };
-    if args.json {
-        crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
-    } else {
-        crate::output::print(&render_models_text(&report))?;
+        Some(path) => run_trace(args, setup, path, exec, pass == 0),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 // `--help` spells the limit out.
@@ -203,7 +289,9 @@ fn run_trace(
     args: &ModelsArgs,
     setup: &ModelsSetup,
     path: &std::path::Path,
-) -> Result<ModelsReport, String> {
+    exec: &mut dyn Executor,
+    warn: bool,
+) -> Result<(ModelsReport, SleepObservations), String> {
     let map = match &args.model_map {
         Some(text) => Some(ModelMap::parse(text)?),
         None => None,
@@ -220,13 +308,15 @@ fn run_trace(
         .filter(|m| m.is_file())
         .map_or(0, |m| m.len());
     let progress = Progress::with_unit(1, total_bytes, "bytes");
-    let report = simulate_models_trace(setup, &mut arrivals, &mut |_| {
+    let report = simulate_models_trace_on(setup, &mut arrivals, exec, &mut |_| {
         progress.update(0, bytes_read.get().min(total_bytes))
     });
     progress.finish();
     let report = report.map_err(|e| e.to_string())?;
-    for w in arrivals.warnings() {
-        eprintln!("gpumem: warning: {}: {w}", arrivals.source());
+    if warn {
+        for w in arrivals.warnings() {
+            eprintln!("gpumem: warning: {}: {w}", arrivals.source());
+        }
     }
     Ok(report)
 }

@@ -111,3 +111,53 @@ fn bad_inputs_are_clear_errors() {
     let out = gpumem(&["colocate", "--train", t, "--serve", s, "--rounds", "0"]);
     assert_clean_error(&out, &["--rounds 0"]);
 }
+
+fn run_executed(level: &str, extra: &[&str]) -> (Option<i32>, Value) {
+    let train = snapshot("yiyi_1.3b_snapshot.pickle");
+    let serve = mooncake_conversation();
+    let mut args = vec![
+        "colocate",
+        "--train",
+        train.to_str().unwrap(),
+        "--serve",
+        serve.to_str().unwrap(),
+        "--limit",
+        "60",
+        "--rounds",
+        "3",
+        "--sleep-level",
+        level,
+        "--json",
+        "--execute",
+        "host",
+        "--weight-bytes-scale",
+        "1/512",
+    ];
+    args.extend_from_slice(extra);
+    let out = gpumem(&args);
+    let v = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), v)
+}
+
+#[test]
+fn the_engines_sleep_and_wake_run_on_host_memory_with_the_simulations_digest() {
+    for level in ["1", "2"] {
+        let (code, r) = run_executed(level, &[]);
+        assert_eq!(code, Some(0), "level {level}: {r}");
+        assert_eq!(r["digest"], run_json(level)["digest"], "level {level}");
+        assert_eq!(r["digest"], r["digest_simulated"]);
+        assert_eq!(r["addresses_preserved"], true, "level {level}");
+        assert!(u(&r, "rss_drop_bytes") > 0, "level {level}: {r}");
+        assert_eq!(u(&r, "mismatches"), 0);
+        let e = &r["execution"];
+        assert_eq!(u(e, "sleeps"), 3);
+        assert_eq!(u(e, "wakes"), 2, "no wake after the last training step");
+        assert_eq!(u(e, "ranges_moved"), 0);
+    }
+    let (code, r) = run_executed("1", &["--inject", "corrupt-backup:1"]);
+    assert_eq!(code, Some(1), "{r}");
+    assert!(u(&r, "mismatches") > 0);
+    assert_eq!(u(&r["execution"], "restores_refused"), 1);
+    assert_eq!(u(&r, "requests_finished"), 60, "the weights were reloaded");
+}

@@ -81,3 +81,31 @@ fn the_kv_pool_and_the_tiers_run_on_the_gpu() {
         stderr(&out)
     );
 }
+
+#[test]
+fn models_sleep_and_wake_on_the_gpu_at_the_same_addresses() {
+    if !asked() {
+        return;
+    }
+    // Five models at full size: about 62 GiB of GPU memory at the peak, pinned host backups
+    // of up to four models' weights (about 60 GiB); a few sleeps and wakes, each copy checked
+    // at both ends.
+    let (code, r) = json(&[
+        "models",
+        "--models",
+        "llama-3.1-8b,qwen2.5-7b,mistral-7b,llama-3.1-8b@ft1,qwen2.5-7b@ft2",
+        "--policy",
+        "sleep",
+        "--requests",
+        "100",
+        "--execute",
+        "cuda",
+        "--json",
+    ]);
+    assert_eq!(r["digest"], r["digest_simulated"], "{r}");
+    assert_eq!(r["addresses_preserved"], true, "{r}");
+    assert_eq!(r["mismatches"], 0, "{r}");
+    assert!(r["execution"]["wakes"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["rss_drop_bytes"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(code, Some(0));
+}

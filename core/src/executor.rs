@@ -12,7 +12,7 @@
 //! expects. A refused decision did not happen: the policy must act as if it was never made.
 
 use crate::books::Books;
-use crate::decision::{Decision, Refusal};
+use crate::decision::{Decision, Refusal, SegmentId};
 use crate::digest::Digest;
 
 /// Carries out decisions; see the module documentation.
@@ -28,6 +28,18 @@ pub trait Executor {
     /// to add.
     fn checkpoint(&mut self) -> u64 {
         0
+    }
+    /// Where the executor holds `segment` (a device's base address), when it holds real
+    /// memory: observed, never decided on — a driver may compare bases across a sleep and a
+    /// wake, no decision may depend on them. The books alone hold no address.
+    fn segment_base(&self, _segment: SegmentId) -> Option<u64> {
+        None
+    }
+    /// Memory in use as the device itself measures it now (the process's resident memory for
+    /// host memory, whatever scale the decisions are carried out at); observed, never decided
+    /// on. The books alone measure nothing.
+    fn resident_bytes_now(&mut self) -> Option<u64> {
+        None
     }
 }
 
@@ -86,6 +98,12 @@ impl<E: Executor + ?Sized> Executor for &mut E {
     }
     fn checkpoint(&mut self) -> u64 {
         (**self).checkpoint()
+    }
+    fn segment_base(&self, segment: SegmentId) -> Option<u64> {
+        (**self).segment_base(segment)
+    }
+    fn resident_bytes_now(&mut self) -> Option<u64> {
+        (**self).resident_bytes_now()
     }
 }
 

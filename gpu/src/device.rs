@@ -114,6 +114,14 @@ pub trait Device {
     /// resident memory for host memory); `None` when it cannot be read.
     fn resident_bytes(&mut self) -> Option<u64>;
 
+    /// Memory in use as measured now, whatever scale decisions are carried out at: what
+    /// [`Device::resident_bytes`] reads, except that a [`crate::Scaled`] device (whose
+    /// resident bytes cannot be compared with the books) passes its inner device's through.
+    /// For measuring what a sleep gives back, never for comparing with the books.
+    fn resident_bytes_measured(&mut self) -> Option<u64> {
+        self.resident_bytes()
+    }
+
     /// Memory a run could still obtain (free device memory, or the host's available memory),
     /// in the bytes decisions name; `None` when it cannot be read.
     fn available_bytes(&mut self) -> Option<u64> {

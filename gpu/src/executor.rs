@@ -29,7 +29,7 @@ use gpumem_core::books::Books;
 use gpumem_core::decision::{AllocId, Decision, Loc, Refusal, SegmentId};
 use gpumem_core::digest::Digest;
 use gpumem_core::executor::{Executor, Ledger};
-use gpumem_core::place::Owner;
+use gpumem_core::place::{Owner, Tier};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -130,6 +130,8 @@ pub struct ExecReport {
     pub injected_transfer_corruptions: u64,
     /// Copies in the KV offload tier corrupted after they were stored (`corrupt-offload`).
     pub injected_offload_corruptions: u64,
+    /// Sleep backups in host memory corrupted after they were stored (`corrupt-backup`).
+    pub injected_backup_corruptions: u64,
     /// Corruptions of content blocks written again before anything read them: each moved on
     /// to the next block written (or copy stored), so that a check can see it.
     pub injections_moved_on: u64,
@@ -181,6 +183,7 @@ struct Stats {
     injected_corruptions: u64,
     injected_transfer_corruptions: u64,
     injected_offload_corruptions: u64,
+    injected_backup_corruptions: u64,
     injections_moved_on: u64,
     resident_start: Option<u64>,
     resident_peak: Option<u64>,
@@ -296,6 +299,7 @@ impl<D: Device> DeviceExecutor<D> {
             injected_corruptions: s.injected_corruptions,
             injected_transfer_corruptions: s.injected_transfer_corruptions,
             injected_offload_corruptions: s.injected_offload_corruptions,
+            injected_backup_corruptions: s.injected_backup_corruptions,
             injections_moved_on: s.injections_moved_on,
             injections: self.faults.plan.clone(),
             reserved_bytes_peak: self.ledger.books.reserved_bytes_peak(),
@@ -622,6 +626,17 @@ impl<D: Device> DeviceExecutor<D> {
             self.stats.injected_offload_corruptions += 1;
             self.unread_corruption = Some(((to.segment, to.offset), Candidate::Offload));
         }
+        let backup = from.segment.place.tier == Tier::Gpu
+            && matches!(to.segment.place.tier, Tier::PinnedHost | Tier::PageableHost)
+            && to.segment.owner != Owner::KvOffload;
+        if bytes > 0 && backup && self.faults.next(Candidate::Backup) {
+            let byte = self.faults.rng.gen_range(0..bytes);
+            self.device
+                .corrupt(dst.0, dst.1 + byte)
+                .unwrap_or_else(|e| self.fail(d, e));
+            self.stats.injected_backup_corruptions += 1;
+            self.unread_corruption = Some(((to.segment, to.offset), Candidate::Backup));
+        }
         Ok(())
     }
 
@@ -667,6 +682,7 @@ impl<D: Device> DeviceExecutor<D> {
                 self.unread_corruption = None;
                 match kind {
                     Candidate::Offload => self.stats.injected_offload_corruptions -= 1,
+                    Candidate::Backup => self.stats.injected_backup_corruptions -= 1,
                     _ => self.stats.injected_corruptions -= 1,
                 }
                 self.stats.injections_moved_on += 1;
@@ -753,5 +769,13 @@ impl<D: Device> Executor for DeviceExecutor<D> {
 
     fn checkpoint(&mut self) -> u64 {
         DeviceExecutor::checkpoint(self)
+    }
+
+    fn segment_base(&self, segment: SegmentId) -> Option<u64> {
+        self.bases.get(&segment).map(|b| b.base)
+    }
+
+    fn resident_bytes_now(&mut self) -> Option<u64> {
+        self.device.resident_bytes_measured()
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub const INJECT_WINDOW: u64 = 64;
 
 /// A seeded fault, as the CLI names it: `corrupt-block[:N]`, `corrupt-transfer[:N]`,
-/// `corrupt-offload[:N]` or `refuse-alloc[:N]`.
+/// `corrupt-offload[:N]`, `corrupt-backup[:N]` or `refuse-alloc[:N]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Inject {
     /// Flip one byte of the `nth` block written (1-based, counting `Place`s and `WriteKv`s of
@@ -31,6 +31,12 @@ pub enum Inject {
     /// verified: the store counts, and the load that reads it back must be refused. A copy
     /// overwritten unread moves the fault on to the next one.
     CorruptOffload { nth: Option<u64> },
+    /// Flip one byte of the `nth` backup stored in host memory (1-based, counting `Transfer`s
+    /// of at least one byte from GPU memory into a pinned or pageable host segment that is not
+    /// the KV offload tier's: a sleep's backup of weights) after the copy was verified: the
+    /// sleep counts, and the wake that restores it must be refused. A backup overwritten
+    /// unread moves the fault on to the next one.
+    CorruptBackup { nth: Option<u64> },
 }
 
 /// Why an `--inject` value could not be parsed.
@@ -48,8 +54,8 @@ impl std::error::Error for ParseInjectError {}
 impl Inject {
     /// Parses `NAME` or `NAME:N` (N ≥ 1) for the names of [`Inject::NAMES`].
     pub fn parse(s: &str) -> Result<Inject, ParseInjectError> {
-        let expected = "expected corrupt-block, corrupt-transfer, corrupt-offload or \
-                        refuse-alloc, each optionally :N with N a whole number from 1 (e.g. \
+        let expected = "expected corrupt-block, corrupt-transfer, corrupt-offload, \
+                        corrupt-backup or refuse-alloc, each optionally :N with N a whole number from 1 (e.g. \
                         refuse-alloc:N)";
         let (name, nth) = match s.split_once(':') {
             None => (s, None),
@@ -66,6 +72,7 @@ impl Inject {
             "corrupt-block" => Ok(Inject::CorruptBlock { nth }),
             "corrupt-transfer" => Ok(Inject::CorruptTransfer { nth }),
             "corrupt-offload" => Ok(Inject::CorruptOffload { nth }),
+            "corrupt-backup" => Ok(Inject::CorruptBackup { nth }),
             "refuse-alloc" => Ok(Inject::RefuseAlloc { nth }),
             _ => Err(ParseInjectError(format!(
                 "unknown fault injection `{s}`: {expected}"
@@ -73,10 +80,11 @@ impl Inject {
         }
     }
 
-    pub const NAMES: [&'static str; 4] = [
+    pub const NAMES: [&'static str; 5] = [
         "corrupt-block",
         "corrupt-transfer",
         "corrupt-offload",
+        "corrupt-backup",
         "refuse-alloc",
     ];
 
@@ -85,6 +93,7 @@ impl Inject {
             Inject::CorruptBlock { .. } => "corrupt-block",
             Inject::CorruptTransfer { .. } => "corrupt-transfer",
             Inject::CorruptOffload { .. } => "corrupt-offload",
+            Inject::CorruptBackup { .. } => "corrupt-backup",
             Inject::RefuseAlloc { .. } => "refuse-alloc",
         }
     }
@@ -94,6 +103,7 @@ impl Inject {
             Inject::CorruptBlock { nth }
             | Inject::CorruptTransfer { nth }
             | Inject::CorruptOffload { nth }
+            | Inject::CorruptBackup { nth }
             | Inject::RefuseAlloc { nth } => nth,
         }
     }
@@ -126,14 +136,16 @@ pub(crate) enum Candidate {
     Alloc,
     /// A `Transfer` into the KV offload tier.
     Offload,
+    /// A `Transfer` from GPU memory into host memory outside the KV offload tier (a backup).
+    Backup,
 }
 
 /// Resolved fault injections: which candidates of each kind they hit.
 #[derive(Clone, Debug)]
 pub(crate) struct Faults {
     pub(crate) rng: ChaCha8Rng,
-    hits: [BTreeSet<u64>; 4],
-    seen: [u64; 4],
+    hits: [BTreeSet<u64>; 5],
+    seen: [u64; 5],
     /// The injections as resolved, e.g. `corrupt-block:17`.
     pub(crate) plan: Vec<String>,
 }
@@ -141,7 +153,7 @@ pub(crate) struct Faults {
 impl Faults {
     pub(crate) fn new(faults: &[Inject], seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut hits: [BTreeSet<u64>; 4] = Default::default();
+        let mut hits: [BTreeSet<u64>; 5] = Default::default();
         let mut plan = Vec::new();
         for &f in faults {
             let n = f.nth().unwrap_or_else(|| rng.gen_range(1..=INJECT_WINDOW));
@@ -151,7 +163,7 @@ impl Faults {
         Faults {
             rng,
             hits,
-            seen: [0; 4],
+            seen: [0; 5],
             plan,
         }
     }
@@ -162,6 +174,7 @@ impl Faults {
             Inject::CorruptTransfer { .. } => Candidate::Transfer,
             Inject::RefuseAlloc { .. } => Candidate::Alloc,
             Inject::CorruptOffload { .. } => Candidate::Offload,
+            Inject::CorruptBackup { .. } => Candidate::Backup,
         }
     }
 
@@ -197,6 +210,8 @@ mod tests {
             ("refuse-alloc:1", Inject::RefuseAlloc { nth: Some(1) }),
             ("corrupt-offload", Inject::CorruptOffload { nth: None }),
             ("corrupt-offload:4", Inject::CorruptOffload { nth: Some(4) }),
+            ("corrupt-backup", Inject::CorruptBackup { nth: None }),
+            ("corrupt-backup:2", Inject::CorruptBackup { nth: Some(2) }),
         ];
         for (text, want) in cases {
             assert_eq!(text.parse::<Inject>(), Ok(want));

@@ -147,6 +147,11 @@ impl<D: Device> Device for Scaled<D> {
         None
     }
 
+    /// The inner device's, as measured: what a sleep gives back shows at its real size.
+    fn resident_bytes_measured(&mut self) -> Option<u64> {
+        self.inner.resident_bytes_measured()
+    }
+
     /// In the bytes decisions name: each of them takes 1/factor on the inner device.
     fn available_bytes(&mut self) -> Option<u64> {
         self.inner

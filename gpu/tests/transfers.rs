@@ -416,3 +416,78 @@ fn a_corrupted_transfer_costs_the_cache_its_item_and_shows() {
     let r = ex.finish();
     assert_eq!((r.transfers_refused, r.mismatches), (1, 1));
 }
+
+mod sleep_mode {
+    use gpumem_core::books::Books;
+    use gpumem_core::decision::{Decision, Loc, Refusal};
+    use gpumem_core::executor::Executor;
+    use gpumem_core::place::{DeviceId, Place, Tier};
+    use gpumem_core::sleep::{CuMemPool, SleepError, SleepLevel, Tag};
+    use gpumem_gpu::{DeviceExecutor, HostDevice, Inject};
+
+    const MIB: u64 = 1 << 20;
+
+    fn executor(faults: &[Inject]) -> DeviceExecutor<HostDevice> {
+        let books = Books::with_places(&[
+            (Place::GPU0, 64 * MIB),
+            (Place::new(0, Tier::PinnedHost), 64 * MIB),
+        ]);
+        DeviceExecutor::with_books(HostDevice::new(), books, faults, 0)
+    }
+
+    #[test]
+    fn a_wake_finds_the_same_addresses_and_the_discarded_kv_is_never_a_hit() {
+        let mut exec = executor(&[]);
+        let mut pool = CuMemPool::new(DeviceId(0));
+        let w = pool.allocate(Tag::Weights, 4 * MIB, 11, &mut exec).unwrap();
+        let kv = pool.allocate(Tag::KvCache, 4 * MIB, 22, &mut exec).unwrap();
+        let (ws, ks) = (pool.segment(w), pool.segment(kv));
+        let bases = (exec.segment_base(ws), exec.segment_base(ks));
+        assert!(bases.0.is_some() && bases.1.is_some());
+        let read = |segment, content| Decision::ReadKv {
+            at: Loc::at(segment),
+            bytes: 4 * MIB,
+            content,
+        };
+        assert_eq!(
+            exec.apply(read(ks, 22)),
+            Ok(()),
+            "awake, the KV holds its bytes"
+        );
+        let slept = pool.sleep(SleepLevel::One, &mut exec).unwrap();
+        assert_eq!(
+            slept.bytes_copied,
+            4 * MIB,
+            "only the weights are backed up"
+        );
+        let woke = pool.wake_up(None, &mut exec).unwrap();
+        assert_eq!(woke.bytes_copied, 4 * MIB);
+        assert_eq!((exec.segment_base(ws), exec.segment_base(ks)), bases);
+        // The weights were restored at their address, checked at both ends; the KV cache was
+        // discarded (MADV_DONTNEED): reading it as a hit is refused, never counted.
+        assert_eq!(exec.apply(read(ws, 11)), Ok(()));
+        assert_eq!(exec.apply(read(ks, 22)), Err(Refusal::Mismatch));
+        let report = exec.finish();
+        assert_eq!(
+            report.mismatched_verifications, 1,
+            "{:?}",
+            report.first_mismatches
+        );
+    }
+
+    #[test]
+    fn a_corrupted_backup_is_refused_by_the_wake_that_would_restore_it() {
+        let mut exec = executor(&[Inject::CorruptBackup { nth: Some(1) }]);
+        let mut pool = CuMemPool::new(DeviceId(0));
+        let w = pool.allocate(Tag::Weights, 4 * MIB, 11, &mut exec).unwrap();
+        pool.sleep(SleepLevel::One, &mut exec).unwrap();
+        let e = pool.wake_up(None, &mut exec).unwrap_err();
+        let SleepError::Refused { refusal, .. } = e;
+        assert_eq!(refusal, Refusal::Mismatch);
+        assert_eq!(pool.content(w), None, "nothing known is in the weights");
+        let report = exec.finish();
+        assert_eq!(report.injected_backup_corruptions, 1);
+        assert_eq!(report.first_mismatches[0].check, "transfer-from");
+        assert!(report.mismatches > 0);
+    }
+}

@@ -17,13 +17,15 @@ use serde::Serialize;
 
 use gpumem_core::alloc::{AllocConfig, Strategy};
 use gpumem_core::books::Books;
+use gpumem_core::decision::Refusal;
+use gpumem_core::executor::Executor;
 use gpumem_core::place::{DeviceId, Place, Tier};
-use gpumem_core::sleep::{CuMemPool, Handle, SleepLevel, Tag};
+use gpumem_core::sleep::{CuMemPool, Handle, SleepError, SleepLevel, Tag};
 use gpumem_traces::alloc_trace::AllocTrace;
 use gpumem_traces::serving::WorkloadRequest;
 
 use crate::alloc_replay::{replay, DefragMode, ReplayConfig};
-use crate::executor::{AllocCostModel, SimExecutor};
+use crate::executor::{AllocCostModel, SimExecutor, Timed};
 use crate::monitor::Thresholds;
 use crate::recorded::StartReport;
 use crate::serve::cost::{CostModel, Roofline};
@@ -31,6 +33,7 @@ use crate::serve::metrics::Latencies;
 use crate::serve::profile::{kv_sizing, GpuProfile, ModelProfile};
 use crate::serve::vllm::{EngineConfig, SchedulingPolicy};
 use crate::serve::{EvictionKind, Now, Percentiles, ServeError, VllmEngine};
+use crate::sleep_watch::{SleepObservations, SleepWatch};
 
 /// Most rounds of one run.
 pub const MAX_ROUNDS: u64 = 10_000;
@@ -95,12 +98,40 @@ pub struct ColocateReport {
 }
 
 /// Runs `rounds` rollouts of `requests` (split evenly, in order) with a training step of
-/// `training` after each.
+/// `training` after each, on the simulator.
 pub fn simulate_colocation(
     setup: &ColocateSetup,
     training: &AllocTrace,
     requests: Vec<WorkloadRequest>,
 ) -> Result<ColocateReport, ServeError> {
+    let links = setup.gpu.links().map_err(ServeError::Input)?;
+    let exec = SimExecutor::with_books(colocate_books(setup), AllocCostModel::default(), links);
+    colocate_on(setup, training, requests, exec).map(|(report, _)| report)
+}
+
+/// The places the serving engine's memory is booked in: the whole GPU and pinned host memory
+/// for its backups. A device executor for [`colocate_on`] is made with these books.
+pub fn colocate_books(setup: &ColocateSetup) -> Books {
+    Books::with_places(&[
+        (Place::GPU0, setup.gpu.memory_bytes),
+        (Place::new(0, Tier::PinnedHost), HOST_BYTES),
+    ])
+}
+
+/// Pinned host memory the engine's backups may take.
+const HOST_BYTES: u64 = 4 << 40;
+
+/// The run of [`simulate_colocation`] with the serving engine's memory (allocations, sleeps
+/// and wakes) carried out on any executor (books from [`colocate_books`]); the clock follows
+/// the simulator's modelled time, so the report and digest are the simulation's when the
+/// executor refuses nothing the simulator accepts. The training step stays simulated. Also
+/// returns what the executor observed of the sleeps and wakes.
+pub fn colocate_on<E: Executor>(
+    setup: &ColocateSetup,
+    training: &AllocTrace,
+    requests: Vec<WorkloadRequest>,
+    exec: E,
+) -> Result<(ColocateReport, SleepObservations), ServeError> {
     let input = ServeError::Input;
     if setup.rounds == 0 || setup.rounds > MAX_ROUNDS {
         return Err(input(format!(
@@ -125,14 +156,8 @@ pub fn simulate_colocation(
     let kv_bytes = sizing.num_blocks * sizing.bytes_per_block;
     let gpu_bytes = setup.gpu.memory_bytes;
     let links = setup.gpu.links().map_err(ServeError::Input)?;
-    let mut exec = SimExecutor::with_books(
-        Books::with_places(&[
-            (Place::GPU0, gpu_bytes),
-            (Place::new(0, Tier::PinnedHost), 4 << 40),
-        ]),
-        AllocCostModel::default(),
-        links,
-    );
+    let mut exec = Timed::new(exec, AllocCostModel::default(), links);
+    let mut watch = SleepWatch::new();
     let mut pool = CuMemPool::numbered_from(DeviceId(0), 1 << 20);
     let refused = |what: &str, r| ServeError::Input(format!("{what} refused ({r:?})"));
     let weights: Handle = pool
@@ -141,6 +166,7 @@ pub fn simulate_colocation(
     pool.allocate(Tag::KvCache, kv_bytes, 0, &mut exec)
         .map_err(|r| refused("the serving KV cache", r))?;
     let serving_bytes = pool.mapped_bytes();
+    watch.allocated(&pool, &exec);
     let cfg = EngineConfig {
         num_gpu_blocks: sizing.num_blocks as u32,
         block_size: setup.block_size,
@@ -204,9 +230,11 @@ pub fn simulate_colocation(
         // Sleep, train, wake.
         if let Some(level) = level {
             let before = exec.modelled_ns_total();
+            watch.before_sleep(&mut exec);
             let s = pool
                 .sleep(level, &mut exec)
                 .map_err(|e| ServeError::Internal(format!("sleep: {e}")))?;
+            watch.after_sleep(&mut exec);
             bytes_d2h += s.bytes_copied;
             let took = exec.modelled_ns_total() - before;
             sleep_wake_ns += took;
@@ -256,21 +284,39 @@ pub fn simulate_colocation(
         });
         if level.is_some() && round + 1 < setup.rounds {
             let before = exec.modelled_ns_total();
-            let s = pool
-                .wake_up(None, &mut exec)
-                .map_err(|e| ServeError::Internal(format!("wake: {e}")))?;
+            let mut reload = level == Some(SleepLevel::Two);
+            let s = match pool.wake_up(None, &mut exec) {
+                Ok(s) => s,
+                Err(SleepError::Refused {
+                    refusal: Refusal::Mismatch,
+                    ..
+                }) => {
+                    // A backup with other bytes than the weights is never used: the rest
+                    // wakes, and the weights are reloaded from storage.
+                    watch.restore_refused();
+                    reload = true;
+                    pool.wake_up(None, &mut exec)
+                        .map_err(|e| ServeError::Internal(format!("wake: {e}")))?
+                }
+                Err(e) => return Err(ServeError::Internal(format!("wake: {e}"))),
+            };
+            watch.after_wake(&pool, &exec);
             bytes_h2d += s.bytes_copied;
             let mut took = exec.modelled_ns_total() - before;
-            if level == Some(SleepLevel::Two) {
+            if reload {
+                // Reloaded from storage: disk time, not the write's.
                 pool.write(weights, 1, &mut exec);
                 took += links.disk.transfer_ns(sizing.weight_bytes);
+                // Written in place, with no copy check: a device executor re-checks every
+                // content it holds (a restored backup was checked at both ends of its copy).
+                exec.checkpoint();
             }
             sleep_wake_ns += took;
             t_ns += took;
         }
     }
     let [ttft_us, tpot_us, _] = lat.percentiles();
-    Ok(ColocateReport {
+    let report = ColocateReport {
         gpu: setup.gpu.name.clone(),
         model: setup.model.name.clone(),
         sleep_level: setup.sleep_level,
@@ -292,7 +338,8 @@ pub fn simulate_colocation(
         sim_time_us: t_ns / 1000,
         phases,
         digest: exec.digest_hex(),
-    })
+    };
+    Ok((report, watch.observations()))
 }
 
 /// The report as text.

@@ -109,15 +109,7 @@ impl SimExecutor {
 
     /// Modelled time of `d`.
     pub fn cost_ns(&self, d: &Decision) -> u64 {
-        match *d {
-            Decision::Transfer {
-                from, to, bytes, ..
-            } => self
-                .links
-                .between(from.segment.place, to.segment.place)
-                .transfer_ns(bytes),
-            _ => self.cost.cost_ns(d),
-        }
+        modelled_ns(&self.cost, &self.links, d)
     }
 
     pub fn digest_hex(&self) -> String {
@@ -143,5 +135,83 @@ impl Executor for SimExecutor {
 
     fn digest(&self) -> &Digest {
         &self.ledger.digest
+    }
+}
+
+/// Modelled time of `d`: transfers by the link they take, the rest by `cost`.
+pub fn modelled_ns(cost: &AllocCostModel, links: &Links, d: &Decision) -> u64 {
+    match *d {
+        Decision::Transfer {
+            from, to, bytes, ..
+        } => links
+            .between(from.segment.place, to.segment.place)
+            .transfer_ns(bytes),
+        _ => cost.cost_ns(d),
+    }
+}
+
+/// Any executor with the simulator's modelled time beside it: every decision carried out is
+/// charged as [`SimExecutor`] charges it. A driver whose clock follows its decisions' modelled
+/// time (the models driver's loads, colocation's sleeps and wakes) runs on a device executor
+/// through this, so the clock, hence every later decision, is the simulation's.
+pub struct Timed<E: Executor> {
+    inner: E,
+    cost: AllocCostModel,
+    links: Links,
+    modelled_ns: u64,
+}
+
+impl<E: Executor> Timed<E> {
+    pub fn new(inner: E, cost: AllocCostModel, links: Links) -> Self {
+        Timed {
+            inner,
+            cost,
+            links,
+            modelled_ns: 0,
+        }
+    }
+
+    /// Modelled time of every decision carried out so far.
+    pub fn modelled_ns_total(&self) -> u64 {
+        self.modelled_ns
+    }
+
+    pub fn digest_hex(&self) -> String {
+        self.inner.digest().hex()
+    }
+
+    pub fn inner_mut(&mut self) -> &mut E {
+        &mut self.inner
+    }
+}
+
+impl<E: Executor> Executor for Timed<E> {
+    fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
+        let outcome = self.inner.apply(d);
+        if outcome.is_ok() {
+            let ns = modelled_ns(&self.cost, &self.links, &d);
+            self.modelled_ns = self.modelled_ns.saturating_add(ns);
+        }
+        outcome
+    }
+
+    fn books(&self) -> &Books {
+        self.inner.books()
+    }
+
+    fn digest(&self) -> &Digest {
+        self.inner.digest()
+    }
+
+    fn checkpoint(&mut self) -> u64 {
+        self.inner.checkpoint()
+    }
+
+    fn segment_base(&self, segment: gpumem_core::decision::SegmentId) -> Option<u64> {
+        self.inner.segment_base(segment)
+    }
+
+    fn resident_bytes_now(&mut self) -> Option<u64> {
+        self.inner.resident_bytes_now()
     }
 }

@@ -14,6 +14,7 @@ pub mod plot;
 pub mod recorded;
 pub mod report;
 pub mod serve;
+pub mod sleep_watch;
 pub mod spec;
 pub mod sweep;
 pub mod tiers;

@@ -15,12 +15,12 @@ use std::collections::VecDeque;
 
 use gpumem_core::balance::MultiGpuMemoryBalancer;
 use gpumem_core::books::Books;
-use gpumem_core::decision::{Decision, SegmentId};
+use gpumem_core::decision::{Decision, Refusal, SegmentId};
 use gpumem_core::executor::Executor;
 use gpumem_core::link::Links;
 use gpumem_core::offloader::{Action, AutomaticOffloader, ModelView};
 use gpumem_core::place::{DeviceId, DeviceSet, Owner, Place, Tier};
-use gpumem_core::sleep::{CuMemPool, Handle, SleepLevel, Tag};
+use gpumem_core::sleep::{CuMemPool, Handle, SleepError, SleepLevel, Tag};
 use gpumem_core::weights::{ModelId, ModelWeightCache};
 use gpumem_traces::serving::WorkloadRequest;
 
@@ -28,12 +28,13 @@ use super::report::{GpuReport, ModelReport, ModelsReport};
 use super::trace::TraceArrivals;
 use super::workload::ModelsWorkload;
 use super::{ModelsSetup, Policy, DEFAULT_KV_BYTES, HOST_BYTES_PER_GPU};
-use crate::executor::{AllocCostModel, SimExecutor};
+use crate::executor::{AllocCostModel, SimExecutor, Timed};
 use crate::serve::cost::{CostModel, Roofline};
 use crate::serve::metrics::Latencies;
 use crate::serve::profile::kv_sizing_bytes;
 use crate::serve::vllm::{EngineConfig, SchedulingPolicy};
 use crate::serve::{EvictionKind, Now, ServeError, VllmEngine};
+use crate::sleep_watch::{SleepObservations, SleepWatch};
 
 /// Longest prompt of the built-in workload (below every built-in model's context).
 const MAX_PROMPT_TOKENS: u64 = 16_384;
@@ -101,12 +102,14 @@ struct Gpu {
     cache: ModelWeightCache,
 }
 
-/// The run: models, GPUs, the executor that keeps the books.
-struct Run {
+/// The run: models, GPUs, the executor that keeps the books (with the simulator's modelled
+/// time beside it, which the clock follows on any executor).
+struct Run<E: Executor> {
     setup: ModelsSetup,
     slots: Vec<Slot>,
     gpus: Vec<Gpu>,
-    exec: SimExecutor,
+    exec: Timed<E>,
+    watch: SleepWatch,
     links: Links,
     budget_bytes: u64,
     offloader: AutomaticOffloader,
@@ -115,12 +118,45 @@ struct Run {
     sleep_wake_ns: u64,
 }
 
-/// Runs the built-in workload through the models of `setup`.
+/// Runs the built-in workload through the models of `setup`, on the simulator.
 pub fn simulate_models(
     setup: &ModelsSetup,
     workload: &ModelsWorkload,
     progress: &mut dyn FnMut(u64),
 ) -> Result<ModelsReport, ServeError> {
+    let links = setup.gpu.links().map_err(ServeError::Input)?;
+    let exec = SimExecutor::with_books(models_books(setup)?, AllocCostModel::default(), links);
+    simulate_models_on(setup, workload, exec, progress).map(|(report, _)| report)
+}
+
+/// The places a `models` run books, with their capacities: each GPU's budget (its memory at
+/// the utilization) and its pinned host memory. A device executor for the run is made with
+/// these books.
+pub fn models_books(setup: &ModelsSetup) -> Result<Books, ServeError> {
+    let devices = DeviceSet::first(setup.gpus).map_err(ServeError::Input)?;
+    let budget_bytes = budget_bytes(setup);
+    let mut places = Vec::new();
+    for d in devices.iter() {
+        places.push((Place::gpu(d.0), budget_bytes));
+        places.push((Place::new(d.0, Tier::PinnedHost), HOST_BYTES_PER_GPU));
+    }
+    Ok(Books::with_places(&places))
+}
+
+fn budget_bytes(setup: &ModelsSetup) -> u64 {
+    (setup.gpu.memory_bytes as u128 * setup.utilization_ppm as u128 / 1_000_000) as u64
+}
+
+/// The run of [`simulate_models`] on any executor (books from [`models_books`]): the same
+/// decisions, the same clock (the simulator's modelled time of each load and sleep), hence the
+/// same report and digest as the simulation when the executor refuses nothing the simulator
+/// accepts; and what the executor observed of sleeps and wakes (`sleep` policy).
+pub fn simulate_models_on<E: Executor>(
+    setup: &ModelsSetup,
+    workload: &ModelsWorkload,
+    exec: E,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(ModelsReport, SleepObservations), ServeError> {
     let max_model_len: Vec<u64> = setup
         .models
         .iter()
@@ -129,7 +165,11 @@ pub fn simulate_models(
     let arrivals = workload
         .requests(setup.models.len(), MAX_PROMPT_TOKENS)
         .map(Ok);
-    drive(Run::new(setup, &max_model_len, false)?, arrivals, progress)
+    drive(
+        Run::new(setup, exec, &max_model_len, false)?,
+        arrivals,
+        progress,
+    )
 }
 
 /// Runs a trace's requests through the models of `setup`, each request given to the model it
@@ -141,22 +181,34 @@ pub fn simulate_models_trace(
     arrivals: &mut TraceArrivals<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<ModelsReport, ServeError> {
+    let links = setup.gpu.links().map_err(ServeError::Input)?;
+    let exec = SimExecutor::with_books(models_books(setup)?, AllocCostModel::default(), links);
+    simulate_models_trace_on(setup, arrivals, exec, progress).map(|(report, _)| report)
+}
+
+/// [`simulate_models_trace`] on any executor, as [`simulate_models_on`].
+pub fn simulate_models_trace_on<E: Executor>(
+    setup: &ModelsSetup,
+    arrivals: &mut TraceArrivals<'_>,
+    exec: E,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(ModelsReport, SleepObservations), ServeError> {
     let profile: Vec<u64> = setup
         .models
         .iter()
         .map(|m| m.profile.max_model_len)
         .collect();
-    let run = Run::new(setup, &profile, true)?;
+    let run = Run::new(setup, exec, &profile, true)?;
     arrivals.set_max_model_len(run.slots.iter().map(|s| s.cfg.max_model_len).collect());
     drive(run, arrivals, progress)
 }
 
 /// The clock of `run` over `arrivals` (model index and request, in arrival order).
-fn drive(
-    mut run: Run,
+fn drive<E: Executor>(
+    mut run: Run<E>,
     mut arrivals: impl Iterator<Item = Result<(usize, WorkloadRequest), ServeError>>,
     progress: &mut dyn FnMut(u64),
-) -> Result<ModelsReport, ServeError> {
+) -> Result<(ModelsReport, SleepObservations), ServeError> {
     run.place_at_start()?;
     let mut next = arrivals.next().transpose()?;
     let mut arrived = 0u64;
@@ -183,30 +235,21 @@ fn drive(
     run.finish()
 }
 
-impl Run {
+impl<E: Executor> Run<E> {
     /// Model `i`'s engine takes prompts shorter than `max_model_len[i]` (`within_pool`: or
     /// than its KV pool holds, if less).
     fn new(
         setup: &ModelsSetup,
+        exec: E,
         max_model_len: &[u64],
         within_pool: bool,
-    ) -> Result<Run, ServeError> {
+    ) -> Result<Run<E>, ServeError> {
         let input = ServeError::Input;
         let devices = DeviceSet::first(setup.gpus).map_err(input)?;
         let links = setup.gpu.links().map_err(ServeError::Input)?;
-        let budget_bytes =
-            (setup.gpu.memory_bytes as u128 * setup.utilization_ppm as u128 / 1_000_000) as u64;
+        let budget_bytes = budget_bytes(setup);
         let homes = plan_homes(setup, &devices, budget_bytes)?;
-        let mut places = Vec::new();
-        for d in devices.iter() {
-            places.push((Place::gpu(d.0), budget_bytes));
-            places.push((Place::new(d.0, Tier::PinnedHost), HOST_BYTES_PER_GPU));
-        }
-        let exec = SimExecutor::with_books(
-            Books::with_places(&places),
-            AllocCostModel::default(),
-            links,
-        );
+        let exec = Timed::new(exec, AllocCostModel::default(), links);
         let mut run = Run {
             setup: setup.clone(),
             slots: Vec::new(),
@@ -220,6 +263,7 @@ impl Run {
                 })
                 .collect(),
             exec,
+            watch: SleepWatch::new(),
             links,
             budget_bytes,
             offloader: AutomaticOffloader::new(setup.offloader, setup.models.len()),
@@ -266,12 +310,18 @@ impl Run {
             };
             let engine = VllmEngine::new(cfg)?;
             let g = run.gpu_index(device);
-            let layer_bytes = vec![weight_bytes / p.layers; p.layers as usize];
-            let layer_bytes = with_remainder(layer_bytes, weight_bytes);
-            let model = run.gpus[g]
-                .cache
-                .register(&layer_bytes, i as u64 + 1, &mut run.exec)
-                .map_err(|e| ServeError::Input(format!("model {}: {e}", choice.name)))?;
+            let model = if setup.policy == Policy::Sleep {
+                // Sleep mode keeps no second host copy: a sleeping model's weights are in its
+                // backup (level 1) or on disk (level 2).
+                ModelId(i as u32)
+            } else {
+                let layer_bytes = vec![weight_bytes / p.layers; p.layers as usize];
+                let layer_bytes = with_remainder(layer_bytes, weight_bytes);
+                run.gpus[g]
+                    .cache
+                    .register(&layer_bytes, i as u64 + 1, &mut run.exec)
+                    .map_err(|e| ServeError::Input(format!("model {}: {e}", choice.name)))?
+            };
             run.slots.push(Slot {
                 name: choice.name.clone(),
                 device,
@@ -443,6 +493,7 @@ impl Run {
         let g = self.gpu_index(self.slots[i].device);
         let before = self.exec.modelled_ns_total();
         let mut extra_ns = 0;
+        let mut written = false;
         let s = &self.slots[i];
         let (model, other, weight_bytes) = (s.model, s.other_bytes, s.weight_bytes);
         let name = s.name.clone();
@@ -450,14 +501,30 @@ impl Run {
         match self.setup.policy {
             Policy::Sleep => match &mut self.slots[i].sleep {
                 Some(h) => {
-                    let stats = h
-                        .pool
-                        .wake_up(None, &mut self.exec)
-                        .map_err(|e| internal(format!("wake: {e}")))?;
-                    if self.setup.sleep_level == SleepLevel::Two {
+                    let mut reload = self.setup.sleep_level == SleepLevel::Two;
+                    let stats = match h.pool.wake_up(None, &mut self.exec) {
+                        Ok(stats) => stats,
+                        Err(SleepError::Refused {
+                            refusal: Refusal::Mismatch,
+                            ..
+                        }) => {
+                            // The backup held other bytes than the weights (a device executor
+                            // checked them): never used; the rest wakes and the weights are
+                            // reloaded from storage, as after a level-2 sleep.
+                            self.watch.restore_refused();
+                            reload = true;
+                            h.pool
+                                .wake_up(None, &mut self.exec)
+                                .map_err(|e| internal(format!("wake: {e}")))?
+                        }
+                        Err(e) => return Err(internal(format!("wake: {e}"))),
+                    };
+                    if reload {
+                        written = true;
                         h.pool.write(h.weights, i as u64 + 1, &mut self.exec);
                         extra_ns = self.links.disk.transfer_ns(weight_bytes);
                     }
+                    self.watch.after_wake(&h.pool, &self.exec);
                     self.bytes_h2d += stats.bytes_copied;
                 }
                 None => {
@@ -469,9 +536,11 @@ impl Run {
                         .map_err(|r| internal(format!("weights refused ({r:?})")))?;
                     pool.allocate(Tag::KvCache, other, 0, &mut self.exec)
                         .map_err(|r| internal(format!("KV pool refused ({r:?})")))?;
+                    written = true;
                     // The first load reads the weights from the host copy, as the others do.
                     extra_ns = self.links.host_pinned.transfer_ns(weight_bytes);
                     self.bytes_h2d += weight_bytes;
+                    self.watch.allocated(&pool, &self.exec);
                     self.slots[i].sleep = Some(SleepHandles { pool, weights });
                 }
             },
@@ -492,6 +561,13 @@ impl Run {
         let took_ns = self.exec.modelled_ns_total() - before + extra_ns;
         if self.setup.policy == Policy::Sleep {
             self.sleep_wake_ns += took_ns;
+            if written {
+                // Weights written in place (a first load, or a reload from storage) have had
+                // no copy check: a device executor re-checks every content it holds now, these
+                // and every other model's, backups included (a restored backup was checked at
+                // both ends of its copy). Observation only: no decision follows.
+                self.exec.checkpoint();
+            }
         }
         let start = now_ns.max(self.gpus[g].link_free_ns);
         let ready_ns = start + took_ns;
@@ -516,10 +592,12 @@ impl Run {
         match self.setup.policy {
             Policy::Sleep => {
                 let h = self.slots[i].sleep.as_mut().expect("a loaded model");
+                self.watch.before_sleep(&mut self.exec);
                 let stats = h
                     .pool
                     .sleep(self.setup.sleep_level, &mut self.exec)
                     .map_err(|e| ServeError::Internal(format!("sleep: {e}")))?;
+                self.watch.after_sleep(&mut self.exec);
                 self.bytes_d2h += stats.bytes_copied;
             }
             _ => {
@@ -643,7 +721,7 @@ impl Run {
         Ok(Some(rec.end_ns))
     }
 
-    fn finish(mut self) -> Result<ModelsReport, ServeError> {
+    fn finish(mut self) -> Result<(ModelsReport, SleepObservations), ServeError> {
         if let Some(s) = self.slots.iter().find(|s| !s.pending.is_empty()) {
             return Err(ServeError::Stall(format!(
                 "model {}: {} requests wait and it can never be loaded (every model of its GPU is busy)",
@@ -701,7 +779,8 @@ impl Run {
             .collect();
         let [ttft_us, tpot_us, _] = all.percentiles();
         let output_tokens: u64 = self.slots.iter().map(|s| s.output_tokens).sum();
-        Ok(ModelsReport {
+        let observed = self.watch.observations();
+        let report = ModelsReport {
             policy: self.setup.policy.name().into(),
             gpu: self.setup.gpu.name.clone(),
             placement: self.setup.placement.name().into(),
@@ -724,7 +803,8 @@ impl Run {
             models,
             gpus,
             digest: self.exec.digest_hex(),
-        })
+        };
+        Ok((report, observed))
     }
 }
 

@@ -29,7 +29,10 @@ use gpumem_core::sleep::SleepLevel;
 
 use crate::serve::profile::{GpuProfile, ModelProfile};
 
-pub use driver::{simulate_models, simulate_models_trace};
+pub use driver::{
+    models_books, simulate_models, simulate_models_on, simulate_models_trace,
+    simulate_models_trace_on,
+};
 pub use report::{render_models_text, ModelsReport};
 pub use trace::{ModelMap, TraceArrivals};
 pub use workload::{ModelsWorkload, MAX_MODELS};
