@@ -351,3 +351,94 @@ fn a_snapshot_swept_through_caching_starts_as_alloc_starts_it() {
         assert_eq!(r["bytes_reserved_peak"], peak, "{capacity}");
     }
 }
+
+#[test]
+fn a_sweep_is_plotted_one_line_per_series_value_and_bad_names_are_refused() {
+    let dir = scratch_dir();
+    let sweep_file = dir.join("fleet.jsonl");
+    let mut args = kv_sweep(&mooncake_conversation());
+    args.extend([
+        "--out".to_string(),
+        sweep_file.to_str().unwrap().to_string(),
+    ]);
+    succeeded(gpumem(&strs(&args)));
+    let svg_file = dir.join("ttft.svg");
+    let plot = |extra: &[&str]| {
+        let mut a = vec!["sweep", "plot", sweep_file.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        gpumem(&a)
+    };
+    let svg_arg = svg_file.to_str().unwrap();
+    let flags = [
+        "--metric",
+        "ttft_us.p99",
+        "--x",
+        "replicas",
+        "--series",
+        "router",
+        "--out",
+        svg_arg,
+    ];
+    succeeded(plot(&flags));
+    let svg = std::fs::read_to_string(&svg_file).unwrap();
+    for text in [
+        "ttft_us.p99 by replicas, one line per router",
+        "round-robin",
+        "kv-aware:0.5",
+    ] {
+        assert!(svg.contains(text), "no '{text}' in the plot");
+    }
+    // One line of three points (replicas 1, 2, 3) per router.
+    let three_point_lines = svg
+        .split("<polyline")
+        .skip(1)
+        .filter(|p| {
+            let points = p
+                .split("points=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            points.split_whitespace().count() == 3
+        })
+        .count();
+    assert_eq!(three_point_lines, 2, "{svg}");
+    succeeded(plot(&flags));
+    assert_eq!(
+        std::fs::read_to_string(&svg_file).unwrap(),
+        svg,
+        "not deterministic"
+    );
+
+    let no_axis = plot(&[
+        "--metric",
+        "ttft_us.p99",
+        "--x",
+        "kv-blocks",
+        "--out",
+        svg_arg,
+    ]);
+    assert_clean_error(
+        &no_axis,
+        &["fleet.jsonl:1", "no axis 'kv-blocks'", "replicas, router"],
+    );
+    let no_metric = plot(&[
+        "--metric",
+        "ttft_us.p100",
+        "--x",
+        "replicas",
+        "--out",
+        svg_arg,
+    ]);
+    assert_clean_error(
+        &no_metric,
+        &["fleet.jsonl:1", "no 'ttft_us.p100'", "ttft_us"],
+    );
+    let not_a_number = plot(&["--metric", "ttft_us", "--x", "replicas", "--out", svg_arg]);
+    assert_clean_error(&not_a_number, &["metric 'ttft_us' is not a number"]);
+    let same = plot(&[
+        "--metric", "steps", "--x", "router", "--series", "router", "--out", svg_arg,
+    ]);
+    assert_clean_error(&same, &["name two axes"]);
+}
