@@ -134,25 +134,12 @@ pub fn run(args: ColocateArgs) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())
         },
     )?;
-    let ok = sleep_exec::passed(&executed.report.digest, &report.digest, &executed);
-    if args.json {
-        let value = serde_json::to_value(&executed.report).expect("report serializes");
-        let value = sleep_exec::json_with_execution(
-            value,
-            &report.digest,
-            args.exec.weight_bytes_scale,
-            &executed,
-        );
-        crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
-    } else {
-        let mut text = render_colocate_text(&executed.report);
-        text += &sleep_exec::text(
-            &report.digest,
-            &executed.report.digest,
-            args.exec.weight_bytes_scale,
-            &executed,
-        );
-        crate::output::print(&text)?;
-    }
-    Ok(sleep_exec::exit_code(ok))
+    sleep_exec::print_executed(
+        args.json,
+        &report.digest,
+        &executed.report.digest,
+        args.exec.weight_bytes_scale,
+        &executed,
+        render_colocate_text,
+    )
 }

@@ -241,6 +241,30 @@ pub fn text(
 }
 
 /// Exit 1 when the device saw something other than the policy expected.
+/// Prints an executed run — JSON with the execution's fields, or the text report then the
+/// execution's lines — and gives its exit code: 1 where the device disagreed with the
+/// simulation.
+pub fn print_executed<R: serde::Serialize>(
+    json: bool,
+    simulated_digest: &str,
+    executed_digest: &str,
+    scale: u64,
+    executed: &Executed<R>,
+    render_text: impl Fn(&R) -> String,
+) -> Result<ExitCode, String> {
+    let ok = passed(executed_digest, simulated_digest, executed);
+    if json {
+        let value = serde_json::to_value(&executed.report).expect("report serializes");
+        let value = json_with_execution(value, simulated_digest, scale, executed);
+        crate::output::println(&serde_json::to_string(&value).expect("report serializes"))?;
+    } else {
+        let mut text = render_text(&executed.report);
+        text += &self::text(simulated_digest, executed_digest, scale, executed);
+        crate::output::print(&text)?;
+    }
+    Ok(exit_code(ok))
+}
+
 pub fn exit_code(ok: bool) -> ExitCode {
     if ok {
         ExitCode::SUCCESS
