@@ -4,26 +4,14 @@
 //! `../shared/traces/torch-snapshots` (read in place, never copied; `GPUMEM_SHARED_TRACES` moves
 //! the directory). Missing data FAILS these tests.
 
-use std::path::PathBuf;
+mod common;
+use common::snapshot;
+
 
 use gpumem_core::alloc::{AllocConfig, Strategy, GIB};
 use gpumem_sim::alloc_replay::{simulate_all, ReplayConfig, StrategyResult};
 use gpumem_sim::recorded::OTHER_STRATEGY_STARTS_EMPTY;
 use gpumem_traces::{load_alloc_trace, AllocTrace};
-
-fn snapshot(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("GPUMEM_SHARED_TRACES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces"),
-    };
-    let path = dir.join("torch-snapshots").join(name);
-    assert!(
-        path.is_file(),
-        "the shared snapshot {} is missing (set GPUMEM_SHARED_TRACES to the directory that holds torch-snapshots/)",
-        path.display()
-    );
-    path
-}
 
 /// The snapshots whose trace changes the allocator (alloc or free events): a recorded start.
 const TRACED: [&str; 4] = [

@@ -3,24 +3,12 @@
 //! Missing data FAILS these tests. Each golden test asserts at least the ratio measured when it
 //! was written, so a regression fails and an improvement passes.
 
+mod common;
+use common::snapshot;
+
 use gpumem_core::alloc::{AllocConfig, GIB};
 use gpumem_sim::recorded::{compare, SegmentsComparison};
 use gpumem_traces::torch::recording;
-use std::path::PathBuf;
-
-fn snapshot(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("GPUMEM_SHARED_TRACES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces"),
-    };
-    let path = dir.join("torch-snapshots").join(name);
-    assert!(
-        path.is_file(),
-        "the shared snapshot {} is missing (set GPUMEM_SHARED_TRACES to the directory that holds torch-snapshots/)",
-        path.display()
-    );
-    path
-}
 
 fn run(name: &str) -> SegmentsComparison {
     let rec = recording::read(&snapshot(name)).unwrap();
