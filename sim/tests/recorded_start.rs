@@ -7,7 +7,6 @@
 mod common;
 use common::snapshot;
 
-
 use gpumem_core::alloc::{AllocConfig, Strategy, GIB};
 use gpumem_sim::alloc_replay::{simulate_all, ReplayConfig, StrategyResult};
 use gpumem_sim::recorded::OTHER_STRATEGY_STARTS_EMPTY;
