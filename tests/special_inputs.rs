@@ -101,6 +101,34 @@ fn a_stream_that_starts_like_a_pickle_is_refused_without_reading_it_all() {
 }
 
 #[test]
+fn a_pickle_that_stops_early_in_an_endless_stream_is_read_no_further() {
+    // `None` then STOP, then zeros for as long as gpumem reads: the pickle is whole in the
+    // probe, so the rest is never read (no size limit is reached) and the refusal is the
+    // snapshot's own.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gpumem"))
+        .args(["alloc", "--trace", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gpumem starts");
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&[0x80, 2, b'N', b'.']);
+        let zeros = vec![0u8; 1 << 16];
+        // Stops when gpumem closes the pipe; 4 GiB at most, should it never.
+        for _ in 0..1 << 16 {
+            if stdin.write_all(&zeros).is_err() {
+                break;
+            }
+        }
+    });
+    let out = child.wait_with_output().expect("gpumem ends");
+    writer.join().unwrap();
+    assert_clean_error(&out, &["a snapshot must be a dict"]);
+}
+
+#[test]
 fn an_allocation_trace_reads_from_stdin_once() {
     let trace = small_alloc_trace();
     let from_file = {

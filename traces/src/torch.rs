@@ -56,7 +56,8 @@ pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<AllocTrace, TraceError> 
 const SNAPSHOT_PROBE_BYTES: u64 = 1 << 20;
 
 /// The bytes of a snapshot pickle, at most `MAX_SNAPSHOT_BYTES` (named in the error). A prefix
-/// is parsed first: an error there that is not the prefix's end is reported at once.
+/// is parsed first: an error there that is not the prefix's end is reported at once, and a
+/// pickle that ends inside it is all that is read.
 pub fn read_snapshot_bytes(
     input: &mut dyn std::io::BufRead,
     path: &Path,
@@ -68,18 +69,20 @@ pub fn read_snapshot_bytes(
     )
     .map_err(|e| TraceError::in_file(path, format!("cannot read the input: {e}")))?;
     if bytes.len() as u64 == SNAPSHOT_PROBE_BYTES {
-        if let Err(e) = pickle::parse(&bytes) {
-            if !e.is_truncation() {
-                return Err(TraceError::from_pickle(path, e));
-            }
+        match pickle::parse(&bytes) {
+            // The pickle stopped inside the probe: what follows is ignored, as Python does.
+            Ok(_) => return Ok(bytes),
+            Err(e) if !e.is_truncation() => return Err(TraceError::from_pickle(path, e)),
+            Err(_) => {}
         }
-        let rest = crate::read::read_capped(
-            input,
+        // The probe again, then the rest: the limit is counted (and named) over the whole.
+        let mut whole = std::io::Read::chain(std::io::Cursor::new(bytes), input);
+        return crate::read::read_capped(
+            &mut whole,
             path,
-            crate::MAX_SNAPSHOT_BYTES - SNAPSHOT_PROBE_BYTES,
+            crate::MAX_SNAPSHOT_BYTES,
             "MAX_SNAPSHOT_BYTES",
-        )?;
-        bytes.extend_from_slice(&rest);
+        );
     }
     Ok(bytes)
 }
