@@ -8,7 +8,7 @@ use clap::Args;
 use gpumem_sim::colocate::{colocate_books, colocate_on, render_colocate_text, ColocateSetup};
 use gpumem_sim::executor::{AllocCostModel, SimExecutor};
 use gpumem_sim::serve::profile::{GpuProfile, ModelProfile};
-use gpumem_sim::spec::Fraction;
+use gpumem_sim::spec::{ColocateSpec, Fraction, RunSpec};
 use gpumem_sim::Executor;
 use gpumem_traces::serving::{RequestStream, Workload};
 
@@ -84,38 +84,82 @@ pub struct ColocateArgs {
 
     #[command(flatten)]
     exec: SleepExecuteArgs,
+
+    /// Print the run spec these flags make, every default resolved, as RON, and exit; `gpumem
+    /// run FILE.ron` runs it.
+    #[arg(long)]
+    print_spec: bool,
 }
 
 pub fn run(args: ColocateArgs) -> Result<ExitCode, String> {
-    if args.sleep_level > 2 {
-        return Err(format!("--sleep-level {}: 0, 1 or 2", args.sleep_level));
+    let spec = spec_from_args(&args)?;
+    let checked = check(&spec)?;
+    if args.print_spec {
+        return crate::print_spec(RunSpec::Colocate(Box::new(spec)));
     }
-    if !matches!(args.block_size, 1..=1024) {
+    run_spec(&spec, &checked, args.json)
+}
+
+/// The spec the flags make: every flag's value, profiles by name (or inlined from a file).
+fn spec_from_args(args: &ColocateArgs) -> Result<ColocateSpec, String> {
+    Ok(ColocateSpec {
+        train: args.train.clone(),
+        serve: args.serve.clone(),
+        limit: args.limit,
+        rounds: args.rounds,
+        sleep_level: args.sleep_level,
+        gpu: crate::kv_cmd::profile_spec(&args.gpu, GpuProfile::resolve, |g| &g.name)?,
+        model: crate::kv_cmd::profile_spec(&args.model, ModelProfile::resolve, |m| &m.name)?,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        block_size: args.block_size,
+        seed: args.seed,
+        execute: args.exec.to_spec()?,
+    })
+}
+
+/// A spec, checked: the run's setup and its execution flags.
+pub struct Checked {
+    setup: ColocateSetup,
+    exec: SleepExecuteArgs,
+}
+
+/// Everything about a spec that can be wrong before its traces are read.
+pub fn check(spec: &ColocateSpec) -> Result<Checked, String> {
+    if spec.sleep_level > 2 {
+        return Err(format!("--sleep-level {}: 0, 1 or 2", spec.sleep_level));
+    }
+    if !matches!(spec.block_size, 1..=1024) {
         return Err(format!(
             "--block-size {}: must be 1 to 1024",
-            args.block_size
+            spec.block_size
         ));
     }
     let setup = ColocateSetup {
-        gpu: GpuProfile::resolve(&args.gpu)?,
-        model: ModelProfile::resolve(&args.model)?,
-        utilization_ppm: args.gpu_memory_utilization.ppm,
-        block_size: args.block_size,
-        sleep_level: args.sleep_level,
-        rounds: args.rounds,
+        gpu: spec.gpu.load()?,
+        model: spec.model.load()?,
+        utilization_ppm: spec.gpu_memory_utilization.ppm,
+        block_size: spec.block_size,
+        sleep_level: spec.sleep_level,
+        rounds: spec.rounds,
     };
-    args.exec.validate()?;
-    let training = gpumem_traces::load_alloc_trace(&args.train).map_err(|e| e.to_string())?;
+    let exec = SleepExecuteArgs::from_spec(spec.execute.as_ref())?;
+    Ok(Checked { setup, exec })
+}
+
+/// Runs a checked spec and prints its report: text, or JSON with `json`.
+pub fn run_spec(spec: &ColocateSpec, checked: &Checked, json: bool) -> Result<ExitCode, String> {
+    let setup = &checked.setup;
+    let training = gpumem_traces::load_alloc_trace(&spec.train).map_err(|e| e.to_string())?;
     let stream =
-        RequestStream::open(&args.serve, None, Some(args.limit)).map_err(|e| e.to_string())?;
+        RequestStream::open(&spec.serve, None, Some(spec.limit)).map_err(|e| e.to_string())?;
     let workload = Workload::collect(stream).map_err(|e| e.to_string())?;
-    let books = colocate_books(&setup);
+    let books = colocate_books(setup);
     let links = setup.gpu.links()?;
     let mut sim = SimExecutor::with_books(books.clone(), AllocCostModel::default(), links);
-    let (report, _) = colocate_on(&setup, &training, workload.requests.clone(), &mut sim)
+    let (report, _) = colocate_on(setup, &training, workload.requests.clone(), &mut sim)
         .map_err(|e| e.to_string())?;
-    let Some(device) = args.exec.execute else {
-        if args.json {
+    let Some(device) = checked.exec.execute else {
+        if json {
             crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
         } else {
             crate::output::print(&render_colocate_text(&report))?;
@@ -123,22 +167,22 @@ pub fn run(args: ColocateArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     };
     let executed = sleep_exec::execute(
-        &args.exec,
+        &checked.exec,
         device,
-        args.seed,
+        spec.seed,
         books,
         sleep_exec::peak_bytes(sim.books()),
         "--execute of the serving engine",
         &mut |exec| {
-            colocate_on(&setup, &training, workload.requests.clone(), exec)
+            colocate_on(setup, &training, workload.requests.clone(), exec)
                 .map_err(|e| e.to_string())
         },
     )?;
     sleep_exec::print_executed(
-        args.json,
+        json,
         &report.digest,
         &executed.report.digest,
-        args.exec.weight_bytes_scale,
+        checked.exec.weight_bytes_scale,
         &executed,
         render_colocate_text,
     )

@@ -437,7 +437,7 @@ pub(crate) fn spec_for_many_runs(args: &KvArgs) -> Result<KvSpec, String> {
 
 /// A built-in profile by its canonical name; one from a FILE.ron inlined, so the spec does not
 /// depend on the file staying as it is.
-fn profile_spec<T>(
+pub(crate) fn profile_spec<T>(
     arg: &str,
     resolve: fn(&str) -> Result<T, String>,
     name: fn(&T) -> &String,

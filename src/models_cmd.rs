@@ -1,7 +1,7 @@
 //! `gpumem models`: several models served from fewer GPUs, under one residency policy.
 
 use std::cell::Cell;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::rc::Rc;
 
@@ -17,7 +17,7 @@ use gpumem_sim::models::{
 };
 use gpumem_sim::serve::profile::{GpuProfile, ModelProfile};
 use gpumem_sim::sleep_watch::SleepObservations;
-use gpumem_sim::spec::Fraction;
+use gpumem_sim::spec::{ByName, Fraction, ModelsSpec, ModelsTraceSpec, RunSpec};
 use gpumem_sim::Executor;
 use gpumem_traces::serving::import::parse_decimal;
 use gpumem_traces::serving::{WorkloadFormat, MAX_MODEL_NAME_BYTES};
@@ -196,18 +196,78 @@ pub struct ModelsArgs {
 
     #[command(flatten)]
     exec: SleepExecuteArgs,
+
+    /// Print the run spec these flags make, every default resolved, as RON, and exit; `gpumem
+    /// run FILE.ron` runs it.
+    #[arg(long)]
+    print_spec: bool,
 }
 
 pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
-    let (setup, workload) = resolve(&args)?;
-    args.exec.validate()?;
-    if args.exec.execute == Some(crate::alloc_cmd::ExecuteArg::Cuda) && setup.gpus > 1 {
+    let spec = spec_from_args(&args)?;
+    let checked = check(&spec)?;
+    if args.print_spec {
+        return crate::print_spec(RunSpec::Models(Box::new(spec)));
+    }
+    run_spec(&spec, &checked, args.json)
+}
+
+/// The spec the flags make: every flag's value, the GPU by name (or inlined from a file).
+fn spec_from_args(args: &ModelsArgs) -> Result<ModelsSpec, String> {
+    let trace = match &args.trace {
+        Some(path) => ModelsTraceSpec::File {
+            path: path.clone(),
+            format: args.format.map(ByName),
+            limit: args.limit,
+            model_map: args.model_map.clone(),
+        },
+        None => ModelsTraceSpec::Generated {
+            requests: args.requests,
+            rate: args.rate.clone(),
+            burst_pct: args.burst,
+        },
+    };
+    Ok(ModelsSpec {
+        trace,
+        seed: args.seed,
+        models: args
+            .models
+            .split(',')
+            .map(|m| m.trim().to_string())
+            .collect(),
+        policy: args.policy,
+        gpu: crate::kv_cmd::profile_spec(&args.gpu, GpuProfile::resolve, |g| &g.name)?,
+        gpus: args.gpus as u64,
+        placement: args.placement,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        kv_cache_gib: args.kv_cache_gib,
+        block_size: args.block_size,
+        offload_threshold: args.offload_threshold,
+        restore_threshold: args.restore_threshold,
+        predict_horizon_ms: args.predict_horizon_ms,
+        sleep_level: args.sleep_level,
+        execute: args.exec.to_spec()?,
+    })
+}
+
+/// A spec, checked: what the simulation runs, and its execution flags.
+pub struct Checked {
+    setup: ModelsSetup,
+    workload: ModelsWorkload,
+    exec: SleepExecuteArgs,
+}
+
+/// Everything about a spec that can be wrong before a trace is read.
+pub fn check(spec: &ModelsSpec) -> Result<Checked, String> {
+    let (setup, workload) = resolve(spec)?;
+    let exec = SleepExecuteArgs::from_spec(spec.execute.as_ref())?;
+    if exec.execute == Some(crate::alloc_cmd::ExecuteArg::Cuda) && setup.gpus > 1 {
         return Err(format!(
             "--execute cuda drives one GPU, not --gpus {}: run --gpus 1, or --execute host (host memory stands in for every GPU)",
             setup.gpus
         ));
     }
-    if let (Some(path), Some(_)) = (&args.trace, args.exec.execute) {
+    if let (ModelsTraceSpec::File { path, .. }, Some(_)) = (&spec.trace, exec.execute) {
         if path.as_os_str() == "-" || !path.is_file() {
             return Err(format!(
                 "{}: --execute reads the trace twice (simulated, then on the device): give a file, not a pipe or standard input",
@@ -215,12 +275,22 @@ pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
             ));
         }
     }
-    let books = models_books(&setup).map_err(|e| e.to_string())?;
+    Ok(Checked {
+        setup,
+        workload,
+        exec,
+    })
+}
+
+/// Runs a checked spec and prints its report: text, or JSON with `json`.
+pub fn run_spec(spec: &ModelsSpec, checked: &Checked, json: bool) -> Result<ExitCode, String> {
+    let (setup, workload) = (&checked.setup, &checked.workload);
+    let books = models_books(setup).map_err(|e| e.to_string())?;
     let links = setup.gpu.links()?;
     let mut sim = SimExecutor::with_books(books.clone(), AllocCostModel::default(), links);
-    let (report, _) = run_on(&args, &setup, &workload, &mut sim, 0)?;
-    let Some(device) = args.exec.execute else {
-        if args.json {
+    let (report, _) = run_on(spec, setup, workload, &mut sim, 0)?;
+    let Some(device) = checked.exec.execute else {
+        if json {
             crate::output::println(&serde_json::to_string(&report).expect("report serializes"))?;
         } else {
             crate::output::print(&render_models_text(&report))?;
@@ -230,64 +300,81 @@ pub fn run(args: ModelsArgs) -> Result<ExitCode, String> {
     let peak = sleep_exec::peak_bytes(sim.books());
     let what = format!("--execute of {} models", setup.models.len());
     let executed = sleep_exec::execute(
-        &args.exec,
+        &checked.exec,
         device,
-        args.seed,
+        spec.seed,
         books,
         peak,
         &what,
-        &mut |exec| run_on(&args, &setup, &workload, exec, 1),
+        &mut |exec| run_on(spec, setup, workload, exec, 1),
     )?;
     sleep_exec::print_executed(
-        args.json,
+        json,
         &report.digest,
         &executed.report.digest,
-        args.exec.weight_bytes_scale,
+        checked.exec.weight_bytes_scale,
         &executed,
         render_models_text,
     )
 }
 
-/// One run on `exec`, of the built-in workload or of `--trace` (`pass`: 0 simulated, 1 on the
+/// One run on `exec`, of the built-in workload or of the trace (`pass`: 0 simulated, 1 on the
 /// device, whose trace warnings are the simulated run's and are not repeated).
 fn run_on(
-    args: &ModelsArgs,
+    spec: &ModelsSpec,
     setup: &ModelsSetup,
     workload: &ModelsWorkload,
     exec: &mut dyn Executor,
     pass: usize,
 ) -> Result<(ModelsReport, SleepObservations), String> {
-    match &args.trace {
-        None => {
+    match &spec.trace {
+        ModelsTraceSpec::Generated { .. } => {
             let progress = Progress::with_unit(1, workload.requests, "requests");
             let run = simulate_models_on(setup, workload, exec, &mut |n| progress.update(0, n));
             progress.finish();
             run.map_err(|e| e.to_string())
         }
-        Some(path) => run_trace(args, setup, path, exec, pass == 0),
+        ModelsTraceSpec::File {
+            path,
+            format,
+            limit,
+            model_map,
+        } => run_trace(
+            setup,
+            (path, format.map(|f| f.0), *limit, model_map.as_deref()),
+            exec,
+            pass == 0,
+        ),
     }
 }
 
 // `--help` spells the limit out.
 const _: () = assert!(MAX_MODEL_NAME_BYTES == 256, "update the limit in --help");
 
-/// The run over `--trace`: read lazily, progress over its bytes (a pipe: none).
+/// A trace: its path, format (None: detected), limit and model map.
+type TraceArgs<'a> = (
+    &'a Path,
+    Option<WorkloadFormat>,
+    Option<u64>,
+    Option<&'a str>,
+);
+
+/// The run over the trace: read lazily, progress over its bytes (a pipe: none).
 fn run_trace(
-    args: &ModelsArgs,
     setup: &ModelsSetup,
-    path: &std::path::Path,
+    (path, format, limit, model_map): TraceArgs<'_>,
     exec: &mut dyn Executor,
     warn: bool,
 ) -> Result<(ModelsReport, SleepObservations), String> {
-    let map = match &args.model_map {
+    let map = match model_map {
         Some(text) => Some(ModelMap::parse(text)?),
         None => None,
     };
-    if args.limit == Some(0) {
+    if limit == Some(0) {
         return Err("--limit 0: give at least one request".into());
     }
     let bytes_read = Rc::new(Cell::new(0));
-    let stream = crate::kv_cmd::open_counted(path, args.format, args.limit, &bytes_read)?;
+    let stream = crate::kv_cmd::open_counted(path, format, limit, &bytes_read)?;
     let mut arrivals =
         TraceArrivals::new(stream, &setup.models, map.as_ref()).map_err(|e| e.to_string())?;
     let total_bytes = std::fs::metadata(path)
@@ -323,8 +410,14 @@ fn parse_format(s: &str) -> Result<WorkloadFormat, String> {
     }
 }
 
-fn resolve(args: &ModelsArgs) -> Result<(ModelsSetup, ModelsWorkload), String> {
-    let models = parse_models(&args.models)?;
+fn resolve(args: &ModelsSpec) -> Result<(ModelsSetup, ModelsWorkload), String> {
+    if let ModelsTraceSpec::File {
+        format: Some(f), ..
+    } = &args.trace
+    {
+        parse_format(f.0.name()).map_err(|e| format!("trace.format: {e}"))?;
+    }
+    let models = parse_models(&args.models.join(","))?;
     if args.gpus == 0 || args.gpus > 64 {
         return Err(format!("--gpus {}: must be 1 to 64", args.gpus));
     }
@@ -349,8 +442,8 @@ fn resolve(args: &ModelsArgs) -> Result<(ModelsSetup, ModelsWorkload), String> {
     }
     let setup = ModelsSetup {
         models,
-        gpu: GpuProfile::resolve(&args.gpu)?,
-        gpus: args.gpus,
+        gpu: args.gpu.load()?,
+        gpus: args.gpus as usize,
         placement: args.placement,
         policy: args.policy,
         utilization_ppm: args.gpu_memory_utilization.ppm,
@@ -360,21 +453,37 @@ fn resolve(args: &ModelsArgs) -> Result<(ModelsSetup, ModelsWorkload), String> {
         sleep_level: SleepLevel::from_number(args.sleep_level)
             .map_err(|e| format!("--sleep-level: {e}"))?,
     };
-    let rate = parse_decimal(args.rate.trim(), 3)
-        .filter(|&r| r > 0)
-        .ok_or_else(|| {
-            format!(
-                "--rate {:?}: a positive number of requests per second, three decimals at most",
-                args.rate
-            )
-        })?;
-    let workload = ModelsWorkload {
-        seed: args.seed,
-        requests: args.requests,
-        rate_milli_per_s: rate,
-        burst_pct: args.burst,
+    let workload = match &args.trace {
+        ModelsTraceSpec::Generated {
+            requests,
+            rate,
+            burst_pct,
+        } => {
+            let rate = parse_decimal(rate.trim(), 3)
+                .filter(|&r| r > 0)
+                .ok_or_else(|| {
+                    format!(
+                        "--rate {rate:?}: a positive number of requests per second, three decimals at most"
+                    )
+                })?;
+            ModelsWorkload {
+                seed: args.seed,
+                requests: *requests,
+                rate_milli_per_s: rate,
+                burst_pct: *burst_pct,
+            }
+        }
+        // Not run: the trace's requests are.
+        ModelsTraceSpec::File { .. } => ModelsWorkload {
+            seed: args.seed,
+            requests: 0,
+            rate_milli_per_s: 1000,
+            burst_pct: 0,
+        },
     };
-    workload.validate()?;
+    if matches!(args.trace, ModelsTraceSpec::Generated { .. }) {
+        workload.validate()?;
+    }
     Ok((setup, workload))
 }
 

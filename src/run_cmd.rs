@@ -8,7 +8,7 @@ use gpumem_sim::spec::RunSpec;
 
 #[derive(Args)]
 #[command(
-    after_help = "A spec is what `gpumem alloc ... --print-spec` or `gpumem kv ... --print-spec`
+    after_help = "A spec is what `gpumem alloc|kv|models|colocate ... --print-spec`
 writes: the run with every default resolved, as RON. Running it prints exactly what those flags
 print (same text or JSON, same digest). Sweeps vary a spec field by field: a field is named
 after its flag (--kv-blocks is kv_blocks; sizes add _bytes: --capacity is capacity_bytes) and
@@ -82,6 +82,20 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                 return crate::print_spec(RunSpec::Kv(spec));
             }
             crate::kv_cmd::run_spec(&spec, &checked, args.json)
+        }
+        RunSpec::Models(spec) => {
+            let checked = crate::models_cmd::check(&spec).map_err(in_spec)?;
+            if args.print_spec {
+                return crate::print_spec(RunSpec::Models(spec));
+            }
+            crate::models_cmd::run_spec(&spec, &checked, args.json)
+        }
+        RunSpec::Colocate(spec) => {
+            let checked = crate::colocate_cmd::check(&spec).map_err(in_spec)?;
+            if args.print_spec {
+                return crate::print_spec(RunSpec::Colocate(spec));
+            }
+            crate::colocate_cmd::run_spec(&spec, &checked, args.json)
         }
     }
 }

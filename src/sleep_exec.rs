@@ -13,6 +13,7 @@ use gpumem_core::executor::Executor;
 use gpumem_gpu::{check_room, CudaDevice, Device, DeviceExecutor, ExecReport, HostDevice, Scaled};
 use gpumem_sim::report::human_bytes;
 use gpumem_sim::sleep_watch::SleepObservations;
+use gpumem_sim::spec::{ExecuteDevice, SleepExecuteSpec};
 
 use crate::alloc_cmd::{parse_faults, ExecuteArg, INJECT_NEEDS_EXECUTE};
 
@@ -60,6 +61,38 @@ fn parse_scale(s: &str) -> Result<u64, String> {
 }
 
 impl SleepExecuteArgs {
+    /// The flags as a spec's `execute` (checked first: None with neither --inject nor a scale).
+    pub fn to_spec(&self) -> Result<Option<SleepExecuteSpec>, String> {
+        self.validate()?;
+        Ok(self.execute.map(|device| SleepExecuteSpec {
+            device: device.into(),
+            weight_bytes_scale: self.weight_bytes_scale,
+            inject: self.inject.clone(),
+        }))
+    }
+
+    /// A spec's `execute` as the flags that make it, checked as the flags are.
+    pub fn from_spec(spec: Option<&SleepExecuteSpec>) -> Result<SleepExecuteArgs, String> {
+        let args = match spec {
+            None => SleepExecuteArgs {
+                execute: None,
+                weight_bytes_scale: 1,
+                inject: Vec::new(),
+            },
+            Some(e) => SleepExecuteArgs {
+                execute: Some(match e.device {
+                    ExecuteDevice::Host => ExecuteArg::Host,
+                    ExecuteDevice::Cuda => ExecuteArg::Cuda,
+                }),
+                weight_bytes_scale: parse_scale(&e.weight_bytes_scale.to_string())
+                    .map_err(|m| format!("execute.weight_bytes_scale {m}"))?,
+                inject: e.inject.clone(),
+            },
+        };
+        args.validate()?;
+        Ok(args)
+    }
+
     /// Refuses flags that need `--execute`, and a scale CUDA cannot map.
     pub fn validate(&self) -> Result<(), String> {
         match self.execute {

@@ -657,3 +657,54 @@ fn the_help_of_run_shows_a_spec_that_runs() {
     let run = gpumem(&["run", path_str(&dir.join("spec.ron")), "--json"]);
     assert!(run.status.success(), "{}", stderr(&run));
 }
+
+#[test]
+fn models_and_colocate_specs_print_what_their_flags_print() {
+    let dir = scratch_dir();
+    let trace = dir.join("models.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            let model = ["llama-3.1-8b", "qwen2.5-7b"][i % 2];
+            format!(
+                "{{\"timestamp\": {}, \"input_length\": 600, \"output_length\": 8, \"hash_ids\": [{i}, 1], \"model\": \"{model}\"}}",
+                i * 300
+            )
+        })
+        .collect();
+    std::fs::write(&trace, lines.join("\n") + "\n").unwrap();
+    let train = snapshot("yiyi_1.3b_snapshot.pickle");
+    let serve = mooncake_conversation();
+    for args in [
+        vec!["models", "--requests", "30"],
+        vec![
+            "models",
+            "--trace",
+            path_str(&trace),
+            "--limit",
+            "10",
+            "--models",
+            "llama-3.1-8b,qwen2.5-7b",
+        ],
+        vec![
+            "colocate",
+            "--train",
+            path_str(&train),
+            "--serve",
+            path_str(&serve),
+            "--limit",
+            "50",
+        ],
+    ] {
+        assert_spec_runs_as_flags(&args);
+        let spec = print_spec(&args);
+        let read_back = succeeded(&["run", path_str(&spec), "--print-spec"]);
+        assert!(
+            read_back.stdout == std::fs::read(&spec).unwrap(),
+            "{args:?}"
+        );
+        let text = std::fs::read_to_string(&spec).unwrap();
+        std::fs::write(&spec, text.replacen("    seed:", "    sead:", 1)).unwrap();
+        let out = gpumem(&["run", path_str(&spec)]);
+        assert_clean_error(&out, &[&spec.display().to_string(), "unknown field `sead`"]);
+    }
+}

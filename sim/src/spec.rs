@@ -45,7 +45,7 @@ use crate::serve::conformance::MAX_OFFLOAD_BLOCKS;
 use crate::serve::workload::{MAX_BLOCK_SIZE, MAX_GPU_BLOCKS, MAX_MODEL_LEN};
 use crate::serve::SchedulingPolicy;
 use crate::serve::{kv_sizing, CostModel, GpuProfile, KvSizing, ModelProfile, Roofline};
-pub use names::Named;
+pub use names::{ByName, Named};
 
 /// A spec file larger than this is refused before it is read whole (a spec is a page of text;
 /// `/dev/zero` must not fill memory).
@@ -56,6 +56,91 @@ pub const MAX_SPEC_BYTES: u64 = 1 << 20;
 pub enum RunSpec {
     Alloc(Box<AllocSpec>),
     Kv(Box<KvSpec>),
+    Models(Box<ModelsSpec>),
+    Colocate(Box<ColocateSpec>),
+}
+
+/// `gpumem models`: several models served from fewer GPUs under one residency policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsSpec {
+    pub trace: ModelsTraceSpec,
+    /// Seed of the built-in workload and of fault injection.
+    pub seed: u64,
+    /// The models, `NAME` or `NAME@TAG`, as `--models` lists them.
+    pub models: Vec<String>,
+    #[serde(with = "names::one")]
+    pub policy: crate::models::Policy,
+    pub gpu: ProfileSpec<GpuProfile>,
+    pub gpus: u64,
+    #[serde(with = "names::one")]
+    pub placement: gpumem_core::balance::Placement,
+    pub gpu_memory_utilization: Fraction,
+    /// Each model's KV pool in GiB; None: the policy's default.
+    pub kv_cache_gib: Option<u64>,
+    pub block_size: u32,
+    pub offload_threshold: Fraction,
+    pub restore_threshold: Fraction,
+    pub predict_horizon_ms: u64,
+    pub sleep_level: u64,
+    /// Also carry the run out on real memory.
+    pub execute: Option<SleepExecuteSpec>,
+}
+
+/// Where `gpumem models`' requests come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum ModelsTraceSpec {
+    /// A trace whose requests name their model; `format` None: told from its first line.
+    File {
+        path: PathBuf,
+        format: Option<ByName<WorkloadFormat>>,
+        limit: Option<u64>,
+        /// `--model-map` as the flag takes it (`ChatGPT=llama-3.1-8b,GPT-4=qwen2.5-7b`).
+        model_map: Option<String>,
+    },
+    /// The built-in seeded workload: `requests` requests arriving at `rate` per second (as
+    /// `--rate` takes it, three decimals at most), `burst_pct` percent staying with the
+    /// previous request's model.
+    Generated {
+        requests: u64,
+        rate: String,
+        burst_pct: u32,
+    },
+}
+
+/// `gpumem colocate`: a training step and rollout serving taking turns on one GPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColocateSpec {
+    /// The training step: a PyTorch memory snapshot or allocation trace.
+    pub train: PathBuf,
+    /// The rollout requests: a serving trace, at most `limit` of them.
+    pub serve: PathBuf,
+    pub limit: u64,
+    pub rounds: u64,
+    pub sleep_level: u64,
+    pub gpu: ProfileSpec<GpuProfile>,
+    pub model: ProfileSpec<ModelProfile>,
+    pub gpu_memory_utilization: Fraction,
+    pub block_size: u32,
+    /// Seed of fault injection.
+    pub seed: u64,
+    /// Also carry the serving engine's memory out on real memory.
+    pub execute: Option<SleepExecuteSpec>,
+}
+
+/// `--execute` of `gpumem models` and `gpumem colocate`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SleepExecuteSpec {
+    #[serde(with = "names::one")]
+    pub device: ExecuteDevice,
+    /// Carry every range out at 1/`weight_bytes_scale` of its size (host only; a power of
+    /// two, 1 to 512).
+    pub weight_bytes_scale: u64,
+    /// Faults as `--inject` takes them (`corrupt-backup:1`); checked by the executor.
+    pub inject: Vec<String>,
 }
 
 /// `gpumem alloc`: an allocation trace through allocation strategies.
@@ -539,6 +624,15 @@ impl RunSpec {
                 }
                 paths.extend(k.step_log.as_mut());
                 paths.extend(k.plot.as_mut());
+            }
+            RunSpec::Models(m) => {
+                if let ModelsTraceSpec::File { path, .. } = &mut m.trace {
+                    paths.push(path);
+                }
+            }
+            RunSpec::Colocate(c) => {
+                paths.push(&mut c.train);
+                paths.push(&mut c.serve);
             }
         }
         paths.into_iter().for_each(f);

@@ -173,6 +173,33 @@ impl Named for DefragMode {
     }
 }
 
+impl Named for crate::models::Policy {
+    const WHAT: &'static str = "models policy";
+    fn all() -> &'static [Self] {
+        use crate::models::Policy;
+        &[
+            Policy::Static,
+            Policy::Lru,
+            Policy::Offloader,
+            Policy::Sleep,
+        ]
+    }
+    fn name(self) -> &'static str {
+        crate::models::Policy::name(self)
+    }
+}
+
+impl Named for gpumem_core::balance::Placement {
+    const WHAT: &'static str = "placement";
+    fn all() -> &'static [Self] {
+        use gpumem_core::balance::Placement;
+        &[Placement::Balanced, Placement::Packed]
+    }
+    fn name(self) -> &'static str {
+        gpumem_core::balance::Placement::name(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +220,8 @@ mod tests {
         round_trip::<SchedulingPolicy>();
         round_trip::<DefragMode>();
         round_trip::<OffloadPolicyKind>();
+        round_trip::<crate::models::Policy>();
+        round_trip::<gpumem_core::balance::Placement>();
     }
 
     #[test]

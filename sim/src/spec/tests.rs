@@ -674,7 +674,7 @@ fn a_cpu_tier_is_read_and_checked() {
     };
     let resolve = |text: &str| match RunSpec::from_ron(text).unwrap() {
         RunSpec::Kv(k) => k.resolve().map(|_| ()),
-        RunSpec::Alloc(_) => unreachable!(),
+        _ => unreachable!(),
     };
     // Llama-3.1-8B: 2 MiB a block of 16 tokens, so 1 GiB is 512 CPU blocks of 16 tokens.
     let (ok, _) = tier(512, "Some(1073741824)", 16, "arc", 2);
