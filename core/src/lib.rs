@@ -12,6 +12,7 @@ pub mod buffers;
 pub mod decision;
 pub mod digest;
 pub mod executor;
+pub mod fixed_hash;
 pub mod kv;
 pub mod link;
 pub mod offloader;

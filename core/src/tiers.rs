@@ -23,9 +23,7 @@
 //! of free slots. Nothing depends on hash order, so a stream of accesses always yields the same
 //! decisions.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::{Deserialize, Serialize};
 
@@ -197,29 +195,7 @@ impl TierStats {
     }
 }
 
-/// Hashes an item id with a fixed mix (no per-process random keys, as `std`'s default has):
-/// ids may be small counters or prefix hashes, so both halves are folded in and spread.
-#[derive(Clone, Copy, Debug, Default)]
-struct ItemHasher(u64);
-
-impl Hasher for ItemHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        let x = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = x ^ (x >> 32);
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0 ^ b as u64);
-        }
-    }
-}
-
-type ItemMap<V> = HashMap<u64, V, BuildHasherDefault<ItemHasher>>;
+type ItemMap<V> = crate::fixed_hash::U64Map<V>;
 
 /// One tier's slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

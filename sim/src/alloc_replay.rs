@@ -7,8 +7,6 @@
 //! allocation fails.
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 use gpumem_core::alloc::caching::CachingSettings;
 use gpumem_core::alloc::{
@@ -147,29 +145,6 @@ enum Tracked {
     Failed,
 }
 
-/// Hashes a trace's allocation id with a fixed mix: std's default (SipHash, keyed per process)
-/// cost a tenth of a simulated replay, and nothing here iterates the map, so its order cannot
-/// reach a result. Ids are counters or addresses: both halves are folded in and spread.
-#[derive(Clone, Copy, Debug, Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        let x = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = x ^ (x >> 32);
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0 ^ b as u64);
-        }
-    }
-}
-
 const TIMELINE_POINTS: u64 = 2000;
 /// How often a simulated replay reports progress.
 pub const PROGRESS_EVERY_OPS: u64 = 1 << 16;
@@ -178,7 +153,7 @@ struct Driver<'a, E: Executor> {
     alloc: Box<dyn Allocator>,
     exec: &'a mut E,
     config: ReplayConfig,
-    ids: HashMap<u64, Tracked, BuildHasherDefault<IdHasher>>,
+    ids: gpumem_core::fixed_hash::U64Map<Tracked>,
     /// Ids handed to the strategy are recycled, most recently freed first: the books, the
     /// strategy and an executor index their live blocks by id, so their memory follows the
     /// live count, not the number of operations replayed.
@@ -223,7 +198,7 @@ pub fn replay<E: Executor>(
         alloc,
         exec,
         config: *config,
-        ids: HashMap::default(),
+        ids: Default::default(),
         ids_free: Vec::new(),
         next_id: 0,
         bytes_requested: 0,

@@ -8,37 +8,14 @@
 //! ([`FreeExtents::with_address_order`]); elsewhere the few walks that want it (checks,
 //! layouts) sort.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use super::arena::{tile, Arena};
 use super::layout::LiveBlock;
 
-/// Hashes an extent boundary (a byte offset, a multiple of the alignment) with a fixed mix: no
-/// per-process keys, and the low bits, all zero for aligned offsets, do not decide the bucket.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct OffsetHasher(u64);
-
-impl Hasher for OffsetHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        let x = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = x ^ (x >> 32);
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0 ^ b as u64);
-        }
-    }
-}
-
-type OffsetMap = HashMap<u64, u64, BuildHasherDefault<OffsetHasher>>;
+type OffsetMap = crate::fixed_hash::U64Map<u64>;
 
 /// (length, offset) as one integer, ordered as the pair.
 #[inline]
