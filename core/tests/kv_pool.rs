@@ -95,3 +95,58 @@ fn a_hit_on_wrong_bytes_is_evicted_and_not_served() {
     drop(kv);
     assert_eq!(memory.books().reserved_bytes(), 12 * BLOCK_BYTES);
 }
+
+/// A refused admission is remembered: refused again without a lookup while the free blocks
+/// stay too few and the lookup's answer cannot have changed; no longer once enough blocks are
+/// free, and forgotten once a request is admitted.
+#[test]
+fn a_refused_admission_is_remembered_while_it_must_be_refused() {
+    let mut kv = KvCacheManager::new(config(8, true));
+    let hashes_of = |tokens: &[u32]| {
+        let mut h = Vec::new();
+        extend_block_hashes(&mut h, tokens, 4, &ExtraKeys::NONE);
+        h
+    };
+    let req = |req, tokens: &[u32], hashes| SlotRequest {
+        req,
+        num_tokens: tokens.len() as u64,
+        num_computed_tokens: 0,
+        block_hashes: hashes,
+        waiting: true,
+    };
+    // A holds four cached blocks, B one: two of seven free.
+    let a: Vec<u32> = (0..16).collect();
+    let ha = hashes_of(&a);
+    assert!(kv.allocate_slots(req(0, &a, &ha), 16, 0, &[], true, false));
+    let b: Vec<u32> = (100..104).collect();
+    let hb = hashes_of(&b);
+    assert!(kv.allocate_slots(req(2, &b, &hb), 4, 0, &[], true, true));
+    // W starts with A's tokens: four hits in use, three more blocks needed.
+    let w: Vec<u32> = (0..16).chain(200..212).collect();
+    let hw = hashes_of(&w);
+    let mut hits = Vec::new();
+    let hit = kv.get_computed_blocks(&hw, 28, &mut hits);
+    assert_eq!(hit, 16);
+    assert!(!kv.can_allocate_slots(req(1, &w, &hw), 12, hit, &hits, true, true));
+    assert!(
+        !kv.admission_still_refused(7, req(1, &w, &hw), true),
+        "not noted yet"
+    );
+    kv.note_refused_admission(7, req(1, &w, &hw), &hits);
+    assert!(kv.admission_still_refused(7, req(1, &w, &hw), true));
+    assert!(
+        !kv.admission_still_refused(8, req(1, &w, &hw), true),
+        "another request"
+    );
+    kv.check_invariants().unwrap();
+    // B finishes: three free, W fits.
+    kv.free(2);
+    assert!(!kv.admission_still_refused(7, req(1, &w, &hw), true));
+    assert!(kv.can_allocate_slots(req(1, &w, &hw), 12, hit, &hits, true, true));
+    assert!(kv.allocate_slots(req(1, &w, &hw), 12, hit, &hits, true, true));
+    assert!(
+        !kv.admission_still_refused(7, req(1, &w, &hw), true),
+        "forgotten once admitted"
+    );
+    kv.check_invariants().unwrap();
+}

@@ -167,6 +167,20 @@ pub struct KvCacheManager<'x, P: EvictionPolicy = VllmLru> {
     /// Emptied tables of freed requests, kept for the next requests that take blocks.
     spare_tables: Vec<Vec<BlockId>>,
     placed: Option<Placed<'x>>,
+    /// The last admission refused, its lookup watched in the pool.
+    refused: Option<Refused>,
+}
+
+/// An admission the full-sequence gate refused (see
+/// [`KvCacheManager::note_refused_admission`]).
+#[derive(Clone, Copy, Debug)]
+struct Refused {
+    key: u64,
+    req: usize,
+    num_tokens: u64,
+    /// Its prefix hits, and those of them that were free.
+    hits: u64,
+    evictable: u64,
 }
 
 /// Most emptied block tables kept for reuse (about the requests that run at once).
@@ -192,6 +206,7 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
             stats: PrefixCacheStats::default(),
             spare_tables: Vec::new(),
             placed: None,
+            refused: None,
         }
     }
 
@@ -302,6 +317,77 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
         out.len() as u64 * self.config.block_size as u64
     }
 
+    /// Remembers that admitting the waiting request `r` (named `key` by the caller, a name no
+    /// other request takes) was refused by the full-sequence gate of
+    /// [`can_allocate_slots`](Self::can_allocate_slots) with `hits`, the blocks
+    /// [`get_computed_blocks`](Self::get_computed_blocks) gave for it, and watches that
+    /// lookup in the pool. Nothing is remembered for a request that holds blocks.
+    pub fn note_refused_admission(&mut self, key: u64, r: SlotRequest<'_>, hits: &[BlockId]) {
+        if self.num_cached.get(r.req).is_some_and(|&n| n != UNTRACKED) || r.num_tokens == 0 {
+            return;
+        }
+        // Where the lookup stopped: at a miss (whose caching would extend the hits), or at
+        // its limit.
+        let max_blocks = ((r.num_tokens - 1) / self.config.block_size as u64) as usize;
+        let next = if self.config.enable_prefix_caching {
+            r.block_hashes[..max_blocks.min(r.block_hashes.len())]
+                .get(hits.len())
+                .copied()
+        } else {
+            None
+        };
+        self.pool.watch(hits, next);
+        self.refused = Some(Refused {
+            key,
+            req: r.req,
+            num_tokens: r.num_tokens,
+            hits: hits.len() as u64,
+            evictable: hits.iter().filter(|&&b| self.pool.ref_cnt(b) == 0).count() as u64,
+        });
+    }
+
+    /// Whether admitting the waiting request `r` (named `key`, as for
+    /// [`note_refused_admission`](Self::note_refused_admission)) is certainly refused again by
+    /// the full-sequence gate, without a lookup: its last refusal was noted, and since then
+    /// its lookup's answer has not changed and none of its free hits was taken, so it needs
+    /// at least the blocks it needed then, against the free blocks now. False when unsure.
+    pub fn admission_still_refused(
+        &self,
+        key: u64,
+        r: SlotRequest<'_>,
+        has_scheduled_reqs: bool,
+    ) -> bool {
+        let Some(m) = self.refused else {
+            return false;
+        };
+        if m.key != key
+            || m.req != r.req
+            || m.num_tokens != r.num_tokens
+            || !self.pool.watch_unchanged()
+            || self.num_cached.get(r.req).is_some_and(|&n| n != UNTRACKED)
+        {
+            return false;
+        }
+        let watermark = if has_scheduled_reqs && r.waiting {
+            self.config.watermark_blocks as u64
+        } else {
+            0
+        };
+        let full = r.num_tokens.min(self.config.max_model_len);
+        let required = cdiv(full, self.config.block_size as u64);
+        let held = self.tables.get(r.req).map_or(0, Vec::len) as u64;
+        // Hits free then are free now or gone with the watch: at least as many to take.
+        let need = required.saturating_sub(m.hits + held) + m.evictable;
+        need + watermark > self.pool.num_free() as u64
+    }
+
+    /// Forgets the refused admission (its request is admitted).
+    fn forget_refused(&mut self) {
+        if self.refused.take().is_some() {
+            self.pool.unwatch();
+        }
+    }
+
     /// vLLM's `get_num_blocks_to_allocate` for full attention.
     fn blocks_to_allocate(&self, req: usize, num_tokens: u64, hits: &[BlockId]) -> u64 {
         let required = cdiv(num_tokens, self.config.block_size as u64);
@@ -387,6 +473,9 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
             return false;
         }
         self.ensure(r.req);
+        if self.num_cached[r.req] == UNTRACKED {
+            self.forget_refused();
+        }
         if self.num_cached[r.req] == UNTRACKED && self.config.enable_prefix_caching {
             // First allocation: take the hit blocks (they can no longer be evicted by the
             // allocation below) and mark them as already cached.
@@ -455,6 +544,9 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
         let total_computed = (local + a.external_tokens).min(max_len);
         let need = (total_computed + a.num_new_tokens).min(max_len);
         self.ensure(r.req);
+        if self.num_cached[r.req] == UNTRACKED {
+            self.forget_refused();
+        }
         if self.num_cached[r.req] == UNTRACKED && self.config.enable_prefix_caching {
             self.pool.touch(a.hits);
             self.tables[r.req].extend_from_slice(a.hits);

@@ -66,6 +66,8 @@ struct BlockState {
     hash: u64,
     ref_cnt: u32,
     hashed: bool,
+    /// One of the hits of the watched lookup (see [`BlockPool::watch`]).
+    watched: bool,
 }
 
 impl BlockState {
@@ -91,6 +93,19 @@ impl BlockState {
 /// How many blocks ahead the pool starts loading the prefix-map slots it will touch.
 const LOAD_AHEAD: usize = 4;
 
+/// One prefix lookup's answer, watched for anything that could change it or its blocks'
+/// standing: its hit blocks losing their hash (an eviction: a later holder of the same hash,
+/// or none, would answer), the hash after its last hit being cached (the run of hits would
+/// grow), and any touch (a free hit taken out of the free blocks). While none of these has
+/// happened, the same lookup gives the same blocks, and none of them has gained a reference.
+#[derive(Clone, Debug, Default)]
+struct Watch {
+    blocks: Vec<BlockId>,
+    /// The hash whose caching would extend the hits (None: the lookup stopped at its limit).
+    next: Option<BlockHash>,
+    changed: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct BlockPool<P: EvictionPolicy = VllmLru> {
     num_blocks: u32,
@@ -104,6 +119,7 @@ pub struct BlockPool<P: EvictionPolicy = VllmLru> {
     events: Option<Vec<KvEvent>>,
     reuse_first: Vec<BlockId>,
     reuse_last: Vec<BlockId>,
+    watch: Watch,
 }
 
 impl BlockPool<VllmLru> {
@@ -137,6 +153,10 @@ impl<P: EvictionPolicy> BlockPool<P> {
             events: None,
             reuse_first: Vec::new(),
             reuse_last: Vec::new(),
+            watch: Watch {
+                changed: true,
+                ..Watch::default()
+            },
         }
     }
 
@@ -194,6 +214,41 @@ impl<P: EvictionPolicy> BlockPool<P> {
         self.cached.first(h, |b| self.blocks[b as usize].hash)
     }
 
+    /// Watches the answer of a prefix lookup from now on: `hits` (the blocks it served) and
+    /// `next`, the hash after them it looked up and missed (None when it stopped at its
+    /// limit). Replaces the previous watch. [`watch_unchanged`](Self::watch_unchanged) then
+    /// says whether the same lookup would still serve exactly these blocks, none of them
+    /// taken since. The hooks cost a flag test on blocks already loaded.
+    pub fn watch(&mut self, hits: &[BlockId], next: Option<BlockHash>) {
+        let mut blocks = std::mem::take(&mut self.watch.blocks);
+        for &b in &blocks {
+            self.blocks[b as usize].watched = false;
+        }
+        blocks.clear();
+        blocks.extend_from_slice(hits);
+        for &b in hits {
+            self.blocks[b as usize].watched = true;
+        }
+        self.watch = Watch {
+            blocks,
+            next,
+            changed: false,
+        };
+    }
+
+    /// Whether nothing that could change the watched lookup's answer, or take one of its
+    /// free hits, has happened since [`watch`](Self::watch) (false before any watch).
+    #[inline]
+    pub fn watch_unchanged(&self) -> bool {
+        !self.watch.changed
+    }
+
+    /// Ends the watch (the watched lookup's request was admitted).
+    pub fn unwatch(&mut self) {
+        self.watch(&[], None);
+        self.watch.changed = true;
+    }
+
     /// Takes `n` blocks from the free blocks (evicting cached content lazily), each with a
     /// reference count of 1, and appends them to `out`. Panics if fewer than `n` are free:
     /// callers check first.
@@ -243,9 +298,13 @@ impl<P: EvictionPolicy> BlockPool<P> {
     /// Removes every map entry that points at `b` and clears its hash. Returns whether it held
     /// a hash.
     fn maybe_evict(&mut self, b: BlockId) -> bool {
-        let Some(h) = self.blocks[b as usize].take_hash() else {
+        let state = &mut self.blocks[b as usize];
+        let Some(h) = state.take_hash() else {
             return false;
         };
+        if state.watched {
+            self.watch.changed = true;
+        }
         self.policy.on_evicted(b, h);
         if self.remove_holder(h, b) {
             self.counters.removed += 1;
@@ -264,6 +323,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
     /// vLLM's `touch`: each block hit by a prefix lookup gains a reference; a free one leaves
     /// the free blocks.
     pub fn touch(&mut self, blocks: &[BlockId]) {
+        self.watch.changed = true;
         for &b in blocks {
             if b == NULL_BLOCK {
                 continue;
@@ -373,6 +433,9 @@ impl<P: EvictionPolicy> BlockPool<P> {
                 .map(|j| blocks[j])
                 .filter(|&p| p != NULL_BLOCK);
             self.policy.on_cached(b, h, parent);
+            if self.watch.next == Some(h) {
+                self.watch.changed = true;
+            }
             self.cached.insert(h, b, |x| self.blocks[x as usize].hash);
         }
         self.counters.stored += stored;
@@ -399,6 +462,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
             return false;
         }
         self.cached.clear();
+        self.watch.changed = true;
         self.blocks.iter_mut().for_each(|s| {
             s.take_hash();
         });
@@ -493,6 +557,14 @@ impl<P: EvictionPolicy> BlockPool<P> {
         if !self.enable_caching && hashed > 0 {
             return Err("hashes with prefix caching off".into());
         }
+        let watched = self.blocks.iter().filter(|s| s.watched).count();
+        let listed = &self.watch.blocks;
+        if watched != listed.len() || listed.iter().any(|&b| !self.blocks[b as usize].watched) {
+            return Err(format!(
+                "{watched} blocks flagged watched, {} in the watch",
+                listed.len()
+            ));
+        }
         Ok(())
     }
 }
@@ -547,6 +619,56 @@ mod tests {
         p.free_blocks([2, 1]);
         assert!(p.reset_prefix_cache());
         assert_eq!(p.get_cached(h(10)), None);
+        p.check_invariants().unwrap();
+    }
+
+    /// A watched lookup's answer counts as changed exactly on what could change it: an
+    /// eviction of one of its hits, the caching of the hash after them, a touch, a reset;
+    /// other evictions, cachings and frees leave it.
+    #[test]
+    fn a_watch_sees_what_changes_a_lookup() {
+        let mut p = BlockPool::new(12, true);
+        assert!(!p.watch_unchanged(), "nothing watched yet");
+        let mut a = Vec::new();
+        p.get_new_blocks(3, &mut a);
+        p.cache_full_blocks(&a, &[h(1), h(2), h(3)], 0, 3);
+        p.free_blocks(a.iter().rev().copied());
+        // A lookup of [1, 2, 3, 4, 5] serves a's three blocks and misses 4.
+        let rewatch = |p: &mut BlockPool| {
+            p.watch(&a, Some(h(4)));
+            assert!(p.watch_unchanged());
+        };
+        rewatch(&mut p);
+        // Unrelated: another request's blocks cached (not hash 4), evicted, freed.
+        let mut b = Vec::new();
+        p.get_new_blocks(2, &mut b);
+        p.cache_full_blocks(&b, &[h(9), h(5)], 0, 2);
+        p.evict_blocks(&b[..1]);
+        p.free_blocks(b.iter().rev().copied());
+        assert!(p.watch_unchanged());
+        p.check_invariants().unwrap();
+        // Hash 4 cached: the hits would grow.
+        let mut c = Vec::new();
+        p.get_new_blocks(1, &mut c);
+        p.cache_full_blocks(&c, &[h(4)], 0, 1);
+        assert!(!p.watch_unchanged(), "the hash after the hits was cached");
+        p.free_blocks(c.clone());
+        // A hit evicted (as an allocation reaching it would).
+        rewatch(&mut p);
+        p.evict_blocks(&a[1..2]);
+        assert!(!p.watch_unchanged(), "a hit lost its hash");
+        p.check_invariants().unwrap();
+        // A touch: a free hit may have been taken.
+        p.watch(&a[..1], Some(h(2)));
+        p.touch(&[]);
+        assert!(!p.watch_unchanged(), "a touch");
+        // A reset.
+        p.watch(&a[..1], None);
+        assert!(p.reset_prefix_cache());
+        assert!(!p.watch_unchanged(), "a reset");
+        // Unwatched: no block stays flagged.
+        p.unwatch();
+        assert!(!p.watch_unchanged());
         p.check_invariants().unwrap();
     }
 

@@ -180,7 +180,10 @@ pub struct Step<'a> {
 /// token, and each holds the request's hash; a refused allocation changes nothing; block
 /// tables are append-only; a freed request holds no blocks; a reset succeeds exactly when
 /// every block is free and then leaves no cached hash; evicted blocks lose their hash. At the
-/// end every request is freed and every block is free again.
+/// end every request is freed and every block is free again. The last admission the
+/// full-sequence gate refused is remembered (`note_refused_admission`) and, after every later
+/// op, while the manager says it is still refused without a lookup, a fresh lookup and the gate
+/// refuse it too.
 pub fn run<P: EvictionPolicy>(
     policy: P,
     ops: &[Op],
@@ -196,6 +199,10 @@ pub fn run<P: EvictionPolicy>(
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut reqs: Vec<Option<Req>> = vec![None; SLOTS];
     let mut hits = Vec::new();
+    // The last refused admission: (its name, slot, request); and a fresh lookup's hits.
+    let mut refused: Option<(u64, usize, Req)> = None;
+    let mut names = 0u64;
+    let mut fresh = Vec::new();
     let live = |reqs: &[Option<Req>], pick: usize| {
         let live: Vec<usize> = (0..SLOTS).filter(|&i| reqs[i].is_some()).collect();
         (!live.is_empty()).then(|| live[pick % live.len()])
@@ -253,7 +260,15 @@ pub fn run<P: EvictionPolicy>(
                     can,
                     "can_allocate_slots foretells allocate_slots"
                 );
+                if !allocated && gate {
+                    names += 1;
+                    kv.note_refused_admission(names, slot(&r, s, true), &hits);
+                    refused = Some((names, s, r.clone()));
+                }
                 if allocated {
+                    if refused.as_ref().is_some_and(|&(_, rs, _)| rs == s) {
+                        refused = None;
+                    }
                     admitted = Some(hit);
                     reqs[s] = Some(Req {
                         computed: hit + n,
@@ -329,6 +344,27 @@ pub fn run<P: EvictionPolicy>(
             }
         }
         kv.check_invariants().map_err(TestCaseError::fail)?;
+        if let Some((name, s, r)) = &refused {
+            let any_running = reqs.iter().any(Option::is_some);
+            if kv.admission_still_refused(*name, slot(r, *s, true), any_running) {
+                let n_tok = r.tokens.len() as u64;
+                let hit = kv.get_computed_blocks(&r.hashes, n_tok, &mut fresh);
+                for budget in [1, n_tok - hit] {
+                    let n = (n_tok - hit).min(budget);
+                    prop_assert!(
+                        !kv.can_allocate_slots(
+                            slot(r, *s, true),
+                            n,
+                            hit,
+                            &fresh,
+                            true,
+                            any_running
+                        ),
+                        "a refusal remembered for a request the gate now admits"
+                    );
+                }
+            }
+        }
         // Every cached block holds its hash in memory: a hit on it would read back.
         for b in 1..num_blocks {
             if let Some(h) = kv.pool().block_hash(b) {

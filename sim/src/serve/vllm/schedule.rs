@@ -135,10 +135,23 @@ impl VllmEngine<'_> {
     fn try_admit(&mut self, r: usize, budget: u64) -> Option<(u64, u64)> {
         let q = self.requests.get(r);
         let has_running = !self.running.is_empty();
+        // A head refused last step, with nothing since that could let it in: refused again
+        // (most steps under pressure; the lookup walked as many blocks as the run allocates).
+        if self
+            .kv
+            .admission_still_refused(q.seq, q.slot_request(r), has_running)
+        {
+            debug_assert!(
+                self.admission_refused_now(r, budget),
+                "a refusal remembered for a request the gate now admits"
+            );
+            return None;
+        }
         let mut hits = std::mem::take(&mut self.hit_buf);
         let mut hit_tokens = self
             .kv
             .get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
+        let mut first_pass = true;
         let admitted = loop {
             let n = (q.num_tokens - hit_tokens).min(budget);
             let slot = q.slot_request(r);
@@ -146,8 +159,13 @@ impl VllmEngine<'_> {
                 .kv
                 .can_allocate_slots(slot, n, hit_tokens, &hits, true, has_running)
             {
+                // The hits as the lookup gave them (none read back and cut yet).
+                if first_pass {
+                    self.kv.note_refused_admission(q.seq, slot, &hits);
+                }
                 break None;
             }
+            first_pass = false;
             let verified = self.kv.read_back_hits(&q.hashes, &mut hits);
             if verified == hit_tokens {
                 let done = self
@@ -163,6 +181,25 @@ impl VllmEngine<'_> {
         };
         self.hit_buf = hits;
         admitted
+    }
+
+    /// Whether the lookup and the checks of [`try_admit`](Self::try_admit) refuse `r` now
+    /// (for debug checks of a remembered refusal).
+    fn admission_refused_now(&self, r: usize, budget: u64) -> bool {
+        let q = self.requests.get(r);
+        let mut hits = Vec::new();
+        let hit_tokens = self
+            .kv
+            .get_computed_blocks(&q.hashes, q.num_tokens, &mut hits);
+        let n = (q.num_tokens - hit_tokens).min(budget);
+        !self.kv.can_allocate_slots(
+            q.slot_request(r),
+            n,
+            hit_tokens,
+            &hits,
+            true,
+            !self.running.is_empty(),
+        )
     }
 
     /// Adds `slot` to the waiting queue: at the back (FCFS) or in priority order.
