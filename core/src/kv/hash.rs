@@ -303,6 +303,42 @@ pub fn extend_consecutive_block_hashes_pair(
     }
 }
 
+/// [`extend_consecutive_block_hashes`] of four independent runs of `n` blocks each,
+/// together: a chain waits on its multiplications, four chains keep the multiplier busy
+/// (two still left it idle half the time).
+pub fn extend_consecutive_block_hashes_quad(
+    chains: [(&mut Vec<BlockHash>, u32); 4],
+    block_size: usize,
+    n: usize,
+    extra: &ExtraKeys,
+) {
+    let [(a, ta), (b, tb), (c, tc), (d, td)] = chains;
+    debug_assert!(
+        ta.max(tb).max(tc).max(td) as u64 + (n * block_size) as u64 <= 1 << 32,
+        "token ids past 2^32"
+    );
+    let mut out = [a, b, c, d];
+    let mut t = [ta, tb, tc, td];
+    let mut parent = [None; 4];
+    for (p, v) in parent.iter_mut().zip(out.iter_mut()) {
+        v.reserve(n);
+        *p = v.last().copied();
+    }
+    for _ in 0..n {
+        let w: [u64; 4] = std::array::from_fn(|i| extra.word(out[i].len()));
+        let h: [BlockHash; 4] = if block_size == 16 {
+            std::array::from_fn(|i| consecutive_block(parent[i], t[i], 16, w[i]))
+        } else {
+            std::array::from_fn(|i| consecutive_block(parent[i], t[i], block_size, w[i]))
+        };
+        for i in 0..4 {
+            out[i].push(h[i]);
+            parent[i] = Some(h[i]);
+            t[i] = t[i].wrapping_add(block_size as u32);
+        }
+    }
+}
+
 /// Which function chains block hashes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -861,8 +897,30 @@ mod consecutive_tests {
                 n,
                 &extra,
             );
-            prop_assert_eq!(paired, want);
+            prop_assert_eq!(&paired, &want);
             prop_assert_eq!(other, other_want);
+            // Four together: each comes out the same.
+            let starts = [first, first / 2, first / 3, first + 7];
+            let mut four: [Vec<BlockHash>; 4] =
+                [start.clone(), vec![BlockHash(7)], Vec::new(), vec![BlockHash(1), BlockHash(2)]];
+            let wants: Vec<Vec<BlockHash>> = four
+                .iter()
+                .zip(starts)
+                .map(|(v, t)| {
+                    let mut w = v.clone();
+                    extend_consecutive_block_hashes(&mut w, t, bs, n, &extra);
+                    w
+                })
+                .collect();
+            let [v0, v1, v2, v3] = &mut four;
+            extend_consecutive_block_hashes_quad(
+                [(v0, starts[0]), (v1, starts[1]), (v2, starts[2]), (v3, starts[3])],
+                bs,
+                n,
+                &extra,
+            );
+            prop_assert_eq!(&four[0], &want);
+            prop_assert_eq!(four.to_vec(), wants);
         }
     }
 }

@@ -3,10 +3,7 @@
 //! request has finished and its last step has been read, so the engine's memory follows the
 //! requests in flight, never the length of the trace.
 
-use gpumem_core::kv::hash::{
-    extend_consecutive_block_hashes, extend_consecutive_block_hashes_pair, hash_request_block,
-    ExtraKeys,
-};
+use gpumem_core::kv::hash::{extend_consecutive_block_hashes, hash_request_block, ExtraKeys};
 use gpumem_core::kv::offload::OffloadReqId;
 use gpumem_core::kv::{BlockHash, SlotRequest};
 
@@ -142,7 +139,7 @@ impl Req {
 
     /// The next blocks to hash when they are consecutive prompt tokens: the first token and
     /// how many full blocks the run holds; None when done or the next block is not such.
-    fn next_run(&self, bs: u64) -> Option<(u32, u64)> {
+    pub fn next_run(&self, bs: u64) -> Option<(u32, u64)> {
         let full_blocks = self.num_tokens / bs;
         let first = self.hashes.len() as u64;
         if first >= full_blocks {
@@ -153,32 +150,12 @@ impl Req {
         (n > 0).then_some((t, n))
     }
 
-    /// Hashes `a` and `b` together while both have a run of consecutive prompt tokens to
-    /// hash (the two chains' multiplications overlap). Returns whether `a` may have more such
-    /// runs (`b` ran out first).
-    pub fn hash_pair(a: &mut Req, b: &mut Req, block_size: u32) -> bool {
-        let bs = block_size as u64;
-        // Room for every full block at once: runs are short (a Mooncake hash id is 32
-        // blocks), and growing run by run reallocated and copied a long prompt's hashes often.
-        for r in [&mut *a, &mut *b] {
-            let full_blocks = (r.num_tokens / bs) as usize;
-            r.hashes.reserve(full_blocks.saturating_sub(r.hashes.len()));
-        }
-        loop {
-            let Some((ta, na)) = a.next_run(bs) else {
-                return false;
-            };
-            let Some((tb, nb)) = b.next_run(bs) else {
-                return true;
-            };
-            extend_consecutive_block_hashes_pair(
-                (&mut a.hashes, ta),
-                (&mut b.hashes, tb),
-                bs as usize,
-                na.min(nb) as usize,
-                &ExtraKeys::NONE,
-            );
-        }
+    /// Room for the hashes of every full block at once: runs are short (a Mooncake hash id
+    /// is 32 blocks), and growing run by run reallocated and copied a long prompt's hashes.
+    pub fn reserve_hashes(&mut self, block_size: u32) {
+        let num_full = (self.num_tokens / block_size as u64) as usize;
+        self.hashes
+            .reserve(num_full.saturating_sub(self.hashes.len()));
     }
 
     /// vLLM's `Request.__lt__` key: priority, then arrival time, then request id.
@@ -246,6 +223,14 @@ impl Requests {
         } else {
             (y, x)
         }
+    }
+
+    /// The requests in four different slots.
+    pub fn get_quad_mut(&mut self, slots: [usize; 4]) -> [&mut Req; 4] {
+        self.slots
+            .get_disjoint_mut(slots)
+            .expect("four different slots")
+            .map(|r| r.as_mut().expect("a live request's slot"))
     }
 
     /// Requests in flight.

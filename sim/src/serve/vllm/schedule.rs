@@ -3,7 +3,11 @@
 //! preemption victims for FCFS and priority scheduling.
 
 use super::super::step::StepRecord;
-use super::requests::{Req, Status};
+use gpumem_core::kv::hash::{
+    extend_consecutive_block_hashes_pair, extend_consecutive_block_hashes_quad, ExtraKeys,
+};
+
+use super::requests::{Requests, Status};
 use super::{SchedulingPolicy, VllmEngine};
 
 impl VllmEngine<'_> {
@@ -100,27 +104,105 @@ impl VllmEngine<'_> {
 
     /// Hashes the full blocks of `head`, the head of the waiting queue, that are not hashed
     /// yet. The requests after it are considered next: while `head` is hashed, they are
-    /// hashed beside it, a few at most, one at a time (the two chains' multiplications
-    /// overlap; a request left part hashed is finished when its turn comes). The hashes are
-    /// the same whenever they are made.
+    /// hashed beside it, a few at most (three at a time while three have runs of
+    /// consecutive prompt tokens to hash, else one: the chains' multiplications overlap; a
+    /// request left part hashed is finished when its turn comes). The hashes are the same
+    /// whenever they are made.
     fn hash_head(&mut self, head: usize) {
-        /// How far down the queue the second chain goes.
+        /// How far down the queue the other chains go.
         const HASH_AHEAD: usize = 8;
         let bs = self.cfg.block_size;
+        let bs64 = bs as u64;
         if self.requests.get(head).is_hashed(bs) {
             return;
         }
-        for k in 1..=HASH_AHEAD {
-            let Some(&next) = self.waiting.get(k) else {
-                break;
+        // (slot, first token, blocks) of each request's current run, `head` first; a run is
+        // looked up (a few divisions) only when the last one is used up.
+        let run_of = |requests: &Requests, r: usize| {
+            let q = requests.get(r);
+            q.next_run(bs64).map(|(t, n)| (r, t, n))
+        };
+        let mut group = [(0usize, 0u32, 0u64); 4];
+        let Some(first) = run_of(&self.requests, head) else {
+            self.requests
+                .get_mut(head)
+                .update_hashes(bs, &mut self.tok_buf);
+            return;
+        };
+        self.requests.get_mut(head).reserve_hashes(bs);
+        group[0] = first;
+        let mut len = 1;
+        let mut k = 1;
+        loop {
+            while len < 4 && k <= HASH_AHEAD {
+                let Some(&next) = self.waiting.get(k) else {
+                    break;
+                };
+                k += 1;
+                if let Some(run) = run_of(&self.requests, next) {
+                    self.requests.get_mut(next).reserve_hashes(bs);
+                    group[len] = run;
+                    len += 1;
+                }
+            }
+            let width = match len {
+                4 => 4,
+                2 | 3 => 2,
+                _ => break,
             };
-            if self.requests.get(next).is_hashed(bs) {
-                continue;
+            let n = group[..width].iter().map(|g| g.2).min().unwrap_or(0);
+            if width == 4 {
+                let slots = [group[0].0, group[1].0, group[2].0, group[3].0];
+                let [a, b, c, d] = self.requests.get_quad_mut(slots);
+                extend_consecutive_block_hashes_quad(
+                    [
+                        (&mut a.hashes, group[0].1),
+                        (&mut b.hashes, group[1].1),
+                        (&mut c.hashes, group[2].1),
+                        (&mut d.hashes, group[3].1),
+                    ],
+                    bs as usize,
+                    n as usize,
+                    &ExtraKeys::NONE,
+                );
+            } else {
+                let (a, b) = self.requests.get_pair_mut(group[0].0, group[1].0);
+                extend_consecutive_block_hashes_pair(
+                    (&mut a.hashes, group[0].1),
+                    (&mut b.hashes, group[1].1),
+                    bs as usize,
+                    n as usize,
+                    &ExtraKeys::NONE,
+                );
             }
-            let (a, b) = self.requests.get_pair_mut(head, next);
-            if !Req::hash_pair(a, b, bs) {
+            // Runs advance; a used-up one gives way to the request's next run, or the
+            // request leaves the group (`head` leaving ends it).
+            let mut kept = 0;
+            for i in 0..len {
+                let (r, t, left) = group[i];
+                let run = if i >= width {
+                    Some((r, t, left))
+                } else if left > n {
+                    Some((r, t.wrapping_add((n * bs64) as u32), left - n))
+                } else {
+                    run_of(&self.requests, r)
+                };
+                match run {
+                    Some(run) => {
+                        group[kept] = run;
+                        kept += 1;
+                    }
+                    None if i == 0 => {
+                        kept = 0;
+                        break;
+                    }
+                    None => {}
+                }
+            }
+            if kept == 0 {
                 break;
             }
+            len = kept;
         }
         self.requests
             .get_mut(head)
