@@ -150,10 +150,17 @@ impl Req {
         (n > 0).then_some((t, n))
     }
 
-    /// Room for the hashes of every full block at once: runs are short (a Mooncake hash id
-    /// is 32 blocks), and growing run by run reallocated and copied a long prompt's hashes.
-    pub fn reserve_hashes(&mut self, block_size: u32) {
-        let num_full = (self.num_tokens / block_size as u64) as usize;
+    /// Room for the hashes of every full block the request will have, its output's
+    /// included (it runs to `max_tokens` or `max_model_len`), at once: runs are short (a
+    /// Mooncake hash id is 32 blocks), and growing run by run, then block by block as it
+    /// decodes, reallocated and copied a long prompt's hashes.
+    pub fn reserve_hashes(&mut self, block_size: u32, max_model_len: u64) {
+        let tokens = self
+            .num_prompt
+            .saturating_add(self.input.max_tokens)
+            .min(max_model_len)
+            .max(self.num_tokens);
+        let num_full = (tokens / block_size as u64) as usize;
         self.hashes
             .reserve(num_full.saturating_sub(self.hashes.len()));
     }

@@ -122,6 +122,8 @@ impl VllmEngine<'_> {
             let q = requests.get(r);
             q.next_run(bs64).map(|(t, n)| (r, t, n))
         };
+        let max_len = self.cfg.max_model_len;
+        self.requests.get_mut(head).reserve_hashes(bs, max_len);
         let mut group = [(0usize, 0u32, 0u64); 4];
         let Some(first) = run_of(&self.requests, head) else {
             self.requests
@@ -129,7 +131,6 @@ impl VllmEngine<'_> {
                 .update_hashes(bs, &mut self.tok_buf);
             return;
         };
-        self.requests.get_mut(head).reserve_hashes(bs);
         group[0] = first;
         let mut len = 1;
         let mut k = 1;
@@ -140,7 +141,7 @@ impl VllmEngine<'_> {
                 };
                 k += 1;
                 if let Some(run) = run_of(&self.requests, next) {
-                    self.requests.get_mut(next).reserve_hashes(bs);
+                    self.requests.get_mut(next).reserve_hashes(bs, max_len);
                     group[len] = run;
                     len += 1;
                 }
