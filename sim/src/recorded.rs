@@ -21,9 +21,9 @@
 //!   `segment_free` / `segment_unmap` is a release: the OOM-retry release of the request it
 //!   precedes when a reservation follows it in the run (or an `oom` follows), else an
 //!   `empty_cache` (with `max_split_size` or expandable segments, releases and no reservation
-//!   before a request may be a retry that then found room: the request's address tells). A `free_completed` between
-//!   a retry's releases is the retry's (`release_cached_blocks` completes pending frees) and
-//!   belongs to its run. With expandable segments a request maps run by run, so the device
+//!   before a request may be a retry that then found room: the request's address tells). A
+//!   `free_completed` after a retry's releases is the retry's (`release_cached_blocks`
+//!   completes pending frees) and belongs to its run. With expandable segments a request maps run by run, so the device
 //!   may refuse a later run: a retry or an `oom` is also tried on a device that gives the
 //!   request what the recording shows it mapped before the releases. A retry is replayed as
 //!   that request with the
@@ -385,10 +385,13 @@ fn replay_device(
 /// Whether entry `k` is a `free_completed` that a request's retry made: PyTorch's
 /// `release_cached_blocks` completes the pending frees (`synchronize_and_free_events`) after
 /// `release_available_cached_blocks` released oversize blocks and before it releases the
-/// rest, so the entry lies between releases, and only releases, reservations and such entries
-/// lie between it and the request (`alloc` or `oom`). It belongs to the request's run: the
-/// retry replayed completes it. (A completion between an `empty_cache` and a request that
-/// reserves without releasing is the request's `process_events`, not a retry's.)
+/// rest, so the entry follows releases, and only releases, reservations and such entries lie
+/// between it and the request (`alloc` or `oom`). It belongs to the request's run: the retry
+/// replayed completes it. `release_cached_blocks` may release nothing more after it (the
+/// oversize release took every whole segment): the retry reserves at once. Such a completion
+/// is never the next request's `process_events` after an `empty_cache`: a free pending
+/// during an `empty_cache` completes before its releases (`synchronize_and_free_events`), and
+/// one requested after it has its `free_requested` in between.
 fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
     let segment_or_completion =
         |e: &&RecordedEvent| matches!(e.action, Action::Segment(_) | Action::FreeCompleted);
@@ -402,10 +405,6 @@ fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
             .iter()
             .find(|e| !segment_or_completion(e))
             .is_some_and(|e| matches!(e.action, Action::Alloc | Action::Oom))
-        && events[k + 1..]
-            .iter()
-            .take_while(segment_or_completion)
-            .any(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
 }
 
 /// The device as a recording shows it during one request: it reserves or maps until the

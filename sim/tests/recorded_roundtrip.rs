@@ -66,8 +66,15 @@ fn settings() -> impl Strategy<Value = (CachingSettings, u64)> {
             },
             160 * MIB
         )),
-        // max_split_size on a device that never refuses (its oversize-only release before the
-        // retry is not told apart from empty_cache).
+        // max_split_size, on a small device (its oversize-only release before the retry) and
+        // on one that never refuses.
+        Just((
+            CachingSettings {
+                max_split_bytes: Some(24 * MIB),
+                ..CachingSettings::default()
+            },
+            160 * MIB
+        )),
         Just((
             CachingSettings {
                 max_split_bytes: Some(24 * MIB),
@@ -75,11 +82,15 @@ fn settings() -> impl Strategy<Value = (CachingSettings, u64)> {
             },
             1 << 40
         )),
-        // Expandable segments with max_split_size (oversize blocks are not split), on a device
-        // that never refuses. On a small device both settings are left out: see
-        // `a_retry_that_completes_a_pending_free_between_its_releases` (ignored) for plain
-        // segments; with expandable segments a case in about 2,000 was seen to diverge, not yet
-        // understood.
+        // Expandable segments with max_split_size (oversize blocks are not split).
+        Just((
+            CachingSettings {
+                expandable_segments: true,
+                max_split_bytes: Some(24 * MIB),
+                ..CachingSettings::default()
+            },
+            160 * MIB
+        )),
         Just((
             CachingSettings {
                 expandable_segments: true,
@@ -112,10 +123,28 @@ impl Recorder {
         });
     }
 
+    /// The segment events of the last call, with the `free_completed` of each pending free a
+    /// retry's `release_cached_blocks` completed where PyTorch traces it: after what was
+    /// mapped and released before (`release_available_cached_blocks`), before its own releases.
     fn segment_events(&mut self) {
-        for e in self.caching.take_segment_events() {
+        let events = self.caching.take_segment_events();
+        let mut completions = self.caching.take_completions().into_iter().peekable();
+        for (k, e) in events.iter().enumerate() {
+            while let Some((id, _)) = completions.next_if(|&(_, at)| at == k) {
+                self.completed(id);
+            }
             self.push(Action::Segment(e.kind), e.address, e.bytes, e.stream);
         }
+        for (id, _) in completions {
+            self.completed(id);
+        }
+    }
+
+    /// The `free_completed` of pending free `id`, completed by the allocator.
+    fn completed(&mut self, id: AllocId) {
+        let at = self.deferred.iter().position(|d| d.0 == id).unwrap();
+        let (_, address, bytes) = self.deferred.remove(at);
+        self.push(Action::FreeCompleted, address, bytes, 0);
     }
 
     fn run(&mut self, op: &Op) {
@@ -134,17 +163,6 @@ impl Recorder {
                     pinned: false,
                 };
                 let at = self.caching.alloc_in(req, pool, &mut self.mem);
-                // The retry's `release_cached_blocks` completed the pending frees first.
-                let completed: Vec<(AllocId, u64, u64)> = self
-                    .deferred
-                    .iter()
-                    .copied()
-                    .filter(|d| !self.caching.holds(d.0))
-                    .collect();
-                self.deferred.retain(|d| self.caching.holds(d.0));
-                for (_, address, bytes) in completed {
-                    self.push(Action::FreeCompleted, address, bytes, 0);
-                }
                 self.segment_events();
                 match at {
                     Ok(at) => {
@@ -181,9 +199,6 @@ impl Recorder {
             }
             Op::EmptyCache => {
                 // `synchronize_and_free_events` traces each pending free as it completes.
-                for (_, address, bytes) in std::mem::take(&mut self.deferred) {
-                    self.push(Action::FreeCompleted, address, bytes, 0);
-                }
                 self.caching.empty_cache(&mut self.mem);
                 self.segment_events();
             }
@@ -646,41 +661,6 @@ fn a_retry_that_unmaps_and_maps_nothing_is_told_from_an_empty_cache() {
     assert_eq!((d.final_matched, d.final_recorded), (4, 4));
 }
 
-/// The case below with its `free_completed` where PyTorch traces it: after the release of
-/// `release_available_cached_blocks`, before those of `release_cached_blocks`. The replay takes
-/// it as part of the retry (the retry completes the pending free itself) and matches.
-#[test]
-fn a_retry_that_completes_a_pending_free_between_its_releases_in_pytorchs_order() {
-    let settings = CachingSettings {
-        max_split_bytes: Some(24 * MIB),
-        ..CachingSettings::default()
-    };
-    let mut rec = record(&pending_free_retry_ops(), settings, 160 * MIB);
-    let events = &mut rec.devices[0].events;
-    // The recorder wrote: free_completed, segment_free ×4, segment_alloc, alloc.
-    let at = events
-        .iter()
-        .position(|e| e.action == Action::Segment(SegmentEventKind::Free))
-        .unwrap();
-    assert_eq!(events[at - 1].action, Action::FreeCompleted);
-    events.swap(at - 1, at);
-    for (i, e) in events.iter_mut().enumerate() {
-        e.index = i as u64 + 1;
-    }
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(
-        (d.allocs_at_recorded_address, d.unknown_frees),
-        (d.allocs, 0)
-    );
-}
-
 fn pending_free_retry_ops() -> Vec<Op> {
     let a = |bytes: u64, stream: u32| Op::Alloc {
         bytes,
@@ -702,19 +682,16 @@ fn pending_free_retry_ops() -> Vec<Op> {
     ]
 }
 
-/// Left out of the property (found by it, shrunk): `max_split_size` on a small device with a
-/// free pending on another stream. Request 10 (30 MiB on stream 1) is refused a segment; the
-/// retry's `release_available_cached_blocks` finds no single free oversize block of stream 1
-/// large enough (the 40 MiB one is still pending), releases the 28 MiB one and gives up; then
-/// `release_cached_blocks` completes the pending free and releases everything. PyTorch traces
-/// that `free_completed` between the two releases, and the replay takes it so (the test
-/// above); this test's recorder writes it before every segment event of the request, and the
-/// replay, which completes a free where the recording puts it, frees the 40 MiB block before
-/// the request: its first release is that block (segment event 6 of 10). To fix: have the
-/// recorder write completions where the allocator makes them (it cannot see that order yet),
-/// then put max_split_size on a small device back into the property.
+/// Found by the property (`max_split_size` on a small device), shrunk: a free pending on
+/// another stream. Request 10 (30 MiB on stream 1) is refused a segment; the retry's
+/// `release_available_cached_blocks` finds no single free oversize block of stream 1 large
+/// enough (the 40 MiB one is still pending), releases the 28 MiB one and gives up; then
+/// `release_cached_blocks` completes the pending free (`synchronize_and_free_events`) and
+/// releases everything. PyTorch traces that `free_completed` between the two releases; this
+/// test's recorder once wrote it before every segment event of the request, so the replay
+/// freed the 40 MiB block before the request and released it first. The recorder now writes
+/// each completion where the allocator made it ([`Caching::take_completions`]).
 #[test]
-#[ignore = "known divergence, see the comment"]
 fn a_retry_that_completes_a_pending_free_between_its_releases() {
     let ops = pending_free_retry_ops();
     let settings = CachingSettings {
@@ -722,6 +699,26 @@ fn a_retry_that_completes_a_pending_free_between_its_releases() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 160 * MIB);
+    let events = &rec.devices[0].events;
+    let completed = events
+        .iter()
+        .rposition(|e| e.action == Action::FreeCompleted)
+        .unwrap();
+    let kinds: Vec<Action> = events[completed - 1..].iter().map(|e| e.action).collect();
+    let free = Action::Segment(SegmentEventKind::Free);
+    assert_eq!(
+        kinds,
+        [
+            free,
+            Action::FreeCompleted,
+            free,
+            free,
+            free,
+            Action::Segment(SegmentEventKind::Alloc),
+            Action::Alloc
+        ],
+        "PyTorch's order: segment_free, free_completed, segment_free ×3, segment_alloc, alloc"
+    );
     let c = compare(&rec, &config(160 * MIB), &settings);
     assert_eq!(
         c.events_matched, c.events_recorded,
@@ -729,6 +726,11 @@ fn a_retry_that_completes_a_pending_free_between_its_releases() {
         c.first_divergence
     );
     assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(
+        (d.allocs_at_recorded_address, d.unknown_frees),
+        (d.allocs, 0)
+    );
 }
 
 /// Found by the property (expandable segments on a small device), shrunk: a request maps one
@@ -997,4 +999,104 @@ fn a_range_reserved_by_a_refused_request_is_placed_at_its_first_map() {
     assert_eq!(c.final_matched, c.final_recorded);
     let d = &c.devices[0];
     assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (`max_split_size` on a small device), shrunk: the last request
+/// (28 MiB + 1) is refused a segment; `release_available_cached_blocks` releases the one
+/// oversize block of the stream (28 MiB, not enough), then `release_cached_blocks` completes a
+/// pending free and has nothing more to release, and the retry reserves: `segment_free`,
+/// `free_completed`, `segment_alloc`, `alloc`. The replay once took the release for an
+/// `empty_cache` (no release after the completion), which completed the pending free itself,
+/// and then panicked at the recorded completion ("free of AllocId(28), which is not live").
+#[test]
+fn a_retry_that_completes_a_pending_free_and_releases_nothing_more() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(2290177, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, true),
+        a(1048577, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(4680455378856530019, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(64776560910316644, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        a(4169729, 0),
+        f(143057642424272, false),
+        a(1, 0),
+        a(5229569, 1),
+        f(57847903513196499, false),
+        a(14510593, 0),
+        a(7339521, 0),
+        a(7170561, 0),
+        a(15741441, 0),
+        a(18874369, 0),
+        f(0, false),
+        a(1, 0),
+        a(7170561, 0),
+        f(0, false),
+        a(7170561, 0),
+        f(16040224412043044637, false),
+        f(165262466690895646, false),
+        f(121785316, false),
+        f(109327417503788432, false),
+        f(478219344598361988, false),
+        f(0, false),
+        a(27262977, 0),
+        a(1, 1),
+        f(10745190217620348478, false),
+        a(1, 0),
+        f(4707148243577659299, true),
+        a(1, 0),
+        a(29360129, 0),
+    ];
+    let settings = CachingSettings {
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let kinds: Vec<Action> = rec.devices[0].events[80..]
+        .iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            Action::Segment(SegmentEventKind::Free),
+            Action::FreeCompleted,
+            Action::Segment(SegmentEventKind::Alloc),
+            Action::Alloc
+        ]
+    );
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(
+        (d.allocs_at_recorded_address, d.unknown_frees),
+        (d.allocs, 0)
+    );
 }

@@ -5,6 +5,7 @@
 use super::events::{AddressHint, SegmentEvent, SegmentEventKind};
 use super::{Block, Caching, FreeKey, Params, PoolId, Segment, State, UnmappedKey, NIL};
 use crate::alloc::units::{align_up, MIB};
+use crate::decision::AllocId;
 
 /// Synthetic addresses are handed out on this alignment (the driver's 2 MiB granularity).
 const ADDRESS_ALIGN: u64 = 2 * MIB;
@@ -278,6 +279,14 @@ impl Caching {
     /// The segment events since the last call, in order.
     pub fn take_segment_events(&mut self) -> Vec<SegmentEvent> {
         self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The pending frees `release_cached_blocks` completed (`synchronize_and_free_events`:
+    /// `empty_cache`, or a retry) since the last call, when recording segment events: each with
+    /// the number of segment events made before it since the last
+    /// [`Self::take_segment_events`], which is where PyTorch traces its `free_completed`.
+    pub fn take_completions(&mut self) -> Vec<(AllocId, usize)> {
+        std::mem::take(&mut self.completions)
     }
 
     pub(super) fn emit(
