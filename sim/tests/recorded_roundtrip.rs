@@ -1100,3 +1100,113 @@ fn a_retry_that_completes_a_pending_free_and_releases_nothing_more() {
         (d.allocs, 0)
     );
 }
+
+/// Found by the property (expandable segments on a small device), shrunk: a 40 MiB request is
+/// refused and fails (`oom`) after its retry reserved a new range whose first map was refused;
+/// the next request maps that range (the replay moves it to the recorded address), an
+/// `empty_cache` releases it again, and a request on stream 0 maps a new one. The replay once
+/// moved the kept range without re-indexing its unmapped block (the index key holds the
+/// address): the stale key later named a block of stream 1's range, and the request landed
+/// there without mapping.
+#[test]
+fn a_range_moved_to_its_recorded_address_stays_indexed() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(4765697, 0),
+        a(1624577, 0),
+        a(1637377, 0),
+        a(7630849, 0),
+        a(21106177, 1),
+        a(29819393, 0),
+        a(7934977, 1),
+        f(36598056624465358, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(28572673, 0),
+        a(1, 0),
+        a(7563777, 0),
+        f(6888306356610513438, false),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        a(1048577, 0),
+        a(1048577, 0),
+        f(7698773826363940200, false),
+        f(1394470747244133904, false),
+        f(2876535157781760531, false),
+        a(1, 0),
+        a(1, 0),
+        a(1048577, 0),
+        f(2005183920820985765, false),
+        a(1, 0),
+        f(1556139953558332079, false),
+        a(1, 0),
+        a(20775425, 0),
+        a(40488961, 1),
+        f(879133000688510904, false),
+        a(2053121, 1),
+        f(2320027028575531065, false),
+        a(31873025, 1),
+        f(745042301644356497, false),
+        f(5644756089086824302, false),
+        a(1, 0),
+        a(1, 0),
+        f(1565900129186765496, false),
+        f(7472159341648991730, false),
+        f(4290267944127714915, false),
+        a(1, 0),
+        f(158663165494728880, false),
+        f(5790414642159304658, false),
+        a(20971009, 0),
+        a(9469441, 1),
+        a(1048577, 0),
+        f(12742963996591550355, false),
+        Op::EmptyCache,
+        f(2392258608677166639, false),
+        a(41943041, 0),
+        f(2321206470687121959, false),
+        a(1048577, 0),
+        f(415768291061016859, false),
+        Op::EmptyCache,
+        a(1048577, 0),
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}

@@ -230,12 +230,19 @@ impl Caching {
         false
     }
 
-    /// Moves segment `id` to `address` (a virtual range no recording has named yet).
+    /// Moves segment `id` to `address`: a virtual range no recording has named yet, never
+    /// mapped, so one unmapped block (re-indexed: its key holds its address).
     pub(super) fn move_segment(&mut self, id: u32, address: u64) {
-        let old = self.seg(id).address;
+        let (old, first) = (self.seg(id).address, self.seg(id).first);
+        debug_assert!(
+            self.b(first).state == State::Unmapped && self.b(first).next == NIL,
+            "only a range never mapped moves"
+        );
+        self.remove_unmapped(first);
         self.by_address.remove(&old);
         self.by_address.insert(address, id);
         self.seg_mut(id).address = address;
+        self.insert_unmapped(first);
         let end = address.saturating_add(self.seg(id).bytes);
         self.next_address = self
             .next_address
