@@ -22,8 +22,8 @@
 //!   precedes when a reservation follows it in the run (or an `oom` follows), else an
 //!   `empty_cache` (with `max_split_size` or expandable segments, releases and no reservation
 //!   before a request may be a retry that then found room: the request's address tells). A
-//!   `free_completed` after a retry's releases is the retry's (`release_cached_blocks`
-//!   completes pending frees) and belongs to its run. With expandable segments a request maps run by run, so the device
+//!   `free_completed` after a retry's releases (or its partial map) is the retry's
+//!   (`release_cached_blocks` completes pending frees) and belongs to its run. With expandable segments a request maps run by run, so the device
 //!   may refuse a later run: a retry or an `oom` is also tried on a device that gives the
 //!   request what the recording shows it mapped before the releases. A retry is replayed as
 //!   that request with the
@@ -384,8 +384,9 @@ fn replay_device(
 
 /// Whether entry `k` is a `free_completed` that a request's retry made: PyTorch's
 /// `release_cached_blocks` completes the pending frees (`synchronize_and_free_events`) after
-/// `release_available_cached_blocks` released oversize blocks and before it releases the
-/// rest, so the entry follows releases, and only releases, reservations and such entries lie
+/// `release_available_cached_blocks` released oversize blocks (or, with expandable segments,
+/// after the request mapped part of what it needed) and before it releases the rest, so the
+/// entry follows segment events of the request, and only segment events and such entries lie
 /// between it and the request (`alloc` or `oom`). It belongs to the request's run: the retry
 /// replayed completes it. `release_cached_blocks` may release nothing more after it (the
 /// oversize release took every whole segment): the retry reserves at once. Such a completion
@@ -400,7 +401,7 @@ fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
             .iter()
             .rev()
             .find(|e| e.action != Action::FreeCompleted)
-            .is_some_and(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
+            .is_some_and(|e| matches!(e.action, Action::Segment(_)))
         && events[k + 1..]
             .iter()
             .find(|e| !segment_or_completion(e))

@@ -1210,3 +1210,60 @@ fn a_range_moved_to_its_recorded_address_stays_indexed() {
     let d = &c.devices[0];
     assert_eq!(d.allocs_at_recorded_address, d.allocs);
 }
+
+/// Found by the property (expandable segments on a small device), shrunk: the last request
+/// maps a page, is refused the next, and its retry's `release_cached_blocks` completes a pending
+/// free before unmapping: `segment_map`, `free_completed`, `segment_unmap`, `oom`, as PyTorch
+/// traces it. The replay once took the completion for a free of its own, between two runs.
+#[test]
+fn a_retry_that_completes_a_pending_free_after_a_partial_map() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(1, 0),
+        a(7937025, 0),
+        a(37972481, 0),
+        f(11184669958447881445, false),
+        a(1, 0),
+        a(4460545, 1),
+        a(1, 0),
+        f(1602007635746751409, false),
+        a(1, 0),
+        f(0, false),
+        a(1, 0),
+        a(17003521, 0),
+        f(1822246950397401229, false),
+        a(26231809, 1),
+        a(1, 0),
+        f(393761886504896, true),
+        a(10485760, 0),
+        a(6029825, 1),
+        f(5183429453433607064, false),
+        a(6251521, 0),
+        f(95569258985831864, false),
+        f(3912227398050300603, false),
+        a(34749441, 0),
+        a(5219329, 1),
+        f(5658438753792450075, false),
+        f(0, true),
+        a(42884097, 0),
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded, "{:#?}", c.devices);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
