@@ -408,6 +408,31 @@ fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
             .is_some_and(|e| matches!(e.action, Action::Alloc | Action::Oom))
 }
 
+/// Whether entry `k` is a `free_completed` right before a request's releases (only such
+/// entries between them), which reserve or fail (`alloc` or `oom` after segment events and
+/// completions only). PyTorch traces it there either at the request's `process_events`, or
+/// from its retry's `release_cached_blocks` when `release_available_cached_blocks` released
+/// nothing; they differ (with `max_split_size`) when the block freed is oversize, and the
+/// replay tries both (see [`Replay::retry_alloc`]). The entry joins the request's run.
+fn completed_before_a_release(events: &[RecordedEvent], k: usize) -> bool {
+    let segment_or_completion =
+        |e: &&RecordedEvent| matches!(e.action, Action::Segment(_) | Action::FreeCompleted);
+    events[k].action == Action::FreeCompleted
+        && events[k + 1..]
+            .iter()
+            .find(|e| e.action != Action::FreeCompleted)
+            .is_some_and(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
+        && events[k + 1..]
+            .iter()
+            .find(|e| !segment_or_completion(e))
+            .is_some_and(|e| matches!(e.action, Action::Alloc | Action::Oom))
+}
+
+/// The `free_completed` entries at the start of a run, before its first segment event.
+fn leading_completions(run: &[RecordedEvent]) -> impl Iterator<Item = &RecordedEvent> {
+    run.iter().take_while(|e| e.action == Action::FreeCompleted)
+}
+
 /// The device as a recording shows it during one request: it reserves or maps until the
 /// reserved bytes would pass `limit` (what it gave the request before it refused), then
 /// refuses; what the request's retry releases is free again.
@@ -948,7 +973,10 @@ impl Replay<'_> {
         let events = &self.device.events;
         let mut run_start = 0;
         for (k, e) in events.iter().enumerate() {
-            if matches!(e.action, Action::Segment(_)) || completed_by_a_retry(events, k) {
+            if matches!(e.action, Action::Segment(_))
+                || completed_by_a_retry(events, k)
+                || completed_before_a_release(events, k)
+            {
                 continue;
             }
             self.settle(&events[run_start..k], Some(e));
@@ -957,18 +985,39 @@ impl Replay<'_> {
         self.settle(&events[run_start..], None);
     }
 
-    /// The `free_completed` entries of a run (see [`completed_by_a_retry`]) the replay of its
-    /// request did not complete itself: completed now.
-    fn complete_the_rest(&mut self, run: &[RecordedEvent]) {
-        for e in run.iter().filter(|e| e.action == Action::FreeCompleted) {
+    /// The run's leading `free_completed` entries completed in `caching` (a reading's copy):
+    /// the request's `process_events`.
+    fn complete_leading(&self, run: &[RecordedEvent], caching: &mut Caching, mem: &mut Ledger) {
+        for e in leading_completions(run) {
             if let Some(&id) = self.ids.get(&e.address) {
-                if self.caching.holds(id) {
-                    self.ids.remove(&e.address);
-                    self.caching.free(id, &mut self.mem);
-                    self.drain(e.index);
+                if caching.holds(id) {
+                    caching.free(id, mem);
                 }
             }
         }
+    }
+
+    /// The `free_completed` entries of a run (see [`completed_by_a_retry`]) the replay of its
+    /// request did not complete itself: completed now.
+    fn complete_the_rest(&mut self, owed: &[(u64, AllocId, u64)]) {
+        for &(address, id, entry) in owed {
+            if self.caching.holds(id) {
+                if self.ids.get(&address) == Some(&id) {
+                    self.ids.remove(&address);
+                }
+                self.caching.free(id, &mut self.mem);
+                self.drain(entry);
+            }
+        }
+    }
+
+    /// The allocations the run's `free_completed` entries name, taken before its request (which
+    /// may be placed at one of their addresses): (address, allocation, entry).
+    fn owed(&self, run: &[RecordedEvent]) -> Vec<(u64, AllocId, u64)> {
+        run.iter()
+            .filter(|e| e.action == Action::FreeCompleted)
+            .filter_map(|e| self.ids.get(&e.address).map(|&id| (e.address, id, e.index)))
+            .collect()
     }
 
     /// Replays the run of segment events `run` (releases) and the entry after it.
@@ -1004,26 +1053,28 @@ impl Replay<'_> {
             retry,
         ) {
             // No request behind the release: `empty_cache`.
-            self.complete_the_rest(run);
+            let owed = self.owed(run);
+            self.complete_the_rest(&owed);
             self.caching.empty_cache(&mut self.mem);
             self.out.releases_replayed += 1;
             self.drain(first.index);
         }
         let Some(e) = next else { return };
+        let owed = self.owed(run);
         match e.action {
             Action::Alloc => {
                 if retry {
                     self.out.releases_replayed += 1;
                 }
                 self.alloc(run, e, retry);
-                self.complete_the_rest(run);
+                self.complete_the_rest(&owed);
             }
             Action::Oom => {
                 if !releases.is_empty() {
                     self.out.releases_replayed += 1;
                 }
                 self.oom(run, e, !releases.is_empty());
-                self.complete_the_rest(run);
+                self.complete_the_rest(&owed);
             }
             Action::FreeRequested => {
                 if let Some(&id) = self.ids.get(&e.address) {
@@ -1078,10 +1129,20 @@ impl Replay<'_> {
                 _ => None,
             })
             .collect();
+        // Completions before the releases: the request's `process_events` (tried first), or
+        // its retry's.
+        let pending_too = leading_completions(run).next().is_some();
+        let tries = readings
+            .iter()
+            .map(|&r| (r, true))
+            .chain(readings.iter().filter(|_| pending_too).map(|&r| (r, false)));
         let mut first = None;
         let mut same_events = None;
-        for reading in readings {
+        for (reading, complete_first) in tries {
             let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+            if complete_first {
+                self.complete_leading(run, &mut caching, &mut mem);
+            }
             let at = match reading {
                 Reading::Refused(refusals) => caching.alloc_refused(req, pool, refusals, &mut mem),
                 Reading::EmptyCache => {
@@ -1135,44 +1196,66 @@ impl Replay<'_> {
         self.out.ooms_recorded += 1;
         let (id, req) = self.request(e.bytes, e.stream);
         let pool = if released { DEFAULT_POOL } else { PoolId::MAX };
+        let wanted: Vec<(SegmentEventKind, u64, u64)> = run
+            .iter()
+            .filter_map(|r| match r.action {
+                Action::Segment(kind) => Some((kind, r.address, r.bytes)),
+                _ => None,
+            })
+            .collect();
         // Expandable segments: the request may have mapped some runs of pages before the
         // device refused one; tried first, kept when it makes the recorded events and fails.
-        if let (true, Some(given)) = (released, given_before_refusal(run)) {
-            let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
-            let limit = mem.books.reserved_bytes().saturating_add(given);
-            let mut device = Budget {
-                inner: &mut mem,
-                limit,
-            };
-            let at = caching.alloc_in(req, pool, &mut device);
-            let made = caching.take_segment_events();
-            let wanted = run
-                .iter()
-                .filter(|r| matches!(r.action, Action::Segment(_)))
-                .map(|r| match r.action {
-                    Action::Segment(kind) => (kind, r.address, r.bytes),
-                    _ => unreachable!("segment events only"),
-                });
-            let same = made.len()
-                == run
-                    .iter()
-                    .filter(|r| matches!(r.action, Action::Segment(_)))
-                    .count()
-                && made.iter().map(|m| (m.kind, m.address, m.bytes)).eq(wanted);
-            if at.is_err() && same {
-                self.caching = caching;
-                self.mem = mem;
-                self.pending_events = made;
-                self.out.ooms_simulated += 1;
-                self.forget_completed();
-                self.drain(e.index);
-                return;
+        // Completions before the releases: the request's `process_events` (tried first), or
+        // its retry's. Failing all, every reservation refused after `process_events`.
+        let given = released.then(|| given_before_refusal(run)).flatten();
+        let pending_too = leading_completions(run).next().is_some();
+        let mut tries = Vec::new();
+        for complete_first in [true, false] {
+            if complete_first || pending_too {
+                if let Some(given) = given {
+                    tries.push((Some(given), complete_first));
+                }
+                tries.push((None, complete_first));
             }
         }
-        match self
-            .caching
-            .alloc_refused(req, pool, u32::MAX, &mut self.mem)
-        {
+        let mut fallback = None;
+        let mut kept = None;
+        for (given, complete_first) in tries {
+            let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+            if complete_first {
+                self.complete_leading(run, &mut caching, &mut mem);
+            }
+            let at = match given {
+                Some(given) => {
+                    let limit = mem.books.reserved_bytes().saturating_add(given);
+                    let mut device = Budget {
+                        inner: &mut mem,
+                        limit,
+                    };
+                    caching.alloc_in(req, pool, &mut device)
+                }
+                None => caching.alloc_refused(req, pool, u32::MAX, &mut mem),
+            };
+            let made = caching.take_segment_events();
+            let same = made.len() == wanted.len()
+                && made
+                    .iter()
+                    .map(|m| (m.kind, m.address, m.bytes))
+                    .eq(wanted.iter().copied());
+            let tried = (caching, mem, at, made);
+            if same && tried.2.is_err() {
+                kept = Some(tried);
+                break;
+            }
+            if given.is_none() && complete_first {
+                fallback = Some(tried);
+            }
+        }
+        let (caching, mem, at, made) = kept.or(fallback).expect("every reservation refused");
+        self.caching = caching;
+        self.mem = mem;
+        self.pending_events = made;
+        match at {
             Ok(_) => self.caching.free(id, &mut self.mem),
             Err(_) => self.out.ooms_simulated += 1,
         }
@@ -1205,8 +1288,8 @@ impl Replay<'_> {
             .collect();
         self.caching.set_address_hints(hints);
         // An address allocated again without a free in between: the earlier block was freed
-        // where the recording does not show it; it stays live in the simulation.
-        self.ids.remove(&e.address);
+        // where the recording does not show it; it stays live in the simulation. (Unless a
+        // completion of the request's run frees it: its entry is read before the request.)
         let (id, req) = self.request(e.bytes, e.stream);
         self.out.allocs += 1;
         let at = if retry {
@@ -1221,7 +1304,10 @@ impl Replay<'_> {
                     self.out.allocs_at_recorded_address += 1;
                 }
             }
-            Err(_) => self.out.ooms_simulated += 1,
+            Err(_) => {
+                self.ids.remove(&e.address);
+                self.out.ooms_simulated += 1;
+            }
         }
         self.caching.set_address_hints(Vec::new());
         self.drain(e.index);

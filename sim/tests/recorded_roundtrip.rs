@@ -1267,3 +1267,171 @@ fn a_retry_that_completes_a_pending_free_after_a_partial_map() {
     let d = &c.devices[0];
     assert_eq!(d.allocs_at_recorded_address, d.allocs);
 }
+
+#[test]
+fn dbg_case_a() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(10485760, 0),
+        f(0, true),
+        a(14680065, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, true),
+        a(6788609, 0),
+        a(48234497, 0),
+        a(14182401, 0),
+        a(1, 0),
+        a(1, 0),
+        f(627580007983452848, false),
+        f(7205641418612037873, false),
+        f(205000366161745566, false),
+        a(25165825, 0),
+        a(1, 0),
+        a(1048577, 1),
+        f(3948738089795257663, false),
+        f(5087033068772969328, false),
+        a(1, 0),
+        f(8705034076150761428, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(2200718186106494, false),
+        a(1, 0),
+        f(2571356323449914134, false),
+        a(1, 0),
+        f(885705821328234, false),
+        a(655361, 1),
+        a(29360129, 1),
+        a(846337, 1),
+        a(594433, 1),
+        f(40501025657546247, false),
+        f(787797731792555091, false),
+        a(23068673, 0),
+        a(31457281, 0),
+        f(16740480632909623367, true),
+        a(48234497, 0),
+    ];
+    let settings = CachingSettings {
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    {
+        let config = AllocConfig {
+            capacity_bytes: 160 * MIB,
+            ..AllocConfig::default()
+        };
+        let mut caching = Caching::with_settings(&config, settings);
+        caching.record_segment_events(true);
+        let mut r = Recorder {
+            caching,
+            mem: Ledger::new(Books::new(160 * MIB)),
+            events: Vec::new(),
+            live: Vec::new(),
+            deferred: Vec::new(),
+            next_id: 0,
+        };
+        for op in &ops[..ops.len() - 1] {
+            r.run(op);
+        }
+        for l in r.caching.recorded_layout() {
+            eprintln!(
+                "LAYOUT {:#x} {} s{} {:?} {:?}",
+                l.address, l.bytes, l.stream, l.size_pool, l.blocks
+            );
+        }
+        eprintln!(
+            "DEFERRED {:?} reserved {}",
+            r.deferred,
+            r.mem.books.reserved_bytes()
+        );
+        eprintln!("LAST {:?}", ops.last());
+    }
+    let rec = record(&ops, settings, 160 * MIB);
+    for e in &rec.devices[0].events {
+        eprintln!(
+            "DBG {} {:?} {:#x} {} s{}",
+            e.index, e.action, e.address, e.bytes, e.stream
+        );
+    }
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded, "{:#?}", c.devices);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+#[test]
+fn dbg_case() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        a(10485767, 0),
+        a(644767, 1),
+        f(15325910425267787842, false),
+        a(10472390, 1),
+        f(18406026692037419488, false),
+        a(263343, 1),
+        f(9300486421648687190, true),
+        a(177425, 1),
+        a(42340689, 0),
+        a(1722766, 0),
+        a(5622754, 0),
+        a(42882182, 0),
+        a(18439130, 1),
+        a(49266010, 1),
+        f(12518243983629543728, false),
+        f(3028406855554053616, false),
+        a(38475016, 0),
+        f(8923707291116038227, false),
+        f(1801124919921430099, false),
+        f(2639663504827005752, false),
+        Op::EmptyCache,
+        a(1383197, 0),
+        f(2731607506303803025, false),
+        f(16339060597956656253, false),
+        Op::EmptyCache,
+        a(47526, 0),
+    ];
+    let settings = CachingSettings {
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 1 << 40);
+    for e in &rec.devices[0].events {
+        eprintln!(
+            "DBG {} {:?} {:#x} {} s{}",
+            e.index, e.action, e.address, e.bytes, e.stream
+        );
+    }
+    let c = compare(&rec, &config(1 << 40), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded, "{:#?}", c.devices);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
