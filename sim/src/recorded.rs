@@ -428,6 +428,24 @@ fn completed_before_a_release(events: &[RecordedEvent], k: usize) -> bool {
             .is_some_and(|e| matches!(e.action, Action::Alloc | Action::Oom))
 }
 
+/// Whether entry `k` completes a pending free (its `free_requested` is not the entry before)
+/// right before a request (only such entries between them). With expandable segments it may be
+/// the request's retry's: the map was refused, `release_cached_blocks` completed the pending
+/// frees and unmapped nothing, and `alloc_block(retry)` found room in a free block before
+/// unmapped pages without mapping. Only where the request lands tells it from the request's
+/// `process_events` (see [`Replay::completed_by_the_retry`]).
+fn completed_before_a_request(events: &[RecordedEvent], k: usize) -> bool {
+    let e = &events[k];
+    e.action == Action::FreeCompleted
+        && !k.checked_sub(1).is_some_and(|p| {
+            events[p].action == Action::FreeRequested && events[p].address == e.address
+        })
+        && events[k + 1..]
+            .iter()
+            .find(|e| e.action != Action::FreeCompleted)
+            .is_some_and(|e| e.action == Action::Alloc)
+}
+
 /// The `free_completed` entries at the start of a run, before its first segment event.
 fn leading_completions(run: &[RecordedEvent]) -> impl Iterator<Item = &RecordedEvent> {
     run.iter().take_while(|e| e.action == Action::FreeCompleted)
@@ -971,11 +989,13 @@ impl Replay<'_> {
     /// Replays the trace forwards.
     fn forward(&mut self) {
         let events = &self.device.events;
+        let expandable = self.caching.settings().expandable_segments;
         let mut run_start = 0;
         for (k, e) in events.iter().enumerate() {
             if matches!(e.action, Action::Segment(_))
                 || completed_by_a_retry(events, k)
                 || completed_before_a_release(events, k)
+                || (expandable && completed_before_a_request(events, k))
             {
                 continue;
             }
@@ -1009,6 +1029,33 @@ impl Replay<'_> {
                 self.drain(entry);
             }
         }
+    }
+
+    /// Whether the completions `owed` right before request `e` were its retry's: completed
+    /// first, the request lands elsewhere than recorded; left pending, with its first
+    /// reservation refused, it lands where recorded and makes no segment event.
+    fn completed_by_the_retry(&self, owed: &[(u64, AllocId, u64)], e: &RecordedEvent) -> bool {
+        let pool = self.pool_at_end(e.address);
+        let req = AllocRequest {
+            id: AllocId(self.next_id),
+            bytes: e.bytes,
+            stream: e.stream,
+            pinned: false,
+        };
+        let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+        for &(_, id, _) in owed {
+            if caching.holds(id) {
+                caching.free(id, &mut mem);
+            }
+        }
+        let plain = caching.alloc_in(req, pool, &mut mem);
+        if plain.is_ok_and(|at| caching.address_of(at) == Some(e.address)) {
+            return false;
+        }
+        let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+        let at = caching.alloc_refused(req, pool, 1, &mut mem);
+        caching.take_segment_events().is_empty()
+            && at.is_ok_and(|at| caching.address_of(at) == Some(e.address))
     }
 
     /// The allocations the run's `free_completed` entries name, taken before its request (which
@@ -1062,6 +1109,17 @@ impl Replay<'_> {
         let Some(e) = next else { return };
         let owed = self.owed(run);
         match e.action {
+            Action::Alloc
+                if !run.is_empty() && run.iter().all(|r| r.action == Action::FreeCompleted) =>
+            {
+                // Completions right before the request (see `completed_before_a_request`).
+                let retry = self.completed_by_the_retry(&owed, e);
+                if !retry {
+                    self.complete_the_rest(&owed);
+                }
+                self.alloc(run, e, retry);
+                self.complete_the_rest(&owed);
+            }
             Action::Alloc => {
                 if retry {
                     self.out.releases_replayed += 1;

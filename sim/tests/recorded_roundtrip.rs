@@ -324,15 +324,9 @@ proptest! {
         let rec = record(&ops, settings, capacity);
         let c = compare(&rec, &config(capacity), &settings);
         prop_assert_eq!(c.events_matched, c.events_recorded, "{:#?}", c.first_divergence);
-        // Expandable segments on a small device (refusals): a final layout was seen to differ,
-        // every event matched (about a case in 5,000; not yet understood, as before these
-        // settings were added); every other setting must match, expandable segments on a
-        // device that never refuses too.
-        if !settings.expandable_segments || capacity == 1 << 40 {
-            prop_assert_eq!(c.final_matched, c.final_recorded, "{:#?}", c.devices);
-            let d = &c.devices[0];
-            prop_assert_eq!(d.allocs_at_recorded_address, d.allocs);
-        }
+        prop_assert_eq!(c.final_matched, c.final_recorded, "{:#?}", c.devices);
+        let d = &c.devices[0];
+        prop_assert_eq!(d.allocs_at_recorded_address, d.allocs);
     }
 
 
@@ -1263,13 +1257,21 @@ fn a_retry_that_completes_a_pending_free_after_a_partial_map() {
         "{:#?}",
         c.first_divergence
     );
-    assert_eq!(c.final_matched, c.final_recorded, "{:#?}", c.devices);
+    assert_eq!(c.final_matched, c.final_recorded);
     let d = &c.devices[0];
     assert_eq!(d.allocs_at_recorded_address, d.allocs);
 }
 
+/// Found by the property (`max_split_size` on a small device), shrunk: a free is pending when
+/// the last request (46 MiB) is refused; `release_available_cached_blocks` finds no free
+/// oversize block (the 24 MiB one is the pending one) and releases nothing, then
+/// `release_cached_blocks` completes the free and releases the 14 MiB and 24 MiB segments in
+/// its (size) order: `free_completed`, `segment_free` ×2, `oom`. The same entries could be the
+/// request's `process_events` (then the oversize release takes the 24 MiB segment first): the
+/// replay tries the completion first as `process_events`, then as the retry's, and keeps the
+/// reading that makes the recorded events.
 #[test]
-fn dbg_case_a() {
+fn a_completion_before_a_retry_may_be_the_retrys() {
     let a = |bytes: u64, stream: u32| Op::Alloc {
         bytes,
         stream,
@@ -1323,57 +1325,24 @@ fn dbg_case_a() {
         max_split_bytes: Some(24 * MIB),
         ..CachingSettings::default()
     };
-    {
-        let config = AllocConfig {
-            capacity_bytes: 160 * MIB,
-            ..AllocConfig::default()
-        };
-        let mut caching = Caching::with_settings(&config, settings);
-        caching.record_segment_events(true);
-        let mut r = Recorder {
-            caching,
-            mem: Ledger::new(Books::new(160 * MIB)),
-            events: Vec::new(),
-            live: Vec::new(),
-            deferred: Vec::new(),
-            next_id: 0,
-        };
-        for op in &ops[..ops.len() - 1] {
-            r.run(op);
-        }
-        for l in r.caching.recorded_layout() {
-            eprintln!(
-                "LAYOUT {:#x} {} s{} {:?} {:?}",
-                l.address, l.bytes, l.stream, l.size_pool, l.blocks
-            );
-        }
-        eprintln!(
-            "DEFERRED {:?} reserved {}",
-            r.deferred,
-            r.mem.books.reserved_bytes()
-        );
-        eprintln!("LAST {:?}", ops.last());
-    }
     let rec = record(&ops, settings, 160 * MIB);
-    for e in &rec.devices[0].events {
-        eprintln!(
-            "DBG {} {:?} {:#x} {} s{}",
-            e.index, e.action, e.address, e.bytes, e.stream
-        );
-    }
     let c = compare(&rec, &config(160 * MIB), &settings);
     assert_eq!(
         c.events_matched, c.events_recorded,
         "{:#?}",
         c.first_divergence
     );
-    assert_eq!(c.final_matched, c.final_recorded, "{:#?}", c.devices);
+    assert_eq!(c.final_matched, c.final_recorded);
     let d = &c.devices[0];
     assert_eq!(d.allocs_at_recorded_address, d.allocs);
 }
 
+/// Found by the property (`max_split_size` on a device that never refuses) while the replay
+/// learned to take completions before a release into the request's run: a free completes
+/// right before an `empty_cache`, and the next request lands where the freed block was. The
+/// replay must complete the old allocation, not the new one at its address.
 #[test]
-fn dbg_case() {
+fn a_request_at_the_address_of_a_completion_in_its_run() {
     let a = |bytes: u64, stream: u32| Op::Alloc {
         bytes,
         stream,
@@ -1419,13 +1388,92 @@ fn dbg_case() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 1 << 40);
-    for e in &rec.devices[0].events {
-        eprintln!(
-            "DBG {} {:?} {:#x} {} s{}",
-            e.index, e.action, e.address, e.bytes, e.stream
-        );
-    }
     let c = compare(&rec, &config(1 << 40), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (expandable segments on a small device), shrunk; once the final layout
+/// differed (every event matched), here an `empty_cache` after it shows it. The request
+/// (4 MiB) is refused a map with four frees pending; `release_cached_blocks` completes them
+/// and unmaps nothing, and `alloc_block(retry)` finds the lowest run of free and unmapped
+/// space (`find_expandable_block`) already mapped: `free_completed` ×4, `alloc`, no segment
+/// event. Read as the request's `process_events` and best fit (with the expandable-size walk)
+/// it lands elsewhere: the replay tries both and keeps where the recording puts it.
+#[test]
+fn a_retry_that_completes_pending_frees_and_finds_mapped_room() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(1, 0),
+        a(1, 0),
+        a(121857, 0),
+        a(186369, 0),
+        f(1778053388685139004, false),
+        a(1, 0),
+        a(15514625, 0),
+        a(1, 0),
+        a(9707521, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(36689921, 0),
+        a(3738113, 0),
+        f(13801094934066870727, false),
+        a(1, 0),
+        f(8571480924075013145, false),
+        f(568177159056172655, false),
+        f(115107507145923560, false),
+        a(2607105, 0),
+        a(5686273, 0),
+        Op::Complete,
+        a(1, 0),
+        f(13766688409985861136, false),
+        a(1, 0),
+        f(14385268964202805527, false),
+        a(1, 0),
+        f(4865631171795026165, false),
+        a(1, 0),
+        f(15788843345063021156, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(427112052830746130, false),
+        a(37410817, 0),
+        f(351891211622014110, false),
+        f(8098759343690091220, true),
+        a(10455041, 0),
+        f(2232485212125212440, true),
+        f(8930612317343037117, false),
+        a(1048577, 1),
+        f(3863306662435070487, true),
+        f(17600625193708509754, true),
+        a(4015617, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(17587696424950857042, false),
+        a(1, 0),
+        Op::EmptyCache,
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
     assert_eq!(
         c.events_matched, c.events_recorded,
         "{:#?}",
