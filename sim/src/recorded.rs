@@ -457,6 +457,8 @@ fn leading_completions(run: &[RecordedEvent]) -> impl Iterator<Item = &RecordedE
 struct Budget<'a> {
     inner: &'a mut Ledger,
     limit: u64,
+    /// The first ask refused, in bytes.
+    refused: Option<u64>,
 }
 
 impl Executor for Budget<'_> {
@@ -466,6 +468,7 @@ impl Executor for Budget<'_> {
             _ => 0,
         };
         if asks > 0 && self.inner.books.reserved_bytes().saturating_add(asks) > self.limit {
+            self.refused.get_or_insert(asks);
             self.inner.record(d, Err(Refusal::Device));
             return Err(Refusal::Device);
         }
@@ -729,6 +732,9 @@ enum Reading {
     EmptyCache,
     /// The device gave the request this many bytes, then refused.
     Device(u64),
+    /// The device had at most this many bytes for the request (all but a byte of what it
+    /// refused): [`Reading::Device`] at its most.
+    DeviceAtMost(u64),
 }
 
 /// At most this many notes are kept; the rest are counted.
@@ -1190,13 +1196,16 @@ impl Replay<'_> {
         // Completions before the releases: the request's `process_events` (tried first), or
         // its retry's.
         let pending_too = leading_completions(run).next().is_some();
-        let tries = readings
+        let mut tries: Vec<(Reading, bool)> = readings
             .iter()
             .map(|&r| (r, true))
-            .chain(readings.iter().filter(|_| pending_too).map(|&r| (r, false)));
+            .chain(readings.iter().filter(|_| pending_too).map(|&r| (r, false)))
+            .collect();
         let mut first = None;
         let mut same_events = None;
-        for (reading, complete_first) in tries {
+        let mut k = 0;
+        while let Some(&(reading, complete_first)) = tries.get(k) {
+            k += 1;
             let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
             if complete_first {
                 self.complete_leading(run, &mut caching, &mut mem);
@@ -1207,13 +1216,27 @@ impl Replay<'_> {
                     caching.empty_cache(&mut mem);
                     caching.alloc_in(req, pool, &mut mem)
                 }
-                Reading::Device(given) => {
+                Reading::Device(given) | Reading::DeviceAtMost(given) => {
                     let limit = mem.books.reserved_bytes().saturating_add(given);
                     let mut device = Budget {
                         inner: &mut mem,
                         limit,
+                        refused: None,
                     };
-                    caching.alloc_in(req, pool, &mut device)
+                    let at = caching.alloc_in(req, pool, &mut device);
+                    // The device refused an ask of `r` bytes after giving `given`: it had
+                    // less than `given + r` free, perhaps all but a byte of it. Tried next
+                    // (the retry after the releases may need it).
+                    if let (Reading::Device(_), Some(r)) = (reading, device.refused) {
+                        tries.insert(
+                            k,
+                            (
+                                Reading::DeviceAtMost(given.saturating_add(r - 1)),
+                                complete_first,
+                            ),
+                        );
+                    }
+                    at
                 }
             };
             let made: Vec<SegmentEvent> = caching.take_segment_events();
@@ -1289,6 +1312,7 @@ impl Replay<'_> {
                     let mut device = Budget {
                         inner: &mut mem,
                         limit,
+                        refused: None,
                     };
                     caching.alloc_in(req, pool, &mut device)
                 }
