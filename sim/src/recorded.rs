@@ -1290,21 +1290,29 @@ impl Replay<'_> {
         // its retry's. Failing all, every reservation refused after `process_events`.
         let given = released.then(|| given_before_refusal(run)).flatten();
         let pending_too = leading_completions(run).next().is_some();
+        // The releases may also have been an `empty_cache` before the request, which then
+        // released nothing more.
         let mut tries = Vec::new();
         for complete_first in [true, false] {
             if complete_first || pending_too {
                 if let Some(given) = given {
-                    tries.push((Some(given), complete_first));
+                    tries.push((Some(given), complete_first, false));
                 }
-                tries.push((None, complete_first));
+                tries.push((None, complete_first, false));
             }
+        }
+        if released {
+            tries.push((None, true, true));
         }
         let mut fallback = None;
         let mut kept = None;
-        for (given, complete_first) in tries {
+        for (given, complete_first, empty_cache) in tries {
             let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
             if complete_first {
                 self.complete_leading(run, &mut caching, &mut mem);
+            }
+            if empty_cache {
+                caching.empty_cache(&mut mem);
             }
             let at = match given {
                 Some(given) => {
@@ -1329,7 +1337,7 @@ impl Replay<'_> {
                 kept = Some(tried);
                 break;
             }
-            if given.is_none() && complete_first {
+            if given.is_none() && complete_first && !empty_cache {
                 fallback = Some(tried);
             }
         }

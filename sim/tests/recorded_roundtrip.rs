@@ -1569,3 +1569,120 @@ fn a_retry_after_a_partial_map_that_maps_more_than_it_released() {
     let d = &c.devices[0];
     assert_eq!(d.allocs_at_recorded_address, d.allocs);
 }
+
+/// Found by the property (`max_split_size` on a small device), shrunk: an `empty_cache`
+/// releases a 16 MiB segment of stream 0 and a 24 MiB one of stream 1, then a request of
+/// 46 MiB on stream 1 has nothing left to release and fails: `segment_free` ×2, `oom`. Read as
+/// the request's retry, `release_available_cached_blocks` would release the oversize 24 MiB
+/// segment first; the replay also tries an `empty_cache` before the failed request.
+#[test]
+fn an_oom_right_after_an_empty_cache() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(159745, 0),
+        a(1, 0),
+        a(15490561, 0),
+        a(1, 0),
+        a(400897, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, false),
+        f(186168082249829371, false),
+        f(0, false),
+        a(1, 0),
+        a(1, 0),
+        a(1069057, 0),
+        f(59280592594825, false),
+        a(1, 0),
+        a(1, 0),
+        f(7461232831035961438, false),
+        f(1371214683299, false),
+        a(1, 0),
+        f(8377299132410532569, false),
+        Op::Complete,
+        f(85075770640946706, false),
+        f(11449773215668566910, false),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        a(23962113, 1),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(2651485626286912404, false),
+        a(1, 0),
+        a(35651585, 1),
+        f(25346293891610098, false),
+        a(10485760, 0),
+        a(62465, 1),
+        f(5882911579654715160, false),
+        a(1, 0),
+        a(1, 0),
+        f(5450960232290977231, false),
+        a(14680065, 0),
+        a(1, 0),
+        f(6996765615051329700, false),
+        a(1, 0),
+        a(1, 0),
+        f(7052305881170235599, false),
+        a(25165313, 1),
+        a(163841, 1),
+        f(8815489538675252235, false),
+        f(4396449364467660190, false),
+        f(11530940921192111042, false),
+        f(5535901249295411803, false),
+        f(9690448473318254863, false),
+        f(2835583609733516511, false),
+        a(1, 0),
+        a(935937, 1),
+        a(2292737, 1),
+        f(6985930474952450963, false),
+        f(675185323766770161, true),
+        a(1, 0),
+        a(2285569, 0),
+        a(1, 0),
+        f(4517839865054547249, false),
+        f(4517633596883913989, false),
+        f(691903449034290913, false),
+        a(1, 0),
+        a(1, 0),
+        f(9215962431778286229, false),
+        a(933377, 1),
+        a(1, 0),
+        a(3496961, 1),
+        a(1, 0),
+        f(2033714670482354644, false),
+        f(14354613394805784604, false),
+        a(15180801, 0),
+        f(3186850351327450077, false),
+        a(2935809, 0),
+        f(1001743632649093667, false),
+        a(18035201, 0),
+        f(5336572420105798918, false),
+        f(5881364704013513143, false),
+        f(10124563800409162383, false),
+        Op::Complete,
+        Op::EmptyCache,
+        a(48234497, 1),
+    ];
+    let settings = CachingSettings {
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
