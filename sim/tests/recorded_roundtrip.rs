@@ -82,7 +82,9 @@ fn settings() -> impl Strategy<Value = (CachingSettings, u64)> {
             },
             1 << 40
         )),
-        // Expandable segments with max_split_size (oversize blocks are not split).
+        // Expandable segments with max_split_size (oversize blocks are not split). On a small
+        // device about one case in 100,000 diverges: see
+        // `an_unmap_that_touches_a_small_range_is_undone_into_its_own` (ignored).
         Just((
             CachingSettings {
                 expandable_segments: true,
@@ -1672,6 +1674,64 @@ fn an_oom_right_after_an_empty_cache() {
         a(48234497, 1),
     ];
     let settings = CachingSettings {
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (expandable segments with `max_split_size` on a small device, about
+/// one case in 100,000), not yet fixed: the replay takes the recording for one that started
+/// mid-run (`start: restored`, note "event 11: 41943040 bytes at 0x10000006400000 are not held
+/// at that point") and diverges at the first event. Undoing the events backwards, the last
+/// `segment_unmap` (60 MiB at 0x10000007800000, the top of stream 0's large range) touches
+/// the small range mapped right after it (0x1000000b400000, synthetic addresses are
+/// contiguous), and `undo` classifies the unmapped pages by the range they touch: small, so
+/// they never join the large pages undone before them, and undoing the 40 MiB map at
+/// 0x10000006400000 finds them in two ranges. To fix: tell a touching range of another size
+/// pool from the unmapped pages' own (a small range's page is 2 MiB, a large one's 20 MiB).
+#[test]
+#[ignore = "known divergence, see the comment"]
+fn an_unmap_that_touches_a_small_range_is_undone_into_its_own() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(29763585, 0),
+        f(0, true),
+        a(6540289, 0),
+        a(23250945, 0),
+        a(20199937, 0),
+        a(9949185, 0),
+        a(40482817, 0),
+        f(5617453103640150300, false),
+        a(49927681, 0),
+        f(5999331836054429316, false),
+        a(1, 0),
+        a(4276737, 0),
+        f(7118838023928630297, false),
+        f(3951480270313400304, false),
+        a(1, 0),
+        f(2630053041850760597, false),
+        a(1, 0),
+        f(2338401482758505121, false),
+        a(1, 0),
+        Op::EmptyCache,
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
         max_split_bytes: Some(24 * MIB),
         ..CachingSettings::default()
     };
