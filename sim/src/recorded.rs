@@ -21,9 +21,9 @@
 //!   `segment_free` / `segment_unmap` is a release: the OOM-retry release of the request it
 //!   precedes when a reservation follows it in the run (or an `oom` follows), else an
 //!   `empty_cache` (with `max_split_size` or expandable segments, releases and no reservation
-//!   before a request may be a retry that then found room: the request's address tells). A `free_completed` between
-//!   a retry's releases is the retry's (`release_cached_blocks` completes pending frees) and
-//!   belongs to its run. With expandable segments a request maps run by run, so the device
+//!   before a request may be a retry that then found room: the request's address tells). A
+//!   `free_completed` after a retry's releases (or its partial map) is the retry's
+//!   (`release_cached_blocks` completes pending frees) and belongs to its run. With expandable segments a request maps run by run, so the device
 //!   may refuse a later run: a retry or an `oom` is also tried on a device that gives the
 //!   request what the recording shows it mapped before the releases. A retry is replayed as
 //!   that request with the
@@ -384,11 +384,15 @@ fn replay_device(
 
 /// Whether entry `k` is a `free_completed` that a request's retry made: PyTorch's
 /// `release_cached_blocks` completes the pending frees (`synchronize_and_free_events`) after
-/// `release_available_cached_blocks` released oversize blocks and before it releases the
-/// rest, so the entry lies between releases, and only releases, reservations and such entries
-/// lie between it and the request (`alloc` or `oom`). It belongs to the request's run: the
-/// retry replayed completes it. (A completion between an `empty_cache` and a request that
-/// reserves without releasing is the request's `process_events`, not a retry's.)
+/// `release_available_cached_blocks` released oversize blocks (or, with expandable segments,
+/// after the request mapped part of what it needed) and before it releases the rest, so the
+/// entry follows segment events of the request, and only segment events and such entries lie
+/// between it and the request (`alloc` or `oom`). It belongs to the request's run: the retry
+/// replayed completes it. `release_cached_blocks` may release nothing more after it (the
+/// oversize release took every whole segment): the retry reserves at once. Such a completion
+/// is never the next request's `process_events` after an `empty_cache`: a free pending
+/// during an `empty_cache` completes before its releases (`synchronize_and_free_events`), and
+/// one requested after it has its `free_requested` in between.
 fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
     let segment_or_completion =
         |e: &&RecordedEvent| matches!(e.action, Action::Segment(_) | Action::FreeCompleted);
@@ -397,15 +401,54 @@ fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
             .iter()
             .rev()
             .find(|e| e.action != Action::FreeCompleted)
+            .is_some_and(|e| matches!(e.action, Action::Segment(_)))
+        && events[k + 1..]
+            .iter()
+            .find(|e| !segment_or_completion(e))
+            .is_some_and(|e| matches!(e.action, Action::Alloc | Action::Oom))
+}
+
+/// Whether entry `k` is a `free_completed` right before a request's releases (only such
+/// entries between them), which reserve or fail (`alloc` or `oom` after segment events and
+/// completions only). PyTorch traces it there either at the request's `process_events`, or
+/// from its retry's `release_cached_blocks` when `release_available_cached_blocks` released
+/// nothing; they differ (with `max_split_size`) when the block freed is oversize, and the
+/// replay tries both (see [`Replay::retry_alloc`]). The entry joins the request's run.
+fn completed_before_a_release(events: &[RecordedEvent], k: usize) -> bool {
+    let segment_or_completion =
+        |e: &&RecordedEvent| matches!(e.action, Action::Segment(_) | Action::FreeCompleted);
+    events[k].action == Action::FreeCompleted
+        && events[k + 1..]
+            .iter()
+            .find(|e| e.action != Action::FreeCompleted)
             .is_some_and(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
         && events[k + 1..]
             .iter()
             .find(|e| !segment_or_completion(e))
             .is_some_and(|e| matches!(e.action, Action::Alloc | Action::Oom))
+}
+
+/// Whether entry `k` completes a pending free (its `free_requested` is not the entry before)
+/// right before a request (only such entries between them). With expandable segments it may be
+/// the request's retry's: the map was refused, `release_cached_blocks` completed the pending
+/// frees and unmapped nothing, and `alloc_block(retry)` found room in a free block before
+/// unmapped pages without mapping. Only where the request lands tells it from the request's
+/// `process_events` (see [`Replay::completed_by_the_retry`]).
+fn completed_before_a_request(events: &[RecordedEvent], k: usize) -> bool {
+    let e = &events[k];
+    e.action == Action::FreeCompleted
+        && !k.checked_sub(1).is_some_and(|p| {
+            events[p].action == Action::FreeRequested && events[p].address == e.address
+        })
         && events[k + 1..]
             .iter()
-            .take_while(segment_or_completion)
-            .any(|e| matches!(e.action, Action::Segment(kind) if kind.releases()))
+            .find(|e| e.action != Action::FreeCompleted)
+            .is_some_and(|e| e.action == Action::Alloc)
+}
+
+/// The `free_completed` entries at the start of a run, before its first segment event.
+fn leading_completions(run: &[RecordedEvent]) -> impl Iterator<Item = &RecordedEvent> {
+    run.iter().take_while(|e| e.action == Action::FreeCompleted)
 }
 
 /// The device as a recording shows it during one request: it reserves or maps until the
@@ -414,6 +457,8 @@ fn completed_by_a_retry(events: &[RecordedEvent], k: usize) -> bool {
 struct Budget<'a> {
     inner: &'a mut Ledger,
     limit: u64,
+    /// The first ask refused, in bytes.
+    refused: Option<u64>,
 }
 
 impl Executor for Budget<'_> {
@@ -423,6 +468,7 @@ impl Executor for Budget<'_> {
             _ => 0,
         };
         if asks > 0 && self.inner.books.reserved_bytes().saturating_add(asks) > self.limit {
+            self.refused.get_or_insert(asks);
             self.inner.record(d, Err(Refusal::Device));
             return Err(Refusal::Device);
         }
@@ -686,6 +732,9 @@ enum Reading {
     EmptyCache,
     /// The device gave the request this many bytes, then refused.
     Device(u64),
+    /// The device had at most this many bytes for the request (all but a byte of what it
+    /// refused): [`Reading::Device`] at its most.
+    DeviceAtMost(u64),
 }
 
 /// At most this many notes are kept; the rest are counted.
@@ -946,9 +995,14 @@ impl Replay<'_> {
     /// Replays the trace forwards.
     fn forward(&mut self) {
         let events = &self.device.events;
+        let expandable = self.caching.settings().expandable_segments;
         let mut run_start = 0;
         for (k, e) in events.iter().enumerate() {
-            if matches!(e.action, Action::Segment(_)) || completed_by_a_retry(events, k) {
+            if matches!(e.action, Action::Segment(_))
+                || completed_by_a_retry(events, k)
+                || completed_before_a_release(events, k)
+                || (expandable && completed_before_a_request(events, k))
+            {
                 continue;
             }
             self.settle(&events[run_start..k], Some(e));
@@ -957,18 +1011,66 @@ impl Replay<'_> {
         self.settle(&events[run_start..], None);
     }
 
-    /// The `free_completed` entries of a run (see [`completed_by_a_retry`]) the replay of its
-    /// request did not complete itself: completed now.
-    fn complete_the_rest(&mut self, run: &[RecordedEvent]) {
-        for e in run.iter().filter(|e| e.action == Action::FreeCompleted) {
+    /// The run's leading `free_completed` entries completed in `caching` (a reading's copy):
+    /// the request's `process_events`.
+    fn complete_leading(&self, run: &[RecordedEvent], caching: &mut Caching, mem: &mut Ledger) {
+        for e in leading_completions(run) {
             if let Some(&id) = self.ids.get(&e.address) {
-                if self.caching.holds(id) {
-                    self.ids.remove(&e.address);
-                    self.caching.free(id, &mut self.mem);
-                    self.drain(e.index);
+                if caching.holds(id) {
+                    caching.free(id, mem);
                 }
             }
         }
+    }
+
+    /// The `free_completed` entries of a run (see [`completed_by_a_retry`]) the replay of its
+    /// request did not complete itself: completed now.
+    fn complete_the_rest(&mut self, owed: &[(u64, AllocId, u64)]) {
+        for &(address, id, entry) in owed {
+            if self.caching.holds(id) {
+                if self.ids.get(&address) == Some(&id) {
+                    self.ids.remove(&address);
+                }
+                self.caching.free(id, &mut self.mem);
+                self.drain(entry);
+            }
+        }
+    }
+
+    /// Whether the completions `owed` right before request `e` were its retry's: completed
+    /// first, the request lands elsewhere than recorded; left pending, with its first
+    /// reservation refused, it lands where recorded and makes no segment event.
+    fn completed_by_the_retry(&self, owed: &[(u64, AllocId, u64)], e: &RecordedEvent) -> bool {
+        let pool = self.pool_at_end(e.address);
+        let req = AllocRequest {
+            id: AllocId(self.next_id),
+            bytes: e.bytes,
+            stream: e.stream,
+            pinned: false,
+        };
+        let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+        for &(_, id, _) in owed {
+            if caching.holds(id) {
+                caching.free(id, &mut mem);
+            }
+        }
+        let plain = caching.alloc_in(req, pool, &mut mem);
+        if plain.is_ok_and(|at| caching.address_of(at) == Some(e.address)) {
+            return false;
+        }
+        let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+        let at = caching.alloc_refused(req, pool, 1, &mut mem);
+        caching.take_segment_events().is_empty()
+            && at.is_ok_and(|at| caching.address_of(at) == Some(e.address))
+    }
+
+    /// The allocations the run's `free_completed` entries name, taken before its request (which
+    /// may be placed at one of their addresses): (address, allocation, entry).
+    fn owed(&self, run: &[RecordedEvent]) -> Vec<(u64, AllocId, u64)> {
+        run.iter()
+            .filter(|e| e.action == Action::FreeCompleted)
+            .filter_map(|e| self.ids.get(&e.address).map(|&id| (e.address, id, e.index)))
+            .collect()
     }
 
     /// Replays the run of segment events `run` (releases) and the entry after it.
@@ -1004,26 +1106,39 @@ impl Replay<'_> {
             retry,
         ) {
             // No request behind the release: `empty_cache`.
-            self.complete_the_rest(run);
+            let owed = self.owed(run);
+            self.complete_the_rest(&owed);
             self.caching.empty_cache(&mut self.mem);
             self.out.releases_replayed += 1;
             self.drain(first.index);
         }
         let Some(e) = next else { return };
+        let owed = self.owed(run);
         match e.action {
+            Action::Alloc
+                if !run.is_empty() && run.iter().all(|r| r.action == Action::FreeCompleted) =>
+            {
+                // Completions right before the request (see `completed_before_a_request`).
+                let retry = self.completed_by_the_retry(&owed, e);
+                if !retry {
+                    self.complete_the_rest(&owed);
+                }
+                self.alloc(run, e, retry);
+                self.complete_the_rest(&owed);
+            }
             Action::Alloc => {
                 if retry {
                     self.out.releases_replayed += 1;
                 }
                 self.alloc(run, e, retry);
-                self.complete_the_rest(run);
+                self.complete_the_rest(&owed);
             }
             Action::Oom => {
                 if !releases.is_empty() {
                     self.out.releases_replayed += 1;
                 }
                 self.oom(run, e, !releases.is_empty());
-                self.complete_the_rest(run);
+                self.complete_the_rest(&owed);
             }
             Action::FreeRequested => {
                 if let Some(&id) = self.ids.get(&e.address) {
@@ -1078,23 +1193,50 @@ impl Replay<'_> {
                 _ => None,
             })
             .collect();
+        // Completions before the releases: the request's `process_events` (tried first), or
+        // its retry's.
+        let pending_too = leading_completions(run).next().is_some();
+        let mut tries: Vec<(Reading, bool)> = readings
+            .iter()
+            .map(|&r| (r, true))
+            .chain(readings.iter().filter(|_| pending_too).map(|&r| (r, false)))
+            .collect();
         let mut first = None;
         let mut same_events = None;
-        for reading in readings {
+        let mut k = 0;
+        while let Some(&(reading, complete_first)) = tries.get(k) {
+            k += 1;
             let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+            if complete_first {
+                self.complete_leading(run, &mut caching, &mut mem);
+            }
             let at = match reading {
                 Reading::Refused(refusals) => caching.alloc_refused(req, pool, refusals, &mut mem),
                 Reading::EmptyCache => {
                     caching.empty_cache(&mut mem);
                     caching.alloc_in(req, pool, &mut mem)
                 }
-                Reading::Device(given) => {
+                Reading::Device(given) | Reading::DeviceAtMost(given) => {
                     let limit = mem.books.reserved_bytes().saturating_add(given);
                     let mut device = Budget {
                         inner: &mut mem,
                         limit,
+                        refused: None,
                     };
-                    caching.alloc_in(req, pool, &mut device)
+                    let at = caching.alloc_in(req, pool, &mut device);
+                    // The device refused an ask of `r` bytes after giving `given`: it had
+                    // less than `given + r` free, perhaps all but a byte of it. Tried next
+                    // (the retry after the releases may need it).
+                    if let (Reading::Device(_), Some(r)) = (reading, device.refused) {
+                        tries.insert(
+                            k,
+                            (
+                                Reading::DeviceAtMost(given.saturating_add(r - 1)),
+                                complete_first,
+                            ),
+                        );
+                    }
+                    at
                 }
             };
             let made: Vec<SegmentEvent> = caching.take_segment_events();
@@ -1135,44 +1277,75 @@ impl Replay<'_> {
         self.out.ooms_recorded += 1;
         let (id, req) = self.request(e.bytes, e.stream);
         let pool = if released { DEFAULT_POOL } else { PoolId::MAX };
+        let wanted: Vec<(SegmentEventKind, u64, u64)> = run
+            .iter()
+            .filter_map(|r| match r.action {
+                Action::Segment(kind) => Some((kind, r.address, r.bytes)),
+                _ => None,
+            })
+            .collect();
         // Expandable segments: the request may have mapped some runs of pages before the
         // device refused one; tried first, kept when it makes the recorded events and fails.
-        if let (true, Some(given)) = (released, given_before_refusal(run)) {
-            let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
-            let limit = mem.books.reserved_bytes().saturating_add(given);
-            let mut device = Budget {
-                inner: &mut mem,
-                limit,
-            };
-            let at = caching.alloc_in(req, pool, &mut device);
-            let made = caching.take_segment_events();
-            let wanted = run
-                .iter()
-                .filter(|r| matches!(r.action, Action::Segment(_)))
-                .map(|r| match r.action {
-                    Action::Segment(kind) => (kind, r.address, r.bytes),
-                    _ => unreachable!("segment events only"),
-                });
-            let same = made.len()
-                == run
-                    .iter()
-                    .filter(|r| matches!(r.action, Action::Segment(_)))
-                    .count()
-                && made.iter().map(|m| (m.kind, m.address, m.bytes)).eq(wanted);
-            if at.is_err() && same {
-                self.caching = caching;
-                self.mem = mem;
-                self.pending_events = made;
-                self.out.ooms_simulated += 1;
-                self.forget_completed();
-                self.drain(e.index);
-                return;
+        // Completions before the releases: the request's `process_events` (tried first), or
+        // its retry's. Failing all, every reservation refused after `process_events`.
+        let given = released.then(|| given_before_refusal(run)).flatten();
+        let pending_too = leading_completions(run).next().is_some();
+        // The releases may also have been an `empty_cache` before the request, which then
+        // released nothing more.
+        let mut tries = Vec::new();
+        for complete_first in [true, false] {
+            if complete_first || pending_too {
+                if let Some(given) = given {
+                    tries.push((Some(given), complete_first, false));
+                }
+                tries.push((None, complete_first, false));
             }
         }
-        match self
-            .caching
-            .alloc_refused(req, pool, u32::MAX, &mut self.mem)
-        {
+        if released {
+            tries.push((None, true, true));
+        }
+        let mut fallback = None;
+        let mut kept = None;
+        for (given, complete_first, empty_cache) in tries {
+            let (mut caching, mut mem) = (self.caching.clone(), self.mem.clone());
+            if complete_first {
+                self.complete_leading(run, &mut caching, &mut mem);
+            }
+            if empty_cache {
+                caching.empty_cache(&mut mem);
+            }
+            let at = match given {
+                Some(given) => {
+                    let limit = mem.books.reserved_bytes().saturating_add(given);
+                    let mut device = Budget {
+                        inner: &mut mem,
+                        limit,
+                        refused: None,
+                    };
+                    caching.alloc_in(req, pool, &mut device)
+                }
+                None => caching.alloc_refused(req, pool, u32::MAX, &mut mem),
+            };
+            let made = caching.take_segment_events();
+            let same = made.len() == wanted.len()
+                && made
+                    .iter()
+                    .map(|m| (m.kind, m.address, m.bytes))
+                    .eq(wanted.iter().copied());
+            let tried = (caching, mem, at, made);
+            if same && tried.2.is_err() {
+                kept = Some(tried);
+                break;
+            }
+            if given.is_none() && complete_first && !empty_cache {
+                fallback = Some(tried);
+            }
+        }
+        let (caching, mem, at, made) = kept.or(fallback).expect("every reservation refused");
+        self.caching = caching;
+        self.mem = mem;
+        self.pending_events = made;
+        match at {
             Ok(_) => self.caching.free(id, &mut self.mem),
             Err(_) => self.out.ooms_simulated += 1,
         }
@@ -1205,8 +1378,8 @@ impl Replay<'_> {
             .collect();
         self.caching.set_address_hints(hints);
         // An address allocated again without a free in between: the earlier block was freed
-        // where the recording does not show it; it stays live in the simulation.
-        self.ids.remove(&e.address);
+        // where the recording does not show it; it stays live in the simulation. (Unless a
+        // completion of the request's run frees it: its entry is read before the request.)
         let (id, req) = self.request(e.bytes, e.stream);
         self.out.allocs += 1;
         let at = if retry {
@@ -1221,7 +1394,10 @@ impl Replay<'_> {
                     self.out.allocs_at_recorded_address += 1;
                 }
             }
-            Err(_) => self.out.ooms_simulated += 1,
+            Err(_) => {
+                self.ids.remove(&e.address);
+                self.out.ooms_simulated += 1;
+            }
         }
         self.caching.set_address_hints(Vec::new());
         self.drain(e.index);

@@ -66,8 +66,15 @@ fn settings() -> impl Strategy<Value = (CachingSettings, u64)> {
             },
             160 * MIB
         )),
-        // max_split_size on a device that never refuses (its oversize-only release before the
-        // retry is not told apart from empty_cache).
+        // max_split_size, on a small device (its oversize-only release before the retry) and
+        // on one that never refuses.
+        Just((
+            CachingSettings {
+                max_split_bytes: Some(24 * MIB),
+                ..CachingSettings::default()
+            },
+            160 * MIB
+        )),
         Just((
             CachingSettings {
                 max_split_bytes: Some(24 * MIB),
@@ -75,11 +82,17 @@ fn settings() -> impl Strategy<Value = (CachingSettings, u64)> {
             },
             1 << 40
         )),
-        // Expandable segments with max_split_size (oversize blocks are not split), on a device
-        // that never refuses. On a small device both settings are left out: see
-        // `a_retry_that_completes_a_pending_free_between_its_releases` (ignored) for plain
-        // segments; with expandable segments a case in about 2,000 was seen to diverge, not yet
-        // understood.
+        // Expandable segments with max_split_size (oversize blocks are not split). On a small
+        // device about one case in 100,000 diverges: see
+        // `an_unmap_that_touches_a_small_range_is_undone_into_its_own` (ignored).
+        Just((
+            CachingSettings {
+                expandable_segments: true,
+                max_split_bytes: Some(24 * MIB),
+                ..CachingSettings::default()
+            },
+            160 * MIB
+        )),
         Just((
             CachingSettings {
                 expandable_segments: true,
@@ -112,10 +125,28 @@ impl Recorder {
         });
     }
 
+    /// The segment events of the last call, with the `free_completed` of each pending free a
+    /// retry's `release_cached_blocks` completed where PyTorch traces it: after what was
+    /// mapped and released before (`release_available_cached_blocks`), before its own releases.
     fn segment_events(&mut self) {
-        for e in self.caching.take_segment_events() {
+        let events = self.caching.take_segment_events();
+        let mut completions = self.caching.take_completions().into_iter().peekable();
+        for (k, e) in events.iter().enumerate() {
+            while let Some((id, _)) = completions.next_if(|&(_, at)| at == k) {
+                self.completed(id);
+            }
             self.push(Action::Segment(e.kind), e.address, e.bytes, e.stream);
         }
+        for (id, _) in completions {
+            self.completed(id);
+        }
+    }
+
+    /// The `free_completed` of pending free `id`, completed by the allocator.
+    fn completed(&mut self, id: AllocId) {
+        let at = self.deferred.iter().position(|d| d.0 == id).unwrap();
+        let (_, address, bytes) = self.deferred.remove(at);
+        self.push(Action::FreeCompleted, address, bytes, 0);
     }
 
     fn run(&mut self, op: &Op) {
@@ -134,17 +165,6 @@ impl Recorder {
                     pinned: false,
                 };
                 let at = self.caching.alloc_in(req, pool, &mut self.mem);
-                // The retry's `release_cached_blocks` completed the pending frees first.
-                let completed: Vec<(AllocId, u64, u64)> = self
-                    .deferred
-                    .iter()
-                    .copied()
-                    .filter(|d| !self.caching.holds(d.0))
-                    .collect();
-                self.deferred.retain(|d| self.caching.holds(d.0));
-                for (_, address, bytes) in completed {
-                    self.push(Action::FreeCompleted, address, bytes, 0);
-                }
                 self.segment_events();
                 match at {
                     Ok(at) => {
@@ -181,9 +201,6 @@ impl Recorder {
             }
             Op::EmptyCache => {
                 // `synchronize_and_free_events` traces each pending free as it completes.
-                for (_, address, bytes) in std::mem::take(&mut self.deferred) {
-                    self.push(Action::FreeCompleted, address, bytes, 0);
-                }
                 self.caching.empty_cache(&mut self.mem);
                 self.segment_events();
             }
@@ -307,20 +324,11 @@ proptest! {
         (settings, capacity) in settings(),
     ) {
         let rec = record(&ops, settings, capacity);
-        // Left out: a request that mapped part of what it needed, was refused and released
-        // (see `a_retry_after_a_partial_map_of_an_expandable_segment`, ignored).
-        prop_assume!(!map_then_release(&rec));
         let c = compare(&rec, &config(capacity), &settings);
         prop_assert_eq!(c.events_matched, c.events_recorded, "{:#?}", c.first_divergence);
-        // Expandable segments on a small device (refusals): a final layout was seen to differ,
-        // every event matched (about a case in 5,000; not yet understood, as before these
-        // settings were added); every other setting must match, expandable segments on a
-        // device that never refuses too.
-        if !settings.expandable_segments || capacity == 1 << 40 {
-            prop_assert_eq!(c.final_matched, c.final_recorded, "{:#?}", c.devices);
-            let d = &c.devices[0];
-            prop_assert_eq!(d.allocs_at_recorded_address, d.allocs);
-        }
+        prop_assert_eq!(c.final_matched, c.final_recorded);
+        let d = &c.devices[0];
+        prop_assert_eq!(d.allocs_at_recorded_address, d.allocs);
     }
 
 
@@ -649,41 +657,6 @@ fn a_retry_that_unmaps_and_maps_nothing_is_told_from_an_empty_cache() {
     assert_eq!((d.final_matched, d.final_recorded), (4, 4));
 }
 
-/// The case below with its `free_completed` where PyTorch traces it: after the release of
-/// `release_available_cached_blocks`, before those of `release_cached_blocks`. The replay takes
-/// it as part of the retry (the retry completes the pending free itself) and matches.
-#[test]
-fn a_retry_that_completes_a_pending_free_between_its_releases_in_pytorchs_order() {
-    let settings = CachingSettings {
-        max_split_bytes: Some(24 * MIB),
-        ..CachingSettings::default()
-    };
-    let mut rec = record(&pending_free_retry_ops(), settings, 160 * MIB);
-    let events = &mut rec.devices[0].events;
-    // The recorder wrote: free_completed, segment_free ×4, segment_alloc, alloc.
-    let at = events
-        .iter()
-        .position(|e| e.action == Action::Segment(SegmentEventKind::Free))
-        .unwrap();
-    assert_eq!(events[at - 1].action, Action::FreeCompleted);
-    events.swap(at - 1, at);
-    for (i, e) in events.iter_mut().enumerate() {
-        e.index = i as u64 + 1;
-    }
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(
-        (d.allocs_at_recorded_address, d.unknown_frees),
-        (d.allocs, 0)
-    );
-}
-
 fn pending_free_retry_ops() -> Vec<Op> {
     let a = |bytes: u64, stream: u32| Op::Alloc {
         bytes,
@@ -705,19 +678,16 @@ fn pending_free_retry_ops() -> Vec<Op> {
     ]
 }
 
-/// Left out of the property (found by it, shrunk): `max_split_size` on a small device with a
-/// free pending on another stream. Request 10 (30 MiB on stream 1) is refused a segment; the
-/// retry's `release_available_cached_blocks` finds no single free oversize block of stream 1
-/// large enough (the 40 MiB one is still pending), releases the 28 MiB one and gives up; then
-/// `release_cached_blocks` completes the pending free and releases everything. PyTorch traces
-/// that `free_completed` between the two releases, and the replay takes it so (the test
-/// above); this test's recorder writes it before every segment event of the request, and the
-/// replay, which completes a free where the recording puts it, frees the 40 MiB block before
-/// the request: its first release is that block (segment event 6 of 10). To fix: have the
-/// recorder write completions where the allocator makes them (it cannot see that order yet),
-/// then put max_split_size on a small device back into the property.
+/// Found by the property (`max_split_size` on a small device), shrunk: a free pending on
+/// another stream. Request 10 (30 MiB on stream 1) is refused a segment; the retry's
+/// `release_available_cached_blocks` finds no single free oversize block of stream 1 large
+/// enough (the 40 MiB one is still pending), releases the 28 MiB one and gives up; then
+/// `release_cached_blocks` completes the pending free (`synchronize_and_free_events`) and
+/// releases everything. PyTorch traces that `free_completed` between the two releases; this
+/// test's recorder once wrote it before every segment event of the request, so the replay
+/// freed the 40 MiB block before the request and released it first. The recorder now writes
+/// each completion where the allocator made it ([`Caching::take_completions`]).
 #[test]
-#[ignore = "known divergence, see the comment"]
 fn a_retry_that_completes_a_pending_free_between_its_releases() {
     let ops = pending_free_retry_ops();
     let settings = CachingSettings {
@@ -725,6 +695,26 @@ fn a_retry_that_completes_a_pending_free_between_its_releases() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 160 * MIB);
+    let events = &rec.devices[0].events;
+    let completed = events
+        .iter()
+        .rposition(|e| e.action == Action::FreeCompleted)
+        .unwrap();
+    let kinds: Vec<Action> = events[completed - 1..].iter().map(|e| e.action).collect();
+    let free = Action::Segment(SegmentEventKind::Free);
+    assert_eq!(
+        kinds,
+        [
+            free,
+            Action::FreeCompleted,
+            free,
+            free,
+            free,
+            Action::Segment(SegmentEventKind::Alloc),
+            Action::Alloc
+        ],
+        "PyTorch's order: segment_free, free_completed, segment_free ×3, segment_alloc, alloc"
+    );
     let c = compare(&rec, &config(160 * MIB), &settings);
     assert_eq!(
         c.events_matched, c.events_recorded,
@@ -732,6 +722,11 @@ fn a_retry_that_completes_a_pending_free_between_its_releases() {
         c.first_divergence
     );
     assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(
+        (d.allocs_at_recorded_address, d.unknown_frees),
+        (d.allocs, 0)
+    );
 }
 
 /// Found by the property (expandable segments on a small device), shrunk: a request maps one
@@ -784,6 +779,9 @@ fn an_oom_after_a_partial_map_of_an_expandable_segment() {
         "{:#?}",
         c.first_divergence
     );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
 }
 
 /// Found by the property (expandable segments on a small device), shrunk: a request is refused
@@ -852,14 +850,16 @@ fn an_expandable_retry_that_finds_room_without_mapping() {
     assert_eq!(d.allocs_at_recorded_address, d.allocs);
 }
 
-/// Left out of the property (found by it, shrunk): expandable segments on a small device, a
-/// request of 40 MiB + 1 on stream 1 maps 20 MiB, is refused more, releases 40 MiB of each
-/// stream and maps 60 MiB. Replayed with the device as the recording shows it (20 MiB given,
-/// then what was released), every event up to the last is the recorded one, but the last map
-/// goes back into the virtual range just unmapped (0x10000016800000) where the recording maps a
-/// new one (0x10000021c00000): not yet understood.
+/// Found by the property (expandable segments on a small device), shrunk: a request of
+/// 40 MiB + 1 on stream 1 maps the unmapped first page of its range (0x10000016800000, before a
+/// free mapped page), is refused the third page, and the retry's `release_cached_blocks`
+/// unmaps 40 MiB of each stream. Stream 1's range is then unmapped from end to end, so
+/// `release_blocks` releases it (`release_expandable_segment`), and `alloc_block(retry)`
+/// finds no unmapped block of the stream: `find_expandable_block` reserves a new range, mapped
+/// at 0x10000021c00000 (`segment_map` of 60 MiB). The replay once gave that new range the
+/// address of the request's first map (a recorded map it had made already, into the old
+/// range): now a map into a range held uses up the recording's map at that address.
 #[test]
-#[ignore = "known divergence, see the comment"]
 fn a_retry_after_a_partial_map_of_an_expandable_segment() {
     let a = |bytes: u64, stream: u32| Op::Alloc {
         bytes,
@@ -925,4 +925,824 @@ fn a_retry_after_a_partial_map_of_an_expandable_segment() {
         "{:#?}",
         c.first_divergence
     );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (expandable segments on a small device), shrunk: a request of 43 MiB on
+/// stream 1 maps a page of its range, is refused the next, the retry releases the range
+/// (unmapped end to end) and `find_expandable_block` reserves a new one, whose first map is
+/// refused too: `oom`. PyTorch keeps that range reserved and never mapped (`release_blocks`
+/// walks free mapped blocks only), and the trace names no address for it until a later
+/// request maps it (the 143021 bytes on stream 1 go to the small pool: a range of its own,
+/// recorded right after the kept one; the next request maps the kept one). The replay reserves
+/// it at a synthetic address and moves it to the recorded one at its first map, and out of
+/// the way of a range the recording places where it lies.
+#[test]
+fn a_range_reserved_by_a_refused_request_is_placed_at_its_first_map() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize| Op::Free { n, deferred: false };
+    let ops = vec![
+        a(1, 0),
+        a(1, 0),
+        f(0),
+        a(20971009, 1),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(13753710974948),
+        a(177, 0),
+        a(4200290, 1),
+        f(11751339894088412734),
+        f(5426631918541547773),
+        a(158919, 0),
+        a(7410695, 0),
+        a(7957757, 1),
+        Op::Free {
+            n: 2743388022363052495,
+            deferred: true,
+        },
+        a(43146799, 0),
+        Op::EmptyCache,
+        a(51332, 0),
+        f(11710679312883343653),
+        f(15345828439999257605),
+        a(43839032, 0),
+        f(10832108924404806475),
+        f(6005749984425938937),
+        a(45182993, 1),
+        a(143021, 1),
+        a(811141, 1),
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    assert!(oom_after_a_map(&rec), "the case needs an oom after a map");
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (`max_split_size` on a small device), shrunk: the last request
+/// (28 MiB + 1) is refused a segment; `release_available_cached_blocks` releases the one
+/// oversize block of the stream (28 MiB, not enough), then `release_cached_blocks` completes a
+/// pending free and has nothing more to release, and the retry reserves: `segment_free`,
+/// `free_completed`, `segment_alloc`, `alloc`. The replay once took the release for an
+/// `empty_cache` (no release after the completion), which completed the pending free itself,
+/// and then panicked at the recorded completion ("free of AllocId(28), which is not live").
+#[test]
+fn a_retry_that_completes_a_pending_free_and_releases_nothing_more() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(2290177, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, true),
+        a(1048577, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(4680455378856530019, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(64776560910316644, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        a(4169729, 0),
+        f(143057642424272, false),
+        a(1, 0),
+        a(5229569, 1),
+        f(57847903513196499, false),
+        a(14510593, 0),
+        a(7339521, 0),
+        a(7170561, 0),
+        a(15741441, 0),
+        a(18874369, 0),
+        f(0, false),
+        a(1, 0),
+        a(7170561, 0),
+        f(0, false),
+        a(7170561, 0),
+        f(16040224412043044637, false),
+        f(165262466690895646, false),
+        f(121785316, false),
+        f(109327417503788432, false),
+        f(478219344598361988, false),
+        f(0, false),
+        a(27262977, 0),
+        a(1, 1),
+        f(10745190217620348478, false),
+        a(1, 0),
+        f(4707148243577659299, true),
+        a(1, 0),
+        a(29360129, 0),
+    ];
+    let settings = CachingSettings {
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let kinds: Vec<Action> = rec.devices[0].events[80..]
+        .iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            Action::Segment(SegmentEventKind::Free),
+            Action::FreeCompleted,
+            Action::Segment(SegmentEventKind::Alloc),
+            Action::Alloc
+        ]
+    );
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(
+        (d.allocs_at_recorded_address, d.unknown_frees),
+        (d.allocs, 0)
+    );
+}
+
+/// Found by the property (expandable segments on a small device), shrunk: a 40 MiB request is
+/// refused and fails (`oom`) after its retry reserved a new range whose first map was refused;
+/// the next request maps that range (the replay moves it to the recorded address), an
+/// `empty_cache` releases it again, and a request on stream 0 maps a new one. The replay once
+/// moved the kept range without re-indexing its unmapped block (the index key holds the
+/// address): the stale key later named a block of stream 1's range, and the request landed
+/// there without mapping.
+#[test]
+fn a_range_moved_to_its_recorded_address_stays_indexed() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(4765697, 0),
+        a(1624577, 0),
+        a(1637377, 0),
+        a(7630849, 0),
+        a(21106177, 1),
+        a(29819393, 0),
+        a(7934977, 1),
+        f(36598056624465358, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(28572673, 0),
+        a(1, 0),
+        a(7563777, 0),
+        f(6888306356610513438, false),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        a(1048577, 0),
+        a(1048577, 0),
+        f(7698773826363940200, false),
+        f(1394470747244133904, false),
+        f(2876535157781760531, false),
+        a(1, 0),
+        a(1, 0),
+        a(1048577, 0),
+        f(2005183920820985765, false),
+        a(1, 0),
+        f(1556139953558332079, false),
+        a(1, 0),
+        a(20775425, 0),
+        a(40488961, 1),
+        f(879133000688510904, false),
+        a(2053121, 1),
+        f(2320027028575531065, false),
+        a(31873025, 1),
+        f(745042301644356497, false),
+        f(5644756089086824302, false),
+        a(1, 0),
+        a(1, 0),
+        f(1565900129186765496, false),
+        f(7472159341648991730, false),
+        f(4290267944127714915, false),
+        a(1, 0),
+        f(158663165494728880, false),
+        f(5790414642159304658, false),
+        a(20971009, 0),
+        a(9469441, 1),
+        a(1048577, 0),
+        f(12742963996591550355, false),
+        Op::EmptyCache,
+        f(2392258608677166639, false),
+        a(41943041, 0),
+        f(2321206470687121959, false),
+        a(1048577, 0),
+        f(415768291061016859, false),
+        Op::EmptyCache,
+        a(1048577, 0),
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (expandable segments on a small device), shrunk: the last request
+/// maps a page, is refused the next, and its retry's `release_cached_blocks` completes a pending
+/// free before unmapping: `segment_map`, `free_completed`, `segment_unmap`, `oom`, as PyTorch
+/// traces it. The replay once took the completion for a free of its own, between two runs.
+#[test]
+fn a_retry_that_completes_a_pending_free_after_a_partial_map() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(1, 0),
+        a(7937025, 0),
+        a(37972481, 0),
+        f(11184669958447881445, false),
+        a(1, 0),
+        a(4460545, 1),
+        a(1, 0),
+        f(1602007635746751409, false),
+        a(1, 0),
+        f(0, false),
+        a(1, 0),
+        a(17003521, 0),
+        f(1822246950397401229, false),
+        a(26231809, 1),
+        a(1, 0),
+        f(393761886504896, true),
+        a(10485760, 0),
+        a(6029825, 1),
+        f(5183429453433607064, false),
+        a(6251521, 0),
+        f(95569258985831864, false),
+        f(3912227398050300603, false),
+        a(34749441, 0),
+        a(5219329, 1),
+        f(5658438753792450075, false),
+        f(0, true),
+        a(42884097, 0),
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (`max_split_size` on a small device), shrunk: a free is pending when
+/// the last request (46 MiB) is refused; `release_available_cached_blocks` finds no free
+/// oversize block (the 24 MiB one is the pending one) and releases nothing, then
+/// `release_cached_blocks` completes the free and releases the 14 MiB and 24 MiB segments in
+/// its (size) order: `free_completed`, `segment_free` ×2, `oom`. The same entries could be the
+/// request's `process_events` (then the oversize release takes the 24 MiB segment first): the
+/// replay tries the completion first as `process_events`, then as the retry's, and keeps the
+/// reading that makes the recorded events.
+#[test]
+fn a_completion_before_a_retry_may_be_the_retrys() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(10485760, 0),
+        f(0, true),
+        a(14680065, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, true),
+        a(6788609, 0),
+        a(48234497, 0),
+        a(14182401, 0),
+        a(1, 0),
+        a(1, 0),
+        f(627580007983452848, false),
+        f(7205641418612037873, false),
+        f(205000366161745566, false),
+        a(25165825, 0),
+        a(1, 0),
+        a(1048577, 1),
+        f(3948738089795257663, false),
+        f(5087033068772969328, false),
+        a(1, 0),
+        f(8705034076150761428, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(2200718186106494, false),
+        a(1, 0),
+        f(2571356323449914134, false),
+        a(1, 0),
+        f(885705821328234, false),
+        a(655361, 1),
+        a(29360129, 1),
+        a(846337, 1),
+        a(594433, 1),
+        f(40501025657546247, false),
+        f(787797731792555091, false),
+        a(23068673, 0),
+        a(31457281, 0),
+        f(16740480632909623367, true),
+        a(48234497, 0),
+    ];
+    let settings = CachingSettings {
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (`max_split_size` on a device that never refuses) while the replay
+/// learned to take completions before a release into the request's run: a free completes
+/// right before an `empty_cache`, and the next request lands where the freed block was. The
+/// replay must complete the old allocation, not the new one at its address.
+#[test]
+fn a_request_at_the_address_of_a_completion_in_its_run() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        a(1, 0),
+        a(10485767, 0),
+        a(644767, 1),
+        f(15325910425267787842, false),
+        a(10472390, 1),
+        f(18406026692037419488, false),
+        a(263343, 1),
+        f(9300486421648687190, true),
+        a(177425, 1),
+        a(42340689, 0),
+        a(1722766, 0),
+        a(5622754, 0),
+        a(42882182, 0),
+        a(18439130, 1),
+        a(49266010, 1),
+        f(12518243983629543728, false),
+        f(3028406855554053616, false),
+        a(38475016, 0),
+        f(8923707291116038227, false),
+        f(1801124919921430099, false),
+        f(2639663504827005752, false),
+        Op::EmptyCache,
+        a(1383197, 0),
+        f(2731607506303803025, false),
+        f(16339060597956656253, false),
+        Op::EmptyCache,
+        a(47526, 0),
+    ];
+    let settings = CachingSettings {
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 1 << 40);
+    let c = compare(&rec, &config(1 << 40), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (expandable segments on a small device), shrunk; once the final layout
+/// differed (every event matched), here an `empty_cache` after it shows it. The request
+/// (4 MiB) is refused a map with four frees pending; `release_cached_blocks` completes them
+/// and unmaps nothing, and `alloc_block(retry)` finds the lowest run of free and unmapped
+/// space (`find_expandable_block`) already mapped: `free_completed` ×4, `alloc`, no segment
+/// event. Read as the request's `process_events` and best fit (with the expandable-size walk)
+/// it lands elsewhere: the replay tries both and keeps where the recording puts it.
+#[test]
+fn a_retry_that_completes_pending_frees_and_finds_mapped_room() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(1, 0),
+        a(1, 0),
+        a(121857, 0),
+        a(186369, 0),
+        f(1778053388685139004, false),
+        a(1, 0),
+        a(15514625, 0),
+        a(1, 0),
+        a(9707521, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(36689921, 0),
+        a(3738113, 0),
+        f(13801094934066870727, false),
+        a(1, 0),
+        f(8571480924075013145, false),
+        f(568177159056172655, false),
+        f(115107507145923560, false),
+        a(2607105, 0),
+        a(5686273, 0),
+        Op::Complete,
+        a(1, 0),
+        f(13766688409985861136, false),
+        a(1, 0),
+        f(14385268964202805527, false),
+        a(1, 0),
+        f(4865631171795026165, false),
+        a(1, 0),
+        f(15788843345063021156, false),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(427112052830746130, false),
+        a(37410817, 0),
+        f(351891211622014110, false),
+        f(8098759343690091220, true),
+        a(10455041, 0),
+        f(2232485212125212440, true),
+        f(8930612317343037117, false),
+        a(1048577, 1),
+        f(3863306662435070487, true),
+        f(17600625193708509754, true),
+        a(4015617, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(17587696424950857042, false),
+        a(1, 0),
+        Op::EmptyCache,
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (expandable segments on a small device), shrunk: a request of
+/// 40 MiB + 1 maps a page before a free mapped page, is refused the third page, the retry
+/// unmaps 42 MiB and maps 60 MiB at once. Replayed on a device that had only the 20 MiB the
+/// request was given, the 60 MiB are refused; the device had less than 20 MiB plus the page
+/// it refused, so the replay also tries it with all but a byte of that.
+#[test]
+fn a_retry_after_a_partial_map_that_maps_more_than_it_released() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(1, 0),
+        a(1, 0),
+        f(0, false),
+        a(1, 0),
+        f(0, false),
+        a(1, 0),
+        a(9230337, 0),
+        a(8172545, 0),
+        a(1, 0),
+        f(14535258810179775888, true),
+        a(3567105, 0),
+        a(3052545, 0),
+        f(81278870727064286, false),
+        a(37730817, 0),
+        a(10227713, 0),
+        a(32872961, 0),
+        a(1, 0),
+        f(8099562736133169066, false),
+        a(1, 0),
+        a(1, 0),
+        f(11567288943262452300, false),
+        f(17517772348078302765, false),
+        f(1610339019070563048, false),
+        f(1079294563428025744, false),
+        a(10485760, 0),
+        a(1, 0),
+        a(1048577, 0),
+        f(17740675708399339311, false),
+        a(1, 0),
+        f(2837350797784154166, false),
+        a(1, 0),
+        f(7306754872488657094, false),
+        f(1508493888328204210, false),
+        f(3974044933731323624, false),
+        a(31714305, 1),
+        a(17918465, 0),
+        a(8222721, 1),
+        a(2004993, 1),
+        f(7046816606588060604, false),
+        f(556869199788256858, false),
+        f(3613942173525964297, false),
+        f(3102705971449212557, false),
+        a(10228225, 1),
+        f(247228581525371087, false),
+        a(1, 0),
+        f(17484607242288210285, false),
+        f(936324037203336145, false),
+        f(868677204144252034, false),
+        f(3628545194896701227, false),
+        a(1, 0),
+        f(1765404677633446051, false),
+        a(37142017, 1),
+        a(22445057, 1),
+        a(3326465, 1),
+        a(41943041, 0),
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (`max_split_size` on a small device), shrunk: an `empty_cache`
+/// releases a 16 MiB segment of stream 0 and a 24 MiB one of stream 1, then a request of
+/// 46 MiB on stream 1 has nothing left to release and fails: `segment_free` ×2, `oom`. Read as
+/// the request's retry, `release_available_cached_blocks` would release the oversize 24 MiB
+/// segment first; the replay also tries an `empty_cache` before the failed request.
+#[test]
+fn an_oom_right_after_an_empty_cache() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(159745, 0),
+        a(1, 0),
+        a(15490561, 0),
+        a(1, 0),
+        a(400897, 0),
+        a(1, 0),
+        a(1, 0),
+        f(0, false),
+        f(186168082249829371, false),
+        f(0, false),
+        a(1, 0),
+        a(1, 0),
+        a(1069057, 0),
+        f(59280592594825, false),
+        a(1, 0),
+        a(1, 0),
+        f(7461232831035961438, false),
+        f(1371214683299, false),
+        a(1, 0),
+        f(8377299132410532569, false),
+        Op::Complete,
+        f(85075770640946706, false),
+        f(11449773215668566910, false),
+        a(1, 0),
+        f(0, false),
+        f(0, false),
+        a(23962113, 1),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        a(1, 0),
+        f(2651485626286912404, false),
+        a(1, 0),
+        a(35651585, 1),
+        f(25346293891610098, false),
+        a(10485760, 0),
+        a(62465, 1),
+        f(5882911579654715160, false),
+        a(1, 0),
+        a(1, 0),
+        f(5450960232290977231, false),
+        a(14680065, 0),
+        a(1, 0),
+        f(6996765615051329700, false),
+        a(1, 0),
+        a(1, 0),
+        f(7052305881170235599, false),
+        a(25165313, 1),
+        a(163841, 1),
+        f(8815489538675252235, false),
+        f(4396449364467660190, false),
+        f(11530940921192111042, false),
+        f(5535901249295411803, false),
+        f(9690448473318254863, false),
+        f(2835583609733516511, false),
+        a(1, 0),
+        a(935937, 1),
+        a(2292737, 1),
+        f(6985930474952450963, false),
+        f(675185323766770161, true),
+        a(1, 0),
+        a(2285569, 0),
+        a(1, 0),
+        f(4517839865054547249, false),
+        f(4517633596883913989, false),
+        f(691903449034290913, false),
+        a(1, 0),
+        a(1, 0),
+        f(9215962431778286229, false),
+        a(933377, 1),
+        a(1, 0),
+        a(3496961, 1),
+        a(1, 0),
+        f(2033714670482354644, false),
+        f(14354613394805784604, false),
+        a(15180801, 0),
+        f(3186850351327450077, false),
+        a(2935809, 0),
+        f(1001743632649093667, false),
+        a(18035201, 0),
+        f(5336572420105798918, false),
+        f(5881364704013513143, false),
+        f(10124563800409162383, false),
+        Op::Complete,
+        Op::EmptyCache,
+        a(48234497, 1),
+    ];
+    let settings = CachingSettings {
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+}
+
+/// Found by the property (expandable segments with `max_split_size` on a small device, about
+/// one case in 100,000), not yet fixed: the replay takes the recording for one that started
+/// mid-run (`start: restored`, note "event 11: 41943040 bytes at 0x10000006400000 are not held
+/// at that point") and diverges at the first event. Undoing the events backwards, the last
+/// `segment_unmap` (60 MiB at 0x10000007800000, the top of stream 0's large range) touches
+/// the small range mapped right after it (0x1000000b400000, synthetic addresses are
+/// contiguous), and `undo` classifies the unmapped pages by the range they touch: small, so
+/// they never join the large pages undone before them, and undoing the 40 MiB map at
+/// 0x10000006400000 finds them in two ranges. To fix: tell a touching range of another size
+/// pool from the unmapped pages' own (a small range's page is 2 MiB, a large one's 20 MiB).
+#[test]
+#[ignore = "known divergence, see the comment"]
+fn an_unmap_that_touches_a_small_range_is_undone_into_its_own() {
+    let a = |bytes: u64, stream: u32| Op::Alloc {
+        bytes,
+        stream,
+        pool: 0,
+    };
+    let f = |n: usize, deferred: bool| Op::Free { n, deferred };
+    let ops = vec![
+        a(29763585, 0),
+        f(0, true),
+        a(6540289, 0),
+        a(23250945, 0),
+        a(20199937, 0),
+        a(9949185, 0),
+        a(40482817, 0),
+        f(5617453103640150300, false),
+        a(49927681, 0),
+        f(5999331836054429316, false),
+        a(1, 0),
+        a(4276737, 0),
+        f(7118838023928630297, false),
+        f(3951480270313400304, false),
+        a(1, 0),
+        f(2630053041850760597, false),
+        a(1, 0),
+        f(2338401482758505121, false),
+        a(1, 0),
+        Op::EmptyCache,
+    ];
+    let settings = CachingSettings {
+        expandable_segments: true,
+        max_split_bytes: Some(24 * MIB),
+        ..CachingSettings::default()
+    };
+    let rec = record(&ops, settings, 160 * MIB);
+    let c = compare(&rec, &config(160 * MIB), &settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(d.allocs_at_recorded_address, d.allocs);
 }

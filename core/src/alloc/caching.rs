@@ -292,8 +292,17 @@ pub struct Caching {
     counters: Counters,
     /// Addresses a recording gave the segments the current request creates.
     hints: Vec<AddressHint>,
+    /// Virtual ranges reserved at a synthetic address and never mapped: a map that failed in a
+    /// new range leaves it reserved, and a recording names its address only at its first map.
+    #[serde(default)]
+    unplaced: Vec<u32>,
     /// Segment events since the last [`Caching::take_segment_events`], when recording.
     events: Option<Vec<SegmentEvent>>,
+    /// Pending frees `release_cached_blocks` completed since the last
+    /// [`Caching::take_completions`], when recording: each with the number of segment events
+    /// in `events` before it.
+    #[serde(default)]
+    completions: Vec<(AllocId, usize)>,
     /// Reservations still to refuse as the device refused them in a recording (its free
     /// memory is not recorded): [`Caching::alloc_refused`].
     #[serde(default)]
@@ -339,6 +348,8 @@ impl Caching {
             inactive_split_bytes: 0,
             counters: Counters::default(),
             hints: Vec::new(),
+            completions: Vec::new(),
+            unplaced: Vec::new(),
             events: None,
             refusals_left: 0,
         }

@@ -5,6 +5,7 @@
 use super::events::{AddressHint, SegmentEvent, SegmentEventKind};
 use super::{Block, Caching, FreeKey, Params, PoolId, Segment, State, UnmappedKey, NIL};
 use crate::alloc::units::{align_up, MIB};
+use crate::decision::AllocId;
 
 /// Synthetic addresses are handed out on this alignment (the driver's 2 MiB granularity).
 const ADDRESS_ALIGN: u64 = 2 * MIB;
@@ -173,18 +174,94 @@ impl Caching {
     /// the first unused hint of the recording that fits (same kind, stream and pool; the same
     /// size for a physical segment) and overlaps nothing, else the next synthetic address.
     pub(super) fn segment_address(&mut self, kind: SegmentEventKind, p: Params, bytes: u64) -> u64 {
+        self.hinted_address(kind, p.stream, p.pool_id, bytes)
+            .unwrap_or(self.next_address)
+    }
+
+    /// The first unused hint that fits a new segment of `bytes` (see [`Self::segment_address`]),
+    /// used up.
+    pub(super) fn hinted_address(
+        &mut self,
+        kind: SegmentEventKind,
+        stream: u32,
+        pool: PoolId,
+        bytes: u64,
+    ) -> Option<u64> {
         let fits = |h: &AddressHint| {
             h.kind == kind
-                && h.stream == p.stream
-                && h.pool == p.pool_id
+                && h.stream == stream
+                && h.pool == pool
                 && (kind != SegmentEventKind::Alloc || h.bytes == bytes)
         };
         let found = (0..self.hints.len()).find(|&k| {
-            fits(&self.hints[k]) && !self.overlaps_a_segment(self.hints[k].address, bytes)
+            fits(&self.hints[k]) && !self.overlaps_a_placed_segment(self.hints[k].address, bytes)
+        })?;
+        let address = self.hints.remove(found).address;
+        // A range whose address no recording has named yet moves out of the way.
+        let end = address.saturating_add(bytes);
+        let in_the_way: Vec<u32> = self
+            .by_address
+            .range(..end)
+            .filter(|&(&a, &id)| a.saturating_add(self.seg(id).bytes) > address)
+            .map(|(_, &id)| id)
+            .collect();
+        for id in in_the_way {
+            debug_assert!(self.unplaced.contains(&id));
+            let to = self
+                .next_address
+                .max(align_up(end, ADDRESS_ALIGN).unwrap_or(u64::MAX));
+            self.move_segment(id, to);
+        }
+        Some(address)
+    }
+
+    /// Whether `[address, address + bytes)` overlaps a segment held other than a virtual range
+    /// no recording has named yet.
+    fn overlaps_a_placed_segment(&self, address: u64, bytes: u64) -> bool {
+        let end = address.saturating_add(bytes);
+        for (&a, &id) in self.by_address.range(..end).rev() {
+            if a.saturating_add(self.seg(id).bytes) <= address {
+                return false;
+            }
+            if !self.unplaced.contains(&id) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Moves segment `id` to `address`: a virtual range no recording has named yet, never
+    /// mapped, so one unmapped block (re-indexed: its key holds its address).
+    pub(super) fn move_segment(&mut self, id: u32, address: u64) {
+        let (old, first) = (self.seg(id).address, self.seg(id).first);
+        debug_assert!(
+            self.b(first).state == State::Unmapped && self.b(first).next == NIL,
+            "only a range never mapped moves"
+        );
+        self.remove_unmapped(first);
+        self.by_address.remove(&old);
+        self.by_address.insert(address, id);
+        self.seg_mut(id).address = address;
+        self.insert_unmapped(first);
+        let end = address.saturating_add(self.seg(id).bytes);
+        self.next_address = self
+            .next_address
+            .max(align_up(end, ADDRESS_ALIGN).unwrap_or(u64::MAX));
+    }
+
+    /// A map of `[address, …)` into a range the allocator holds is the recording's `segment_map`
+    /// at that address, if it names one: that hint is used up, so that a range the request
+    /// creates later (after its retry released the range just mapped into) takes the next map
+    /// the recording names, not the one made into the old range.
+    pub(super) fn use_map_hint(&mut self, address: u64, stream: u32, pool: PoolId) {
+        let k = self.hints.iter().position(|h| {
+            h.kind == SegmentEventKind::Map
+                && h.address == address
+                && h.stream == stream
+                && h.pool == pool
         });
-        match found {
-            Some(k) => self.hints.remove(k).address,
-            None => self.next_address,
+        if let Some(k) = k {
+            self.hints.remove(k);
         }
     }
 
@@ -209,6 +286,14 @@ impl Caching {
     /// The segment events since the last call, in order.
     pub fn take_segment_events(&mut self) -> Vec<SegmentEvent> {
         self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The pending frees `release_cached_blocks` completed (`synchronize_and_free_events`:
+    /// `empty_cache`, or a retry) since the last call, when recording segment events: each with
+    /// the number of segment events made before it since the last
+    /// [`Self::take_segment_events`], which is where PyTorch traces its `free_completed`.
+    pub fn take_completions(&mut self) -> Vec<(AllocId, usize)> {
+        std::mem::take(&mut self.completions)
     }
 
     pub(super) fn emit(

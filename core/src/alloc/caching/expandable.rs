@@ -97,7 +97,11 @@ impl Caching {
             bytes,
         };
         mem.apply(reserve).ok()?;
-        let address = self.segment_address(SegmentEventKind::Map, p, bytes);
+        let hinted = self.hinted_address(SegmentEventKind::Map, p.stream, p.pool_id, bytes);
+        let address = hinted.unwrap_or(self.next_address);
+        if hinted.is_none() {
+            self.unplaced.push(id);
+        }
         let block = Block {
             segment: id,
             pool_id: p.pool_id,
@@ -144,6 +148,7 @@ impl Caching {
             bytes,
         };
         mem.apply(map).ok()?;
+        self.place_range(b.segment);
         self.remove_unmapped(i);
         if bytes < b.size {
             let rest = self.new_block(Block {
@@ -164,8 +169,29 @@ impl Caching {
         self.charge(bytes);
         self.seg_mut(b.segment).mapped_bytes += bytes;
         let address = self.seg(b.segment).address + b.offset;
+        self.use_map_hint(address, b.stream, b.pool_id);
         self.emit(SegmentEventKind::Map, address, bytes, b.stream, b.pool_id);
         Some(i)
+    }
+
+    /// The first map of a range reserved at a synthetic address: PyTorch reserved it (in
+    /// `find_expandable_block`) for a request whose map failed, and the recording names its
+    /// address only now. It moves to the first map the recording names for the request, if
+    /// one fits.
+    fn place_range(&mut self, segment: u32) {
+        let Some(k) = self.unplaced.iter().position(|&s| s == segment) else {
+            return;
+        };
+        self.unplaced.swap_remove(k);
+        let seg = self.seg(segment);
+        let (old, stream, pool_id, bytes) = (seg.address, seg.stream, seg.pool_id, seg.bytes);
+        // Overlapping its own synthetic place is no obstacle.
+        self.by_address.remove(&old);
+        let hinted = self.hinted_address(SegmentEventKind::Map, stream, pool_id, bytes);
+        self.by_address.insert(old, segment);
+        if let Some(address) = hinted {
+            self.move_segment(segment, address);
+        }
     }
 
     /// `unmap_block`: unmaps the whole pages strictly inside free block `i`; the partial pages
@@ -233,6 +259,7 @@ impl Caching {
         self.remove_unmapped(i);
         self.drop_block(i);
         let seg = self.remove_segment(segment);
+        self.unplaced.retain(|&s| s != segment);
         debug_assert_eq!(seg.mapped_bytes, 0);
         let release = Decision::ReleaseVa {
             segment: SegmentId::arena(segment),

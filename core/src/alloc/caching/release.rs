@@ -27,6 +27,9 @@ impl Caching {
     fn synchronize_and_free_events(&mut self, mem: &mut dyn Executor) {
         let pending: Vec<AllocId> = std::mem::take(&mut self.pending);
         for id in pending {
+            if let Some(events) = &self.events {
+                self.completions.push((id, events.len()));
+            }
             self.complete_free(id, mem);
         }
     }
