@@ -150,6 +150,51 @@ pub struct Tlsf {
     live: Vec<u32>,
     live_count: u64,
     allocated_bytes: u64,
+    /// The largest free block other than `last`, once [`Tlsf::largest_free`] has looked.
+    #[serde(skip)]
+    largest: LargestCache,
+}
+
+/// The largest free block other than the last, or [`LargestCache::UNKNOWN`]: a free block
+/// filed raises it, removing one as large forgets it, and only then does the next look scan a
+/// list. Statistics sampled after every operation read it; it is never part of the state (two
+/// allocators that differ only here are equal).
+#[derive(Clone, Debug)]
+struct LargestCache(std::cell::Cell<u64>);
+
+impl LargestCache {
+    const UNKNOWN: u64 = u64::MAX;
+
+    #[inline]
+    fn filed(&self, bytes: u64) {
+        let c = self.0.get();
+        if c != Self::UNKNOWN && bytes > c {
+            self.0.set(bytes);
+        }
+    }
+
+    #[inline]
+    fn removed(&self, bytes: u64) {
+        if bytes >= self.0.get() {
+            self.0.set(Self::UNKNOWN);
+        }
+    }
+
+    fn forget(&self) {
+        self.0.set(Self::UNKNOWN);
+    }
+}
+
+impl Default for LargestCache {
+    fn default() -> Self {
+        LargestCache(std::cell::Cell::new(Self::UNKNOWN))
+    }
+}
+
+impl PartialEq for LargestCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Tlsf {
@@ -172,6 +217,7 @@ impl Tlsf {
             live: Vec::new(),
             live_count: 0,
             allocated_bytes: 0,
+            largest: LargestCache::default(),
             arena,
         };
         t.rebuild(&[]);
@@ -221,7 +267,11 @@ impl Tlsf {
     }
 
     fn insert_free(&mut self, i: u32) {
-        let (fl, sl) = self.class_of(self.blocks[i as usize].bytes);
+        let bytes = self.blocks[i as usize].bytes;
+        if i != self.last {
+            self.largest.filed(bytes);
+        }
+        let (fl, sl) = self.class_of(bytes);
         let h = (fl * SL_COUNT + sl) as usize;
         let head = self.heads[h];
         {
@@ -241,6 +291,9 @@ impl Tlsf {
     fn remove_free(&mut self, i: u32) {
         let b = self.blocks[i as usize];
         debug_assert_eq!(b.state(), State::Free);
+        if i != self.last {
+            self.largest.removed(b.bytes);
+        }
         if b.prev_free != NIL {
             self.blocks[b.prev_free as usize].next_free = b.next_free;
         } else {
@@ -301,7 +354,8 @@ impl Tlsf {
 
     /// Largest free extent inside mapped memory. Only the last block can reach beyond mapped
     /// memory; every other free block lies below a live block. The largest of the others is
-    /// in the highest non-empty list that holds one, so only that list is scanned.
+    /// kept ([`LargestCache`]) and found again only when a block that large left its list.
+    #[inline]
     fn largest_free(&self) -> u64 {
         let last = &self.blocks[self.last as usize];
         let tail = if last.is_free() {
@@ -309,6 +363,17 @@ impl Tlsf {
         } else {
             0
         };
+        let mut others = self.largest.0.get();
+        if others == LargestCache::UNKNOWN {
+            others = self.largest_other();
+            self.largest.0.set(others);
+        }
+        others.max(tail)
+    }
+
+    /// The largest free block other than the last (0 if none): it is in the highest non-empty
+    /// list that holds one, so only that list is scanned.
+    fn largest_other(&self) -> u64 {
         let mut fl_map = self.fl_bitmap;
         while fl_map != 0 {
             let fl = 63 - fl_map.leading_zeros();
@@ -324,18 +389,20 @@ impl Tlsf {
                     i = self.blocks[i as usize].next_free;
                 }
                 if best > 0 {
-                    return best.max(tail);
+                    return best;
                 }
                 sl_map &= !(1 << sl);
             }
             fl_map &= !(1 << fl);
         }
-        tail
+        0
     }
 
     /// Rebuilds every block, list and bitmap from live blocks in address order (which carry
     /// their final offsets).
     fn rebuild(&mut self, blocks: &[LiveBlock]) {
+        // `last` is stale until the end: nothing filed below may count.
+        self.largest.forget();
         self.fl_bitmap = 0;
         self.sl_bitmap.iter_mut().for_each(|m| *m = 0);
         self.heads.iter_mut().for_each(|h| *h = NIL);
@@ -376,6 +443,7 @@ impl Tlsf {
         });
         self.first = 0;
         self.last = prev;
+        self.largest.forget();
     }
 }
 
@@ -598,6 +666,13 @@ impl Allocate for Tlsf {
         }
         if fl_expect != self.fl_bitmap {
             return Err("first-level bitmap disagrees with the lists".into());
+        }
+        let kept = self.largest.0.get();
+        if kept != LargestCache::UNKNOWN && kept != self.largest_other() {
+            return Err(format!(
+                "largest free block kept as {kept}, lists say {}",
+                self.largest_other()
+            ));
         }
         if free_in_lists != free_in_chain {
             return Err(format!(
