@@ -39,12 +39,18 @@ impl SegmentBook {
 /// refused.
 #[derive(Clone, Debug)]
 pub struct Books {
-    accounts: BTreeMap<Place, Account>,
+    /// Every place with a capacity, in order: a run has a few, so a sorted vector is both the
+    /// cheapest to walk after every operation and to search.
+    accounts: Vec<(Place, Account)>,
     pub allocated_bytes: u64,
     pub allocated_bytes_peak: u64,
     pub live_count: u64,
     segments: BTreeMap<SegmentId, SegmentBook>,
     live: Vec<Option<(Loc, u64)>>,
+    /// The last range found backed: a segment and `[start, end)` inside it, all of it mapped
+    /// (or the whole of a physical segment). A block inside it needs no search; unmapping or
+    /// releasing anything forgets it (mapping only grows ranges).
+    backed: Option<(SegmentId, u64, u64)>,
 }
 
 impl Books {
@@ -55,16 +61,17 @@ impl Books {
 
     /// Books with the given capacity per place (a place listed twice keeps its last capacity).
     pub fn with_places(capacities: &[(Place, u64)]) -> Self {
-        let accounts = capacities
-            .iter()
-            .map(|&(place, capacity_bytes)| {
-                let account = Account {
-                    capacity_bytes,
-                    ..Account::default()
-                };
-                (place, account)
-            })
-            .collect();
+        let mut accounts: Vec<(Place, Account)> = Vec::with_capacity(capacities.len());
+        for &(place, capacity_bytes) in capacities {
+            let account = Account {
+                capacity_bytes,
+                ..Account::default()
+            };
+            match accounts.binary_search_by_key(&place, |&(p, _)| p) {
+                Ok(i) => accounts[i].1 = account,
+                Err(i) => accounts.insert(i, (place, account)),
+            }
+        }
         Books {
             accounts,
             allocated_bytes: 0,
@@ -72,17 +79,31 @@ impl Books {
             live_count: 0,
             segments: BTreeMap::new(),
             live: Vec::new(),
+            backed: None,
         }
     }
 
+    #[inline]
+    fn account_mut(&mut self, place: Place) -> Option<&mut Account> {
+        self.accounts
+            .iter_mut()
+            .find(|(p, _)| *p == place)
+            .map(|(_, a)| a)
+    }
+
     /// Capacity and usage of `place` (all zero for a place the books were not given).
+    #[inline]
     pub fn account(&self, place: Place) -> Account {
-        self.accounts.get(&place).copied().unwrap_or_default()
+        self.accounts
+            .iter()
+            .find(|(p, _)| *p == place)
+            .map_or_else(Account::default, |&(_, a)| a)
     }
 
     /// Every place with a capacity, in order.
+    #[inline]
     pub fn accounts(&self) -> impl Iterator<Item = (Place, Account)> + '_ {
-        self.accounts.iter().map(|(&p, &a)| (p, a))
+        self.accounts.iter().copied()
     }
 
     /// Capacity of device 0's GPU memory (the one place of a single-device run).
@@ -148,7 +169,7 @@ impl Books {
     }
 
     fn charge(&mut self, place: Place, bytes: u64) -> Result<(), Refusal> {
-        let a = self.accounts.get_mut(&place).ok_or(Refusal::Capacity)?;
+        let a = self.account_mut(place).ok_or(Refusal::Capacity)?;
         let after = a
             .reserved_bytes
             .checked_add(bytes)
@@ -163,8 +184,7 @@ impl Books {
 
     fn credit(&mut self, place: Place, bytes: u64) {
         let a = self
-            .accounts
-            .get_mut(&place)
+            .account_mut(place)
             .expect("memory was reserved in this place");
         a.reserved_bytes = a
             .reserved_bytes
@@ -172,7 +192,24 @@ impl Books {
             .expect("more returned than reserved");
     }
 
-    fn check_backed(&self, at: Loc, bytes: u64) {
+    /// Panics unless `[at, at + bytes)` lies in one mapped range of its segment (anywhere in
+    /// a physical segment).
+    #[inline]
+    fn check_backed(&mut self, at: Loc, bytes: u64) {
+        if let Some((segment, start, end)) = self.backed {
+            if segment == at.segment && start <= at.offset {
+                if let Some(block_end) = at.offset.checked_add(bytes) {
+                    if block_end <= end {
+                        return;
+                    }
+                }
+            }
+        }
+        self.backed = Some(self.find_backed(at, bytes));
+    }
+
+    /// [`check_backed`](Self::check_backed) by search: the range that holds the block.
+    fn find_backed(&self, at: Loc, bytes: u64) -> (SegmentId, u64, u64) {
         let seg = self
             .segments
             .get(&at.segment)
@@ -182,15 +219,24 @@ impl Books {
             end <= seg.size_bytes(),
             "block {at:?}+{bytes} outside its segment"
         );
-        if let SegmentBook::Virtual { mapped, .. } = seg {
-            let covered = mapped
-                .range(..=at.offset)
-                .next_back()
-                .is_some_and(|(&start, &len)| start <= at.offset && end <= start + len);
-            assert!(
-                covered || bytes == 0,
-                "block {at:?}+{bytes} not inside one mapped range"
-            );
+        match seg {
+            SegmentBook::Physical { bytes: size } => (at.segment, 0, *size),
+            SegmentBook::Virtual { mapped, .. } => {
+                let covering = mapped
+                    .range(..=at.offset)
+                    .next_back()
+                    .filter(|&(&start, &len)| start <= at.offset && end <= start + len);
+                match covering {
+                    Some((&start, &len)) => (at.segment, start, start + len),
+                    None => {
+                        assert!(
+                            bytes == 0,
+                            "block {at:?}+{bytes} not inside one mapped range"
+                        );
+                        (at.segment, at.offset, at.offset)
+                    }
+                }
+            }
         }
     }
 
@@ -232,6 +278,7 @@ impl Books {
     }
 
     fn unmap(&mut self, segment: SegmentId, offset: u64, bytes: u64) {
+        self.backed = None;
         let Some(SegmentBook::Virtual { mapped, .. }) = self.segments.get_mut(&segment) else {
             panic!("unmap in {segment:?}, which is not a virtual range");
         };
@@ -249,6 +296,11 @@ impl Books {
             mapped.insert(end, s + l - end);
         }
         self.credit(segment.place, bytes);
+    }
+
+    fn forget_backed(&mut self) -> &mut Self {
+        self.backed = None;
+        self
     }
 
     fn set_live(&mut self, id: AllocId, value: Option<(Loc, u64)>) {
@@ -271,7 +323,7 @@ impl Books {
                 self.segments
                     .insert(segment, SegmentBook::Physical { bytes });
             }
-            Decision::Release { segment } => match self.segments.remove(&segment) {
+            Decision::Release { segment } => match self.forget_backed().segments.remove(&segment) {
                 Some(SegmentBook::Physical { bytes }) => self.credit(segment.place, bytes),
                 other => panic!("release of {segment:?}: {other:?}"),
             },
@@ -281,7 +333,8 @@ impl Books {
                 self.segments
                     .insert(segment, SegmentBook::Virtual { bytes, mapped });
             }
-            Decision::ReleaseVa { segment } => match self.segments.remove(&segment) {
+            Decision::ReleaseVa { segment } => match self.forget_backed().segments.remove(&segment)
+            {
                 Some(SegmentBook::Virtual { mapped, .. }) => {
                     self.credit(segment.place, mapped.values().sum::<u64>())
                 }
@@ -439,5 +492,71 @@ mod tests {
             at,
             bytes: 512,
         });
+    }
+
+    #[test]
+    #[should_panic(expected = "not inside one mapped range")]
+    fn a_block_checked_before_an_unmap_is_checked_again_after_it() {
+        let mut books = Books::new(1 << 30);
+        let s = SegmentId::arena(0);
+        books
+            .apply(Decision::ReserveVa {
+                segment: s,
+                bytes: 1 << 20,
+            })
+            .unwrap();
+        let map = |offset| Decision::Map {
+            segment: s,
+            offset,
+            bytes: 4096,
+        };
+        books.apply(map(0)).unwrap();
+        books.apply(map(4096)).unwrap();
+        let at = |offset| Loc { segment: s, offset };
+        let place = |id, offset| Decision::Place {
+            id: AllocId(id),
+            at: at(offset),
+            bytes: 512,
+        };
+        // The first place finds the range [0, 8192) backed; the second is inside it.
+        books.apply(place(0, 0)).unwrap();
+        books.apply(place(1, 4096)).unwrap();
+        books
+            .apply(Decision::Free {
+                id: AllocId(1),
+                at: at(4096),
+                bytes: 512,
+            })
+            .unwrap();
+        books
+            .apply(Decision::Unmap {
+                segment: s,
+                offset: 4096,
+                bytes: 4096,
+            })
+            .unwrap();
+        let _ = books.apply(place(2, 4096));
+    }
+
+    #[test]
+    fn a_place_listed_twice_keeps_its_last_capacity_and_places_stay_in_order() {
+        use crate::place::{DeviceId, Tier};
+        let host = Place {
+            device: DeviceId(0),
+            tier: Tier::PinnedHost,
+        };
+        let gpu1 = Place {
+            device: DeviceId(1),
+            tier: Tier::Gpu,
+        };
+        let books = Books::with_places(&[(gpu1, 5), (Place::GPU0, 1), (host, 7), (Place::GPU0, 3)]);
+        let places: Vec<(Place, u64)> = books
+            .accounts()
+            .map(|(p, a)| (p, a.capacity_bytes))
+            .collect();
+        let mut expected = vec![(gpu1, 5), (Place::GPU0, 3), (host, 7)];
+        expected.sort();
+        assert_eq!(places, expected);
+        assert_eq!(books.capacity_bytes(), 3);
     }
 }

@@ -46,6 +46,7 @@ pub struct FreeSummary {
 
 impl FreeSummary {
     /// Free memory of a strategy with one free space (the arena strategies).
+    #[inline]
     pub fn single(free_bytes: u64, largest_free_bytes: u64) -> Self {
         FreeSummary {
             size_pools: [
@@ -59,12 +60,14 @@ impl FreeSummary {
         }
     }
 
+    #[inline]
     pub fn free_bytes(&self) -> u64 {
         self.size_pools.iter().map(|p| p.free_bytes).sum()
     }
 
     /// 1 − largest free / total free, pooled: free memory of different size pools cannot
     /// serve each other, so each pool's largest extent counts towards what is usable.
+    #[inline]
     pub fn external_fragmentation(&self) -> f64 {
         let free = self.free_bytes();
         if free == 0 {
