@@ -213,13 +213,22 @@ pub fn replay<E: Executor>(
         d.start(planned)?;
     }
     let sample_every = (ops.len() as u64 / TIMELINE_POINTS).max(1);
+    let progress_every = d.config.progress_every_ops.max(1);
+    // Countdowns to the next timeline sample and progress report: `n` a multiple of either,
+    // without two 64-bit divisions per operation.
+    let (mut to_sample, mut to_progress) = (sample_every, progress_every);
     for (i, op) in ops.iter().enumerate() {
         let n = i as u64 + 1;
         d.step(&op.kind).map_err(|reason| ReplayError {
             line: op.line,
             reason,
         })?;
-        d.observe(op.t_ns, n.is_multiple_of(sample_every));
+        to_sample -= 1;
+        let sample = to_sample == 0;
+        if sample {
+            to_sample = sample_every;
+        }
+        d.observe(op.t_ns, sample);
         if d.config.check_every_ops > 0 && n.is_multiple_of(d.config.check_every_ops) {
             d.alloc.check_invariants().map_err(|e| ReplayError {
                 line: op.line,
@@ -229,7 +238,9 @@ pub fn replay<E: Executor>(
         if d.config.checkpoint_every_ops > 0 && n.is_multiple_of(d.config.checkpoint_every_ops) {
             d.exec.checkpoint();
         }
-        if n.is_multiple_of(d.config.progress_every_ops.max(1)) {
+        to_progress -= 1;
+        if to_progress == 0 {
+            to_progress = progress_every;
             progress(n);
         }
     }
