@@ -315,8 +315,15 @@ impl Books {
 impl Books {
     /// Books `d`: refuses a `Reserve` or `Map` beyond its place's capacity (changing nothing),
     /// and panics on a decision that contradicts the books (a policy bug).
+    #[inline]
     pub fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-        match d {
+        self.book(&d)
+    }
+
+    /// [`apply`](Self::apply) by reference: an executor that also digests and charges the
+    /// decision reads it where its caller wrote it instead of copying it for each.
+    pub fn book(&mut self, d: &Decision) -> Result<(), Refusal> {
+        match *d {
             Decision::Reserve { segment, bytes } => {
                 assert!(!self.segments.contains_key(&segment), "{segment:?} reused");
                 self.charge(segment.place, bytes)?;

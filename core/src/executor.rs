@@ -62,7 +62,7 @@ impl Ledger {
     /// happened). Panics if the books refuse what the executor says happened.
     pub fn record(&mut self, d: Decision, outcome: Result<(), Refusal>) {
         if outcome.is_ok() {
-            if let Err(r) = self.books.apply(d) {
+            if let Err(r) = self.books.book(&d) {
                 panic!("books refused {d:?} ({r:?}) after it was carried out");
             }
         }
@@ -70,11 +70,20 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// Books and digests `d` (what [`Executor::apply`] does) by reference, so that an executor
+    /// wrapping the ledger reads the decision in place rather than copying it again.
+    #[inline]
+    pub fn carry(&mut self, d: &Decision) -> Result<(), Refusal> {
+        let outcome = self.books.book(d);
+        self.digest.decision(d, outcome);
+        outcome
+    }
+}
+
 impl Executor for Ledger {
     fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-        let outcome = self.books.apply(d);
-        self.digest.decision(&d, outcome);
-        outcome
+        self.carry(&d)
     }
 
     fn books(&self) -> &Books {

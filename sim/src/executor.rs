@@ -119,7 +119,7 @@ impl SimExecutor {
 
 impl Executor for SimExecutor {
     fn apply(&mut self, d: Decision) -> Result<(), Refusal> {
-        let outcome = self.ledger.apply(d);
+        let outcome = self.ledger.carry(&d);
         if outcome.is_ok() {
             let ns = self.cost_ns(&d);
             let k = &mut self.kinds[d.kind_index()];
