@@ -140,10 +140,8 @@ impl std::fmt::Display for ReplayError {
 
 impl std::error::Error for ReplayError {}
 
-enum Tracked {
-    Live(AllocId, u64),
-    Failed,
-}
+/// What the id map holds for a trace id whose allocation was refused (else the allocation id).
+const FAILED: u64 = u64::MAX;
 
 const TIMELINE_POINTS: u64 = 2000;
 /// How often a simulated replay reports progress.
@@ -153,7 +151,12 @@ struct Driver<'a, E: Executor> {
     alloc: Box<dyn Allocator>,
     exec: &'a mut E,
     config: ReplayConfig,
-    ids: gpumem_core::fixed_hash::U64Map<Tracked>,
+    /// Trace id → allocation id, or [`FAILED`]: 16-byte entries, as many as the live set (its
+    /// probes miss the cache, so the smaller the better); the bytes each requested are in
+    /// `requested`, by allocation id.
+    ids: gpumem_core::fixed_hash::U64Map<u64>,
+    /// Bytes requested, by live allocation id (ids are recycled: as large as the live set).
+    requested: Vec<u64>,
     /// Ids handed to the strategy are recycled, most recently freed first: the books, the
     /// strategy and an executor index their live blocks by id, so their memory follows the
     /// live count, not the number of operations replayed.
@@ -199,6 +202,7 @@ pub fn replay<E: Executor>(
         exec,
         config: *config,
         ids: Default::default(),
+        requested: Vec::new(),
         ids_free: Vec::new(),
         next_id: 0,
         bytes_requested: 0,
@@ -336,7 +340,8 @@ impl<E: Executor> Driver<'_, E> {
                     ),
                 })?;
             for (address, id, requested) in state.live_blocks() {
-                self.ids.insert(address, Tracked::Live(id, requested));
+                self.ids.insert(address, id.0);
+                self.set_requested(id, requested);
                 self.bytes_requested += requested;
                 self.next_id = self.next_id.max(id.0 + 1);
             }
@@ -378,7 +383,7 @@ impl<E: Executor> Driver<'_, E> {
         // lookups miss the cache.
         let tracked = self.ids.entry(id);
         if let Entry::Occupied(e) = &tracked {
-            if let Tracked::Live(..) = e.get() {
+            if *e.get() != FAILED {
                 return Err(format!(
                     "allocation id {id} is allocated again while still live"
                 ));
@@ -396,13 +401,14 @@ impl<E: Executor> Driver<'_, E> {
         }
         match outcome {
             Ok(_) => {
-                *tracked.or_insert(Tracked::Failed) = Tracked::Live(req.id, bytes);
+                *tracked.or_insert(FAILED) = req.id.0;
+                self.set_requested(req.id, bytes);
                 self.bytes_requested += bytes;
                 self.result.bytes_requested_peak =
                     self.result.bytes_requested_peak.max(self.bytes_requested);
             }
             Err(AllocError::OutOfMemory { rounded_bytes }) => {
-                *tracked.or_insert(Tracked::Failed) = Tracked::Failed;
+                *tracked.or_insert(FAILED) = FAILED;
                 self.ids_free.push(req.id);
                 let books = self.exec.books();
                 let free = books.capacity_bytes() - books.allocated_bytes;
@@ -416,6 +422,14 @@ impl<E: Executor> Driver<'_, E> {
         Ok(())
     }
 
+    fn set_requested(&mut self, id: AllocId, bytes: u64) {
+        let i = id.0 as usize;
+        if i >= self.requested.len() {
+            self.requested.resize(i + 1, 0);
+        }
+        self.requested[i] = bytes;
+    }
+
     fn take_id(&mut self) -> AllocId {
         self.ids_free.pop().unwrap_or_else(|| {
             self.next_id += 1;
@@ -425,13 +439,15 @@ impl<E: Executor> Driver<'_, E> {
 
     fn free_op(&mut self, id: u64) {
         match self.ids.remove(&id) {
-            Some(Tracked::Live(alloc_id, bytes)) => {
+            Some(FAILED) => self.result.frees_of_failed_allocs += 1,
+            Some(alloc_id) => {
+                let alloc_id = AllocId(alloc_id);
+                let bytes = self.requested[alloc_id.0 as usize];
                 self.result.frees += 1;
                 self.bytes_requested -= bytes;
                 self.alloc.free(alloc_id, self.exec);
                 self.ids_free.push(alloc_id);
             }
-            Some(Tracked::Failed) => self.result.frees_of_failed_allocs += 1,
             None => self.result.unknown_frees += 1,
         }
     }
