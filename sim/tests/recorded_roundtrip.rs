@@ -308,6 +308,23 @@ fn map_then_release(rec: &Recording) -> bool {
     false
 }
 
+/// Asserts that `rec` replays in full: every event matched in order, every final segment
+/// reproduced, every allocation at its recorded address and no free of an unknown block.
+fn assert_replays_in_full(rec: &Recording, capacity_bytes: u64, settings: &CachingSettings) {
+    let c = compare(rec, &config(capacity_bytes), settings);
+    assert_eq!(
+        c.events_matched, c.events_recorded,
+        "{:#?}",
+        c.first_divergence
+    );
+    assert_eq!(c.final_matched, c.final_recorded);
+    let d = &c.devices[0];
+    assert_eq!(
+        (d.allocs_at_recorded_address, d.unknown_frees),
+        (d.allocs, 0)
+    );
+}
+
 fn config(capacity_bytes: u64) -> AllocConfig {
     AllocConfig {
         capacity_bytes,
@@ -715,18 +732,7 @@ fn a_retry_that_completes_a_pending_free_between_its_releases() {
         ],
         "PyTorch's order: segment_free, free_completed, segment_free ×3, segment_alloc, alloc"
     );
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(
-        (d.allocs_at_recorded_address, d.unknown_frees),
-        (d.allocs, 0)
-    );
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (expandable segments on a small device), shrunk: a request maps one
@@ -773,15 +779,7 @@ fn an_oom_after_a_partial_map_of_an_expandable_segment() {
     };
     let rec = record(&ops, settings, 160 * MIB);
     assert!(oom_after_a_map(&rec), "the case needs an oom after a map");
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (expandable segments on a small device), shrunk: a request is refused
@@ -919,15 +917,7 @@ fn a_retry_after_a_partial_map_of_an_expandable_segment() {
         map_then_release(&rec),
         "the case needs a map, then a release"
     );
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (expandable segments on a small device), shrunk: a request of 43 MiB on
@@ -986,15 +976,7 @@ fn a_range_reserved_by_a_refused_request_is_placed_at_its_first_map() {
     };
     let rec = record(&ops, settings, 160 * MIB);
     assert!(oom_after_a_map(&rec), "the case needs an oom after a map");
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (`max_split_size` on a small device), shrunk: the last request
@@ -1083,18 +1065,7 @@ fn a_retry_that_completes_a_pending_free_and_releases_nothing_more() {
             Action::Alloc
         ]
     );
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(
-        (d.allocs_at_recorded_address, d.unknown_frees),
-        (d.allocs, 0)
-    );
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (expandable segments on a small device), shrunk: a 40 MiB request is
@@ -1196,15 +1167,7 @@ fn a_range_moved_to_its_recorded_address_stays_indexed() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 160 * MIB);
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (expandable segments on a small device), shrunk: the last request
@@ -1253,15 +1216,7 @@ fn a_retry_that_completes_a_pending_free_after_a_partial_map() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 160 * MIB);
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (`max_split_size` on a small device), shrunk: a free is pending when
@@ -1328,15 +1283,7 @@ fn a_completion_before_a_retry_may_be_the_retrys() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 160 * MIB);
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (`max_split_size` on a device that never refuses) while the replay
@@ -1390,15 +1337,7 @@ fn a_request_at_the_address_of_a_completion_in_its_run() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 1 << 40);
-    let c = compare(&rec, &config(1 << 40), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 1 << 40, &settings);
 }
 
 /// Found by the property (expandable segments on a small device), shrunk; once the final layout
@@ -1475,15 +1414,7 @@ fn a_retry_that_completes_pending_frees_and_finds_mapped_room() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 160 * MIB);
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (expandable segments on a small device), shrunk: a request of
@@ -1561,15 +1492,7 @@ fn a_retry_after_a_partial_map_that_maps_more_than_it_released() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 160 * MIB);
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (`max_split_size` on a small device), shrunk: an `empty_cache`
@@ -1678,15 +1601,7 @@ fn an_oom_right_after_an_empty_cache() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 160 * MIB);
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
 
 /// Found by the property (expandable segments with `max_split_size` on a small device, about
@@ -1736,13 +1651,5 @@ fn an_unmap_that_touches_a_small_range_is_undone_into_its_own() {
         ..CachingSettings::default()
     };
     let rec = record(&ops, settings, 160 * MIB);
-    let c = compare(&rec, &config(160 * MIB), &settings);
-    assert_eq!(
-        c.events_matched, c.events_recorded,
-        "{:#?}",
-        c.first_divergence
-    );
-    assert_eq!(c.final_matched, c.final_recorded);
-    let d = &c.devices[0];
-    assert_eq!(d.allocs_at_recorded_address, d.allocs);
+    assert_replays_in_full(&rec, 160 * MIB, &settings);
 }
