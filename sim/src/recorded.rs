@@ -818,6 +818,7 @@ fn remove_range(
 ) {
     let end = address.saturating_add(bytes);
     let holder = ranges.range(..=address).next_back().map(|(&a, r)| (a, *r));
+    let holder = holder.map(|(a, r)| (a, take_misread_pages(ranges, a, r, end)));
     match holder {
         Some((a, r)) if r.end >= end && (r.expandable || (a == address && r.end == end)) => {
             ranges.remove(&a);
@@ -832,6 +833,34 @@ fn remove_range(
             "event {entry}: {bytes} bytes at {address:#x} are not held at that point"
         )),
     }
+}
+
+/// A map out of the expandable range `r` at `a` that runs past its end into touching ranges of
+/// the same stream and pool but the other size pool: pages unmapped later were read, undone,
+/// as the touching range's (their size fits both pages). One map is one segment's, so those
+/// ranges are the map's segment's: merged into `r` (returned with its new end) as far as they
+/// reach `end`. Otherwise `r` unchanged.
+fn take_misread_pages(ranges: &mut BTreeMap<u64, Range>, a: u64, r: Range, end: u64) -> Range {
+    if !r.expandable || r.end >= end {
+        return r;
+    }
+    let mut reach = r.end;
+    let mut chain = Vec::new();
+    while reach < end {
+        match ranges.get(&reach) {
+            Some(n) if n.expandable && (n.stream, n.pool) == (r.stream, r.pool) => {
+                chain.push(reach);
+                reach = n.end;
+            }
+            _ => return r,
+        }
+    }
+    for k in chain {
+        ranges.remove(&k);
+    }
+    let merged = Range { end: reach, ..r };
+    ranges.insert(a, merged);
+    merged
 }
 
 impl Rebuild<'_> {

@@ -82,9 +82,7 @@ fn settings() -> impl Strategy<Value = (CachingSettings, u64)> {
             },
             1 << 40
         )),
-        // Expandable segments with max_split_size (oversize blocks are not split). On a small
-        // device about one case in 100,000 diverges: see
-        // `an_unmap_that_touches_a_small_range_is_undone_into_its_own` (ignored).
+        // Expandable segments with max_split_size (oversize blocks are not split).
         Just((
             CachingSettings {
                 expandable_segments: true,
@@ -1605,17 +1603,14 @@ fn an_oom_right_after_an_empty_cache() {
 }
 
 /// Found by the property (expandable segments with `max_split_size` on a small device, about
-/// one case in 100,000), not yet fixed: the replay takes the recording for one that started
-/// mid-run (`start: restored`, note "event 11: 41943040 bytes at 0x10000006400000 are not held
-/// at that point") and diverges at the first event. Undoing the events backwards, the last
-/// `segment_unmap` (60 MiB at 0x10000007800000, the top of stream 0's large range) touches
-/// the small range mapped right after it (0x1000000b400000, synthetic addresses are
-/// contiguous), and `undo` classifies the unmapped pages by the range they touch: small, so
-/// they never join the large pages undone before them, and undoing the 40 MiB map at
-/// 0x10000006400000 finds them in two ranges. To fix: tell a touching range of another size
-/// pool from the unmapped pages' own (a small range's page is 2 MiB, a large one's 20 MiB).
+/// one case in 100,000), shrunk. Undoing the events backwards, the last `segment_unmap` (60 MiB
+/// at 0x10000007800000, the top of stream 0's large range) touches only the small range mapped
+/// right after it (0x1000000b400000: synthetic addresses are contiguous), so its pages were read
+/// as small, and undoing the earlier 40 MiB map at 0x10000006400000 found them in two ranges:
+/// the replay took the recording for one that started mid-run ("event 11: 41943040 bytes at
+/// 0x10000006400000 are not held at that point") and diverged at the first event. One map is
+/// one segment's, so the undo now merges such touching pages into the range the map starts in.
 #[test]
-#[ignore = "known divergence, see the comment"]
 fn an_unmap_that_touches_a_small_range_is_undone_into_its_own() {
     let a = |bytes: u64, stream: u32| Op::Alloc {
         bytes,
