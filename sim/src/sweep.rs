@@ -280,21 +280,35 @@ struct Header {
     point: usize,
 }
 
+/// Calls `f` with each non-blank line of a sweep's output (`at`: "file:line", the line read as
+/// `T`, its text); a line that is not `T` is an error naming it. Lines are capped by
+/// [`LineReader`].
+fn for_each_sweep_line<T: serde::de::DeserializeOwned>(
+    input: impl BufRead,
+    path: &Path,
+    mut f: impl FnMut(String, T, &str) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut reader = LineReader::new(input, path);
+    while let Some(line) = reader.next_line() {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.is_blank() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), line.number);
+        let parsed: T =
+            serde_json::from_str(line.text).map_err(|e| format!("{at}: not a sweep line: {e}"))?;
+        f(at, parsed, line.text)?;
+    }
+    Ok(())
+}
+
 /// Joins the lines of shard files (`inputs`: a name and its reader) into the unsharded run's
 /// bytes, refusing lines of another sweep, a point twice, or any point missing.
 pub fn merge(inputs: Vec<(&Path, Box<dyn BufRead + '_>)>) -> Result<Vec<u8>, String> {
     let mut sweep: Option<(String, usize)> = None;
     let mut lines: Vec<Option<(String, String)>> = Vec::new();
     for (path, input) in inputs {
-        let mut reader = LineReader::new(input, path);
-        while let Some(line) = reader.next_line() {
-            let line = line.map_err(|e| e.to_string())?;
-            if line.is_blank() {
-                continue;
-            }
-            let at = format!("{}:{}", path.display(), line.number);
-            let h: Header = serde_json::from_str(line.text)
-                .map_err(|e| format!("{at}: not a sweep line: {e}"))?;
+        for_each_sweep_line(input, path, |at, h: Header, text| {
             match &sweep {
                 None => {
                     if h.points > MAX_POINTS {
@@ -320,8 +334,9 @@ pub fn merge(inputs: Vec<(&Path, Box<dyn BufRead + '_>)>) -> Result<Vec<u8>, Str
                     h.point
                 ));
             }
-            *slot = Some((at, line.text.to_string()));
-        }
+            *slot = Some((at, text.to_string()));
+            Ok(())
+        })?;
     }
     let Some((_, points)) = sweep else {
         return Err("no sweep lines in the inputs".into());
@@ -477,15 +492,7 @@ pub fn plot_values(
         report: Option<serde_json::Value>,
     }
     let mut values = Vec::new();
-    let mut reader = LineReader::new(input, path);
-    while let Some(line) = reader.next_line() {
-        let line = line.map_err(|e| e.to_string())?;
-        if line.is_blank() {
-            continue;
-        }
-        let at = format!("{}:{}", path.display(), line.number);
-        let point: Line =
-            serde_json::from_str(line.text).map_err(|e| format!("{at}: not a sweep line: {e}"))?;
+    for_each_sweep_line(input, path, |at, point: Line, _| {
         if values.len() >= MAX_POINTS {
             return Err(format!("{at}: more than {MAX_POINTS} points (MAX_POINTS)"));
         }
@@ -502,7 +509,7 @@ pub fn plot_values(
         let x_value = axis(x)?;
         let series_value = series.map(axis).transpose()?;
         let Some(report) = point.report else {
-            continue;
+            return Ok(());
         };
         let y = match metric_at(&report, metric) {
             Some(v) => v.as_f64().filter(|y| y.is_finite()).ok_or_else(|| {
@@ -528,7 +535,8 @@ pub fn plot_values(
             series: series_value,
             y,
         });
-    }
+        Ok(())
+    })?;
     if values.is_empty() {
         return Err(format!(
             "{}: no point with a report to plot",
