@@ -6,8 +6,6 @@
 //! every place the books keep after every operation and, on request, defragments when an
 //! allocation fails.
 
-use std::collections::hash_map::Entry;
-
 use gpumem_core::alloc::caching::CachingSettings;
 use gpumem_core::alloc::{
     build_with, AllocConfig, AllocError, AllocRequest, Allocator, SegmentLayout, Strategy,
@@ -18,6 +16,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::executor::{AllocCostModel, SimExecutor};
+use crate::id_map::IdMap;
 use crate::monitor::{periods, Monitor, Period, PressureReport, Thresholds, WatchId};
 use crate::recorded::{plan_start, PlannedStart, StartReport};
 use gpumem_core::executor::Executor;
@@ -141,7 +140,7 @@ impl std::fmt::Display for ReplayError {
 impl std::error::Error for ReplayError {}
 
 /// What the id map holds for a trace id whose allocation was refused (else the allocation id).
-const FAILED: u64 = u64::MAX;
+const FAILED: u64 = u64::MAX - 1;
 
 const TIMELINE_POINTS: u64 = 2000;
 /// How often a simulated replay reports progress.
@@ -151,10 +150,9 @@ struct Driver<'a, E: Executor> {
     alloc: Box<dyn Allocator>,
     exec: &'a mut E,
     config: ReplayConfig,
-    /// Trace id → allocation id, or [`FAILED`]: 16-byte entries, as many as the live set (its
-    /// probes miss the cache, so the smaller the better); the bytes each requested are in
-    /// `requested`, by allocation id.
-    ids: gpumem_core::fixed_hash::U64Map<u64>,
+    /// Trace id → allocation id, or [`FAILED`]; the bytes each requested are in `requested`,
+    /// by allocation id.
+    ids: IdMap,
     /// Bytes requested, by live allocation id (ids are recycled: as large as the live set).
     requested: Vec<u64>,
     /// Ids handed to the strategy are recycled, most recently freed first: the books, the
@@ -234,10 +232,13 @@ pub fn replay<E: Executor>(
         }
         d.observe(op.t_ns, sample);
         if d.config.check_every_ops > 0 && n.is_multiple_of(d.config.check_every_ops) {
-            d.alloc.check_invariants().map_err(|e| ReplayError {
-                line: op.line,
-                reason: format!("internal invariant broken in {}: {e}", strategy.name()),
-            })?;
+            d.alloc
+                .check_invariants()
+                .and_then(|()| d.ids.check().map_err(|e| format!("trace id map: {e}")))
+                .map_err(|e| ReplayError {
+                    line: op.line,
+                    reason: format!("internal invariant broken in {}: {e}", strategy.name()),
+                })?;
         }
         if d.config.checkpoint_every_ops > 0 && n.is_multiple_of(d.config.checkpoint_every_ops) {
             d.exec.checkpoint();
@@ -379,15 +380,10 @@ impl<E: Executor> Driver<'_, E> {
             stream,
             pinned,
         };
-        // One probe of the id map per allocation: it is as large as the live set, and its
-        // lookups miss the cache.
-        let tracked = self.ids.entry(id);
-        if let Entry::Occupied(e) = &tracked {
-            if *e.get() != FAILED {
-                return Err(format!(
-                    "allocation id {id} is allocated again while still live"
-                ));
-            }
+        if self.ids.get(id).is_some_and(|v| v != FAILED) {
+            return Err(format!(
+                "allocation id {id} is allocated again while still live"
+            ));
         }
         self.result.allocs += 1;
         let mut outcome = self.alloc.alloc(req, self.exec);
@@ -401,14 +397,14 @@ impl<E: Executor> Driver<'_, E> {
         }
         match outcome {
             Ok(_) => {
-                *tracked.or_insert(FAILED) = req.id.0;
+                self.ids.insert(id, req.id.0);
                 self.set_requested(req.id, bytes);
                 self.bytes_requested += bytes;
                 self.result.bytes_requested_peak =
                     self.result.bytes_requested_peak.max(self.bytes_requested);
             }
             Err(AllocError::OutOfMemory { rounded_bytes }) => {
-                *tracked.or_insert(FAILED) = FAILED;
+                self.ids.insert(id, FAILED);
                 self.ids_free.push(req.id);
                 let books = self.exec.books();
                 let free = books.capacity_bytes() - books.allocated_bytes;
@@ -438,7 +434,7 @@ impl<E: Executor> Driver<'_, E> {
     }
 
     fn free_op(&mut self, id: u64) {
-        match self.ids.remove(&id) {
+        match self.ids.remove(id) {
             Some(FAILED) => self.result.frees_of_failed_allocs += 1,
             Some(alloc_id) => {
                 let alloc_id = AllocId(alloc_id);

@@ -7,6 +7,7 @@ pub mod alloc_replay;
 pub mod cluster;
 pub mod colocate;
 pub mod executor;
+mod id_map;
 pub mod models;
 pub mod monitor;
 pub mod plan;
