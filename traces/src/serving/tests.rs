@@ -931,3 +931,102 @@ fn model_names_are_read_only_when_asked_and_bounded() {
     let mut s = RequestStream::from_reader(azure.as_bytes(), "t", None, None).unwrap();
     assert!(!s.read_models());
 }
+
+mod mooncake_lines {
+    use super::super::stream::{LineParser, Record};
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A value of a Mooncake field: well typed most of the time, else any of the ways a line
+    /// goes wrong (negative, too large, fractional, another type).
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => (0u64..5000).prop_map(|n| n.to_string()),
+            1 => Just(u64::MAX.to_string()),
+            1 => Just("-3".to_string()),
+            1 => Just("1.5".to_string()),
+            1 => Just("1e3".to_string()),
+            1 => Just("null".to_string()),
+            1 => Just("\"x\"".to_string()),
+            1 => Just(format!("{}", super::MAX_PROMPT_TOKENS + 1)),
+        ]
+    }
+
+    fn hash_ids() -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => proptest::collection::vec(-3i64..40, 0..12)
+                .prop_map(|v| format!("{v:?}")),
+            1 => Just("[1, 2.5]".to_string()),
+            1 => Just(format!("[{}]", u64::MAX)),
+            1 => Just("7".to_string()),
+        ]
+    }
+
+    fn field() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => value().prop_map(|v| format!("\"timestamp\": {v}")),
+            3 => value().prop_map(|v| format!("\"input_length\": {v}")),
+            3 => value().prop_map(|v| format!("\"output_length\": {v}")),
+            3 => hash_ids().prop_map(|v| format!("\"hash_ids\": {v}")),
+            1 => value().prop_map(|v| format!("\"session_id\": {v}")),
+            1 => value().prop_map(|v| format!("\"delay\": {v}")),
+            1 => value().prop_map(|v| format!("\"model\": {v}")),
+            1 => value().prop_map(|v| format!("\"other\": {v}")),
+        ]
+    }
+
+    fn line() -> impl Strategy<Value = String> {
+        let whole = (
+            value(),
+            value(),
+            value(),
+            hash_ids(),
+            proptest::collection::vec(field(), 0..3),
+        )
+            .prop_map(|(t, i, o, h, extra)| {
+                let mut fields = vec![
+                    format!("\"timestamp\": {t}"),
+                    format!("\"input_length\": {i}"),
+                    format!("\"output_length\": {o}"),
+                    format!("\"hash_ids\": {h}"),
+                ];
+                fields.extend(extra);
+                format!("{{{}}}", fields.join(", "))
+            });
+        let any =
+            proptest::collection::vec(field(), 0..7).prop_map(|f| format!("{{{}}}", f.join(", ")));
+        prop_oneof![4 => whole, 1 => any, 1 => Just("[1]".to_string())]
+    }
+
+    fn outcome(r: Result<Option<Record>, TraceError>, warnings: &[String]) -> String {
+        match r {
+            Ok(rec) => format!("{rec:?} {warnings:?}"),
+            Err(e) => format!("error {e} {warnings:?}"),
+        }
+    }
+
+    proptest! {
+        /// The fast path for plain lines answers every line as the general path does: the
+        /// same record, or the same error, and the same warnings.
+        #[test]
+        fn the_plain_path_agrees_with_the_general_one(lines in proptest::collection::vec(line(), 1..8)) {
+            let (mut fast, mut general) = (Mooncake::new("t"), Mooncake::new("t"));
+            let (mut w_fast, mut w_general) = (Vec::new(), Vec::new());
+            for (i, text) in lines.iter().enumerate() {
+                let n = i as u64 + 1;
+                let a = outcome(fast.parse(n, text, &mut w_fast), &w_fast);
+                let b = outcome(general.parse_general(n, text, &mut w_general), &w_general);
+                prop_assert_eq!(a, b, "line {}", text);
+            }
+        }
+    }
+
+    #[test]
+    fn a_plain_line_takes_the_plain_path() {
+        let text =
+            r#"{"timestamp": 27, "input_length": 700, "output_length": 3, "hash_ids": [4, 5]}"#;
+        assert!(Mooncake::new("t").parse_plain(1, text).is_some());
+        let unknown = text.replace("27,", "27, \"x\": 1,");
+        assert!(Mooncake::new("t").parse_plain(1, &unknown).is_none());
+    }
+}
