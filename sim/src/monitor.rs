@@ -314,6 +314,23 @@ impl Monitor {
     #[inline]
     pub fn observe(&mut self, id: WatchId, t_ns: u64, used: u64) {
         let w = &mut self.watches[id.0];
+        if w.observed && used == w.used && w.level_of(used) == w.level {
+            // Most observations repeat the last usage: the level (unless a new capacity moved
+            // the thresholds), the peak and the window's highs stand, so only the clock, the
+            // time at the level and the trend move.
+            let t_ns = t_ns.max(w.last_ns);
+            w.time_ns[w.level as usize] += t_ns - w.last_ns;
+            w.last_ns = t_ns;
+            w.history.push_same(t_ns, used, w.level);
+            w.recent.push(t_ns, used);
+            return;
+        }
+        self.observe_in_full(id, t_ns, used);
+    }
+
+    /// [`observe`](Self::observe) without its shortcut for a repeated usage.
+    fn observe_in_full(&mut self, id: WatchId, t_ns: u64, used: u64) {
+        let w = &mut self.watches[id.0];
         let t_ns = if w.observed {
             t_ns.max(w.last_ns)
         } else {
@@ -477,6 +494,18 @@ impl History {
             used_max: used,
             level_max: level,
         });
+    }
+
+    /// [`push`](Self::push) of the usage and level the last point ended with: nothing changes
+    /// unless a new window starts.
+    #[inline]
+    fn push_same(&mut self, t_ns: u64, used: u64, level: Level) {
+        match self.points.last() {
+            Some(last) if last.t_ns >> self.shift == t_ns >> self.shift => {
+                debug_assert!(last.used_last == used && last.level_max >= level);
+            }
+            _ => self.push(t_ns, used, level),
+        }
     }
 
     /// Doubles the window until the points fit in half the room, merging each window's points.
@@ -835,6 +864,32 @@ mod tests {
         let p = periods(m.history(GPU), m.last_ns());
         assert!(p.iter().any(|p| p.level == Level::Critical));
         assert!(p.last().unwrap().end_ns >= m.last_ns());
+    }
+
+    proptest::proptest! {
+        /// The shortcut for a repeated usage leaves the monitor as the full observation does:
+        /// usages that repeat, times that stand still or go back, a capacity changed midway.
+        #[test]
+        fn a_repeated_usage_is_observed_as_in_full(
+            feed in proptest::collection::vec((0u64..3, 0u64..40, 0u64..12, proptest::bool::weighted(0.05)), 1..300)
+        ) {
+            let mut fast = Monitor::new(Thresholds::parse("0.5,0.8").unwrap());
+            let mut full = fast.clone();
+            let (mut id_fast, mut id_full) = (fast.watch(GPU, 10), full.watch(GPU, 10));
+            let mut t = 0u64;
+            for (dt, back, used, rewatch) in feed {
+                if rewatch {
+                    (id_fast, id_full) = (fast.watch(GPU, 8 + used), full.watch(GPU, 8 + used));
+                }
+                t = (t + dt * 1000).saturating_sub(if back == 0 { 500 } else { 0 });
+                fast.observe(id_fast, t, used);
+                full.observe_in_full(id_full, t, used);
+                proptest::prop_assert_eq!(fast.report("x"), full.report("x"));
+                proptest::prop_assert_eq!(fast.history(GPU), full.history(GPU));
+                proptest::prop_assert_eq!(fast.trend(GPU), full.trend(GPU));
+                proptest::prop_assert_eq!(fast.level(GPU), full.level(GPU));
+            }
+        }
     }
 
     #[test]
