@@ -380,7 +380,10 @@ impl<E: Executor> Driver<'_, E> {
             stream,
             pinned,
         };
-        if self.ids.get(id).is_some_and(|v| v != FAILED) {
+        // One lookup of the id map per allocation: its value is written once the outcome is
+        // known (a new id reads as refused until then).
+        let (tracked, known) = self.ids.value_mut(id, FAILED);
+        if known && *tracked != FAILED {
             return Err(format!(
                 "allocation id {id} is allocated again while still live"
             ));
@@ -397,14 +400,14 @@ impl<E: Executor> Driver<'_, E> {
         }
         match outcome {
             Ok(_) => {
-                self.ids.insert(id, req.id.0);
+                *tracked = req.id.0;
                 self.set_requested(req.id, bytes);
                 self.bytes_requested += bytes;
                 self.result.bytes_requested_peak =
                     self.result.bytes_requested_peak.max(self.bytes_requested);
             }
             Err(AllocError::OutOfMemory { rounded_bytes }) => {
-                self.ids.insert(id, FAILED);
+                *tracked = FAILED;
                 self.ids_free.push(req.id);
                 let books = self.exec.books();
                 let free = books.capacity_bytes() - books.allocated_bytes;

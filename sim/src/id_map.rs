@@ -47,7 +47,8 @@ impl IdMap {
         (offset < self.window.len() as u64).then_some(offset as usize)
     }
 
-    pub fn get(&self, id: u64) -> Option<u64> {
+    #[cfg(test)]
+    fn get(&self, id: u64) -> Option<u64> {
         match self.slot(id) {
             Some(i) if self.window[i] != VACANT => Some(self.window[i]),
             _ if self.spill.is_empty() => None,
@@ -69,9 +70,8 @@ impl IdMap {
         if self.window.is_empty() {
             self.base = id;
         }
-        let end = self.base.wrapping_add(self.window.len() as u64);
-        let gap = id.wrapping_sub(end);
-        if id >= self.base && gap <= GAP_MAX {
+        if self.extends_window(id) {
+            let gap = id.wrapping_sub(self.base.wrapping_add(self.window.len() as u64));
             let old = if gap > 0 || !self.spill.is_empty() {
                 self.extend_to(id)
             } else {
@@ -83,6 +83,39 @@ impl IdMap {
             return old;
         }
         self.spill.insert(id, value)
+    }
+
+    /// `id`'s value to read and write, set to `fresh` first if `id` has none; and whether it
+    /// had one. One lookup where reading then inserting take two.
+    pub fn value_mut(&mut self, id: u64, fresh: u64) -> (&mut u64, bool) {
+        assert_ne!(fresh, VACANT, "u64::MAX is the id map's vacant mark");
+        if let Some(i) = self.slot(id) {
+            let had = self.window[i] != VACANT;
+            if !had {
+                self.window[i] = fresh;
+                self.window_live += 1;
+            }
+            return (&mut self.window[i], had);
+        }
+        if self.window.is_empty() || self.extends_window(id) {
+            let old = self.insert(id, fresh);
+            let i = self.slot(id).expect("an id the window grew to");
+            if let Some(v) = old {
+                self.window[i] = v;
+            }
+            return (&mut self.window[i], old.is_some());
+        }
+        match self.spill.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => (e.into_mut(), true),
+            std::collections::hash_map::Entry::Vacant(e) => (e.insert(fresh), false),
+        }
+    }
+
+    /// Whether `id`, outside the window, is close enough past its end to extend it.
+    #[inline]
+    fn extends_window(&self, id: u64) -> bool {
+        let end = self.base.wrapping_add(self.window.len() as u64);
+        id >= self.base && id.wrapping_sub(end) <= GAP_MAX
     }
 
     /// Grows the window by vacant slots up to (not including) `id`, bringing in any id of that
@@ -189,6 +222,8 @@ mod tests {
     enum Op {
         Insert(u64, u64),
         Remove(u64),
+        /// `value_mut(id, fresh)`, then the value it gives set to `then`.
+        ValueMut(u64, u64, u64),
     }
 
     /// Ids near a moving counter (most traces), a few far away (addresses).
@@ -198,6 +233,8 @@ mod tests {
             1 => (any::<u64>(), 0u64..1000).prop_map(|(id, v)| Op::Insert(id, v)),
             4 => (0u64..200).prop_map(Op::Remove),
             1 => any::<u64>().prop_map(Op::Remove),
+            2 => (0u64..200, 0u64..1000, 0u64..1000).prop_map(|(id, f, t)| Op::ValueMut(id, f, t)),
+            1 => (any::<u64>(), 0u64..1000, 0u64..1000).prop_map(|(id, f, t)| Op::ValueMut(id, f, t)),
         ]
     }
 
@@ -210,6 +247,14 @@ mod tests {
                 match op {
                     Op::Insert(id, v) => prop_assert_eq!(map.insert(id, v), model.insert(id, v)),
                     Op::Remove(id) => prop_assert_eq!(map.remove(id), model.remove(&id)),
+                    Op::ValueMut(id, fresh, then) => {
+                        let had = model.contains_key(&id);
+                        let expected = *model.entry(id).or_insert(fresh);
+                        let (value, was) = map.value_mut(id, fresh);
+                        prop_assert_eq!((*value, was), (expected, had));
+                        *value = then;
+                        model.insert(id, then);
+                    }
                 }
                 prop_assert_eq!(map.len(), model.len());
                 map.check().map_err(TestCaseError::fail)?;
