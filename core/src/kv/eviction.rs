@@ -41,6 +41,19 @@ pub trait EvictionPolicy {
     /// The free block to hand out next.
     fn pop(&mut self) -> Option<BlockId>;
 
+    /// The next `n` free blocks to hand out, into `out` in that order; false (having taken
+    /// what there was) if fewer were free.
+    #[inline]
+    fn pop_n(&mut self, n: usize, out: &mut Vec<BlockId>) -> bool {
+        for _ in 0..n {
+            match self.pop() {
+                Some(b) => out.push(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
     /// True when what `pop` hands out never depends on `on_evicted`: the pool may then take
     /// several blocks before it evicts their content (and load ahead what it will touch).
     #[inline]
@@ -120,6 +133,11 @@ impl EvictionPolicy for VllmLru {
     #[inline]
     fn pop(&mut self) -> Option<BlockId> {
         self.queue.pop_front()
+    }
+
+    #[inline]
+    fn pop_n(&mut self, n: usize, out: &mut Vec<BlockId>) -> bool {
+        self.queue.pop_front_n(n, out)
     }
 
     /// The free queue's order is fixed by releases and touches alone.
@@ -259,6 +277,11 @@ impl EvictionPolicy for Eviction {
     #[inline]
     fn pop(&mut self) -> Option<BlockId> {
         dispatch!(self, p => p.pop())
+    }
+
+    #[inline]
+    fn pop_n(&mut self, n: usize, out: &mut Vec<BlockId>) -> bool {
+        dispatch!(self, p => p.pop_n(n, out))
     }
 
     #[inline]

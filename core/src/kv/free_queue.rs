@@ -148,6 +148,37 @@ impl FreeQueue {
         }
     }
 
+    /// Takes the `n` head blocks into `out`, in order; false (having taken what there was) if
+    /// fewer were free.
+    #[inline]
+    pub fn pop_front_n(&mut self, n: usize, out: &mut Vec<BlockId>) -> bool {
+        if n > self.len as usize {
+            while let Some(b) = self.pop_front() {
+                out.push(b);
+            }
+            return false;
+        }
+        out.reserve(n);
+        let mask = self.mask();
+        let mut head = self.head;
+        for _ in 0..n {
+            let b = loop {
+                let i = (head & mask) as usize;
+                let b = self.ring[i];
+                self.ring[i] = NONE;
+                head = head.wrapping_add(1);
+                if b != NONE {
+                    break b;
+                }
+            };
+            self.pos[b as usize] = NONE;
+            out.push(b);
+        }
+        self.head = head;
+        self.len -= n as u32;
+        true
+    }
+
     /// The blocks from head to tail.
     pub fn iter(&self) -> impl Iterator<Item = BlockId> + '_ {
         let mask = self.mask();
@@ -224,6 +255,7 @@ mod tests {
         Prepend(Vec<u32>),
         Remove(u32),
         Pop,
+        PopN(usize),
     }
 
     proptest! {
@@ -235,6 +267,7 @@ mod tests {
             2 => proptest::collection::vec(0u32..12, 0..4).prop_map(Op::Prepend),
             2 => (0u32..12).prop_map(Op::Remove),
             3 => Just(Op::Pop),
+            2 => (0usize..9).prop_map(Op::PopN),
         ], 1..400)) {
             let mut q = FreeQueue::new(12, 0..6);
             let mut model: VecDeque<u32> = (0..6).collect();
@@ -261,6 +294,13 @@ mod tests {
                         model.retain(|&x| x != b);
                     }
                     Op::Pop => prop_assert_eq!(q.pop_front(), model.pop_front()),
+                    Op::PopN(n) => {
+                        let mut out = vec![99];
+                        let all = q.pop_front_n(n, &mut out);
+                        let taken: Vec<u32> = (0..n.min(model.len())).filter_map(|_| model.pop_front()).collect();
+                        prop_assert_eq!(all, taken.len() == n);
+                        prop_assert_eq!(&out[1..], &taken[..]);
+                    }
                     _ => {}
                 }
                 prop_assert_eq!(q.iter().collect::<Vec<_>>(), model.iter().copied().collect::<Vec<_>>());

@@ -263,7 +263,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
             // Take them all first: evicting each then finds the map slots it touches already
             // on their way (one cache miss per block, overlapped).
             let first = out.len();
-            out.extend((0..n).map(|_| self.policy.pop().expect("free count out of sync")));
+            assert!(self.policy.pop_n(n, out), "free count out of sync");
             for i in first..out.len() {
                 if let Some(&a) = out.get(i + 2 * LOAD_AHEAD) {
                     prefetch(&self.blocks[a as usize]);
