@@ -139,7 +139,8 @@ impl std::fmt::Display for ReplayError {
 
 impl std::error::Error for ReplayError {}
 
-/// What the id map holds for a trace id whose allocation was refused (else the allocation id).
+/// What the id map holds for a trace id whose allocation was refused (else the allocation id);
+/// not `u64::MAX`, the id map's mark of an empty slot.
 const FAILED: u64 = u64::MAX - 1;
 
 const TIMELINE_POINTS: u64 = 2000;

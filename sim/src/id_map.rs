@@ -58,35 +58,13 @@ impl IdMap {
 
     /// Sets `id`'s value (`value` is never `u64::MAX`), returning the one it replaces.
     pub fn insert(&mut self, id: u64, value: u64) -> Option<u64> {
-        assert_ne!(value, VACANT, "u64::MAX is the id map's vacant mark");
-        if let Some(i) = self.slot(id) {
-            let old = std::mem::replace(&mut self.window[i], value);
-            if old != VACANT {
-                return Some(old);
-            }
-            self.window_live += 1;
-            return None;
-        }
-        if self.window.is_empty() {
-            self.base = id;
-        }
-        if self.extends_window(id) {
-            let gap = id.wrapping_sub(self.base.wrapping_add(self.window.len() as u64));
-            let old = if gap > 0 || !self.spill.is_empty() {
-                self.extend_to(id)
-            } else {
-                None
-            };
-            self.window.push_back(value);
-            self.window_live += 1;
-            self.bound_window();
-            return old;
-        }
-        self.spill.insert(id, value)
+        let (slot, had) = self.value_mut(id, value);
+        let old = std::mem::replace(slot, value);
+        had.then_some(old)
     }
 
-    /// `id`'s value to read and write, set to `fresh` first if `id` has none; and whether it
-    /// had one. One lookup where reading then inserting take two.
+    /// `id`'s value to read and write, set to `fresh` first if `id` has none (`fresh` is never
+    /// `u64::MAX`); and whether it had one. One lookup where reading then inserting take two.
     pub fn value_mut(&mut self, id: u64, fresh: u64) -> (&mut u64, bool) {
         assert_ne!(fresh, VACANT, "u64::MAX is the id map's vacant mark");
         if let Some(i) = self.slot(id) {
@@ -97,12 +75,22 @@ impl IdMap {
             }
             return (&mut self.window[i], had);
         }
-        if self.window.is_empty() || self.extends_window(id) {
-            let old = self.insert(id, fresh);
-            let i = self.slot(id).expect("an id the window grew to");
-            if let Some(v) = old {
-                self.window[i] = v;
-            }
+        if self.window.is_empty() {
+            self.base = id;
+        }
+        if self.extends_window(id) {
+            let gap = id.wrapping_sub(self.base.wrapping_add(self.window.len() as u64));
+            // Ids in order (gap 0, nothing spilled) skip the hash map altogether.
+            let old = if gap > 0 || !self.spill.is_empty() {
+                self.extend_to(id)
+            } else {
+                None
+            };
+            self.window.push_back(old.unwrap_or(fresh));
+            self.window_live += 1;
+            // The new entry is live and last: bounding the window never drops it.
+            self.bound_window();
+            let i = self.window.len() - 1;
             return (&mut self.window[i], old.is_some());
         }
         match self.spill.entry(id) {

@@ -395,8 +395,6 @@ mod tests {
         (from..).find(|&h| map.home(tag_of(h)) == slot).unwrap()
     }
 
-    /// Deleting at the table's end shifts back across the wrap, and an entry at its home just
-    /// past the wrap stays where it is.
     #[test]
     fn small_pools_get_a_roomier_table_within_the_cache_bound() {
         assert_eq!(slots_for(20_000), 1 << 18);
@@ -412,6 +410,8 @@ mod tests {
         }
     }
 
+    /// Deleting at the table's end shifts back across the wrap, and an entry at its home just
+    /// past the wrap stays where it is.
     #[test]
     fn deletion_shifts_across_the_end_of_the_table() {
         let mut map = PrefixMap::with_slots(8, 16);

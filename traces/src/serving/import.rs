@@ -484,21 +484,9 @@ impl Mooncake {
         if !fits(line.input_length) || !fits(line.output_length) {
             return None;
         }
-        let need = line.input_length.div_ceil(DEFAULT_HASH_BLOCK);
-        if (line.hash_ids.len() as u64) < need {
-            return None;
-        }
-        let prompt = Prompt::HashIds {
-            hash_ids: line.hash_ids,
-            input_length: line.input_length,
-            hash_block: DEFAULT_HASH_BLOCK,
-        };
-        if prompt.is_empty() {
-            return None;
-        }
-        let id = format!("r{}", self.records);
-        self.records += 1;
-        Some(record(n, t_us, id, prompt, line.output_length, None))
+        let prompt = mooncake_prompt(line.input_length, line.hash_ids).ok()?;
+        self.next_record(n, t_us, prompt, line.output_length, None)
+            .ok()
     }
 }
 
@@ -559,32 +547,50 @@ impl Mooncake {
             let t_us = json_time(&r, "timestamp", 3)?;
             let input_length = json_len(&r, "input_length")?;
             let output = json_len(&r, "output_length")?;
-            let hash_ids = json_hash_ids(&r)?;
-            let need = input_length.div_ceil(DEFAULT_HASH_BLOCK);
-            if (hash_ids.len() as u64) < need {
-                return Err(format!(
-                    "input_length {input_length} needs {need} hash_ids of {DEFAULT_HASH_BLOCK} tokens, got {}",
-                    hash_ids.len()
-                ));
-            }
+            let prompt = mooncake_prompt(input_length, json_hash_ids(&r)?)?;
             let model = match self.models {
                 true => json_model(&r)?,
                 false => None,
             };
-            Ok((t_us, input_length, output, hash_ids, model))
+            Ok::<_, String>((t_us, prompt, output, model))
         })();
-        let (t_us, input_length, output, hash_ids, model) =
+        let (t_us, prompt, output, model) =
             parsed.map_err(|m| TraceError::at_line(&self.source, n, m))?;
-        let prompt = Prompt::HashIds {
-            hash_ids,
-            input_length,
-            hash_block: DEFAULT_HASH_BLOCK,
-        };
+        self.next_record(n, t_us, prompt, output, model).map(Some)
+    }
+
+    /// The record of the next request (ids `r0`, `r1`, … in file order); an empty prompt is
+    /// refused.
+    fn next_record(
+        &mut self,
+        n: u64,
+        t_us: u64,
+        prompt: Prompt,
+        output: u64,
+        model: Option<String>,
+    ) -> Result<Record, TraceError> {
         nonempty(&self.source, n, &prompt)?;
         let id = format!("r{}", self.records);
         self.records += 1;
-        Ok(Some(record(n, t_us, id, prompt, output, model)))
+        Ok(record(n, t_us, id, prompt, output, model))
     }
+}
+
+/// A Mooncake prompt: `hash_ids` over [`DEFAULT_HASH_BLOCK`]-token blocks, enough of them for
+/// `input_length` tokens.
+fn mooncake_prompt(input_length: u64, hash_ids: Vec<i64>) -> Result<Prompt, String> {
+    let need = input_length.div_ceil(DEFAULT_HASH_BLOCK);
+    if (hash_ids.len() as u64) < need {
+        return Err(format!(
+            "input_length {input_length} needs {need} hash_ids of {DEFAULT_HASH_BLOCK} tokens, got {}",
+            hash_ids.len()
+        ));
+    }
+    Ok(Prompt::HashIds {
+        hash_ids,
+        input_length,
+        hash_block: DEFAULT_HASH_BLOCK,
+    })
 }
 
 fn nonempty(source: &str, line: u64, prompt: &Prompt) -> Result<(), TraceError> {
