@@ -3,14 +3,15 @@
 //! serves.
 //!
 //! It is on the hot path of every block cached, evicted and looked up, so it is built for that:
-//! open addressing with linear probing over 8-byte slots (32 bits of the hash and the first
-//! block holding it), never more than half full (the pool sizes it once: a hash is held by at
-//! least one block), deletion by backward shift (no tombstones). The full hash is not kept
-//! twice: the pool knows each block's hash, and a slot whose 32 bits match is confirmed
-//! through its block (`hash_of`). So the table stays small enough for the processor's cache,
-//! and one operation touches one cache line most of the time. The other blocks holding the
-//! same hash (rare: two requests computed the same block) are chained through a per-block
-//! array, in insertion order.
+//! open addressing with linear probing over 4-byte slots that hold only the first block holding
+//! a hash, never more than a quarter full, deletion by backward shift (no tombstones). The hash
+//! is not kept twice: the pool knows each block's hash (`hash_of`), and a slot is compared and
+//! its home found through its block. So the table takes 32 bytes a block at eight slots a
+//! block, small enough to share the processor's cache with the blocks, and one operation
+//! touches one cache line most of the time. An eviction finds its slot by the block itself,
+//! without reading the hash of another. The other blocks holding the same hash (rare: two
+//! requests computed the same block) are chained through a per-block array, in insertion
+//! order.
 
 use super::hash::BlockHash;
 use super::BlockId;
@@ -32,46 +33,39 @@ pub(crate) fn prefetch<T>(value: &T) {
 
 /// No block: the end of a chain.
 const NONE: BlockId = BlockId::MAX;
-/// Most blocks the map serves: block ids below 2^31 (the top bit of a slot marks a chain).
-pub const MAX_BLOCKS: u32 = 1 << 31;
+/// Most blocks the map serves: block ids below 2^31 − 1 (the top bit of a slot marks a chain,
+/// and the all-ones slot is empty).
+pub const MAX_BLOCKS: u32 = (1 << 31) - 1;
 const CHAINED: u32 = 1 << 31;
-/// An empty slot's `first`.
-const EMPTY_FIRST: u32 = u32::MAX;
 
+/// The first block holding a hash, with [`CHAINED`] when other blocks hold it too (`next[first]`
+/// starts their chain); all ones when empty.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Slot {
-    /// The top 32 bits of the mixed hash (they also pick the home slot).
-    tag: u32,
-    /// The first block holding the hash, with [`CHAINED`] when other blocks hold it too
-    /// (`next[first]` starts their chain); [`EMPTY_FIRST`] for an empty slot.
-    first: u32,
-}
+struct Slot(u32);
 
 impl Slot {
     #[inline]
     fn is_empty(self) -> bool {
-        self.first == EMPTY_FIRST
+        self == EMPTY
     }
 
     #[inline]
     fn block(self) -> BlockId {
-        self.first & !CHAINED
+        self.0 & !CHAINED
     }
 
     #[inline]
     fn chained(self) -> bool {
-        self.first & CHAINED != 0
+        self.0 & CHAINED != 0
     }
 }
 
-const EMPTY: Slot = Slot {
-    tag: 0,
-    first: EMPTY_FIRST,
-};
+const EMPTY: Slot = Slot(u32::MAX);
 
-/// Mixes a hash (Fibonacci hashing: any keys spread, mixed or not); its top bits are the tag.
+/// Mixes a hash (Fibonacci hashing: any keys spread, mixed or not); its top bits pick the
+/// home slot.
 #[inline]
-fn tag_of(hash: u64) -> u32 {
+fn mixed(hash: u64) -> u32 {
     (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
 }
 
@@ -80,9 +74,10 @@ const ROOMY_TABLE_BYTES: usize = 2 << 20;
 
 /// Slots for `num_blocks` blocks: a power of two, at least four a block (at most a quarter
 /// full: short probes, short backward shifts), eight a block while the table stays within
-/// [`ROOMY_TABLE_BYTES`] (a core's L2 cache on the machines measured). On the whole Mooncake
-/// conversation trace, eight a block ran 4% faster than four with 20,000 and 28,019 blocks, and
-/// 15% slower with 200,000 (a 16 MiB table); two a block ran 20% slower with 20,000.
+/// [`ROOMY_TABLE_BYTES`] (a core's L2 cache on the machines measured; up to 65,536 blocks). On
+/// the whole Mooncake conversation trace with 20,000 blocks, eight a block ran 4% faster than
+/// four and sixteen ran 2% slower; with 200,000 blocks, eight (an 8 MiB table) ran 7% slower
+/// than four.
 fn slots_for(num_blocks: u32) -> usize {
     let n = num_blocks as usize;
     let roomy = (8 * n).next_power_of_two();
@@ -100,7 +95,7 @@ fn slots_for(num_blocks: u32) -> usize {
 #[derive(Clone, Debug)]
 pub struct PrefixMap {
     slots: Vec<Slot>,
-    /// `32 - log2(slots.len())`: the tag's top bits pick the home slot.
+    /// `32 - log2(slots.len())`: the mixed hash's top bits pick the home slot.
     shift: u32,
     /// Distinct hashes held.
     len: usize,
@@ -138,23 +133,25 @@ impl PrefixMap {
         self.len == 0
     }
 
+    /// The slot where `hash` is looked for first.
     #[inline]
-    fn home(&self, tag: u32) -> usize {
-        (tag >> self.shift) as usize
+    fn home(&self, hash: u64) -> usize {
+        (mixed(hash) >> self.shift) as usize
     }
 
-    /// The slot holding `hash`, or the empty slot where it would go.
+    /// The slot holding `hash`, or the empty slot where it would go. `known` is a block that,
+    /// if it is a slot's first, holds `hash` (an eviction's block): such a slot is taken
+    /// without asking `hash_of`.
     #[inline]
-    fn find(&self, hash: u64, hash_of: impl Fn(BlockId) -> u64) -> (usize, bool) {
+    fn find(&self, hash: u64, known: BlockId, hash_of: impl Fn(BlockId) -> u64) -> (usize, bool) {
         let mask = self.slots.len() - 1;
-        let tag = tag_of(hash);
-        let mut i = self.home(tag);
+        let mut i = self.home(hash);
         loop {
             let s = self.slots[i];
             if s.is_empty() {
                 return (i, false);
             }
-            if s.tag == tag && hash_of(s.block()) == hash {
+            if s.block() == known || hash_of(s.block()) == hash {
                 return (i, true);
             }
             i = (i + 1) & mask;
@@ -165,13 +162,13 @@ impl PrefixMap {
     /// little later finds it in cache. Changes nothing.
     #[inline]
     pub fn load_ahead(&self, hash: BlockHash) {
-        prefetch(&self.slots[self.home(tag_of(hash.0))]);
+        prefetch(&self.slots[self.home(hash.0)]);
     }
 
     /// The first block inserted of those holding `hash`.
     #[inline]
     pub fn first(&self, hash: BlockHash, hash_of: impl Fn(BlockId) -> u64) -> Option<BlockId> {
-        let (i, found) = self.find(hash.0, hash_of);
+        let (i, found) = self.find(hash.0, NONE, hash_of);
         found.then(|| self.slots[i].block())
     }
 
@@ -179,16 +176,13 @@ impl PrefixMap {
     /// any other holder.
     pub fn insert(&mut self, hash: BlockHash, block: BlockId, hash_of: impl Fn(BlockId) -> u64) {
         debug_assert!(block < MAX_BLOCKS);
-        let (i, found) = self.find(hash.0, hash_of);
+        let (i, found) = self.find(hash.0, NONE, &hash_of);
         if !found {
             assert!(
                 2 * (self.len + 1) <= self.slots.len(),
                 "prefix map over half full"
             );
-            self.slots[i] = Slot {
-                tag: tag_of(hash.0),
-                first: block,
-            };
+            self.slots[i] = Slot(block);
             self.len += 1;
             return;
         }
@@ -199,19 +193,21 @@ impl PrefixMap {
                 last = self.next[last as usize];
             }
         }
-        self.slots[i].first |= CHAINED;
+        self.slots[i].0 |= CHAINED;
         self.next[last as usize] = block;
         self.next[block as usize] = NONE;
     }
 
-    /// `block` no longer holds `hash`. False (nothing changes) if it was not among its holders.
+    /// `block` no longer holds `hash`, which `hash_of(block)` answers (the hash it held until
+    /// now). False (nothing changes) if it was not among its holders.
     pub fn remove(
         &mut self,
         hash: BlockHash,
         block: BlockId,
         hash_of: impl Fn(BlockId) -> u64,
     ) -> bool {
-        let (i, found) = self.find(hash.0, hash_of);
+        debug_assert_eq!(hash_of(block), hash.0, "block {block} did not hold the hash");
+        let (i, found) = self.find(hash.0, block, &hash_of);
         if !found {
             return false;
         }
@@ -221,9 +217,9 @@ impl PrefixMap {
             if slot.chained() {
                 let second = self.next[block as usize];
                 let more = self.next[second as usize] != NONE;
-                self.slots[i].first = second | if more { CHAINED } else { 0 };
+                self.slots[i] = Slot(second | if more { CHAINED } else { 0 });
             } else {
-                self.delete_slot(i);
+                self.delete_slot(i, hash_of);
             }
             return true;
         }
@@ -240,7 +236,7 @@ impl PrefixMap {
                 let after = self.next[block as usize];
                 self.next[prev as usize] = after;
                 if prev == first && after == NONE {
-                    self.slots[i].first = first;
+                    self.slots[i] = Slot(first);
                 }
                 return true;
             }
@@ -249,7 +245,7 @@ impl PrefixMap {
     }
 
     /// Empties slot `i` and shifts back the slots after it that probed past it.
-    fn delete_slot(&mut self, mut i: usize) {
+    fn delete_slot(&mut self, mut i: usize, hash_of: impl Fn(BlockId) -> u64) {
         let mask = self.slots.len() - 1;
         let mut j = i;
         loop {
@@ -258,7 +254,7 @@ impl PrefixMap {
             if s.is_empty() {
                 break;
             }
-            let home = self.home(s.tag);
+            let home = self.home(hash_of(s.block()));
             // Slot j may move to i when its home is not in the cyclic range (i, j].
             let stays = if i < j {
                 i < home && home <= j
@@ -286,7 +282,7 @@ impl PrefixMap {
         hash: BlockHash,
         hash_of: impl Fn(BlockId) -> u64,
     ) -> impl Iterator<Item = BlockId> + '_ {
-        let (i, found) = self.find(hash.0, hash_of);
+        let (i, found) = self.find(hash.0, NONE, hash_of);
         let slot = if found { self.slots[i] } else { EMPTY };
         let mut b = if found { slot.block() } else { NONE };
         let mut chained = slot.chained();
@@ -322,7 +318,8 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Insert(u64, u32),
-        Remove(u64, u32),
+        /// The block gives up the hash it holds, or held last (0 if none yet).
+        Remove(u32),
         Clear,
     }
 
@@ -331,7 +328,7 @@ mod tests {
         let hash = prop_oneof![0u64..24, any::<u64>()];
         prop_oneof![
             6 => (hash.clone(), 0u32..32).prop_map(|(h, b)| Op::Insert(h, b)),
-            5 => (hash, 0u32..32).prop_map(|(h, b)| Op::Remove(h, b)),
+            5 => (0u32..32).prop_map(Op::Remove),
             1 => Just(Op::Clear),
         ]
     }
@@ -355,7 +352,11 @@ mod tests {
                     model.entry(h).or_default().push(b);
                     map.insert(BlockHash(h), b, |x| hash_of_block[x as usize]);
                 }
-                Op::Remove(h, b) => {
+                Op::Remove(b) => {
+                    if b >= num_blocks {
+                        continue;
+                    }
+                    let h = hash_of_block[b as usize];
                     let want = model.get(&h).is_some_and(|v| v.contains(&b));
                     let hash_of = |x: u32| hash_of_block[x as usize];
                     prop_assert_eq!(map.remove(BlockHash(h), b, hash_of), want);
@@ -392,7 +393,7 @@ mod tests {
 
     /// A hash whose home slot in `map` is `slot` (the smallest, searching upwards from `from`).
     fn hash_at(map: &PrefixMap, slot: usize, from: u64) -> u64 {
-        (from..).find(|&h| map.home(tag_of(h)) == slot).unwrap()
+        (from..).find(|&h| map.home(h) == slot).unwrap()
     }
 
     #[test]
@@ -434,9 +435,10 @@ mod tests {
         assert_eq!(map.len(), 1);
     }
 
-    /// Two hashes with the same 32 tag bits are told apart by the hash their block holds.
+    /// Two hashes with the same home (the same 32 mixed bits) are told apart by the hash their
+    /// block holds.
     #[test]
-    fn hashes_sharing_a_tag_stay_apart() {
+    fn hashes_sharing_a_home_stay_apart() {
         // y * K = x * K + 1 (mod 2^64), K the Fibonacci multiplier: the same top 32 bits.
         const K: u64 = 0x9e37_79b9_7f4a_7c15;
         let inverse = (0..6).fold(K, |i, _| {
@@ -445,9 +447,9 @@ mod tests {
         let x = 12345u64;
         let y = x.wrapping_add(inverse);
         assert_ne!(x, y);
-        assert_eq!(tag_of(x), tag_of(y));
+        assert_eq!(mixed(x), mixed(y));
         let mut map = PrefixMap::with_slots(8, 16);
-        let hash_of = |b: u32| [0, x, y, x][b as usize];
+        let hash_of = |b: u32| [0, x, y, x, y][b as usize];
         map.insert(BlockHash(x), 1, hash_of);
         map.insert(BlockHash(y), 2, hash_of);
         map.insert(BlockHash(x), 3, hash_of);
@@ -458,8 +460,8 @@ mod tests {
             [1, 3]
         );
         assert!(
-            !map.remove(BlockHash(y), 1, hash_of),
-            "block 1 holds x, not y"
+            !map.remove(BlockHash(y), 4, hash_of),
+            "block 4 holds y but was never inserted"
         );
         assert!(map.remove(BlockHash(x), 1, hash_of));
         assert_eq!(map.first(BlockHash(x), hash_of), Some(3));
