@@ -32,6 +32,9 @@ pub struct IdMap {
     /// Slots of the window that are not [`VACANT`].
     window_live: usize,
     spill: U64Map<u64>,
+    /// The largest id ever put in `spill`: no id it holds is larger, so a window growing over
+    /// ids above it has nothing to take in from it.
+    spill_max: u64,
 }
 
 impl IdMap {
@@ -79,11 +82,15 @@ impl IdMap {
             self.base = id;
         }
         if self.extends_window(id) {
-            let gap = id.wrapping_sub(self.base.wrapping_add(self.window.len() as u64));
-            // Ids in order (gap 0, nothing spilled) skip the hash map altogether.
-            let old = if gap > 0 || !self.spill.is_empty() {
+            let end = self.base.wrapping_add(self.window.len() as u64);
+            // Ids in order skip the hash map altogether: it can hold none of `end..=id` unless
+            // its largest id reaches `end`.
+            let old = if !self.spill.is_empty() && self.spill_max >= end {
                 self.extend_to(id)
             } else {
+                for _ in end..id {
+                    self.window.push_back(VACANT);
+                }
                 None
             };
             self.window.push_back(old.unwrap_or(fresh));
@@ -95,7 +102,10 @@ impl IdMap {
         }
         match self.spill.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => (e.into_mut(), true),
-            std::collections::hash_map::Entry::Vacant(e) => (e.insert(fresh), false),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                self.spill_max = self.spill_max.max(id);
+                (e.insert(fresh), false)
+            }
         }
     }
 
@@ -156,6 +166,7 @@ impl IdMap {
                 if v != VACANT {
                     self.window_live -= 1;
                     self.spill.insert(self.base, v);
+                    self.spill_max = self.spill_max.max(self.base);
                 }
                 self.base = self.base.wrapping_add(1);
             }
@@ -181,6 +192,12 @@ impl IdMap {
                 "window of {} slots for {} live",
                 self.window.len(),
                 self.window_live
+            ));
+        }
+        if let Some(id) = self.spill.keys().find(|&&id| id > self.spill_max) {
+            return Err(format!(
+                "id {id} in the map is above its largest {}",
+                self.spill_max
             ));
         }
         if let Some(id) = self
@@ -269,6 +286,31 @@ mod tests {
         );
         assert_eq!(map.get(0), Some(7));
         assert_eq!(map.len(), 1);
+    }
+
+    /// An id taken by the map while far past the window's end is found again, not duplicated,
+    /// when the window grows onto it: onto it exactly, and past it over a gap.
+    #[test]
+    fn the_window_takes_in_the_map_ids_it_grows_over() {
+        for (far, last) in [(1_000u64, 1_000u64), (1_000, 1_010)] {
+            let mut map = IdMap::default();
+            map.insert(0, 0);
+            map.insert(far, 77);
+            for id in 1..far {
+                map.insert(id, id);
+            }
+            map.check().unwrap();
+            if last == far {
+                assert_eq!(map.value_mut(far, 5), (&mut 77, true));
+            } else {
+                map.insert(last, 9);
+                assert_eq!(map.get(far), Some(77));
+            }
+            map.check().unwrap();
+            assert_eq!(map.remove(far), Some(77));
+            assert_eq!(map.get(far), None);
+            assert_eq!(map.len(), far as usize + usize::from(last != far));
+        }
     }
 
     #[test]

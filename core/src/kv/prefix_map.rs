@@ -206,7 +206,11 @@ impl PrefixMap {
         block: BlockId,
         hash_of: impl Fn(BlockId) -> u64,
     ) -> bool {
-        debug_assert_eq!(hash_of(block), hash.0, "block {block} did not hold the hash");
+        debug_assert_eq!(
+            hash_of(block),
+            hash.0,
+            "block {block} did not hold the hash"
+        );
         let (i, found) = self.find(hash.0, block, &hash_of);
         if !found {
             return false;
