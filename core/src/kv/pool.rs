@@ -297,6 +297,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
 
     /// Removes every map entry that points at `b` and clears its hash. Returns whether it held
     /// a hash.
+    #[inline]
     fn maybe_evict(&mut self, b: BlockId) -> bool {
         let state = &mut self.blocks[b as usize];
         let Some(h) = state.take_hash() else {

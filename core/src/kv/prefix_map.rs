@@ -174,6 +174,7 @@ impl PrefixMap {
 
     /// Block `block` (which `hash_of` already answers with `hash`) now holds `hash`, after
     /// any other holder.
+    #[inline]
     pub fn insert(&mut self, hash: BlockHash, block: BlockId, hash_of: impl Fn(BlockId) -> u64) {
         debug_assert!(block < MAX_BLOCKS);
         let (i, found) = self.find(hash.0, NONE, &hash_of);
@@ -200,6 +201,7 @@ impl PrefixMap {
 
     /// `block` no longer holds `hash`, which `hash_of(block)` answers (the hash it held until
     /// now). False (nothing changes) if it was not among its holders.
+    #[inline]
     pub fn remove(
         &mut self,
         hash: BlockHash,
