@@ -158,10 +158,11 @@ impl FreeQueue {
             }
             return false;
         }
-        out.reserve(n);
+        let first = out.len();
+        out.resize(first + n, 0);
         let mask = self.mask();
         let mut head = self.head;
-        for _ in 0..n {
+        for taken in &mut out[first..] {
             let b = loop {
                 let i = (head & mask) as usize;
                 let b = self.ring[i];
@@ -172,7 +173,7 @@ impl FreeQueue {
                 }
             };
             self.pos[b as usize] = NONE;
-            out.push(b);
+            *taken = b;
         }
         self.head = head;
         self.len -= n as u32;

@@ -264,14 +264,14 @@ impl<P: EvictionPolicy> BlockPool<P> {
             // on their way (one cache miss per block, overlapped).
             let first = out.len();
             assert!(self.policy.pop_n(n, out), "free count out of sync");
-            for i in first..out.len() {
-                if let Some(&a) = out.get(i + 2 * LOAD_AHEAD) {
+            let taken = &out[first..];
+            for (i, &b) in taken.iter().enumerate() {
+                if let Some(&a) = taken.get(i + 2 * LOAD_AHEAD) {
                     prefetch(&self.blocks[a as usize]);
                 }
-                if let Some(h) = out.get(i + LOAD_AHEAD).and_then(|&a| self.block_hash(a)) {
+                if let Some(h) = taken.get(i + LOAD_AHEAD).and_then(|&a| self.block_hash(a)) {
                     self.cached.load_ahead(h);
                 }
-                let b = out[i];
                 self.maybe_evict(b);
                 self.take_new(b);
             }
