@@ -535,6 +535,7 @@ impl<P: EvictionPolicy> BlockPool<P> {
         }
         let mut entries = 0usize;
         let hash_of = |x: BlockId| self.blocks[x as usize].hash;
+        self.cached.check(hash_of)?;
         for first in self.cached.first_blocks() {
             let h = BlockHash(hash_of(first));
             let s: Vec<BlockId> = self.cached.holders(h, hash_of).collect();

@@ -306,6 +306,32 @@ impl PrefixMap {
         })
     }
 
+    /// Full walk of the table: the count of hashes held, and no empty slot between a slot and
+    /// its home (found through `hash_of`), which a lookup would stop at.
+    pub fn check(&self, hash_of: impl Fn(BlockId) -> u64) -> Result<(), String> {
+        let mask = self.slots.len() - 1;
+        let mut held = 0usize;
+        for (j, &s) in self.slots.iter().enumerate() {
+            if s.is_empty() {
+                continue;
+            }
+            held += 1;
+            let home = self.home(hash_of(s.block()));
+            let past = j.wrapping_sub(home) & mask;
+            if let Some(k) = (0..past).find(|k| self.slots[(home + k) & mask].is_empty()) {
+                return Err(format!(
+                    "slot {j} (block {}) lies past empty slot {}, after its home {home}",
+                    s.block(),
+                    (home + k) & mask
+                ));
+            }
+        }
+        if held != self.len {
+            return Err(format!("{held} slots held, {} counted", self.len));
+        }
+        Ok(())
+    }
+
     /// The first block of every hash held (in slot order: for checks, never for decisions).
     pub fn first_blocks(&self) -> impl Iterator<Item = BlockId> + '_ {
         self.slots
@@ -390,6 +416,7 @@ mod tests {
                     v.clone()
                 );
             }
+            map.check(hash_of).map_err(TestCaseError::fail)?;
             let mut hashes: Vec<u64> = map.first_blocks().map(hash_of).collect();
             hashes.sort_unstable();
             prop_assert_eq!(hashes, model.keys().copied().collect::<Vec<_>>());
