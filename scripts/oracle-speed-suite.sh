@@ -6,10 +6,10 @@
 #   scripts/oracle-speed-suite.sh            # from the repository root
 #   REPS=9 scripts/oracle-speed-suite.sh     # gpumem: best of 9 per workload (default 5)
 #
-# Each workload is a slice of the trace (its first arrival moved to 0), made the way
-# tests/conformance/regenerate.sh makes mooncake-500-large and mooncake-500-small: the oracle's
-# mooncake_to_workload.py with arrivals compressed 10x and requests that can never fit the
-# pool dropped, max_tokens divided by D. The two configs are those fixtures': a roomy pool
+# Each workload is a slice of the trace (its first arrival moved to 0), made into a fixture by
+# scripts/mooncake-fixture.sh as tests/conformance/regenerate.sh makes mooncake-500-large and
+# mooncake-500-small (arrivals compressed 10x, requests that can never fit the pool dropped,
+# max_tokens divided by D). The two configs are those fixtures': a roomy pool
 # (20,000 blocks) and a tight one (1,200 blocks: preemptions). scripts/oracle-speed.sh runs
 # each (and checks that both step logs are identical); this script prints a row per workload
 # and the ratio of the summed times. The fixtures live in a temporary folder, removed after.
@@ -20,9 +20,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="${GPUMEM_SHARED:-../shared}"
 [[ "$SHARED" = /* ]] || SHARED="$ROOT/$SHARED"
-ORACLE_DIR="$SHARED/conformance/vllm-oracle"
 TRACE="$SHARED/traces/mooncake/conversation_trace.jsonl"
-for f in "$ORACLE_DIR/mooncake_to_workload.py" "$TRACE"; do
+for f in "$SHARED/conformance/vllm-oracle/mooncake_to_workload.py" "$TRACE"; do
     [[ -e "$f" ]] || { echo "$0: $f not found (set GPUMEM_SHARED)" >&2; exit 2; }
 done
 
@@ -58,23 +57,11 @@ with open(out, "w") as g:
         r["timestamp"] -= t0
         g.write(json.dumps(r) + "\n")
 PYEOF
-    python3 "$ORACLE_DIR/mooncake_to_workload.py" "$d/slice.jsonl" --time-scale 0.1 \
-        --max-seq-tokens "$5" -o "$d/workload.full.jsonl" 2>"$d/convert.log" || {
+    "$ROOT/scripts/mooncake-fixture.sh" "$d/slice.jsonl" "$d" "$4" "$5" "$6" "$3" \
+        2>"$d/convert.log" || {
         cat "$d/convert.log" >&2
         return 1
     }
-    python3 - "$d/workload.full.jsonl" "$d/workload.jsonl" "$6" <<'PYEOF'
-import json, sys
-with open(sys.argv[1]) as f, open(sys.argv[2], "w") as g:
-    for line in f:
-        r = json.loads(line)
-        r["max_tokens"] = -(-r["max_tokens"] // int(sys.argv[3]))
-        g.write(json.dumps(r, separators=(",", ":")) + "\n")
-PYEOF
-    cat >"$d/config.json" <<CFG
-{"num_gpu_blocks": $4, "block_size": 16, "max_num_seqs": 64, "max_num_batched_tokens": 8192,
- "max_model_len": $5, "enable_prefix_caching": true, "step_us": 20000}
-CFG
 }
 
 echo "load before: $(uptime)"

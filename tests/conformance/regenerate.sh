@@ -22,24 +22,8 @@ python3 "$HERE/gen_cases.py" "$HERE" >/dev/null
 #    The small pool (1200 blocks of 16 = 19184 tokens) forces preemptions;
 #    requests that can never fit it are dropped by --max-seq-tokens.
 mooncake() { # name num_gpu_blocks max_model_len D [limit] [extra config keys]
-    local d="$HERE/$1" keys='"enable_prefix_caching": true'
-    keys="${6:-$keys}"
-    mkdir -p "$d"
-    python3 "$ORACLE/mooncake_to_workload.py" "$TRACE" --limit "${5:-500}" --time-scale 0.1 \
-        --max-seq-tokens "$3" -o "$d/workload.full.jsonl"
-    python3 - "$d/workload.full.jsonl" "$d/workload.jsonl" "$4" <<'PYEOF'
-import json, sys
-with open(sys.argv[1]) as f, open(sys.argv[2], "w") as g:
-    for line in f:
-        r = json.loads(line)
-        r["max_tokens"] = -(-r["max_tokens"] // int(sys.argv[3]))
-        g.write(json.dumps(r, separators=(",", ":")) + "\n")
-PYEOF
-    rm "$d/workload.full.jsonl"
-    cat >"$d/config.json" <<CFG
-{"num_gpu_blocks": $2, "block_size": 16, "max_num_seqs": 64, "max_num_batched_tokens": 8192,
- "max_model_len": $3, $keys, "step_us": 20000}
-CFG
+    "$HERE/../../scripts/mooncake-fixture.sh" "$TRACE" "$HERE/$1" "$2" "$3" "$4" "${5:-500}" \
+        "${6:-\"enable_prefix_caching\": true}"
 }
 mooncake mooncake-500-large 20000 131072 8
 mooncake mooncake-500-small 1200 19184 16
