@@ -4,7 +4,8 @@
 //!
 //! It is on the hot path of every block cached, evicted and looked up, so it is built for that:
 //! open addressing with linear probing over 4-byte slots that hold only the first block holding
-//! a hash, never more than a quarter full, deletion by backward shift (no tombstones). The hash
+//! a hash, a quarter full at most as the pool sizes it (a hash is held by at least one block;
+//! never more than half), deletion by backward shift (no tombstones). The hash
 //! is not kept twice: the pool knows each block's hash (`hash_of`), and a slot is compared and
 //! its home found through its block. So the table takes 32 bytes a block at eight slots a
 //! block, small enough to share the processor's cache with the blocks, and one operation
