@@ -1,7 +1,7 @@
 //! `caching` and `caching-expandable`: PyTorch's CUDA caching allocator
 //! (`c10/cuda/CUDACachingAllocator.cpp`, PyTorch 2.x), modelled after `shared/notes/pytorch-
 //! allocator-and-fragmentation.md` §1. The capacity of the
-//! [`Executor`](crate::executor::Executor) plays the part of `cudaMalloc` refusing.
+//! [`Executor`] plays the part of `cudaMalloc` refusing.
 //!
 //! Model:
 //! - a request is rounded (`round_size`: to a multiple of `kMinBlockSize`, the config's
