@@ -2,7 +2,7 @@
 //!
 //! A device hands out *bases*: opaque `u64` handles (host or device addresses) naming a
 //! reserved region. Every other call names a base and a byte range inside it; a device checks
-//! each range against what it reserved and mapped ([`Regions`], the one place where bounds are
+//! each range against what it reserved and mapped (`Regions`, the one place where bounds are
 //! checked), and answers an error for anything outside, never touching memory it does not own.
 //!
 //! A device holds every tier of one accelerator: its own memory and the host memory beside it

@@ -1,9 +1,11 @@
 //! Several models served from fewer GPUs than models: `gpumem models`.
 //!
 //! Every model is a `vllm-0.33` engine with its own KV pool, homed on one GPU of a
-//! [`DeviceSet`] by the [`MultiGpuMemoryBalancer`]. A model runs only while it is *resident*
-//! (its weights, its KV pool and its activation reserve on the GPU); a request for a model that
-//! is not waits for it to be loaded, over the GPU profile's links. Models on one GPU share its
+//! [`DeviceSet`](gpumem_core::DeviceSet) by the
+//! [`MultiGpuMemoryBalancer`](gpumem_core::balance::MultiGpuMemoryBalancer). A model runs only
+//! while it is *resident* (its weights, its KV pool and its activation reserve on the GPU); a
+//! request for a model that is not waits for it to be loaded, over the GPU profile's links.
+//! Models on one GPU share its
 //! compute: their steps never overlap (the longest-waiting model steps first), and their
 //! loads share its host link.
 //!
