@@ -5,9 +5,8 @@
 //! [`MultiGpuMemoryBalancer`](gpumem_core::balance::MultiGpuMemoryBalancer). A model runs only
 //! while it is *resident* (its weights, its KV pool and its activation reserve on the GPU); a
 //! request for a model that is not waits for it to be loaded, over the GPU profile's links.
-//! Models on one GPU share its
-//! compute: their steps never overlap (the longest-waiting model steps first), and their
-//! loads share its host link.
+//! Models on one GPU share its compute: their steps never overlap (the longest-waiting model
+//! steps first), and their loads share its host link.
 //!
 //! Policies ([`Policy`]): `static` keeps every model resident (refused when they do not fit);
 //! `lru` loads on demand and offloads the least recently used idle model to make room (the
