@@ -70,6 +70,7 @@ printf '| workload | requests | steps | oracle s | gpumem s | ratio |\n|---|---:
 status=0
 for w in "${WORKLOADS[@]}"; do
     read -r name first count blocks max_len d <<<"$w"
+    echo "$name: trace lines $first..$((first + count)), $blocks blocks..." >&2
     make_fixture "$TMP/$name" "$first" "$count" "$blocks" "$max_len" "$d"
     if ! "$ROOT/scripts/oracle-speed.sh" "$TMP/$name" >"$TMP/$name.out" 2>"$TMP/$name.err"; then
         echo "$name: failed or step logs differ:" >&2
