@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::block::{cdiv, BlockId};
+use super::block::{cdiv, full_blocks, BlockId};
 use super::eviction::{EvictionPolicy, VllmLru};
 use super::hash::BlockHash;
 use super::pool::BlockPool;
@@ -303,7 +303,7 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
         if !self.config.enable_prefix_caching || num_tokens == 0 {
             return 0;
         }
-        let max_blocks = ((num_tokens - 1) / self.config.block_size as u64) as usize;
+        let max_blocks = full_blocks(num_tokens - 1, self.config.block_size as u64) as usize;
         let looked_up = &block_hashes[..max_blocks.min(block_hashes.len())];
         for (i, &h) in looked_up.iter().enumerate() {
             if let Some(&ahead) = looked_up.get(i + LOOKUP_AHEAD) {
@@ -328,7 +328,7 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
         }
         // Where the lookup stopped: at a miss (whose caching would extend the hits), or at
         // its limit.
-        let max_blocks = ((r.num_tokens - 1) / self.config.block_size as u64) as usize;
+        let max_blocks = full_blocks(r.num_tokens - 1, self.config.block_size as u64) as usize;
         let next = if self.config.enable_prefix_caching {
             r.block_hashes[..max_blocks.min(r.block_hashes.len())]
                 .get(hits.len())
@@ -645,7 +645,7 @@ impl<'x, P: EvictionPolicy> KvCacheManager<'x, P> {
         if (cached as u64 + 1) * bs > upto {
             return;
         }
-        let full = (upto / bs) as usize;
+        let full = full_blocks(upto, bs) as usize;
         self.pool
             .cache_full_blocks(&self.tables[r.req], r.block_hashes, cached, full);
         self.num_cached[r.req] = full as u32;
@@ -753,7 +753,10 @@ impl Placed<'_> {
         }
         let bs = block_size as u64;
         let end = computed + n;
-        let (first, last) = ((computed / bs) as usize, ((end - 1) / bs) as usize);
+        let (first, last) = (
+            full_blocks(computed, bs) as usize,
+            full_blocks(end - 1, bs) as usize,
+        );
         for (b, &block) in table.iter().enumerate().take(last + 1).skip(first) {
             let full = end >= (b as u64 + 1) * bs;
             let content = match r.block_hashes.get(b) {

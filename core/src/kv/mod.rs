@@ -29,7 +29,7 @@ pub mod offload;
 pub mod pool;
 pub mod prefix_map;
 
-pub use block::{cdiv, BlockId, NULL_BLOCK};
+pub use block::{cdiv, ends_block, full_blocks, BlockId, NULL_BLOCK};
 pub use eviction::{EvictionPolicy, VllmLru};
 pub use hash::BlockHash;
 pub use manager::{

@@ -3,6 +3,8 @@
 //! each request whose prefill is complete; stops at `max_tokens` or `max_model_len`, finished
 //! requests free their blocks in output order). Both feed the engine's digest.
 
+use gpumem_core::kv::ends_block;
+
 use super::super::cost::StepWork;
 use super::super::step::StepRecord;
 use super::requests::Status;
@@ -55,7 +57,7 @@ impl VllmEngine<'_> {
             q.first_token_ns.get_or_insert(end_ns);
             let stop = q.num_tokens >= max_len || q.num_output >= q.input.max_tokens;
             let hashing = self.cfg.enable_prefix_caching || self.tier.is_some();
-            if hashing && q.num_tokens.is_multiple_of(bs) {
+            if hashing && ends_block(q.num_tokens, bs) {
                 q.update_hashes(self.cfg.block_size, &mut self.tok_buf);
             }
             if stop {

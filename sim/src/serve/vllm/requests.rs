@@ -5,7 +5,7 @@
 
 use gpumem_core::kv::hash::{extend_consecutive_block_hashes, hash_request_block, ExtraKeys};
 use gpumem_core::kv::offload::OffloadReqId;
-use gpumem_core::kv::{BlockHash, SlotRequest};
+use gpumem_core::kv::{full_blocks, BlockHash, SlotRequest};
 
 use super::super::workload::WorkloadRequest;
 
@@ -101,16 +101,16 @@ impl Req {
     /// from their tokens, made in batches of up to [`HASH_BATCH_TOKENS`] in `tokens`.
     pub fn update_hashes(&mut self, block_size: u32, tokens: &mut Vec<u32>) {
         let bs = block_size as u64;
-        let full_blocks = self.num_tokens / bs;
+        let num_full = full_blocks(self.num_tokens, bs);
         let per_batch = (HASH_BATCH_TOKENS / bs).max(1);
         self.hashes
-            .reserve((full_blocks as usize).saturating_sub(self.hashes.len()));
-        while (self.hashes.len() as u64) < full_blocks {
+            .reserve((num_full as usize).saturating_sub(self.hashes.len()));
+        while (self.hashes.len() as u64) < num_full {
             let first = self.hashes.len() as u64;
             // A run of consecutive prompt tokens: every full block in it, one division for
             // the run.
             if let Some((t, run)) = self.input.prompt.consecutive_run(first * bs) {
-                let n = (run / bs).min(full_blocks - first);
+                let n = full_blocks(run, bs).min(num_full - first);
                 if n > 0 {
                     extend_consecutive_block_hashes(
                         &mut self.hashes,
@@ -122,7 +122,7 @@ impl Req {
                     continue;
                 }
             }
-            let last = full_blocks.min(first + per_batch);
+            let last = num_full.min(first + per_batch);
             self.fill_tokens(first * bs, last * bs, tokens);
             for block in tokens.chunks_exact(bs as usize) {
                 let parent = self.hashes.last().copied();
@@ -134,19 +134,19 @@ impl Req {
 
     /// Whether every full block is hashed.
     pub fn is_hashed(&self, block_size: u32) -> bool {
-        self.hashes.len() as u64 == self.num_tokens / block_size as u64
+        self.hashes.len() as u64 == full_blocks(self.num_tokens, block_size as u64)
     }
 
     /// The next blocks to hash when they are consecutive prompt tokens: the first token and
     /// how many full blocks the run holds; None when done or the next block is not such.
     pub fn next_run(&self, bs: u64) -> Option<(u32, u64)> {
-        let full_blocks = self.num_tokens / bs;
+        let num_full = full_blocks(self.num_tokens, bs);
         let first = self.hashes.len() as u64;
-        if first >= full_blocks {
+        if first >= num_full {
             return None;
         }
         let (t, run) = self.input.prompt.consecutive_run(first * bs)?;
-        let n = (run / bs).min(full_blocks - first);
+        let n = full_blocks(run, bs).min(num_full - first);
         (n > 0).then_some((t, n))
     }
 
