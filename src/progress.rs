@@ -30,6 +30,9 @@ pub struct Progress {
     done: Vec<AtomicU64>,
     total: u64,
     last_drawn_permille: AtomicU64,
+    /// Whether the bar can ever be drawn (stderr is a terminal): when not, an update only
+    /// records its count. Updates come once per simulated step, so they stay cheap.
+    drawable: bool,
 }
 
 impl Progress {
@@ -62,6 +65,7 @@ impl Progress {
         Progress {
             bar,
             pending: AtomicBool::new(target.is_some()),
+            drawable: target.is_some(),
             pending_target: Mutex::new(target),
             show_after,
             started: Instant::now(),
@@ -77,12 +81,17 @@ impl Progress {
             return;
         };
         slot.store(done, Ordering::Relaxed);
+        if !self.drawable {
+            return;
+        }
         self.show_when_due();
         let sum: u64 = self.done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
         // Move the bar only when a tenth of a percent is crossed: updates come from every run's
-        // thread, and each move takes the bar's lock.
+        // thread, and each move takes the bar's lock. A plain load and store, not a swap: a
+        // locked exchange fences every update, and a race costs at most one extra move.
         let permille = sum.min(self.total) * 1000 / self.total;
-        if self.last_drawn_permille.swap(permille, Ordering::Relaxed) != permille {
+        if self.last_drawn_permille.load(Ordering::Relaxed) != permille {
+            self.last_drawn_permille.store(permille, Ordering::Relaxed);
             self.bar.set_position(sum);
         }
     }
