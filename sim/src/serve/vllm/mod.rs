@@ -77,7 +77,8 @@ pub struct VllmEngine<'x> {
     /// Slots of running requests, in admission order.
     running: Vec<usize>,
     /// The last step's record (its finished requests are dropped when the next step starts).
-    record: StepRecord,
+    /// Boxed: a step takes it out and puts it back by moving a pointer, not by copying it.
+    record: Option<Box<StepRecord>>,
     requests_added: u64,
     hit_buf: Vec<BlockId>,
     tok_buf: Vec<u32>,
@@ -112,7 +113,7 @@ impl<'x> VllmEngine<'x> {
             requests: Requests::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            record: StepRecord::default(),
+            record: Some(Box::default()),
             requests_added: 0,
             hit_buf: Vec::new(),
             tok_buf: Vec::new(),
@@ -201,7 +202,10 @@ impl<'x> VllmEngine<'x> {
     /// next step.
     pub fn step(&mut self, now: Now) -> &StepRecord {
         self.drop_finished();
-        let mut rec = std::mem::take(&mut self.record);
+        let mut rec = self
+            .record
+            .take()
+            .expect("a step's record is back after it");
         rec.clear();
         rec.step = now.step;
         rec.start_ns = now.ns;
@@ -227,21 +231,26 @@ impl<'x> VllmEngine<'x> {
             CostModel::Roofline(_) => forward_ns.saturating_add(self.cfg.cost.step_ns(&work)),
         };
         self.update_from_output(&mut rec);
-        self.record = rec;
-        &self.record
+        self.record.insert(rec)
     }
 
     /// What the last step did.
     pub fn last_step(&self) -> &StepRecord {
-        &self.record
+        self.record
+            .as_deref()
+            .expect("a step's record is back after it")
     }
 
     /// Forgets the requests the last step finished (their slots are reused).
     fn drop_finished(&mut self) {
-        for &slot in &self.record.finished {
+        let rec = self
+            .record
+            .as_mut()
+            .expect("a step's record is back after it");
+        for &slot in &rec.finished {
             self.requests.remove(slot);
         }
-        self.record.finished.clear();
+        rec.finished.clear();
     }
 
     /// The id of the request in `slot`, for any request the last step names.
