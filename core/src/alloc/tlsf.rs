@@ -266,6 +266,7 @@ impl Tlsf {
         None
     }
 
+    #[inline(always)]
     fn insert_free(&mut self, i: u32) {
         let bytes = self.blocks[i as usize].bytes;
         if i != self.last {
@@ -287,7 +288,7 @@ impl Tlsf {
         self.fl_bitmap |= 1 << fl;
     }
 
-    #[inline]
+    #[inline(always)]
     fn remove_free(&mut self, i: u32) {
         let b = self.blocks[i as usize];
         debug_assert_eq!(b.state(), State::Free);
