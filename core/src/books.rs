@@ -34,24 +34,21 @@ impl SegmentBook {
     }
 }
 
-/// Accounts of one run. Panics on a malformed decision stream: that is a policy bug, never an
-/// input error. A place with no capacity given has capacity 0: every reservation there is
-/// refused.
 /// Where a live allocation is and its size. Not a `(Loc, u64)`: a place is booked from a
 /// decision its policy has just written field by field, and copying the decision's `Loc`
 /// whole (one 16-byte load) stalled on store forwarding; with the fields in another order
 /// they are copied one by one.
 #[derive(Clone, Copy, Debug)]
-struct Placed {
+struct LiveBook {
     offset: u64,
     bytes: u64,
     segment: SegmentId,
 }
 
-impl Placed {
+impl LiveBook {
     #[inline]
-    fn new(at: &Loc, bytes: u64) -> Placed {
-        Placed {
+    fn new(at: &Loc, bytes: u64) -> LiveBook {
+        LiveBook {
             offset: at.offset,
             bytes,
             segment: at.segment,
@@ -68,6 +65,9 @@ impl Placed {
     }
 }
 
+/// Accounts of one run. Panics on a malformed decision stream: that is a policy bug, never an
+/// input error. A place with no capacity given has capacity 0: every reservation there is
+/// refused.
 #[derive(Clone, Debug)]
 pub struct Books {
     /// Every place with a capacity, in order: a run has a few, so a sorted vector is both the
@@ -77,7 +77,7 @@ pub struct Books {
     pub allocated_bytes_peak: u64,
     pub live_count: u64,
     segments: BTreeMap<SegmentId, SegmentBook>,
-    live: Vec<Option<Placed>>,
+    live: Vec<Option<LiveBook>>,
     /// The last range found backed: a segment and `[start, end)` inside it, all of it mapped
     /// (or the whole of a physical segment). A block inside it needs no search; unmapping or
     /// releasing anything forgets it (mapping only grows ranges).
@@ -167,7 +167,7 @@ impl Books {
             .get(id.0 as usize)
             .copied()
             .flatten()
-            .map(Placed::loc)
+            .map(LiveBook::loc)
     }
 
     /// Live allocations in id order.
@@ -338,7 +338,7 @@ impl Books {
         self
     }
 
-    fn set_live(&mut self, id: AllocId, value: Option<Placed>) {
+    fn set_live(&mut self, id: AllocId, value: Option<LiveBook>) {
         let i = id.0 as usize;
         if i >= self.live.len() {
             self.live.resize(i + 1, None);
@@ -398,7 +398,7 @@ impl Books {
             Decision::Place { id, ref at, bytes } => {
                 assert!(self.location(id).is_none(), "{id:?} placed twice");
                 self.check_backed(at, bytes);
-                self.set_live(id, Some(Placed::new(at, bytes)));
+                self.set_live(id, Some(LiveBook::new(at, bytes)));
                 self.live_count += 1;
                 self.allocated_bytes += bytes;
                 self.allocated_bytes_peak = self.allocated_bytes_peak.max(self.allocated_bytes);
@@ -425,7 +425,7 @@ impl Books {
             } => {
                 assert_eq!(self.location(id), Some((from, bytes)), "move of {id:?}");
                 self.check_backed(&to, bytes);
-                self.set_live(id, Some(Placed::new(&to, bytes)));
+                self.set_live(id, Some(LiveBook::new(&to, bytes)));
             }
             Decision::WriteKv { at, bytes, .. } | Decision::ReadKv { at, bytes, .. } => {
                 self.check_backed(&at, bytes)
