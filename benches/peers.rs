@@ -226,7 +226,9 @@ fn timed<P: Peer>(make: impl Fn() -> P, ops: &[Op], ids: usize) -> (f64, u64) {
 type Run = Box<dyn Fn(&[Op], usize) -> (f64, u64)>;
 
 fn main() {
-    // `cargo bench` passes `--bench`; a filter argument selects allocators by name.
+    // `cargo bench` passes `--bench`; a filter argument selects allocators by name: the one
+    // it names exactly, else every one whose name contains it ("gpumem tlsf" alone, "tlsf"
+    // both gpumem runs).
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -328,7 +330,20 @@ fn main() {
             (secs, u64::MAX)
         }),
     ));
-    runs.retain(|(name, _)| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())));
+    let exact: Vec<bool> = filter
+        .iter()
+        .map(|f| runs.iter().any(|(name, _)| name == f))
+        .collect();
+    runs.retain(|(name, _)| {
+        filter.is_empty()
+            || filter.iter().zip(&exact).any(|(f, &exact)| {
+                if exact {
+                    name == f
+                } else {
+                    name.contains(f.as_str())
+                }
+            })
+    });
 
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
     let mut refusals: Vec<u64> = vec![0; runs.len()];
