@@ -262,16 +262,14 @@ impl PrefixMap {
                 break;
             }
             let home = self.home(hash_of(s.block()));
-            // Slot j may move to i when its home is not in the cyclic range (i, j].
-            let stays = if i < j {
-                i < home && home <= j
-            } else {
-                i < home || home <= j
-            };
-            if !stays {
-                self.slots[i] = s;
-                i = j;
-            }
+            // Slot j stays when its home is in the cyclic range (i, j], else it moves to i.
+            // Cyclic distances from i + 1 compare without a branch; whether a slot moves is as
+            // good as random, so the move is a select too (a slot that stays rewrites slot i
+            // unchanged).
+            let stays = (home.wrapping_sub(i + 1) & mask) < (j.wrapping_sub(i) & mask);
+            let kept = self.slots[i];
+            self.slots[i] = if stays { kept } else { s };
+            i = if stays { i } else { j };
         }
         self.slots[i] = EMPTY;
         self.len -= 1;
