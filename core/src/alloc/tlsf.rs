@@ -296,9 +296,9 @@ impl Tlsf {
         if i != self.last {
             self.largest.removed(b.bytes);
         }
-        // Selects, not branches, as in `insert_free`: a link to NIL is written to `i` itself
-        // (which the caller rewrites), the head is rewritten unchanged unless `i` was it, and
-        // a list's bit is cleared only when that left it empty.
+        // Selects, not branches, as in `insert_free`: a link that has no neighbour to go to
+        // rewrites `i`'s own field with the value it holds, the head is rewritten unchanged
+        // unless `i` was it, and a list's bit is cleared only when that left it empty.
         let (fl, sl) = self.class_of(b.bytes);
         let h = (fl * SL_COUNT + sl) as usize;
         let was_head = b.prev_free == NIL;
