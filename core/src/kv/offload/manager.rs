@@ -151,15 +151,14 @@ impl CpuOffloadManager {
     fn record_access(
         &mut self,
         req: &mut RequestAccess,
-        observed: impl Iterator<Item = (u32, u64)>,
+        observed: &[(u32, Option<u32>)],
         reused: impl Iterator<Item = u32>,
     ) {
-        let mut new: Vec<(u32, Option<u32>)> = Vec::new();
-        for (idx, key) in observed {
-            if req.observe(idx) {
-                new.push((idx, self.slot_of(key)));
-            }
-        }
+        let new: Vec<(u32, Option<u32>)> = observed
+            .iter()
+            .copied()
+            .filter(|&(idx, _)| req.observe(idx))
+            .collect();
         if !new.is_empty() {
             self.policy.on_request_access(&new, req);
         }
@@ -176,10 +175,20 @@ impl CpuOffloadManager {
     ) -> Option<StoreOutput> {
         let mut to_store: Vec<(u32, u64)> = Vec::new();
         let mut ready: Vec<u32> = Vec::new();
+        // (position, slot) of the chunks the request observes: all but those another request
+        // is storing. Found once here; nothing below changes the index before they are
+        // recorded.
+        let mut observed: Vec<(u32, Option<u32>)> = Vec::with_capacity(offer.len());
         for &(idx, key) in offer {
             match self.slot_of(key) {
-                None => to_store.push((idx, key)),
-                Some(s) if self.ref_cnt[s as usize] >= 0 => ready.push(idx),
+                None => {
+                    to_store.push((idx, key));
+                    observed.push((idx, None));
+                }
+                Some(s) if self.ref_cnt[s as usize] >= 0 => {
+                    ready.push(idx);
+                    observed.push((idx, Some(s)));
+                }
                 Some(_) => {}
             }
         }
@@ -195,16 +204,8 @@ impl CpuOffloadManager {
                 req.mark_store_miss(idx);
             }
         }
-        // Recorded before any early return; the keys being stored by another request are not.
-        let observed: Vec<(u32, u64)> = offer
-            .iter()
-            .copied()
-            .filter(|&(_, key)| {
-                self.slot_of(key)
-                    .is_none_or(|s| self.ref_cnt[s as usize] >= 0)
-            })
-            .collect();
-        self.record_access(req, observed.into_iter(), ready.iter().copied());
+        // Recorded before any early return.
+        self.record_access(req, &observed, ready.iter().copied());
         if to_store.is_empty() {
             return Some(StoreOutput::default());
         }
@@ -325,7 +326,12 @@ impl CpuOffloadManager {
             *rc += 1;
             slots.push(slot);
         }
-        self.record_access(req, keys.iter().copied(), keys.iter().map(|&(i, _)| i));
+        let observed: Vec<(u32, Option<u32>)> = keys
+            .iter()
+            .zip(&slots)
+            .map(|(&(idx, _), &slot)| (idx, Some(slot)))
+            .collect();
+        self.record_access(req, &observed, keys.iter().map(|&(i, _)| i));
         slots
     }
 
