@@ -146,8 +146,9 @@ impl CpuOffloadManager {
         }
     }
 
-    /// vLLM's `_record_request_cache_access`: the keys `req` observes (position, key), the
-    /// first observations told to the policy; `reused` positions count as reuses.
+    /// vLLM's `_record_request_cache_access`: the chunks `req` observes (position, and slot
+    /// when resident, as the caller found it in the index), the first observations told to
+    /// the policy; `reused` positions count as reuses.
     fn record_access(
         &mut self,
         req: &mut RequestAccess,
