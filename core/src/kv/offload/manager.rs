@@ -293,9 +293,13 @@ impl CpuOffloadManager {
     /// success; gone on failure (gpumem's executor refused the copy).
     pub fn complete_store(&mut self, chunks: &[(u64, u32)], success: bool) {
         for &(key, slot) in chunks {
-            if self.slot_of(key) != Some(slot) || self.ref_cnt[slot as usize] != PENDING {
+            // Still this job's pending chunk. The index holds exactly each occupied slot's key
+            // (`check_invariants`), so a pending slot that still has this key is the one the
+            // index names: no lookup.
+            if self.ref_cnt[slot as usize] != PENDING || self.keys[slot as usize] != key {
                 continue;
             }
+            debug_assert_eq!(self.slot_of(key), Some(slot));
             self.num_write_pending -= 1;
             if success {
                 self.ref_cnt[slot as usize] = 0;
