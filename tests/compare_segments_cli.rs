@@ -13,7 +13,7 @@ use gpumem_core::books::Books;
 use gpumem_core::decision::AllocId;
 use gpumem_core::executor::Ledger;
 use gpumem_traces::pickle::{to_bytes, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A `cudaStream_t` value: streams are pointers in a recording.
 const SIDE_STREAM: i128 = 0x5612_3400_0000;
@@ -178,7 +178,7 @@ fn record(seed: u64, capacity_bytes: u64) -> (Vec<Value>, Vec<Value>) {
 }
 
 /// Two devices, each its own allocator; device 1's segments say so.
-fn write_snapshot(edit: impl Fn(&mut Vec<Value>)) -> PathBuf {
+fn write_snapshot(edit: impl Fn(&mut Vec<Value>)) -> ScratchFile {
     let (mut t0, s0) = record(7, 256 * MIB);
     let (t1, s1) = record(99, 192 * MIB);
     edit(&mut t0);
@@ -208,7 +208,7 @@ fn write_snapshot(edit: impl Fn(&mut Vec<Value>)) -> PathBuf {
             ]),
         ),
     ]);
-    let path = scratch_dir().join("made.pickle");
+    let path = scratch_file("made.pickle");
     std::fs::write(&path, to_bytes(&root)).unwrap();
     path
 }

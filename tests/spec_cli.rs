@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
@@ -30,9 +30,9 @@ fn succeeded(args: &[&str]) -> Output {
 }
 
 /// `args --print-spec`, written to a fresh file.
-fn print_spec(args: &[&str]) -> PathBuf {
+fn print_spec(args: &[&str]) -> ScratchFile {
     let out = succeeded(&[args, &["--print-spec"]].concat());
-    let file = scratch_dir().join("spec.ron");
+    let file = scratch_file("spec.ron");
     std::fs::write(&file, &out.stdout).unwrap();
     file
 }
@@ -499,7 +499,7 @@ fn a_printed_spec_reads_back_to_the_same_text_over_many_flag_combinations() {
 }
 
 /// A spec printed by `kv --kv-blocks 100 --cost fixed:1000`, its `field` line replaced.
-fn broken_spec(field: &str, line: &str) -> (PathBuf, usize) {
+fn broken_spec(field: &str, line: &str) -> (ScratchFile, usize) {
     let spec = print_spec(&["kv", "--kv-blocks", "100", "--cost", "fixed:1000"]);
     let text = std::fs::read_to_string(&spec).unwrap();
     let at = text

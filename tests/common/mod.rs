@@ -37,16 +37,75 @@ pub fn gpumem(args: &[&str]) -> Output {
         .expect("gpumem runs")
 }
 
-/// A fresh scratch directory under the system's temp dir.
-pub fn scratch_dir() -> PathBuf {
+/// A fresh, empty scratch directory under the system's temp dir, removed when the test that
+/// made it passes (kept for a look when it fails).
+pub fn scratch_dir() -> Scratch {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
         "gpumem-test-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
+    // Process ids are reused: a finished test process that had ours may have left this
+    // directory, and a test that lists what it wrote must not find its files.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).expect("a stale scratch dir is removed");
+    }
     std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+    Scratch(dir)
+}
+
+/// See [`scratch_dir`]; it reads as the directory's path.
+pub struct Scratch(PathBuf);
+
+/// A path named `name` in a scratch directory of its own, removed with it: for a helper that
+/// hands a file back.
+pub fn scratch_file(name: &str) -> ScratchFile {
+    let dir = scratch_dir();
+    ScratchFile {
+        path: dir.join(name),
+        _dir: dir,
+    }
+}
+
+/// See [`scratch_file`]; it reads as the file's path.
+pub struct ScratchFile {
+    path: PathBuf,
+    _dir: Scratch,
+}
+
+impl std::ops::Deref for ScratchFile {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::path::Path> for ScratchFile {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 pub fn stdout(out: &Output) -> String {
