@@ -46,7 +46,7 @@ mod tests {
         prop_oneof![
             (0u32..64).prop_map(|s| 1u64 << s),
             1u64..=1 << 20,
-            any::<u64>()
+            1u64..=u64::MAX
         ]
     }
 
