@@ -180,17 +180,22 @@ impl CpuOffloadManager {
         // is storing. Found once here; nothing below changes the index before they are
         // recorded.
         let mut observed: Vec<(u32, Option<u32>)> = Vec::with_capacity(offer.len());
+        // The slots of the offered keys already resident, whatever their state: what an
+        // eviction to make room must spare.
+        let mut resident: Vec<u32> = Vec::new();
         for &(idx, key) in offer {
             match self.slot_of(key) {
                 None => {
                     to_store.push((idx, key));
                     observed.push((idx, None));
                 }
-                Some(s) if self.ref_cnt[s as usize] >= 0 => {
-                    ready.push(idx);
-                    observed.push((idx, Some(s)));
+                Some(s) => {
+                    resident.push(s);
+                    if self.ref_cnt[s as usize] >= 0 {
+                        ready.push(idx);
+                        observed.push((idx, Some(s)));
+                    }
                 }
-                Some(_) => {}
             }
         }
         // ARC learns from ghosts before the inserts below drop them; once per key per request.
@@ -210,7 +215,7 @@ impl CpuOffloadManager {
         if to_store.is_empty() {
             return Some(StoreOutput::default());
         }
-        let evicted = self.make_room(to_store.len() as u32, offer);
+        let evicted = self.make_room(to_store.len() as u32, &resident);
         let Some(evicted) = evicted else {
             self.store_failures += 1;
             return None;
@@ -229,9 +234,10 @@ impl CpuOffloadManager {
         Some(StoreOutput { stored, evicted })
     }
 
-    /// Frees enough slots for `n` new chunks, evicting the shortage (never a key of `offer`).
-    /// Returns the chunks evicted, or None when the shortage cannot be evicted.
-    fn make_room(&mut self, n: u32, offer: &[(u32, u64)]) -> Option<u32> {
+    /// Frees enough slots for `n` new chunks, evicting the shortage (never one of `spared`, the
+    /// slots of the offer's resident keys, as `prepare_store` found them: nothing changes the
+    /// index between). Returns the chunks evicted, or None when the shortage cannot be evicted.
+    fn make_room(&mut self, n: u32, spared: &[u32]) -> Option<u32> {
         let free = self.num_free();
         if n <= free {
             return Some(0);
@@ -246,11 +252,10 @@ impl CpuOffloadManager {
             self.protect_stamp = 1;
         }
         let mut protected_evictable = 0;
-        for &(_, key) in offer {
-            if let Some(s) = self.slot_of(key) {
-                self.protect[s as usize] = self.protect_stamp;
-                protected_evictable += (self.ref_cnt[s as usize] == 0) as u32;
-            }
+        for &s in spared {
+            debug_assert_eq!(self.slot_of(self.keys[s as usize]), Some(s));
+            self.protect[s as usize] = self.protect_stamp;
+            protected_evictable += (self.ref_cnt[s as usize] == 0) as u32;
         }
         if shortage > self.num_evictable - protected_evictable {
             return None;
