@@ -68,12 +68,42 @@ struct Bucket {
     chunk_at: Vec<u32>,
 }
 
-/// Per chunk slot.
+/// Per chunk slot: the rank's fields beside the flags, 16 bytes where a `Rank` field (padded
+/// to 16) made 24. Eviction reads the slot of every queue entry it meets, at random, over a
+/// tier of up to millions of slots.
 #[derive(Clone, Copy, Debug, Default)]
 struct Slot {
-    rank: Rank,
+    rank_hi: u64,
+    rank_sub: u32,
     resident: bool,
     evictable: bool,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+
+impl Slot {
+    fn new(rank: Rank, resident: bool, evictable: bool) -> Self {
+        Slot {
+            rank_hi: rank.hi,
+            rank_sub: rank.sub,
+            resident,
+            evictable,
+        }
+    }
+
+    #[inline]
+    fn rank(&self) -> Rank {
+        Rank {
+            hi: self.rank_hi,
+            sub: self.rank_sub,
+        }
+    }
+
+    #[inline]
+    fn set_rank(&mut self, rank: Rank) {
+        self.rank_hi = rank.hi;
+        self.rank_sub = rank.sub;
+    }
 }
 
 /// See the module documentation.
@@ -110,11 +140,7 @@ impl OffloadLru {
     /// `chunk` (a new store of position `idx` of `req`) is resident, not yet evictable.
     pub fn insert(&mut self, chunk: u32, idx: u32, req: &mut RequestAccess) {
         let r = self.request_rank(req);
-        self.slots[chunk as usize] = Slot {
-            rank: Rank::of_request(r, idx),
-            resident: true,
-            evictable: false,
-        };
+        self.slots[chunk as usize] = Slot::new(Rank::of_request(r, idx), true, false);
     }
 
     /// `chunk` leaves the tier without being evicted (a failed store).
@@ -130,7 +156,7 @@ impl OffloadLru {
         for &(idx, chunk) in new {
             let Some(chunk) = chunk else { continue };
             let rank = Rank::of_request(r, idx);
-            if self.slots[chunk as usize].rank < rank {
+            if self.slots[chunk as usize].rank() < rank {
                 self.set_rank(chunk, rank);
             }
         }
@@ -174,7 +200,7 @@ impl OffloadLru {
         if evictable {
             self.unplace(chunk);
         }
-        self.slots[chunk as usize].rank = rank;
+        self.slots[chunk as usize].set_rank(rank);
         if evictable {
             self.place(chunk);
         }
@@ -182,7 +208,7 @@ impl OffloadLru {
 
     /// Files an evictable chunk under its rank.
     fn place(&mut self, chunk: u32) {
-        let rank = self.slots[chunk as usize].rank;
+        let rank = self.slots[chunk as usize].rank();
         if rank.is_fresh() {
             if rank.hi > self.fresh_last {
                 self.fresh.push_back((rank.hi, chunk));
@@ -209,23 +235,23 @@ impl OffloadLru {
     /// themselves once the slot is no longer evictable under that rank).
     fn unplace(&mut self, chunk: u32) {
         let s = self.slots[chunk as usize];
-        if !s.evictable || s.rank.is_fresh() {
+        if !s.evictable || s.rank().is_fresh() {
             return;
         }
         let b = self
             .buckets
-            .get_mut(&s.rank.hi)
+            .get_mut(&s.rank().hi)
             .expect("a live request's bucket");
-        b.positions.remove(s.rank.idx());
+        b.positions.remove(s.rank().idx());
         if b.positions.is_empty() {
-            self.nonempty.remove(&s.rank.hi);
+            self.nonempty.remove(&s.rank().hi);
         }
     }
 
     /// A queue or heap entry still names an evictable chunk under that fresh rank.
     fn current(&self, hi: u64, chunk: u32) -> bool {
         let s = self.slots[chunk as usize];
-        s.evictable && s.rank == Rank::fresh(hi)
+        s.evictable && s.rank() == Rank::fresh(hi)
     }
 
     /// Drops stale entries once they outnumber the live ones (vLLM compacts its heap alike).
@@ -234,7 +260,7 @@ impl OffloadLru {
         if self.fresh.len() > limit {
             let slots = &self.slots;
             self.fresh.retain(|&(hi, c)| {
-                slots[c as usize].evictable && slots[c as usize].rank == Rank::fresh(hi)
+                slots[c as usize].evictable && slots[c as usize].rank() == Rank::fresh(hi)
             });
         }
         if self.late.len() > limit {
@@ -243,7 +269,7 @@ impl OffloadLru {
                 .late
                 .drain()
                 .filter(|Reverse((hi, c))| {
-                    slots[*c as usize].evictable && slots[*c as usize].rank == Rank::fresh(*hi)
+                    slots[*c as usize].evictable && slots[*c as usize].rank() == Rank::fresh(*hi)
                 })
                 .collect();
             self.late = live.into();
@@ -358,7 +384,7 @@ impl OffloadLru {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.evictable)
-            .map(|(c, s)| (s.rank, c as u32))
+            .map(|(c, s)| (s.rank(), c as u32))
             .collect();
         all.sort();
         all.into_iter().map(|(_, c)| c).collect()
@@ -367,7 +393,7 @@ impl OffloadLru {
     /// The rank of a resident chunk (tests).
     pub fn rank(&self, chunk: u32) -> Option<Rank> {
         let s = self.slots[chunk as usize];
-        s.resident.then_some(s.rank)
+        s.resident.then_some(s.rank())
     }
 
     /// Every evictable chunk is filed exactly where its rank says; counts agree.
@@ -395,22 +421,26 @@ impl OffloadLru {
                 continue;
             }
             n += 1;
-            if s.rank.is_fresh() {
-                let queued = self.fresh.iter().any(|&(hi, x)| x == c && hi == s.rank.hi);
+            if s.rank().is_fresh() {
+                let queued = self
+                    .fresh
+                    .iter()
+                    .any(|&(hi, x)| x == c && hi == s.rank().hi);
                 let heaped = self
                     .late
                     .iter()
-                    .any(|&Reverse((hi, x))| x == c && hi == s.rank.hi);
+                    .any(|&Reverse((hi, x))| x == c && hi == s.rank().hi);
                 if !queued && !heaped {
                     return Err(format!("lru: evictable slot {c} is filed nowhere"));
                 }
             } else {
                 let b = self
                     .buckets
-                    .get(&s.rank.hi)
-                    .ok_or_else(|| format!("lru: slot {c}: no bucket {}", s.rank.hi))?;
-                if !b.positions.contains(s.rank.idx()) || b.chunk_at[s.rank.idx() as usize] != c {
-                    return Err(format!("lru: slot {c} missing from bucket {}", s.rank.hi));
+                    .get(&s.rank().hi)
+                    .ok_or_else(|| format!("lru: slot {c}: no bucket {}", s.rank().hi))?;
+                if !b.positions.contains(s.rank().idx()) || b.chunk_at[s.rank().idx() as usize] != c
+                {
+                    return Err(format!("lru: slot {c} missing from bucket {}", s.rank().hi));
                 }
             }
         }
@@ -424,7 +454,7 @@ impl OffloadLru {
         let bucketed = self
             .slots
             .iter()
-            .filter(|s| s.evictable && !s.rank.is_fresh())
+            .filter(|s| s.evictable && !s.rank().is_fresh())
             .count() as u32;
         if in_buckets != bucketed {
             return Err(format!(
