@@ -13,10 +13,8 @@
 //! a request, since it is a prefix hash.
 
 use super::access::RequestAccess;
+use super::key_index::KeyIndex;
 use super::policy::{ChunkPolicy, FinishedChunk, OffloadPolicyKind};
-use crate::kv::hash::HashKeyHasher;
-
-type KeyIndex = std::collections::HashMap<u64, u32, std::hash::BuildHasherDefault<HashKeyHasher>>;
 
 /// vLLM's `LookupResult` (without `RETRY`, which the CPU tier never answers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,7 +132,7 @@ impl CpuOffloadManager {
     /// The slot holding `key`, stored or being stored.
     #[inline]
     pub fn slot_of(&self, key: u64) -> Option<u32> {
-        self.index.get(&key).copied()
+        self.index.get(key, &self.keys)
     }
 
     #[inline]
@@ -223,8 +221,8 @@ impl CpuOffloadManager {
         let mut stored = Vec::with_capacity(to_store.len());
         for &(idx, key) in &to_store {
             let slot = self.allocate_slot();
-            self.index.insert(key, slot);
             self.keys[slot as usize] = key;
+            self.index.insert(key, slot, &self.keys);
             self.ref_cnt[slot as usize] = PENDING;
             self.policy.insert(slot, key, idx, req);
             req.mark_inserted(idx);
@@ -288,8 +286,8 @@ impl CpuOffloadManager {
     }
 
     fn release_slot(&mut self, slot: u32) {
-        let key = self.keys[slot as usize];
-        self.index.remove(&key);
+        let removed = self.index.remove(self.keys[slot as usize], slot);
+        debug_assert!(removed, "slot {slot} was not in the index");
         self.ref_cnt[slot as usize] = EMPTY;
         self.free_list.push(slot);
     }
@@ -447,6 +445,15 @@ impl CpuOffloadManager {
                 r if r > 0 => {}
                 r => return Err(format!("cpu tier: slot {slot} has reference count {r}")),
             }
+        }
+        if let Some(s) = self
+            .index
+            .slots()
+            .find(|&s| s >= self.num_chunks || self.ref_cnt[s as usize] == EMPTY)
+        {
+            return Err(format!(
+                "cpu tier: the index files slot {s}, which holds no chunk"
+            ));
         }
         if resident != self.index.len() {
             return Err(format!(

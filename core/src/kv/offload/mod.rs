@@ -6,7 +6,7 @@
 //! pure state machine:
 //!
 //! - [`manager`]: `CPUOffloadingManager` — the tier's chunk slots (fresh slots first, then a
-//!   LIFO free list), the key → slot index, reference counts (`-1` while a store is in flight,
+//!   LIFO free list), the key → slot index ([`key_index`]), reference counts (`-1` while a store is in flight,
 //!   then the number of loads reading it), `lookup` (miss / hit / pending), `prepare_store`
 //!   (evicts exactly the shortage), `complete_store`, `prepare_load`, `complete_load`, the
 //!   per-request record of which chunks a request stored or reused ([`access`]), and the
@@ -26,6 +26,7 @@ pub mod access;
 pub mod arc;
 pub mod connector;
 pub mod idx_set;
+pub mod key_index;
 pub mod lru;
 pub mod manager;
 pub mod policy;
