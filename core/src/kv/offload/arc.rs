@@ -12,16 +12,158 @@
 //! The target is a float because vLLM's is: IEEE-754 division, addition and comparison are
 //! exact to the last bit on every machine, so the decisions are vLLM's and deterministic.
 //!
-//! Order within a list is a sequence number taken at each move to the recent end; the
+//! Order within a resident list is a sequence number taken at each move to the recent end; the
 //! evictable chunks of each list are kept by it (`BTreeMap`), so an eviction walks only
-//! chunks it may take. O(log n) per operation.
+//! chunks it may take. O(log n) per operation. A ghost only ever joins its list at the recent
+//! end and leaves from anywhere, so B1 and B2 are linked lists over one slab of ghosts,
+//! indexed by key ([`KeyIndex`]): O(1), and no allocation once the slab has grown.
 
 use std::collections::BTreeMap;
 
-use crate::kv::hash::HashKeyHasher;
+use super::key_index::KeyIndex;
 
-type GhostMap =
-    std::collections::HashMap<u64, (bool, u64), std::hash::BuildHasherDefault<HashKeyHasher>>;
+/// No ghost: a list's end.
+const NIL: u32 = u32::MAX;
+
+/// A ghost's links in its list, and which list.
+#[derive(Clone, Copy, Debug)]
+struct GhostLink {
+    prev: u32,
+    next: u32,
+    in_b1: bool,
+}
+
+/// One ghost list, oldest first.
+#[derive(Clone, Copy, Debug)]
+struct GhostList {
+    head: u32,
+    tail: u32,
+    len: u64,
+}
+
+impl Default for GhostList {
+    fn default() -> Self {
+        GhostList {
+            head: NIL,
+            tail: NIL,
+            len: 0,
+        }
+    }
+}
+
+/// B1 and B2 over one slab: a ghost's key, its links, the free entries, the index by key.
+#[derive(Clone, Debug, Default)]
+struct Ghosts {
+    keys: Vec<u64>,
+    links: Vec<GhostLink>,
+    free: Vec<u32>,
+    index: KeyIndex,
+    b1: GhostList,
+    b2: GhostList,
+}
+
+impl Ghosts {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn list(&mut self, in_b1: bool) -> &mut GhostList {
+        if in_b1 {
+            &mut self.b1
+        } else {
+            &mut self.b2
+        }
+    }
+
+    /// The ghost of `key`: (entry, in B1).
+    fn find(&self, key: u64) -> Option<(u32, bool)> {
+        let g = self.index.get(key, &self.keys)?;
+        Some((g, self.links[g as usize].in_b1))
+    }
+
+    fn contains(&self, key: u64) -> bool {
+        self.index.get(key, &self.keys).is_some()
+    }
+
+    fn link_at_end(&mut self, g: u32, in_b1: bool) {
+        let list = *self.list(in_b1);
+        self.links[g as usize] = GhostLink {
+            prev: list.tail,
+            next: NIL,
+            in_b1,
+        };
+        if list.tail == NIL {
+            self.list(in_b1).head = g;
+        } else {
+            self.links[list.tail as usize].next = g;
+        }
+        let list = self.list(in_b1);
+        list.tail = g;
+        list.len += 1;
+    }
+
+    fn unlink(&mut self, g: u32) {
+        let GhostLink { prev, next, in_b1 } = self.links[g as usize];
+        if prev == NIL {
+            self.list(in_b1).head = next;
+        } else {
+            self.links[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.list(in_b1).tail = prev;
+        } else {
+            self.links[next as usize].prev = prev;
+        }
+        self.list(in_b1).len -= 1;
+    }
+
+    /// `key`, not a ghost, joins the recent end of B1 or B2.
+    fn push(&mut self, key: u64, in_b1: bool) {
+        let g = self.free.pop().unwrap_or_else(|| {
+            self.keys.push(0);
+            self.links.push(GhostLink {
+                prev: NIL,
+                next: NIL,
+                in_b1,
+            });
+            self.keys.len() as u32 - 1
+        });
+        self.keys[g as usize] = key;
+        self.index.insert(key, g, &self.keys);
+        self.link_at_end(g, in_b1);
+    }
+
+    /// The ghost entry `g` goes.
+    fn remove(&mut self, g: u32) {
+        self.unlink(g);
+        let removed = self.index.remove(self.keys[g as usize], g);
+        debug_assert!(removed, "ghost {g} was not in the index");
+        self.free.push(g);
+    }
+
+    /// The ghost entry `g` moves to the recent end of its list.
+    fn renew(&mut self, g: u32) {
+        let in_b1 = self.links[g as usize].in_b1;
+        self.unlink(g);
+        self.link_at_end(g, in_b1);
+    }
+
+    /// The oldest ghost of B1 or B2 goes.
+    fn pop_oldest(&mut self, in_b1: bool) {
+        let g = self.list(in_b1).head;
+        assert_ne!(g, NIL, "a ghost to drop");
+        self.remove(g);
+    }
+
+    /// The ghosts of one list, oldest first (checks).
+    fn walk(&self, in_b1: bool) -> impl Iterator<Item = u32> + '_ {
+        let head = if in_b1 { self.b1.head } else { self.b2.head };
+        std::iter::successors((head != NIL).then_some(head), move |&g| {
+            let next = self.links[g as usize].next;
+            (next != NIL).then_some(next)
+        })
+    }
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum List {
@@ -49,10 +191,7 @@ pub struct OffloadArc {
     t2_len: u64,
     t1_evictable: BTreeMap<u64, u32>,
     t2_evictable: BTreeMap<u64, u32>,
-    /// Ghost key → (in B1, sequence number).
-    ghosts: GhostMap,
-    b1: BTreeMap<u64, u64>,
-    b2: BTreeMap<u64, u64>,
+    ghosts: Ghosts,
 }
 
 impl OffloadArc {
@@ -102,12 +241,8 @@ impl OffloadArc {
     }
 
     fn drop_ghost(&mut self, key: u64) {
-        if let Some((in_b1, seq)) = self.ghosts.remove(&key) {
-            if in_b1 {
-                self.b1.remove(&seq);
-            } else {
-                self.b2.remove(&seq);
-            }
+        if let Some((g, _)) = self.ghosts.find(key) {
+            self.ghosts.remove(g);
         }
     }
 
@@ -127,26 +262,18 @@ impl OffloadArc {
 
     /// vLLM's `_adapt_to_ghost_hit`.
     fn adapt_to_ghost_hit(&mut self, key: u64) {
-        let Some(&(in_b1, seq)) = self.ghosts.get(&key) else {
+        let Some((g, in_b1)) = self.ghosts.find(key) else {
             return;
         };
-        let (b1, b2) = (self.b1.len() as f64, self.b2.len() as f64);
+        let (b1, b2) = (self.ghosts.b1.len as f64, self.ghosts.b2.len as f64);
         if in_b1 {
             let delta = f64::max(1.0, b2 / b1);
             self.target_t1 = f64::min(self.target_t1 + delta, self.capacity as f64);
-            self.b1.remove(&seq);
         } else {
             let delta = f64::max(1.0, b1 / b2);
             self.target_t1 = f64::max(self.target_t1 - delta, 0.0);
-            self.b2.remove(&seq);
         }
-        let seq = self.seq();
-        if in_b1 {
-            self.b1.insert(seq, key);
-        } else {
-            self.b2.insert(seq, key);
-        }
-        self.ghosts.insert(key, (in_b1, seq));
+        self.ghosts.renew(g);
     }
 
     /// vLLM's `on_store_miss`: the keys of one offer that are not resident, in offer order.
@@ -197,22 +324,12 @@ impl OffloadArc {
             let key = key_of(chunk);
             self.move_to_end(chunk, List::None);
             self.slots[chunk as usize] = Slot::default();
-            let seq = self.seq();
-            if from_t1 {
-                self.b1.insert(seq, key);
-            } else {
-                self.b2.insert(seq, key);
-            }
-            self.ghosts.insert(key, (from_t1, seq));
+            debug_assert!(!self.ghosts.contains(key), "a resident key is no ghost");
+            self.ghosts.push(key, from_t1);
         }
         for in_b1 in [true, false] {
-            loop {
-                let ghost = if in_b1 { &mut self.b1 } else { &mut self.b2 };
-                if ghost.len() as u64 <= self.capacity {
-                    break;
-                }
-                let (_, key) = ghost.pop_first().expect("a ghost");
-                self.ghosts.remove(&key);
+            while self.ghosts.list(in_b1).len > self.capacity {
+                self.ghosts.pop_oldest(in_b1);
             }
         }
         Some(taken.into_iter().map(|(c, _)| c).collect())
@@ -261,7 +378,12 @@ impl OffloadArc {
 
     /// (|T1|, |T2|, |B1|, |B2|).
     pub fn sizes(&self) -> (u64, u64, usize, usize) {
-        (self.t1_len, self.t2_len, self.b1.len(), self.b2.len())
+        (
+            self.t1_len,
+            self.t2_len,
+            self.ghosts.b1.len as usize,
+            self.ghosts.b2.len as usize,
+        )
     }
 
     /// Lists and counts agree, ghosts are not resident, each ghost list within capacity.
@@ -289,7 +411,7 @@ impl OffloadArc {
                 List::None => continue,
             }
             if let Some(k) = key {
-                if self.ghosts.contains_key(&k) {
+                if self.ghosts.contains(k) {
                     return Err(format!("arc: resident key {k:#x} is also a ghost"));
                 }
             }
@@ -308,10 +430,25 @@ impl OffloadArc {
                 self.t1_len, self.t2_len
             ));
         }
-        if self.b1.len() + self.b2.len() != self.ghosts.len() {
-            return Err("arc: ghost index and ghost lists disagree".into());
+        let g = &self.ghosts;
+        let (w1, w2) = (g.walk(true).count() as u64, g.walk(false).count() as u64);
+        if (w1, w2) != (g.b1.len, g.b2.len) || (w1 + w2) as usize != g.len() {
+            return Err(format!(
+                "arc: ghost lists walk {w1},{w2}, counted {},{}, indexed {}",
+                g.b1.len,
+                g.b2.len,
+                g.len()
+            ));
         }
-        if self.b1.len() as u64 > self.capacity || self.b2.len() as u64 > self.capacity {
+        for in_b1 in [true, false] {
+            for e in g.walk(in_b1) {
+                let key = g.keys[e as usize];
+                if g.links[e as usize].in_b1 != in_b1 || g.find(key).map(|f| f.0) != Some(e) {
+                    return Err(format!("arc: ghost {e} (key {key:#x}) misfiled"));
+                }
+            }
+        }
+        if g.b1.len > self.capacity || g.b2.len > self.capacity {
             return Err("arc: a ghost list exceeds the capacity".into());
         }
         if !(0.0..=self.capacity as f64).contains(&self.target_t1) {
@@ -321,5 +458,85 @@ impl OffloadArc {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    fn keys_of(g: &Ghosts, in_b1: bool) -> Vec<u64> {
+        g.walk(in_b1).map(|e| g.keys[e as usize]).collect()
+    }
+
+    proptest! {
+        /// B1 and B2 against two queues: a ghost joins at the recent end, leaves from
+        /// anywhere, is renewed to the recent end; the oldest goes first; entries are reused.
+        #[test]
+        fn ghost_lists_agree_with_queues(ops in prop::collection::vec((0u8..4, 0u64..24, any::<bool>()), 1..300)) {
+            let mut g = Ghosts::default();
+            let mut model: [VecDeque<u64>; 2] = Default::default();
+            for (op, k, in_b1) in ops {
+                // Keys spread over the bits the index hashes, the tag and the bucket.
+                let key = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let held = model.iter().position(|q| q.contains(&key));
+                match (op, held) {
+                    (0, None) => {
+                        g.push(key, in_b1);
+                        model[!in_b1 as usize].push_back(key);
+                    }
+                    (1, Some(m)) => {
+                        let (e, b1) = g.find(key).expect("a ghost");
+                        prop_assert_eq!(b1, m == 0);
+                        g.remove(e);
+                        model[m].retain(|&x| x != key);
+                    }
+                    (2, Some(m)) => {
+                        let (e, _) = g.find(key).expect("a ghost");
+                        g.renew(e);
+                        model[m].retain(|&x| x != key);
+                        model[m].push_back(key);
+                    }
+                    (3, _) if !model[!in_b1 as usize].is_empty() => {
+                        g.pop_oldest(in_b1);
+                        model[!in_b1 as usize].pop_front();
+                    }
+                    _ => prop_assert_eq!(g.find(key).is_some(), held.is_some()),
+                }
+                prop_assert_eq!(keys_of(&g, true), Vec::from(model[0].clone()));
+                prop_assert_eq!(keys_of(&g, false), Vec::from(model[1].clone()));
+                prop_assert_eq!((g.b1.len, g.b2.len), (model[0].len() as u64, model[1].len() as u64));
+                prop_assert_eq!(g.len(), model[0].len() + model[1].len());
+                prop_assert!(g.keys.len() <= 24, "freed entries are reused");
+            }
+        }
+    }
+
+    /// Evicting from T1 makes B1 ghosts; a store miss on one adapts the target up by
+    /// max(1, |B2| / |B1|) and renews it; ghosts beyond the capacity go, oldest first.
+    #[test]
+    fn evictions_become_ghosts_and_a_ghost_hit_raises_the_target() {
+        let mut arc = OffloadArc::new(2);
+        let key_of = |c: u32| 100 + c as u64;
+        for c in 0..2 {
+            arc.insert(c, key_of(c));
+            arc.mark_evictable(c);
+        }
+        let none = |_: u32| false;
+        assert_eq!(arc.evict(1, &none, &key_of), Some(vec![0]));
+        assert_eq!(arc.sizes(), (1, 0, 1, 0));
+        arc.on_store_miss(&[100]);
+        assert_eq!(arc.target_t1(), 1.0);
+        // Slot 0 holds a new key; evict both: B1 holds 100, 101, 102 over a capacity of 2.
+        arc.insert(0, 102);
+        arc.mark_evictable(0);
+        let key_of2 = |c: u32| if c == 0 { 102 } else { 101 };
+        assert_eq!(arc.evict(2, &none, &key_of2).map(|v| v.len()), Some(2));
+        assert_eq!(arc.sizes(), (0, 0, 2, 0));
+        assert!(!arc.ghosts.contains(100), "the oldest ghost went");
+        assert!(arc.ghosts.contains(101) && arc.ghosts.contains(102));
+        arc.check(&|_| None, &|_| false).unwrap();
     }
 }
