@@ -12,13 +12,14 @@
 //! The target is a float because vLLM's is: IEEE-754 division, addition and comparison are
 //! exact to the last bit on every machine, so the decisions are vLLM's and deterministic.
 //!
-//! Order within a resident list is a sequence number taken at each move to the recent end; the
-//! evictable chunks of each list are kept by it (`BTreeMap`), so an eviction walks only
-//! chunks it may take. O(log n) per operation. A ghost only ever joins its list at the recent
-//! end and leaves from anywhere, so B1 and B2 are linked lists over one slab of ghosts,
-//! indexed by key ([`KeyIndex`]): O(1), and no allocation once the slab has grown.
-
-use std::collections::BTreeMap;
+//! A chunk only ever joins a list at its recent end and leaves from anywhere, and so does a
+//! ghost: T1 and T2 are linked lists through the chunk slots, B1 and B2 linked lists over one
+//! slab of ghosts indexed by key ([`KeyIndex`]). Every operation is O(1) and allocates nothing
+//! once grown, save eviction, which walks T1 and T2 from their oldest ends past the chunks it
+//! may not take (in flight, or of the offer being stored), as vLLM's own walk does. Those sit
+//! mostly at T1's recent end (stores in flight), where the walk seldom reaches: on the whole
+//! Mooncake trace this ran 2× faster than keeping the evictable chunks by sequence number in
+//! `BTreeMap`s.
 
 use super::key_index::KeyIndex;
 
@@ -173,11 +174,42 @@ enum List {
     T2,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+/// Per chunk slot: its list, and its links there (oldest first).
+#[derive(Clone, Copy, Debug)]
 struct Slot {
     list: List,
-    seq: u64,
     evictable: bool,
+    prev: u32,
+    next: u32,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            list: List::None,
+            evictable: false,
+            prev: NIL,
+            next: NIL,
+        }
+    }
+}
+
+/// T1 or T2: every resident chunk of the list, oldest first.
+#[derive(Clone, Copy, Debug)]
+struct ChunkList {
+    head: u32,
+    tail: u32,
+    len: u64,
+}
+
+impl Default for ChunkList {
+    fn default() -> Self {
+        ChunkList {
+            head: NIL,
+            tail: NIL,
+            len: 0,
+        }
+    }
 }
 
 /// See the module documentation.
@@ -185,12 +217,9 @@ struct Slot {
 pub struct OffloadArc {
     capacity: u64,
     target_t1: f64,
-    next_seq: u64,
     slots: Vec<Slot>,
-    t1_len: u64,
-    t2_len: u64,
-    t1_evictable: BTreeMap<u64, u32>,
-    t2_evictable: BTreeMap<u64, u32>,
+    t1: ChunkList,
+    t2: ChunkList,
     ghosts: Ghosts,
 }
 
@@ -203,41 +232,61 @@ impl OffloadArc {
         }
     }
 
-    fn seq(&mut self) -> u64 {
-        self.next_seq += 1;
-        self.next_seq
-    }
-
-    fn evictable_of(&mut self, list: List) -> &mut BTreeMap<u64, u32> {
+    fn list_mut(&mut self, list: List) -> &mut ChunkList {
         match list {
-            List::T1 => &mut self.t1_evictable,
-            List::T2 => &mut self.t2_evictable,
+            List::T1 => &mut self.t1,
+            List::T2 => &mut self.t2,
             List::None => unreachable!("a resident chunk is in T1 or T2"),
         }
     }
 
-    /// Moves `chunk` to the recent end of `list` (taking it from where it is).
+    /// Moves `chunk` to the recent end of `list` (taking it from where it is); `List::None`
+    /// only takes it out.
     fn move_to_end(&mut self, chunk: u32, list: List) {
-        let s = self.slots[chunk as usize];
-        if s.evictable {
-            self.evictable_of(s.list).remove(&s.seq);
+        let Slot {
+            list: from,
+            prev,
+            next,
+            ..
+        } = self.slots[chunk as usize];
+        if from != List::None {
+            if prev == NIL {
+                self.list_mut(from).head = next;
+            } else {
+                self.slots[prev as usize].next = next;
+            }
+            if next == NIL {
+                self.list_mut(from).tail = prev;
+            } else {
+                self.slots[next as usize].prev = prev;
+            }
+            self.list_mut(from).len -= 1;
         }
-        match s.list {
-            List::T1 => self.t1_len -= 1,
-            List::T2 => self.t2_len -= 1,
-            List::None => {}
+        let s = &mut self.slots[chunk as usize];
+        s.list = list;
+        s.next = NIL;
+        if list == List::None {
+            s.prev = NIL;
+            return;
         }
-        match list {
-            List::T1 => self.t1_len += 1,
-            List::T2 => self.t2_len += 1,
-            List::None => {}
+        let tail = self.list_mut(list).tail;
+        self.slots[chunk as usize].prev = tail;
+        if tail == NIL {
+            self.list_mut(list).head = chunk;
+        } else {
+            self.slots[tail as usize].next = chunk;
         }
-        let seq = self.seq();
-        self.slots[chunk as usize].list = list;
-        self.slots[chunk as usize].seq = seq;
-        if s.evictable && list != List::None {
-            self.evictable_of(list).insert(seq, chunk);
-        }
+        let l = self.list_mut(list);
+        l.tail = chunk;
+        l.len += 1;
+    }
+
+    /// The chunks of `list` oldest first, from `head`.
+    fn walk(&self, head: u32) -> impl Iterator<Item = u32> + '_ {
+        std::iter::successors((head != NIL).then_some(head), move |&c| {
+            let next = self.slots[c as usize].next;
+            (next != NIL).then_some(next)
+        })
     }
 
     fn drop_ghost(&mut self, key: u64) {
@@ -298,17 +347,15 @@ impl OffloadArc {
     }
 
     pub fn mark_evictable(&mut self, chunk: u32) {
-        let s = self.slots[chunk as usize];
+        let s = &mut self.slots[chunk as usize];
         debug_assert!(s.list != List::None && !s.evictable);
-        self.slots[chunk as usize].evictable = true;
-        self.evictable_of(s.list).insert(s.seq, chunk);
+        s.evictable = true;
     }
 
     pub fn mark_non_evictable(&mut self, chunk: u32) {
-        let s = self.slots[chunk as usize];
+        let s = &mut self.slots[chunk as usize];
         debug_assert!(s.evictable);
-        self.evictable_of(s.list).remove(&s.seq);
-        self.slots[chunk as usize].evictable = false;
+        s.evictable = false;
     }
 
     /// vLLM's `evict`: `n` chunks not `protected`, all or none; `key_of` names a slot's key
@@ -336,21 +383,15 @@ impl OffloadArc {
     }
 
     /// The chunks `evict` takes, (slot, from T1), without taking them; None if there are not
-    /// `n`. The two walks only go forward, as vLLM's iterators do.
+    /// `n`. The two walks only go forward, as vLLM's iterators do, and pass over the chunks
+    /// that are not evictable as vLLM's do (in flight: stores at T1's recent end, loads).
     fn select(&self, n: u32, protected: &dyn Fn(u32) -> bool) -> Option<Vec<(u32, bool)>> {
         let mut taken: Vec<(u32, bool)> = Vec::with_capacity(n as usize);
-        let mut virtual_t1 = self.t1_len;
+        let mut virtual_t1 = self.t1.len;
         let target = self.target_t1 as u64; // Python's int(): toward zero, and it is >= 0
-        let mut t1 = self
-            .t1_evictable
-            .values()
-            .copied()
-            .filter(|&c| !protected(c));
-        let mut t2 = self
-            .t2_evictable
-            .values()
-            .copied()
-            .filter(|&c| !protected(c));
+        let takeable = |&c: &u32| self.slots[c as usize].evictable && !protected(c);
+        let mut t1 = self.walk(self.t1.head).filter(takeable);
+        let mut t2 = self.walk(self.t2.head).filter(takeable);
         for _ in 0..n {
             let mut candidate = None;
             if virtual_t1 >= target {
@@ -379,8 +420,8 @@ impl OffloadArc {
     /// (|T1|, |T2|, |B1|, |B2|).
     pub fn sizes(&self) -> (u64, u64, usize, usize) {
         (
-            self.t1_len,
-            self.t2_len,
+            self.t1.len,
+            self.t2.len,
             self.ghosts.b1.len as usize,
             self.ghosts.b2.len as usize,
         )
@@ -415,20 +456,30 @@ impl OffloadArc {
                     return Err(format!("arc: resident key {k:#x} is also a ghost"));
                 }
             }
-            let map = if s.list == List::T1 {
-                &self.t1_evictable
-            } else {
-                &self.t2_evictable
-            };
-            if s.evictable != (map.get(&s.seq) == Some(&c)) {
-                return Err(format!("arc: slot {c} misfiled among the evictable"));
-            }
         }
-        if (n1, n2) != (self.t1_len, self.t2_len) {
+        if (n1, n2) != (self.t1.len, self.t2.len) {
             return Err(format!(
                 "arc: |T1|,|T2| = {n1},{n2}, counted {},{}",
-                self.t1_len, self.t2_len
+                self.t1.len, self.t2.len
             ));
+        }
+        for (list, l) in [(List::T1, self.t1), (List::T2, self.t2)] {
+            let mut prev = NIL;
+            let mut walked = 0;
+            for c in self.walk(l.head) {
+                let s = self.slots[c as usize];
+                if s.list != list || s.prev != prev || walked > l.len {
+                    return Err(format!("arc: slot {c} misfiled in {list:?}"));
+                }
+                prev = c;
+                walked += 1;
+            }
+            if walked != l.len || l.tail != prev {
+                return Err(format!(
+                    "arc: {list:?} walks {walked} chunks to {prev}, counted {} to {}",
+                    l.len, l.tail
+                ));
+            }
         }
         let g = &self.ghosts;
         let (w1, w2) = (g.walk(true).count() as u64, g.walk(false).count() as u64);
@@ -510,6 +561,214 @@ mod tests {
                 prop_assert_eq!((g.b1.len, g.b2.len), (model[0].len() as u64, model[1].len() as u64));
                 prop_assert_eq!(g.len(), model[0].len() + model[1].len());
                 prop_assert!(g.keys.len() <= 24, "freed entries are reused");
+            }
+        }
+    }
+
+    /// ARC as vLLM writes it, over plain vectors (oldest first), for the property test.
+    #[derive(Default)]
+    struct Naive {
+        capacity: u64,
+        target: f64,
+        t1: Vec<u32>,
+        t2: Vec<u32>,
+        evictable: Vec<bool>,
+        b1: Vec<u64>,
+        b2: Vec<u64>,
+    }
+
+    impl Naive {
+        fn take(v: &mut Vec<u32>, c: u32) -> bool {
+            let before = v.len();
+            v.retain(|&x| x != c);
+            v.len() != before
+        }
+
+        fn insert(&mut self, c: u32, key: u64) {
+            self.b1.retain(|&k| k != key);
+            self.b2.retain(|&k| k != key);
+            self.t1.push(c);
+            self.evictable[c as usize] = false;
+        }
+
+        fn remove(&mut self, c: u32) {
+            let _ = Self::take(&mut self.t1, c) || Self::take(&mut self.t2, c);
+            self.evictable[c as usize] = false;
+        }
+
+        fn store_miss(&mut self, keys: &[u64]) {
+            for &k in keys.iter().rev() {
+                let (n1, n2) = (self.b1.len() as f64, self.b2.len() as f64);
+                if self.b1.contains(&k) {
+                    self.target =
+                        f64::min(self.target + f64::max(1.0, n2 / n1), self.capacity as f64);
+                    self.b1.retain(|&x| x != k);
+                    self.b1.push(k);
+                } else if self.b2.contains(&k) {
+                    self.target = f64::max(self.target - f64::max(1.0, n1 / n2), 0.0);
+                    self.b2.retain(|&x| x != k);
+                    self.b2.push(k);
+                }
+            }
+        }
+
+        fn finished(&mut self, entries: &[(u32, bool, bool)]) {
+            for &(c, insertion_only, reused) in entries {
+                let in_t1 = self.t1.contains(&c);
+                if insertion_only {
+                    let v = if in_t1 { &mut self.t1 } else { &mut self.t2 };
+                    Self::take(v, c);
+                    v.push(c);
+                } else if reused {
+                    let _ = Self::take(&mut self.t1, c) || Self::take(&mut self.t2, c);
+                    self.t2.push(c);
+                }
+            }
+        }
+
+        fn evict(
+            &mut self,
+            n: u32,
+            protected: &dyn Fn(u32) -> bool,
+            key_of: &dyn Fn(u32) -> u64,
+        ) -> Option<Vec<u32>> {
+            let ok = |c: &&u32| self.evictable[**c as usize] && !protected(**c);
+            let mut t1 = self.t1.iter().filter(ok).copied();
+            let mut t2 = self.t2.iter().filter(ok).copied();
+            let (mut virtual_t1, target) = (self.t1.len() as u64, self.target as u64);
+            let mut taken = Vec::new();
+            for _ in 0..n {
+                let mut pick = None;
+                if virtual_t1 >= target {
+                    pick = t1.next().map(|c| (c, true));
+                }
+                if pick.is_none() {
+                    pick = t2.next().map(|c| (c, false));
+                }
+                if pick.is_none() {
+                    pick = Some((t1.next()?, true));
+                }
+                if let Some((_, true)) = pick {
+                    virtual_t1 = virtual_t1.saturating_sub(1);
+                }
+                taken.extend(pick);
+            }
+            for &(c, from_t1) in &taken {
+                self.remove(c);
+                if from_t1 {
+                    self.b1.push(key_of(c))
+                } else {
+                    self.b2.push(key_of(c))
+                }
+            }
+            for b in [&mut self.b1, &mut self.b2] {
+                while b.len() as u64 > self.capacity {
+                    b.remove(0);
+                }
+            }
+            Some(taken.into_iter().map(|(c, _)| c).collect())
+        }
+    }
+
+    proptest! {
+        /// The whole policy against [`Naive`]: every eviction, size, target, list order and
+        /// ghost order agree, and the invariant walk holds, through random inserts, failed
+        /// stores, readiness changes, store misses (ghost hits), finished requests and
+        /// evictions with protected chunks.
+        #[test]
+        fn agrees_with_a_naive_arc(ops in prop::collection::vec((0u8..7, any::<u32>(), any::<u32>(), any::<bool>()), 1..200)) {
+            const SLOTS: u32 = 6;
+            let mut arc = OffloadArc::new(SLOTS);
+            let mut naive = Naive { capacity: SLOTS as u64, evictable: vec![false; SLOTS as usize], ..Naive::default() };
+            let mut key = vec![None::<u64>; SLOTS as usize];
+            let mut next_key = 0u64;
+            let mut evicted: Vec<u64> = Vec::new();
+            for (op, a, b, flag) in ops {
+                let resident: Vec<u32> = (0..SLOTS).filter(|&c| key[c as usize].is_some()).collect();
+                let pick = |v: &[u32], x: u32| (!v.is_empty()).then(|| v[x as usize % v.len()]);
+                match op {
+                    0 => {
+                        let free: Vec<u32> = (0..SLOTS).filter(|&c| key[c as usize].is_none()).collect();
+                        if let Some(c) = pick(&free, a) {
+                            // A key evicted before (a ghost, maybe) or a new one.
+                            let k = if flag && !evicted.is_empty() {
+                                evicted[b as usize % evicted.len()]
+                            } else {
+                                next_key += 1;
+                                next_key.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                            };
+                            if !key.contains(&Some(k)) {
+                                key[c as usize] = Some(k);
+                                arc.insert(c, k);
+                                naive.insert(c, k);
+                            }
+                        }
+                    }
+                    1 => {
+                        let v: Vec<u32> = resident.iter().copied().filter(|&c| !naive.evictable[c as usize]).collect();
+                        if let Some(c) = pick(&v, a) {
+                            arc.mark_evictable(c);
+                            naive.evictable[c as usize] = true;
+                        }
+                    }
+                    2 => {
+                        let v: Vec<u32> = resident.iter().copied().filter(|&c| naive.evictable[c as usize]).collect();
+                        if let Some(c) = pick(&v, a) {
+                            arc.mark_non_evictable(c);
+                            naive.evictable[c as usize] = false;
+                        }
+                    }
+                    3 => {
+                        let v: Vec<u32> = resident.iter().copied().filter(|&c| !naive.evictable[c as usize]).collect();
+                        if let Some(c) = pick(&v, a) {
+                            arc.remove(c);
+                            naive.remove(c);
+                            key[c as usize] = None;
+                        }
+                    }
+                    4 if !evicted.is_empty() => {
+                        // Mostly ghosts (hits that move the target), sometimes a key that is
+                        // no longer one.
+                        let ghosts: Vec<u64> = naive.b1.iter().chain(&naive.b2).copied().collect();
+                        let from = if flag && !ghosts.is_empty() { &ghosts } else { &evicted };
+                        let keys: Vec<u64> = (0..1 + a % 3)
+                            .map(|i| from[(b as usize + i as usize * 7) % from.len()])
+                            .filter(|k| !key.contains(&Some(*k)))
+                            .collect();
+                        arc.on_store_miss(&keys);
+                        naive.store_miss(&keys);
+                    }
+                    5 => {
+                        let entries: Vec<(u32, bool, bool)> = resident
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| (a >> (i % 32)) & 1 == 1)
+                            .map(|(i, &c)| (c, (b >> (i % 32)) & 1 == 1, flag))
+                            .collect();
+                        arc.on_request_finished(&entries);
+                        naive.finished(&entries);
+                    }
+                    _ => {
+                        let n = 1 + a % SLOTS;
+                        let protected = |c: u32| (b >> c) & 1 == 1;
+                        let key_of = |c: u32| key[c as usize].expect("resident");
+                        let got = arc.evict(n, &protected, &key_of);
+                        let want = naive.evict(n, &protected, &key_of);
+                        prop_assert_eq!(&got, &want);
+                        for &c in got.iter().flatten() {
+                            evicted.push(key[c as usize].take().expect("resident"));
+                            naive.evictable[c as usize] = false;
+                        }
+                    }
+                }
+                prop_assert_eq!(arc.sizes(), (naive.t1.len() as u64, naive.t2.len() as u64, naive.b1.len(), naive.b2.len()));
+                prop_assert_eq!(arc.target_t1().to_bits(), naive.target.to_bits());
+                prop_assert_eq!(arc.walk(arc.t1.head).collect::<Vec<_>>(), naive.t1.clone());
+                prop_assert_eq!(arc.walk(arc.t2.head).collect::<Vec<_>>(), naive.t2.clone());
+                prop_assert_eq!(keys_of(&arc.ghosts, true), naive.b1.clone());
+                prop_assert_eq!(keys_of(&arc.ghosts, false), naive.b2.clone());
+                let check = arc.check(&|c| key[c as usize], &|c| naive.evictable[c as usize]);
+                prop_assert!(check.is_ok(), "{:?}", check);
             }
         }
     }
