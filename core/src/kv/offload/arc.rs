@@ -22,34 +22,21 @@
 //! `BTreeMap`s.
 
 use super::key_index::KeyIndex;
-
-/// No ghost: a list's end.
-const NIL: u32 = u32::MAX;
+use super::queue::{Link, Queue};
 
 /// A ghost's links in its list, and which list.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct GhostLink {
-    prev: u32,
-    next: u32,
+    link: Link,
     in_b1: bool,
 }
 
-/// One ghost list, oldest first.
-#[derive(Clone, Copy, Debug)]
-struct GhostList {
-    head: u32,
-    tail: u32,
-    len: u64,
+fn ghost_link(g: &mut GhostLink) -> &mut Link {
+    &mut g.link
 }
 
-impl Default for GhostList {
-    fn default() -> Self {
-        GhostList {
-            head: NIL,
-            tail: NIL,
-            len: 0,
-        }
-    }
+fn ghost_link_ref(g: &GhostLink) -> &Link {
+    &g.link
 }
 
 /// B1 and B2 over one slab: a ghost's key, its links, the free entries, the index by key.
@@ -59,8 +46,8 @@ struct Ghosts {
     links: Vec<GhostLink>,
     free: Vec<u32>,
     index: KeyIndex,
-    b1: GhostList,
-    b2: GhostList,
+    b1: Queue,
+    b2: Queue,
 }
 
 impl Ghosts {
@@ -68,11 +55,11 @@ impl Ghosts {
         self.index.len()
     }
 
-    fn list(&mut self, in_b1: bool) -> &mut GhostList {
+    fn list(&self, in_b1: bool) -> &Queue {
         if in_b1 {
-            &mut self.b1
+            &self.b1
         } else {
-            &mut self.b2
+            &self.b2
         }
     }
 
@@ -87,46 +74,25 @@ impl Ghosts {
     }
 
     fn link_at_end(&mut self, g: u32, in_b1: bool) {
-        let list = *self.list(in_b1);
-        self.links[g as usize] = GhostLink {
-            prev: list.tail,
-            next: NIL,
-            in_b1,
-        };
-        if list.tail == NIL {
-            self.list(in_b1).head = g;
-        } else {
-            self.links[list.tail as usize].next = g;
-        }
-        let list = self.list(in_b1);
-        list.tail = g;
-        list.len += 1;
+        self.links[g as usize].in_b1 = in_b1;
+        let list = if in_b1 { &mut self.b1 } else { &mut self.b2 };
+        list.push_back(&mut self.links, g, ghost_link);
     }
 
     fn unlink(&mut self, g: u32) {
-        let GhostLink { prev, next, in_b1 } = self.links[g as usize];
-        if prev == NIL {
-            self.list(in_b1).head = next;
+        let list = if self.links[g as usize].in_b1 {
+            &mut self.b1
         } else {
-            self.links[prev as usize].next = next;
-        }
-        if next == NIL {
-            self.list(in_b1).tail = prev;
-        } else {
-            self.links[next as usize].prev = prev;
-        }
-        self.list(in_b1).len -= 1;
+            &mut self.b2
+        };
+        list.unlink(&mut self.links, g, ghost_link);
     }
 
     /// `key`, not a ghost, joins the recent end of B1 or B2.
     fn push(&mut self, key: u64, in_b1: bool) {
         let g = self.free.pop().unwrap_or_else(|| {
             self.keys.push(0);
-            self.links.push(GhostLink {
-                prev: NIL,
-                next: NIL,
-                in_b1,
-            });
+            self.links.push(GhostLink::default());
             self.keys.len() as u32 - 1
         });
         self.keys[g as usize] = key;
@@ -151,18 +117,13 @@ impl Ghosts {
 
     /// The oldest ghost of B1 or B2 goes.
     fn pop_oldest(&mut self, in_b1: bool) {
-        let g = self.list(in_b1).head;
-        assert_ne!(g, NIL, "a ghost to drop");
+        let g = self.list(in_b1).front().expect("a ghost to drop");
         self.remove(g);
     }
 
     /// The ghosts of one list, oldest first (checks).
     fn walk(&self, in_b1: bool) -> impl Iterator<Item = u32> + '_ {
-        let head = if in_b1 { self.b1.head } else { self.b2.head };
-        std::iter::successors((head != NIL).then_some(head), move |&g| {
-            let next = self.links[g as usize].next;
-            (next != NIL).then_some(next)
-        })
+        self.list(in_b1).iter(&self.links, ghost_link_ref)
     }
 }
 
@@ -174,42 +135,20 @@ enum List {
     T2,
 }
 
-/// Per chunk slot: its list, and its links there (oldest first).
-#[derive(Clone, Copy, Debug)]
+/// Per chunk slot: its list, and its links there (T1 and T2 hold every resident chunk).
+#[derive(Clone, Copy, Debug, Default)]
 struct Slot {
     list: List,
     evictable: bool,
-    prev: u32,
-    next: u32,
+    link: Link,
 }
 
-impl Default for Slot {
-    fn default() -> Self {
-        Slot {
-            list: List::None,
-            evictable: false,
-            prev: NIL,
-            next: NIL,
-        }
-    }
+fn slot_link(s: &mut Slot) -> &mut Link {
+    &mut s.link
 }
 
-/// T1 or T2: every resident chunk of the list, oldest first.
-#[derive(Clone, Copy, Debug)]
-struct ChunkList {
-    head: u32,
-    tail: u32,
-    len: u64,
-}
-
-impl Default for ChunkList {
-    fn default() -> Self {
-        ChunkList {
-            head: NIL,
-            tail: NIL,
-            len: 0,
-        }
-    }
+fn slot_link_ref(s: &Slot) -> &Link {
+    &s.link
 }
 
 /// See the module documentation.
@@ -218,8 +157,8 @@ pub struct OffloadArc {
     capacity: u64,
     target_t1: f64,
     slots: Vec<Slot>,
-    t1: ChunkList,
-    t2: ChunkList,
+    t1: Queue,
+    t2: Queue,
     ghosts: Ghosts,
 }
 
@@ -232,7 +171,7 @@ impl OffloadArc {
         }
     }
 
-    fn list_mut(&mut self, list: List) -> &mut ChunkList {
+    fn queue(&mut self, list: List) -> &mut Queue {
         match list {
             List::T1 => &mut self.t1,
             List::T2 => &mut self.t2,
@@ -243,50 +182,18 @@ impl OffloadArc {
     /// Moves `chunk` to the recent end of `list` (taking it from where it is); `List::None`
     /// only takes it out.
     fn move_to_end(&mut self, chunk: u32, list: List) {
-        let Slot {
-            list: from,
-            prev,
-            next,
-            ..
-        } = self.slots[chunk as usize];
+        let from = self.slots[chunk as usize].list;
         if from != List::None {
-            if prev == NIL {
-                self.list_mut(from).head = next;
-            } else {
-                self.slots[prev as usize].next = next;
-            }
-            if next == NIL {
-                self.list_mut(from).tail = prev;
-            } else {
-                self.slots[next as usize].prev = prev;
-            }
-            self.list_mut(from).len -= 1;
+            let mut q = *self.queue(from);
+            q.unlink(&mut self.slots, chunk, slot_link);
+            *self.queue(from) = q;
         }
-        let s = &mut self.slots[chunk as usize];
-        s.list = list;
-        s.next = NIL;
-        if list == List::None {
-            s.prev = NIL;
-            return;
+        self.slots[chunk as usize].list = list;
+        if list != List::None {
+            let mut q = *self.queue(list);
+            q.push_back(&mut self.slots, chunk, slot_link);
+            *self.queue(list) = q;
         }
-        let tail = self.list_mut(list).tail;
-        self.slots[chunk as usize].prev = tail;
-        if tail == NIL {
-            self.list_mut(list).head = chunk;
-        } else {
-            self.slots[tail as usize].next = chunk;
-        }
-        let l = self.list_mut(list);
-        l.tail = chunk;
-        l.len += 1;
-    }
-
-    /// The chunks of `list` oldest first, from `head`.
-    fn walk(&self, head: u32) -> impl Iterator<Item = u32> + '_ {
-        std::iter::successors((head != NIL).then_some(head), move |&c| {
-            let next = self.slots[c as usize].next;
-            (next != NIL).then_some(next)
-        })
     }
 
     fn drop_ghost(&mut self, key: u64) {
@@ -314,7 +221,7 @@ impl OffloadArc {
         let Some((g, in_b1)) = self.ghosts.find(key) else {
             return;
         };
-        let (b1, b2) = (self.ghosts.b1.len as f64, self.ghosts.b2.len as f64);
+        let (b1, b2) = (self.ghosts.b1.len() as f64, self.ghosts.b2.len() as f64);
         if in_b1 {
             let delta = f64::max(1.0, b2 / b1);
             self.target_t1 = f64::min(self.target_t1 + delta, self.capacity as f64);
@@ -375,7 +282,7 @@ impl OffloadArc {
             self.ghosts.push(key, from_t1);
         }
         for in_b1 in [true, false] {
-            while self.ghosts.list(in_b1).len > self.capacity {
+            while self.ghosts.list(in_b1).len() > self.capacity {
                 self.ghosts.pop_oldest(in_b1);
             }
         }
@@ -387,11 +294,11 @@ impl OffloadArc {
     /// that are not evictable as vLLM's do (in flight: stores at T1's recent end, loads).
     fn select(&self, n: u32, protected: &dyn Fn(u32) -> bool) -> Option<Vec<(u32, bool)>> {
         let mut taken: Vec<(u32, bool)> = Vec::with_capacity(n as usize);
-        let mut virtual_t1 = self.t1.len;
+        let mut virtual_t1 = self.t1.len();
         let target = self.target_t1 as u64; // Python's int(): toward zero, and it is >= 0
         let takeable = |&c: &u32| self.slots[c as usize].evictable && !protected(c);
-        let mut t1 = self.walk(self.t1.head).filter(takeable);
-        let mut t2 = self.walk(self.t2.head).filter(takeable);
+        let mut t1 = self.t1.iter(&self.slots, slot_link_ref).filter(takeable);
+        let mut t2 = self.t2.iter(&self.slots, slot_link_ref).filter(takeable);
         for _ in 0..n {
             let mut candidate = None;
             if virtual_t1 >= target {
@@ -420,10 +327,10 @@ impl OffloadArc {
     /// (|T1|, |T2|, |B1|, |B2|).
     pub fn sizes(&self) -> (u64, u64, usize, usize) {
         (
-            self.t1.len,
-            self.t2.len,
-            self.ghosts.b1.len as usize,
-            self.ghosts.b2.len as usize,
+            self.t1.len(),
+            self.t2.len(),
+            self.ghosts.b1.len() as usize,
+            self.ghosts.b2.len() as usize,
         )
     }
 
@@ -457,49 +364,37 @@ impl OffloadArc {
                 }
             }
         }
-        if (n1, n2) != (self.t1.len, self.t2.len) {
+        if (n1, n2) != (self.t1.len(), self.t2.len()) {
             return Err(format!(
                 "arc: |T1|,|T2| = {n1},{n2}, counted {},{}",
-                self.t1.len, self.t2.len
+                self.t1.len(),
+                self.t2.len()
             ));
         }
-        for (list, l) in [(List::T1, self.t1), (List::T2, self.t2)] {
-            let mut prev = NIL;
-            let mut walked = 0;
-            for c in self.walk(l.head) {
-                let s = self.slots[c as usize];
-                if s.list != list || s.prev != prev || walked > l.len {
-                    return Err(format!("arc: slot {c} misfiled in {list:?}"));
-                }
-                prev = c;
-                walked += 1;
-            }
-            if walked != l.len || l.tail != prev {
-                return Err(format!(
-                    "arc: {list:?} walks {walked} chunks to {prev}, counted {} to {}",
-                    l.len, l.tail
-                ));
-            }
+        for (list, q) in [(List::T1, self.t1), (List::T2, self.t2)] {
+            q.check(&self.slots, slot_link_ref, |s| s.list == list)
+                .map_err(|e| format!("arc: {list:?}: {e}"))?;
         }
         let g = &self.ghosts;
-        let (w1, w2) = (g.walk(true).count() as u64, g.walk(false).count() as u64);
-        if (w1, w2) != (g.b1.len, g.b2.len) || (w1 + w2) as usize != g.len() {
-            return Err(format!(
-                "arc: ghost lists walk {w1},{w2}, counted {},{}, indexed {}",
-                g.b1.len,
-                g.b2.len,
-                g.len()
-            ));
-        }
         for in_b1 in [true, false] {
+            g.list(in_b1)
+                .check(&g.links, ghost_link_ref, |l| l.in_b1 == in_b1)
+                .map_err(|e| format!("arc: B{}: {e}", 2 - in_b1 as u8))?;
             for e in g.walk(in_b1) {
                 let key = g.keys[e as usize];
-                if g.links[e as usize].in_b1 != in_b1 || g.find(key).map(|f| f.0) != Some(e) {
+                if g.find(key).map(|f| f.0) != Some(e) {
                     return Err(format!("arc: ghost {e} (key {key:#x}) misfiled"));
                 }
             }
         }
-        if g.b1.len > self.capacity || g.b2.len > self.capacity {
+        if (g.b1.len() + g.b2.len()) as usize != g.len() {
+            return Err(format!(
+                "arc: ghost lists hold {}, the index {}",
+                g.b1.len() + g.b2.len(),
+                g.len()
+            ));
+        }
+        if g.b1.len() > self.capacity || g.b2.len() > self.capacity {
             return Err("arc: a ghost list exceeds the capacity".into());
         }
         if !(0.0..=self.capacity as f64).contains(&self.target_t1) {
@@ -558,7 +453,7 @@ mod tests {
                 }
                 prop_assert_eq!(keys_of(&g, true), Vec::from(model[0].clone()));
                 prop_assert_eq!(keys_of(&g, false), Vec::from(model[1].clone()));
-                prop_assert_eq!((g.b1.len, g.b2.len), (model[0].len() as u64, model[1].len() as u64));
+                prop_assert_eq!((g.b1.len(), g.b2.len()), (model[0].len() as u64, model[1].len() as u64));
                 prop_assert_eq!(g.len(), model[0].len() + model[1].len());
                 prop_assert!(g.keys.len() <= 24, "freed entries are reused");
             }
@@ -763,8 +658,8 @@ mod tests {
                 }
                 prop_assert_eq!(arc.sizes(), (naive.t1.len() as u64, naive.t2.len() as u64, naive.b1.len(), naive.b2.len()));
                 prop_assert_eq!(arc.target_t1().to_bits(), naive.target.to_bits());
-                prop_assert_eq!(arc.walk(arc.t1.head).collect::<Vec<_>>(), naive.t1.clone());
-                prop_assert_eq!(arc.walk(arc.t2.head).collect::<Vec<_>>(), naive.t2.clone());
+                prop_assert_eq!(arc.t1.iter(&arc.slots, slot_link_ref).collect::<Vec<_>>(), naive.t1.clone());
+                prop_assert_eq!(arc.t2.iter(&arc.slots, slot_link_ref).collect::<Vec<_>>(), naive.t2.clone());
                 prop_assert_eq!(keys_of(&arc.ghosts, true), naive.b1.clone());
                 prop_assert_eq!(keys_of(&arc.ghosts, false), naive.b2.clone());
                 let check = arc.check(&|c| key[c as usize], &|c| naive.evictable[c as usize]);

@@ -30,6 +30,7 @@ pub mod key_index;
 pub mod lru;
 pub mod manager;
 pub mod policy;
+pub mod queue;
 
 use serde::{Deserialize, Serialize};
 
