@@ -22,7 +22,7 @@
 //! `BTreeMap`s.
 
 use super::key_index::KeyIndex;
-use super::queue::{Link, Queue};
+use super::queue::{Link, Linked, Queue};
 
 /// A ghost's links in its list, and which list.
 #[derive(Clone, Copy, Debug, Default)]
@@ -31,12 +31,14 @@ struct GhostLink {
     in_b1: bool,
 }
 
-fn ghost_link(g: &mut GhostLink) -> &mut Link {
-    &mut g.link
-}
+impl Linked for GhostLink {
+    fn link(&self) -> &Link {
+        &self.link
+    }
 
-fn ghost_link_ref(g: &GhostLink) -> &Link {
-    &g.link
+    fn link_mut(&mut self) -> &mut Link {
+        &mut self.link
+    }
 }
 
 /// B1 and B2 over one slab: a ghost's key, its links, the free entries, the index by key.
@@ -76,7 +78,7 @@ impl Ghosts {
     fn link_at_end(&mut self, g: u32, in_b1: bool) {
         self.links[g as usize].in_b1 = in_b1;
         let list = if in_b1 { &mut self.b1 } else { &mut self.b2 };
-        list.push_back(&mut self.links, g, ghost_link);
+        list.push_back(&mut self.links, g);
     }
 
     fn unlink(&mut self, g: u32) {
@@ -85,7 +87,7 @@ impl Ghosts {
         } else {
             &mut self.b2
         };
-        list.unlink(&mut self.links, g, ghost_link);
+        list.unlink(&mut self.links, g);
     }
 
     /// `key`, not a ghost, joins the recent end of B1 or B2.
@@ -123,7 +125,7 @@ impl Ghosts {
 
     /// The ghosts of one list, oldest first (checks).
     fn walk(&self, in_b1: bool) -> impl Iterator<Item = u32> + '_ {
-        self.list(in_b1).iter(&self.links, ghost_link_ref)
+        self.list(in_b1).iter(&self.links)
     }
 }
 
@@ -143,12 +145,14 @@ struct Slot {
     link: Link,
 }
 
-fn slot_link(s: &mut Slot) -> &mut Link {
-    &mut s.link
-}
+impl Linked for Slot {
+    fn link(&self) -> &Link {
+        &self.link
+    }
 
-fn slot_link_ref(s: &Slot) -> &Link {
-    &s.link
+    fn link_mut(&mut self) -> &mut Link {
+        &mut self.link
+    }
 }
 
 /// See the module documentation.
@@ -185,13 +189,13 @@ impl OffloadArc {
         let from = self.slots[chunk as usize].list;
         if from != List::None {
             let mut q = *self.queue(from);
-            q.unlink(&mut self.slots, chunk, slot_link);
+            q.unlink(&mut self.slots, chunk);
             *self.queue(from) = q;
         }
         self.slots[chunk as usize].list = list;
         if list != List::None {
             let mut q = *self.queue(list);
-            q.push_back(&mut self.slots, chunk, slot_link);
+            q.push_back(&mut self.slots, chunk);
             *self.queue(list) = q;
         }
     }
@@ -297,8 +301,8 @@ impl OffloadArc {
         let mut virtual_t1 = self.t1.len();
         let target = self.target_t1 as u64; // Python's int(): toward zero, and it is >= 0
         let takeable = |&c: &u32| self.slots[c as usize].evictable && !protected(c);
-        let mut t1 = self.t1.iter(&self.slots, slot_link_ref).filter(takeable);
-        let mut t2 = self.t2.iter(&self.slots, slot_link_ref).filter(takeable);
+        let mut t1 = self.t1.iter(&self.slots).filter(takeable);
+        let mut t2 = self.t2.iter(&self.slots).filter(takeable);
         for _ in 0..n {
             let mut candidate = None;
             if virtual_t1 >= target {
@@ -372,13 +376,13 @@ impl OffloadArc {
             ));
         }
         for (list, q) in [(List::T1, self.t1), (List::T2, self.t2)] {
-            q.check(&self.slots, slot_link_ref, |s| s.list == list)
+            q.check(&self.slots, |s| s.list == list)
                 .map_err(|e| format!("arc: {list:?}: {e}"))?;
         }
         let g = &self.ghosts;
         for in_b1 in [true, false] {
             g.list(in_b1)
-                .check(&g.links, ghost_link_ref, |l| l.in_b1 == in_b1)
+                .check(&g.links, |l| l.in_b1 == in_b1)
                 .map_err(|e| format!("arc: B{}: {e}", 2 - in_b1 as u8))?;
             for e in g.walk(in_b1) {
                 let key = g.keys[e as usize];
@@ -658,8 +662,8 @@ mod tests {
                 }
                 prop_assert_eq!(arc.sizes(), (naive.t1.len() as u64, naive.t2.len() as u64, naive.b1.len(), naive.b2.len()));
                 prop_assert_eq!(arc.target_t1().to_bits(), naive.target.to_bits());
-                prop_assert_eq!(arc.t1.iter(&arc.slots, slot_link_ref).collect::<Vec<_>>(), naive.t1.clone());
-                prop_assert_eq!(arc.t2.iter(&arc.slots, slot_link_ref).collect::<Vec<_>>(), naive.t2.clone());
+                prop_assert_eq!(arc.t1.iter(&arc.slots).collect::<Vec<_>>(), naive.t1.clone());
+                prop_assert_eq!(arc.t2.iter(&arc.slots).collect::<Vec<_>>(), naive.t2.clone());
                 prop_assert_eq!(keys_of(&arc.ghosts, true), naive.b1.clone());
                 prop_assert_eq!(keys_of(&arc.ghosts, false), naive.b2.clone());
                 let check = arc.check(&|c| key[c as usize], &|c| naive.evictable[c as usize]);

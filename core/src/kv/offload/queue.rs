@@ -22,6 +22,22 @@ impl Default for Link {
     }
 }
 
+/// A slab entry that carries its links.
+pub trait Linked {
+    fn link(&self) -> &Link;
+    fn link_mut(&mut self) -> &mut Link;
+}
+
+impl Linked for Link {
+    fn link(&self) -> &Link {
+        self
+    }
+
+    fn link_mut(&mut self) -> &mut Link {
+        self
+    }
+}
+
 /// One queue, oldest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Queue {
@@ -55,61 +71,56 @@ impl Queue {
     }
 
     /// `i`, in no queue, joins at the back.
-    pub fn push_back<T>(&mut self, slab: &mut [T], i: u32, link: fn(&mut T) -> &mut Link) {
-        *link(&mut slab[i as usize]) = Link {
+    pub fn push_back<T: Linked>(&mut self, slab: &mut [T], i: u32) {
+        *slab[i as usize].link_mut() = Link {
             prev: self.tail,
             next: NIL,
         };
         if self.tail == NIL {
             self.head = i;
         } else {
-            link(&mut slab[self.tail as usize]).next = i;
+            slab[self.tail as usize].link_mut().next = i;
         }
         self.tail = i;
         self.len += 1;
     }
 
     /// `i`, a member, leaves; its links are reset.
-    pub fn unlink<T>(&mut self, slab: &mut [T], i: u32, link: fn(&mut T) -> &mut Link) {
+    pub fn unlink<T: Linked>(&mut self, slab: &mut [T], i: u32) {
         debug_assert!(self.len > 0, "{i} leaves an empty queue");
-        let Link { prev, next } = std::mem::take(link(&mut slab[i as usize]));
+        let Link { prev, next } = std::mem::take(slab[i as usize].link_mut());
         if prev == NIL {
             self.head = next;
         } else {
-            link(&mut slab[prev as usize]).next = next;
+            slab[prev as usize].link_mut().next = next;
         }
         if next == NIL {
             self.tail = prev;
         } else {
-            link(&mut slab[next as usize]).prev = prev;
+            slab[next as usize].link_mut().prev = prev;
         }
         self.len -= 1;
     }
 
     /// The members, oldest first.
-    pub fn iter<'a, T>(
-        &self,
-        slab: &'a [T],
-        link: fn(&T) -> &Link,
-    ) -> impl Iterator<Item = u32> + 'a {
+    pub fn iter<'a, T: Linked>(&self, slab: &'a [T]) -> impl Iterator<Item = u32> + 'a {
         std::iter::successors(self.front(), move |&i| {
-            let next = link(&slab[i as usize]).next;
+            let next = slab[i as usize].link().next;
             (next != NIL).then_some(next)
         })
     }
 
     /// The links agree with the ends and the length: each member's `prev` is the one walked
     /// before it, and `is_member` holds for each (checks).
-    pub fn check<T>(
+    pub fn check<T: Linked>(
         &self,
         slab: &[T],
-        link: fn(&T) -> &Link,
         is_member: impl Fn(&T) -> bool,
     ) -> Result<(), String> {
         let (mut prev, mut walked) = (NIL, 0u64);
-        for i in self.iter(slab, link) {
+        for i in self.iter(slab) {
             let entry = &slab[i as usize];
-            if !is_member(entry) || link(entry).prev != prev || walked >= self.len {
+            if !is_member(entry) || entry.link().prev != prev || walked >= self.len {
                 return Err(format!("queue: {i} misfiled after {prev}"));
             }
             prev = i;
@@ -131,14 +142,6 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::VecDeque;
 
-    fn link(l: &mut Link) -> &mut Link {
-        l
-    }
-
-    fn link_ref(l: &Link) -> &Link {
-        l
-    }
-
     proptest! {
         /// Two queues over one slab against two `VecDeque`s: joins at the back, leaves from
         /// the front, the back and the middle.
@@ -152,28 +155,28 @@ mod tests {
                 let member = model.iter().position(|m| m.contains(&i));
                 match (op, member) {
                     (0, None) => {
-                        queues[q].push_back(&mut slab, i, link);
+                        queues[q].push_back(&mut slab, i);
                         model[q].push_back(i);
                     }
                     (1, Some(m)) => {
-                        queues[m].unlink(&mut slab, i, link);
+                        queues[m].unlink(&mut slab, i);
                         model[m].retain(|&x| x != i);
                         prop_assert_eq!(slab[i as usize], Link::default());
                     }
                     (2, _) => {
                         if let Some(front) = queues[q].front() {
-                            queues[q].unlink(&mut slab, front, link);
+                            queues[q].unlink(&mut slab, front);
                             prop_assert_eq!(model[q].pop_front(), Some(front));
                         }
                     }
                     _ => {}
                 }
                 for q in 0..2 {
-                    prop_assert_eq!(queues[q].iter(&slab, link_ref).collect::<Vec<_>>(), Vec::from(model[q].clone()));
+                    prop_assert_eq!(queues[q].iter(&slab).collect::<Vec<_>>(), Vec::from(model[q].clone()));
                     prop_assert_eq!(queues[q].len(), model[q].len() as u64);
                     let members = model[q].clone();
                     let is_member = |l: &Link| members.iter().any(|&m| std::ptr::eq(l, &slab[m as usize]));
-                    prop_assert_eq!(queues[q].check(&slab, link_ref, is_member), Ok(()));
+                    prop_assert_eq!(queues[q].check(&slab, is_member), Ok(()));
                 }
             }
         }
