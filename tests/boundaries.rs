@@ -66,8 +66,9 @@ fn workspace_crates_depend_only_downward() {
 fn core_depends_on_pure_libraries_only() {
     assert_eq!(
         dependencies(&root().join("core/Cargo.toml")),
-        set(&["ciborium", "serde", "sha2"]),
-        "serde; sha2 and ciborium for vLLM's sha256_cbor block hashes"
+        set(&["ciborium", "hashbrown", "serde", "sha2"]),
+        "serde; sha2 and ciborium for vLLM's sha256_cbor block hashes; hashbrown for the CPU \
+         tier's key index (a HashTable of entries without their keys)"
     );
 }
 
