@@ -175,12 +175,14 @@ impl OffloadArc {
         }
     }
 
-    fn queue(&mut self, list: List) -> &mut Queue {
-        match list {
+    /// `list`'s queue, beside the slots its links run through.
+    fn queue_and_slots(&mut self, list: List) -> (&mut Queue, &mut [Slot]) {
+        let queue = match list {
             List::T1 => &mut self.t1,
             List::T2 => &mut self.t2,
             List::None => unreachable!("a resident chunk is in T1 or T2"),
-        }
+        };
+        (queue, &mut self.slots)
     }
 
     /// Moves `chunk` to the recent end of `list` (taking it from where it is); `List::None`
@@ -188,15 +190,13 @@ impl OffloadArc {
     fn move_to_end(&mut self, chunk: u32, list: List) {
         let from = self.slots[chunk as usize].list;
         if from != List::None {
-            let mut q = *self.queue(from);
-            q.unlink(&mut self.slots, chunk);
-            *self.queue(from) = q;
+            let (queue, slots) = self.queue_and_slots(from);
+            queue.unlink(slots, chunk);
         }
         self.slots[chunk as usize].list = list;
         if list != List::None {
-            let mut q = *self.queue(list);
-            q.push_back(&mut self.slots, chunk);
-            *self.queue(list) = q;
+            let (queue, slots) = self.queue_and_slots(list);
+            queue.push_back(slots, chunk);
         }
     }
 

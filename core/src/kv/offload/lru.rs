@@ -235,16 +235,17 @@ impl OffloadLru {
     /// themselves once the slot is no longer evictable under that rank).
     fn unplace(&mut self, chunk: u32) {
         let s = self.slots[chunk as usize];
-        if !s.evictable || s.rank().is_fresh() {
+        let rank = s.rank();
+        if !s.evictable || rank.is_fresh() {
             return;
         }
         let b = self
             .buckets
-            .get_mut(&s.rank().hi)
+            .get_mut(&rank.hi)
             .expect("a live request's bucket");
-        b.positions.remove(s.rank().idx());
+        b.positions.remove(rank.idx());
         if b.positions.is_empty() {
-            self.nonempty.remove(&s.rank().hi);
+            self.nonempty.remove(&rank.hi);
         }
     }
 
@@ -421,26 +422,23 @@ impl OffloadLru {
                 continue;
             }
             n += 1;
-            if s.rank().is_fresh() {
-                let queued = self
-                    .fresh
-                    .iter()
-                    .any(|&(hi, x)| x == c && hi == s.rank().hi);
+            let rank = s.rank();
+            if rank.is_fresh() {
+                let queued = self.fresh.iter().any(|&(hi, x)| x == c && hi == rank.hi);
                 let heaped = self
                     .late
                     .iter()
-                    .any(|&Reverse((hi, x))| x == c && hi == s.rank().hi);
+                    .any(|&Reverse((hi, x))| x == c && hi == rank.hi);
                 if !queued && !heaped {
                     return Err(format!("lru: evictable slot {c} is filed nowhere"));
                 }
             } else {
                 let b = self
                     .buckets
-                    .get(&s.rank().hi)
-                    .ok_or_else(|| format!("lru: slot {c}: no bucket {}", s.rank().hi))?;
-                if !b.positions.contains(s.rank().idx()) || b.chunk_at[s.rank().idx() as usize] != c
-                {
-                    return Err(format!("lru: slot {c} missing from bucket {}", s.rank().hi));
+                    .get(&rank.hi)
+                    .ok_or_else(|| format!("lru: slot {c}: no bucket {}", rank.hi))?;
+                if !b.positions.contains(rank.idx()) || b.chunk_at[rank.idx() as usize] != c {
+                    return Err(format!("lru: slot {c} missing from bucket {}", rank.hi));
                 }
             }
         }
